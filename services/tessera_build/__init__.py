@@ -1,0 +1,1 @@
+"""Build-time tooling for Tessera: code generation from the protobuf contracts."""

@@ -1,0 +1,75 @@
+"""Runs one Tessera service process: settings, logging, composition root, server, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+from typing import Any
+
+from tessera_runtime.config import ConfigError, ServiceSettings
+from tessera_runtime.logs import setup_logging
+from tessera_runtime.server import ServiceModule, TesseraServer, serve_until_signalled
+
+log = logging.getLogger("tessera.app")
+
+# Service name → module of its composition root. A composition root exposes SETTINGS (a ServiceSettings class),
+# DEFAULT_PORT, SERVICE (the short name), `async def build(settings) -> ServiceModule` and MIGRATIONS (a Path).
+SERVICES: dict[str, str] = {
+    "user": "tessera_user.bootstrap",
+    "inventory": "tessera_inventory.bootstrap",
+    "payment": "tessera_payment.bootstrap",
+    "order": "tessera_order.bootstrap",
+    "notification": "tessera_notification.bootstrap",
+}
+
+
+def composition_root(service: str) -> ModuleType:
+    if service not in SERVICES:
+        raise SystemExit(f"unknown service {service!r}; known: {', '.join(SERVICES)}")
+    return importlib.import_module(SERVICES[service])
+
+
+def load_settings(root: ModuleType, environ: dict[str, str] | None = None) -> Any:
+    settings_cls: type[ServiceSettings] = root.SETTINGS
+    return settings_cls.from_env(root.SERVICE, root.DEFAULT_PORT, environ)
+
+
+async def start_service(root: ModuleType, settings: Any) -> TesseraServer:
+    build: Callable[[Any], Awaitable[ServiceModule]] = root.build
+    module = await build(settings)
+    server = TesseraServer(
+        module, host=settings.grpc_host, port=settings.grpc_port, require_identity=settings.require_identity,
+        readiness_interval=settings.readiness_interval_seconds, drain_seconds=settings.drain_seconds,
+        grace_seconds=settings.grace_seconds,
+    )
+    await server.start()
+    return server
+
+
+def _announce(service: str, host: str) -> Callable[[int], None]:
+    def announce(port: int) -> None:
+        # One plain line on stdout, for scripts and humans that start the process and want its address.
+        print(f"tessera-{service} listening on {host}:{port}", flush=True)
+
+    return announce
+
+
+def run(service: str) -> int:
+    root = composition_root(service)
+    try:
+        settings = load_settings(root)
+    except ConfigError as exc:
+        print(f"tessera-{service}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(f"{service}-service", settings.log_level)
+
+    async def main() -> None:
+        server = await start_service(root, settings)
+        await serve_until_signalled(server, _announce(service, settings.grpc_host))
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,142 @@
+"""Configuration read once from the environment into frozen settings; a bad value stops the service at start."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA_DIR = ROOT / "data"
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration variable is missing or malformed; the message names it."""
+
+
+class Env:
+    """Typed access to one environment mapping; every error names the variable."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+
+    def str(self, name: str, default: str | None = None) -> str:
+        value = self._environ.get(name)
+        if value is None or value == "":
+            if default is None:
+                raise ConfigError(f"{name} is required but not set")
+            return default
+        return value
+
+    def optional_str(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        return value or None
+
+    def int(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+        raw = self._environ.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name} must be <= {maximum}, got {value}")
+        return value
+
+    def float(self, name: str, default: float, *, minimum: float | None = None) -> float:
+        raw = self._environ.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        raw = self._environ.get(name)
+        if raw is None or raw == "":
+            return default
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.str(name, default)
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceSettings:
+    """Settings every Tessera service reads. Service-specific settings extend this class."""
+
+    service: str
+    environment: str
+    grpc_host: str
+    grpc_port: int
+    metrics_port: int
+    database_url: str
+    amqp_url: str
+    drain_seconds: float
+    grace_seconds: float
+    readiness_interval_seconds: float
+    log_level: str
+    require_identity: bool
+    default_deadline_seconds: float
+    workers: int
+
+    @property
+    def production(self) -> bool:
+        return self.environment == "production"
+
+    @classmethod
+    def common_from_env(cls, service: str, default_port: int, env: Env) -> dict[str, Any]:
+        prefix = "TESSERA_"
+        environment = env.choice(f"{prefix}ENV", "dev", ("dev", "test", "production"))
+        data_dir = Path(env.str(f"{prefix}DATA_DIR", str(DEFAULT_DATA_DIR)))
+        default_db = f"sqlite+aiosqlite:///{data_dir / (service + '.db')}"
+        database_url = env.str(f"{prefix}DATABASE_URL", default_db)
+        if not database_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ConfigError(
+                f"{prefix}DATABASE_URL must start with sqlite+aiosqlite:// or postgresql+asyncpg://, "
+                f"got {database_url.split('://')[0]!r}"
+            )
+        return dict(
+            service=service,
+            environment=environment,
+            grpc_host=env.str(f"{prefix}GRPC_HOST", "127.0.0.1"),
+            grpc_port=env.int(f"{prefix}GRPC_PORT", default_port, minimum=0, maximum=65535),
+            metrics_port=env.int(f"{prefix}METRICS_PORT", 0, minimum=0, maximum=65535),
+            database_url=database_url,
+            amqp_url=env.str(f"{prefix}AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+            drain_seconds=env.float(f"{prefix}DRAIN_SECONDS", 2.0, minimum=0.0),
+            grace_seconds=env.float(f"{prefix}GRACE_SECONDS", 10.0, minimum=0.0),
+            readiness_interval_seconds=env.float(f"{prefix}READINESS_INTERVAL_SECONDS", 1.0, minimum=0.05),
+            log_level=env.choice(f"{prefix}LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            require_identity=env.bool(f"{prefix}REQUIRE_IDENTITY", environment == "production"),
+            default_deadline_seconds=env.float(f"{prefix}DEFAULT_DEADLINE_SECONDS", 5.0, minimum=0.01),
+            workers=env.int(f"{prefix}WORKERS", 1, minimum=1, maximum=64),
+        )
+
+    @classmethod
+    def from_env(cls: type[T], service: str, default_port: int, environ: Mapping[str, str] | None = None) -> T:
+        env = Env(environ)
+        values = ServiceSettings.common_from_env(service, default_port, env)
+        extra = getattr(cls, "extra_from_env", None)
+        if extra is not None:
+            values.update(extra(env))
+        return cls(**values)

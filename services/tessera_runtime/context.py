@@ -1,0 +1,66 @@
+"""Per-call context shared by interceptors, handlers and outgoing clients: ids, caller identity, deadline."""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import time
+
+from tessera_runtime.logs import correlation_id_var, request_id_var
+
+# Metadata keys. The gateway sets the identity keys from a verified JWT; services trust them only from it.
+REQUEST_ID = "x-request-id"
+CORRELATION_ID = "x-correlation-id"
+SUBJECT = "x-user-id"
+SCOPES = "x-user-scopes"
+ADMIN_SCOPE = "admin"
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who the call is made for, as established by the gateway."""
+
+    subject: str
+    scopes: frozenset[str]
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN_SCOPE in self.scopes
+
+    def may_act_for(self, customer_id: str) -> bool:
+        return self.is_admin or self.subject == customer_id
+
+
+principal_var: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
+deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+def current_request_id() -> str | None:
+    return request_id_var.get()
+
+
+def current_correlation_id() -> str | None:
+    return correlation_id_var.get()
+
+
+def current_principal() -> Principal | None:
+    return principal_var.get()
+
+
+def remaining_seconds() -> float | None:
+    """Seconds left before the current call's deadline, or None when the call has no deadline."""
+    deadline = deadline_var.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def outgoing_metadata() -> list[tuple[str, str]]:
+    """Metadata that follows the work to the next service: ids and the caller's identity."""
+    md: list[tuple[str, str]] = []
+    if (rid := request_id_var.get()) is not None:
+        md.append((REQUEST_ID, rid))
+    if (cid := correlation_id_var.get()) is not None:
+        md.append((CORRELATION_ID, cid))
+    if (p := principal_var.get()) is not None:
+        md.append((SUBJECT, p.subject))
+        md.append((SCOPES, " ".join(sorted(p.scopes))))
+    return md

@@ -1,0 +1,160 @@
+"""`make run`: starts every Tessera service on embedded defaults, waits until each is ready, prints where."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tessera_runtime.config import ROOT
+
+# Local ports of `make run`. Kubernetes uses the same gRPC ports, so addresses read the same everywhere.
+PORTS = {
+    "user": 50051, "inventory": 50052, "payment": 50053, "order": 50054, "notification": 50055,
+}
+METRICS_PORTS = {name: 9100 + i for i, name in enumerate(PORTS, start=1)}
+
+# Modules that add components (the gateway, ...): each exposes `components(stack: DevStack) -> list[Component]`.
+EXTENSIONS = ("tessera_gateway.devstack",)
+
+
+@dataclasses.dataclass
+class Component:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    ready: Callable[[], bool]
+    describe: list[str]
+    process: subprocess.Popen | None = None
+
+
+def grpc_ready(address: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with grpc.insecure_channel(address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    return check
+
+
+class DevStack:
+    def __init__(self) -> None:
+        self.data_dir = Path(os.environ.get("TESSERA_DATA_DIR", ROOT / "data"))
+        self.log_dir = self.data_dir / "logs"
+        self.components: list[Component] = []
+
+    def service_addresses(self) -> dict[str, str]:
+        return {c.name: f"127.0.0.1:{PORTS[c.name]}" for c in self.components if c.name in PORTS}
+
+    def add_services(self) -> None:
+        for name, port in PORTS.items():
+            if importlib.util.find_spec(f"tessera_{name}") is None:
+                continue
+            env = {
+                "TESSERA_GRPC_PORT": str(port),
+                "TESSERA_METRICS_PORT": str(METRICS_PORTS[name]),
+                "TESSERA_DATA_DIR": str(self.data_dir),
+                **{f"TESSERA_{other.upper()}_SERVICE_ADDR": f"127.0.0.1:{p}" for other, p in PORTS.items()},
+            }
+            self.components.append(Component(
+                name=name, argv=[sys.executable, "-m", "tessera_runtime.cli", "serve", name], env=env,
+                ready=grpc_ready(f"127.0.0.1:{port}"),
+                describe=[f"{name:<13} gRPC 127.0.0.1:{port}   metrics http://127.0.0.1:{METRICS_PORTS[name]}/metrics"],
+            ))
+
+    def add_extensions(self) -> None:
+        for module_name in EXTENSIONS:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name and module_name.startswith(exc.name):
+                    continue
+                raise
+            self.components.extend(module.components(self))
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for c in self.components:
+            log = open(self.log_dir / f"{c.name}.log", "ab")  # noqa: SIM115 - owned by the child process
+            c.process = subprocess.Popen(c.argv, env={**os.environ, **c.env}, stdout=log, stderr=log,
+                                         cwd=ROOT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        pending = list(self.components)
+        while pending and time.monotonic() < deadline:
+            for c in list(pending):
+                if c.process is not None and c.process.poll() is not None:
+                    return [f"{c.name} exited with {c.process.returncode}; see {self.log_dir / (c.name + '.log')}"]
+                if c.ready():
+                    pending.remove(c)
+            time.sleep(0.2)
+        return [f"{c.name} not ready after {timeout:.0f}s" for c in pending]
+
+    def stop(self) -> None:
+        for c in reversed(self.components):
+            if c.process is not None and c.process.poll() is None:
+                c.process.send_signal(signal.SIGTERM)
+        for c in self.components:
+            if c.process is not None:
+                try:
+                    c.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    c.process.kill()
+
+
+def main() -> int:
+    stack = DevStack()
+    stack.add_services()
+    stack.add_extensions()
+    stop = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stack.start()
+    problems = stack.wait_ready()
+    if problems:
+        print("Tessera did not start:\n  " + "\n  ".join(problems), file=sys.stderr)
+        stack.stop()
+        return 1
+    user = stack.service_addresses().get("user", "127.0.0.1:50051")
+    print("\nTessera is running (SQLite data and logs under " + str(stack.data_dir) + "):\n")
+    for c in stack.components:
+        for line in c.describe:
+            print("  " + line)
+    print(f"""
+Try it:
+  {ROOT / '.venv/bin/grpcurl'} -plaintext {user} list
+  {ROOT / '.venv/bin/grpcurl'} -plaintext -d '{{"user":{{"email":"ada@example.com","display_name":"Ada"}},"request_id":"demo-1"}}' \\
+      {user} tessera.user.v1.UserService/CreateUser
+
+Ctrl-C stops everything.""", flush=True)
+    while not stop:
+        for c in stack.components:
+            if c.process is not None and c.process.poll() is not None:
+                print(f"{c.name} exited with {c.process.returncode}; stopping", file=sys.stderr)
+                stop = True
+        time.sleep(0.5)
+    stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Domain errors and their one mapping to google.rpc.Status with ErrorInfo and BadRequest details."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldViolation:
+    """One invalid field: its path in the request (snake_case, dotted, with [i] for list items) and why."""
+
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base of the errors handlers raise. The interceptor turns each into a status with ErrorInfo."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    default_reason = "UNKNOWN"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        domain: str = "tessera.dev",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.domain = domain
+        self.metadata = dict(metadata or {})
+
+    def details(self) -> list[any_pb2.Any]:
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=self.metadata))
+        return [info]
+
+    def to_status(self) -> status_pb2.Status:
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=self.details())
+
+
+class InvalidArgument(DomainError):
+    """The request is malformed; carries one violation per invalid field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Iterable[FieldViolation], *, domain: str = "tessera.dev",
+                 message: str | None = None, reason: str | None = None) -> None:
+        self.violations = list(violations)
+        if not self.violations:
+            raise ValueError("InvalidArgument needs at least one field violation")
+        text = message or "invalid request: " + "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        super().__init__(text, reason=reason, domain=domain)
+
+    def details(self) -> list[any_pb2.Any]:
+        bad = any_pb2.Any()
+        bad.Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in self.violations
+        ]))
+        return [*super().details(), bad]
+
+
+class NotFound(DomainError):
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(DomainError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(DomainError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Aborted(DomainError):
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
+class PermissionDenied(DomainError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(DomainError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class Unavailable(DomainError):
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(DomainError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class ResourceExhausted(DomainError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+def internal_status(domain: str = "tessera.dev") -> status_pb2.Status:
+    """The status for an unexpected failure: nothing of the cause is revealed to the caller."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=domain))
+    return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error", details=[info])
+
+
+class Violations:
+    """Collects field violations while a request is checked, then raises them all at once."""
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items, domain=self.domain)

@@ -1,0 +1,129 @@
+"""Server interceptor: ids, caller identity, deadline, domain errors → rich statuses, one log line per RPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_status import rpc_status
+
+from tessera_runtime import context as callctx
+from tessera_runtime.errors import DomainError, Unauthenticated, internal_status
+from tessera_runtime.logs import correlation_id_var, request_id_var
+
+log = logging.getLogger("tessera.rpc")
+
+# Infrastructure services answer without a caller identity: probes and tooling must always reach them.
+_IDENTITY_EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+_MAX_ID_LENGTH = 128
+
+RpcObserver = Callable[[str, grpc.StatusCode, float], None]
+
+
+def _clean_id(value: str | None) -> str | None:
+    if not value or len(value) > _MAX_ID_LENGTH or not value.isprintable():
+        return None
+    return value
+
+
+def _principal(metadata: dict[str, str]) -> callctx.Principal | None:
+    subject = metadata.get(callctx.SUBJECT)
+    if not subject:
+        return None
+    scopes = frozenset(metadata.get(callctx.SCOPES, "").split())
+    return callctx.Principal(subject=subject, scopes=scopes)
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every unary RPC of a Tessera server. Streaming RPCs (health Watch, reflection) pass through."""
+
+    def __init__(self, *, domain: str, require_identity: bool = False,
+                 observers: tuple[RpcObserver, ...] = ()) -> None:
+        self.domain = domain
+        self.require_identity = require_identity
+        self.observers = observers
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]):
+        exempt = method.startswith(_IDENTITY_EXEMPT_PREFIXES)
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+            request_id = _clean_id(metadata.get(callctx.REQUEST_ID)) or uuid.uuid4().hex
+            correlation_id = _clean_id(metadata.get(callctx.CORRELATION_ID)) or request_id
+            principal = _principal(metadata)
+            remaining = context.time_remaining()
+            tokens = (
+                request_id_var.set(request_id),
+                correlation_id_var.set(correlation_id),
+                callctx.principal_var.set(principal),
+                callctx.deadline_var.set(None if remaining is None else time.monotonic() + remaining),
+            )
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                await context.send_initial_metadata(
+                    ((callctx.REQUEST_ID, request_id), (callctx.CORRELATION_ID, correlation_id)))
+                if self.require_identity and principal is None and not exempt:
+                    raise Unauthenticated("the call carries no caller identity; call through the gateway",
+                                          reason="IDENTITY_MISSING", domain=self.domain)
+                if remaining is None:
+                    return await inner(request, context)
+                if remaining <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(remaining):
+                    return await inner(request, context)
+            except DomainError as err:
+                code = err.code
+                await context.abort_with_status(rpc_status.to_status(err.to_status()))
+            except TimeoutError:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                await context.abort(code, "deadline exceeded")
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unexpected error in %s", method, extra={"rpc_method": method})
+                await context.abort_with_status(rpc_status.to_status(internal_status(self.domain)))
+            finally:
+                duration = time.perf_counter() - start
+                log.info("rpc %s %s", method, code.name, extra={
+                    "rpc_method": method, "grpc_code": code.name, "duration_ms": round(duration * 1000, 3),
+                })
+                for observe in self.observers:
+                    observe(method, code, duration)
+                for var, token in zip(
+                    (request_id_var, correlation_id_var, callctx.principal_var, callctx.deadline_var), tokens
+                ):
+                    var.reset(token)
+
+        return handle

@@ -1,0 +1,74 @@
+"""JSON log lines with the request, correlation and trace ids of the work that wrote them."""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import json
+import logging
+import re
+import sys
+import traceback
+from typing import Any
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+correlation_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("correlation_id", default=None)
+
+_EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+_STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+def mask(text: str) -> str:
+    """Masks e-mail addresses and bearer tokens so logs never carry them whole."""
+    return _BEARER.sub(r"\1[redacted]", _EMAIL.sub(r"\1***@\2", text))
+
+
+def _trace_ids() -> tuple[str | None, str | None]:
+    try:
+        from opentelemetry import trace
+    except ImportError:  # pragma: no cover - opentelemetry is a runtime dependency
+        return None, None
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None, None
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object per line."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        trace_id, span_id = _trace_ids()
+        line: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "service": self.service,
+            "logger": record.name,
+            "message": mask(record.getMessage()),
+            "trace_id": trace_id,
+            "span_id": span_id,
+            "request_id": request_id_var.get(),
+            "correlation_id": correlation_id_var.get(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                line[key] = mask(value) if isinstance(value, str) else value
+        if record.exc_info:
+            line["traceback"] = mask("".join(traceback.format_exception(*record.exc_info)))
+        return json.dumps(line, default=str)
+
+
+def setup_logging(service: str, level: str = "INFO") -> None:
+    """Routes every logger to one JSON handler on stderr. Safe to call more than once."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.WARNING)

@@ -1,0 +1,84 @@
+"""Alembic migrations per service, applied at start or by `tessera migrate <service>`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import MetaData, pool
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+log = logging.getLogger("tessera.migrations")
+
+
+def alembic_config(script_location: Path, database_url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_location))
+    # The URL travels as an attribute, not an ini option, so '%' in passwords needs no escaping.
+    cfg.attributes["database_url"] = database_url
+    return cfg
+
+
+def upgrade(script_location: Path, database_url: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(script_location, database_url), revision)
+
+
+async def upgrade_async(script_location: Path, database_url: str) -> None:
+    """Applies pending migrations from a worker thread (Alembic runs its own event loop there)."""
+    await asyncio.to_thread(upgrade, script_location, database_url)
+    log.info("migrations applied", extra={"script_location": str(script_location.name)})
+
+
+def run_env(target_metadata: MetaData) -> None:
+    """Body of every service's migrations/env.py."""
+    from alembic import context
+
+    url = context.config.attributes.get("database_url") or context.config.get_main_option("sqlalchemy.url")
+    if context.is_offline_mode():
+        context.configure(url=url, target_metadata=target_metadata, literal_binds=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+
+    def do_run(connection: Connection) -> None:
+        context.configure(connection=connection, target_metadata=target_metadata,
+                          render_as_batch=connection.dialect.name == "sqlite")
+        with context.begin_transaction():
+            context.run_migrations()
+
+    async def run_async() -> None:
+        engine = create_async_engine(url, poolclass=pool.NullPool)
+        try:
+            async with engine.connect() as conn:
+                await conn.run_sync(do_run)
+                await conn.commit()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run_async())
+
+
+def create_outbox(op) -> None:  # noqa: ANN001
+    """Creates the outbox table of tessera_runtime.outbox; called by each service's first migration."""
+    import sqlalchemy as sa
+
+    op.create_table(
+        "outbox",
+        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
+        sa.Column("event_id", sa.String(length=36), nullable=False),
+        sa.Column("aggregate_type", sa.String(length=64), nullable=False),
+        sa.Column("aggregate_id", sa.String(length=64), nullable=False),
+        sa.Column("event_type", sa.String(length=200), nullable=False),
+        sa.Column("payload", sa.LargeBinary(), nullable=False),
+        sa.Column("headers", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("seq"),
+        sa.UniqueConstraint("event_id"),
+    )
+    op.create_index("ix_outbox_unpublished", "outbox", ["published_at", "seq"], unique=False)

@@ -1,0 +1,56 @@
+"""Opaque keyset page tokens: bound to the method and filter that issued them, refused anywhere else."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import zlib
+from typing import Any
+
+from tessera_runtime.errors import FieldViolation, InvalidArgument
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+
+
+def page_size(requested: int, domain: str, field: str = "page_size") -> int:
+    """Applies the contract: 0 → default, above the maximum → the maximum, negative → INVALID_ARGUMENT."""
+    if requested < 0:
+        raise InvalidArgument([FieldViolation(field, "must not be negative")], domain=domain)
+    if requested == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(requested, MAX_PAGE_SIZE)
+
+
+def _fingerprint(method: str, filters: dict[str, Any]) -> str:
+    raw = json.dumps([method, filters], sort_keys=True, default=str).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def encode(method: str, filters: dict[str, Any], key: list[Any]) -> str:
+    """Token for the page after the row whose sort key is `key`."""
+    body = json.dumps({"f": _fingerprint(method, filters), "k": key}, separators=(",", ":"), default=str).encode()
+    crc = zlib.crc32(body).to_bytes(4, "big")
+    return base64.urlsafe_b64encode(crc + body).decode().rstrip("=")
+
+
+def decode(token: str, method: str, filters: dict[str, Any], domain: str,
+           field: str = "page_token") -> list[Any] | None:
+    """Sort key of the last row of the previous page, or None for the first page."""
+    if not token:
+        return None
+    invalid = InvalidArgument([FieldViolation(field, "is not a page token issued by this method")], domain=domain)
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        crc, body = raw[:4], raw[4:]
+        if len(raw) < 5 or zlib.crc32(body).to_bytes(4, "big") != crc:
+            raise invalid
+        data = json.loads(body)
+    except (ValueError, TypeError):
+        raise invalid from None
+    if not isinstance(data, dict) or data.get("f") != _fingerprint(method, filters) or not isinstance(
+            data.get("k"), list):
+        raise InvalidArgument([FieldViolation(field, "was issued for another method or other filters")],
+                              domain=domain)
+    return data["k"]

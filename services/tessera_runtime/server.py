@@ -1,0 +1,176 @@
+"""grpc.aio server bootstrap: interceptors, real health, reflection, and graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from tessera_runtime.interceptors import RpcObserver, ServerInterceptor
+
+log = logging.getLogger("tessera.server")
+
+# Health service names: "" and each gRPC service name report readiness (dependencies reachable);
+# LIVENESS reports only that the process serves, so a failing database never gets a pod restarted.
+LIVENESS = "liveness"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+_SERVER_OPTIONS = (
+    ("grpc.so_reuseport", 1),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+)
+
+
+@dataclasses.dataclass
+class ServiceModule:
+    """What one Tessera service contributes to its server; built by the service's composition root."""
+
+    service_names: tuple[str, ...]
+    register: Callable[[grpc.aio.Server], None]
+    domain: str
+    readiness_checks: Sequence[ReadinessCheck] = ()
+    on_start: Sequence[Callable[[], Awaitable[None]]] = ()
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
+    rpc_observers: tuple[RpcObserver, ...] = ()
+    extra_interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
+
+
+class Readiness:
+    """Runs the readiness checks periodically and reflects the result in the health servicer."""
+
+    def __init__(self, health: HealthServicer, names: Sequence[str], checks: Sequence[ReadinessCheck],
+                 interval: float, check_timeout: float = 2.0) -> None:
+        self.health = health
+        self.names = ("", *names)
+        self.checks = checks
+        self.interval = interval
+        self.check_timeout = check_timeout
+        self.ready: bool | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def check_once(self) -> bool:
+        ok = True
+        for check in self.checks:
+            try:
+                async with asyncio.timeout(self.check_timeout):
+                    ok = await check() and ok
+            except Exception as exc:  # a failing check means not ready, whatever the cause
+                log.debug("readiness check failed: %r", exc)
+                ok = False
+        if ok != self.ready:
+            log.info("readiness changed", extra={"ready": ok})
+            self.ready = ok
+        for name in self.names:
+            await self.health.set(name, SERVING if ok else NOT_SERVING)
+        return ok
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.check_once()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="readiness")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class TesseraServer:
+    """A started gRPC server with its health, reflection and readiness loop."""
+
+    def __init__(self, module: ServiceModule, *, host: str = "127.0.0.1", port: int = 0,
+                 require_identity: bool = False, readiness_interval: float = 1.0,
+                 drain_seconds: float = 0.0, grace_seconds: float = 5.0) -> None:
+        self.module = module
+        self.host = host
+        self.requested_port = port
+        self.drain_seconds = drain_seconds
+        self.grace_seconds = grace_seconds
+        self.health = HealthServicer()
+        interceptors = (
+            ServerInterceptor(domain=module.domain, require_identity=require_identity,
+                              observers=module.rpc_observers),
+            *module.extra_interceptors,
+        )
+        self.server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
+        self.readiness = Readiness(self.health, module.service_names, module.readiness_checks,
+                                   readiness_interval)
+        self.port = 0
+        self._stopped = False
+
+    async def start(self) -> int:
+        for hook in self.module.on_start:
+            await hook()
+        self.module.register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*self.module.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.host}:{self.requested_port}")
+        await self.health.set(LIVENESS, SERVING)
+        await self.readiness.check_once()
+        await self.server.start()
+        self.readiness.start()
+        log.info("serving", extra={"address": f"{self.host}:{self.port}",
+                                   "services": list(self.module.service_names)})
+        return self.port
+
+    async def stop(self) -> None:
+        """Graceful stop: NOT_SERVING first, keep serving through the drain period, then finish in-flight calls."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.readiness.stop()
+        if self.drain_seconds > 0:
+            log.info("draining", extra={"drain_seconds": self.drain_seconds})
+            await asyncio.sleep(self.drain_seconds)
+        await self.server.stop(self.grace_seconds)
+        for hook in reversed(self.module.on_stop):
+            try:
+                await hook()
+            except Exception:
+                log.exception("error while stopping")
+        log.info("stopped")
+
+
+async def create_server(module: ServiceModule, address: str = "127.0.0.1:0", **options) -> tuple[TesseraServer, int]:
+    """Builds and starts a server on address (port 0 picks a free port); returns it with the bound port."""
+    host, _, port = address.rpartition(":")
+    server = TesseraServer(module, host=host or "127.0.0.1", port=int(port or 0), **options)
+    bound = await server.start()
+    return server, bound
+
+
+async def serve_until_signalled(server: TesseraServer, on_ready: Callable[[int], None] | None = None) -> None:
+    """Runs a started server until SIGTERM or SIGINT, then stops it gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready(server.port)
+    await stop.wait()
+    log.info("signal received, shutting down")
+    await server.stop()

@@ -1,0 +1,3 @@
+"""The user service: customer accounts, profile and preferences."""
+
+DOMAIN = "user.tessera.dev"

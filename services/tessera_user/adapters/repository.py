@@ -1,0 +1,166 @@
+"""User repositories: the SQLAlchemy one used by the service, an in-memory one for unit tests."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tessera_user.adapters.orm import users
+from tessera_user.domain.model import Preferences, Profile, User, UserStatus
+
+
+class DuplicateEmail(Exception):
+    """The e-mail address is already used by another account."""
+
+
+class DuplicateRequestId(Exception):
+    """Another create with the same request_id committed first."""
+
+
+def email_key(email: str) -> str:
+    return email.lower()
+
+
+class UserRepository(abc.ABC):
+    @abc.abstractmethod
+    async def add(self, user: User, request_id: str | None, request_hash: str | None) -> None: ...
+
+    @abc.abstractmethod
+    async def get(self, user_id: str) -> User | None: ...
+
+    @abc.abstractmethod
+    async def get_by_request_id(self, request_id: str) -> tuple[User, str | None] | None: ...
+
+    @abc.abstractmethod
+    async def email_taken(self, email: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def list_after(self, key: tuple[dt.datetime, str] | None, limit: int,
+                         status: UserStatus | None) -> list[User]: ...
+
+    @abc.abstractmethod
+    async def save(self, user: User) -> None: ...
+
+    @abc.abstractmethod
+    async def delete(self, user_id: str) -> bool: ...
+
+
+def _row(user: User) -> dict[str, Any]:
+    return {
+        "id": user.id, "email": user.email, "email_key": email_key(user.email),
+        "display_name": user.display_name, "status": user.status.value,
+        **dataclasses.asdict(user.profile), **dataclasses.asdict(user.preferences),
+        "create_time": user.create_time, "update_time": user.update_time, "version": user.version,
+    }
+
+
+def _user(row: Any) -> User:
+    m = row._mapping
+    return User(
+        id=m["id"], email=m["email"], display_name=m["display_name"], status=UserStatus(m["status"]),
+        profile=Profile(**{f.name: m[f.name] for f in dataclasses.fields(Profile)}),
+        preferences=Preferences(**{f.name: m[f.name] for f in dataclasses.fields(Preferences)}),
+        create_time=m["create_time"], update_time=m["update_time"], version=m["version"],
+    )
+
+
+class SqlAlchemyUserRepository(UserRepository):
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(self, user: User, request_id: str | None, request_hash: str | None) -> None:
+        try:
+            async with self.session.begin_nested():
+                await self.session.execute(insert(users).values(
+                    **_row(user), create_request_id=request_id, create_request_hash=request_hash))
+        except IntegrityError as exc:
+            text = str(exc.orig).lower()
+            if "request_id" in text:
+                raise DuplicateRequestId(request_id) from None
+            if "email" in text:
+                raise DuplicateEmail(user.email) from None
+            raise
+
+    async def get(self, user_id: str) -> User | None:
+        row = (await self.session.execute(select(users).where(users.c.id == user_id))).first()
+        return None if row is None else _user(row)
+
+    async def get_by_request_id(self, request_id: str) -> tuple[User, str | None] | None:
+        row = (await self.session.execute(
+            select(users).where(users.c.create_request_id == request_id))).first()
+        return None if row is None else (_user(row), row._mapping["create_request_hash"])
+
+    async def email_taken(self, email: str) -> bool:
+        row = (await self.session.execute(
+            select(users.c.id).where(users.c.email_key == email_key(email)))).first()
+        return row is not None
+
+    async def list_after(self, key: tuple[dt.datetime, str] | None, limit: int,
+                         status: UserStatus | None) -> list[User]:
+        query = select(users)
+        if status is not None:
+            query = query.where(users.c.status == status.value)
+        if key is not None:
+            t, last_id = key
+            query = query.where(or_(users.c.create_time > t,
+                                    and_(users.c.create_time == t, users.c.id > last_id)))
+        query = query.order_by(users.c.create_time, users.c.id).limit(limit)
+        return [_user(r) for r in (await self.session.execute(query)).all()]
+
+    async def save(self, user: User) -> None:
+        values = _row(user)
+        del values["id"], values["email"], values["email_key"], values["create_time"]
+        await self.session.execute(update(users).where(users.c.id == user.id).values(**values))
+
+    async def delete(self, user_id: str) -> bool:
+        result = await self.session.execute(delete(users).where(users.c.id == user_id))
+        return result.rowcount > 0
+
+
+class InMemoryUserRepository(UserRepository):
+    """Keeps users in a dict; shared across units of work of one FakeUnitOfWork."""
+
+    def __init__(self) -> None:
+        self.users: dict[str, User] = {}
+        self.requests: dict[str, tuple[str, str | None]] = {}
+
+    async def add(self, user: User, request_id: str | None, request_hash: str | None) -> None:
+        if request_id is not None and request_id in self.requests:
+            raise DuplicateRequestId(request_id)
+        if await self.email_taken(user.email):
+            raise DuplicateEmail(user.email)
+        self.users[user.id] = dataclasses.replace(user)
+        if request_id is not None:
+            self.requests[request_id] = (user.id, request_hash)
+
+    async def get(self, user_id: str) -> User | None:
+        user = self.users.get(user_id)
+        return None if user is None else dataclasses.replace(user)
+
+    async def get_by_request_id(self, request_id: str) -> tuple[User, str | None] | None:
+        entry = self.requests.get(request_id)
+        if entry is None or entry[0] not in self.users:
+            return None
+        return dataclasses.replace(self.users[entry[0]]), entry[1]
+
+    async def email_taken(self, email: str) -> bool:
+        return any(email_key(u.email) == email_key(email) for u in self.users.values())
+
+    async def list_after(self, key: tuple[dt.datetime, str] | None, limit: int,
+                         status: UserStatus | None) -> list[User]:
+        ordered = sorted(self.users.values(), key=lambda u: (u.create_time, u.id))
+        selected = [u for u in ordered if (status is None or u.status is status)
+                    and (key is None or (u.create_time, u.id) > key)]
+        return [dataclasses.replace(u) for u in selected[:limit]]
+
+    async def save(self, user: User) -> None:
+        self.users[user.id] = dataclasses.replace(user)
+
+    async def delete(self, user_id: str) -> bool:
+        return self.users.pop(user_id, None) is not None

@@ -1,0 +1,149 @@
+"""The user aggregate and the rules its fields obey."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import re
+
+from tessera_runtime.errors import Violations
+
+from tessera_user import DOMAIN
+
+MAX_EMAIL = 254
+MAX_DISPLAY_NAME = 100
+MAX_NAME = 100
+MAX_PHONE = 16
+MAX_LOCALE = 35
+MAX_TIME_ZONE = 64
+MAX_REQUEST_ID = 64
+MAX_REASON = 500
+
+# Pragmatic address syntax: one @, a dot-atom local part, and a domain of LDH labels with a TLD of letters.
+_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_DOMAIN = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$")
+_PHONE = re.compile(r"^\+[1-9][0-9]{6,14}$")
+_LOCALE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+_TIME_ZONE = re.compile(r"^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+class UserStatus(enum.Enum):
+    ACTIVE = "ACTIVE"
+    INACTIVE = "INACTIVE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    given_name: str = ""
+    family_name: str = ""
+    phone_number: str = ""
+    locale: str = ""
+    time_zone: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preferences:
+    marketing_emails: bool = False
+    order_update_emails: bool = True
+    preferred_currency_code: str = ""
+
+
+@dataclasses.dataclass
+class User:
+    id: str
+    email: str
+    display_name: str
+    status: UserStatus
+    profile: Profile
+    preferences: Preferences
+    create_time: dt.datetime
+    update_time: dt.datetime
+    version: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.status is UserStatus.ACTIVE
+
+    def deactivate(self, now: dt.datetime) -> bool:
+        """Suspends the account; returns False when it already was inactive."""
+        if self.status is UserStatus.INACTIVE:
+            return False
+        self.status = UserStatus.INACTIVE
+        self._touch(now)
+        return True
+
+    def activate(self, now: dt.datetime) -> bool:
+        """Reactivates the account; returns False when it already was active."""
+        if self.status is UserStatus.ACTIVE:
+            return False
+        self.status = UserStatus.ACTIVE
+        self._touch(now)
+        return True
+
+    def _touch(self, now: dt.datetime) -> None:
+        self.update_time = now
+        self.version += 1
+
+
+def normalise_email(raw: str) -> str:
+    """Trims spaces and lower-cases the domain; the local part keeps its case (RFC 5321), but uniqueness is
+    checked case-insensitively by the repository."""
+    raw = raw.strip()
+    local, sep, domain = raw.rpartition("@")
+    if not sep:
+        return raw
+    return f"{local}@{domain.lower()}"
+
+
+def check_email(email: str, field: str, v: Violations) -> None:
+    if not email:
+        v.add(field, "is required")
+        return
+    if len(email) > MAX_EMAIL:
+        v.add(field, f"must be at most {MAX_EMAIL} characters")
+        return
+    local, sep, domain = email.rpartition("@")
+    if not sep or not local or len(local) > 64 or not _LOCAL.match(local) or not _DOMAIN.match(domain):
+        v.add(field, "is not a valid e-mail address")
+
+
+def check_display_name(name: str, field: str, v: Violations) -> None:
+    if not name.strip():
+        v.add(field, "is required")
+    elif len(name) > MAX_DISPLAY_NAME:
+        v.add(field, f"must be at most {MAX_DISPLAY_NAME} characters")
+    elif not name.isprintable():
+        v.add(field, "must not contain control characters")
+
+
+def check_profile_field(name: str, value: str, field: str, v: Violations) -> None:
+    if not value:
+        return
+    rules = {
+        "given_name": (MAX_NAME, None, "a name"),
+        "family_name": (MAX_NAME, None, "a name"),
+        "phone_number": (MAX_PHONE, _PHONE, "an E.164 phone number such as +4930123456"),
+        "locale": (MAX_LOCALE, _LOCALE, "a BCP 47 language tag such as en or de-DE"),
+        "time_zone": (MAX_TIME_ZONE, _TIME_ZONE, "an IANA time zone name such as Europe/Berlin"),
+    }
+    limit, pattern, what = rules[name]
+    if len(value) > limit:
+        v.add(field, f"must be at most {limit} characters")
+    elif not value.isprintable() or (pattern is not None and not pattern.match(value)):
+        v.add(field, f"must be {what}")
+
+
+def check_profile(profile: Profile, prefix: str, v: Violations) -> None:
+    for f in dataclasses.fields(Profile):
+        check_profile_field(f.name, getattr(profile, f.name), f"{prefix}.{f.name}", v)
+
+
+def check_currency(code: str, field: str, v: Violations) -> None:
+    if code and not _CURRENCY.match(code):
+        v.add(field, "must be a three-letter ISO 4217 code in upper case, such as EUR")
+
+
+def new_violations() -> Violations:
+    return Violations(DOMAIN)

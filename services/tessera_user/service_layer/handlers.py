@@ -1,0 +1,269 @@
+"""Use cases of the user service. Handlers raise domain errors; the runtime turns them into statuses."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import uuid
+from typing import Protocol
+
+from tessera_runtime import pagination
+from tessera_runtime.context import current_principal
+from tessera_runtime.db import utcnow
+from tessera_runtime.errors import AlreadyExists, NotFound, PermissionDenied
+
+from tessera_user import DOMAIN, mapping
+from tessera_user.adapters.repository import DuplicateEmail, DuplicateRequestId, UserRepository
+from tessera_user.domain import model
+from tessera_user.domain.model import User, UserStatus
+from tessera_user.service_layer import commands
+
+AGGREGATE = "user"
+
+MUTABLE_PATHS = frozenset({
+    "display_name", "profile", "preferences",
+    *(f"profile.{f.name}" for f in dataclasses.fields(model.Profile)),
+    *(f"preferences.{f.name}" for f in dataclasses.fields(model.Preferences)),
+})
+IMMUTABLE_PATHS = frozenset({"id", "email", "status", "create_time", "update_time", "version"})
+
+
+class UnitOfWork(Protocol):
+    users: UserRepository
+
+    async def __aenter__(self) -> UnitOfWork: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+    def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...  # noqa: ANN001
+    async def commit(self) -> None: ...
+
+
+def check_id(value: str, field: str) -> None:
+    v = model.new_violations()
+    try:
+        if str(uuid.UUID(value)) != value.lower():
+            raise ValueError(value)
+    except ValueError:
+        v.add(field, "must be a UUID such as 0b6f7d2c-3c1e-4d1a-9a59-6f1d1b9f1e2a" if value else "is required")
+    v.raise_if_any()
+
+
+def _authorize(user_id: str) -> None:
+    principal = current_principal()
+    if principal is not None and not principal.may_act_for(user_id):
+        raise PermissionDenied("you may only act on your own account", reason="PERMISSION_DENIED",
+                               domain=DOMAIN, metadata={"user_id": user_id})
+
+
+def _not_found(user_id: str) -> NotFound:
+    return NotFound(f"user {user_id} not found", reason="USER_NOT_FOUND", domain=DOMAIN,
+                    metadata={"user_id": user_id})
+
+
+def _request_hash(cmd: commands.CreateUser, email: str) -> str:
+    body = json.dumps([email.lower(), cmd.display_name, dataclasses.asdict(cmd.profile),
+                       dataclasses.asdict(cmd.preferences)], sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+async def create_user(cmd: commands.CreateUser, uow: UnitOfWork) -> User:
+    v = model.new_violations()
+    for field in cmd.output_only_set:
+        v.add(f"user.{field}", "is output only and must be left empty")
+    if not cmd.request_id:
+        v.add("request_id", "is required")
+    elif len(cmd.request_id) > model.MAX_REQUEST_ID or not cmd.request_id.isprintable():
+        v.add("request_id", f"must be 1 to {model.MAX_REQUEST_ID} printable characters")
+    email = model.normalise_email(cmd.email)
+    model.check_email(email, "user.email", v)
+    model.check_display_name(cmd.display_name, "user.display_name", v)
+    model.check_profile(cmd.profile, "user.profile", v)
+    model.check_currency(cmd.preferences.preferred_currency_code, "user.preferences.preferred_currency_code", v)
+    v.raise_if_any()
+
+    request_hash = _request_hash(cmd, email)
+    for _ in range(2):  # a second pass only after losing a race on the same request_id
+        async with uow:
+            previous = await uow.users.get_by_request_id(cmd.request_id)
+            if previous is not None:
+                return _replay(previous, request_hash, cmd.request_id)
+            if await uow.users.email_taken(email):
+                raise _email_taken(email)
+            now = utcnow()
+            user = User(id=str(uuid.uuid4()), email=email, display_name=cmd.display_name.strip(),
+                        status=UserStatus.ACTIVE, profile=cmd.profile, preferences=cmd.preferences,
+                        create_time=now, update_time=now)
+            try:
+                await uow.users.add(user, cmd.request_id, request_hash)
+            except DuplicateEmail:
+                raise _email_taken(email) from None
+            except DuplicateRequestId:
+                continue
+            uow.add_event(AGGREGATE, user.id, mapping.user_created(user))
+            await uow.commit()
+            return user
+    async with uow:
+        previous = await uow.users.get_by_request_id(cmd.request_id)
+    if previous is None:  # the racing create failed after all; the caller may retry
+        raise AlreadyExists("a concurrent request with this request_id is in progress",
+                            reason="REQUEST_ID_REUSED", domain=DOMAIN)
+    return _replay(previous, request_hash, cmd.request_id)
+
+
+def _replay(previous: tuple[User, str | None], request_hash: str, request_id: str) -> User:
+    user, stored_hash = previous
+    if stored_hash != request_hash:
+        raise AlreadyExists("request_id was already used with a different request", reason="REQUEST_ID_REUSED",
+                            domain=DOMAIN, metadata={"request_id": request_id})
+    return user
+
+
+def _email_taken(email: str) -> AlreadyExists:
+    return AlreadyExists("a user with this e-mail address already exists", reason="EMAIL_ALREADY_EXISTS",
+                         domain=DOMAIN, metadata={"field": "user.email"})
+
+
+async def get_user(cmd: commands.GetUser, uow: UnitOfWork) -> User:
+    check_id(cmd.user_id, "id")
+    _authorize(cmd.user_id)
+    async with uow:
+        user = await uow.users.get(cmd.user_id)
+    if user is None:
+        raise _not_found(cmd.user_id)
+    return user
+
+
+async def list_users(cmd: commands.ListUsers, uow: UnitOfWork) -> tuple[list[User], str]:
+    principal = current_principal()
+    if principal is not None and not principal.is_admin:
+        raise PermissionDenied("listing accounts needs the admin scope", reason="PERMISSION_DENIED", domain=DOMAIN)
+    size = pagination.page_size(cmd.page_size, DOMAIN)
+    filters = {"status": cmd.status.value if cmd.status else None}
+    key = pagination.decode(cmd.page_token, "ListUsers", filters, DOMAIN)
+    after = None
+    if key is not None:
+        try:
+            after = (dt.datetime.fromisoformat(key[0]), str(key[1]))
+        except (ValueError, IndexError, TypeError):
+            v = model.new_violations()
+            v.add("page_token", "is malformed")
+            v.raise_if_any()
+    async with uow:
+        page = await uow.users.list_after(after, size + 1, cmd.status)
+    token = ""
+    if len(page) > size:
+        page = page[:size]
+        last = page[-1]
+        token = pagination.encode("ListUsers", filters, [last.create_time.isoformat(), last.id])
+    return page, token
+
+
+async def update_user(cmd: commands.UpdateUser, uow: UnitOfWork) -> User:
+    check_id(cmd.user_id, "user.id")
+    v = model.new_violations()
+    if not cmd.paths:
+        v.add("update_mask", "must name at least one path")
+    for path in cmd.paths:
+        if path in IMMUTABLE_PATHS:
+            v.add("update_mask", f"path {path!r} is output only or immutable")
+        elif path not in MUTABLE_PATHS:
+            v.add("update_mask", f"path {path!r} is not an updatable field of User")
+    v.raise_if_any()
+    paths = set(cmd.paths)
+    if "display_name" in paths:
+        model.check_display_name(cmd.display_name, "user.display_name", v)
+    for f in dataclasses.fields(model.Profile):
+        if "profile" in paths or f"profile.{f.name}" in paths:
+            model.check_profile_field(f.name, getattr(cmd.profile, f.name), f"user.profile.{f.name}", v)
+    if "preferences" in paths or "preferences.preferred_currency_code" in paths:
+        model.check_currency(cmd.preferences.preferred_currency_code,
+                             "user.preferences.preferred_currency_code", v)
+    v.raise_if_any()
+    _authorize(cmd.user_id)
+
+    async with uow:
+        user = await uow.users.get(cmd.user_id)
+        if user is None:
+            raise _not_found(cmd.user_id)
+        before = dataclasses.replace(user)
+        if "display_name" in paths:
+            user.display_name = cmd.display_name.strip()
+        user.profile = _merge(user.profile, cmd.profile, "profile", paths)
+        user.preferences = _merge(user.preferences, cmd.preferences, "preferences", paths)
+        changed = _changed_paths(before, user)
+        if not changed:
+            return user
+        user.update_time = utcnow()
+        user.version += 1
+        await uow.users.save(user)
+        uow.add_event(AGGREGATE, user.id, mapping.user_updated(user, changed))
+        await uow.commit()
+    return user
+
+
+def _merge(current, requested, prefix: str, paths: set[str]):  # noqa: ANN001, ANN202
+    if prefix in paths:
+        return requested
+    changes = {f.name: getattr(requested, f.name) for f in dataclasses.fields(current)
+               if f"{prefix}.{f.name}" in paths}
+    return dataclasses.replace(current, **changes)
+
+
+def _changed_paths(before: User, after: User) -> list[str]:
+    changed = []
+    if before.display_name != after.display_name:
+        changed.append("display_name")
+    for prefix in ("profile", "preferences"):
+        old, new = getattr(before, prefix), getattr(after, prefix)
+        changed += [f"{prefix}.{f.name}" for f in dataclasses.fields(old)
+                    if getattr(old, f.name) != getattr(new, f.name)]
+    return changed
+
+
+async def delete_user(cmd: commands.DeleteUser, uow: UnitOfWork) -> None:
+    check_id(cmd.user_id, "id")
+    _authorize(cmd.user_id)
+    async with uow:
+        if not await uow.users.delete(cmd.user_id):
+            raise _not_found(cmd.user_id)
+        uow.add_event(AGGREGATE, cmd.user_id, mapping.user_deleted(cmd.user_id, utcnow()))
+        await uow.commit()
+
+
+async def deactivate_user(cmd: commands.DeactivateUser, uow: UnitOfWork) -> User:
+    check_id(cmd.user_id, "id")
+    if len(cmd.reason) > model.MAX_REASON:
+        v = model.new_violations()
+        v.add("reason", f"must be at most {model.MAX_REASON} characters")
+        v.raise_if_any()
+    _require_admin("deactivating an account")
+    async with uow:
+        user = await uow.users.get(cmd.user_id)
+        if user is None:
+            raise _not_found(cmd.user_id)
+        if user.deactivate(utcnow()):
+            await uow.users.save(user)
+            uow.add_event(AGGREGATE, user.id, mapping.user_deactivated(user, cmd.reason))
+            await uow.commit()
+    return user
+
+
+async def activate_user(cmd: commands.ActivateUser, uow: UnitOfWork) -> User:
+    check_id(cmd.user_id, "id")
+    _require_admin("activating an account")
+    async with uow:
+        user = await uow.users.get(cmd.user_id)
+        if user is None:
+            raise _not_found(cmd.user_id)
+        if user.activate(utcnow()):
+            await uow.users.save(user)
+            uow.add_event(AGGREGATE, user.id, mapping.user_activated(user))
+            await uow.commit()
+    return user
+
+
+def _require_admin(what: str) -> None:
+    principal = current_principal()
+    if principal is not None and not principal.is_admin:
+        raise PermissionDenied(f"{what} needs the admin scope", reason="PERMISSION_DENIED", domain=DOMAIN)

@@ -1,0 +1,1 @@
+"""Test support shared by every layer: databases, processes, proxies."""
