@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	  print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r $(VENV)/requirements.txt
 	@# The services and the generated stubs are importable from the venv without an install step.
-	@printf '%s\n%s\n' "$(CURDIR)/services" "$(CURDIR)/gen/python" > \
+	@printf '%s\n%s\n%s\n' "$(CURDIR)/services" "$(CURDIR)/gen/python" "$(CURDIR)/gateway-envoy" > \
 	  $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tessera-paths.pth
 	@printf '#!/bin/sh\nexec "%s" -m tessera_runtime.cli "$$@"\n' "$(CURDIR)/$(PY)" > $(BIN)/tessera && chmod +x $(BIN)/tessera
 	@touch $@

@@ -84,7 +84,7 @@ def generate_descriptor_set(files: list[str]) -> None:
 
 def digest() -> str:
     h = hashlib.sha256()
-    for path in sorted(GEN_PY.rglob("*")) + [DESCRIPTOR_SET]:
+    for path in [*sorted(GEN_PY.rglob("*")), DESCRIPTOR_SET]:
         if path.is_file():
             h.update(str(path.relative_to(ROOT)).encode())
             h.update(path.read_bytes())

@@ -49,7 +49,7 @@ class _CallContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, default_deadline: float) -> None:
         self.default_deadline = default_deadline
 
-    async def intercept_unary_unary(self, continuation, client_call_details, request):  # noqa: ANN001
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
         timeout = client_call_details.timeout or self.default_deadline
         remaining = callctx.remaining_seconds()
         if remaining is not None:

@@ -88,7 +88,7 @@ class DevStack:
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for c in self.components:
-            log = open(self.log_dir / f"{c.name}.log", "ab")  # noqa: SIM115 - owned by the child process
+            log = open(self.log_dir / f"{c.name}.log", "ab")
             c.process = subprocess.Popen(c.argv, env={**os.environ, **c.env}, stdout=log, stderr=log,
                                          cwd=ROOT, start_new_session=True)
 
@@ -142,7 +142,8 @@ def main() -> int:
     print(f"""
 Try it:
   {ROOT / '.venv/bin/grpcurl'} -plaintext {user} list
-  {ROOT / '.venv/bin/grpcurl'} -plaintext -d '{{"user":{{"email":"ada@example.com","display_name":"Ada"}},"request_id":"demo-1"}}' \\
+  {ROOT / '.venv/bin/grpcurl'} -plaintext \\
+      -d '{{"user":{{"email":"ada@example.com","display_name":"Ada"}},"request_id":"demo-1"}}' \\
       {user} tessera.user.v1.UserService/CreateUser
 
 Ctrl-C stops everything.""", flush=True)

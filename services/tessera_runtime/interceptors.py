@@ -121,9 +121,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 })
                 for observe in self.observers:
                     observe(method, code, duration)
-                for var, token in zip(
-                    (request_id_var, correlation_id_var, callctx.principal_var, callctx.deadline_var), tokens
-                ):
+                context_vars = (request_id_var, correlation_id_var, callctx.principal_var, callctx.deadline_var)
+                for var, token in zip(context_vars, tokens, strict=True):
                     var.reset(token)
 
         return handle

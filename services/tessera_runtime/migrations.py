@@ -62,7 +62,7 @@ def run_env(target_metadata: MetaData) -> None:
     asyncio.run(run_async())
 
 
-def create_outbox(op) -> None:  # noqa: ANN001
+def create_outbox(op) -> None:
     """Creates the outbox table of tessera_runtime.outbox; called by each service's first migration."""
     import sqlalchemy as sa
 

@@ -40,7 +40,7 @@ def outbox_table(metadata: MetaData) -> Table:
 class PendingEvent:
     """An event recorded by a handler, written to the outbox when the unit of work commits."""
 
-    __slots__ = ("event_id", "aggregate_type", "aggregate_id", "message", "headers", "created_at")
+    __slots__ = ("aggregate_id", "aggregate_type", "created_at", "event_id", "headers", "message")
 
     def __init__(self, aggregate_type: str, aggregate_id: str, message: Message) -> None:
         self.event_id = str(uuid.uuid4())

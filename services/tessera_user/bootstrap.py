@@ -10,7 +10,6 @@ from tessera_runtime.config import ServiceSettings
 from tessera_runtime.db import Database
 from tessera_runtime.migrations import upgrade_async
 from tessera_runtime.server import ServiceModule
-
 from tessera_user import DOMAIN
 from tessera_user.entrypoints.grpc_servicer import UserServicer
 from tessera_user.service_layer.unit_of_work import UserUnitOfWork

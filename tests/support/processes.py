@@ -31,7 +31,7 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tessera_runtime.cli", "serve", self.service],
             env=self.env, stdout=subprocess.PIPE, stderr=self._log, cwd=ROOT,

@@ -8,7 +8,7 @@ import enum
 import re
 
 from tessera_runtime.errors import Violations
-
+from tessera_runtime.money import is_iso_currency
 from tessera_user import DOMAIN
 
 MAX_EMAIL = 254
@@ -26,7 +26,6 @@ _DOMAIN = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]
 _PHONE = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _LOCALE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
 _TIME_ZONE = re.compile(r"^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$")
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 
 class UserStatus(enum.Enum):
@@ -141,8 +140,8 @@ def check_profile(profile: Profile, prefix: str, v: Violations) -> None:
 
 
 def check_currency(code: str, field: str, v: Violations) -> None:
-    if code and not _CURRENCY.match(code):
-        v.add(field, "must be a three-letter ISO 4217 code in upper case, such as EUR")
+    if code and not is_iso_currency(code):
+        v.add(field, "must be an ISO 4217 currency code in upper case, such as EUR")
 
 
 def new_violations() -> Violations:

@@ -17,7 +17,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     def __init__(self, uow_factory: Callable[[], handlers.UnitOfWork]) -> None:
         self.uow = uow_factory
 
-    async def CreateUser(self, request: user_service_pb2.CreateUserRequest, context) -> user_service_pb2.CreateUserResponse:  # noqa: E501, ANN001
+    async def CreateUser(self, request: user_service_pb2.CreateUserRequest, context) -> user_service_pb2.CreateUserResponse:  # noqa: E501
         u = request.user
         set_fields = {fd.name for fd, _ in u.ListFields()}
         cmd = commands.CreateUser(
@@ -31,18 +31,18 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         user = await handlers.create_user(cmd, self.uow())
         return user_service_pb2.CreateUserResponse(user=mapping.user_to_proto(user))
 
-    async def GetUser(self, request: user_service_pb2.GetUserRequest, context) -> user_service_pb2.GetUserResponse:  # noqa: ANN001
+    async def GetUser(self, request: user_service_pb2.GetUserRequest, context) -> user_service_pb2.GetUserResponse:
         user = await handlers.get_user(commands.GetUser(request.id), self.uow())
         return user_service_pb2.GetUserResponse(user=mapping.user_to_proto(user))
 
-    async def ListUsers(self, request: user_service_pb2.ListUsersRequest, context) -> user_service_pb2.ListUsersResponse:  # noqa: E501, ANN001
+    async def ListUsers(self, request: user_service_pb2.ListUsersRequest, context) -> user_service_pb2.ListUsersResponse:  # noqa: E501
         cmd = commands.ListUsers(page_size=request.page_size, page_token=request.page_token,
                                  status=mapping.status_from_proto(request.status))
         users, token = await handlers.list_users(cmd, self.uow())
         return user_service_pb2.ListUsersResponse(users=[mapping.user_to_proto(u) for u in users],
                                                   next_page_token=token)
 
-    async def UpdateUser(self, request: user_service_pb2.UpdateUserRequest, context) -> user_service_pb2.UpdateUserResponse:  # noqa: E501, ANN001
+    async def UpdateUser(self, request: user_service_pb2.UpdateUserRequest, context) -> user_service_pb2.UpdateUserResponse:  # noqa: E501
         u = request.user
         cmd = commands.UpdateUser(
             user_id=u.id, paths=tuple(request.update_mask.paths), display_name=u.display_name,
@@ -53,14 +53,14 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         user = await handlers.update_user(cmd, self.uow())
         return user_service_pb2.UpdateUserResponse(user=mapping.user_to_proto(user))
 
-    async def DeleteUser(self, request: user_service_pb2.DeleteUserRequest, context) -> user_service_pb2.DeleteUserResponse:  # noqa: E501, ANN001
+    async def DeleteUser(self, request: user_service_pb2.DeleteUserRequest, context) -> user_service_pb2.DeleteUserResponse:  # noqa: E501
         await handlers.delete_user(commands.DeleteUser(request.id), self.uow())
         return user_service_pb2.DeleteUserResponse()
 
-    async def DeactivateUser(self, request: user_service_pb2.DeactivateUserRequest, context) -> user_service_pb2.DeactivateUserResponse:  # noqa: E501, ANN001
+    async def DeactivateUser(self, request: user_service_pb2.DeactivateUserRequest, context) -> user_service_pb2.DeactivateUserResponse:  # noqa: E501
         user = await handlers.deactivate_user(commands.DeactivateUser(request.id, request.reason), self.uow())
         return user_service_pb2.DeactivateUserResponse(user=mapping.user_to_proto(user))
 
-    async def ActivateUser(self, request: user_service_pb2.ActivateUserRequest, context) -> user_service_pb2.ActivateUserResponse:  # noqa: E501, ANN001
+    async def ActivateUser(self, request: user_service_pb2.ActivateUserRequest, context) -> user_service_pb2.ActivateUserResponse:  # noqa: E501
         user = await handlers.activate_user(commands.ActivateUser(request.id), self.uow())
         return user_service_pb2.ActivateUserResponse(user=mapping.user_to_proto(user))

@@ -13,7 +13,6 @@ from tessera_runtime import pagination
 from tessera_runtime.context import current_principal
 from tessera_runtime.db import utcnow
 from tessera_runtime.errors import AlreadyExists, NotFound, PermissionDenied
-
 from tessera_user import DOMAIN, mapping
 from tessera_user.adapters.repository import DuplicateEmail, DuplicateRequestId, UserRepository
 from tessera_user.domain import model
@@ -35,7 +34,7 @@ class UnitOfWork(Protocol):
 
     async def __aenter__(self) -> UnitOfWork: ...
     async def __aexit__(self, *exc: object) -> None: ...
-    def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...  # noqa: ANN001
+    def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...
     async def commit(self) -> None: ...
 
 
@@ -202,7 +201,7 @@ async def update_user(cmd: commands.UpdateUser, uow: UnitOfWork) -> User:
     return user
 
 
-def _merge(current, requested, prefix: str, paths: set[str]):  # noqa: ANN001, ANN202
+def _merge(current, requested, prefix: str, paths: set[str]):
     if prefix in paths:
         return requested
     changes = {f.name: getattr(requested, f.name) for f in dataclasses.fields(current)

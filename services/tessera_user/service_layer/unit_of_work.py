@@ -7,7 +7,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tessera_runtime.db import Database
 from tessera_runtime.unit_of_work import SqlAlchemyUnitOfWork
-
 from tessera_user.adapters.orm import outbox
 from tessera_user.adapters.repository import InMemoryUserRepository, SqlAlchemyUserRepository, UserRepository
 

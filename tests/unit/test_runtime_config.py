@@ -1,0 +1,39 @@
+"""Settings are read once and fail fast with the name of the bad variable."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tessera_runtime.config import ConfigError, ServiceSettings
+
+
+def test_defaults_are_embedded_sqlite_and_dev():
+    s = ServiceSettings.from_env("user", 50051, {})
+    assert s.database_url.startswith("sqlite+aiosqlite:///") and s.database_url.endswith("user.db")
+    assert s.grpc_port == 50051 and not s.production and not s.require_identity
+
+
+def test_settings_are_frozen():
+    s = ServiceSettings.from_env("user", 50051, {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.grpc_port = 1  # type: ignore[misc]
+
+
+def test_production_requires_identity_by_default():
+    assert ServiceSettings.from_env("user", 1, {"TESSERA_ENV": "production"}).require_identity
+
+
+@pytest.mark.parametrize(("env", "name"), [
+    ({"TESSERA_GRPC_PORT": "http"}, "TESSERA_GRPC_PORT"),
+    ({"TESSERA_GRPC_PORT": "70000"}, "TESSERA_GRPC_PORT"),
+    ({"TESSERA_DRAIN_SECONDS": "-1"}, "TESSERA_DRAIN_SECONDS"),
+    ({"TESSERA_ENV": "staging"}, "TESSERA_ENV"),
+    ({"TESSERA_REQUIRE_IDENTITY": "maybe"}, "TESSERA_REQUIRE_IDENTITY"),
+    ({"TESSERA_DATABASE_URL": "mysql://x"}, "TESSERA_DATABASE_URL"),
+    ({"TESSERA_LOG_LEVEL": "LOUD"}, "TESSERA_LOG_LEVEL"),
+])
+def test_bad_values_name_the_variable(env, name):
+    with pytest.raises(ConfigError, match=name):
+        ServiceSettings.from_env("user", 50051, env)
