@@ -10,6 +10,8 @@ from sqlalchemy import DateTime, TypeDecorator, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from tessera_runtime.telemetry import instrument_engine
+
 log = logging.getLogger("tessera.db")
 
 
@@ -32,6 +34,13 @@ def _prepare_sqlite(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def ensure_sqlite_folder(url: str) -> None:
+    """Creates the folder of a SQLite database file, so that a fresh checkout needs no setup."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
 class Database:
     """Owns one service's engine and session factory. Nothing connects until first use."""
 
@@ -40,8 +49,7 @@ class Database:
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            ensure_sqlite_folder(url)
             self.engine = create_async_engine(url, echo=echo)
             _prepare_sqlite(self.engine)
         else:
@@ -49,6 +57,7 @@ class Database:
                 url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800,
                 connect_args={"timeout": 3, "command_timeout": 30},
             )
+        instrument_engine(self.engine)  # one span per statement, child of the RPC or message being handled
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, class_=AsyncSession)
 
     async def ping(self) -> bool:

@@ -12,6 +12,8 @@ from sqlalchemy import MetaData, pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from tessera_runtime.db import ensure_sqlite_folder
+
 log = logging.getLogger("tessera.migrations")
 
 
@@ -24,6 +26,7 @@ def alembic_config(script_location: Path, database_url: str) -> Config:
 
 
 def upgrade(script_location: Path, database_url: str, revision: str = "head") -> None:
+    ensure_sqlite_folder(database_url)
     command.upgrade(alembic_config(script_location, database_url), revision)
 
 

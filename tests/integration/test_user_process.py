@@ -178,3 +178,18 @@ async def test_the_callers_deadline_stops_the_work(pg_via_proxy, tmp_path):
             assert [u.email for u in listed.users] == []
     finally:
         service.stop()
+
+
+def test_migrate_command_creates_the_schema(tmp_path):
+    import sqlite3
+
+    data = tmp_path / "fresh" / "nested"
+    result = subprocess.run([sys.executable, "-m", "tessera_runtime.cli", "migrate", "user"], cwd=ROOT,
+                            env={"PATH": "/usr/bin:/bin", "TESSERA_DATA_DIR": str(data)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(data / "user.db") as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        version = conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+    assert {"users", "outbox", "alembic_version"} <= tables
+    assert version == "0001"
