@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml
 	  print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r $(VENV)/requirements.txt
 	@# The services and the generated stubs are importable from the venv without an install step.
-	@printf '%s\n%s\n%s\n' "$(CURDIR)/services" "$(CURDIR)/gen/python" "$(CURDIR)/gateway-envoy" > \
+	@printf '%s\n%s\n%s\n%s\n' "$(CURDIR)/services" "$(CURDIR)/gen/python" "$(CURDIR)/gateway-envoy" \
+	  "$(CURDIR)/clients/python" > \
 	  $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tessera-paths.pth
 	@printf '#!/bin/sh\nexec "%s" -m tessera_runtime.cli "$$@"\n' "$(CURDIR)/$(PY)" > $(BIN)/tessera && chmod +x $(BIN)/tessera
 	@touch $@
@@ -41,7 +42,7 @@ gen: $(GEN_STAMP) ## Generate Python stubs (+ .pyi) and the Envoy descriptor set
 lint: gen ## buf lint + buf breaking against main's history + ruff
 	$(BIN)/buf lint
 	$(PY) services/tessera_build/breaking.py
-	$(BIN)/ruff check services tests bench
+	$(BIN)/ruff check services tests bench clients gateway-envoy
 
 test-unit: gen ## Unit tests: domain and handlers with fakes
 	$(PYTEST) -m unit -q
@@ -52,11 +53,71 @@ test-integration: gen ## Integration tests: real servers on port 0, SQLite and P
 test-e2e: gen ## End-to-end tests through the real Envoy gateway
 	$(PYTEST) -m "e2e" -q
 
-test: lint ## Everything: lint, unit, integration, end to end
+test: lint test-clients ## Everything: lint, the client suites, unit, integration, end to end
 	$(PYTEST) -q
 
 run: gen ## Start every service on embedded defaults (SQLite) and print where to reach it
 	$(PY) -m tessera_runtime.devstack
 
 clean: ## Remove generated code, build output and local data
-	rm -rf gen build data .pytest_cache
+	rm -rf gen build data .pytest_cache clients/ts/gen
+
+.PHONY: k8s-mesh k8s-render k8s-validate
+k8s-mesh: gen ## Regenerate istio/ routes, subsets and policies from the contracts' idempotency marks
+	$(PY) -m tessera_deploy.mesh
+
+k8s-render: gen ## Render every k8s overlay (with the generated gateway config) into build/k8s/<overlay>.yaml
+	$(PY) -m tessera_deploy.render
+
+k8s-validate: gen ## Validate every overlay offline: Kubernetes + Istio schemas and the semantic mesh checks
+	$(PY) -m tessera_deploy.validate
+
+# Clients generated from the contracts: Python (gen/python + typed gRPC stubs, clients/python/tessera_client) and
+# TypeScript (clients/ts, generated into clients/ts/gen, git-ignored). npm installs from the committed lockfile only.
+.PHONY: clients test-clients
+CLIENTS_TS    := clients/ts
+NODE_MODULES  := $(CLIENTS_TS)/node_modules/.package-lock.json
+CLIENTS_STAMP := $(CLIENTS_TS)/gen/.stamp
+CLIENTS_SRC   := $(shell find $(CLIENTS_TS)/src $(CLIENTS_TS)/test $(CLIENTS_TS)/examples -name '*.ts' 2>/dev/null) $(CLIENTS_TS)/tsconfig.json
+
+$(NODE_MODULES): $(CLIENTS_TS)/package.json $(CLIENTS_TS)/package-lock.json
+	cd $(CLIENTS_TS) && npm ci --ignore-scripts --no-audit --no-fund
+	@touch $@
+
+$(CLIENTS_STAMP): $(GEN_STAMP) $(NODE_MODULES) buf.gen.yaml clients/python/typed_stubs.py $(CLIENTS_SRC)
+	$(PY) clients/python/typed_stubs.py
+	$(BIN)/buf generate
+	rm -rf $(CLIENTS_TS)/gen/build
+	cd $(CLIENTS_TS) && node_modules/.bin/tsc -p tsconfig.json
+	@touch $@
+
+clients: $(CLIENTS_STAMP) ## Generate the typed Python and TypeScript clients from proto/ (buf + protoc-gen-es, tsc)
+
+test-clients: clients ## Node suite: TS client over native gRPC and REST (gateway) vs the Python client, real services
+	$(PY) $(CLIENTS_TS)/test/stack.py -- node --test $(CLIENTS_TS)/gen/build/test/*.test.js
+
+# The Envoy edge gateway (gateway-envoy/): config and OpenAPI generated from the contracts + gateway.yaml.
+.PHONY: gateway-config openapi token demo
+PROFILE ?= dev
+SUB     ?= dev-admin
+SCOPE   ?= admin
+gateway-config: gen ## Write the Envoy bootstrap (PROFILE=dev|prod) to build/gateway/envoy-$(PROFILE).yaml and validate it
+	$(PY) -m tessera_gateway.generate --profile $(PROFILE) --out build/gateway/envoy-$(PROFILE).yaml
+	$(BIN)/envoy --mode validate -c build/gateway/envoy-$(PROFILE).yaml --use-dynamic-base-id --log-level warning
+
+openapi: gen ## Write the OpenAPI 3.1 document of the REST API to build/gateway/openapi.json
+	$(PY) -m tessera_gateway.openapi --profile $(PROFILE) --out build/gateway/openapi.json
+
+token: $(STAMP) ## Print a dev token for the gateway: make token SUB=<user id> SCOPE="user:read order:write"
+	@$(PY) -m tessera_runtime.cli token mint --sub "$(SUB)" --scope "$(SCOPE)"
+
+demo: gen ## Scripted REST walk through the gateway: customer, products, an order, a declined order, read back
+	$(PY) -m tessera_gateway.demo
+
+# Benchmarks (bench/): each hot path against its baseline in the same run, alternating, reported as ratios in
+# BENCHMARKS.md. A report, never a test: not part of `make test`. BENCH_ARGS passes options (python -m bench -h).
+.PHONY: bench
+bench: gen ## Benchmarks vs their baselines side by side (~5 min, 127.0.0.1 only); writes BENCHMARKS.md
+	@command -v h2load >/dev/null && command -v wrk >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq nghttp2-client wrk; }
+	$(PY) -m bench $(BENCH_ARGS)

@@ -13,6 +13,7 @@ from typing import Any
 from tessera_runtime.config import ConfigError, ServiceSettings
 from tessera_runtime.logs import setup_logging
 from tessera_runtime.server import ServiceModule, TesseraServer, serve_until_signalled
+from tessera_runtime.telemetry import setup_telemetry
 
 log = logging.getLogger("tessera.app")
 
@@ -44,7 +45,7 @@ async def start_service(root: ModuleType, settings: Any) -> TesseraServer:
     server = TesseraServer(
         module, host=settings.grpc_host, port=settings.grpc_port, require_identity=settings.require_identity,
         readiness_interval=settings.readiness_interval_seconds, drain_seconds=settings.drain_seconds,
-        grace_seconds=settings.grace_seconds,
+        grace_seconds=settings.grace_seconds, metrics_port=settings.metrics_port or None,
     )
     await server.start()
     return server
@@ -66,6 +67,16 @@ def run(service: str) -> int:
         print(f"tessera-{service}: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(f"{service}-service", settings.log_level)
+    if settings.workers > 1:
+        from tessera_runtime.workers import supervise
+
+        # The parent only supervises; each worker is this same command with TESSERA_WORKERS=1.
+        return supervise(service, settings)
+    try:
+        setup_telemetry(f"{service}-service", settings)
+    except ConfigError as exc:
+        print(f"tessera-{service}: configuration error: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         server = await start_service(root, settings)

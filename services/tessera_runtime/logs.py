@@ -16,12 +16,39 @@ correlation_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 _EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+# A JWT anywhere (a token pasted into a message without its "Bearer " prefix).
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# The password of a URL with credentials (amqp://user:secret@host, postgresql+asyncpg://user:secret@host/db).
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)[^@/\s]+@")
+# Extra fields whose value is a secret whatever it looks like.
+_SECRET_KEY = re.compile(r"(?i)(password|passwd|secret|token|authorization|api[_-]?key|credential|cookie)")
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
 
 def mask(text: str) -> str:
-    """Masks e-mail addresses and bearer tokens so logs never carry them whole."""
-    return _BEARER.sub(r"\1[redacted]", _EMAIL.sub(r"\1***@\2", text))
+    """Masks e-mail addresses, bearer tokens, JWTs and URL passwords so logs never carry them whole."""
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    text = _JWT.sub("[redacted-jwt]", _BEARER.sub(r"\1[redacted]", text))
+    return _EMAIL.sub(r"\1***@\2", text)
+
+
+def _mask_value(key: str, value: Any) -> Any:
+    """Masks one extra field: secrets by their key, and every string inside (nested lists and dicts too)."""
+    if value is None:
+        return None
+    if _SECRET_KEY.search(key):
+        return "[redacted]"
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {k: _mask_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_mask_value(key, v) for v in value]
+    if isinstance(value, bytes):
+        return "[bytes]"
+    if isinstance(value, int | float | bool):
+        return value
+    return mask(str(value))
 
 
 def _trace_ids() -> tuple[str | None, str | None]:
@@ -57,7 +84,7 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                line[key] = mask(value) if isinstance(value, str) else value
+                line[key] = _mask_value(key, value)
         if record.exc_info:
             line["traceback"] = mask("".join(traceback.format_exception(*record.exc_info)))
         return json.dumps(line, default=str)

@@ -85,3 +85,19 @@ def create_outbox(op) -> None:
         sa.UniqueConstraint("event_id"),
     )
     op.create_index("ix_outbox_unpublished", "outbox", ["published_at", "seq"], unique=False)
+
+
+def create_processed_events(op) -> None:
+    """Creates the processed_events table of tessera_runtime.messaging.idempotency; called by the migration of
+    each service that consumes events."""
+    import sqlalchemy as sa
+
+    op.create_table(
+        "processed_events",
+        sa.Column("consumer", sa.String(length=200), nullable=False),
+        sa.Column("event_id", sa.String(length=64), nullable=False),
+        sa.Column("event_type", sa.String(length=200), nullable=False),
+        sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("consumer", "event_id"),
+    )
+    op.create_index("ix_processed_events_processed_at", "processed_events", ["processed_at"], unique=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf.message import Message
@@ -73,3 +74,25 @@ class PendingEvent:
 async def write_events(session: AsyncSession, table: Table, events: list[PendingEvent]) -> None:
     if events:
         await session.execute(insert(table), [e.row() for e in events])
+
+
+# In-process wake-ups: a relay in this process hears of a commit with events at once instead of at its next poll.
+_commit_listeners: dict[Table, list[Callable[[], None]]] = {}
+
+
+def add_commit_listener(table: Table, callback: Callable[[], None]) -> Callable[[], None]:
+    """Calls callback (on the committing event loop) after each commit that wrote events to table; returns the
+    function that removes it."""
+    _commit_listeners.setdefault(table, []).append(callback)
+
+    def remove() -> None:
+        listeners = _commit_listeners.get(table, [])
+        if callback in listeners:
+            listeners.remove(callback)
+
+    return remove
+
+
+def notify_committed(table: Table) -> None:
+    for callback in list(_commit_listeners.get(table, ())):
+        callback()

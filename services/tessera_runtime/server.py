@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from tessera_runtime import metrics, telemetry
 from tessera_runtime.interceptors import RpcObserver, ServerInterceptor
 
 log = logging.getLogger("tessera.server")
@@ -25,6 +26,25 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthCheck:
+    """A named dependency check. A failing critical check makes the service NOT_SERVING (its database); a
+    failing non-critical one only marks it DEGRADED (the broker: events wait in the outbox; a downstream service:
+    the saga compensates), because taking this service out of rotation would not help and would cascade."""
+
+    name: str
+    check: ReadinessCheck
+    critical: bool = True
+
+
+def _as_health_check(item: HealthCheck | ReadinessCheck) -> HealthCheck:
+    if isinstance(item, HealthCheck):
+        return item
+    owner = getattr(getattr(item, "__self__", None), "__class__", None)
+    name = (owner.__name__ if owner is not None else getattr(item, "__name__", "check")).lower()
+    return HealthCheck(name=name, check=item)
 
 _SERVER_OPTIONS = (
     ("grpc.so_reuseport", 1),
@@ -41,7 +61,7 @@ class ServiceModule:
     service_names: tuple[str, ...]
     register: Callable[[grpc.aio.Server], None]
     domain: str
-    readiness_checks: Sequence[ReadinessCheck] = ()
+    readiness_checks: Sequence[HealthCheck | ReadinessCheck] = ()
     on_start: Sequence[Callable[[], Awaitable[None]]] = ()
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
     rpc_observers: tuple[RpcObserver, ...] = ()
@@ -49,29 +69,39 @@ class ServiceModule:
 
 
 class Readiness:
-    """Runs the readiness checks periodically and reflects the result in the health servicer."""
+    """Runs the health checks periodically, reflects them in the gRPC health servicer, and keeps a report
+    ({status: UP | DEGRADED | DOWN, checks: {name: {status, error}}}) for the /health endpoint."""
 
-    def __init__(self, health: HealthServicer, names: Sequence[str], checks: Sequence[ReadinessCheck],
+    def __init__(self, health: HealthServicer, names: Sequence[str], checks: Sequence[HealthCheck | ReadinessCheck],
                  interval: float, check_timeout: float = 2.0) -> None:
         self.health = health
         self.names = ("", *names)
-        self.checks = checks
+        self.checks = [_as_health_check(c) for c in checks]
         self.interval = interval
         self.check_timeout = check_timeout
         self.ready: bool | None = None
+        self.report: dict = {"status": "DOWN", "checks": {}}
         self._task: asyncio.Task[None] | None = None
 
+    async def _run(self, item: HealthCheck) -> tuple[bool, str | None]:
+        try:
+            async with asyncio.timeout(self.check_timeout):
+                return bool(await item.check()), None
+        except Exception as exc:  # a failing check means not ready, whatever the cause
+            return False, f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
+
     async def check_once(self) -> bool:
-        ok = True
-        for check in self.checks:
-            try:
-                async with asyncio.timeout(self.check_timeout):
-                    ok = await check() and ok
-            except Exception as exc:  # a failing check means not ready, whatever the cause
-                log.debug("readiness check failed: %r", exc)
-                ok = False
+        results = await asyncio.gather(*(self._run(c) for c in self.checks))
+        checks, ok, degraded = {}, True, False
+        for item, (passed, error) in zip(self.checks, results, strict=True):
+            checks[item.name] = {"status": "UP" if passed else "DOWN", "critical": item.critical,
+                                 **({"error": error} if error else {})}
+            if not passed:
+                ok = ok and not item.critical
+                degraded = degraded or not item.critical
+        self.report = {"status": "DOWN" if not ok else "DEGRADED" if degraded else "UP", "checks": checks}
         if ok != self.ready:
-            log.info("readiness changed", extra={"ready": ok})
+            log.info("readiness changed", extra={"ready": ok, "health": self.report})
             self.ready = ok
         for name in self.names:
             await self.health.set(name, SERVING if ok else NOT_SERVING)
@@ -97,22 +127,29 @@ class TesseraServer:
 
     def __init__(self, module: ServiceModule, *, host: str = "127.0.0.1", port: int = 0,
                  require_identity: bool = False, readiness_interval: float = 1.0,
-                 drain_seconds: float = 0.0, grace_seconds: float = 5.0) -> None:
+                 drain_seconds: float = 0.0, grace_seconds: float = 5.0,
+                 metrics_port: int | None = None) -> None:
         self.module = module
         self.host = host
         self.requested_port = port
         self.drain_seconds = drain_seconds
         self.grace_seconds = grace_seconds
         self.health = HealthServicer()
+        # Tracing first, so that the RPC's log line and observers run inside its server span.
         interceptors = (
+            *telemetry.server_interceptors(),
             ServerInterceptor(domain=module.domain, require_identity=require_identity,
-                              observers=module.rpc_observers),
+                              observers=(telemetry.record_rpc_outcome, metrics.observe_server_rpc,
+                                         *module.rpc_observers)),
             *module.extra_interceptors,
         )
         self.server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
         self.readiness = Readiness(self.health, module.service_names, module.readiness_checks,
                                    readiness_interval)
         self.port = 0
+        # None: no /metrics endpoint; 0: an ephemeral port (tests); the process's settings give a fixed one.
+        self.metrics = None if metrics_port is None else metrics.MetricsServer(
+            host, metrics_port, health=lambda: self.readiness.report)
         self._stopped = False
 
     async def start(self) -> int:
@@ -131,6 +168,8 @@ class TesseraServer:
         await self.health.set(LIVENESS, SERVING)
         await self.readiness.check_once()
         await self.server.start()
+        if self.metrics is not None:
+            self.metrics.start()
         self.readiness.start()
         log.info("serving", extra={"address": f"{self.host}:{self.port}",
                                    "services": list(self.module.service_names)})
@@ -152,6 +191,8 @@ class TesseraServer:
                 await hook()
             except Exception:
                 log.exception("error while stopping")
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)  # waits for the HTTP thread's poll loop to notice
         log.info("stopped")
 
 

@@ -9,7 +9,7 @@ from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tessera_runtime.db import Database
-from tessera_runtime.outbox import PendingEvent, write_events
+from tessera_runtime.outbox import PendingEvent, notify_committed, write_events
 
 
 class SqlAlchemyUnitOfWork:
@@ -21,15 +21,27 @@ class SqlAlchemyUnitOfWork:
         self.session: AsyncSession
         self.events: list[PendingEvent] = []
         self._committed = False
+        self._read_only = False
+
+    def reading(self):
+        """This unit of work for one block of reads that changes nothing (`async with uow.reading():`). On
+        PostgreSQL each statement runs in autocommit, without BEGIN and ROLLBACK round trips, so use it where one
+        statement reads what the block needs (a read across statements would not see one snapshot). commit()
+        refuses."""
+        self._read_only = True
+        return self
 
     def _open(self, session: AsyncSession) -> None:
         """Hook for subclasses: build repositories on the session."""
 
     async def __aenter__(self):
-        self.session = self.db.sessionmaker()
         self.events = []
         self._committed = False
-        await self.session.begin()
+        if self._read_only:
+            self.session = self.db.read_sessionmaker()
+        else:
+            self.session = self.db.sessionmaker()
+            await self.session.begin()
         self._open(self.session)
         return self
 
@@ -39,6 +51,7 @@ class SqlAlchemyUnitOfWork:
             if not self._committed:
                 await self.session.rollback()
         finally:
+            self._read_only = False
             await self.session.close()
 
     def add_event(self, aggregate_type: str, aggregate_id: str, message: Message) -> PendingEvent:
@@ -47,9 +60,13 @@ class SqlAlchemyUnitOfWork:
         return event
 
     async def commit(self) -> None:
+        if self._read_only:
+            raise RuntimeError("a unit of work opened with reading() cannot commit")
         await write_events(self.session, self.outbox, self.events)
         await self.session.commit()
         self._committed = True
+        if self.events:
+            notify_committed(self.outbox)
 
     async def rollback(self) -> None:
         await self.session.rollback()

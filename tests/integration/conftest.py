@@ -7,6 +7,7 @@ import pytest
 from tessera.user.v1 import user_service_pb2_grpc
 
 from tessera_runtime.config import ServiceSettings
+from tessera_runtime.messaging import MessagingServiceSettings
 from tessera_runtime.server import create_server
 from tests.support import postgres
 
@@ -23,8 +24,10 @@ async def db_url(request, tmp_path):
 
 
 def settings_for(service: str, db_url: str, **overrides) -> ServiceSettings:
-    env = {"TESSERA_DATABASE_URL": db_url, "TESSERA_GRPC_PORT": "0", **overrides}
-    return ServiceSettings.from_env(service, 0, env)
+    # Events are asserted in the outbox here; nothing consumes them, so no relay publishes them to the shared
+    # broker unless a test asks for one (TESSERA_OUTBOX_RELAY="true").
+    env = {"TESSERA_DATABASE_URL": db_url, "TESSERA_GRPC_PORT": "0", "TESSERA_OUTBOX_RELAY": "false", **overrides}
+    return MessagingServiceSettings.from_env(service, 0, env)
 
 
 @pytest.fixture

@@ -21,8 +21,11 @@ class ServiceProcess:
     def __init__(self, service: str, env: dict[str, str], log_path: Path) -> None:
         self.service = service
         self.log_path = log_path
+        # Tests never publish to the machine's default vhost: a test that wants events passes its own
+        # TESSERA_AMQP_URL (a private vhost) or turns the relay on explicitly.
+        quiet = {} if {"TESSERA_AMQP_URL", "TESSERA_OUTBOX_RELAY"} & env.keys() else {"TESSERA_OUTBOX_RELAY": "false"}
         self.env = {**os.environ, "TESSERA_GRPC_PORT": "0", "TESSERA_DRAIN_SECONDS": "0.2",
-                    "TESSERA_READINESS_INTERVAL_SECONDS": "0.2", **env}
+                    "TESSERA_READINESS_INTERVAL_SECONDS": "0.2", **quiet, **env}
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 

@@ -32,6 +32,7 @@ IMMUTABLE_PATHS = frozenset({"id", "email", "status", "create_time", "update_tim
 class UnitOfWork(Protocol):
     users: UserRepository
 
+    def reading(self) -> UnitOfWork: ...
     async def __aenter__(self) -> UnitOfWork: ...
     async def __aexit__(self, *exc: object) -> None: ...
     def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...
@@ -88,6 +89,11 @@ async def create_user(cmd: commands.CreateUser, uow: UnitOfWork) -> User:
             if previous is not None:
                 return _replay(previous, request_hash, cmd.request_id)
             if await uow.users.email_taken(email):
+                # The address may belong to a create with this very request_id that committed between the two
+                # reads (read committed): ask again before calling it a clash.
+                previous = await uow.users.get_by_request_id(cmd.request_id)
+                if previous is not None:
+                    return _replay(previous, request_hash, cmd.request_id)
                 raise _email_taken(email)
             now = utcnow()
             user = User(id=str(uuid.uuid4()), email=email, display_name=cmd.display_name.strip(),
@@ -95,18 +101,17 @@ async def create_user(cmd: commands.CreateUser, uow: UnitOfWork) -> User:
                         create_time=now, update_time=now)
             try:
                 await uow.users.add(user, cmd.request_id, request_hash)
-            except DuplicateEmail:
-                raise _email_taken(email) from None
-            except DuplicateRequestId:
+            except (DuplicateEmail, DuplicateRequestId):
+                # A concurrent create committed first. Which unique index reports it depends on the database,
+                # so look again in a fresh transaction: the same request_id replays, another one is a clash.
                 continue
             uow.add_event(AGGREGATE, user.id, mapping.user_created(user))
             await uow.commit()
             return user
     async with uow:
         previous = await uow.users.get_by_request_id(cmd.request_id)
-    if previous is None:  # the racing create failed after all; the caller may retry
-        raise AlreadyExists("a concurrent request with this request_id is in progress",
-                            reason="REQUEST_ID_REUSED", domain=DOMAIN)
+    if previous is None:
+        raise _email_taken(email)
     return _replay(previous, request_hash, cmd.request_id)
 
 
@@ -126,7 +131,7 @@ def _email_taken(email: str) -> AlreadyExists:
 async def get_user(cmd: commands.GetUser, uow: UnitOfWork) -> User:
     check_id(cmd.user_id, "id")
     _authorize(cmd.user_id)
-    async with uow:
+    async with uow.reading():
         user = await uow.users.get(cmd.user_id)
     if user is None:
         raise _not_found(cmd.user_id)
@@ -148,7 +153,7 @@ async def list_users(cmd: commands.ListUsers, uow: UnitOfWork) -> tuple[list[Use
             v = model.new_violations()
             v.add("page_token", "is malformed")
             v.raise_if_any()
-    async with uow:
+    async with uow.reading():
         page = await uow.users.list_after(after, size + 1, cmd.status)
     token = ""
     if len(page) > size:

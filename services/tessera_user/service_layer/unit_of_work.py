@@ -30,6 +30,9 @@ class FakeUserUnitOfWork:
         self.published: list[tuple[str, str, Message]] = []
         self.commits = 0
 
+    def reading(self) -> FakeUserUnitOfWork:
+        return self
+
     async def __aenter__(self) -> FakeUserUnitOfWork:
         self.events = []
         return self

@@ -1,0 +1,696 @@
+"""Builds the Envoy bootstrap of the edge gateway with envoy-data-plane typed objects.
+
+One listener speaks HTTP/1.1 and HTTP/2 (h2c): REST/JSON requests are transcoded to gRPC, native gRPC passes
+through, and both then meet the same route per RPC, so authentication, scopes, rate limits and timeouts are
+applied once, on the gRPC method. Every local reply is marked with its HTTP status (local_reply_config) for the
+error filter. The HTTP filters, in order:
+
+  header_mutation   strips client-sent identity headers; adds the security headers to every response
+  cors              answers preflights of allowed origins
+  tessera.rest_errors (Lua)  turns every REST error into google.rpc.Status JSON, strips grpc-*; gives the
+                             gateway's own gRPC refusals the same Status in grpc-status-details-bin
+  buffer            caps the request body (413)
+  tessera.rest_body (Lua)    refuses unknown JSON fields (400) before the transcoder drops them
+  grpc_json_transcoder       REST/JSON -> gRPC per google.api.http; gRPC status -> HTTP status + JSON body
+  jwt_authn         RS256 token: signature, issuer, audience, expiry; subject and scopes -> x-user-id/x-user-scopes
+  local_ratelimit   token bucket per (route class, subject), or per (route class, address) on anonymous routes
+  rbac              the route's scopes, matched as whole words of the space-delimited scope claim
+  router
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import ipaddress
+import json
+
+import betterproto2
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLog,
+    AccessLogFilter,
+    ComparisonFilter,
+    ComparisonFilterOp,
+    StatusCodeFilter,
+)
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterDnsLookupFamily,
+    OutlierDetection,
+)
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as HeaderMutationRule
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
+    HealthCheck,
+    HealthCheckGrpcHealthCheck,
+    Http2ProtocolOptions,
+    HttpProtocolOptions,
+    HttpProtocolOptionsHeadersWithUnderscoresAction,
+    HttpUri,
+    Metadata,
+    RoutingPriority,
+    RuntimeFractionalPercent,
+    RuntimeUInt32,
+    SocketAddress,
+    SubstitutionFormatString,
+    TransportSocket,
+)
+from envoy_data_plane.envoy.config.core.v3 import RetryPolicy as CoreRetryPolicy
+from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
+from envoy_data_plane.envoy.config.rbac.v3 import (
+    Permission,
+    Policy,
+    Principal,
+    PrincipalSet,
+    Rbac,
+    RbacAction,
+    SourcedMetadata,
+)
+from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    HeaderMatcher,
+    RateLimit,
+    RateLimitAction,
+    RateLimitActionMetaData,
+    RateLimitActionMetaDataSource,
+    RateLimitActionRemoteAddress,
+    RateLimitActionRequestHeaders,
+    RetryPolicy,
+    Route,
+    RouteAction,
+    RouteActionClusterNotFoundResponseCode,
+    RouteConfiguration,
+    RouteMatch,
+    RouteMatchGrpcRouteMatchOptions,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
+from envoy_data_plane.envoy.extensions.access_loggers.file.v3 import FileAccessLog
+from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import LocalRateLimitDescriptor, RateLimitDescriptorEntry
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
+from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
+from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
+    GrpcJsonTranscoder,
+    GrpcJsonTranscoderPrintOptions,
+    GrpcJsonTranscoderRequestValidationOptions,
+)
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import HeaderMutation, Mutations
+from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
+    JwksAsyncFetch,
+    JwtAuthentication,
+    JwtClaimToHeader,
+    JwtHeader,
+    JwtProvider,
+    JwtProviderNormalizePayload,
+    JwtRequirement,
+    PerRouteConfig,
+    RemoteJwks,
+    RequirementRule,
+)
+from envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3 import LocalRateLimit
+from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua
+from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac as RbacFilter
+from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import RbacPerRoute
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerCodecType,
+    HttpConnectionManagerPathWithEscapedSlashesAction,
+    HttpConnectionManagerServerHeaderTransformation,
+    HttpConnectionManagerTracing,
+    HttpFilter,
+    LocalReplyConfig,
+    RequestIdExtension,
+    ResponseMapper,
+)
+from envoy_data_plane.envoy.extensions.request_id.uuid.v3 import UuidRequestIdConfig
+from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
+    DownstreamConnectionsConfig,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    DownstreamTlsContext,
+    TlsCertificate,
+    UpstreamTlsContext,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions as UpstreamHttpProtocolOptions,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import HttpProtocolOptionsExplicitHttpConfig
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    ListMatcher,
+    MetadataMatcher,
+    MetadataMatcherPathSegment,
+    StringMatcher,
+    ValueMatcher,
+)
+from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPathSegment
+from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType, Percent, TokenBucket
+from envoy_data_plane.google.protobuf import Any, Struct
+from google.protobuf import descriptor_pb2
+
+from tessera_gateway import lua
+from tessera_gateway.description import Address as DescriptionAddress
+from tessera_gateway.description import Description, RouteClass
+from tessera_gateway.descriptors import Contracts, Rpc, Service
+
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+RBAC_FILTER = "envoy.filters.http.rbac"
+CORS_FILTER = "envoy.filters.http.cors"
+REST_ERRORS_FILTER = "tessera.rest_errors"
+REST_BODY_FILTER = "tessera.rest_body"
+JWT_PROVIDER = "tessera"
+JWT_PAYLOAD = "jwt_payload"
+JWKS_CLUSTER = "jwks"
+TRACING_CLUSTER = "otel_collector"
+# Route metadata namespace read by the rate limit actions.
+ROUTE_NS = "tessera"
+SUBJECT_HEADER = "x-user-id"
+SCOPES_HEADER = "x-user-scopes"
+IDENTITY_HEADERS = (SUBJECT_HEADER, SCOPES_HEADER)
+# Never set on a request that reaches the router: the catch-all route looks for a cluster by it and finds none.
+UNROUTED_HEADER = "x-tessera-unrouted"
+RETRYABLE = ("NO_SIDE_EFFECTS", "IDEMPOTENT")
+OPENAPI_PATH = "/openapi.json"
+# Never set in the runtime: the local reply mapper's status filter keeps its default, 0, and matches every reply.
+LOCAL_REPLY_RUNTIME_KEY = "tessera.local_reply.min_status"
+
+
+def _seconds(value: int | float) -> dt.timedelta:
+    return dt.timedelta(seconds=value)
+
+
+def _filter(name: str, message: betterproto2.Message) -> HttpFilter:
+    return HttpFilter(name=name, typed_config=Any.pack(message))
+
+
+def _socket(address: DescriptionAddress) -> Address:
+    return Address(socket_address=SocketAddress(address=address.host, port_value=address.port))
+
+
+def _percent(value: int) -> RuntimeFractionalPercent:
+    return RuntimeFractionalPercent(default_value=FractionalPercent(
+        numerator=value, denominator=FractionalPercentDenominatorType.HUNDRED))
+
+
+def _header(key: str, value: str, action: HeaderValueOptionHeaderAppendAction) -> HeaderValueOption:
+    return HeaderValueOption(header=HeaderValue(key=key, value=value), append_action=action)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteInfo:
+    """What the Lua error filter and the access log may read about a route."""
+
+    service: str
+    route_class: RouteClass
+    scopes: tuple[str, ...]
+
+    def metadata(self) -> Metadata:
+        c = self.route_class
+        lua_md = {"service": self.service, "route_class": c.name, "scopes": " ".join(self.scopes),
+                  "retry_after": str(c.refill_interval_seconds), "timeout": f"{c.timeout_seconds} s"}
+        key = "anonymous_class" if c.anonymous else "client_class"
+        return Metadata(filter_metadata={
+            REST_ERRORS_FILTER: Struct.from_dict(lua_md),
+            ROUTE_NS: Struct.from_dict({key: c.name}),
+        })
+
+
+class GatewayConfig:
+    """The Envoy bootstrap of one profile of the description, for one set of contracts."""
+
+    def __init__(self, description: Description, contracts: Contracts, openapi_document: str) -> None:
+        description.check_contracts(contracts)
+        self.d = description
+        self.contracts = contracts
+        self.openapi_document = openapi_document
+
+    # -- routes ------------------------------------------------------------------------------------------------
+
+    def _scope_policy(self, scopes: tuple[str, ...]) -> RbacPerRoute:
+        accepted = list(dict.fromkeys((*scopes, self.d.admin_scope)))
+        # Whole-scope match: jwt_authn turns the space-delimited scope claim into a list, and the list must
+        # contain one of the scopes exactly, so "user:readonly" never grants "user:read".
+        principals = [Principal(sourced_metadata=SourcedMetadata(metadata_matcher=MetadataMatcher(
+            filter=JWT_FILTER,
+            path=[MetadataMatcherPathSegment(key=JWT_PAYLOAD), MetadataMatcherPathSegment(key="scope")],
+            value=ValueMatcher(list_match=ListMatcher(one_of=ValueMatcher(string_match=StringMatcher(exact=s)))),
+        ))) for s in accepted]
+        return RbacPerRoute(rbac=RbacFilter(rules=Rbac(action=RbacAction.ALLOW, policies={
+            "scopes": Policy(permissions=[Permission(any=True)], principals=[Principal(or_ids=PrincipalSet(
+                ids=principals))]),
+        })))
+
+    def _rpc_route(self, service: Service, rpc: Rpc) -> Route:
+        policy = self.d.policy(rpc, service)
+        c = policy.route_class
+        timeout = _seconds(c.timeout_seconds)
+        # The class timeout bounds every call; a gRPC client's shorter deadline travels on in grpc-timeout and
+        # the service enforces it. (max_stream_duration.grpc_timeout_header_max would replace this timeout by
+        # the header's, leaving calls without one unbounded.)
+        action = RouteAction(cluster=service.context, timeout=timeout)
+        if rpc.idempotency in RETRYABLE and self.d.upstream.retry_count > 0:
+            action.retry_policy = RetryPolicy(retry_on=self.d.upstream.retry_on,
+                                              num_retries=self.d.upstream.retry_count)
+        info = RouteInfo(service=service.context, route_class=c,
+                         scopes=tuple(dict.fromkeys((*policy.scopes, self.d.admin_scope))))
+        return Route(
+            name=rpc.full_name,
+            match=RouteMatch(path=rpc.grpc_path, grpc=RouteMatchGrpcRouteMatchOptions()),
+            route=action,
+            metadata=info.metadata(),
+            typed_per_filter_config={RBAC_FILTER: Any.pack(self._scope_policy(policy.scopes))},
+        )
+
+    def _anonymous(self) -> dict[str, Any]:
+        return {JWT_FILTER: Any.pack(PerRouteConfig(disabled=True)), RBAC_FILTER: Any.pack(RbacPerRoute())}
+
+    def routes(self) -> list[Route]:
+        public = RouteInfo(service="gateway", route_class=self.d.public_class, scopes=())
+        routes = [self._rpc_route(s, r) for s in self.contracts.services for r in s.rpcs]
+        routes.append(Route(
+            name="openapi",
+            match=RouteMatch(path=OPENAPI_PATH, headers=[HeaderMatcher(
+                name=":method", string_match=StringMatcher(exact="GET"))]),
+            direct_response=DirectResponseAction(status=200, body=DataSource(inline_string=self.openapi_document)),
+            response_headers_to_add=[_header("content-type", "application/json",
+                                             HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD)],
+            metadata=public.metadata(),
+            typed_per_filter_config=self._anonymous(),
+        ))
+        # Everything else: REST paths before transcoding and unknown paths, answered 404 without asking for a
+        # token. It routes by a header the gateway always strips, so no cluster is ever found; a direct response
+        # would do the same, but the CORS filter only answers preflights on routes with a route action.
+        routes.append(Route(
+            name="not_found", match=RouteMatch(prefix="/"),
+            route=RouteAction(cluster_header=UNROUTED_HEADER,
+                              cluster_not_found_response_code=RouteActionClusterNotFoundResponseCode.NOT_FOUND),
+            metadata=public.metadata(), typed_per_filter_config=self._anonymous(),
+        ))
+        return routes
+
+    def route_configuration(self) -> RouteConfiguration:
+        per_filter: dict[str, Any] = {}
+        cors = self.d.cors
+        if cors.allow_origins:
+            per_filter[CORS_FILTER] = Any.pack(CorsPolicy(
+                allow_origin_string_match=[StringMatcher(exact=o) for o in cors.allow_origins],
+                allow_methods=", ".join(cors.allow_methods), allow_headers=", ".join(cors.allow_headers),
+                expose_headers=", ".join(cors.expose_headers), max_age=str(cors.max_age_seconds),
+                allow_credentials=False,
+            ))
+        return RouteConfiguration(
+            name="edge",
+            virtual_hosts=[VirtualHost(name="tessera", domains=["*"], routes=self.routes(),
+                                       typed_per_filter_config=per_filter)],
+            max_direct_response_body_size_bytes=len(self.openapi_document.encode()) + 1024,
+        )
+
+    # -- HTTP filters ------------------------------------------------------------------------------------------
+
+    def _header_mutation(self) -> HeaderMutation:
+        add_if_absent = HeaderValueOptionHeaderAppendAction.ADD_IF_ABSENT
+        return HeaderMutation(mutations=Mutations(
+            request_mutations=[HeaderMutationRule(remove=h) for h in (*IDENTITY_HEADERS, UNROUTED_HEADER)],
+            response_mutations=[
+                *(HeaderMutationRule(append=_header(k, v, add_if_absent)) for k, v in self.d.security_headers),
+                HeaderMutationRule(remove="server"),
+                HeaderMutationRule(remove="x-powered-by"),
+            ],
+        ))
+
+    def _transcoder(self) -> GrpcJsonTranscoder:
+        descriptors = descriptor_pb2.FileDescriptorSet()
+        descriptors.CopyFrom(self.contracts.fds)
+        for file in descriptors.file:
+            file.ClearField("source_code_info")  # comments: two thirds of the bytes, no use to Envoy
+        return GrpcJsonTranscoder(
+            proto_descriptor_bin=descriptors.SerializeToString(deterministic=True),
+            services=[s.full_name for s in self.contracts.services],
+            print_options=GrpcJsonTranscoderPrintOptions(always_print_primitive_fields=True),
+            convert_grpc_status=True,
+            request_validation_options=GrpcJsonTranscoderRequestValidationOptions(
+                reject_unknown_query_parameters=True, reject_binding_body_field_collisions=True),
+            max_request_body_size=self.d.limits.max_request_body_bytes,
+        )
+
+    def _jwt(self) -> JwtAuthentication:
+        j = self.d.jwt
+        provider = JwtProvider(
+            issuer=j.issuer, audiences=list(j.audiences),
+            from_headers=[JwtHeader(name="authorization", value_prefix="Bearer ")],
+            forward=False, payload_in_metadata=JWT_PAYLOAD,
+            normalize_payload_in_metadata=JwtProviderNormalizePayload(space_delimited_claims=["scope"]),
+            claim_to_headers=[JwtClaimToHeader(header_name=SUBJECT_HEADER, claim_name="sub"),
+                              JwtClaimToHeader(header_name=SCOPES_HEADER, claim_name="scope")],
+            clock_skew_seconds=j.clock_skew_seconds, max_lifetime=_seconds(j.max_lifetime_seconds),
+            require_expiration=True,
+        )
+        if j.jwks_file is not None:
+            provider.local_jwks = DataSource(filename=str(j.jwks_file))
+        else:
+            provider.remote_jwks = RemoteJwks(
+                http_uri=HttpUri(uri=j.jwks_uri, cluster=JWKS_CLUSTER, timeout=_seconds(5)),
+                cache_duration=_seconds(j.jwks_cache_seconds),
+                async_fetch=JwksAsyncFetch(fast_listener=False),
+                retry_policy=CoreRetryPolicy(num_retries=3),
+            )
+        return JwtAuthentication(
+            providers={JWT_PROVIDER: provider},
+            # Every route needs a token unless its own config disables the filter: a route added without a
+            # thought for authentication fails closed.
+            rules=[RequirementRule(match=RouteMatch(prefix="/"), requires=JwtRequirement(provider_name=JWT_PROVIDER))],
+        )
+
+    def _rate_limit(self) -> LocalRateLimit:
+        classes = list(self.d.route_classes.values())
+        descriptors = []
+        for c in classes:
+            client_key = "remote_address" if c.anonymous else "client"
+            descriptors.append(LocalRateLimitDescriptor(
+                entries=[RateLimitDescriptorEntry(key="route_class", value=c.name),
+                         RateLimitDescriptorEntry(key=client_key)],
+                token_bucket=TokenBucket(max_tokens=c.burst, tokens_per_fill=c.refill,
+                                         fill_interval=_seconds(c.refill_interval_seconds)),
+            ))
+
+        def class_of(key: str) -> RateLimitAction:
+            return RateLimitAction(metadata=RateLimitActionMetaData(
+                descriptor_key="route_class", source=RateLimitActionMetaDataSource.ROUTE_ENTRY,
+                metadata_key=MetadataKey(key=ROUTE_NS, path=[MetadataKeyPathSegment(key=key)])))
+
+        total = sum(c.refill for c in classes) * 1000
+        return LocalRateLimit(
+            stat_prefix="rate_limit",
+            # Only requests that match no descriptor use this bucket; every route has a class, so it is a backstop.
+            token_bucket=TokenBucket(max_tokens=total, tokens_per_fill=total, fill_interval=_seconds(1)),
+            filter_enabled=_percent(100), filter_enforced=_percent(100),
+            descriptors=descriptors,
+            rate_limits=[
+                # Authenticated routes: the subject comes from x-user-id, which only jwt_authn can have set.
+                RateLimit(actions=[class_of("client_class"), RateLimitAction(
+                    request_headers=RateLimitActionRequestHeaders(header_name=SUBJECT_HEADER,
+                                                                  descriptor_key="client"))]),
+                RateLimit(actions=[class_of("anonymous_class"),
+                                   RateLimitAction(remote_address=RateLimitActionRemoteAddress())]),
+            ],
+            always_consume_default_token_bucket=False,
+            rate_limited_as_resource_exhausted=True,
+            max_dynamic_descriptors=self.d.limits.max_tracked_clients,
+        )
+
+    def http_filters(self) -> list[HttpFilter]:
+        return [
+            _filter("envoy.filters.http.header_mutation", self._header_mutation()),
+            _filter(CORS_FILTER, Cors()),
+            _filter(REST_ERRORS_FILTER, Lua(default_source_code=DataSource(
+                inline_string=lua.rest_errors_source(self.d)))),
+            _filter("envoy.filters.http.buffer", Buffer(max_request_bytes=self.d.limits.max_request_body_bytes)),
+            _filter(REST_BODY_FILTER, Lua(default_source_code=DataSource(
+                inline_string=lua.rest_body_source(self.contracts, self.d)))),
+            _filter("envoy.filters.http.grpc_json_transcoder", self._transcoder()),
+            _filter(JWT_FILTER, self._jwt()),
+            _filter("envoy.filters.http.local_ratelimit", self._rate_limit()),
+            _filter(RBAC_FILTER, RbacFilter(rules=Rbac(action=RbacAction.ALLOW, policies={}))),
+            _filter("envoy.filters.http.router", Router(suppress_envoy_headers=True)),
+        ]
+
+    def _local_reply(self) -> LocalReplyConfig:
+        """Marks every local reply (JWT, RBAC, rate limit, buffer, router, ...) with its HTTP status. Over gRPC a
+        local reply is a trailers-only 200 whose grpc-status Envoy derives from that status; the error filter
+        needs the status to give the refusal the same google.rpc.Status as over REST, and the mark to leave the
+        services' own replies alone. Bodies are left as they are (the error filter writes the REST JSON)."""
+        every_reply = AccessLogFilter(status_code_filter=StatusCodeFilter(comparison=ComparisonFilter(
+            op=ComparisonFilterOp.GE, value=RuntimeUInt32(default_value=0, runtime_key=LOCAL_REPLY_RUNTIME_KEY))))
+        return LocalReplyConfig(mappers=[ResponseMapper(
+            filter=every_reply,
+            headers_to_add=[_header(lua.LOCAL_REPLY_HEADER, "%RESPONSE_CODE%",
+                                    HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD)],
+        )])
+
+    # -- listener ----------------------------------------------------------------------------------------------
+
+    def _access_log(self) -> AccessLog:
+        fields = {
+            "time": "%START_TIME%",
+            "request_id": "%REQ(X-REQUEST-ID)%",
+            "protocol": "%DYNAMIC_METADATA(tessera.gateway:protocol)%",
+            "rest_method": "%DYNAMIC_METADATA(tessera.gateway:method)%",
+            "rest_path": "%DYNAMIC_METADATA(tessera.gateway:path)%",
+            "route": "%ROUTE_NAME%",
+            "status": "%RESPONSE_CODE%",
+            "grpc_status": "%GRPC_STATUS(NUMBER)%",
+            "details": "%RESPONSE_CODE_DETAILS%",
+            "flags": "%RESPONSE_FLAGS%",
+            "duration_ms": "%DURATION%",
+            "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+            "bytes_in": "%BYTES_RECEIVED%",
+            "bytes_out": "%BYTES_SENT%",
+            "upstream": "%UPSTREAM_HOST%",
+            "subject": f"%DYNAMIC_METADATA({JWT_FILTER}:{JWT_PAYLOAD}:sub)%",
+            "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+            "user_agent": "%REQ(USER-AGENT)%",
+            "traceparent": "%REQ(TRACEPARENT)%",
+            # The trace Envoy started or continued for this request: the same id as in the services' logs.
+            "trace_id": "%TRACE_ID%",
+        }
+        return AccessLog(name="envoy.access_loggers.file", typed_config=Any.pack(FileAccessLog(
+            path=self.d.access_log, log_format=SubstitutionFormatString(json_format=Struct.from_dict(fields)))))
+
+    def connection_manager(self) -> HttpConnectionManager:
+        lim = self.d.limits
+        manager = HttpConnectionManager(
+            stat_prefix="edge",
+            codec_type=HttpConnectionManagerCodecType.AUTO,
+            route_config=self.route_configuration(),
+            http_filters=self.http_filters(),
+            access_log=[self._access_log()],
+            use_remote_address=True,
+            # The client address (anonymous rate limits, access log) is read from x-forwarded-for past this many
+            # trusted proxies in front of the gateway (none in dev; Istio's ingress gateway in the cluster).
+            xff_num_trusted_hops=self.d.trusted_proxy_hops,
+            generate_request_id=True,
+            preserve_external_request_id=True,
+            always_set_request_id_in_response=True,
+            server_header_transformation=HttpConnectionManagerServerHeaderTransformation.PASS_THROUGH,
+            common_http_protocol_options=HttpProtocolOptions(
+                idle_timeout=_seconds(lim.idle_timeout_seconds),
+                headers_with_underscores_action=HttpProtocolOptionsHeadersWithUnderscoresAction.REJECT_REQUEST,
+                max_headers_count=100,
+            ),
+            http2_protocol_options=Http2ProtocolOptions(max_concurrent_streams=lim.http2_max_concurrent_streams),
+            max_request_headers_kb=lim.max_request_headers_kb,
+            request_headers_timeout=_seconds(lim.request_headers_timeout_seconds),
+            stream_idle_timeout=_seconds(lim.stream_idle_timeout_seconds),
+            normalize_path=True,
+            merge_slashes=True,
+            path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
+            local_reply_config=self._local_reply(),
+        )
+        if self.d.tracing.enabled:
+            self._add_tracing(manager)
+        return manager
+
+    # -- tracing -----------------------------------------------------------------------------------------------
+
+    def _add_tracing(self, manager: HttpConnectionManager) -> None:
+        """Envoy's OpenTelemetry tracer: a server span per request (continuing an incoming W3C traceparent) and an
+        upstream client span, whose context goes to the service as `traceparent`; spans go over OTLP/gRPC."""
+        t = self.d.tracing
+        manager.tracing = HttpConnectionManagerTracing(
+            random_sampling=Percent(value=t.sampling_percent),
+            spawn_upstream_span=True,
+            provider=TracingHttp(name="envoy.tracers.opentelemetry", typed_config=Any.pack(OpenTelemetryConfig(
+                grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=TRACING_CLUSTER),
+                                         timeout=_seconds(2)),
+                service_name=t.service_name,
+            ))),
+        )
+        # Envoy would otherwise rewrite one character of x-request-id to record why a request was traced; the
+        # request id must reach the services and the access log exactly as the client sent it.
+        manager.request_id_extension = RequestIdExtension(typed_config=Any.pack(UuidRequestIdConfig(
+            pack_trace_reason=False, use_request_id_for_trace_sampling=False)))
+
+    def tracing_cluster(self) -> Cluster:
+        endpoint = self.d.tracing.otlp_endpoint
+        assert endpoint is not None
+        return Cluster(
+            name=TRACING_CLUSTER,
+            type=self._discovery(endpoint.host),
+            dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+            connect_timeout=_seconds(1),
+            load_assignment=ClusterLoadAssignment(cluster_name=TRACING_CLUSTER, endpoints=[LocalityLbEndpoints(
+                lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket(endpoint)))])]),
+            typed_extension_protocol_options={
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(UpstreamHttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                        http2_protocol_options=Http2ProtocolOptions()),
+                )),
+            },
+        )
+
+    def listener(self) -> Listener:
+        chain = FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager",
+                                            typed_config=Any.pack(self.connection_manager()))])
+        if self.d.tls is not None:
+            chain.transport_socket = TransportSocket(name="envoy.transport_sockets.tls", typed_config=Any.pack(
+                DownstreamTlsContext(common_tls_context=CommonTlsContext(
+                    tls_certificates=[TlsCertificate(certificate_chain=DataSource(filename=self.d.tls.cert_file),
+                                                     private_key=DataSource(filename=self.d.tls.key_file))],
+                    alpn_protocols=["h2", "http/1.1"],
+                ))))
+        return Listener(name="edge", address=_socket(self.d.listener), filter_chains=[chain],
+                        per_connection_buffer_limit_bytes=self.d.limits.max_request_body_bytes + 65536)
+
+    # -- clusters ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _discovery(host: str) -> ClusterDiscoveryType:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return ClusterDiscoveryType.STRICT_DNS
+        return ClusterDiscoveryType.STATIC
+
+    def service_cluster(self, service: Service) -> Cluster:
+        up = self.d.upstream
+        address = self.d.upstream_address(service.context)
+        hc, od, cb = up.health_check, up.outlier_detection, up.circuit_breakers
+        return Cluster(
+            name=service.context,
+            type=self._discovery(address.host),
+            dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+            connect_timeout=_seconds(up.connect_timeout_seconds),
+            load_assignment=ClusterLoadAssignment(cluster_name=service.context, endpoints=[LocalityLbEndpoints(
+                lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket(address)))])]),
+            typed_extension_protocol_options={
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(UpstreamHttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                        http2_protocol_options=Http2ProtocolOptions(max_concurrent_streams=1000)),
+                )),
+            },
+            health_checks=[HealthCheck(
+                timeout=_seconds(hc.timeout_seconds), interval=_seconds(hc.interval_seconds),
+                unhealthy_threshold=hc.unhealthy_threshold, healthy_threshold=hc.healthy_threshold,
+                grpc_health_check=HealthCheckGrpcHealthCheck(service_name=service.full_name),
+            )],
+            outlier_detection=OutlierDetection(
+                consecutive_5xx=od.consecutive_5xx, consecutive_gateway_failure=od.consecutive_gateway_failure,
+                enforcing_consecutive_gateway_failure=100, interval=_seconds(od.interval_seconds),
+                base_ejection_time=_seconds(od.base_ejection_time_seconds),
+                max_ejection_percent=od.max_ejection_percent,
+            ),
+            circuit_breakers=CircuitBreakers(thresholds=[CircuitBreakersThresholds(
+                priority=RoutingPriority.DEFAULT, max_connections=cb.max_connections,
+                max_pending_requests=cb.max_pending_requests, max_requests=cb.max_requests,
+                max_retries=cb.max_retries,
+            )]),
+        )
+
+    def jwks_cluster(self) -> Cluster | None:
+        uri = self.d.jwt.jwks_uri
+        if uri is None:
+            return None
+        host = uri.split("://", 1)[1].split("/", 1)[0]
+        name, _, port = host.partition(":")
+        tls = UpstreamTlsContext(sni=name)
+        if self.d.jwt.jwks_ca_file:
+            tls.common_tls_context = CommonTlsContext(validation_context=CertificateValidationContext(
+                trusted_ca=DataSource(filename=self.d.jwt.jwks_ca_file)))
+        return Cluster(
+            name=JWKS_CLUSTER, type=ClusterDiscoveryType.STRICT_DNS,
+            dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED, connect_timeout=_seconds(5),
+            load_assignment=ClusterLoadAssignment(cluster_name=JWKS_CLUSTER, endpoints=[LocalityLbEndpoints(
+                lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket(
+                    DescriptionAddress(name, int(port or 443)))))])]),
+            transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=Any.pack(tls)),
+        )
+
+    # -- bootstrap ---------------------------------------------------------------------------------------------
+
+    def bootstrap(self) -> Bootstrap:
+        clusters = [self.service_cluster(s) for s in self.contracts.services]
+        jwks = self.jwks_cluster()
+        if jwks is not None:
+            clusters.append(jwks)
+        if self.d.tracing.enabled:
+            clusters.append(self.tracing_cluster())
+        return Bootstrap(
+            admin=Admin(address=_socket(self.d.admin)),
+            static_resources=BootstrapStaticResources(listeners=[self.listener()], clusters=clusters),
+            overload_manager=OverloadManager(resource_monitors=[ResourceMonitor(
+                name="envoy.resource_monitors.global_downstream_max_connections",
+                typed_config=Any.pack(DownstreamConnectionsConfig(
+                    max_active_downstream_connections=self.d.limits.max_connections)),
+            )]),
+        )
+
+
+def _proto_json_name(name: str) -> str:
+    """protoc's json_name: underscores removed, the character after each one upper-cased."""
+    out, upper = [], False
+    for ch in name:
+        if ch == "_":
+            upper = True
+        else:
+            out.append(ch.upper() if upper else ch)
+            upper = False
+    return "".join(out)
+
+
+@functools.cache
+def _json_name_fixes() -> dict[str, str]:
+    """Keys betterproto2 camel-cases differently from protoc (consecutive_5xx -> consecutive5Xx, not 5xx)."""
+    fixes: dict[str, str] = {}
+    pending = list(betterproto2.Message.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for f in dataclasses.fields(cls):
+            produced = betterproto2.Casing.CAMEL(f.name).rstrip("_")
+            expected = _proto_json_name(f.name.rstrip("_"))
+            if produced != expected:
+                fixes[produced] = expected
+    return fixes
+
+
+def _fix_keys(value: object, fixes: dict[str, str]) -> object:
+    if isinstance(value, dict):
+        return {fixes.get(k, k): _fix_keys(v, fixes) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fix_keys(v, fixes) for v in value]
+    return value
+
+
+def to_envoy_dict(bootstrap: Bootstrap) -> dict:
+    """The bootstrap as proto3 JSON-ready data, with field names as Envoy's parser expects them."""
+    fixed = _fix_keys(bootstrap.to_dict(), _json_name_fixes())
+    assert isinstance(fixed, dict)
+    return fixed
+
+
+def render(bootstrap: Bootstrap, fmt: str = "yaml") -> str:
+    """The bootstrap as Envoy reads it: proto3 JSON, or the same structure as YAML."""
+    data = to_envoy_dict(bootstrap)
+    if fmt == "json":
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
+    import yaml
+
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml: ten times faster on this size
+    return yaml.dump(data, Dumper=dumper, sort_keys=False, width=120)

@@ -1,0 +1,172 @@
+"""`make demo`: a scripted walk through Tessera's REST API, through the gateway.
+
+It creates a customer and two products, places an order that succeeds and one the payment processor declines
+(its stock reservation is released: the saga compensates), then reads everything back. It uses the gateway of a
+running `make run` when one answers, and otherwise starts its own stack in a temporary folder and stops it after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.parse
+from typing import Any
+
+from tessera_gateway import description, tokens
+
+CUSTOMER_SCOPES = ["user:read", "order:read", "order:write", "payment:read", "notification:read"]
+
+
+class DemoError(Exception):
+    """A step did not end as the scenario expects."""
+
+
+class Api:
+    """A small REST client for the gateway that prints each call."""
+
+    def __init__(self, base_url: str) -> None:
+        parsed = urllib.parse.urlsplit(base_url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+
+    def call(self, method: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        try:
+            headers = {"authorization": f"Bearer {token}"}
+            data = None
+            if body is not None:
+                data = json.dumps(body).encode()
+                headers["content-type"] = "application/json"
+            conn.request(method, path, body=data, headers=headers)
+            response = conn.getresponse()
+            payload = response.read()
+        finally:
+            conn.close()
+        print(f"  {method} {path} -> {response.status}")
+        return response.status, json.loads(payload) if payload else None
+
+    def expect(self, status: int, method: str, path: str, token: str, body: Any = None) -> Any:
+        got, payload = self.call(method, path, token, body)
+        if got != status:
+            raise DemoError(f"{method} {path}: expected {status}, got {got}: {json.dumps(payload)}")
+        return payload
+
+    def answers(self) -> bool:
+        try:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=2)
+            conn.request("GET", "/openapi.json")
+            ok = conn.getresponse().status == 200
+            conn.close()
+            return ok
+        except OSError:
+            return False
+
+
+def money(m: dict[str, Any]) -> str:
+    return f"{int(m['amountMinor']) / 100:.2f} {m['currencyCode']}"
+
+
+def scenario(api: Api, mint) -> None:
+    run = time.strftime("%Y%m%d%H%M%S")
+    admin = mint("demo-admin", ["admin"])
+
+    print("\n1. An operator registers a customer and adds two products to the catalogue")
+    customer = api.expect(200, "POST", f"/v1/users?requestId=demo-user-{run}", admin,
+                          {"email": f"ada.{run}@example.com", "displayName": "Ada Lovelace"})["user"]
+    print(f"     customer {customer['id']} ({customer['email']})")
+    products = []
+    for sku, name, cents in (("LAMP", "Desk lamp", 3999), ("BULB", "LED bulb", 499)):
+        product = api.expect(200, "POST", f"/v1/products?requestId=demo-{sku}-{run}", admin, {
+            "sku": f"{sku}-{run}", "name": name, "price": {"currencyCode": "EUR", "amountMinor": str(cents)},
+            "stockOnHand": "10"})["product"]
+        products.append(product)
+        print(f"     product {product['id']} {name} at {money(product['price'])}, {product['stockOnHand']} in stock")
+
+    token = mint(customer["id"], CUSTOMER_SCOPES)
+    items = [{"productId": products[0]["id"], "quantity": 1}, {"productId": products[1]["id"], "quantity": 4}]
+
+    print("\n2. The customer places an order: reserve stock, charge the card, confirm")
+    order = api.expect(200, "POST", "/v1/orders", token, {
+        "customerId": customer["id"], "items": items, "paymentMethod": "pm_sandbox_ok",
+        "currencyCode": "EUR", "requestId": f"demo-order-ok-{run}"})["order"]
+    if order["status"] != "ORDER_STATUS_CONFIRMED":
+        raise DemoError(f"the order should be CONFIRMED, it is {order['status']}")
+    print(f"     order {order['id']} {order['status']}, total {money(order['total'])}")
+
+    print("\n3. The customer places another order with a card the processor declines")
+    status, error = api.call("POST", "/v1/orders", token, {
+        "customerId": customer["id"], "items": items, "paymentMethod": "pm_sandbox_declined",
+        "currencyCode": "EUR", "requestId": f"demo-order-declined-{run}"})
+    info = next((d for d in (error or {}).get("details", []) if d.get("@type", "").endswith("ErrorInfo")), {})
+    if status < 400 or info.get("reason") != "PAYMENT_DECLINED":
+        raise DemoError(f"the second order should be declined, got {status}: {json.dumps(error)}")
+    declined_id = info["metadata"]["order_id"]
+    print(f"     refused with HTTP {status}, {info['reason']}: {error['message']}")
+
+    print("\n4. Reading it all back")
+    declined = api.expect(200, "GET", f"/v1/orders/{declined_id}", token)["order"]
+    steps = ", ".join(f"{s['name'].removeprefix('SAGA_STEP_NAME_')}={s['status'].removeprefix('SAGA_STEP_STATUS_')}"
+                      for s in declined["saga"])
+    print(f"     declined order {declined_id} {declined['status']}: {steps}")
+    if declined["status"] != "ORDER_STATUS_FAILED":
+        raise DemoError(f"the declined order should be FAILED, it is {declined['status']}")
+    listed = api.expect(200, "GET", f"/v1/orders?customerId={customer['id']}", token)["orders"]
+    print(f"     the customer has {len(listed)} orders: "
+          + ", ".join(f"{o['id'][:8]}… {o['status'].removeprefix('ORDER_STATUS_')}" for o in listed))
+    for product, item in zip(products, items, strict=True):
+        now = api.expect(200, "GET", f"/v1/products/{product['id']}", admin)["product"]
+        print(f"     {now['name']}: {now['stockOnHand']} on hand, {now['stockReserved']} reserved "
+              f"(bought {item['quantity']}; the declined order's reservation was released)")
+        if int(now["stockOnHand"]) != 10 - item["quantity"] or int(now["stockReserved"]) != 0:
+            raise DemoError(f"stock of {now['name']} is {now['stockOnHand']}/{now['stockReserved']}")
+    payments = api.expect(200, "GET", f"/v1/payments?customerId={customer['id']}", token)["payments"]
+    print("     payments: " + ", ".join(f"{money(p['amount'])} {p['status'].removeprefix('PAYMENT_STATUS_')}"
+                                        for p in payments))
+    print("\nThe demo ran to the end.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tessera_gateway.demo", description=__doc__.splitlines()[0])
+    dev = description.load("dev")
+    parser.add_argument("--gateway", default=f"http://{dev.listener}", help="base URL of the gateway")
+    args = parser.parse_args(argv)
+    api = Api(args.gateway)
+
+    def mint(subject: str, scopes: list[str]) -> str:
+        assert dev.jwt.jwks_file is not None
+        key = tokens.ensure_keys(dev.jwt.jwks_file.parent)
+        return tokens.mint(key, subject=subject, scopes=scopes, issuer=dev.jwt.issuer,
+                           audience=dev.jwt.audiences[0], ttl_seconds=600)
+
+    stack = None
+    if not api.answers():
+        print(f"No gateway answers at {args.gateway}; starting a private stack for the demo…")
+        from tessera_runtime import devstack
+
+        os.environ["TESSERA_DATA_DIR"] = tempfile.mkdtemp(prefix="tessera-demo-")
+        stack = devstack.DevStack()
+        stack.add_services()
+        stack.add_extensions()
+        stack.start()
+        problems = stack.wait_ready(timeout=120)
+        if problems:
+            stack.stop()
+            print("Tessera did not start:\n  " + "\n  ".join(problems), file=sys.stderr)
+            return 1
+    try:
+        scenario(api, mint)
+    except DemoError as exc:
+        print(f"\nThe demo stopped: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if stack is not None:
+            stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,487 @@
+"""Semantic checks of a rendered overlay: do the objects fit together as the mesh needs them to?
+
+Schemas say each object is well formed; these say the whole makes sense: routes name subsets that exist and
+select running pods, hosts are Services, weights add up, ports are named for Istio, probes reach a real port,
+policies name real service accounts, and every service has what production requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from tessera_deploy.catalog import GATEWAY, INGRESS_PRINCIPAL, TRUST_DOMAIN, Workload
+from tessera_deploy.render import Manifest
+
+POD_TEMPLATE_KINDS = ("Deployment", "StatefulSet")
+# Port name prefixes and appProtocol values by which Istio knows a port's protocol (it sniffs otherwise).
+ISTIO_PROTOCOLS = ("grpc", "grpc-web", "http", "http2", "https", "tcp", "tls", "mongo", "mysql", "redis", "udp")
+# Ports the Istio sidecar adds to every injected pod: a Service may target them though no container declares them.
+SIDECAR_PORTS = (15020, 15090)
+_PRINCIPAL = re.compile(rf"^{re.escape(TRUST_DOMAIN)}/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an overlay: the file to fix, the object, the field and what is wrong."""
+
+    where: str
+    ref: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.ref} {self.field}: {self.message}"
+
+
+def selects(selector: dict[str, str] | None, labels: dict[str, str] | None) -> bool:
+    """A label selector (matchLabels form) selects labels; an empty selector selects nothing here."""
+    if not selector:
+        return False
+    labels = labels or {}
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _get(obj: Any, *keys: Any, default: Any = None) -> Any:
+    for key in keys:
+        if isinstance(obj, dict):
+            obj = obj.get(key)
+        elif isinstance(obj, list) and isinstance(key, int) and key < len(obj):
+            obj = obj[key]
+        else:
+            return default
+        if obj is None:
+            return default
+    return obj
+
+
+def _match_labels(selector: Any) -> dict[str, str]:
+    if not isinstance(selector, dict):
+        return {}
+    return dict(selector.get("matchLabels") or {})
+
+
+class Overlay:
+    """A rendered overlay indexed for lookups."""
+
+    def __init__(self, manifests: Iterable[Manifest]) -> None:
+        self.manifests = list(manifests)
+
+    def of(self, kind: str) -> list[Manifest]:
+        return [m for m in self.manifests if m.kind == kind]
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> Manifest | None:
+        for m in self.of(kind):
+            if m.name == name and (namespace is None or m.namespace == namespace):
+                return m
+        return None
+
+    def pod_templates(self) -> list[Manifest]:
+        return [m for m in self.manifests if m.kind in POD_TEMPLATE_KINDS]
+
+    def service_for_host(self, host: str, namespace: str) -> Manifest | None:
+        """The Service a mesh host names: short name, name.namespace, or the cluster FQDN."""
+        parts = host.split(".")
+        if len(parts) == 1:
+            name, ns = host, namespace
+        elif len(parts) == 2 or host.endswith(".svc.cluster.local") or host.endswith(".svc"):
+            name, ns = parts[0], parts[1]
+        else:
+            return None
+        return self.get("Service", name, ns)
+
+    def pods_of(self, service: Manifest) -> list[Manifest]:
+        selector = _get(service.obj, "spec", "selector", default={})
+        return [m for m in self.pod_templates() if m.namespace == service.namespace
+                and selects(selector, _get(m.obj, "spec", "template", "metadata", "labels"))]
+
+
+def _problem(m: Manifest, field: str, message: str) -> Problem:
+    return Problem(m.where, m.ref, field, message)
+
+
+# --- routing -------------------------------------------------------------------------------------------------
+
+
+def _destination_rules_for(overlay: Overlay, service: Manifest) -> list[Manifest]:
+    return [dr for dr in overlay.of("DestinationRule")
+            if overlay.service_for_host(str(_get(dr.obj, "spec", "host", default="")), dr.namespace) is service]
+
+
+def check_virtual_services(overlay: Overlay) -> Iterator[Problem]:
+    gateways = {(g.namespace, g.name) for g in overlay.of("Gateway")}
+    for vs in overlay.of("VirtualService"):
+        spec = vs.obj.get("spec", {})
+        bound = spec.get("gateways") or []
+        for i, gw in enumerate(bound):
+            ns, _, name = gw.rpartition("/")
+            if gw != "mesh" and (ns or vs.namespace, name) not in gateways:
+                yield _problem(vs, f"spec.gateways[{i}]", f"names Gateway {gw!r}, which this overlay does not have")
+        if not bound:  # mesh routes: every host must be a Service of the mesh
+            for i, host in enumerate(spec.get("hosts") or []):
+                if overlay.service_for_host(host, vs.namespace) is None:
+                    yield _problem(vs, f"spec.hosts[{i}]", f"host {host!r} is not a Service in this overlay")
+        for r, route in enumerate(spec.get("http") or []):
+            destinations = route.get("route") or []
+            base = f"spec.http[{r}]"
+            weights = [d.get("weight") for d in destinations]
+            if len(destinations) > 1 or any(w is not None for w in weights):
+                total = sum(w or 0 for w in weights)
+                if total != 100:
+                    yield _problem(vs, f"{base}.route[*].weight",
+                                   f"weights of route {route.get('name', r)!r} sum to {total}, not 100")
+            for d, dest in enumerate(destinations):
+                yield from _check_destination(overlay, vs, f"{base}.route[{d}].destination", dest.get("destination"))
+
+
+def _check_destination(overlay: Overlay, vs: Manifest, field: str, dest: dict[str, Any] | None) -> Iterator[Problem]:
+    if not dest:
+        yield _problem(vs, field, "is missing")
+        return
+    host = str(dest.get("host", ""))
+    service = overlay.service_for_host(host, vs.namespace)
+    if service is None:
+        yield _problem(vs, f"{field}.host", f"host {host!r} is not a Service in this overlay")
+        return
+    port = _get(dest, "port", "number")
+    ports = [p.get("port") for p in _get(service.obj, "spec", "ports", default=[])]
+    if port is not None and port not in ports:
+        yield _problem(vs, f"{field}.port.number", f"Service {service.name} has no port {port} (it has {ports})")
+    subset = dest.get("subset")
+    if subset is None:
+        return
+    rules = _destination_rules_for(overlay, service)
+    names = [s.get("name") for dr in rules for s in _get(dr.obj, "spec", "subsets", default=[])]
+    if subset not in names:
+        yield _problem(vs, f"{field}.subset", f"subset {subset!r} of {host} is not defined in any DestinationRule "
+                                              f"(defined: {names or 'none'})")
+
+
+def check_destination_rules(overlay: Overlay) -> Iterator[Problem]:
+    for dr in overlay.of("DestinationRule"):
+        host = str(_get(dr.obj, "spec", "host", default=""))
+        service = overlay.service_for_host(host, dr.namespace)
+        if service is None:
+            yield _problem(dr, "spec.host", f"host {host!r} is not a Service in this overlay")
+            continue
+        pods = overlay.pods_of(service)
+        for i, subset in enumerate(_get(dr.obj, "spec", "subsets", default=[])):
+            labels = subset.get("labels") or {}
+            if not any(selects(labels, _get(p.obj, "spec", "template", "metadata", "labels")) for p in pods):
+                yield _problem(dr, f"spec.subsets[{i}].labels",
+                               f"subset {subset.get('name')!r} ({labels}) selects no pod template behind Service "
+                               f"{service.name} (pods: {', '.join(p.ref for p in pods) or 'none'})")
+
+
+# --- services and workloads ------------------------------------------------------------------------------------
+
+
+def _protocol_known(port: dict[str, Any]) -> bool:
+    app_protocol = str(port.get("appProtocol", "")).lower()
+    name = str(port.get("name", "")).lower()
+    return app_protocol in ISTIO_PROTOCOLS or name.split("-")[0] in ISTIO_PROTOCOLS
+
+
+def check_services(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:
+    by_name = {w.k8s_name: w for w in workloads}
+    for svc in overlay.of("Service"):
+        ports = _get(svc.obj, "spec", "ports", default=[])
+        for i, port in enumerate(ports):
+            if not _protocol_known(port):
+                yield _problem(svc, f"spec.ports[{i}].name",
+                               f"port {port.get('name')!r} gives Istio no protocol: name it grpc/http/tcp-... "
+                               "or set appProtocol")
+        pods = overlay.pods_of(svc)
+        if _get(svc.obj, "spec", "selector") and not pods:
+            yield _problem(svc, "spec.selector", "selects no pod template in this overlay")
+        for i, port in enumerate(ports):
+            target = port.get("targetPort", port.get("port"))
+            if target in SIDECAR_PORTS:
+                continue
+            for pod in pods:
+                if not _container_port_exists(pod, target):
+                    yield _problem(svc, f"spec.ports[{i}].targetPort",
+                                   f"{target!r} is not a container port of {pod.ref}")
+        workload = by_name.get(svc.name)
+        if workload is None:
+            continue
+        grpc = [p for p in ports if p.get("name") == "grpc"]
+        if not grpc:
+            yield _problem(svc, "spec.ports", "has no port named 'grpc'")
+            continue
+        if grpc[0].get("appProtocol") != "grpc":
+            yield _problem(svc, f"spec.ports[{ports.index(grpc[0])}].appProtocol",
+                           "must be 'grpc': Istio balances gRPC per request only when it knows the port is HTTP/2")
+        if grpc[0].get("port") != workload.grpc_port:
+            yield _problem(svc, f"spec.ports[{ports.index(grpc[0])}].port",
+                           f"is {grpc[0].get('port')}, but {workload.k8s_name} serves gRPC on {workload.grpc_port}")
+
+
+def _containers(pod: Manifest) -> list[dict[str, Any]]:
+    return list(_get(pod.obj, "spec", "template", "spec", "containers", default=[]))
+
+
+def _container_port_exists(pod: Manifest, port: Any, container: dict[str, Any] | None = None) -> bool:
+    containers = [container] if container is not None else _containers(pod)
+    for c in containers:
+        for p in c.get("ports") or []:
+            if port in (p.get("containerPort"), p.get("name")):
+                return True
+    return False
+
+
+def _image_problem(image: str) -> str | None:
+    if "@sha256:" in image:
+        return None
+    last = image.rsplit("/", 1)[-1]
+    if ":" not in last:
+        return f"image {image!r} has no tag (it would run :latest)"
+    if last.rsplit(":", 1)[1] == "latest":
+        return f"image {image!r} uses the tag latest"
+    return None
+
+
+def _env_value(overlay: Overlay, pod: Manifest, container: dict[str, Any], name: str) -> str | None:
+    for env in container.get("env") or []:
+        if env.get("name") == name and "value" in env:
+            return str(env["value"])
+    for source in container.get("envFrom") or []:
+        ref = _get(source, "configMapRef", "name")
+        cm = overlay.get("ConfigMap", ref, pod.namespace) if ref else None
+        if cm is not None and name in (cm.obj.get("data") or {}):
+            return str(cm.obj["data"][name])
+    return None
+
+
+def _probe_problems(overlay: Overlay, pod: Manifest, ci: int, c: dict[str, Any],
+                    workload: Workload | None) -> Iterator[Problem]:
+    base = f"spec.template.spec.containers[{ci}]"
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        probe = c.get(kind)
+        if not probe:
+            yield _problem(pod, f"{base}.{kind}", f"container {c.get('name')!r} has no {kind}")
+            continue
+        for action in ("grpc", "httpGet", "tcpSocket"):
+            if action in probe:
+                port = probe[action].get("port")
+                if not _container_port_exists(pod, port, c):
+                    yield _problem(pod, f"{base}.{kind}.{action}.port",
+                                   f"port {port!r} is not a port of container {c.get('name')!r}")
+        if workload is None:
+            continue
+        service = _get(probe, "grpc", "service", default="")
+        if "grpc" not in probe:
+            yield _problem(pod, f"{base}.{kind}", "must be a native gRPC probe on the health service")
+        elif kind == "readinessProbe" and service not in ("", *workload.grpc_services):
+            yield _problem(pod, f"{base}.{kind}.grpc.service",
+                           f"{service!r} is not readiness: use '' or one of {list(workload.grpc_services)}")
+        elif kind != "readinessProbe" and service != "liveness":
+            yield _problem(pod, f"{base}.{kind}.grpc.service",
+                           f"is {service!r}; liveness must never check dependencies: use 'liveness'")
+
+
+def _security_problems(pod: Manifest, ci: int, c: dict[str, Any]) -> Iterator[Problem]:
+    base = f"spec.template.spec.containers[{ci}].securityContext"
+    pod_sc = _get(pod.obj, "spec", "template", "spec", "securityContext", default={})
+    sc = c.get("securityContext") or {}
+    if not (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")):
+        yield _problem(pod, f"{base}.runAsNonRoot", "must be true (here or in the pod securityContext)")
+    if sc.get("readOnlyRootFilesystem") is not True:
+        yield _problem(pod, f"{base}.readOnlyRootFilesystem", "must be true")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        yield _problem(pod, f"{base}.allowPrivilegeEscalation", "must be false")
+    if "ALL" not in (_get(sc, "capabilities", "drop", default=[]) or []):
+        yield _problem(pod, f"{base}.capabilities.drop", "must drop ALL capabilities")
+    seccomp = _get(sc, "seccompProfile", "type") or _get(pod_sc, "seccompProfile", "type")
+    if seccomp != "RuntimeDefault":
+        yield _problem(pod, f"{base}.seccompProfile.type", "must be RuntimeDefault (here or in the pod)")
+
+
+def check_pod_templates(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:
+    """Every pod template behind a Service of the catalog (and the gateway) meets the production bar."""
+    by_name = {w.k8s_name: w for w in workloads}
+    for svc in overlay.of("Service"):
+        if svc.name not in by_name and svc.name != GATEWAY:
+            continue
+        workload = by_name.get(svc.name)
+        for pod in overlay.pods_of(svc):
+            yield from _check_pod(overlay, pod, workload)
+
+
+def _check_pod(overlay: Overlay, pod: Manifest, workload: Workload | None) -> Iterator[Problem]:
+    spec = _get(pod.obj, "spec", "template", "spec", default={})
+    sa = spec.get("serviceAccountName")
+    if not sa or overlay.get("ServiceAccount", sa, pod.namespace) is None:
+        yield _problem(pod, "spec.template.spec.serviceAccountName",
+                       f"{sa!r} is not a ServiceAccount of this overlay (Istio identity comes from it)")
+    if not spec.get("topologySpreadConstraints"):
+        yield _problem(pod, "spec.template.spec.topologySpreadConstraints", "is missing: replicas may share a node")
+    annotations = _get(pod.obj, "spec", "template", "metadata", "annotations", default={})
+    if annotations.get("prometheus.io/scrape") != "true":
+        yield _problem(pod, "spec.template.metadata.annotations", "prometheus.io/scrape is not 'true'")
+    else:
+        port = annotations.get("prometheus.io/port", "")
+        if not port.isdigit() or not _container_port_exists(pod, int(port)):
+            yield _problem(pod, "spec.template.metadata.annotations[prometheus.io/port]",
+                           f"{port!r} is not a container port")
+    for ci, c in enumerate(spec.get("containers") or []):
+        base = f"spec.template.spec.containers[{ci}]"
+        for bound in ("requests", "limits"):
+            for resource in ("cpu", "memory"):
+                if not _get(c, "resources", bound, resource):
+                    yield _problem(pod, f"{base}.resources.{bound}.{resource}", "is missing")
+        yield from _probe_problems(overlay, pod, ci, c, workload)
+        yield from _security_problems(pod, ci, c)
+        if workload is None:
+            continue
+        port_env = _env_value(overlay, pod, c, "TESSERA_GRPC_PORT")
+        if port_env != str(workload.grpc_port) or not _container_port_exists(pod, workload.grpc_port, c):
+            yield _problem(pod, f"{base}.env[TESSERA_GRPC_PORT]",
+                           f"is {port_env!r}; the service listens on {workload.grpc_port}, its container port")
+        if _env_value(overlay, pod, c, "TESSERA_GRPC_HOST") != "0.0.0.0":
+            yield _problem(pod, f"{base}.env[TESSERA_GRPC_HOST]", "must be 0.0.0.0 so the sidecar and probes reach it")
+        try:
+            drain = float(_env_value(overlay, pod, c, "TESSERA_DRAIN_SECONDS") or 2)
+            grace = float(_env_value(overlay, pod, c, "TESSERA_GRACE_SECONDS") or 10)
+        except ValueError:
+            yield _problem(pod, f"{base}.env", "TESSERA_DRAIN_SECONDS / TESSERA_GRACE_SECONDS are not numbers")
+            continue
+        period = spec.get("terminationGracePeriodSeconds", 30)
+        if period <= drain + grace:
+            yield _problem(pod, "spec.template.spec.terminationGracePeriodSeconds",
+                           f"{period}s does not exceed drain + grace ({drain:g}s + {grace:g}s): "
+                           "shutdown would be killed mid-drain")
+
+
+def check_images(overlay: Overlay) -> Iterator[Problem]:
+    for pod in overlay.pod_templates():
+        spec = _get(pod.obj, "spec", "template", "spec", default={})
+        for group in ("initContainers", "containers"):
+            for ci, c in enumerate(spec.get(group) or []):
+                problem = _image_problem(str(c.get("image", "")))
+                if problem:
+                    yield _problem(pod, f"spec.template.spec.{group}[{ci}].image", problem)
+
+
+def check_companions(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:
+    """Each service has a ServiceAccount, HPA, PDB, NetworkPolicy, ServiceMonitor and AuthorizationPolicy."""
+    for name in [w.k8s_name for w in workloads] + [GATEWAY]:
+        svc = overlay.get("Service", name)
+        if svc is None:
+            yield Problem("k8s/", f"Service/{name}", "metadata.name", "the service has no Service in this overlay")
+            continue
+        pods = overlay.pods_of(svc)
+        pod_labels = [_get(p.obj, "spec", "template", "metadata", "labels", default={}) for p in pods]
+        names = {p.name for p in pods}
+        if not any(_get(h.obj, "spec", "scaleTargetRef", "name") in names
+                   and {"cpu", "memory"} <= {_get(m, "resource", "name") for m in _get(h.obj, "spec", "metrics",
+                                                                                           default=[])}
+                   for h in overlay.of("HorizontalPodAutoscaler")):
+            yield _problem(svc, "(companions)", f"no HorizontalPodAutoscaler on CPU and memory scales {name}")
+        for kind, selector_path in (("PodDisruptionBudget", ("spec", "selector")),
+                                    ("NetworkPolicy", ("spec", "podSelector")),
+                                    ("AuthorizationPolicy", ("spec", "selector"))):
+            if not any(any(selects(_match_labels(_get(o.obj, *selector_path)), labels) for labels in pod_labels)
+                       for o in overlay.of(kind)):
+                yield _problem(svc, "(companions)", f"no {kind} selects the pods of {name}")
+        monitors = [m for m in overlay.of("ServiceMonitor")
+                    if selects(_match_labels(_get(m.obj, "spec", "selector")), _get(svc.obj, "metadata", "labels"))]
+        if not monitors:
+            yield _problem(svc, "(companions)", f"no ServiceMonitor selects Service {name}")
+        port_names = {p.get("name") for p in _get(svc.obj, "spec", "ports", default=[])}
+        for monitor in monitors:
+            for i, endpoint in enumerate(_get(monitor.obj, "spec", "endpoints", default=[])):
+                if endpoint.get("port") not in port_names:
+                    yield _problem(monitor, f"spec.endpoints[{i}].port",
+                                   f"{endpoint.get('port')!r} is not a port name of Service {name}")
+    for hpa in overlay.of("HorizontalPodAutoscaler"):
+        target = _get(hpa.obj, "spec", "scaleTargetRef", default={})
+        if overlay.get(str(target.get("kind")), str(target.get("name")), hpa.namespace) is None:
+            yield _problem(hpa, "spec.scaleTargetRef", f"{target.get('kind')}/{target.get('name')} does not exist")
+
+
+# --- security policies -----------------------------------------------------------------------------------------
+
+
+def check_authorization(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:
+    grpc_services = {s for w in workloads for s in w.grpc_services} | {"grpc.health.v1.Health"}
+    for ap in overlay.of("AuthorizationPolicy"):
+        spec = ap.obj.get("spec") or {}
+        selector = _match_labels(spec.get("selector"))
+        if selector and not any(selects(selector, _get(p.obj, "spec", "template", "metadata", "labels"))
+                                for p in overlay.pod_templates() if p.namespace == ap.namespace):
+            yield _problem(ap, "spec.selector.matchLabels", f"{selector} selects no pod template")
+        for r, rule in enumerate(spec.get("rules") or []):
+            for f, source in enumerate(rule.get("from") or []):
+                for p, principal in enumerate(_get(source, "source", "principals", default=[])):
+                    field = f"spec.rules[{r}].from[{f}].source.principals[{p}]"
+                    if principal == INGRESS_PRINCIPAL:
+                        continue
+                    match = _PRINCIPAL.match(principal)
+                    if match is None:
+                        yield _problem(ap, field, f"{principal!r} is not {TRUST_DOMAIN}/ns/<namespace>/sa/<name>")
+                    elif overlay.get("ServiceAccount", match["sa"], match["ns"]) is None:
+                        yield _problem(ap, field, f"{principal!r} names no ServiceAccount of this overlay")
+            for t, target in enumerate(rule.get("to") or []):
+                for p, path in enumerate(_get(target, "operation", "paths", default=[])):
+                    service = path.strip("/").split("/")[0]
+                    if path.startswith("/") and "." in service and service not in grpc_services:
+                        yield _problem(ap, f"spec.rules[{r}].to[{t}].operation.paths[{p}]",
+                                       f"{path!r} names no gRPC service of the contracts")
+
+
+def check_network_policies(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:
+    """The pods a NetworkPolicy lets reach a service's gRPC port are exactly its authorised callers."""
+    for w in workloads:
+        policy = overlay.get("NetworkPolicy", w.k8s_name)
+        if policy is None:
+            continue  # reported by check_companions
+        allowed: set[str] = set()
+        for rule in _get(policy.obj, "spec", "ingress", default=[]):
+            ports = {p.get("port") for p in rule.get("ports") or []}
+            if w.grpc_port in ports or "grpc" in ports:
+                for peer in rule.get("from") or []:
+                    app = _get(peer, "podSelector", "matchLabels", "app")
+                    if app:
+                        allowed.add(app)
+        callers = set()
+        ap = overlay.get("AuthorizationPolicy", w.k8s_name)
+        for rule in _get(ap.obj, "spec", "rules", default=[]) if ap else []:
+            for source in rule.get("from") or []:
+                for principal in _get(source, "source", "principals", default=[]):
+                    match = _PRINCIPAL.match(principal)
+                    sa = match["sa"] if match else None
+                    for pod in overlay.pod_templates():
+                        if _get(pod.obj, "spec", "template", "spec", "serviceAccountName") == sa:
+                            callers.add(_get(pod.obj, "spec", "template", "metadata", "labels", "app"))
+        if allowed != callers:
+            yield _problem(policy, "spec.ingress[*].from",
+                           f"lets {sorted(allowed)} reach port {w.grpc_port}, but the AuthorizationPolicy "
+                           f"authorises {sorted(c for c in callers if c)}")
+
+
+def check_mtls(overlay: Overlay, namespace: str) -> Iterator[Problem]:
+    default = [p for p in overlay.of("PeerAuthentication")
+               if p.namespace == namespace and not _get(p.obj, "spec", "selector")]
+    if not any(_get(p.obj, "spec", "mtls", "mode") == "STRICT" for p in default):
+        yield Problem("istio/", f"PeerAuthentication/{namespace}", "spec.mtls.mode",
+                      "the namespace has no STRICT PeerAuthentication")
+    for p in overlay.of("PeerAuthentication"):
+        if _get(p.obj, "spec", "mtls", "mode") not in (None, "STRICT"):
+            yield _problem(p, "spec.mtls.mode", "must be STRICT (only a metrics port may be PERMISSIVE)")
+
+
+def check(manifests: Iterable[Manifest], workloads: Iterable[Workload], namespace: str) -> list[Problem]:
+    """Every semantic problem of one rendered overlay."""
+    overlay = Overlay(manifests)
+    workloads = list(workloads)
+    problems: list[Problem] = []
+    for checker in (check_virtual_services, check_destination_rules, check_images):
+        problems.extend(checker(overlay))
+    for checker in (check_services, check_pod_templates, check_companions, check_authorization,
+                    check_network_policies):
+        problems.extend(checker(overlay, workloads))
+    problems.extend(check_mtls(overlay, namespace))
+    return problems

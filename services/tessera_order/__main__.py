@@ -1,0 +1,7 @@
+"""`python -m tessera_order` runs the order service."""
+
+import sys
+
+from tessera_runtime.app import run
+
+sys.exit(run("order"))

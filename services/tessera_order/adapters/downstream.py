@@ -1,0 +1,140 @@
+"""gRPC clients of the user, inventory and payment services, behind the saga's ports.
+
+Channels come from tessera_runtime.clients.open_channel: a default deadline, the caller's remaining deadline and
+identity propagated, and gRPC retries only for the methods the contracts mark NO_SIDE_EFFECTS or IDEMPOTENT.
+Failed calls become DownstreamError with the other service's status, ErrorInfo reason and metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from tessera.common.v1 import money_pb2
+from tessera.inventory.v1 import inventory_service_pb2 as inventory_pb2
+from tessera.inventory.v1 import inventory_service_pb2_grpc, product_pb2
+from tessera.payment.v1 import payment_pb2, payment_service_pb2, payment_service_pb2_grpc
+from tessera.user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
+
+from tessera_order.service_layer.ports import Customer, DownstreamError, Payment, Product, Reservation
+from tessera_runtime.clients import error_details, open_channel
+
+USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
+INVENTORY_SERVICE = inventory_pb2.DESCRIPTOR.services_by_name["InventoryService"]
+PAYMENT_SERVICE = payment_service_pb2.DESCRIPTOR.services_by_name["PaymentService"]
+# ListPayments' maximum page size: an order has very few payments, so one page nearly always holds them all.
+_PAYMENTS_PAGE = 200
+
+
+def translate(service: str, err: grpc.aio.AioRpcError) -> DownstreamError:
+    info, _ = error_details(err)
+    if info is not None and info.reason == "CIRCUIT_OPEN":
+        # Refused by this process's own circuit breaker: the service gave no answer, it is simply unavailable.
+        info = None
+    return DownstreamError(
+        service, err.code(), info.reason if info is not None else err.code().name, err.details() or "",
+        dict(info.metadata) if info is not None else {}, answered=info is not None,
+    )
+
+
+async def _call(service: str, method: Callable[..., Awaitable[Any]], request: Any,
+                timeout: float | None = None) -> Any:
+    try:
+        return await method(request, timeout=timeout)
+    except grpc.aio.AioRpcError as err:
+        raise translate(service, err) from None
+
+
+def _reservation(r: product_pb2.Reservation) -> Reservation:
+    return Reservation(id=r.id, status=product_pb2.ReservationStatus.Name(r.status).removeprefix(
+        "RESERVATION_STATUS_"))
+
+
+def _payment(p: payment_pb2.Payment) -> Payment:
+    return Payment(id=p.id, status=payment_pb2.PaymentStatus.Name(p.status).removeprefix("PAYMENT_STATUS_"),
+                   idempotency_key=p.idempotency_key)
+
+
+class GrpcCustomerDirectory:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.stub = user_service_pb2_grpc.UserServiceStub(channel)
+
+    async def get_customer(self, customer_id: str) -> Customer:
+        reply = await _call("user", self.stub.GetUser, user_service_pb2.GetUserRequest(id=customer_id))
+        return Customer(id=reply.user.id, active=reply.user.status == user_pb2.USER_STATUS_ACTIVE)
+
+
+class GrpcInventory:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.stub = inventory_service_pb2_grpc.InventoryServiceStub(channel)
+
+    async def batch_get_products(self, product_ids: Sequence[str]) -> list[Product]:
+        reply = await _call("inventory", self.stub.BatchGetProducts,
+                            inventory_pb2.BatchGetProductsRequest(ids=list(product_ids)))
+        return [Product(id=p.id, name=p.name, sku=p.sku, price_minor=p.price.amount_minor,
+                        currency_code=p.price.currency_code) for p in reply.products]
+
+    async def reserve_stock(self, order_id: str, items: Sequence[tuple[str, int]],
+                            ttl_seconds: int) -> Reservation:
+        request = inventory_pb2.ReserveStockRequest(
+            order_id=order_id, ttl=Duration(seconds=ttl_seconds),
+            items=[product_pb2.ReservationItem(product_id=p, quantity=q) for p, q in items])
+        return _reservation((await _call("inventory", self.stub.ReserveStock, request)).reservation)
+
+    async def commit_reservation(self, reservation_id: str) -> Reservation:
+        reply = await _call("inventory", self.stub.CommitReservation,
+                            inventory_pb2.CommitReservationRequest(id=reservation_id))
+        return _reservation(reply.reservation)
+
+    async def release_reservation(self, reservation_id: str, reason: str) -> Reservation:
+        reply = await _call("inventory", self.stub.ReleaseReservation,
+                            inventory_pb2.ReleaseReservationRequest(id=reservation_id, reason=reason))
+        return _reservation(reply.reservation)
+
+
+class GrpcPayments:
+    def __init__(self, channel: grpc.aio.Channel, payment_deadline_seconds: float) -> None:
+        self.stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
+        self.payment_deadline = payment_deadline_seconds
+
+    async def process_payment(self, *, order_id: str, customer_id: str, amount_minor: int, currency_code: str,
+                              payment_method: str, idempotency_key: str) -> Payment:
+        request = payment_service_pb2.ProcessPaymentRequest(
+            order_id=order_id, customer_id=customer_id,
+            amount=money_pb2.Money(currency_code=currency_code, amount_minor=amount_minor),
+            payment_method=payment_method, idempotency_key=idempotency_key)
+        # Charging goes through an external processor, so it gets its own, longer deadline.
+        reply = await _call("payment", self.stub.ProcessPayment, request, timeout=self.payment_deadline)
+        return _payment(reply.payment)
+
+    async def refund_payment(self, payment_id: str, idempotency_key: str, reason: str) -> Payment:
+        request = payment_service_pb2.RefundPaymentRequest(payment_id=payment_id, idempotency_key=idempotency_key,
+                                                           reason=reason)
+        return _payment((await _call("payment", self.stub.RefundPayment, request,
+                                     timeout=self.payment_deadline)).payment)
+
+    async def order_payments(self, order_id: str) -> list[Payment]:
+        payments: list[Payment] = []
+        token = ""
+        while True:
+            reply = await _call("payment", self.stub.ListPayments, payment_service_pb2.ListPaymentsRequest(
+                order_id=order_id, page_size=_PAYMENTS_PAGE, page_token=token))
+            payments += [_payment(p) for p in reply.payments]
+            token = reply.next_page_token
+            if not token:
+                return payments
+
+
+class DownstreamChannels:
+    """The three channels of the order service; closed when the service stops."""
+
+    def __init__(self, user_addr: str, inventory_addr: str, payment_addr: str, *, default_deadline: float) -> None:
+        self.user = open_channel(user_addr, [USER_SERVICE], default_deadline=default_deadline)
+        self.inventory = open_channel(inventory_addr, [INVENTORY_SERVICE], default_deadline=default_deadline)
+        self.payment = open_channel(payment_addr, [PAYMENT_SERVICE], default_deadline=default_deadline)
+
+    async def close(self) -> None:
+        for channel in (self.user, self.inventory, self.payment):
+            await channel.close()

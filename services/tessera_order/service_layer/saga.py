@@ -1,0 +1,571 @@
+"""The order placement saga: runs an order's steps forward and compensates them in reverse, persisting each move.
+
+Every transition is written with the order row, its saga rows and its events in one transaction, fenced by
+the saga's lease (see adapters/repository.py). Steps are safe to repeat because every mutating call carries an
+idempotency key derived from the order id, so a saga interrupted anywhere, by a crash or a lost lease, is
+resumed by simply running its current step again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import datetime as dt
+import logging
+import os
+import random
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+
+import grpc
+from google.protobuf.message import Message
+
+from tessera_order import mapping
+from tessera_order.adapters.repository import Lease, LeaseLost, SagaCaller
+from tessera_order.domain.model import Failure, Order, OrderStatus, StepName, StepStatus
+from tessera_order.service_layer.ports import Downstream, DownstreamError, Inventory, Payments
+from tessera_runtime import context as callctx
+from tessera_runtime import metrics
+from tessera_runtime.db import utcnow
+from tessera_runtime.logs import correlation_id_var, request_id_var
+
+log = logging.getLogger("tessera.order.saga")
+
+AGGREGATE = "order"
+# The payment service's answer while another call with the same idempotency key is still charging.
+_IN_PROGRESS = "PAYMENT_IN_PROGRESS"
+MAX_RELEASE_REASON = 500
+
+
+def payment_key(order_id: str) -> str:
+    """Idempotency key of the order's payment: one charge per order, however often the step is repeated."""
+    return f"order:{order_id}"
+
+
+def refund_key(order_id: str) -> str:
+    return f"order:{order_id}:refund"
+
+
+@dataclasses.dataclass(frozen=True)
+class SagaPolicy:
+    """Retry and lease settings of the saga."""
+
+    step_max_attempts: int = 4
+    compensation_max_attempts: int = 12
+    initial_backoff_seconds: float = 0.2
+    max_backoff_seconds: float = 10.0
+    reservation_ttl_seconds: int = 900
+    lease_seconds: float = 30.0
+    recovery_batch_size: int = 50
+    recovery_concurrency: int = 4
+
+    def backoff(self, failures: int) -> float:
+        """Exponential backoff with equal jitter, so that sagas failing together do not retry together."""
+        base = min(self.max_backoff_seconds, self.initial_backoff_seconds * 2 ** max(0, failures - 1))
+        return base / 2 + random.uniform(0, base / 2)
+
+
+class StepFailed(Exception):
+    """A step's call succeeded but its result makes the step fail (for example an expired reservation)."""
+
+    def __init__(self, failure: Failure, **ids: str) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+        self.ids = ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Undo:
+    """What a compensation found: whether it undid something, and ids it learned on the way."""
+
+    undone: bool
+    payment_id: str = ""
+
+
+@dataclasses.dataclass
+class Execution:
+    """A saga being driven by this process."""
+
+    order_id: str
+    task: asyncio.Task[Order | None] | None = None
+    # Set whenever a step or a compensation meets an error it will retry after a pause.
+    retrying: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+Checkpoint = Callable[[str], None]
+UowFactory = Callable[[], object]
+
+
+def _pick(metadata: dict[str, str], *keys: str) -> dict[str, str]:
+    return {k: metadata[k] for k in keys if k in metadata}
+
+
+class SagaCoordinator:
+    """Starts, resumes and fences the sagas of one order-service process."""
+
+    def __init__(self, uow_factory: UowFactory, downstream: Downstream, policy: SagaPolicy, *,
+                 owner: str | None = None, clock: Callable[[], dt.datetime] = utcnow,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 checkpoint: Checkpoint | None = None) -> None:
+        self.uow = uow_factory
+        self.downstream = downstream
+        self.policy = policy
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.clock = clock
+        self.sleep = sleep
+        # Fault injection (OrderSettings.crash_after_step): called with a name after each saga outcome is committed.
+        self.checkpoint = checkpoint or (lambda _name: None)
+        self._running: dict[str, Execution] = {}
+        self._recovery_slots = asyncio.Semaphore(policy.recovery_concurrency)
+        self._recovery_task: asyncio.Task[None] | None = None
+
+    # Leases.
+
+    def new_lease(self) -> Lease:
+        return Lease(self.owner, self.clock() + dt.timedelta(seconds=self.policy.lease_seconds))
+
+    async def acquire(self, order_id: str) -> bool:
+        async with self.uow() as uow:
+            acquired = await uow.orders.acquire_lease(order_id, self.new_lease(), self.clock())
+            await uow.commit()
+        return acquired
+
+    async def release(self, order_id: str) -> None:
+        async with self.uow() as uow:
+            await uow.orders.release_lease(order_id, self.owner)
+            await uow.commit()
+
+    async def _heartbeat(self, order_id: str) -> None:
+        """Keeps the lease while a step waits on a slow call; stops when the lease was taken over."""
+        while True:
+            await asyncio.sleep(self.policy.lease_seconds / 3)
+            try:
+                async with self.uow() as uow:
+                    renewed = await uow.orders.renew_lease(order_id, self.new_lease())
+                    await uow.commit()
+            except Exception as exc:  # the database hiccuped: try again at the next beat
+                log.warning("saga lease not renewed: %r", exc, extra={"order_id": order_id})
+                continue
+            if not renewed:
+                log.warning("saga lease lost", extra={"order_id": order_id})
+                return
+
+    # Running.
+
+    def running(self, order_id: str) -> Execution | None:
+        execution = self._running.get(order_id)
+        return execution if execution is not None and execution.task is not None \
+            and not execution.task.done() else None
+
+    def run(self, order_id: str, *, leased: bool, caller: SagaCaller | None = None,
+            recovery: bool = False) -> Execution:
+        """Drives the order's saga in a task of its own, so that it ends even when the caller gives up. Without
+        `caller` the task keeps the current call's identity and ids; with it (a resumed saga) it takes them
+        from the call that started the saga. Either way it does not inherit the current call's deadline."""
+        existing = self.running(order_id)
+        if existing is not None:
+            return existing
+        execution = Execution(order_id)
+        context = contextvars.copy_context()
+        context.run(_prepare_context, caller)
+        execution.task = asyncio.get_running_loop().create_task(
+            self._drive(execution, leased=leased, recovery=recovery), name=f"saga-{order_id}", context=context)
+        self._running[order_id] = execution
+        execution.task.add_done_callback(lambda _t: self._forget(execution))
+        return execution
+
+    def _forget(self, execution: Execution) -> None:
+        if self._running.get(execution.order_id) is execution:
+            del self._running[execution.order_id]
+
+    async def _drive(self, execution: Execution, *, leased: bool, recovery: bool) -> Order | None:
+        order_id = execution.order_id
+        slot = self._recovery_slots if recovery else contextlib.nullcontext()
+        async with slot:
+            if not leased and not await self.acquire(order_id):
+                return None
+            heartbeat = asyncio.create_task(self._heartbeat(order_id), name=f"saga-heartbeat-{order_id}")
+            try:
+                async with self.uow() as uow:
+                    order = await uow.orders.get(order_id)
+                if order is None:
+                    return None
+                if recovery and not order.finished:
+                    log.info("resuming saga", extra={"order_id": order_id, "status": order.status.value,
+                                                     "step": order.current_step.value})
+                while not order.finished:
+                    if order.status is OrderStatus.PENDING:
+                        await self._forward(order, execution)
+                    else:
+                        await self._backward(order, execution)
+                return order
+            except LeaseLost:
+                log.warning("saga taken over by another runner", extra={"order_id": order_id})
+                return None
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The lease is freed below and the recovery loop resumes the saga from its last committed state.
+                log.exception("saga interrupted by an unexpected error", extra={"order_id": order_id})
+                return None
+            finally:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
+                with contextlib.suppress(Exception):
+                    await self.release(order_id)
+
+    async def _save(self, order: Order, *events: Message) -> None:
+        async with self.uow() as uow:
+            await uow.orders.save(order, self.new_lease())
+            for event in events:
+                uow.add_event(AGGREGATE, order.id, event)
+            await uow.commit()
+
+    # Forward.
+
+    async def _forward(self, order: Order, execution: Execution) -> None:
+        step = order.next_step()
+        assert step is not None, "a PENDING order always has a step to run"
+        attempts_left = max(1, self.policy.step_max_attempts - order.steps[step].attempts)
+        waits = 0
+        while True:
+            order.start_step(step, self.clock())
+            await self._save(order)
+            try:
+                ids = await self._execute(step, order)
+            except StepFailed as failed:
+                await self._fail(order, step, failed.failure, outcome_unknown=False, **failed.ids)
+                return
+            except DownstreamError as err:
+                if err.reason == _IN_PROGRESS and waits < self.policy.compensation_max_attempts:
+                    # The same charge is still running (for example started before a restart): waiting for
+                    # it is not a failed attempt. It is bounded like a compensation.
+                    waits += 1
+                    delay = self.policy.backoff(waits)
+                else:
+                    attempts_left -= 1
+                    if attempts_left <= 0 or not self._retryable(step, err):
+                        failure, unknown = self._failure(step, err, order)
+                        await self._fail(order, step, failure, outcome_unknown=unknown)
+                        return
+                    delay = self.policy.backoff(order.steps[step].attempts)
+                log.info("saga step will be retried", extra={
+                    "order_id": order.id, "step": step.value, "error": err.describe()})
+                order.note_error(step, err.describe(), self.clock())
+                await self._save(order)
+                execution.retrying.set()
+                await self.sleep(delay)
+                continue
+            if step is StepName.CONFIRM_ORDER:
+                order.confirm(self.clock())
+                await self._save(order, mapping.order_confirmed(order))
+                metrics.ORDERS_CONFIRMED.inc()
+                metrics.SAGA_DURATION.labels("confirmed").observe(_age(order))
+                log.info("order confirmed", extra={"order_id": order.id})
+            else:
+                order.complete_step(step, self.clock(), **ids)
+                await self._save(order)
+            self.checkpoint(step.value)
+            return
+
+    async def _fail(self, order: Order, step: StepName, failure: Failure, *, outcome_unknown: bool,
+                    reservation_id: str = "") -> None:
+        order.fail(step, failure, self.clock(), outcome_unknown=outcome_unknown, reservation_id=reservation_id)
+        await self._save(order)
+        log.warning("saga step failed; compensating", extra={
+            "order_id": order.id, "step": step.value, "reason": failure.reason, "outcome_unknown": outcome_unknown})
+        self.checkpoint(step.value)
+
+    async def _execute(self, step: StepName, order: Order) -> dict[str, str]:
+        if step is StepName.RESERVE_STOCK:
+            reservation = await self.downstream.inventory.reserve_stock(
+                order.id, [(i.product_id, i.quantity) for i in order.items], self.policy.reservation_ttl_seconds)
+            if reservation.status != "ACTIVE":
+                # A repeat after a long pause found the reservation no longer holding the stock.
+                raise StepFailed(Failure("RESERVATION_EXPIRED", "the stock reservation is no longer active",
+                                         step, {"reservation_id": reservation.id, "status": reservation.status}),
+                                 reservation_id=reservation.id)
+            return {"reservation_id": reservation.id}
+        if step is StepName.PROCESS_PAYMENT:
+            payment = await self.downstream.payments.process_payment(
+                order_id=order.id, customer_id=order.customer_id, amount_minor=order.total_minor,
+                currency_code=order.currency_code, payment_method=order.payment_method,
+                idempotency_key=payment_key(order.id))
+            if payment.status != "SUCCEEDED":
+                raise StepFailed(Failure("PAYMENT_FAILED", f"the payment is {payment.status.lower()}", step,
+                                         {"payment_id": payment.id}))
+            return {"payment_id": payment.id}
+        if step is StepName.CONFIRM_ORDER:
+            reservation = await self.downstream.inventory.commit_reservation(order.reservation_id)
+            if reservation.status != "COMMITTED":
+                raise StepFailed(_reservation_lost(step, reservation.id, reservation.status))
+            return {}
+        raise AssertionError(f"{step.value} runs before the order is stored")
+
+    @staticmethod
+    def _retryable(step: StepName, err: DownstreamError) -> bool:
+        if step is StepName.PROCESS_PAYMENT:
+            # A charge that timed out is not repeated: the order fails with PAYMENT_TIMEOUT and compensation
+            # finds out whether money was taken after all.
+            return err.transient
+        return err.transient or err.outcome_unknown
+
+    @staticmethod
+    def _failure(step: StepName, err: DownstreamError, order: Order) -> tuple[Failure, bool]:
+        """The order's failure for a step whose call failed for good, and whether its outcome is unknown."""
+        md = err.metadata
+        if err.answered:
+            if err.reason == "INSUFFICIENT_STOCK":
+                return Failure("INSUFFICIENT_STOCK", err.message, step,
+                               _pick(md, "product_id", "sku", "requested", "available")), False
+            if err.reason == "PRODUCT_NOT_FOUND":
+                return Failure("PRODUCT_NOT_FOUND", err.message, step, _pick(md, "product_id")), False
+            if err.reason == "PAYMENT_DECLINED":
+                return Failure("PAYMENT_DECLINED", err.message, step,
+                               _pick(md, "payment_id", "decline_code")), False
+            if err.reason == "PAYMENT_FAILED":
+                return Failure("PAYMENT_FAILED", err.message, step, _pick(md, "payment_id")), False
+            if err.reason in ("RESERVATION_EXPIRED", "RESERVATION_NOT_ACTIVE", "RESERVATION_NOT_FOUND"):
+                return _reservation_lost(step, order.reservation_id, md.get("status", "EXPIRED")), False
+            if err.reason == "PERMISSION_DENIED":
+                return Failure("PERMISSION_DENIED", err.message, step), False
+        if step is StepName.PROCESS_PAYMENT and err.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Failure("PAYMENT_TIMEOUT", "the payment service did not answer in time", step,
+                           _pick(md, "payment_id")), True
+        metadata = {"service": err.service}
+        if err.answered:
+            metadata["downstream_reason"] = err.reason
+        # A charge still in progress may yet succeed: compensation must find out and refund it.
+        unknown = err.outcome_unknown or err.reason == _IN_PROGRESS
+        return Failure("DEPENDENCY_UNAVAILABLE", f"the {err.service} service could not complete the request",
+                       step, metadata), unknown
+
+    # Compensation.
+
+    async def _backward(self, order: Order, execution: Execution) -> None:
+        step = order.next_compensation()
+        if step is None:
+            await self._finish(order)
+            return
+        attempts_left = max(1, self.policy.compensation_max_attempts - order.steps[step].compensation_attempts)
+        for attempt in range(attempts_left):
+            order.start_compensation(step, self.clock())
+            await self._save(order)
+            try:
+                undo = await self._undo(step, order)
+            except DownstreamError as err:
+                if attempt < attempts_left - 1 and (err.transient or err.outcome_unknown):
+                    log.info("compensation will be retried", extra={
+                        "order_id": order.id, "step": step.value, "error": err.describe()})
+                    order.note_error(step, err.describe(), self.clock())
+                    await self._save(order)
+                    execution.retrying.set()
+                    await self.sleep(self.policy.backoff(order.steps[step].compensation_attempts))
+                    continue
+                order.compensation_failed(step, f"{err.reason}: {err.message}", self.clock())
+                await self._save(order)
+                metrics.SAGA_COMPENSATION_FAILURES.labels(step.value).inc()
+                log.error("compensation failed after all retries; the order needs an operator", extra={
+                    "order_id": order.id, "step": step.value, "error": err.describe(),
+                    "attempts": order.steps[step].compensation_attempts})
+                self.checkpoint(f"{step.value}_COMPENSATED")
+                return
+            order.compensated(step, self.clock(), undone=undo.undone, payment_id=undo.payment_id)
+            await self._save(order)
+            self.checkpoint(f"{step.value}_COMPENSATED")
+            return
+
+    async def _finish(self, order: Order) -> None:
+        status = order.finish_compensation(self.clock())
+        if status is OrderStatus.COMPENSATION_FAILED:
+            events: list[Message] = [mapping.order_compensation_failed(order, s)
+                                     for s in order.compensation_failures()]
+        elif status is OrderStatus.CANCELLED:
+            events = [mapping.order_cancelled(order)]
+        else:
+            events = [mapping.order_failed(order)]
+        await self._save(order, *events)
+        if order.failure is not None:  # a failed placement; a cancellation is not a saga failure
+            metrics.ORDERS_FAILED.labels(order.failure.reason).inc()
+            if status is OrderStatus.FAILED:
+                metrics.ORDERS_COMPENSATED.inc()
+            metrics.SAGA_DURATION.labels("compensated" if status is OrderStatus.FAILED else "failed").observe(
+                _age(order))
+        log.info("saga ended", extra={"order_id": order.id, "status": status.value})
+
+    def _undo_reason(self, order: Order) -> str:
+        if order.cancellation:
+            text = f"Order {order.id} cancelled" + (f": {order.cancel_reason}" if order.cancel_reason else "")
+        else:
+            assert order.failure is not None
+            text = f"Order {order.id} failed: {order.failure.reason}"
+        return text[:MAX_RELEASE_REASON]
+
+    async def _undo(self, step: StepName, order: Order) -> Undo:
+        inventory, payments = self.downstream.inventory, self.downstream.payments
+        if step is StepName.CONFIRM_ORDER:
+            # Releasing a COMMITTED reservation returns its units to stock; releasing one that a commit of
+            # unknown outcome left ACTIVE frees them. Either way the stock comes back.
+            await _release_reservation(inventory, order.reservation_id, self._undo_reason(order))
+            return Undo(True)
+        if step is StepName.PROCESS_PAYMENT:
+            return await self._undo_payment(order, payments)
+        if step is StepName.RESERVE_STOCK:
+            if order.steps[StepName.CONFIRM_ORDER].status is StepStatus.COMPENSATED:
+                return Undo(True)  # undoing the confirmation already released this reservation
+            reservation_id = order.reservation_id
+            if not reservation_id:
+                # The reservation call's outcome is unknown and only ReserveStock can look a reservation up by
+                # order: a repeat returns the reservation if one was made, and we release whatever it returns.
+                try:
+                    reservation = await inventory.reserve_stock(
+                        order.id, [(i.product_id, i.quantity) for i in order.items],
+                        self.policy.reservation_ttl_seconds)
+                except DownstreamError as err:
+                    if err.answered and not err.transient:
+                        return Undo(False)  # refused: no reservation exists for the order
+                    raise
+                order.reservation_id = reservation.id
+                reservation_id = reservation.id
+            await _release_reservation(inventory, reservation_id, self._undo_reason(order))
+            return Undo(True)
+        raise AssertionError(f"{step.value} has no compensating call")
+
+    async def _undo_payment(self, order: Order, payments: Payments) -> Undo:
+        reason = self._undo_reason(order)
+        if order.steps[StepName.PROCESS_PAYMENT].status is StepStatus.SUCCEEDED:
+            await _refund(payments, order.payment_id, refund_key(order.id), reason)
+            return Undo(True)
+        # The charge's outcome is unknown (a timeout or a lost connection): look at what the payment service
+        # recorded under the order's key, and refund it if the customer was charged after all.
+        mine = [p for p in await payments.order_payments(order.id) if p.idempotency_key == payment_key(order.id)]
+        if any(p.status == "PENDING" for p in mine):
+            pending = next(p for p in mine if p.status == "PENDING")
+            raise DownstreamError("payment", grpc.StatusCode.ABORTED, _IN_PROGRESS,
+                                  "the payment is still being charged", {"payment_id": pending.id})
+        charged = next((p for p in mine if p.status in ("SUCCEEDED", "REFUNDED")), None)
+        if charged is None:
+            return Undo(False)
+        if charged.status == "SUCCEEDED":
+            await _refund(payments, charged.id, refund_key(order.id), reason)
+        return Undo(True, payment_id=charged.id)
+
+    # Recovery.
+
+    async def recover_once(self) -> int:
+        """Resumes every unfinished saga nobody runs (free or expired lease); returns how many were started."""
+        async with self.uow() as uow:
+            order_ids = await uow.orders.claimable(self.clock(), self.policy.recovery_batch_size)
+        started = 0
+        for order_id in order_ids:
+            if self.running(order_id) is not None:
+                continue
+            async with self.uow() as uow:
+                caller = await uow.orders.caller(order_id)
+            self.run(order_id, leased=False, caller=caller, recovery=True)
+            started += 1
+        return started
+
+    async def _recovery_loop(self, interval: float) -> None:
+        while True:
+            try:
+                await self.recover_once()
+            except Exception:
+                log.exception("saga recovery pass failed; retrying next interval")
+            await asyncio.sleep(interval)
+
+    def start_recovery(self, interval: float) -> None:
+        """Resumes unfinished sagas now and then every `interval` seconds, in the background."""
+        self._recovery_task = asyncio.get_running_loop().create_task(self._recovery_loop(interval),
+                                                                     name="saga-recovery")
+
+    async def stop(self) -> None:
+        """Stops recovery and every running saga, and frees their leases so a restart resumes them at once."""
+        tasks = [t for t in (self._recovery_task, *(e.task for e in self._running.values())) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        async with self.uow() as uow:
+            released = await uow.orders.release_leases(self.owner)
+            await uow.commit()
+        if released:
+            log.info("saga leases released", extra={"count": released})
+
+    # Waiting for outcomes.
+
+    async def wait(self, execution: Execution, timeout: float | None, *, until_retry: bool = False) -> None:
+        """Waits until the saga ends, or (with until_retry) meets an error it retries later, or timeout."""
+        assert execution.task is not None
+        waiters: set[asyncio.Future] = {execution.task}
+        retry_waiter = None
+        if until_retry:
+            execution.retrying.clear()  # only a retry met from now on ends this wait
+            retry_waiter = asyncio.ensure_future(execution.retrying.wait())
+            waiters.add(retry_waiter)
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if retry_waiter is not None:
+                retry_waiter.cancel()
+
+    async def poll(self, order_id: str, timeout: float | None, interval: float = 0.2) -> None:
+        """Waits until a saga run by another process ends, reading its order, or timeout."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        while deadline is None or asyncio.get_running_loop().time() < deadline:
+            async with self.uow() as uow:
+                order = await uow.orders.get(order_id)
+            if order is None or order.finished:
+                return
+            await asyncio.sleep(interval)
+
+
+def _age(order: Order) -> float:
+    return max(0.0, (order.update_time - order.create_time).total_seconds())
+
+
+def _reservation_lost(step: StepName, reservation_id: str, status: str) -> Failure:
+    what = "expired" if status in ("EXPIRED", "RESERVATION_STATUS_EXPIRED") else "was released"
+    return Failure("RESERVATION_EXPIRED", f"the stock reservation {what} before the order could be confirmed",
+                   step, {"reservation_id": reservation_id, "reservation_status": status})
+
+
+async def _release_reservation(inventory: Inventory, reservation_id: str, reason: str) -> None:
+    try:
+        await inventory.release_reservation(reservation_id, reason)
+    except DownstreamError as err:
+        if err.answered and err.reason == "RESERVATION_NOT_FOUND":
+            return  # nothing is held under that id
+        raise
+
+
+async def _refund(payments: Payments, payment_id: str, key: str, reason: str) -> None:
+    try:
+        await payments.refund_payment(payment_id, key, reason)
+    except DownstreamError as err:
+        if err.answered and err.reason == "PAYMENT_NOT_REFUNDABLE":
+            status = err.metadata.get("status", "")
+            if status.endswith("PENDING"):
+                # Still being charged: refund once the charge settled.
+                raise DownstreamError("payment", grpc.StatusCode.ABORTED, _IN_PROGRESS,
+                                      "the payment is still being charged", err.metadata) from None
+            return  # DECLINED or FAILED: no money was taken
+        raise
+
+
+def _prepare_context(caller: SagaCaller | None) -> None:
+    """Runs inside the saga task's context copy before the task starts."""
+    callctx.deadline_var.set(None)
+    if caller is None:
+        return
+    principal = None
+    if caller.subject:
+        principal = callctx.Principal(subject=caller.subject, scopes=frozenset(caller.scopes))
+    callctx.principal_var.set(principal)
+    request_id_var.set(uuid.uuid4().hex)
+    correlation_id_var.set(caller.correlation_id or request_id_var.get())

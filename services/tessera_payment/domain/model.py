@@ -1,0 +1,177 @@
+"""The payment aggregate, its lifecycle, and the rules its fields obey."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import uuid
+
+from tessera_payment import DOMAIN
+from tessera_runtime.errors import Violations
+from tessera_runtime.money import ISO_4217_CODES, is_iso_currency
+
+MIN_AMOUNT = 1
+MAX_AMOUNT = 1_000_000_000_000_000_000
+MAX_PAYMENT_METHOD = 255
+MAX_KEY = 64
+MAX_REASON = 500
+MAX_DECLINE_CODE = 64
+MAX_FAILURE_MESSAGE = 1000
+MAX_PROCESSOR_REFERENCE = 255
+
+# The currencies a payment may be in: every active ISO 4217 code (tessera_runtime.money keeps the list).
+CURRENCIES = ISO_4217_CODES
+
+
+@dataclasses.dataclass(frozen=True)
+class Money:
+    currency_code: str
+    amount_minor: int
+
+
+class PaymentStatus(enum.Enum):
+    PENDING = "PENDING"
+    SUCCEEDED = "SUCCEEDED"
+    DECLINED = "DECLINED"
+    FAILED = "FAILED"
+    REFUNDED = "REFUNDED"
+
+
+@dataclasses.dataclass
+class Payment:
+    id: str
+    order_id: str
+    customer_id: str
+    amount: Money
+    payment_method: str
+    idempotency_key: str
+    status: PaymentStatus
+    create_time: dt.datetime
+    update_time: dt.datetime
+    decline_code: str = ""
+    failure_message: str = ""
+    refunded_amount_minor: int = 0
+    processor_reference: str = ""
+    attempts: int = 0
+    refund_reason: str = ""
+    refund_time: dt.datetime | None = None
+    refund_reference: str = ""
+    # While PENDING: until when the call that is charging owns the payment. A PENDING payment past this time was
+    # left by a call that crashed or lost its database, and may be taken over.
+    lease_expire_time: dt.datetime | None = None
+    version: int = 1
+
+    def owned_until(self, now: dt.datetime) -> bool:
+        """True while a live call is charging this payment."""
+        return (self.status is PaymentStatus.PENDING and self.lease_expire_time is not None
+                and self.lease_expire_time > now)
+
+    def take_over(self, lease: dt.datetime, now: dt.datetime) -> None:
+        """A new call charges a FAILED payment again, or resumes a PENDING one whose call was lost."""
+        if self.status not in (PaymentStatus.FAILED, PaymentStatus.PENDING):
+            raise ValueError(f"cannot charge a {self.status.value} payment again")
+        self.status = PaymentStatus.PENDING
+        self.lease_expire_time = lease
+        self._touch(now)
+
+    def count_attempt(self, now: dt.datetime) -> None:
+        self._require(PaymentStatus.PENDING)
+        self.attempts += 1
+        self._touch(now)
+
+    def succeed(self, processor_reference: str, now: dt.datetime) -> None:
+        self._require(PaymentStatus.PENDING)
+        self.status = PaymentStatus.SUCCEEDED
+        self.processor_reference = processor_reference[:MAX_PROCESSOR_REFERENCE]
+        self.decline_code = ""
+        self._settle(now)
+
+    def decline(self, decline_code: str, message: str, now: dt.datetime) -> None:
+        self._require(PaymentStatus.PENDING)
+        self.status = PaymentStatus.DECLINED
+        self.decline_code = decline_code[:MAX_DECLINE_CODE]
+        self.failure_message = message[:MAX_FAILURE_MESSAGE]
+        self._settle(now)
+
+    def fail(self, message: str, now: dt.datetime) -> None:
+        self._require(PaymentStatus.PENDING)
+        self.status = PaymentStatus.FAILED
+        self.failure_message = message[:MAX_FAILURE_MESSAGE]
+        self._settle(now)
+
+    def note_failure(self, message: str) -> None:
+        """Keeps the message of a failed attempt that a later attempt may still overcome."""
+        self.failure_message = message[:MAX_FAILURE_MESSAGE]
+
+    def refund(self, reason: str, refund_reference: str, now: dt.datetime) -> None:
+        self._require(PaymentStatus.SUCCEEDED)
+        self.status = PaymentStatus.REFUNDED
+        self.refunded_amount_minor = self.amount.amount_minor
+        self.refund_reason = reason
+        self.refund_reference = refund_reference[:MAX_PROCESSOR_REFERENCE]
+        self.refund_time = now
+        self._touch(now)
+
+    def _settle(self, now: dt.datetime) -> None:
+        self.lease_expire_time = None
+        self._touch(now)
+
+    def _touch(self, now: dt.datetime) -> None:
+        self.update_time = now
+        self.version += 1
+
+    def _require(self, status: PaymentStatus) -> None:
+        if self.status is not status:
+            raise ValueError(f"payment is {self.status.value}, not {status.value}")
+
+
+def new_violations() -> Violations:
+    return Violations(DOMAIN)
+
+
+def is_uuid(value: str) -> bool:
+    """A UUID in canonical text form (any case), the form every id in the contracts takes."""
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        return False
+
+
+def check_uuid(value: str, field: str, v: Violations, *, required: bool = True) -> None:
+    if not value:
+        if required:
+            v.add(field, "is required")
+    elif not is_uuid(value):
+        v.add(field, "must be a UUID such as 0b6f7d2c-3c1e-4d1a-9a59-6f1d1b9f1e2a")
+
+
+def check_key(value: str, field: str, v: Violations) -> None:
+    if not value:
+        v.add(field, "is required")
+    elif len(value) > MAX_KEY or not value.isprintable():
+        v.add(field, f"must be 1 to {MAX_KEY} printable characters")
+
+
+def check_amount(amount: Money | None, field: str, v: Violations) -> None:
+    if amount is None:
+        v.add(field, "is required")
+        return
+    if not amount.currency_code:
+        v.add(f"{field}.currency_code", "is required")
+    elif not is_iso_currency(amount.currency_code):
+        v.add(f"{field}.currency_code", "must be an ISO 4217 currency code in upper case, such as EUR")
+    if not MIN_AMOUNT <= amount.amount_minor <= MAX_AMOUNT:
+        v.add(f"{field}.amount_minor", f"must be between {MIN_AMOUNT} and {MAX_AMOUNT:,}")
+
+
+def check_payment_method(method: str, field: str, v: Violations) -> None:
+    if not method:
+        v.add(field, "is required")
+    elif len(method) > MAX_PAYMENT_METHOD or not method.isprintable():
+        v.add(field, f"must be 1 to {MAX_PAYMENT_METHOD} printable characters")
+
+
+def check_reason(reason: str, field: str, v: Violations) -> None:
+    if len(reason) > MAX_REASON:
+        v.add(field, f"must be at most {MAX_REASON} characters")

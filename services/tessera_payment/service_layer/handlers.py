@@ -1,0 +1,475 @@
+"""Use cases of the payment service. Handlers raise domain errors; the runtime turns them into statuses.
+
+How a charge never happens twice:
+1. The payment is written PENDING, with a lease, in its own transaction before the processor is asked, so a crash
+   leaves evidence. The idempotency key is unique: a repeat finds this payment instead of making another.
+2. Each attempt is counted in the payment record (committed) before the processor is asked, and the processor is
+   asked with the payment id as its idempotency key, so however often a payment is tried, at most one charge
+   exists at the processor.
+3. The charge runs detached from the RPC: when the caller's deadline passes or its connection drops, the charge
+   still completes and is recorded, and the caller's repeat returns the recorded outcome.
+4. A PENDING payment whose lease ran out (its call crashed) is resolved by asking the processor what happened: on
+   a repeat call (then charged if it never was), or by the recovery loop (never charges, only records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Coroutine
+from typing import Any, Protocol, TypeVar
+
+from tessera_payment import DOMAIN, mapping
+from tessera_payment.adapters.processor import (
+    Charged,
+    ChargeRequest,
+    Declined,
+    PaymentProcessor,
+    ProcessorUnavailable,
+    RefundRequest,
+)
+from tessera_payment.adapters.repository import DuplicateIdempotencyKey, PaymentFilter, PaymentRepository
+from tessera_payment.domain import model
+from tessera_payment.domain.model import Payment, PaymentStatus
+from tessera_payment.service_layer import commands
+from tessera_runtime import pagination
+from tessera_runtime.context import current_principal, remaining_seconds
+from tessera_runtime.db import utcnow
+from tessera_runtime.errors import (
+    Aborted,
+    AlreadyExists,
+    DeadlineExceeded,
+    DomainError,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+
+log = logging.getLogger("tessera.payment")
+
+AGGREGATE = "payment"
+TIMEOUT_MESSAGE = "The payment processor did not answer in time; no money was taken."
+INTERRUPTED_MESSAGE = "The charge was interrupted before the payment processor answered; no money was taken."
+NO_TIME_MESSAGE = "There was no time left to try the payment processor again; no money was taken."
+
+T = TypeVar("T")
+
+
+class UnitOfWork(Protocol):
+    payments: PaymentRepository
+
+    async def __aenter__(self) -> UnitOfWork: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+    def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...
+    async def commit(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ChargePolicy:
+    """How long and how often the service tries the processor (from PaymentSettings)."""
+
+    timeout_seconds: float = 10.0
+    max_attempts: int = 3
+    retry_backoff_seconds: float = 0.2
+    # How long to wait for the processor to say whether a timed-out charge happened after all.
+    lookup_timeout_seconds: float = 1.0
+    # Added to a PENDING payment's lease beyond the time its call may take, before others may take it over.
+    lease_grace_seconds: float = 5.0
+
+    def budget(self, remaining: float | None) -> float:
+        """Seconds the processor may take: the processor timeout, cut short so that the outcome can still be
+        recorded and returned before the caller's own deadline."""
+        if remaining is None:
+            return self.timeout_seconds
+        margin = min(1.0, max(0.1, remaining * 0.2))
+        return max(0.0, min(self.timeout_seconds, remaining - margin))
+
+    def lease(self, now: dt.datetime, budget: float) -> dt.datetime:
+        return now + dt.timedelta(seconds=budget + self.lookup_timeout_seconds + self.lease_grace_seconds)
+
+
+class InFlight:
+    """Runs processor work detached from the RPC that started it, so that a caller who gives up (deadline,
+    cancellation) never leaves a charge half recorded. stop() waits for what is still running."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(self, work: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return await asyncio.shield(task)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved here: the caller may have gone, the outcome is in the database
+
+    async def drain(self, timeout: float) -> None:
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Processing:
+    """What a charge or refund needs besides its unit of work."""
+
+    processor: PaymentProcessor
+    policy: ChargePolicy
+    inflight: InFlight
+
+
+# Errors --------------------------------------------------------------------------------------------------------
+
+def _not_found(payment_id: str) -> NotFound:
+    return NotFound(f"payment {payment_id} not found", reason="PAYMENT_NOT_FOUND", domain=DOMAIN,
+                    metadata={"payment_id": payment_id})
+
+
+def _declined(p: Payment) -> FailedPrecondition:
+    return FailedPrecondition(f"the payment was declined: {p.failure_message}", reason="PAYMENT_DECLINED",
+                              domain=DOMAIN, metadata={"payment_id": p.id, "decline_code": p.decline_code})
+
+
+def _failed(p: Payment) -> Unavailable:
+    return Unavailable(f"the payment failed: {p.failure_message}", reason="PAYMENT_FAILED", domain=DOMAIN,
+                       metadata={"payment_id": p.id})
+
+
+def _timed_out(p: Payment) -> DeadlineExceeded:
+    return DeadlineExceeded("the payment processor did not answer in time; no money was taken",
+                            reason="PROCESSOR_TIMEOUT", domain=DOMAIN, metadata={"payment_id": p.id})
+
+
+def _in_progress(p: Payment) -> Aborted:
+    return Aborted("another call with this idempotency key is still charging the payment; retry shortly",
+                   reason="PAYMENT_IN_PROGRESS", domain=DOMAIN, metadata={"payment_id": p.id})
+
+
+def _outcome(p: Payment) -> Payment:
+    """What a call learns about a payment another call settled: the payment, or the error its status means."""
+    if p.status in (PaymentStatus.SUCCEEDED, PaymentStatus.REFUNDED):
+        return p
+    if p.status is PaymentStatus.DECLINED:
+        raise _declined(p)
+    if p.status is PaymentStatus.FAILED:
+        raise _failed(p)
+    raise _in_progress(p)
+
+
+def _may_see(p_customer_id: str | None) -> None:
+    """AIP-211: a customer asking about a payment that is not theirs (or does not exist) is refused either way."""
+    principal = current_principal()
+    if principal is not None and not principal.is_admin and principal.subject != p_customer_id:
+        raise PermissionDenied("you may only see your own payments", reason="PERMISSION_DENIED", domain=DOMAIN)
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+# ProcessPayment ------------------------------------------------------------------------------------------------
+
+async def process_payment(cmd: commands.ProcessPayment, uow: UnitOfWork, processing: Processing) -> Payment:
+    v = model.new_violations()
+    model.check_uuid(cmd.order_id, "order_id", v)
+    model.check_uuid(cmd.customer_id, "customer_id", v)
+    model.check_amount(cmd.amount, "amount", v)
+    model.check_payment_method(cmd.payment_method, "payment_method", v)
+    model.check_key(cmd.idempotency_key, "idempotency_key", v)
+    v.raise_if_any()
+    principal = current_principal()
+    if principal is not None and not principal.may_act_for(cmd.customer_id):
+        raise PermissionDenied("you may only pay for yourself", reason="PERMISSION_DENIED", domain=DOMAIN,
+                               metadata={"customer_id": cmd.customer_id})
+    assert cmd.amount is not None
+    budget = processing.policy.budget(remaining_seconds())
+    request_hash = _hash(cmd.order_id.lower(), cmd.customer_id.lower(), cmd.amount.currency_code,
+                         cmd.amount.amount_minor, cmd.payment_method)
+    payment, resumed = await _claim(cmd, request_hash, budget, uow, processing.policy)
+    if payment.status is not PaymentStatus.PENDING:
+        return payment
+    return await processing.inflight.run(_charge(payment, resumed, budget, uow, processing))
+
+
+async def _claim(cmd: commands.ProcessPayment, request_hash: str, budget: float, uow: UnitOfWork,
+                 policy: ChargePolicy) -> tuple[Payment, bool]:
+    """The payment this call is to charge, now PENDING and leased to it, with whether a crashed call may have
+    charged it already; or a settled payment to return. Raises for a settled outcome that is an error."""
+    assert cmd.amount is not None
+    for _ in range(2):  # a second pass only after losing a race on the same idempotency key
+        async with uow:
+            now = utcnow()
+            found = await uow.payments.get_by_key(cmd.idempotency_key)
+            if found is None:
+                payment = Payment(
+                    id=str(uuid.uuid4()), order_id=cmd.order_id.lower(), customer_id=cmd.customer_id.lower(),
+                    amount=cmd.amount, payment_method=cmd.payment_method, idempotency_key=cmd.idempotency_key,
+                    status=PaymentStatus.PENDING, create_time=now, update_time=now,
+                    lease_expire_time=policy.lease(now, budget))
+                try:
+                    await uow.payments.add(payment, request_hash)
+                except DuplicateIdempotencyKey:
+                    continue
+                await uow.commit()
+                return payment, False
+            payment, stored_hash = found
+            if stored_hash != request_hash:
+                raise AlreadyExists("idempotency_key was already used with a different request",
+                                    reason="IDEMPOTENCY_KEY_REUSED", domain=DOMAIN,
+                                    metadata={"payment_id": payment.id})
+            if payment.status is not PaymentStatus.FAILED and (
+                    payment.status is not PaymentStatus.PENDING or payment.owned_until(now)):
+                return _outcome(payment), False
+            # FAILED: tried again on the same record. PENDING with its lease run out: the call that was charging
+            # it is gone, perhaps after the processor charged, which the processor's idempotency sorts out.
+            resumed = payment.status is PaymentStatus.PENDING
+            expected = payment.version
+            payment.take_over(policy.lease(now, budget), now)
+            if not await uow.payments.save(payment, expected):
+                raise _in_progress(payment)
+            await uow.commit()
+            return payment, resumed
+    raise RuntimeError("a payment with this idempotency key exists but cannot be read")
+
+
+async def _charge(payment: Payment, resumed: bool, budget: float, uow: UnitOfWork,
+                  processing: Processing) -> Payment:
+    processor, policy = processing.processor, processing.policy
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    if resumed:
+        charged = await _find_charge(processor, payment, policy)
+        if charged is not None:
+            return await _settle(uow, payment, charged)
+    last_failure = ""
+    for attempt in range(policy.max_attempts):
+        if attempt:
+            pause = policy.retry_backoff_seconds * 2 ** (attempt - 1)
+            if deadline - loop.time() <= pause:
+                last_failure = last_failure or NO_TIME_MESSAGE
+                break
+            await asyncio.sleep(pause)
+        payment = await _count_attempt(uow, payment)
+        request = ChargeRequest(charge_key=payment.id, amount=payment.amount, payment_method=payment.payment_method,
+                                attempt=payment.attempts, order_id=payment.order_id, customer_id=payment.customer_id)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                outcome = await processor.charge(request)
+        except TimeoutError:
+            charged = await _find_charge(processor, payment, policy)
+            if charged is not None:  # it answered too late, but it did charge
+                return await _settle(uow, payment, charged)
+            settled = await _settle(uow, payment, TIMEOUT_MESSAGE, timed_out=True)
+            if settled.status is PaymentStatus.FAILED:
+                raise _timed_out(settled) from None
+            return _outcome(settled)
+        except ProcessorUnavailable as exc:
+            last_failure = exc.message
+            payment.note_failure(exc.message)
+            log.warning("payment processor attempt failed", extra={"payment_id": payment.id,
+                                                                   "attempt": payment.attempts})
+            continue
+        if isinstance(outcome, Charged):
+            return await _settle(uow, payment, outcome)
+        return _outcome(await _settle(uow, payment, outcome))
+    return _outcome(await _settle(uow, payment, last_failure))
+
+
+async def _find_charge(processor: PaymentProcessor, payment: Payment, policy: ChargePolicy) -> Charged | None:
+    """Whether the processor charged this payment, when a call that was charging it did not learn the answer."""
+    try:
+        async with asyncio.timeout(policy.lookup_timeout_seconds):
+            return await processor.find_charge(payment.id)
+    except (TimeoutError, ProcessorUnavailable):
+        # The outcome is unknown: the payment stays PENDING and its lease runs out, then the recovery loop (or a
+        # repeat call) asks again. Recording FAILED here could hide a charge.
+        log.warning("payment processor could not say whether it charged", extra={"payment_id": payment.id})
+        raise _timed_out(payment) from None
+
+
+async def _count_attempt(uow: UnitOfWork, payment: Payment) -> Payment:
+    async with uow:
+        expected = payment.version
+        payment.count_attempt(utcnow())
+        if not await uow.payments.save(payment, expected):
+            raise _in_progress(payment)  # its lease ran out and another call took it over
+        await uow.commit()
+    return payment
+
+
+async def _settle(uow: UnitOfWork, payment: Payment, outcome: Charged | Declined | str, *,
+                  timed_out: bool = False) -> Payment:
+    """Records the processor's answer and its event and returns the payment; if another call settled the
+    payment first, returns (or raises) that call's outcome instead, which stands: the processor's idempotency
+    makes both answers about the same single charge."""
+    async with uow:
+        expected = payment.version
+        now = utcnow()
+        if isinstance(outcome, Charged):
+            payment.succeed(outcome.reference, now)
+        elif isinstance(outcome, Declined):
+            payment.decline(outcome.decline_code, outcome.message, now)
+        else:
+            payment.fail(outcome, now)
+        if not await uow.payments.save(payment, expected):
+            current = await uow.payments.get(payment.id)
+            assert current is not None
+            return _outcome(current)
+        uow.add_event(AGGREGATE, payment.id, _event(payment, timed_out))
+        await uow.commit()
+    return payment
+
+
+def _event(p: Payment, timed_out: bool):
+    if p.status is PaymentStatus.SUCCEEDED:
+        return mapping.payment_succeeded(p)
+    if p.status is PaymentStatus.DECLINED:
+        return mapping.payment_declined(p)
+    return mapping.payment_failed(p, timed_out)
+
+
+# Recovery ------------------------------------------------------------------------------------------------------
+
+async def recover_abandoned_payments(uow: UnitOfWork, processing: Processing, limit: int = 100) -> int:
+    """Settles PENDING payments whose call is gone (lease run out) by asking the processor whether it charged:
+    SUCCEEDED if it did, FAILED (tried again on a repeat) if not. Never charges. Returns how many it settled."""
+    policy = processing.policy
+    async with uow:
+        ids = await uow.payments.abandoned(utcnow(), limit)
+    settled = 0
+    for payment_id in ids:
+        async with uow:
+            now = utcnow()
+            payment = await uow.payments.get(payment_id)
+            if payment is None or payment.status is not PaymentStatus.PENDING or payment.owned_until(now):
+                continue
+            expected = payment.version
+            payment.take_over(policy.lease(now, 0.0), now)
+            if not await uow.payments.save(payment, expected):
+                continue
+            await uow.commit()
+        try:
+            async with asyncio.timeout(policy.lookup_timeout_seconds):
+                charged = await processing.processor.find_charge(payment.id)
+        except (TimeoutError, ProcessorUnavailable):
+            log.warning("payment processor could not say whether it charged; will ask again",
+                        extra={"payment_id": payment.id})
+            continue
+        try:
+            if charged is not None:
+                await _settle(uow, payment, charged)
+            else:
+                await _settle(uow, payment, INTERRUPTED_MESSAGE)
+        except DomainError:  # a repeat call took the payment over meanwhile; its outcome stands
+            continue
+        log.info("abandoned payment settled", extra={"payment_id": payment.id, "status": payment.status.value})
+        settled += 1
+    return settled
+
+
+# Reads ---------------------------------------------------------------------------------------------------------
+
+async def get_payment(cmd: commands.GetPayment, uow: UnitOfWork) -> Payment:
+    v = model.new_violations()
+    model.check_uuid(cmd.payment_id, "id", v)
+    v.raise_if_any()
+    async with uow:
+        payment = await uow.payments.get(cmd.payment_id.lower())
+    _may_see(payment.customer_id if payment else None)
+    if payment is None:
+        raise _not_found(cmd.payment_id)
+    return payment
+
+
+async def list_payments(cmd: commands.ListPayments, uow: UnitOfWork) -> tuple[list[Payment], str]:
+    size = pagination.page_size(cmd.page_size, DOMAIN)
+    v = model.new_violations()
+    model.check_uuid(cmd.order_id, "order_id", v, required=False)
+    model.check_uuid(cmd.customer_id, "customer_id", v, required=False)
+    if cmd.unknown_status is not None:
+        v.add("status", f"{cmd.unknown_status} is not a PaymentStatus")
+    v.raise_if_any()
+    customer_id = cmd.customer_id.lower()
+    principal = current_principal()
+    if principal is not None and not principal.is_admin:
+        if customer_id and customer_id != principal.subject:
+            raise PermissionDenied("you may only list your own payments", reason="PERMISSION_DENIED",
+                                   domain=DOMAIN)
+        customer_id = principal.subject  # a customer's list is always of their own payments
+    where = PaymentFilter(order_id=cmd.order_id.lower(), customer_id=customer_id, status=cmd.status)
+    filters = {"order_id": where.order_id, "customer_id": where.customer_id,
+               "status": where.status.value if where.status else None}
+    key = pagination.decode(cmd.page_token, "ListPayments", filters, DOMAIN)
+    before = None
+    if key is not None:
+        try:
+            before = (dt.datetime.fromisoformat(key[0]), str(key[1]))
+        except (ValueError, IndexError, TypeError):
+            v.add("page_token", "is malformed")
+            v.raise_if_any()
+    async with uow:
+        page = await uow.payments.list_before(before, size + 1, where)
+    token = ""
+    if len(page) > size:
+        page = page[:size]
+        last = page[-1]
+        token = pagination.encode("ListPayments", filters, [last.create_time.isoformat(), last.id])
+    return page, token
+
+
+# RefundPayment -------------------------------------------------------------------------------------------------
+
+async def refund_payment(cmd: commands.RefundPayment, uow: UnitOfWork, processing: Processing) -> Payment:
+    v = model.new_violations()
+    model.check_uuid(cmd.payment_id, "payment_id", v)
+    model.check_key(cmd.idempotency_key, "idempotency_key", v)
+    model.check_reason(cmd.reason, "reason", v)
+    v.raise_if_any()
+    async with uow:
+        payment = await uow.payments.get(cmd.payment_id.lower())
+    _may_see(payment.customer_id if payment else None)
+    if payment is None:
+        raise _not_found(cmd.payment_id)
+    if payment.status is PaymentStatus.REFUNDED:
+        return payment
+    if payment.status is not PaymentStatus.SUCCEEDED:
+        raise FailedPrecondition(
+            f"only a SUCCEEDED payment can be refunded; this one is {payment.status.value}",
+            reason="PAYMENT_NOT_REFUNDABLE", domain=DOMAIN,
+            metadata={"payment_id": payment.id, "status": mapping.status_name(payment.status)})
+    budget = processing.policy.budget(remaining_seconds())
+    return await processing.inflight.run(_refund(payment, cmd, budget, uow, processing))
+
+
+async def _refund(payment: Payment, cmd: commands.RefundPayment, budget: float, uow: UnitOfWork,
+                  processing: Processing) -> Payment:
+    request = RefundRequest(charge_reference=payment.processor_reference, amount=payment.amount,
+                            idempotency_key=cmd.idempotency_key)
+    try:
+        async with asyncio.timeout(budget):
+            refunded = await processing.processor.refund(request)
+    except (TimeoutError, ProcessorUnavailable) as exc:
+        log.warning("refund failed at the payment processor", extra={"payment_id": payment.id})
+        raise Unavailable("the payment processor could not refund the payment; it stays SUCCEEDED, retry later",
+                          reason="REFUND_FAILED", domain=DOMAIN, metadata={"payment_id": payment.id}) from exc
+    while True:
+        async with uow:
+            current = await uow.payments.get(payment.id)
+            assert current is not None
+            if current.status is PaymentStatus.REFUNDED:
+                return current  # a concurrent refund recorded it; the processor paid out once
+            expected = current.version
+            current.refund(cmd.reason, refunded.reference, utcnow())
+            if not await uow.payments.save(current, expected):
+                continue
+            uow.add_event(AGGREGATE, current.id, mapping.payment_refunded(current))
+            await uow.commit()
+            return current

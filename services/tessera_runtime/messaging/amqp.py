@@ -1,0 +1,218 @@
+"""One AMQP connection on its own thread (pika SelectConnection), re-established with backoff until stopped.
+
+Why a thread: pika's frame encoding and socket work then never runs on a service's asyncio loop, so a slow or
+unreachable broker cannot delay a gRPC call, and the loop never waits on pika. The thread owns one IOLoop for its
+whole life; connections come and go on it, so `call_soon` works whatever the connection's state and callbacks
+queued across a reconnect still run (and see that the channel is gone).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import urllib.parse
+from collections.abc import Callable
+
+import pika
+from pika.adapters.select_connection import IOLoop
+from pika.channel import Channel
+
+log = logging.getLogger("tessera.messaging")
+
+
+def connection_parameters(url: str, connection_name: str) -> pika.URLParameters:
+    """Parameters from an amqp:// URL; heartbeat and timeouts get service-friendly defaults unless the URL sets
+    them in its query string."""
+    params = pika.URLParameters(url)
+    given = set(urllib.parse.parse_qs(urllib.parse.urlparse(url).query))
+    if "heartbeat" not in given:
+        params.heartbeat = 30
+    if "socket_timeout" not in given:
+        params.socket_timeout = 5
+    if "blocked_connection_timeout" not in given:
+        # A broker in a memory or disk alarm blocks publishers; give up the connection rather than hang.
+        params.blocked_connection_timeout = 60
+    params.connection_attempts = 1
+    params.client_properties = {"connection_name": connection_name}
+    return params
+
+
+class AmqpLink:
+    """A connection and one channel, kept open until `stop()`. Subclasses set the channel up in `setup_channel`
+    and drop what they track in `on_channel_lost`; both run on the link's thread."""
+
+    def __init__(self, url: str, name: str, *, max_backoff: float = 30.0) -> None:
+        self.name = name
+        self.parameters = connection_parameters(url, name)
+        self.max_backoff = max_backoff
+        # Incremented for every channel that becomes ready, so that late callbacks about an older channel
+        # (an ack for a delivery of a dead channel) can be recognised and dropped.
+        self.generation = 0
+        self.last_error: str | None = None
+        self.on_ready: Callable[[], None] = lambda: None
+        self._ioloop = IOLoop()
+        self._thread = threading.Thread(target=self._run, name=f"amqp-{name}", daemon=True)
+        self._lock = threading.Lock()
+        self._alive = False
+        self._stopping = False
+        self._connection: pika.SelectConnection | None = None
+        self._channel: Channel | None = None
+        self._ready = False
+        self._failures = 0
+        self._reconnect_timer: object | None = None
+
+    # -- any thread ------------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True while the channel is open and set up."""
+        return self._ready
+
+    def start(self) -> None:
+        with self._lock:
+            self._alive = True
+        self._thread.start()
+
+    def call_soon(self, fn: Callable[[], None]) -> bool:
+        """Runs fn on the link's thread; False when the link is no longer running."""
+        def guarded() -> None:
+            try:
+                fn()
+            except Exception:  # one failed request must not end the link's thread
+                log.exception("AMQP link request failed", extra={"link": self.name})
+
+        with self._lock:
+            if not self._alive:
+                return False
+            self._ioloop.add_callback_threadsafe(guarded)
+            return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Closes the connection and ends the thread. Blocking: call it from a worker thread in async code."""
+        if self.call_soon(self._shutdown):
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("AMQP link did not stop in time", extra={"link": self.name})
+
+    # -- the link's thread -----------------------------------------------------------------------------------
+
+    def setup_channel(self, channel: Channel, done: Callable[[], None]) -> None:
+        """Declares what the link needs and calls done() when the channel is ready for use."""
+        done()
+
+    def on_channel_lost(self, error: BaseException | str) -> None:
+        """Called once when a ready or opening channel is gone."""
+
+    @property
+    def channel(self) -> Channel | None:
+        return self._channel if self._ready else None
+
+    def _run(self) -> None:
+        self._ioloop.add_callback_threadsafe(self._connect)
+        try:
+            while True:
+                try:
+                    self._ioloop.start()
+                    return  # stopped on purpose
+                except Exception:
+                    # A callback raised out of pika's loop: start over on a fresh connection rather than let the
+                    # thread die with the service still running.
+                    log.exception("AMQP link failed; reconnecting", extra={"link": self.name})
+                    self._abandon_connection()
+        finally:
+            with self._lock:
+                self._alive = False
+            self._ioloop.close()
+
+    def _abandon_connection(self) -> None:
+        connection = self._connection
+        self._connection = None
+        self._lose_channel("link failed")
+        if connection is not None and not (connection.is_closing or connection.is_closed):
+            try:
+                connection.close()
+            except Exception:
+                log.debug("closing the failed connection failed", exc_info=True)
+        if self._stopping:
+            self._ioloop.stop()
+        else:
+            self._reconnect_timer = self._ioloop.call_later(1.0, self._connect)
+
+    def _shutdown(self) -> None:
+        self._stopping = True
+        if self._reconnect_timer is not None:
+            self._ioloop.remove_timeout(self._reconnect_timer)
+            self._reconnect_timer = None
+        connection = self._connection
+        if connection is not None and not (connection.is_closing or connection.is_closed):
+            connection.close()  # its close callback stops the loop
+        else:
+            self._ioloop.stop()
+
+    def _connect(self) -> None:
+        self._reconnect_timer = None
+        if self._stopping:
+            self._ioloop.stop()
+            return
+        self._connection = pika.SelectConnection(
+            self.parameters, on_open_callback=self._on_open, on_open_error_callback=self._on_lost,
+            on_close_callback=self._on_lost, custom_ioloop=self._ioloop,
+        )
+
+    def _on_open(self, connection: pika.SelectConnection) -> None:
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_channel_open(self, channel: Channel) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        self.setup_channel(channel, lambda: self._on_channel_ready(channel))
+
+    def _on_channel_ready(self, channel: Channel) -> None:
+        if channel is not self._channel or not channel.is_open:
+            return
+        self.generation += 1
+        self._ready = True
+        if self._failures:
+            log.info("connected to the broker again", extra={"link": self.name})
+        else:
+            log.info("connected to the broker", extra={"link": self.name})
+        self._failures = 0
+        self.last_error = None
+        self.on_ready()
+
+    def _lose_channel(self, error: BaseException | str) -> None:
+        if self._channel is None:
+            return
+        self._channel = None
+        self._ready = False
+        self.last_error = str(error) or type(error).__name__
+        self.on_channel_lost(error)
+
+    def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        if channel is not self._channel:
+            return
+        self._lose_channel(reason)
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            # A declaration mismatch or an unknown exchange: recycle the whole connection, so that the next
+            # attempt starts clean and is rate limited by the backoff.
+            log.error("AMQP channel closed by the broker: %s", reason, extra={"link": self.name})
+        connection = self._connection
+        if connection is not None and not (connection.is_closing or connection.is_closed):
+            connection.close()
+
+    def _on_lost(self, connection: pika.SelectConnection, error: BaseException | str) -> None:
+        if connection is not self._connection:
+            return
+        self._connection = None
+        self._lose_channel(error)
+        self.last_error = str(error) or type(error).__name__
+        if self._stopping:
+            self._ioloop.stop()
+            return
+        self._failures += 1
+        delay = min(self.max_backoff, 0.25 * 2 ** min(self._failures, 16)) * random.uniform(0.8, 1.2)
+        level = logging.WARNING if self._failures == 1 else logging.DEBUG
+        log.log(level, "broker unreachable, retrying in %.1fs: %s", delay, self.last_error,
+                extra={"link": self.name, "failures": self._failures})
+        self._reconnect_timer = self._ioloop.call_later(delay, self._connect)

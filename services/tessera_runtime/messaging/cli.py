@@ -1,0 +1,134 @@
+"""`tessera dlq list|show|replay`: inspect and replay the messages consumers moved to their dead-letter queues.
+
+    tessera dlq list                               dead-letter queue depth of every consumer queue Tessera knows
+    tessera dlq list notification.email            the dead-lettered messages of one queue, oldest first
+    tessera dlq show notification.email EVENT_ID   one message: headers, last error, payload as JSON
+    tessera dlq replay notification.email EVENT_ID [EVENT_ID...] | --all
+
+The broker is TESSERA_AMQP_URL (or --amqp-url). Exit status: 0 done, 1 a message or queue was not found,
+2 the broker could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable
+
+import pika.exceptions
+
+from tessera_runtime import app
+from tessera_runtime.messaging import deadletter
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+def known_queues() -> list[str]:
+    """Consumer queues of the services installed here (each composition root's CONSUMER_QUEUES)."""
+    queues: list[str] = []
+    for module_name in app.SERVICES.values():
+        try:
+            root = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue
+            raise
+        queues.extend(getattr(root, "CONSUMER_QUEUES", ()))
+    return queues
+
+
+def _url(args: argparse.Namespace) -> str:
+    return args.amqp_url or os.environ.get("TESSERA_AMQP_URL") or DEFAULT_AMQP_URL
+
+
+def _list(args: argparse.Namespace) -> int:
+    url = _url(args)
+    if args.queue is None:
+        depths = deadletter.depth(url, known_queues())
+        if args.json:
+            print(deadletter.to_json(depths))
+            return 0
+        for queue, count in depths.items():
+            shown = "not declared" if count is None else str(count)
+            print(f"{deadletter.dead_letter_queue(queue):<40} {shown}")
+        return 0
+    letters = deadletter.browse(url, args.queue, args.limit)
+    if args.json:
+        print(deadletter.to_json([letter.summary() for letter in letters]))
+        return 0
+    if not letters:
+        print(f"{deadletter.dead_letter_queue(deadletter.consumer_queue(args.queue))} is empty")
+    for letter in letters:
+        error = letter.error.splitlines()[0] if letter.error else ""
+        print(f"{letter.position:>4}  {letter.message_id}  {letter.event_type}  attempts={letter.attempts}  "
+              f"replays={letter.replays}  {letter.dead_lettered_at}  {error}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    letter = deadletter.find(_url(args), args.queue, args.message_id)
+    if letter is None:
+        print(f"no message {args.message_id} in the dead-letter queue of {args.queue}", file=sys.stderr)
+        return 1
+    print(deadletter.to_json(letter.details()))
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    if not args.all and not args.message_ids:
+        print("name the message ids to replay, or pass --all", file=sys.stderr)
+        return 1
+    wanted = None if args.all else list(dict.fromkeys(args.message_ids))
+    moved = deadletter.replay(_url(args), args.queue, wanted)
+    queue = deadletter.consumer_queue(args.queue)
+    for message_id in moved:
+        print(f"replayed {message_id} to {queue}")
+    missing = [] if wanted is None else [m for m in wanted if m not in moved]
+    for message_id in missing:
+        print(f"no message {message_id} in the dead-letter queue of {queue}", file=sys.stderr)
+    if wanted is None and not moved:
+        print(f"{deadletter.dead_letter_queue(queue)} is empty")
+    return 1 if missing else 0
+
+
+def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except deadletter.QueueMissing as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        except pika.exceptions.AMQPConnectionError as exc:
+            print(f"cannot reach the broker at {_url(args).split('@')[-1]}: {exc!r}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    dlq = subparsers.add_parser("dlq", help="list, show and replay dead-lettered event messages",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dlq.add_argument("--amqp-url", help="broker URL (default: TESSERA_AMQP_URL)")
+    # Also accepted after the subcommand; SUPPRESS keeps a value given before it.
+    url = argparse.ArgumentParser(add_help=False)
+    url.add_argument("--amqp-url", default=argparse.SUPPRESS, help="broker URL (default: TESSERA_AMQP_URL)")
+    sub = dlq.add_subparsers(dest="dlq_command", required=True)
+
+    listing = sub.add_parser("list", parents=[url], help="dead-letter queue depths, or the messages of one queue")
+    listing.add_argument("queue", nargs="?", help="consumer queue, e.g. notification.email")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many messages (default 100)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=_guarded(_list))
+
+    show = sub.add_parser("show", parents=[url], help="one dead-lettered message in full")
+    show.add_argument("queue", help="consumer queue, e.g. notification.email")
+    show.add_argument("message_id", help="the event id (AMQP message_id)")
+    show.set_defaults(func=_guarded(_show))
+
+    replay = sub.add_parser("replay", parents=[url], help="move dead-lettered messages back to their consumer queue")
+    replay.add_argument("queue", help="consumer queue, e.g. notification.email")
+    replay.add_argument("message_ids", nargs="*", help="event ids to replay")
+    replay.add_argument("--all", action="store_true", help="replay every message of the dead-letter queue")
+    replay.set_defaults(func=_guarded(_replay))

@@ -1,0 +1,500 @@
+"""The outbox relay: publishes a service's committed outbox rows to the events exchange, in order, confirmed.
+
+Design. Each service process runs one relay next to its gRPC server:
+
+- Database work runs on the service's event loop through its own async engine (asyncpg / aiosqlite): it never
+  blocks the loop, and one pooled connection at a time is all the relay takes.
+- pika runs on its own thread (`ConfirmingPublisher`, a SelectConnection), so broker I/O and frame encoding never
+  run on the loop. The loop hands it a batch and awaits a future that the thread resolves when the broker has
+  confirmed every message of the batch (or the connection was lost).
+- Confirms are pipelined: a batch of up to TESSERA_OUTBOX_BATCH_SIZE messages is published back to back on a
+  channel in confirm mode and the broker acknowledges them (often many at once, `multiple=True`); one round trip
+  per batch instead of one per message.
+- A row is marked published only after the broker confirmed it, and only the confirmed prefix of a batch is
+  marked, so a gap (a nack, a lost connection) is published again, in order, on the next pass. A relay killed
+  between publishing and marking publishes those rows again: delivery is at least once and consumers dedupe by
+  event id (message_id).
+- Order: rows go out in `seq` order on one channel, which RabbitMQ keeps per queue. On PostgreSQL each pass runs in
+  one transaction holding a transaction-scoped advisory lock, so that of several replicas only one publishes at a
+  time and a later batch never overtakes an earlier one. SQLite is the embedded single-host mode: the pass reads
+  and marks in two short transactions and never holds SQLite's write lock while it waits for the broker; of
+  several processes on one SQLite file (TESSERA_WORKERS) only the one holding an exclusive lock on the file
+  "<database>.relay-lock" publishes, and another takes over when it exits.
+- Unroutable events (mandatory publish, no queue bound) are returned by the broker; the relay counts and logs them
+  and marks them published: nobody consumes that event type, and retrying would block the events behind it.
+- The broker away never stops the service: the relay keeps the rows, logs that events are kept in the outbox
+  with the backlog and the age of the oldest one, reconnects with backoff and drains the backlog when it returns.
+  `tessera_outbox_backlog` and `tessera_outbox_oldest_unpublished_seconds` show it; the broker's health is a
+  non-critical check (DEGRADED, never NOT_SERVING).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.trace import Status, StatusCode
+from pika.channel import Channel
+from pika.spec import Basic
+from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tessera_runtime import metrics, telemetry
+from tessera_runtime.db import Database, utcnow
+from tessera_runtime.messaging.amqp import AmqpLink
+from tessera_runtime.messaging.envelope import OutgoingEvent, outgoing_event
+from tessera_runtime.messaging.settings import MessagingSettings, messaging_settings
+from tessera_runtime.messaging.topology import declare_async, exchange_declarations
+from tessera_runtime.outbox import add_commit_listener
+from tessera_runtime.server import HealthCheck, ServiceModule
+
+log = logging.getLogger("tessera.outbox")
+
+ACK, RETURNED, NACK = "ack", "returned", "nack"
+_CONFIRMED = (ACK, RETURNED)
+_STATS_INTERVAL = 2.0
+_OUTAGE_LOG_INTERVAL = 30.0
+_BEHIND_SECONDS = 5.0
+_PRUNE_INTERVAL = 600.0
+_PRUNE_BATCH = 5000
+
+
+class _Batch:
+    """One published batch: a status per message (None until confirmed), resolved when all are known."""
+
+    def __init__(self, events: Sequence[OutgoingEvent]) -> None:
+        self.events = events
+        self.statuses: list[str | None] = [None] * len(events)
+        self.returned = [False] * len(events)
+        self.outstanding = len(events)
+        self.future: concurrent.futures.Future[list[str | None]] = concurrent.futures.Future()
+
+    def settle(self, index: int, status: str) -> None:
+        if self.statuses[index] is None:
+            self.statuses[index] = status
+            self.outstanding -= 1
+        if self.outstanding == 0:
+            self.finish()
+
+    def abandon(self, first: int) -> None:
+        """Messages from `first` on were never published: they stay unconfirmed."""
+        self.outstanding -= len(self.events) - first
+        if self.outstanding <= 0:
+            self.finish()
+
+    def finish(self) -> None:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            self.future.set_result(list(self.statuses))
+
+
+class ConfirmingPublisher(AmqpLink):
+    """Publishes batches to the events exchange with mandatory routing and pipelined publisher confirms."""
+
+    def __init__(self, url: str, name: str, exchange: str, *, max_backoff: float = 30.0) -> None:
+        super().__init__(url, name, max_backoff=max_backoff)
+        self.exchange = exchange
+        self._next_tag = 0
+        self._pending: dict[int, tuple[_Batch, int]] = {}
+        self._by_message_id: dict[str, tuple[_Batch, int]] = {}
+
+    def publish(self, events: Sequence[OutgoingEvent]) -> concurrent.futures.Future[list[str | None]]:
+        """Publishes events in order; the future gives each one's status: ack, returned (no queue bound, still
+        confirmed), nack, or None when the connection was lost before the broker confirmed it."""
+        batch = _Batch(events)
+        if not events:
+            batch.finish()
+        elif not self.ready or not self.call_soon(lambda: self._publish(batch)):
+            batch.finish()
+        return batch.future
+
+    def reset(self) -> None:
+        """Drops the connection (confirms overdue); unconfirmed messages resolve as None, then it reconnects."""
+        def close() -> None:
+            connection = self._connection
+            if connection is not None and connection.is_open:
+                connection.close(320, "confirms overdue")
+
+        self.call_soon(close)
+
+    # -- the link's thread -----------------------------------------------------------------------------------
+
+    def setup_channel(self, channel: Channel, done: Callable[[], None]) -> None:
+        channel.add_on_return_callback(self._on_return)
+
+        def confirm_mode() -> None:
+            self._next_tag = 0  # delivery tags restart at 1 on every channel
+            channel.confirm_delivery(self._on_confirm, callback=lambda _frame: done())
+
+        declare_async(channel, exchange_declarations(self.exchange), confirm_mode)
+
+    def _publish(self, batch: _Batch) -> None:
+        channel = self.channel
+        if channel is None:
+            batch.finish()
+            return
+        for index, event in enumerate(batch.events):
+            try:
+                channel.basic_publish(self.exchange, event.routing_key, event.body, event.properties,
+                                      mandatory=True)
+            except Exception as exc:  # the channel closed under us: the rest stays unconfirmed
+                log.warning("publish interrupted: %s", exc)
+                batch.abandon(index)
+                return
+            self._next_tag += 1
+            self._pending[self._next_tag] = (batch, index)
+            self._by_message_id[event.event_id] = (batch, index)
+
+    def _on_return(self, _channel: Channel, method: Basic.Return, properties: Any, _body: bytes) -> None:
+        entry = self._by_message_id.get(properties.message_id)
+        if entry is not None:
+            batch, index = entry
+            batch.returned[index] = True
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        status_if_ack = isinstance(method, Basic.Ack)
+        tags = [method.delivery_tag]
+        if method.multiple:
+            tags = []
+            for tag in self._pending:
+                if tag > method.delivery_tag:
+                    break
+                tags.append(tag)
+        for tag in tags:
+            entry = self._pending.pop(tag, None)
+            if entry is None:
+                continue
+            batch, index = entry
+            self._by_message_id.pop(batch.events[index].event_id, None)
+            if not status_if_ack:
+                status = NACK
+            else:
+                status = RETURNED if batch.returned[index] else ACK
+            batch.settle(index, status)
+
+    def on_channel_lost(self, error: BaseException | str) -> None:
+        batches = {id(batch): batch for batch, _ in self._pending.values()}
+        self._pending.clear()
+        self._by_message_id.clear()
+        for batch in batches.values():
+            batch.finish()
+
+
+def _sqlite_lock_path(db: Database) -> Path | None:
+    if db.dialect != "sqlite":
+        return None
+    database = make_url(db.url).database
+    if not database or database == ":memory:":
+        return None
+    return Path(database + ".relay-lock")
+
+
+def advisory_lock_key(table: Table) -> int:
+    """The PostgreSQL advisory lock that lets one relay at a time publish a database's outbox."""
+    digest = hashlib.sha256(f"tessera.outbox.relay:{table.name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class OutboxRelay:
+    """Publishes one outbox table; started and stopped by the service's server hooks."""
+
+    def __init__(self, db: Database, table: Table, *, service: str, amqp_url: str,
+                 settings: MessagingSettings) -> None:
+        self.db = db
+        self.table = table
+        self.service = service
+        self.settings = settings
+        self.publisher = ConfirmingPublisher(amqp_url, f"{service}-outbox-relay", settings.events_exchange,
+                                             max_backoff=settings.reconnect_max_seconds)
+        self.lock_key = advisory_lock_key(table)
+        self.backlog = 0
+        self.oldest_age_seconds = 0.0
+        self.published_total = 0
+        self.unrouted_total = 0
+        self._unrouted_types: set[str] = set()
+        self._hold_transaction = db.dialect == "postgresql"
+        self._lock_path = _sqlite_lock_path(db)
+        self._lock_file: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._remove_listener: Callable[[], None] | None = None
+        self._stats_at = 0.0
+        self._outage_logged_at: float | None = None
+        self._backlog_logged_at: float | None = None
+        self._pruned_at = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        wake = self._wake = asyncio.Event()
+        self.publisher.on_ready = lambda: loop.call_soon_threadsafe(wake.set)
+        self._remove_listener = add_commit_listener(self.table, wake.set)
+        self.publisher.start()
+        self._task = loop.create_task(self._run(), name=f"{self.service}-outbox-relay")
+        log.info("outbox relay started", extra={"exchange": self.settings.events_exchange,
+                                                "batch_size": self.settings.outbox_batch_size})
+
+    async def stop(self) -> None:
+        if self._remove_listener is not None:
+            self._remove_listener()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.to_thread(self.publisher.stop)
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the lock
+            self._lock_file = None
+        log.info("outbox relay stopped", extra={"backlog": self.backlog})
+
+    def status(self) -> dict[str, Any]:
+        """What the relay is doing, for logs and tools; never part of readiness."""
+        return {"connected": self.publisher.ready, "backlog": self.backlog,
+                "oldest_unpublished_seconds": round(self.oldest_age_seconds, 3),
+                "published_total": self.published_total, "unrouted_total": self.unrouted_total,
+                "last_error": self.publisher.last_error}
+
+    async def broker_reachable(self) -> bool:
+        """Health check (non-critical): the relay's broker connection is up."""
+        return self.publisher.ready
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        drained_some = False
+        while True:
+            try:
+                if not self.publisher.ready:
+                    await self._refresh_stats(force=False)
+                    if self.publisher.last_error is not None:  # not merely still connecting at start
+                        self._log_outage()
+                    await self._sleep(self.settings.outbox_poll_seconds)
+                    continue
+                if self._outage_logged_at is not None:
+                    self._outage_logged_at = None
+                    await self._refresh_stats(force=True)
+                    log.info("broker reachable again; publishing the events kept in the outbox",
+                             extra={"backlog": self.backlog})
+                published = await self.relay_once()
+                failures = 0
+                drained_some = drained_some or published > 0
+                if published >= self.settings.outbox_batch_size:
+                    continue
+                await self._refresh_stats(force=drained_some)
+                drained_some = False
+                await self._prune()
+                await self._sleep(self.settings.outbox_poll_seconds)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                delay = min(self.settings.reconnect_max_seconds, 0.2 * 2 ** min(failures, 8))
+                log.warning("outbox relay pass failed; events stay in the outbox, retrying in %.1fs: %s",
+                            delay, exc, extra={"error_type": type(exc).__name__})
+                await asyncio.sleep(delay)  # not cut short by new commits: this is a backoff
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._wake is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    def _log_outage(self) -> None:
+        now = time.monotonic()
+        if self._outage_logged_at is None:
+            self._backlog_logged_at = now
+            log.warning("broker unreachable: events are kept in the outbox until it returns",
+                        extra={"backlog": self.backlog, "oldest_unpublished_seconds": round(self.oldest_age_seconds, 1),
+                               "error": self.publisher.last_error})
+            self._outage_logged_at = now
+        elif now - self._outage_logged_at >= _OUTAGE_LOG_INTERVAL:
+            log.warning("broker still unreachable: events are kept in the outbox",
+                        extra={"backlog": self.backlog, "oldest_unpublished_seconds": round(self.oldest_age_seconds, 1),
+                               "error": self.publisher.last_error})
+            self._outage_logged_at = now
+
+    async def _refresh_stats(self, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._stats_at < _STATS_INTERVAL:
+            return
+        self._stats_at = now
+        c = self.table.c
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(select(func.count(), func.min(c.created_at)).where(
+                c.published_at.is_(None)))).one()
+        backlog, oldest = int(row[0]), row[1]
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=dt.UTC)
+        self.backlog = backlog
+        self.oldest_age_seconds = max(0.0, (utcnow() - oldest).total_seconds()) if oldest is not None else 0.0
+        metrics.OUTBOX_BACKLOG.labels(self.service).set(backlog)
+        metrics.OUTBOX_OLDEST_UNPUBLISHED.labels(self.service).set(self.oldest_age_seconds)
+        # Logged when publishing falls behind (the oldest event waits for more than a few seconds), at most every
+        # half minute; a busy outbox that keeps up says nothing.
+        if backlog and self.oldest_age_seconds >= _BEHIND_SECONDS:
+            if self._backlog_logged_at is None or now - self._backlog_logged_at >= _OUTAGE_LOG_INTERVAL:
+                log.info("outbox backlog", extra={"backlog": backlog,
+                                                  "oldest_unpublished_seconds": round(self.oldest_age_seconds, 3)})
+                self._backlog_logged_at = now
+        elif not backlog and self._backlog_logged_at is not None:
+            log.info("outbox drained", extra={"backlog": 0})
+            self._backlog_logged_at = None
+
+    # -- one pass --------------------------------------------------------------------------------------------
+
+    async def relay_once(self) -> int:
+        """Publishes the oldest unpublished batch; returns how many rows were confirmed and marked."""
+        if self._hold_transaction:
+            async with self.db.engine.begin() as conn:
+                if not await conn.scalar(select(func.pg_try_advisory_xact_lock(self.lock_key))):
+                    return 0  # another replica is publishing this outbox
+                rows = await self._fetch(conn)
+                confirmed, error = await self._publish(rows)
+                await self._mark(conn, rows, confirmed)
+        else:
+            if not self._hold_file_lock():
+                return 0  # another process on this SQLite file is publishing
+            async with self.db.engine.begin() as conn:
+                rows = await self._fetch(conn)
+            confirmed, error = await self._publish(rows)
+            if rows:
+                async with self.db.engine.begin() as conn:
+                    await self._mark(conn, rows, confirmed)
+        if error is not None:
+            raise PublishIncomplete(error)
+        return confirmed
+
+    def _hold_file_lock(self) -> bool:
+        if self._lock_path is None or self._lock_file is not None:
+            return True
+        # Held open while this relay runs: the lock lasts as long as the open file.
+        handle = open(self._lock_path, "a+b")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._lock_file = handle
+        log.info("this process publishes the outbox", extra={"lock": str(self._lock_path)})
+        return True
+
+    async def _fetch(self, conn: AsyncConnection) -> list[Any]:
+        c = self.table.c
+        query = (select(c.seq, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type, c.payload, c.headers,
+                        c.created_at)
+                 .where(c.published_at.is_(None)).order_by(c.seq).limit(self.settings.outbox_batch_size))
+        return [row._mapping for row in (await conn.execute(query)).all()]
+
+    async def _publish(self, rows: list[Any]) -> tuple[int, str | None]:
+        """Publishes rows; returns the length of the confirmed prefix and why the rest was not confirmed."""
+        if not rows:
+            return 0, None
+        events = [outgoing_event(row, self.service) for row in rows]
+        with contextlib.ExitStack() as spans:
+            opened = [spans.enter_context(telemetry.publish_span(
+                e.routing_key, e.properties.headers, exchange=self.settings.events_exchange, event_id=e.event_id))
+                for e in events]
+            future = asyncio.wrap_future(self.publisher.publish(events))
+            done, _ = await asyncio.wait({future}, timeout=self.settings.outbox_confirm_timeout_seconds)
+            if not done:
+                log.warning("broker confirms overdue; reconnecting", extra={"batch": len(events)})
+                self.publisher.reset()
+                done, _ = await asyncio.wait({future}, timeout=10.0)
+            statuses = future.result() if done else [None] * len(events)
+            for span, status in zip(opened, statuses, strict=True):
+                if status not in _CONFIRMED:
+                    span.set_status(Status(StatusCode.ERROR, f"not confirmed: {status}"))
+        confirmed = 0
+        for status in statuses:
+            if status not in _CONFIRMED:
+                break
+            confirmed += 1
+        now = utcnow()
+        for event, row, status in zip(events[:confirmed], rows, statuses, strict=False):
+            metrics.OUTBOX_PUBLISHED.labels(self.service, event.routing_key).inc()
+            created = row["created_at"] if row["created_at"].tzinfo else row["created_at"].replace(tzinfo=dt.UTC)
+            metrics.OUTBOX_PUBLISH_LAG.labels(self.service).observe(max(0.0, (now - created).total_seconds()))
+            if status == RETURNED:
+                self.unrouted_total += 1
+                # Once per event type at WARNING (a missing consumer, or a type nobody needs yet), then quietly.
+                level = logging.DEBUG if event.routing_key in self._unrouted_types else logging.WARNING
+                self._unrouted_types.add(event.routing_key)
+                log.log(level, "event published but no queue is bound for it; nobody consumes %s",
+                        event.routing_key, extra={"event_id": event.event_id, "event_type": event.routing_key})
+        self.published_total += confirmed
+        if confirmed == len(events):
+            return confirmed, None
+        metrics.OUTBOX_PUBLISH_FAILURES.labels(self.service).inc()
+        status = statuses[confirmed]
+        reason = "the broker refused (nack) an event" if status == NACK else (
+            f"the broker connection was lost before it confirmed: {self.publisher.last_error}")
+        return confirmed, f"{reason}; {len(events) - confirmed} events stay in the outbox"
+
+    async def _mark(self, conn: AsyncConnection, rows: list[Any], confirmed: int) -> None:
+        c = self.table.c
+        if confirmed:
+            await conn.execute(update(self.table).where(c.seq.in_([r["seq"] for r in rows[:confirmed]]))
+                               .values(published_at=utcnow(), attempts=c.attempts + 1))
+        if confirmed < len(rows):
+            # Counted, not marked: the rows are published again on the next pass.
+            await conn.execute(update(self.table).where(c.seq.in_([r["seq"] for r in rows[confirmed:]]))
+                               .values(attempts=c.attempts + 1))
+
+    async def _prune(self) -> None:
+        if self.settings.outbox_retention_hours <= 0 or time.monotonic() - self._pruned_at < _PRUNE_INTERVAL:
+            return
+        self._pruned_at = time.monotonic()
+        await self.prune_published()
+
+    async def prune_published(self) -> int:
+        """Deletes up to a batch of rows published longer ago than TESSERA_OUTBOX_RETENTION_HOURS (the relay does
+        it every ten minutes); returns how many."""
+        hours = self.settings.outbox_retention_hours
+        if hours <= 0:
+            return 0
+        c = self.table.c
+        cutoff = utcnow() - dt.timedelta(hours=hours)
+        old = (select(c.seq).where(c.published_at.is_not(None), c.published_at < cutoff)
+               .order_by(c.seq).limit(_PRUNE_BATCH))
+        async with self.db.engine.begin() as conn:
+            result = await conn.execute(delete(self.table).where(c.seq.in_(old)))
+        if result.rowcount:
+            log.info("published outbox rows pruned", extra={"rows": result.rowcount, "retention_hours": hours})
+        return result.rowcount or 0
+
+
+class PublishIncomplete(Exception):
+    """Part of a batch was not confirmed; it stays in the outbox and is published again."""
+
+
+def attach_outbox_relay(module: ServiceModule, db: Database, outbox: Table, settings: Any, *,
+                        messaging: MessagingSettings | None = None) -> OutboxRelay | None:
+    """Runs an outbox relay with the service: started after the service's own start hooks (its migrations),
+    stopped before its own stop hooks (before the database is disposed). Adds a non-critical `broker` health
+    check: without the broker the service is DEGRADED but keeps serving. Returns the relay, or None when
+    TESSERA_OUTBOX_RELAY is off.
+
+    `settings` is the service's ServiceSettings (its `service` and `amqp_url`; its `messaging` when the class has
+    one, as MessagingServiceSettings does; otherwise messaging settings are read from the environment)."""
+    messaging = messaging or messaging_settings(settings)
+    if not messaging.outbox_relay:
+        log.info("outbox relay off (TESSERA_OUTBOX_RELAY); events stay in the outbox")
+        return None
+    relay = OutboxRelay(db, outbox, service=settings.service, amqp_url=settings.amqp_url, settings=messaging)
+    module.on_start = (*module.on_start, relay.start)
+    module.on_stop = (*module.on_stop, relay.stop)  # stop hooks run in reverse: the relay stops first
+    module.readiness_checks = (*module.readiness_checks,
+                               HealthCheck("broker", relay.broker_reachable, critical=False))
+    return relay

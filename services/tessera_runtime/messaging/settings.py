@@ -1,0 +1,99 @@
+"""Messaging settings: the events exchange, the outbox relay and consumers, read once from TESSERA_* variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from tessera_runtime.config import ConfigError, Env, ServiceSettings
+
+DEFAULT_EXCHANGE = "tessera.events"
+DEFAULT_RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0)
+
+
+def _delays(env: Env, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    raw = env.optional_str(name)
+    if raw is None:
+        return default
+    try:
+        values = tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated seconds such as 1,5,30, got {raw!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise ConfigError(f"{name} must list positive seconds, got {raw!r}")
+    return values
+
+
+def _exchange(env: Env, name: str) -> str:
+    value = env.str(name, DEFAULT_EXCHANGE)
+    if len(value) > 200 or not value.isprintable() or " " in value:
+        raise ConfigError(f"{name} must be an exchange name without spaces, at most 200 characters, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class MessagingSettings:
+    """How a service publishes its outbox and consumes events. Defaults suit `make run`."""
+
+    events_exchange: str = DEFAULT_EXCHANGE
+    outbox_relay: bool = True
+    outbox_batch_size: int = 500
+    outbox_poll_seconds: float = 1.0
+    outbox_confirm_timeout_seconds: float = 30.0
+    # Published rows are deleted after this long; 0 keeps them forever.
+    outbox_retention_hours: float = 168.0
+    consumer_prefetch: int = 32
+    consumer_concurrency: int = 4
+    consumer_max_attempts: int = 5
+    consumer_retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
+    # Processed event ids are forgotten after this long (0 keeps them): longer than any redelivery takes.
+    processed_events_retention_hours: float = 720.0
+    reconnect_max_seconds: float = 30.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | Env | None = None) -> MessagingSettings:
+        env = environ if isinstance(environ, Env) else Env(environ)
+        settings = cls(
+            events_exchange=_exchange(env, "TESSERA_EVENTS_EXCHANGE"),
+            outbox_relay=env.bool("TESSERA_OUTBOX_RELAY", True),
+            outbox_batch_size=env.int("TESSERA_OUTBOX_BATCH_SIZE", 500, minimum=1, maximum=10_000),
+            outbox_poll_seconds=env.float("TESSERA_OUTBOX_POLL_SECONDS", 1.0, minimum=0.01),
+            outbox_confirm_timeout_seconds=env.float("TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS", 30.0, minimum=0.1),
+            outbox_retention_hours=env.float("TESSERA_OUTBOX_RETENTION_HOURS", 168.0, minimum=0.0),
+            consumer_prefetch=env.int("TESSERA_CONSUMER_PREFETCH", 32, minimum=1, maximum=10_000),
+            consumer_concurrency=env.int("TESSERA_CONSUMER_CONCURRENCY", 4, minimum=1, maximum=256),
+            consumer_max_attempts=env.int("TESSERA_CONSUMER_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
+            consumer_retry_delays=_delays(env, "TESSERA_CONSUMER_RETRY_DELAYS", DEFAULT_RETRY_DELAYS),
+            processed_events_retention_hours=env.float("TESSERA_PROCESSED_EVENTS_RETENTION_HOURS", 720.0,
+                                                       minimum=0.0),
+            reconnect_max_seconds=env.float("TESSERA_AMQP_RECONNECT_MAX_SECONDS", 30.0, minimum=0.1),
+        )
+        if settings.consumer_concurrency > settings.consumer_prefetch:
+            raise ConfigError("TESSERA_CONSUMER_CONCURRENCY must not exceed TESSERA_CONSUMER_PREFETCH, got "
+                              f"{settings.consumer_concurrency} > {settings.consumer_prefetch}")
+        return settings
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt + 1 after attempt failed (attempts count from 1)."""
+        return self.consumer_retry_delays[min(attempt, len(self.consumer_retry_delays)) - 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class MessagingServiceSettings(ServiceSettings):
+    """ServiceSettings plus `messaging`: the settings class of services that publish or consume events."""
+
+    messaging: MessagingSettings
+
+    @classmethod
+    def extra_from_env(cls, env: Env) -> dict[str, Any]:
+        return {"messaging": MessagingSettings.from_env(env)}
+
+
+def messaging_settings(settings: object) -> MessagingSettings:
+    """The messaging part of a service's settings; read from the environment when its class has none."""
+    found = getattr(settings, "messaging", None)
+    if isinstance(found, MessagingSettings):
+        return found
+    return MessagingSettings.from_env(os.environ)

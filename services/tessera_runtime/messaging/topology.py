@@ -1,0 +1,117 @@
+"""Exchanges, queues and bindings of Tessera's events, declared by code at start and idempotently.
+
+For a consumer queue Q (named "<service>.<purpose>") on events exchange E:
+
+    E            topic, durable       every event, routing key = the event's full protobuf name
+    Q            durable              bound to E by the routing keys of the events it handles; messages it rejects
+                                      go to E.dead-letter with routing key Q
+    Q.retry.Nms  durable, no readers  a failed message waits here N ms (its per-message TTL, the same for every
+                                      message of the queue, so expiry is first in first out), then the broker
+                                      dead-letters it back to Q through the default exchange
+    E.dead-letter  direct, durable    where messages go after their last attempt
+    Q.dlq        durable              bound to E.dead-letter by Q; inspected and replayed with `tessera dlq`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from pika.channel import Channel
+
+DEAD_LETTER_SUFFIX = ".dead-letter"
+DLQ_SUFFIX = ".dlq"
+
+
+@dataclasses.dataclass(frozen=True)
+class Declaration:
+    kind: str  # "exchange", "queue" or "bind"
+    name: str
+    exchange_type: str = ""
+    arguments: dict[str, Any] | None = None
+    exchange: str = ""
+    routing_key: str = ""
+
+
+def dead_letter_exchange(events_exchange: str) -> str:
+    return events_exchange + DEAD_LETTER_SUFFIX
+
+
+def dead_letter_queue(queue: str) -> str:
+    return queue + DLQ_SUFFIX
+
+
+def retry_queue(queue: str, delay_seconds: float) -> str:
+    return f"{queue}.retry.{round(delay_seconds * 1000)}ms"
+
+
+def exchange_declarations(events_exchange: str) -> list[Declaration]:
+    return [Declaration("exchange", events_exchange, exchange_type="topic")]
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueTopology:
+    """The queues and bindings of one consumer queue."""
+
+    events_exchange: str
+    queue: str
+    routing_keys: tuple[str, ...]
+    retry_delays: tuple[float, ...]
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return dead_letter_exchange(self.events_exchange)
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return dead_letter_queue(self.queue)
+
+    def retry_queue(self, delay_seconds: float) -> str:
+        return retry_queue(self.queue, delay_seconds)
+
+    def declarations(self) -> list[Declaration]:
+        back_to_queue = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.queue}
+        items = [
+            *exchange_declarations(self.events_exchange),
+            Declaration("exchange", self.dead_letter_exchange, exchange_type="direct"),
+            Declaration("queue", self.queue, arguments={"x-dead-letter-exchange": self.dead_letter_exchange,
+                                                        "x-dead-letter-routing-key": self.queue}),
+            Declaration("queue", self.dead_letter_queue),
+            Declaration("bind", self.dead_letter_queue, exchange=self.dead_letter_exchange, routing_key=self.queue),
+        ]
+        for delay in sorted(set(self.retry_delays)):
+            items.append(Declaration("queue", self.retry_queue(delay), arguments=back_to_queue))
+        for key in self.routing_keys:
+            items.append(Declaration("bind", self.queue, exchange=self.events_exchange, routing_key=key))
+        return items
+
+
+def declare_async(channel: Channel, declarations: list[Declaration], done: Callable[[], None]) -> None:
+    """Declares on a SelectConnection channel one after the other, then calls done(). A mismatch closes the
+    channel (406 PRECONDITION_FAILED), which the link reports and recovers from by reconnecting."""
+    pending = iter(declarations)
+
+    def next_step(_frame: object = None) -> None:
+        item = next(pending, None)
+        if item is None:
+            done()
+        elif item.kind == "exchange":
+            channel.exchange_declare(item.name, exchange_type=item.exchange_type, durable=True, callback=next_step)
+        elif item.kind == "queue":
+            channel.queue_declare(item.name, durable=True, arguments=item.arguments, callback=next_step)
+        else:
+            channel.queue_bind(item.name, item.exchange, routing_key=item.routing_key, callback=next_step)
+
+    next_step()
+
+
+def declare_blocking(channel: Any, declarations: list[Declaration]) -> None:
+    """The same declarations on a pika BlockingChannel (tools and tests)."""
+    for item in declarations:
+        if item.kind == "exchange":
+            channel.exchange_declare(item.name, exchange_type=item.exchange_type, durable=True)
+        elif item.kind == "queue":
+            channel.queue_declare(item.name, durable=True, arguments=item.arguments)
+        else:
+            channel.queue_bind(item.name, item.exchange, routing_key=item.routing_key)

@@ -1,0 +1,141 @@
+"""Authentication and authorisation at the edge, over REST and native gRPC, against the real user service."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from tessera_gateway import tokens
+from tests.support.gateway import unique
+
+GET_USER = "tessera.user.v1.UserService/GetUser"
+LIST_USERS = "tessera.user.v1.UserService/ListUsers"
+# grpcurl exits with 64 + the gRPC status code.
+OK, PERMISSION_DENIED, UNAUTHENTICATED = 0, 64 + 7, 64 + 16
+
+
+@pytest.fixture(scope="module")
+def accounts(gateway):
+    admin = gateway.mint(unique("auth-admin"), "admin")
+    made = []
+    for name in ("Alice", "Bob"):
+        response = gateway.call("POST", f"/v1/users?requestId={unique('auth')}", token=admin,
+                                body={"email": f"{unique(name)}@example.com", "displayName": name})
+        assert response.status == 200, response.body
+        made.append(response.json()["user"]["id"])
+    return {"admin": admin, "alice": made[0], "bob": made[1]}
+
+
+def _tokens(gateway, alice: str, forger: tokens.SigningKey) -> dict[str, str | None]:
+    return {
+        "none": None,
+        "expired": gateway.mint(alice, "user:read", now=time.time() - 7200),
+        "wrong issuer": gateway.mint(alice, "user:read", issuer="https://issuer.elsewhere.example"),
+        "wrong audience": gateway.mint(alice, "user:read", audience="another-api"),
+        "forged": gateway.mint(alice, "user:read", key=tokens.SigningKey(forger.private_pem, gateway.key.kid)),
+        "missing scope": gateway.mint(alice, "order:read user:write"),
+        "right scope": gateway.mint(alice, "user:read"),
+        "another customer": gateway.mint(str(uuid.uuid4()), "user:read"),
+        "admin": gateway.mint(unique("admin"), "admin"),
+    }
+
+
+# (token, REST status, grpcurl exit code) for alice's account.
+MATRIX = [
+    ("none", 401, UNAUTHENTICATED),
+    ("expired", 401, UNAUTHENTICATED),
+    ("wrong issuer", 401, UNAUTHENTICATED),
+    ("wrong audience", 401, UNAUTHENTICATED),
+    ("forged", 401, UNAUTHENTICATED),
+    ("missing scope", 403, PERMISSION_DENIED),
+    ("right scope", 200, OK),
+    ("another customer", 403, PERMISSION_DENIED),
+    ("admin", 200, OK),
+]
+
+
+@pytest.mark.parametrize(("who", "status", "exit_code"), MATRIX, ids=[m[0] for m in MATRIX])
+def test_auth_matrix_over_rest_and_grpc(gateway, accounts, tmp_path, who, status, exit_code):
+    token = _tokens(gateway, accounts["alice"], tokens.ensure_keys(tmp_path / "forger"))[who]
+    rest = gateway.call("GET", f"/v1/users/{accounts['alice']}", token=token)
+    assert rest.status == status, rest.body
+    if status == 200:
+        assert rest.json()["user"]["id"] == accounts["alice"]
+    native = gateway.grpcurl(GET_USER, {"id": accounts["alice"]}, token=token)
+    assert native.returncode == exit_code, native.stderr
+    if exit_code == OK:
+        assert accounts["alice"] in native.stdout
+
+
+@pytest.mark.parametrize("scope", ["user:readonly", "user:read:all", "xuser:read", "user:reads", "USER:READ",
+                                   "user:write", "user", ""])
+def test_scopes_match_whole_words_only(gateway, accounts, scope):
+    token = gateway.mint(accounts["alice"], f"order:read {scope}".strip())
+    response = gateway.call("GET", f"/v1/users/{accounts['alice']}", token=token)
+    assert response.status == 403
+    assert response.json()["details"][0]["reason"] == "MISSING_SCOPE"
+
+
+@pytest.mark.parametrize("scope", ["user:read", "order:read user:read payment:read", "admin"])
+def test_one_matching_scope_in_the_list_grants_the_call(gateway, accounts, scope):
+    token = gateway.mint(accounts["alice"], scope)
+    assert gateway.call("GET", f"/v1/users/{accounts['alice']}", token=token).status == 200
+
+
+def test_client_sent_identity_headers_are_replaced_by_the_token(gateway, accounts):
+    token = gateway.mint(accounts["alice"], "user:read")
+    spoofed = {"x-user-id": accounts["bob"], "x-user-scopes": "admin user:read"}
+    # alice claims to be bob: the service still sees alice, so bob's account is refused...
+    bob = gateway.call("GET", f"/v1/users/{accounts['bob']}", token=token, headers=spoofed)
+    assert bob.status == 403 and bob.json()["details"][0]["domain"] == "user.tessera.dev"
+    # ...and the admin scope she claims is not hers: listing accounts needs it.
+    listing = gateway.call("GET", "/v1/users?pageSize=1", token=token, headers=spoofed)
+    assert listing.status == 403 and listing.json()["details"][0]["reason"] == "PERMISSION_DENIED"
+    native = gateway.grpcurl(GET_USER, {"id": accounts["bob"]}, token=token, headers=spoofed)
+    assert native.returncode == PERMISSION_DENIED, native.stderr
+    # Without a token, the spoofed headers grant nothing either.
+    assert gateway.call("GET", f"/v1/users/{accounts['bob']}", headers=spoofed).status == 401
+
+
+def test_services_in_production_refuse_calls_that_bypass_the_gateway(gateway, gateway_services, accounts):
+    import subprocess
+
+    from tests.support.gateway import DESCRIPTOR_SET, GRPCURL
+
+    direct = subprocess.run(
+        [GRPCURL, "-plaintext", "-protoset", str(DESCRIPTOR_SET), "-d", f'{{"id": "{accounts["alice"]}"}}',
+         gateway_services.addresses()["user"], GET_USER], capture_output=True, text=True, timeout=60)
+    assert direct.returncode == UNAUTHENTICATED
+    assert "IDENTITY_MISSING" in direct.stdout + direct.stderr
+    through = gateway.grpcurl(GET_USER, {"id": accounts["alice"]}, token=gateway.mint(accounts["alice"], "user:read"))
+    assert through.returncode == OK, through.stderr
+
+
+def test_native_grpc_through_the_gateway_keeps_rich_error_details(gateway, accounts):
+    result = gateway.grpcurl(GET_USER, {"id": "not-a-uuid"}, token=accounts["admin"])
+    assert result.returncode == 64 + 3
+    assert "google.rpc.BadRequest" in result.stdout + result.stderr
+    assert '"field":"id"' in (result.stdout + result.stderr).replace(" ", "")
+
+
+def test_native_grpc_create_and_read_back(gateway, accounts):
+    created = gateway.grpcurl("tessera.user.v1.UserService/CreateUser", {
+        "user": {"email": f"{unique('grpc')}@example.com", "display_name": "Grace"}, "request_id": unique("grpc")},
+        token=accounts["admin"])
+    assert created.returncode == OK, created.stderr
+    user_id = created.stdout.split('"id": "')[1].split('"')[0]
+    read = gateway.grpcurl(GET_USER, {"id": user_id}, token=gateway.mint(user_id, "user:read"))
+    assert read.returncode == OK and "Grace" in read.stdout
+
+
+def test_every_rest_route_needs_a_token(gateway):
+    # One route per RPC of every service; none of them may answer anything but 401 without a token.
+    for rpc in gateway.generated.config.contracts.rpcs:
+        path = rpc.http.path
+        for variable in rpc.http.variables:
+            path = path.replace("{" + variable + "}", str(uuid.uuid4()))
+        response = gateway.call(rpc.http.method, path, body={} if rpc.http.body else None)
+        assert response.status == 401, (rpc.full_name, response.status, response.body)
+        assert response.json()["details"][0]["reason"] == "TOKEN_MISSING"

@@ -1,0 +1,184 @@
+"""REST through the real Envoy gateway to the real user service: every user RPC, headers, ids, CORS, OpenAPI."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import uuid
+
+from tests.support.gateway import SECURITY_HEADERS, unique, wait_for
+
+UUID = re.compile(r"^[0-9a-f-]{36}$")
+
+
+def create_user(gateway, admin: str, name: str = "Ada") -> dict:
+    response = gateway.call("POST", f"/v1/users?requestId={unique('create')}", token=admin,
+                            body={"email": f"{unique('ada')}@example.com", "displayName": name})
+    assert response.status == 200, response.body
+    return response.json()["user"]
+
+
+def test_every_user_rpc_over_rest(gateway):
+    admin = gateway.mint(unique("admin"), "admin")
+    user = create_user(gateway, admin)
+    assert user["status"] == "USER_STATUS_ACTIVE"
+    assert user["version"] == "1"  # proto3 JSON: int64 as a string
+    assert UUID.match(user["id"])
+    customer = gateway.mint(user["id"], "user:read user:write")
+
+    got = gateway.call("GET", f"/v1/users/{user['id']}", token=customer)
+    assert got.status == 200 and got.json()["user"] == user
+
+    patched = gateway.call("PATCH", f"/v1/users/{user['id']}?updateMask=displayName,profile.locale", token=customer,
+                           body={"displayName": "Ada L.", "profile": {"locale": "en-GB"}})
+    assert patched.status == 200, patched.body
+    assert patched.json()["user"]["displayName"] == "Ada L."
+    assert patched.json()["user"]["profile"]["locale"] == "en-GB"
+    assert patched.json()["user"]["version"] == "2"
+
+    listed, token, pages = [], "", 0
+    while True:
+        page = gateway.call("GET", f"/v1/users?pageSize=200&pageToken={token}", token=admin)
+        assert page.status == 200, page.body
+        listed += [u["id"] for u in page.json()["users"]]
+        token, pages = page.json()["nextPageToken"], pages + 1
+        if not token or pages > 50:
+            break
+    assert user["id"] in listed
+
+    deactivated = gateway.call("POST", f"/v1/users/{user['id']}:deactivate", token=admin, body={"reason": "test"})
+    assert deactivated.status == 200 and deactivated.json()["user"]["status"] == "USER_STATUS_INACTIVE"
+    inactive = gateway.call("GET", "/v1/users?status=USER_STATUS_INACTIVE&pageSize=200", token=admin)
+    assert user["id"] in [u["id"] for u in inactive.json()["users"]]
+    activated = gateway.call("POST", f"/v1/users/{user['id']}:activate", token=admin, body={})
+    assert activated.status == 200 and activated.json()["user"]["status"] == "USER_STATUS_ACTIVE"
+
+    deleted = gateway.call("DELETE", f"/v1/users/{user['id']}", token=customer)
+    assert deleted.status == 200 and deleted.json() == {}
+    gone = gateway.call("GET", f"/v1/users/{user['id']}", token=admin)
+    assert gone.status == 404
+    assert gone.json()["details"][0]["reason"] == "USER_NOT_FOUND"
+
+
+def test_proto_field_names_are_accepted_as_well_as_json_names(gateway):
+    admin = gateway.mint(unique("admin"), "admin")
+    response = gateway.call("POST", f"/v1/users?request_id={unique('snake')}", token=admin,
+                            body={"email": f"{unique('snake')}@example.com", "display_name": "Snake",
+                                  "preferences": {"preferred_currency_code": "EUR"}})
+    assert response.status == 200, response.body
+    assert response.json()["user"]["preferences"]["preferredCurrencyCode"] == "EUR"
+
+
+def test_create_repeated_with_the_same_request_id_returns_the_first_account(gateway):
+    admin = gateway.mint(unique("admin"), "admin")
+    request_id, email = unique("same"), f"{unique('same')}@example.com"
+    first = gateway.call("POST", f"/v1/users?requestId={request_id}", token=admin,
+                         body={"email": email, "displayName": "Once"})
+    again = gateway.call("POST", f"/v1/users?requestId={request_id}", token=admin,
+                         body={"email": email, "displayName": "Once"})
+    assert first.status == again.status == 200
+    assert first.json()["user"]["id"] == again.json()["user"]["id"]
+
+
+def test_rest_responses_have_security_headers_and_no_grpc_headers(gateway):
+    admin = gateway.mint(unique("admin"), "admin")
+    user = create_user(gateway, admin)
+    responses = {
+        "success": gateway.call("GET", f"/v1/users/{user['id']}", token=admin),
+        "service error": gateway.call("GET", f"/v1/users/{uuid.uuid4()}", token=admin),
+        "gateway error": gateway.call("GET", f"/v1/users/{user['id']}"),
+        "unknown path": gateway.call("GET", "/v9/nothing"),
+        "openapi": gateway.call("GET", "/openapi.json"),
+    }
+    assert [r.status for r in responses.values()] == [200, 404, 401, 404, 200]
+    for what, response in responses.items():
+        for name, value in SECURITY_HEADERS.items():
+            assert response.header(name) == value, (what, name)
+        assert response.grpc_headers == [], what
+        assert response.header("server") is None, what
+        assert response.header("content-type") == "application/json", what
+        assert not any(h.startswith("x-envoy") for h in response.headers), what
+
+
+def test_native_grpc_responses_keep_their_grpc_headers_and_get_security_headers(gateway):
+    admin = gateway.mint(unique("admin"), "admin")
+    result = gateway.grpcurl("tessera.user.v1.UserService/ListUsers", {"page_size": 1}, token=admin, verbose=True)
+    assert result.returncode == 0, result.stderr
+    headers = result.stdout.split("Response headers received:")[1].split("Response contents:")[0]
+    assert "content-type: application/grpc" in headers
+    assert "x-content-type-options: nosniff" in headers
+    assert '"users"' in result.stdout  # the call completed: grpcurl exits 0 only on grpc-status 0
+
+
+def test_request_id_is_generated_returned_and_reaches_the_service(gateway, gateway_services):
+    admin = gateway.mint(unique("admin"), "admin")
+    made = gateway.call("GET", "/v1/users?pageSize=1", token=admin)
+    generated = made.header("x-request-id")
+    assert generated and UUID.match(generated)
+    given = unique("req")
+    echoed = gateway.call("GET", "/v1/users?pageSize=1", token=admin, headers={"x-request-id": given})
+    assert echoed.header("x-request-id") == given
+    failed = gateway.call("GET", "/v1/users?pageSize=1", headers={"x-request-id": unique("bad")})
+    assert failed.status == 401
+    assert failed.json()["details"][0]["metadata"]["request_id"] == failed.header("x-request-id")
+
+    def logged() -> bool:
+        ids = {line.get("request_id") for line in gateway_services.log_lines("user")}
+        return generated in ids and given in ids
+
+    wait_for(logged)
+
+
+def test_traceparent_is_propagated_to_the_service(gateway, gateway_services):
+    admin = gateway.mint(unique("admin"), "admin")
+    trace_id = secrets.token_hex(16)
+    traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+    response = gateway.call("GET", "/v1/users?pageSize=1", token=admin, headers={"traceparent": traceparent})
+    assert response.status == 200
+
+    def continued() -> bool:
+        return any(line.get("trace_id") == trace_id
+                   and line.get("rpc_method") == "/tessera.user.v1.UserService/ListUsers"
+                   for line in gateway_services.log_lines("user"))
+
+    wait_for(continued)
+
+
+def test_access_log_is_json_with_the_subject_and_the_rest_path(gateway):
+    subject = unique("logged")
+    token = gateway.mint(subject, "admin")
+    request_id = unique("log")
+    gateway.call("GET", "/v1/users?pageSize=1", token=token, headers={"x-request-id": request_id})
+
+    def line():
+        return next((entry for entry in gateway.access_log_lines() if entry["request_id"] == request_id), None)
+
+    entry = wait_for(line)
+    assert entry["subject"] == subject
+    assert entry["rest_method"] == "GET" and entry["rest_path"] == "/v1/users?pageSize=1"
+    assert entry["route"] == "tessera.user.v1.UserService.ListUsers"
+    assert entry["status"] == 200 and entry["grpc_status"] == 0
+
+
+def test_cors_preflight_for_allowed_origins_only(gateway):
+    allowed = gateway.call("OPTIONS", "/v1/users", headers={
+        "origin": "http://localhost:3000", "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type"})
+    assert allowed.status == 200
+    assert allowed.header("access-control-allow-origin") == "http://localhost:3000"
+    assert "authorization" in allowed.header("access-control-allow-headers")
+    assert "PATCH" in allowed.header("access-control-allow-methods")
+    refused = gateway.call("OPTIONS", "/v1/users", headers={
+        "origin": "https://elsewhere.example", "access-control-request-method": "POST"})
+    assert refused.header("access-control-allow-origin") is None
+    admin = gateway.mint(unique("admin"), "admin")
+    actual = gateway.call("GET", "/v1/users?pageSize=1", token=admin, headers={"origin": "http://localhost:3000"})
+    assert actual.header("access-control-allow-origin") == "http://localhost:3000"
+    assert "x-request-id" in actual.header("access-control-expose-headers")
+
+
+def test_openapi_document_is_served_without_a_token(gateway):
+    response = gateway.call("GET", "/openapi.json")
+    assert response.status == 200
+    assert response.json() == gateway.generated.openapi
+    assert response.json()["openapi"] == "3.1.0"

@@ -1,0 +1,86 @@
+"""`python -m bench` on a tiny, bounded configuration: the harness runs end to end and reports. Structure only,
+never speed: a benchmark never fails the suite on a timing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+
+import asyncpg
+import psutil
+
+from tests.support import postgres
+from tests.support.processes import ROOT
+
+REQUESTS = 300  # per segment: a few hundred requests, whatever the machine's speed
+
+
+async def _existing_databases(names: list[str]) -> list[str]:
+    conn = await asyncpg.connect(postgres.ADMIN_DSN)
+    try:
+        rows = await conn.fetch("SELECT datname FROM pg_database WHERE datname = ANY($1::text[])", names)
+    finally:
+        await conn.close()
+    return [r["datname"] for r in rows]
+
+
+def _vhost_exists(name: str) -> bool:
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60)
+    return name in listed.stdout.split()
+
+
+def test_bench_runs_alternating_sides_and_writes_its_report(tmp_path):
+    output, data = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--scenarios", "1,2", "--requests", str(REQUESTS), "--rounds", "2",
+         "--services", "user", "--no-profile", "--output", str(output), "--json", str(data),
+         "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(data.read_text())
+
+    scenarios = {s["number"]: s for s in report["scenarios"]}
+    assert set(scenarios) == {"1", "2"}
+    for number, scenario in scenarios.items():
+        assert scenario["skipped"] is None, scenario["skipped"]
+        # Baseline and subject alternate, round after round, in the same run.
+        assert [(s["role"], s["round"]) for s in scenario["segments"]] == [
+            ("baseline", 1), ("subject", 1), ("baseline", 2), ("subject", 2)], number
+        for segment in scenario["segments"]:
+            load = segment["load"]
+            assert load["requests"] == REQUESTS and load["errors"] == 0, (number, segment)
+            assert load["seconds"] > 0 and load["p50_ms"] > 0 and load["p99_ms"] >= load["p50_ms"]
+            assert all(v >= 0 for v in segment["cpu_s"].values()) and segment["cpu_s"]
+            assert all(v > 0 for v in segment["rss_mb"].values()) and segment["rss_mb"]
+        subject = [s for s in scenario["segments"] if s["role"] == "subject"]
+        # The user service itself counted every measured call, each answered OK.
+        assert all(s["rpc_codes"] == {"OK": REQUESTS} for s in subject), [s["rpc_codes"] for s in subject]
+        assert all("user" in s["cpu_s"] and "postgres" in s["cpu_s"] for s in subject)
+        assert math.isfinite(scenario["ratio"]) and scenario["ratio"] > 0
+        assert isinstance(scenario["met"], bool)
+    assert scenarios["1"]["segments"][0]["load"]["tool"] == "h2load"
+    assert scenarios["2"]["segments"][1]["load"]["tool"] == "grpcload"
+
+    memory = {row["service"]: row for row in report["memory"]}
+    assert memory["user"]["idle_mb"] > 0 and memory["user"]["load_mb"] > 0
+
+    text = output.read_text()
+    for heading in ("## Summary", "## Memory", "## Targets missed", "## Machine and versions",
+                    "### 1. ", "### 2. "):
+        assert heading in text, heading
+    summary = text.split("## Summary", 1)[1].split("## Memory", 1)[0]
+    assert summary.count("\n| 1 | ") == 1 and summary.count("\n| 2 | ") == 1
+    assert f"{REQUESTS} requests per segment" in text
+    assert "PostgreSQL" in report["environment"] and "h2load" in report["environment"]
+
+    # It cleaned up after itself: databases, vhost and every process it started.
+    assert report["resources"]["databases"] and report["resources"]["vhosts"]
+    assert asyncio.run(_existing_databases(report["resources"]["databases"])) == []
+    assert not any(_vhost_exists(name) for name in report["resources"]["vhosts"])
+    leftovers = [p for p in psutil.Process().children(recursive=True)
+                 if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+    assert leftovers == []

@@ -1,0 +1,327 @@
+"""The inventory service over a real channel to a real server on port 0, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, field_mask_pb2
+from google.rpc import error_details_pb2, status_pb2
+from sqlalchemy import select
+from tessera.common.v1 import money_pb2
+from tessera.inventory.v1 import inventory_events_pb2 as events_pb2
+from tessera.inventory.v1 import inventory_service_pb2 as svc
+from tessera.inventory.v1 import product_pb2
+
+from tessera_inventory.adapters.orm import outbox, products, reservations, stock_adjustments
+from tessera_runtime.clients import error_details
+from tessera_runtime.db import Database
+from tests.integration.conftest_inventory import (
+    count_rows,
+    event_types,
+    inventory_service,
+    new_product,
+    reserve_request,
+)
+
+ACTIVE = product_pb2.RESERVATION_STATUS_ACTIVE
+COMMITTED = product_pb2.RESERVATION_STATUS_COMMITTED
+RELEASED = product_pb2.RESERVATION_STATUS_RELEASED
+EXPIRED = product_pb2.RESERVATION_STATUS_EXPIRED
+
+
+@pytest.fixture
+async def inventory(db_url):
+    async with inventory_service(db_url) as (stub, _):
+        yield stub
+
+
+async def failure(call) -> tuple[grpc.StatusCode, error_details_pb2.ErrorInfo, grpc.aio.AioRpcError]:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    info, _ = error_details(err.value)
+    assert info is not None and info.domain == "inventory.tessera.dev"
+    return err.value.code(), info, err.value
+
+
+def levels(p: product_pb2.Product) -> tuple[int, int, int]:
+    return p.stock_on_hand, p.stock_reserved, p.stock_available
+
+
+async def test_catalogue_round_trip_and_its_events(inventory, db_url):
+    request = new_product("LAMP-1", stock=3, description="A lamp")
+    created = (await inventory.CreateProduct(request)).product
+    assert (created.sku, created.version, levels(created)) == ("LAMP-1", 1, (3, 0, 3))
+    assert (await inventory.CreateProduct(request)).product == created
+    code, info, _ = await failure(inventory.CreateProduct(new_product("LAMP-1")))
+    assert (code, info.reason, dict(info.metadata)) == (grpc.StatusCode.ALREADY_EXISTS, "SKU_ALREADY_EXISTS",
+                                                        {"sku": "LAMP-1"})
+    code, info, _ = await failure(inventory.CreateProduct(new_product("LAMP-2", request_id=request.request_id)))
+    assert (code, info.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    other = (await inventory.CreateProduct(new_product("DESK-1", stock=0))).product
+
+    assert (await inventory.GetProduct(svc.GetProductRequest(id=created.id))).product == created
+    batch = await inventory.BatchGetProducts(svc.BatchGetProductsRequest(ids=[other.id, created.id, other.id]))
+    assert [p.sku for p in batch.products] == ["DESK-1", "LAMP-1", "DESK-1"]
+
+    updated = (await inventory.UpdateProduct(svc.UpdateProductRequest(
+        product=product_pb2.Product(id=created.id, name="Desk lamp", description="ignored",
+                                    price=money_pb2.Money(currency_code="USD", amount_minor=1)),
+        update_mask=field_mask_pb2.FieldMask(paths=["name", "price.currency_code"])))).product
+    assert (updated.name, updated.description, updated.price.currency_code, updated.price.amount_minor,
+            updated.version) == ("Desk lamp", "A lamp", "USD", 1999, 2)
+
+    adjusted = (await inventory.AdjustStock(svc.AdjustStockRequest(
+        product_id=other.id, delta=7, reason="Delivery 2024-117", request_id="adj-1"))).product
+    assert levels(adjusted) == (7, 0, 7) and adjusted.version == 2
+    again = (await inventory.AdjustStock(svc.AdjustStockRequest(
+        product_id=other.id, delta=7, reason="Delivery 2024-117", request_id="adj-1"))).product
+    assert again == adjusted
+    code, info, _ = await failure(inventory.AdjustStock(svc.AdjustStockRequest(
+        product_id=other.id, delta=-8, reason="Count", request_id="adj-2")))
+    assert (code, info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "STOCK_BELOW_RESERVED")
+    assert dict(info.metadata) == {"product_id": other.id, "stock_on_hand": "7", "stock_reserved": "0"}
+
+    first = await inventory.ListProducts(svc.ListProductsRequest(page_size=1))
+    second = await inventory.ListProducts(svc.ListProductsRequest(page_size=1, page_token=first.next_page_token))
+    assert [p.sku for p in (*first.products, *second.products)] == ["LAMP-1", "DESK-1"]
+    assert second.next_page_token == ""
+    in_stock = await inventory.ListProducts(svc.ListProductsRequest(in_stock_only=True, sku="DESK-1"))
+    assert [p.id for p in in_stock.products] == [other.id]
+
+    await inventory.DeleteProduct(svc.DeleteProductRequest(id=created.id))
+    code, info, _ = await failure(inventory.GetProduct(svc.GetProductRequest(id=created.id)))
+    assert (code, info.reason, dict(info.metadata)) == (grpc.StatusCode.NOT_FOUND, "PRODUCT_NOT_FOUND",
+                                                        {"product_id": created.id})
+    reused = (await inventory.CreateProduct(new_product("LAMP-1"))).product
+    assert reused.id != created.id
+    assert [p.sku for p in (await inventory.ListProducts(svc.ListProductsRequest())).products] == [
+        "DESK-1", "LAMP-1"]
+    assert await event_types(db_url, outbox) == ["ProductCreated", "ProductCreated", "ProductUpdated",
+                                                 "StockAdjusted", "ProductDeleted", "ProductCreated"]
+    db = Database(db_url)
+    try:
+        async with db.engine.connect() as conn:
+            payload = (await conn.execute(select(outbox.c.payload).where(
+                outbox.c.event_type == "tessera.inventory.v1.StockAdjusted"))).scalar_one()
+    finally:
+        await db.dispose()
+    event = events_pb2.StockAdjusted.FromString(payload)
+    assert (event.product_id, event.delta, event.stock_on_hand, event.request_id) == (other.id, 7, 7, "adj-1")
+
+
+def _invalid_cases(existing: str) -> list[tuple[str, object, str]]:
+    unknown = str(uuid.uuid4())
+    money = money_pb2.Money
+    mask = field_mask_pb2.FieldMask
+    return [
+        ("CreateProduct", new_product(""), "product.sku"),
+        ("CreateProduct", new_product("bad sku!"), "product.sku"),
+        ("CreateProduct", new_product("N", name=""), "product.name"),
+        ("CreateProduct", new_product("N", description="d" * 5001), "product.description"),
+        ("CreateProduct", new_product("N", price=None), "product.price"),
+        ("CreateProduct", new_product("N", price=money(currency_code="EURO", amount_minor=1)),
+         "product.price.currency_code"),
+        ("CreateProduct", new_product("N", amount=0), "product.price.amount_minor"),
+        ("CreateProduct", new_product("N", stock=-1), "product.stock_on_hand"),
+        ("CreateProduct", new_product("N", id=unknown), "product.id"),
+        ("CreateProduct", new_product("N", version=3), "product.version"),
+        ("CreateProduct", new_product("N", request_id="r" * 65), "request_id"),
+        ("GetProduct", svc.GetProductRequest(id="42"), "id"),
+        ("BatchGetProducts", svc.BatchGetProductsRequest(), "ids"),
+        ("BatchGetProducts", svc.BatchGetProductsRequest(ids=[existing, "nope"]), "ids[1]"),
+        ("ListProducts", svc.ListProductsRequest(page_size=-1), "page_size"),
+        ("ListProducts", svc.ListProductsRequest(page_token="garbage"), "page_token"),
+        ("ListProducts", svc.ListProductsRequest(sku="s" * 65), "sku"),
+        ("UpdateProduct", svc.UpdateProductRequest(product=product_pb2.Product(id=existing, name="x"),
+                                                   update_mask=mask()), "update_mask"),
+        ("UpdateProduct", svc.UpdateProductRequest(product=product_pb2.Product(id=existing, sku="x"),
+                                                   update_mask=mask(paths=["sku"])), "update_mask"),
+        ("UpdateProduct", svc.UpdateProductRequest(product=product_pb2.Product(id=existing),
+                                                   update_mask=mask(paths=["stock_available"])), "update_mask"),
+        ("UpdateProduct", svc.UpdateProductRequest(product=product_pb2.Product(id=existing, name=""),
+                                                   update_mask=mask(paths=["name"])), "product.name"),
+        ("UpdateProduct", svc.UpdateProductRequest(
+            product=product_pb2.Product(id=existing, price=money(currency_code="EUR", amount_minor=-1)),
+            update_mask=mask(paths=["price"])), "product.price.amount_minor"),
+        ("UpdateProduct", svc.UpdateProductRequest(product=product_pb2.Product(id="x", name="y"),
+                                                   update_mask=mask(paths=["name"])), "product.id"),
+        ("DeleteProduct", svc.DeleteProductRequest(id=""), "id"),
+        ("AdjustStock", svc.AdjustStockRequest(product_id=existing, delta=0, reason="r", request_id="a"), "delta"),
+        ("AdjustStock", svc.AdjustStockRequest(product_id=existing, delta=1, reason="", request_id="a"), "reason"),
+        ("AdjustStock", svc.AdjustStockRequest(product_id=existing, delta=1, reason="r"), "request_id"),
+        ("AdjustStock", svc.AdjustStockRequest(product_id="p", delta=1, reason="r", request_id="a"), "product_id"),
+        ("ReserveStock", reserve_request((existing, 1), order_id="order-1"), "order_id"),
+        ("ReserveStock", reserve_request(), "items"),
+        ("ReserveStock", reserve_request((existing, 0)), "items[0].quantity"),
+        ("ReserveStock", reserve_request((existing, 1_000_001)), "items[0].quantity"),
+        ("ReserveStock", reserve_request((existing, 1), ("x", 1)), "items[1].product_id"),
+        ("ReserveStock", reserve_request((existing, 1), (existing, 2)), "items[1].product_id"),
+        ("ReserveStock", reserve_request((existing, 1), ttl=duration_pb2.Duration(seconds=30)), "ttl"),
+        ("ReserveStock", reserve_request((existing, 1), ttl=duration_pb2.Duration(seconds=86_401)), "ttl"),
+        ("GetReservation", svc.GetReservationRequest(id="r"), "id"),
+        ("ReleaseReservation", svc.ReleaseReservationRequest(id=unknown, reason="x" * 501), "reason"),
+        ("CommitReservation", svc.CommitReservationRequest(id="c"), "id"),
+    ]
+
+
+async def test_each_invalid_field_is_named_and_nothing_is_written(inventory, db_url):
+    existing = (await inventory.CreateProduct(new_product("KEEP", stock=5))).product
+    for rpc, request, field in _invalid_cases(existing.id):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await getattr(inventory, rpc)(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (rpc, field, err.value.details())
+        info, bad = error_details(err.value)
+        assert info is not None and (info.reason, info.domain) == ("INVALID_ARGUMENT", "inventory.tessera.dev")
+        assert bad is not None and [v.field for v in bad.field_violations] == [field], (rpc, field)
+    assert (await inventory.GetProduct(svc.GetProductRequest(id=existing.id))).product == existing
+    assert await count_rows(db_url, products) == 1
+    assert await count_rows(db_url, reservations) == 0
+    assert await count_rows(db_url, stock_adjustments) == 0
+    assert await count_rows(db_url, outbox) == 1
+
+
+async def test_unknown_ids_are_not_found_with_their_reason(inventory):
+    missing = str(uuid.uuid4())
+    product_calls = [
+        inventory.GetProduct(svc.GetProductRequest(id=missing)),
+        inventory.BatchGetProducts(svc.BatchGetProductsRequest(ids=[missing])),
+        inventory.UpdateProduct(svc.UpdateProductRequest(product=product_pb2.Product(id=missing, name="n"),
+                                                         update_mask=field_mask_pb2.FieldMask(paths=["name"]))),
+        inventory.DeleteProduct(svc.DeleteProductRequest(id=missing)),
+        inventory.AdjustStock(svc.AdjustStockRequest(product_id=missing, delta=1, reason="r", request_id="x")),
+        inventory.ReserveStock(reserve_request((missing, 1))),
+    ]
+    for call in product_calls:
+        code, info, _ = await failure(call)
+        assert (code, info.reason, dict(info.metadata)) == (grpc.StatusCode.NOT_FOUND, "PRODUCT_NOT_FOUND",
+                                                            {"product_id": missing})
+    for call in (inventory.GetReservation(svc.GetReservationRequest(id=missing)),
+                 inventory.ReleaseReservation(svc.ReleaseReservationRequest(id=missing)),
+                 inventory.CommitReservation(svc.CommitReservationRequest(id=missing))):
+        code, info, _ = await failure(call)
+        assert (code, info.reason, dict(info.metadata)) == (grpc.StatusCode.NOT_FOUND, "RESERVATION_NOT_FOUND",
+                                                            {"reservation_id": missing})
+
+
+async def test_reservation_lifecycle(inventory, db_url):
+    lamp = (await inventory.CreateProduct(new_product("LAMP", stock=5))).product
+    desk = (await inventory.CreateProduct(new_product("DESK", stock=2))).product
+    order_id = str(uuid.uuid4())
+    held = (await inventory.ReserveStock(reserve_request((lamp.id, 3), (desk.id, 2), order_id=order_id,
+                                                         ttl=duration_pb2.Duration(seconds=120)))).reservation
+    assert held.status == ACTIVE and [i.product_id for i in held.items] == [lamp.id, desk.id]
+    assert held.expire_time.seconds - held.create_time.seconds in (119, 120)
+    repeat = (await inventory.ReserveStock(reserve_request((desk.id, 2), (lamp.id, 3),
+                                                           order_id=order_id))).reservation
+    assert repeat == held
+    code, info, _ = await failure(inventory.ReserveStock(reserve_request((lamp.id, 1), order_id=order_id)))
+    assert (code, info.reason, dict(info.metadata)) == (
+        grpc.StatusCode.ALREADY_EXISTS, "RESERVATION_MISMATCH", {"order_id": order_id, "reservation_id": held.id})
+    assert levels((await inventory.GetProduct(svc.GetProductRequest(id=lamp.id))).product) == (5, 3, 2)
+
+    code, info, err = await failure(inventory.ReserveStock(reserve_request((lamp.id, 2), (desk.id, 1))))
+    assert (code, info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_STOCK")
+    assert dict(info.metadata) == {"product_id": desk.id, "sku": "DESK", "requested": "1", "available": "0"}
+    status = status_pb2.Status.FromString(dict(err.trailing_metadata())["grpc-status-details-bin"])
+    failure_detail = error_details_pb2.PreconditionFailure()
+    assert any(d.Unpack(failure_detail) for d in status.details)
+    assert [(v.type, v.subject) for v in failure_detail.violations] == [("STOCK", desk.id)]
+    assert levels((await inventory.GetProduct(svc.GetProductRequest(id=lamp.id))).product) == (5, 3, 2), \
+        "the lamp units of a failed reservation stayed held"
+
+    code, info, _ = await failure(inventory.DeleteProduct(svc.DeleteProductRequest(id=lamp.id)))
+    assert (code, info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "PRODUCT_HAS_RESERVATIONS")
+
+    committed = (await inventory.CommitReservation(svc.CommitReservationRequest(id=held.id))).reservation
+    assert committed.status == COMMITTED and committed.HasField("commit_time")
+    assert (await inventory.CommitReservation(svc.CommitReservationRequest(id=held.id))).reservation == committed
+    assert levels((await inventory.GetProduct(svc.GetProductRequest(id=lamp.id))).product) == (2, 0, 2)
+    assert (await inventory.ReserveStock(reserve_request((lamp.id, 3), (desk.id, 2),
+                                                         order_id=order_id))).reservation.status == COMMITTED
+
+    returned = (await inventory.ReleaseReservation(svc.ReleaseReservationRequest(
+        id=held.id, reason="Order cancelled"))).reservation
+    assert returned.status == RELEASED and returned.HasField("commit_time") and returned.HasField("release_time")
+    assert levels((await inventory.GetProduct(svc.GetProductRequest(id=lamp.id))).product) == (5, 0, 5)
+    assert (await inventory.ReleaseReservation(svc.ReleaseReservationRequest(id=held.id))).reservation == returned
+    code, info, _ = await failure(inventory.CommitReservation(svc.CommitReservationRequest(id=held.id)))
+    assert (code, info.reason, dict(info.metadata)) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_NOT_ACTIVE",
+        {"reservation_id": held.id, "status": "RESERVATION_STATUS_RELEASED"})
+
+    second = (await inventory.ReserveStock(reserve_request((desk.id, 1)))).reservation
+    released = (await inventory.ReleaseReservation(svc.ReleaseReservationRequest(id=second.id))).reservation
+    assert released.status == RELEASED and not released.HasField("commit_time")
+    assert levels((await inventory.GetProduct(svc.GetProductRequest(id=desk.id))).product) == (2, 0, 2)
+    assert (await inventory.GetReservation(svc.GetReservationRequest(id=second.id))).reservation == released
+    assert (await event_types(db_url, outbox))[2:] == ["StockReserved", "ReservationCommitted", "StockReleased",
+                                                       "StockReserved", "StockReleased"]
+
+
+async def test_concurrent_reservations_of_the_last_units_never_oversell(inventory):
+    # Twenty orders race for 5 lamps and 7 desks, each taking one of each, half of them naming the products in
+    # the opposite order (which would deadlock row locks taken in request order).
+    lamp = (await inventory.CreateProduct(new_product("LAMP", stock=5))).product
+    desk = (await inventory.CreateProduct(new_product("DESK", stock=7))).product
+
+    async def order(i: int) -> grpc.StatusCode:
+        items = [(lamp.id, 1), (desk.id, 1)]
+        try:
+            await inventory.ReserveStock(reserve_request(*(items if i % 2 else items[::-1])), timeout=60)
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+        return grpc.StatusCode.OK
+
+    outcomes = await asyncio.gather(*(order(i) for i in range(20)))
+    assert outcomes.count(grpc.StatusCode.OK) == 5
+    assert outcomes.count(grpc.StatusCode.FAILED_PRECONDITION) == 15
+    got = (await inventory.BatchGetProducts(svc.BatchGetProductsRequest(ids=[lamp.id, desk.id]))).products
+    assert [levels(p) for p in got] == [(5, 5, 0), (7, 5, 2)]
+
+
+async def test_concurrent_repeats_for_one_order_make_one_reservation(inventory, db_url):
+    lamp = (await inventory.CreateProduct(new_product("LAMP", stock=50))).product
+    request = reserve_request((lamp.id, 3))
+    replies = await asyncio.gather(*(inventory.ReserveStock(request, timeout=60) for _ in range(8)))
+    assert len({r.reservation.id for r in replies}) == 1
+    assert levels((await inventory.GetProduct(svc.GetProductRequest(id=lamp.id))).product) == (50, 3, 47)
+    assert await count_rows(db_url, reservations) == 1
+
+
+async def test_sweeper_expires_a_reservation_and_gives_its_units_back(db_url):
+    env = {"TESSERA_RESERVATION_DEFAULT_TTL_SECONDS": "0.5", "TESSERA_RESERVATION_SWEEP_SECONDS": "0.1"}
+    async with inventory_service(db_url, **env) as (inventory, _):
+        lamp = (await inventory.CreateProduct(new_product("LAMP", stock=4))).product
+        held = (await inventory.ReserveStock(reserve_request((lamp.id, 3)))).reservation
+        assert held.status == ACTIVE
+        for _ in range(300):
+            got = (await inventory.GetReservation(svc.GetReservationRequest(id=held.id))).reservation
+            if got.status != ACTIVE:
+                break
+            await asyncio.sleep(0.05)
+        assert got.status == EXPIRED and got.HasField("release_time")
+        assert levels((await inventory.GetProduct(svc.GetProductRequest(id=lamp.id))).product) == (4, 0, 4)
+        code, info, _ = await failure(inventory.CommitReservation(svc.CommitReservationRequest(id=held.id)))
+        assert (code, info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_EXPIRED")
+        assert (await inventory.ReleaseReservation(svc.ReleaseReservationRequest(id=held.id))).reservation == got
+    db = Database(db_url)
+    try:
+        async with db.engine.connect() as conn:
+            payload = (await conn.execute(select(outbox.c.payload).where(
+                outbox.c.event_type == "tessera.inventory.v1.StockReleased"))).scalar_one()
+    finally:
+        await db.dispose()
+    event = events_pb2.StockReleased.FromString(payload)
+    assert event.reason == events_pb2.STOCK_RELEASE_REASON_EXPIRED and event.reservation.status == EXPIRED
+
+
+async def test_a_customer_cannot_change_the_catalogue(inventory):
+    customer = (("x-user-id", str(uuid.uuid4())), ("x-user-scopes", "order:write"))
+    code, info, _ = await failure(inventory.CreateProduct(new_product("X"), metadata=customer))
+    assert (code, info.reason) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
+    admin = (("x-user-id", "ops"), ("x-user-scopes", "admin"))
+    created = (await inventory.CreateProduct(new_product("X"), metadata=admin)).product
+    assert (await inventory.GetProduct(svc.GetProductRequest(id=created.id), metadata=customer)).product == created

@@ -1,0 +1,233 @@
+"""Broken copies of the manifests: each mistake is reported with the file and the field to fix."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tessera_deploy.checks import Problem
+from tests.support.k8s import copy_tree, describe, edit_yaml, validate_copy
+
+CANARY_VS = "k8s/components/canary-user-v2/virtual-service.yaml"
+PATCHED_VS = f"istio/virtual-services.yaml (patched by {CANARY_VS})"
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return copy_tree(tmp_path)
+
+
+def _one(problems: list[Problem], where: str, field: str, text: str) -> Problem:
+    hits = [p for p in problems if p.where == where and p.field == field and text in p.message]
+    assert hits, f"expected {where} {field} '{text}' among:\n{describe(problems)}"
+    return hits[0]
+
+
+def _canary_routes(tree, change) -> None:
+    edit_yaml(tree / CANARY_VS, "VirtualService", "user-service", lambda d: change(d["spec"]["http"]))
+
+
+def test_the_unbroken_copy_passes(tree):
+    assert validate_copy(tree, "canary") == []
+
+
+def test_wrong_subset_is_reported(tree):
+    def change(routes):
+        routes[0]["route"][0]["destination"]["subset"] = "v3"
+
+    _canary_routes(tree, change)
+    problems = validate_copy(tree, "canary")
+    problem = _one(problems, PATCHED_VS, "spec.http[0].route[0].destination.subset", "subset 'v3'")
+    assert "is not defined in any DestinationRule" in problem.message and "'v1', 'v2'" in problem.message
+
+
+def test_weights_that_do_not_sum_to_100_are_reported(tree):
+    def change(routes):
+        split = next(r for r in routes if r["name"] == "read")
+        split["route"][0]["weight"], split["route"][1]["weight"] = 90, 20
+
+    _canary_routes(tree, change)
+    problems = validate_copy(tree, "canary")
+    index = next(i for i, r in enumerate(yaml.safe_load((tree / CANARY_VS).read_text())["spec"]["http"])
+                 if r["name"] == "read")
+    _one(problems, PATCHED_VS, f"spec.http[{index}].route[*].weight", "sum to 110, not 100")
+    assert len(problems) == 1, describe(problems)
+
+
+def test_missing_probe_is_reported(tree):
+    def change(doc):
+        del doc["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+
+    edit_yaml(tree / "k8s/base/services/inventory.yaml", "Deployment", "inventory-service", change)
+    problems = validate_copy(tree, "prod")
+    _one(problems, "k8s/base/services/inventory.yaml", "spec.template.spec.containers[0].readinessProbe",
+         "has no readinessProbe")
+
+
+def test_bad_field_type_is_reported_by_the_kubernetes_schema(tree):
+    def change(doc):
+        doc["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "fifty"
+
+    edit_yaml(tree / "k8s/base/services/payment.yaml", "Deployment", "payment-service", change)
+    problems = validate_copy(tree, "prod")
+    _one(problems, "k8s/base/services/payment.yaml", "spec.template.spec.containers[0].ports[0].containerPort",
+         "'fifty' is not of type 'integer'")
+
+
+def test_bad_field_type_is_reported_by_the_istio_schema(tree):
+    def change(doc):
+        doc["spec"]["trafficPolicy"]["outlierDetection"]["consecutiveGatewayErrors"] = "five"
+
+    edit_yaml(tree / "istio/destination-rules.yaml", "DestinationRule", "order-service", change)
+    problems = validate_copy(tree, "prod")
+    _one(problems, "istio/destination-rules.yaml", "spec.trafficPolicy.outlierDetection.consecutiveGatewayErrors",
+         "'five' is not of type 'integer'")
+
+
+def test_misspelt_field_is_reported(tree):
+    def change(doc):
+        doc["spec"]["http"][0]["retries"]["attemps"] = doc["spec"]["http"][0]["retries"].pop("attempts")
+
+    edit_yaml(tree / "istio/virtual-services.yaml", "VirtualService", "order-service", change)
+    problems = validate_copy(tree, "prod")
+    _one(problems, "istio/virtual-services.yaml", "spec.http[0].retries", "'attemps' was unexpected")
+
+
+def test_subset_selecting_no_pods_is_reported(tree):
+    # The canary's v2 subset without the v2 Deployment: routes to pods that do not exist.
+    kustomization = tree / "k8s/components/canary-user-v2/kustomization.yaml"
+    kustomization.write_text(kustomization.read_text().replace("resources:\n  - deployment.yaml\n", ""))
+    problems = validate_copy(tree, "canary")
+    where = "istio/destination-rules.yaml (patched by k8s/components/canary-user-v2/destination-rule.yaml)"
+    _one(problems, where, "spec.subsets[1].labels", "subset 'v2' ({'version': 'v2'}) selects no pod template")
+
+
+def test_host_that_is_not_a_service_is_reported(tree):
+    def change(doc):
+        doc["spec"]["hosts"] = ["users.tessera.svc.cluster.local"]
+
+    edit_yaml(tree / "istio/virtual-services.yaml", "VirtualService", "user-service", change)
+    _one(validate_copy(tree, "prod"), "istio/virtual-services.yaml", "spec.hosts[0]",
+         "'users.tessera.svc.cluster.local' is not a Service")
+
+
+def test_port_without_a_protocol_istio_knows_is_reported(tree):
+    def change(doc):
+        doc["spec"]["ports"][0]["name"] = "api"
+        del doc["spec"]["ports"][0]["appProtocol"]
+
+    edit_yaml(tree / "k8s/base/services/order.yaml", "Service", "order-service", change)
+    problems = validate_copy(tree, "prod")
+    _one(problems, "k8s/base/services/order.yaml", "spec.ports[0].name", "gives Istio no protocol")
+    _one(problems, "k8s/base/services/order.yaml", "spec.ports", "has no port named 'grpc'")
+
+
+def test_probe_on_a_port_the_container_lacks_is_reported(tree):
+    def change(doc):
+        doc["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["port"] = 50099
+
+    edit_yaml(tree / "k8s/base/services/user.yaml", "Deployment", "user-service", change)
+    _one(validate_copy(tree, "prod"), "k8s/base/services/user.yaml",
+         "spec.template.spec.containers[0].livenessProbe.grpc.port", "port 50099 is not a port of container")
+
+
+def test_liveness_that_checks_dependencies_is_reported(tree):
+    def change(doc):
+        doc["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["service"] = ""
+
+    edit_yaml(tree / "k8s/base/services/user.yaml", "Deployment", "user-service", change)
+    _one(validate_copy(tree, "prod"), "k8s/base/services/user.yaml",
+         "spec.template.spec.containers[0].livenessProbe.grpc.service", "liveness must never check dependencies")
+
+
+def test_principal_that_is_not_a_service_account_is_reported(tree):
+    def change(doc):
+        doc["spec"]["rules"][0]["from"][0]["source"]["principals"].append("cluster.local/ns/tessera/sa/billing")
+
+    edit_yaml(tree / "istio/authorization-policies.yaml", "AuthorizationPolicy", "payment-service", change)
+    problems = validate_copy(tree, "prod")
+    _one(problems, "istio/authorization-policies.yaml", "spec.rules[0].from[0].source.principals[2]",
+         "names no ServiceAccount of this overlay")
+
+
+def test_network_policy_admitting_a_caller_the_mesh_refuses_is_reported(tree):
+    def change(doc):
+        doc["spec"]["ingress"][0]["from"].append({"podSelector": {"matchLabels": {"app": "payment-service"}}})
+
+    edit_yaml(tree / "k8s/base/services/user.yaml", "NetworkPolicy", "user-service", change)
+    _one(validate_copy(tree, "prod"), "k8s/base/services/user.yaml", "spec.ingress[*].from",
+         "lets ['order-service', 'payment-service', 'tessera-gateway'] reach port 50051")
+
+
+def test_latest_and_untagged_images_are_reported(tree):
+    prod = tree / "k8s/overlays/prod/kustomization.yaml"
+    prod.write_text(prod.read_text().replace("newTag: 0.1.0\n  - name: inventory-service", "newTag: latest\n"
+                                             "  - name: inventory-service", 1))
+    dev = tree / "k8s/overlays/dev/postgres.yaml"
+    dev.write_text(dev.read_text().replace("image: postgres:17.6-bookworm", "image: postgres"))
+    _one(validate_copy(tree, "prod"), "k8s/base/services/user.yaml", "spec.template.spec.containers[0].image",
+         "uses the tag latest")
+    _one(validate_copy(tree, "dev"), "k8s/overlays/dev/postgres.yaml", "spec.template.spec.containers[0].image",
+         "has no tag")
+
+
+def test_missing_pod_disruption_budget_and_limits_are_reported(tree):
+    path = tree / "k8s/base/services/notification.yaml"
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d["kind"] != "PodDisruptionBudget"]
+    del docs[1]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    problems = validate_copy(tree, "prod")
+    _one(problems, "k8s/base/services/notification.yaml", "(companions)", "no PodDisruptionBudget selects")
+    _one(problems, "k8s/base/services/notification.yaml", "spec.template.spec.containers[0].resources.limits.memory",
+         "is missing")
+
+
+def test_grace_period_shorter_than_drain_and_grace_is_reported(tree):
+    def change(doc):
+        doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 20
+
+    edit_yaml(tree / "k8s/base/services/order.yaml", "Deployment", "order-service", change)
+    _one(validate_copy(tree, "prod"), "k8s/base/services/order.yaml",
+         "spec.template.spec.terminationGracePeriodSeconds", "20s does not exceed drain + grace (5s + 20s)")
+
+
+def test_hand_edited_gateway_config_is_reported(tree):
+    generated = tree / "k8s/base/gateway/generated/envoy.yaml"
+    generated.write_text(generated.read_text() + "# tuned by hand\n")
+    problems = validate_copy(tree, "prod")
+    hit = [p for p in problems if p.field == "data[envoy.yaml]"]
+    assert len(hit) == 1 and "differs from `python -m tessera_gateway.generate --profile prod`" in hit[0].message
+    assert hit[0].where == "k8s/base/kustomization.yaml"
+
+
+def test_chaos_patch_on_a_renamed_route_fails_to_render(tree):
+    def change(doc):
+        doc["spec"]["http"][2]["name"] = "writes"
+
+    edit_yaml(tree / "istio/virtual-services.yaml", "VirtualService", "payment-service", change)
+    problems = validate_copy(tree, "chaos")
+    assert len(problems) == 1 and problems[0].field == "(render)", describe(problems)
+    assert "test failed" in problems[0].message and problems[0].where == "k8s/overlays/chaos"
+
+
+def test_gateway_upstream_that_no_service_serves_is_reported(tree):
+    def change(doc):
+        doc["spec"]["ports"][0]["port"] = 50061
+
+    edit_yaml(tree / "k8s/base/services/user.yaml", "Service", "user-service", change)
+    problems = validate_copy(tree, "prod")
+    _one(problems, "k8s/base/kustomization.yaml", "data[envoy.yaml].staticResources.clusters[user]",
+         "Service user-service has no port 50051")
+    _one(problems, "istio/virtual-services.yaml", "spec.http[0].route[0].destination.port.number",
+         "Service user-service has no port 50051")
+    _one(problems, "k8s/base/services/user.yaml", "spec.ports[0].port",
+         "is 50061, but user-service serves gRPC on 50051")
+
+
+def test_malformed_duration_is_reported(tree):
+    def change(doc):
+        doc["spec"]["http"][1]["timeout"] = "12"
+
+    edit_yaml(tree / "istio/virtual-services.yaml", "VirtualService", "inventory-service", change)
+    _one(validate_copy(tree, "prod"), "istio/virtual-services.yaml", "spec.http[1].timeout",
+         "'12' is not a duration of at least 1ms")

@@ -1,0 +1,262 @@
+"""The outbox relay against the real broker: order, AMQP properties, pipelined confirms, several replicas on
+PostgreSQL, a broker outage, unroutable events, and how a service attaches it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import MetaData, select, update
+from tessera.user.v1 import user_events_pb2
+
+from tessera_runtime.config import ServiceSettings
+from tessera_runtime.db import Database, utcnow
+from tessera_runtime.logs import correlation_id_var, request_id_var
+from tessera_runtime.messaging import MessagingSettings, attach_outbox_relay
+from tessera_runtime.messaging.relay import OutboxRelay
+from tessera_runtime.outbox import PendingEvent, outbox_table, write_events
+from tessera_runtime.server import HealthCheck, ServiceModule
+from tests.support import rabbitmq
+from tests.support.tcp_proxy import TcpProxy
+
+EXCHANGE = "tessera.events"
+FAST = MessagingSettings(outbox_poll_seconds=0.2, reconnect_max_seconds=0.5, outbox_batch_size=100)
+
+
+@pytest.fixture(scope="module")
+def vhost():
+    name = rabbitmq.create_vhost()
+    yield name
+    rabbitmq.delete_vhost(name)
+
+
+@pytest.fixture
+async def outbox(tmp_path):
+    metadata = MetaData()
+    table = outbox_table(metadata)
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")
+    async with db.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield db, table
+    await db.dispose()
+
+
+def activated(user_id: str) -> user_events_pb2.UserActivated:
+    return user_events_pb2.UserActivated(user_id=user_id)
+
+
+async def write(db: Database, table, events: list[PendingEvent]) -> None:
+    async with db.sessionmaker() as session, session.begin():
+        await write_events(session, table, events)
+
+
+async def unpublished(db: Database, table) -> int:
+    async with db.engine.connect() as conn:
+        return len((await conn.execute(select(table.c.seq).where(table.c.published_at.is_(None)))).all())
+
+
+def sample(name: str, service: str) -> float | None:
+    return REGISTRY.get_sample_value(name, {"service": service})
+
+
+async def eventually(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_publishes_every_row_in_order_with_its_properties_and_marks_it_after_the_confirm(vhost, outbox):
+    db, table = outbox
+    url = rabbitmq.amqp_url(vhost)
+    tap = rabbitmq.Tap(url, EXCHANGE)
+    trace_id = uuid.uuid4().hex
+    tokens = request_id_var.set("req-relay-1"), correlation_id_var.set("corr-relay-1")
+    try:
+        events = [PendingEvent("user", f"user-{i % 4}", activated(str(i))) for i in range(1000)]
+    finally:
+        request_id_var.reset(tokens[0])
+        correlation_id_var.reset(tokens[1])
+    for e in events:
+        e.headers.update(traceparent=f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01", tracestate="tessera=t")
+    await write(db, table, events)
+    service = f"relay-{uuid.uuid4().hex[:6]}"
+    relay = OutboxRelay(db, table, service=service, amqp_url=url, settings=FAST)
+    await relay.start()
+    try:
+        delivered = await tap.wait_for(1000)
+        await eventually(lambda: sample("tessera_outbox_backlog", service) == 0, "the backlog gauge to drop to 0")
+    finally:
+        await relay.stop()
+
+    assert [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered] == [
+        str(i) for i in range(1000)]
+    method, props, _ = delivered[7]
+    event = events[7]
+    assert method.routing_key == "tessera.user.v1.UserActivated"
+    assert (props.content_type, props.type, props.message_id, props.delivery_mode) == (
+        "application/x-protobuf", "tessera.user.v1.UserActivated", event.event_id, 2)
+    assert props.timestamp == int(event.created_at.timestamp())
+    assert props.correlation_id == "corr-relay-1" and props.app_id == service
+    headers = props.headers
+    assert (headers["x-aggregate-type"], headers["x-aggregate-id"]) == ("user", "user-3")
+    assert (headers["x-request-id"], headers["x-correlation-id"]) == ("req-relay-1", "corr-relay-1")
+    assert headers["traceparent"].split("-")[1] == trace_id and "tessera=t" in headers["tracestate"]
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(select(table.c.published_at, table.c.attempts))).all()
+    assert len(rows) == 1000 and all(r.published_at is not None and r.attempts == 1 for r in rows)
+    assert sample("tessera_outbox_oldest_unpublished_seconds", service) == 0
+    assert relay.status()["published_total"] == 1000
+
+
+async def test_two_replicas_on_postgresql_publish_each_event_once_in_order(vhost, pg_database):
+    _, url = pg_database
+    metadata = MetaData()
+    table = outbox_table(metadata)
+    db = Database(url)
+    async with db.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    amqp = rabbitmq.amqp_url(vhost)
+    tap = rabbitmq.Tap(amqp, EXCHANGE)
+    replicas = [OutboxRelay(db, table, service="replicas", amqp_url=amqp, settings=FAST) for _ in range(2)]
+    for relay in replicas:
+        await relay.start()
+    try:
+        for chunk in range(5):  # written while both relays run
+            await write(db, table, [PendingEvent("user", f"u{i % 3}", activated(str(chunk * 100 + i)))
+                                    for i in range(100)])
+        await write(db, table, [PendingEvent("user", "sentinel", activated("sentinel"))])
+        delivered = await tap.wait_for(501)
+        deadline = time.monotonic() + 30
+        while await unpublished(db, table):
+            assert time.monotonic() < deadline, "rows left unmarked"
+            await asyncio.sleep(0.05)
+    finally:
+        for relay in replicas:
+            await relay.stop()
+        await db.dispose()
+    ids = [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered]
+    # The sentinel comes last and nothing before it came twice: one replica at a time, in seq order.
+    assert ids == [str(i) for i in range(500)] + ["sentinel"]
+    assert sum(relay.status()["published_total"] for relay in replicas) == 501
+
+
+async def test_broker_outage_keeps_events_in_the_outbox_and_drains_them_when_it_returns(vhost, outbox, caplog):
+    db, table = outbox
+    proxy = TcpProxy(rabbitmq.HOST, rabbitmq.PORT).start()
+    tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
+    service = f"outage-{uuid.uuid4().hex[:6]}"
+    relay = OutboxRelay(db, table, service=service, amqp_url=rabbitmq.amqp_url(vhost, port=proxy.port),
+                        settings=FAST)
+    caplog.set_level(logging.INFO, logger="tessera.outbox")
+    await relay.start()
+    try:
+        await write(db, table, [PendingEvent("user", "a", activated("first"))])
+        await tap.wait_for(1)
+        proxy.cut()
+        await write(db, table, [PendingEvent("user", "a", activated(str(i))) for i in range(50)])
+        await eventually(lambda: sample("tessera_outbox_backlog", service) == 50, "the backlog gauge to show 50")
+        await eventually(lambda: any("events are kept in the outbox" in r.getMessage() for r in caplog.records),
+                         "the outage log line")
+        assert not relay.status()["connected"] and relay.status()["backlog"] == 50
+        assert sample("tessera_outbox_oldest_unpublished_seconds", service) > 0
+        proxy.restore()
+        await write(db, table, [PendingEvent("user", "a", activated("last"))])
+        delivered = await tap.wait_for(52)
+    finally:
+        await relay.stop()
+        proxy.close()
+    ids = [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered]
+    assert ids == ["first", *map(str, range(50)), "last"]
+    outage = next(r for r in caplog.records if "events are kept in the outbox" in r.getMessage())
+    assert outage.levelname == "WARNING" and outage.backlog in (0, 50)
+    assert any(r.getMessage().startswith("broker reachable again") for r in caplog.records)
+
+
+async def test_an_event_nobody_consumes_is_marked_published_counted_and_logged(vhost, outbox, caplog):
+    db, table = outbox
+    caplog.set_level(logging.WARNING, logger="tessera.outbox")
+    url = rabbitmq.amqp_url(vhost)
+    await asyncio.to_thread(_declare_exchange, url, "nobody.events")  # no queue is bound to it
+    await write(db, table, [PendingEvent("user", "a", activated("nobody")) for _ in range(3)])
+    relay = OutboxRelay(db, table, service="unrouted", amqp_url=url,
+                        settings=dataclasses.replace(FAST, events_exchange="nobody.events"))
+    await relay.start()
+    try:
+        deadline = time.monotonic() + 30
+        while await unpublished(db, table):  # returned by the broker, yet confirmed and marked
+            assert time.monotonic() < deadline, "the unroutable events were never marked published"
+            await asyncio.sleep(0.05)
+    finally:
+        await relay.stop()
+    assert relay.status()["unrouted_total"] == 3
+    warned = [r for r in caplog.records if "no queue is bound" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].event_type == "tessera.user.v1.UserActivated"  # once per event type
+
+
+async def test_published_rows_are_pruned_after_the_retention_and_unpublished_ones_never(outbox):
+    db, table = outbox
+    events = [PendingEvent("user", "a", activated(str(i))) for i in range(4)]
+    await write(db, table, events)
+    old, recent = utcnow() - dt.timedelta(hours=3), utcnow() - dt.timedelta(minutes=30)
+    async with db.engine.begin() as conn:
+        for event, published in zip(events, (old, old, recent, None), strict=True):
+            await conn.execute(update(table).where(table.c.event_id == event.event_id)
+                               .values(published_at=published))
+    relay = OutboxRelay(db, table, service="prune", amqp_url="amqp://unused",
+                        settings=dataclasses.replace(FAST, outbox_retention_hours=2))
+    assert await relay.prune_published() == 2
+    async with db.engine.connect() as conn:
+        left = {r.event_id for r in (await conn.execute(select(table.c.event_id))).all()}
+    assert left == {events[2].event_id, events[3].event_id}
+    kept = OutboxRelay(db, table, service="prune", amqp_url="amqp://unused",
+                       settings=dataclasses.replace(FAST, outbox_retention_hours=0))
+    assert await kept.prune_published() == 0
+
+
+def _declare_exchange(url: str, name: str) -> None:
+    with rabbitmq.blocking_connection(url) as connection:
+        connection.channel().exchange_declare(name, exchange_type="topic", durable=True)
+
+
+def _module() -> ServiceModule:
+    async def ping() -> bool:
+        return True
+
+    return ServiceModule(service_names=("x",), register=lambda server: None, domain="x",
+                         readiness_checks=(ping,), on_start=(ping,), on_stop=(ping,))
+
+
+async def test_attach_adds_start_and_stop_hooks_and_a_non_critical_broker_check(outbox):
+    db, table = outbox
+    settings = ServiceSettings.from_env("svc", 0, {})
+    module = _module()
+    relay = attach_outbox_relay(module, db, table, settings, messaging=MessagingSettings())
+    assert relay is not None
+    assert module.on_start[-1] == relay.start  # after the service's own start hooks (its migrations)
+    assert module.on_stop[-1] == relay.stop  # stop hooks run in reverse: before the database is disposed
+    check = module.readiness_checks[-1]
+    assert isinstance(check, HealthCheck) and check.name == "broker" and not check.critical
+
+    off = _module()
+    assert attach_outbox_relay(off, db, table, settings, messaging=MessagingSettings(outbox_relay=False)) is None
+    assert (len(off.on_start), len(off.on_stop), len(off.readiness_checks)) == (1, 1, 1)
+
+
+async def test_messaging_settings_come_from_the_service_settings_or_the_environment(monkeypatch):
+    from tessera_runtime.messaging.settings import MessagingServiceSettings, messaging_settings
+
+    settings = MessagingServiceSettings.from_env("svc", 0, {"TESSERA_EVENTS_EXCHANGE": "other.events",
+                                                            "TESSERA_OUTBOX_RELAY": "off"})
+    assert messaging_settings(settings) == MessagingSettings(events_exchange="other.events", outbox_relay=False)
+    monkeypatch.setenv("TESSERA_OUTBOX_BATCH_SIZE", "42")
+    assert messaging_settings(ServiceSettings.from_env("svc", 0, {})).outbox_batch_size == 42
+    assert json.dumps(messaging_settings(settings).consumer_retry_delays) == "[1.0, 5.0, 30.0, 120.0]"

@@ -1,0 +1,85 @@
+"""The mail adapters against a real SMTP server (STARTTLS, AUTH, refusals) and a real folder."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+
+import pytest
+
+from tessera_notification.adapters.mail import (
+    FileMailer,
+    OutgoingMail,
+    PermanentMailError,
+    SmtpMailer,
+    SmtpSettings,
+    TransientMailError,
+)
+from tests.support.smtp import SmtpSink
+
+SENDER = "Tessera <no-reply@tessera.dev>"
+MAIL = OutgoingMail(message_id="<n-1@tessera.dev>", to_address="ada@example.com", to_name="Ada Lovelace",
+                    subject="Welcome to Tessera, Ada Lovelace", body="Hello Ada,\n\nwelcome.\n",
+                    headers=(("X-Tessera-Notification-Id", "n-1"),))
+
+
+@pytest.fixture
+async def secure_smtp(tmp_path):
+    sink = await SmtpSink(tls_folder=tmp_path, username="tessera", password="s3cret").start()
+    yield sink
+    await sink.stop()
+
+
+def settings(sink: SmtpSink, **overrides) -> SmtpSettings:
+    values = dict(host="127.0.0.1", port=sink.port, username="tessera", password="s3cret", starttls=True,
+                  ca_file=str(sink.cert_file), timeout_seconds=5.0)
+    values.update(overrides)
+    return SmtpSettings(**values)
+
+
+async def test_sends_over_starttls_with_authentication(secure_smtp):
+    await SmtpMailer(settings(secure_smtp), SENDER).send(MAIL)
+    [message] = secure_smtp.messages
+    assert message["From"] == SENDER and message["To"] == "Ada Lovelace <ada@example.com>"
+    assert message["Subject"] == MAIL.subject and message["Message-ID"] == "<n-1@tessera.dev>"
+    assert message["X-Tessera-Notification-Id"] == "n-1" and message["Date"]
+    assert message.get_content() == MAIL.body
+
+
+@pytest.mark.parametrize("change", [
+    {"password": "wrong"},  # AUTH refused: a setting, retried (then dead-lettered) rather than dropped
+    {"ca_file": None},  # the server's certificate is not trusted
+    {"starttls": False},  # this server requires STARTTLS
+    {"port": 1},  # nobody listens
+])
+async def test_configuration_and_connection_problems_are_transient(secure_smtp, change):
+    with pytest.raises(TransientMailError):
+        await SmtpMailer(settings(secure_smtp, **change), SENDER).send(MAIL)
+    assert secure_smtp.messages == []
+
+
+async def test_a_refused_recipient_is_permanent_for_5xx_and_transient_for_4xx(secure_smtp):
+    mailer = SmtpMailer(settings(secure_smtp), SENDER)
+    secure_smtp.refuse["ada@example.com"] = (550, "5.1.1 no such user")
+    with pytest.raises(PermanentMailError, match=r"550 5\.1\.1 no such user"):
+        await mailer.send(MAIL)
+    secure_smtp.refuse["ada@example.com"] = (451, "4.2.0 try later")
+    with pytest.raises(TransientMailError, match="451"):
+        await mailer.send(MAIL)
+    assert secure_smtp.messages == []
+
+
+async def test_file_mailer_writes_one_eml_per_message(tmp_path):
+    folder = tmp_path / "mail"
+    await FileMailer(folder, SENDER).send(MAIL)
+    [written] = list(folder.iterdir())
+    assert written.suffix == ".eml" and "n-1" in written.name
+    message = email.message_from_bytes(written.read_bytes(), policy=email.policy.default)
+    assert message["Subject"] == MAIL.subject and message.get_content() == MAIL.body
+
+
+async def test_file_mailer_cannot_write_is_transient(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the folder should be")
+    with pytest.raises(TransientMailError):
+        await FileMailer(blocker, SENDER).send(MAIL)

@@ -1,0 +1,129 @@
+"""The order repository's saga leases on SQLite and PostgreSQL: one runner per saga, fenced writes, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+
+import pytest
+
+from tessera_order import bootstrap
+from tessera_order.adapters.repository import DuplicateRequestId, Lease, LeaseLost, SagaCaller
+from tessera_order.domain.model import Order, OrderItem, OrderStatus, StepName
+from tessera_order.service_layer.unit_of_work import OrderUnitOfWork
+from tessera_runtime.db import Database, utcnow
+from tessera_runtime.migrations import upgrade_async
+
+
+@pytest.fixture
+async def db(db_url):
+    await upgrade_async(bootstrap.MIGRATIONS, db_url)
+    database = Database(db_url)
+    yield database
+    await database.dispose()
+
+
+def lease(owner: str, seconds: float = 30) -> Lease:
+    return Lease(owner, utcnow() + dt.timedelta(seconds=seconds))
+
+
+async def stored_order(db: Database, owner: str = "runner-a", seconds: float = 30,
+                       caller: SagaCaller = SagaCaller()) -> Order:
+    order = Order.place(customer_id=str(uuid.uuid4()), items=(OrderItem(str(uuid.uuid4()), "Pen", "PEN", 2, 150),),
+                        currency_code="EUR", payment_method="pm", request_id=uuid.uuid4().hex, request_hash="h",
+                        now=utcnow())
+    async with OrderUnitOfWork(db) as uow:
+        await uow.orders.add(order, lease(owner, seconds), caller)
+        await uow.commit()
+    return order
+
+
+async def test_a_held_lease_fences_every_other_runner(db):
+    order = await stored_order(db, owner="runner-a")
+    async with OrderUnitOfWork(db) as uow:
+        assert not await uow.orders.acquire_lease(order.id, lease("runner-b"), utcnow())
+        assert await uow.orders.acquire_lease(order.id, lease("runner-a"), utcnow()), "the holder may renew"
+        await uow.commit()
+    order.start_step(StepName.RESERVE_STOCK, utcnow())
+    async with OrderUnitOfWork(db) as uow:
+        with pytest.raises(LeaseLost):
+            await uow.orders.save(order, lease("runner-b"))
+    async with OrderUnitOfWork(db) as uow:
+        await uow.orders.save(order, lease("runner-a"))
+        await uow.commit()
+    async with OrderUnitOfWork(db) as uow:
+        stored = await uow.orders.get(order.id)
+    assert stored.version == 2 and stored.steps[StepName.RESERVE_STOCK].attempts == 1
+    assert stored.current_step is StepName.RESERVE_STOCK
+
+
+async def test_an_expired_lease_is_taken_over_and_the_old_runner_can_no_longer_write(db):
+    order = await stored_order(db, owner="runner-a", seconds=-1)
+    async with OrderUnitOfWork(db) as uow:
+        assert await uow.orders.claimable(utcnow(), 10) == [order.id]
+        assert await uow.orders.acquire_lease(order.id, lease("runner-b"), utcnow())
+        await uow.commit()
+    async with OrderUnitOfWork(db) as uow:
+        assert await uow.orders.claimable(utcnow(), 10) == []
+    order.start_step(StepName.RESERVE_STOCK, utcnow())
+    async with OrderUnitOfWork(db) as uow:
+        with pytest.raises(LeaseLost):
+            await uow.orders.save(order, lease("runner-a"))
+    async with OrderUnitOfWork(db) as uow:
+        fresh = await uow.orders.get(order.id)
+        await uow.orders.save(fresh, lease("runner-b"))
+        await uow.commit()
+    async with OrderUnitOfWork(db) as uow:
+        with pytest.raises(LeaseLost):  # an outdated copy is refused even for the holder
+            await uow.orders.save(order, lease("runner-b"))
+
+
+async def test_of_many_runners_racing_for_an_expired_lease_exactly_one_wins(db):
+    order = await stored_order(db, seconds=-1)
+
+    async def try_acquire(owner: str) -> bool:
+        async with OrderUnitOfWork(db) as uow:
+            won = await uow.orders.acquire_lease(order.id, lease(owner), utcnow())
+            await uow.commit()
+        return won
+
+    results = await asyncio.gather(*(try_acquire(f"runner-{i}") for i in range(6)))
+    assert results.count(True) == 1
+
+
+async def test_released_leases_make_unfinished_sagas_claimable_with_their_caller(db):
+    caller = SagaCaller(subject="customer-1", scopes=("orders", "read"), correlation_id="corr-9")
+    first = await stored_order(db, owner="runner-a", caller=caller)
+    second = await stored_order(db, owner="runner-a")
+    async with OrderUnitOfWork(db) as uow:
+        assert await uow.orders.claimable(utcnow(), 10) == []
+        assert await uow.orders.release_leases("runner-a") == 2
+        await uow.commit()
+    async with OrderUnitOfWork(db) as uow:
+        assert set(await uow.orders.claimable(utcnow(), 10)) == {first.id, second.id}
+        assert await uow.orders.caller(first.id) == caller
+        finished = await uow.orders.get(second.id)
+    for step in (StepName.RESERVE_STOCK, StepName.PROCESS_PAYMENT, StepName.CONFIRM_ORDER):
+        finished.start_step(step, utcnow())
+        if step is StepName.CONFIRM_ORDER:
+            finished.confirm(utcnow())
+        else:
+            finished.complete_step(step, utcnow())
+    async with OrderUnitOfWork(db) as uow:
+        assert await uow.orders.acquire_lease(second.id, lease("runner-b"), utcnow())
+        await uow.orders.save(finished, lease("runner-b"))
+        await uow.orders.release_lease(second.id, "runner-b")
+        await uow.commit()
+    async with OrderUnitOfWork(db) as uow:
+        assert await uow.orders.claimable(utcnow(), 10) == [first.id], "a CONFIRMED order has nothing to resume"
+        assert (await uow.orders.get(second.id)).status is OrderStatus.CONFIRMED
+
+
+async def test_request_id_is_unique(db):
+    order = await stored_order(db)
+    twin = Order.place(customer_id=order.customer_id, items=order.items, currency_code="EUR", payment_method="pm",
+                       request_id=order.request_id, request_hash="h", now=utcnow())
+    async with OrderUnitOfWork(db) as uow:
+        with pytest.raises(DuplicateRequestId):
+            await uow.orders.add(twin, lease("runner-b"), SagaCaller())

@@ -1,0 +1,458 @@
+"""The order service and its CreateOrder saga against real user, inventory and payment servers over real channels,
+with the order database on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+from tessera.inventory.v1 import product_pb2
+from tessera.order.v1 import order_events_pb2, order_pb2
+from tessera.order.v1 import order_service_pb2 as svc
+from tessera.payment.v1 import payment_pb2
+
+from tessera_order.adapters.downstream import GrpcCustomerDirectory, GrpcInventory, GrpcPayments
+from tessera_order.adapters.orm import order_items, order_saga_steps, order_sagas, orders, outbox
+from tessera_order.service_layer.ports import Downstream
+from tessera_runtime.clients import error_details, open_channel
+from tessera_runtime.db import Database
+from tests.support.order_stack import InProcessOrder, Neighbours, count_rows
+from tests.support.tcp_proxy import TcpProxy
+
+EUR = "EUR"
+STEP = order_pb2.SagaStepName
+STATUS = order_pb2.SagaStepStatus
+
+
+@pytest.fixture(scope="module")
+async def neighbours(tmp_path_factory):
+    stack = await Neighbours(tmp_path_factory.mktemp("order-neighbours")).start()
+    yield stack
+    await stack.stop()
+
+
+@pytest.fixture
+async def order_service(neighbours, db_url):
+    service = await InProcessOrder.start(neighbours.order_env(db_url))
+    yield service
+    await service.stop()
+
+
+def request(customer: str, *items: tuple[str, int], method: str = "pm_sandbox_ok", currency: str = EUR,
+            request_id: str | None = None) -> svc.CreateOrderRequest:
+    return svc.CreateOrderRequest(
+        customer_id=customer, payment_method=method, currency_code=currency, request_id=request_id or uuid.uuid4().hex,
+        items=[svc.CreateOrderRequest.Item(product_id=p, quantity=q) for p, q in items])
+
+
+async def create(order_service, req: svc.CreateOrderRequest, timeout: float = 20) -> order_pb2.Order:
+    return (await order_service.stub.CreateOrder(req, timeout=timeout)).order
+
+
+async def create_fails(order_service, req: svc.CreateOrderRequest, code: grpc.StatusCode, reason: str):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await order_service.stub.CreateOrder(req, timeout=20)
+    info, bad = error_details(caught.value)
+    assert (caught.value.code(), info.reason, info.domain) == (code, reason, "order.tessera.dev"), caught.value
+    return info, bad
+
+
+async def get(order_service, order_id: str) -> order_pb2.Order:
+    return (await order_service.stub.GetOrder(svc.GetOrderRequest(id=order_id))).order
+
+
+def saga(order: order_pb2.Order) -> dict[str, str]:
+    return {STEP.Name(s.name).removeprefix("SAGA_STEP_NAME_"): STATUS.Name(s.status).removeprefix("SAGA_STEP_STATUS_")
+            for s in order.saga}
+
+
+async def events(db_url: str) -> list[str]:
+    db = Database(db_url)
+    try:
+        async with db.engine.connect() as conn:
+            rows = (await conn.execute(outbox.select().order_by(outbox.c.seq))).all()
+    finally:
+        await db.dispose()
+    return [r._mapping["event_type"].rsplit(".", 1)[1] for r in rows]
+
+
+async def test_happy_path_confirms_charges_and_sells_the_stock(order_service, neighbours, db_url):
+    customer = await neighbours.customer()
+    pen, ink = await neighbours.product(10, price=1250), await neighbours.product(4, price=399)
+    order = await create(order_service, request(customer, (pen, 2), (ink, 3)))
+    assert order.status == order_pb2.ORDER_STATUS_CONFIRMED
+    assert order.total.amount_minor == 2 * 1250 + 3 * 399 and order.total.currency_code == EUR
+    assert [(i.quantity, i.unit_price.amount_minor, i.line_total.amount_minor) for i in order.items] == [
+        (2, 1250, 2500), (3, 399, 1197)]
+    assert set(saga(order).values()) == {"SUCCEEDED"} and order.HasField("confirm_time")
+    pen_now, ink_now = await neighbours.stock(pen), await neighbours.stock(ink)
+    assert (pen_now.stock_on_hand, pen_now.stock_reserved, ink_now.stock_on_hand) == (8, 0, 1)
+    assert (await neighbours.reservation(order.reservation_id)).status == product_pb2.RESERVATION_STATUS_COMMITTED
+    [payment] = await neighbours.order_payments(order.id)
+    assert payment.status == payment_pb2.PAYMENT_STATUS_SUCCEEDED and payment.id == order.payment_id
+    assert payment.amount.amount_minor == order.total.amount_minor and payment.idempotency_key == f"order:{order.id}"
+    assert await get(order_service, order.id) == order
+    assert await events(db_url) == ["OrderCreated", "OrderConfirmed"]
+
+
+# Failures before the order is stored: no order exists afterwards.
+
+async def test_unknown_customer(order_service, neighbours, db_url):
+    product = await neighbours.product(5)
+    info, _ = await create_fails(order_service, request(str(uuid.uuid4()), (product, 1)),
+                                 grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND")
+    assert "order_id" not in info.metadata
+    assert await count_rows(db_url, orders) == 0
+
+
+async def test_inactive_customer(order_service, neighbours, db_url):
+    customer, product = await neighbours.customer(active=False), await neighbours.product(5)
+    info, _ = await create_fails(order_service, request(customer, (product, 1)),
+                                 grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_INACTIVE")
+    assert info.metadata["customer_id"] == customer
+    assert await count_rows(db_url, orders) == 0 and await neighbours.customer_payments(customer) == []
+
+
+async def test_unknown_product(order_service, neighbours, db_url):
+    customer, product, missing = await neighbours.customer(), await neighbours.product(5), str(uuid.uuid4())
+    info, _ = await create_fails(order_service, request(customer, (product, 1), (missing, 1)),
+                                 grpc.StatusCode.NOT_FOUND, "PRODUCT_NOT_FOUND")
+    assert dict(info.metadata) == {"product_id": missing}
+    assert await count_rows(db_url, orders) == 0 and (await neighbours.stock(product)).stock_reserved == 0
+
+
+# Failures after the order is stored: the order ends FAILED and every completed step is undone.
+
+async def test_insufficient_stock(order_service, neighbours, db_url):
+    customer, product = await neighbours.customer(), await neighbours.product(2)
+    info, _ = await create_fails(order_service, request(customer, (product, 3)),
+                                 grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_STOCK")
+    assert (info.metadata["product_id"], info.metadata["requested"], info.metadata["available"]) == (product, "3", "2")
+    order = await get(order_service, info.metadata["order_id"])
+    assert order.status == order_pb2.ORDER_STATUS_FAILED and order.failure.reason == "INSUFFICIENT_STOCK"
+    assert order.failure.step == STEP.SAGA_STEP_NAME_RESERVE_STOCK
+    assert saga(order)["RESERVE_STOCK"] == "FAILED" and saga(order)["CREATE_ORDER"] == "COMPENSATED"
+    assert await neighbours.order_payments(order.id) == []
+    stock = await neighbours.stock(product)
+    assert (stock.stock_on_hand, stock.stock_reserved) == (2, 0)
+    assert await events(db_url) == ["OrderCreated", "OrderFailed"]
+
+
+async def test_declined_payment_releases_the_stock(order_service, neighbours):
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    info, _ = await create_fails(order_service, request(customer, (product, 2), method="pm_sandbox_declined"),
+                                 grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_DECLINED")
+    assert info.metadata["decline_code"] == "card_declined"
+    order = await get(order_service, info.metadata["order_id"])
+    assert order.status == order_pb2.ORDER_STATUS_FAILED and order.payment_id == ""
+    assert saga(order)["PROCESS_PAYMENT"] == "FAILED" and saga(order)["RESERVE_STOCK"] == "COMPENSATED"
+    assert (await neighbours.reservation(order.reservation_id)).status == product_pb2.RESERVATION_STATUS_RELEASED
+    [payment] = await neighbours.order_payments(order.id)
+    assert payment.status == payment_pb2.PAYMENT_STATUS_DECLINED and payment.id == info.metadata["payment_id"]
+    stock = await neighbours.stock(product)
+    assert (stock.stock_on_hand, stock.stock_reserved) == (5, 0)
+
+
+async def test_transient_payment_failure_is_retried_then_succeeds(order_service, neighbours):
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    order = await create(order_service, request(customer, (product, 1), method="pm_sandbox_transient"))
+    assert order.status == order_pb2.ORDER_STATUS_CONFIRMED
+    [payment] = await neighbours.order_payments(order.id)
+    assert payment.status == payment_pb2.PAYMENT_STATUS_SUCCEEDED and payment.attempts >= 2
+    assert (await neighbours.stock(product)).stock_on_hand == 4
+
+
+@pytest.mark.parametrize("payment_deadline", ["5", "0.2"], ids=["processor-timeout", "own-deadline"])
+async def test_payment_timeout_fails_the_order_and_takes_no_money(neighbours, db_url, payment_deadline):
+    # Either the payment service's processor timeout (0.5 s) answers first, or the order service's own deadline on
+    # the call does, while the charge is still PENDING: compensation then waits for it to settle.
+    service = await InProcessOrder.start(neighbours.order_env(
+        db_url, TESSERA_ORDER_PAYMENT_DEADLINE_SECONDS=payment_deadline, TESSERA_ORDER_COMPENSATION_MAX_ATTEMPTS="30"))
+    try:
+        customer, product = await neighbours.customer(), await neighbours.product(5)
+        info, _ = await create_fails(service, request(customer, (product, 2), method="pm_sandbox_timeout"),
+                                     grpc.StatusCode.DEADLINE_EXCEEDED, "PAYMENT_TIMEOUT")
+        order = await get(service, info.metadata["order_id"])
+    finally:
+        await service.stop()
+    assert order.status == order_pb2.ORDER_STATUS_FAILED and order.failure.reason == "PAYMENT_TIMEOUT"
+    assert order.payment_id == "" and saga(order)["PROCESS_PAYMENT"] == "FAILED"
+    assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_FAILED]
+    assert (await neighbours.reservation(order.reservation_id)).status == product_pb2.RESERVATION_STATUS_RELEASED
+    assert (await neighbours.stock(product)).stock_available == 5
+
+
+class ReleasingInventory(GrpcInventory):
+    """The real inventory client, except that the reservation is released (as if it expired) just before the
+    saga commits it."""
+
+    async def commit_reservation(self, reservation_id: str):
+        await super().release_reservation(reservation_id, "released before the commit")
+        return await super().commit_reservation(reservation_id)
+
+
+async def test_failure_at_confirmation_refunds_the_payment(neighbours, db_url):
+    channels = [open_channel(neighbours.address(s), []) for s in ("user", "inventory", "payment")]
+    downstream = Downstream(GrpcCustomerDirectory(channels[0]), ReleasingInventory(channels[1]),
+                            GrpcPayments(channels[2], 5.0))
+    service = await InProcessOrder.start(neighbours.order_env(db_url), downstream=downstream)
+    try:
+        customer, product = await neighbours.customer(), await neighbours.product(5)
+        info, _ = await create_fails(service, request(customer, (product, 2)),
+                                     grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_EXPIRED")
+        order = await get(service, info.metadata["order_id"])
+    finally:
+        await service.stop()
+        for channel in channels:
+            await channel.close()
+    assert order.status == order_pb2.ORDER_STATUS_FAILED and order.failure.step == STEP.SAGA_STEP_NAME_CONFIRM_ORDER
+    assert saga(order) == {"VALIDATE_CUSTOMER": "SUCCEEDED", "CREATE_ORDER": "COMPENSATED",
+                           "RESERVE_STOCK": "COMPENSATED", "PROCESS_PAYMENT": "COMPENSATED",
+                           "CONFIRM_ORDER": "FAILED"}
+    [payment] = await neighbours.order_payments(order.id)
+    assert payment.status == payment_pb2.PAYMENT_STATUS_REFUNDED and payment.id == order.payment_id
+    stock = await neighbours.stock(product)
+    assert (stock.stock_on_hand, stock.stock_reserved) == (5, 0)
+    failed = [e for e in await events(db_url) if e == "OrderFailed"]
+    assert failed == ["OrderFailed"]
+
+
+# Idempotency, bad input, concurrency.
+
+async def test_same_request_id_places_one_order_and_one_payment(order_service, neighbours, db_url):
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    req = request(customer, (product, 1))
+    first = await create(order_service, req)
+    again = await create(order_service, req)
+    assert again == first
+    assert len(await neighbours.order_payments(first.id)) == 1 and await count_rows(db_url, orders) == 1
+    assert (await neighbours.stock(product)).stock_on_hand == 4
+    other = request(customer, (product, 2), request_id=req.request_id)
+    info, _ = await create_fails(order_service, other, grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    assert info.metadata["order_id"] == first.id
+
+
+async def test_concurrent_repeats_of_one_request_place_one_order(order_service, neighbours, db_url):
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    req = request(customer, (product, 1))
+    outcomes = await asyncio.gather(*(create(order_service, req) for _ in range(4)), return_exceptions=True)
+    placed = {o.id for o in outcomes if isinstance(o, order_pb2.Order)}
+    busy = [error_details(o)[0].reason for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(placed) == 1 and set(busy) <= {"ORDER_IN_PROGRESS"}, outcomes
+    assert await count_rows(db_url, orders) == 1
+    [order_id] = placed
+    assert len(await neighbours.order_payments(order_id)) == 1
+    assert (await neighbours.stock(product)).stock_on_hand == 4
+
+
+BAD_INPUT = [
+    (lambda r: r.ClearField("items"), ["items"]),
+    (lambda r: setattr(r.items[0], "quantity", 0), ["items[0].quantity"]),
+    (lambda r: setattr(r.items[0], "quantity", -2), ["items[0].quantity"]),
+    (lambda r: setattr(r, "currency_code", "XXZ"), ["currency_code"]),
+    (lambda r: setattr(r, "customer_id", "customer-1"), ["customer_id"]),
+    (lambda r: setattr(r.items[0], "product_id", "p1"), ["items[0].product_id"]),
+    (lambda r: (setattr(r, "customer_id", ""), setattr(r, "request_id", "")), ["customer_id", "request_id"]),
+]
+
+
+async def test_bad_input_is_refused_and_creates_nothing(order_service, neighbours, db_url):
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    for mutate, fields in BAD_INPUT:
+        req = request(customer, (product, 1))
+        mutate(req)
+        _, bad = await create_fails(order_service, req, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        assert [v.field for v in bad.field_violations] == fields
+    assert await count_rows(db_url, orders) == 0
+    assert (await neighbours.stock(product)).stock_reserved == 0
+    assert await neighbours.customer_payments(customer) == []
+
+
+async def test_parallel_orders_for_the_last_units_sell_exactly_the_stock(order_service, neighbours, db_url):
+    customers = [await neighbours.customer() for _ in range(8)]
+    product = await neighbours.product(3)
+    outcomes = await asyncio.gather(*(create(order_service, request(c, (product, 1)), timeout=60) for c in customers),
+                                    return_exceptions=True)
+    confirmed = [o for o in outcomes if isinstance(o, order_pb2.Order)]
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(confirmed) == 3 and len(refused) == 5, outcomes
+    assert all(error_details(e)[0].reason == "INSUFFICIENT_STOCK" for e in refused)
+    stock = await neighbours.stock(product)
+    assert (stock.stock_on_hand, stock.stock_reserved, stock.stock_available) == (0, 0, 0)
+    assert await count_rows(db_url, orders, orders.c.status == "CONFIRMED") == 3
+    assert await count_rows(db_url, orders, orders.c.status == "FAILED") == 5
+    for order in confirmed:
+        assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_SUCCEEDED]
+
+
+# Reads, cancellation and who may do what.
+
+async def test_list_orders_newest_first_in_stable_pages(order_service, neighbours):
+    customer, other, product = await neighbours.customer(), await neighbours.customer(), await neighbours.product(20)
+    placed = [await create(order_service, request(customer, (product, 1))) for _ in range(3)]
+    await create(order_service, request(other, (product, 1)))
+    first = await order_service.stub.ListOrders(svc.ListOrdersRequest(customer_id=customer, page_size=2))
+    assert [o.id for o in first.orders] == [placed[2].id, placed[1].id] and first.next_page_token
+    await create(order_service, request(customer, (product, 1)))
+    second = await order_service.stub.ListOrders(svc.ListOrdersRequest(customer_id=customer, page_size=2,
+                                                                       page_token=first.next_page_token))
+    assert [o.id for o in second.orders] == [placed[0].id] and second.next_page_token == ""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await order_service.stub.ListOrders(svc.ListOrdersRequest(customer_id=other, page_size=2,
+                                                                  page_token=first.next_page_token))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_cancel_refunds_and_restocks(order_service, neighbours, db_url):
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    order = await create(order_service, request(customer, (product, 2)))
+    cancelled = (await order_service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id, reason="Changed my mind"),
+                                                      timeout=20)).order
+    assert cancelled.status == order_pb2.ORDER_STATUS_CANCELLED and cancelled.cancel_reason == "Changed my mind"
+    assert not cancelled.HasField("failure") and cancelled.HasField("cancel_time")
+    assert saga(cancelled)["CONFIRM_ORDER"] == "COMPENSATED" and saga(cancelled)["PROCESS_PAYMENT"] == "COMPENSATED"
+    [payment] = await neighbours.order_payments(order.id)
+    assert payment.status == payment_pb2.PAYMENT_STATUS_REFUNDED
+    stock = await neighbours.stock(product)
+    assert (stock.stock_on_hand, stock.stock_reserved) == (5, 0)
+    again = (await order_service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id))).order
+    assert again == cancelled
+    assert (await events(db_url))[-1] == "OrderCancelled"
+    # A repeat of the CreateOrder returns the order as it is now.
+    assert (await create(order_service, request(customer, (product, 2), request_id=order.request_id))) == cancelled
+
+
+async def test_cancel_is_refused_for_a_failed_order(order_service, neighbours):
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    info, _ = await create_fails(order_service, request(customer, (product, 1), method="pm_sandbox_declined"),
+                                 grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_DECLINED")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await order_service.stub.CancelOrder(svc.CancelOrderRequest(id=info.metadata["order_id"]))
+    cancel_info, _ = error_details(caught.value)
+    assert (caught.value.code(), cancel_info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ORDER_NOT_CANCELLABLE")
+    assert cancel_info.metadata["status"] == "ORDER_STATUS_FAILED"
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await get(order_service, str(uuid.uuid4()))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_customers_act_only_for_themselves_and_the_identity_reaches_the_other_services(
+        order_service, neighbours):
+    customer, stranger, product = await neighbours.customer(), await neighbours.customer(), await neighbours.product(5)
+    as_customer = (("x-user-id", customer), ("x-user-scopes", "orders"))
+    order = (await order_service.stub.CreateOrder(request(customer, (product, 1)), metadata=as_customer,
+                                                  timeout=20)).order
+    assert order.status == order_pb2.ORDER_STATUS_CONFIRMED  # payment and inventory accepted the customer's identity
+    as_stranger = (("x-user-id", stranger),)
+    for call in (order_service.stub.GetOrder(svc.GetOrderRequest(id=order.id), metadata=as_stranger),
+                 order_service.stub.CreateOrder(request(customer, (product, 1)), metadata=as_stranger)):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    listed = await order_service.stub.ListOrders(svc.ListOrdersRequest(), metadata=as_stranger)
+    assert list(listed.orders) == []
+
+
+async def test_order_confirmed_event_carries_the_receipt(order_service, neighbours, db_url):
+    customer, product = await neighbours.customer(), await neighbours.product(5, price=700)
+    order = await create(order_service, request(customer, (product, 3)))
+    db = Database(db_url)
+    try:
+        async with db.engine.connect() as conn:
+            row = (await conn.execute(outbox.select().where(
+                outbox.c.event_type == "tessera.order.v1.OrderConfirmed"))).one()
+            assert await conn.scalar(order_items.select().with_only_columns(order_items.c.quantity)) == 3
+            assert (await conn.execute(order_sagas.select())).one()._mapping["lease_owner"] is None
+            assert len((await conn.execute(order_saga_steps.select())).all()) == 5
+    finally:
+        await db.dispose()
+    event = order_events_pb2.OrderConfirmed.FromString(row._mapping["payload"])
+    assert (event.order_id, event.customer_id, event.payment_id) == (order.id, customer, order.payment_id)
+    assert event.total.amount_minor == 2100 and event.items[0].product_name == order.items[0].product_name
+    assert row._mapping["aggregate_id"] == order.id
+
+
+# A dependency that cannot be reached during compensation.
+
+@pytest.fixture
+async def payment_proxy(neighbours):
+    host, port = neighbours.address("payment").split(":")
+    proxy = TcpProxy(host, int(port)).start()
+    yield proxy
+    proxy.close()
+
+
+async def service_behind(neighbours, db_url, proxy, **env):
+    return await InProcessOrder.start(neighbours.order_env(
+        db_url, TESSERA_PAYMENT_SERVICE_ADDR=f"127.0.0.1:{proxy.port}", **env))
+
+
+async def wait_for(service, order_id: str, status: int, timeout: float = 30) -> order_pb2.Order:
+    deadline = time.monotonic() + timeout
+    while (order := await get(service, order_id)).status != status:
+        assert time.monotonic() < deadline, order
+        await asyncio.sleep(0.05)
+    return order
+
+
+async def test_cancel_while_payment_is_unreachable_continues_when_it_returns(neighbours, db_url, payment_proxy):
+    service = await service_behind(neighbours, db_url, payment_proxy,
+                                   TESSERA_ORDER_RETRY_INITIAL_BACKOFF_SECONDS="0.5",
+                                   TESSERA_ORDER_RETRY_MAX_BACKOFF_SECONDS="0.5",
+                                   TESSERA_ORDER_COMPENSATION_MAX_ATTEMPTS="40")
+    try:
+        customer, product = await neighbours.customer(), await neighbours.product(5)
+        order = await create(service, request(customer, (product, 2)))
+        payment_proxy.cut()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id, reason="Too late"), timeout=20)
+        info, _ = error_details(caught.value)
+        assert (caught.value.code(), info.reason) == (grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE")
+        assert dict(info.metadata) == {"order_id": order.id, "service": "payment"}
+        pending = await get(service, order.id)
+        assert pending.status == order_pb2.ORDER_STATUS_COMPENSATING and pending.cancel_reason == "Too late"
+        assert saga(pending)["CONFIRM_ORDER"] == "COMPENSATED" and saga(pending)["PROCESS_PAYMENT"] == "SUCCEEDED"
+        assert next(s.error for s in pending.saga if s.name == STEP.SAGA_STEP_NAME_PROCESS_PAYMENT)
+
+        payment_proxy.restore()
+        cancelled = await wait_for(service, order.id, order_pb2.ORDER_STATUS_CANCELLED)
+        repeat = (await service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id), timeout=20)).order
+    finally:
+        await service.stop()
+    assert repeat == cancelled and cancelled.cancel_reason == "Too late"
+    assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_REFUNDED]
+    stock = await neighbours.stock(product)
+    assert (stock.stock_on_hand, stock.stock_reserved) == (5, 0)
+
+
+async def test_refund_that_keeps_failing_leaves_the_order_compensation_failed(neighbours, db_url, payment_proxy):
+    before = REGISTRY.get_sample_value("tessera_saga_compensation_failures_total", {"step": "PROCESS_PAYMENT"}) or 0
+    service = await service_behind(neighbours, db_url, payment_proxy, TESSERA_ORDER_COMPENSATION_MAX_ATTEMPTS="3")
+    try:
+        customer, product = await neighbours.customer(), await neighbours.product(5)
+        order = await create(service, request(customer, (product, 2)))
+        payment_proxy.cut()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id), timeout=20)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        stuck = await wait_for(service, order.id, order_pb2.ORDER_STATUS_COMPENSATION_FAILED)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id), timeout=20)
+    finally:
+        payment_proxy.restore()
+        await service.stop()
+    assert error_details(refused.value)[0].reason == "ORDER_NOT_CANCELLABLE"
+    [pay_step] = [s for s in stuck.saga if s.name == STEP.SAGA_STEP_NAME_PROCESS_PAYMENT]
+    assert (pay_step.status, pay_step.attempts) == (STATUS.SAGA_STEP_STATUS_COMPENSATION_FAILED, 3)
+    assert pay_step.error.startswith("UNAVAILABLE")
+    assert saga(stuck)["CONFIRM_ORDER"] == "COMPENSATED" and saga(stuck)["RESERVE_STOCK"] == "COMPENSATED"
+    assert REGISTRY.get_sample_value("tessera_saga_compensation_failures_total", {"step": "PROCESS_PAYMENT"}) == (
+        before + 1)
+    assert (await events(db_url))[-1] == "OrderCompensationFailed"
+    # The money is still taken, for an operator to resolve; the stock came back.
+    assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_SUCCEEDED]
+    assert (await neighbours.stock(product)).stock_on_hand == 5

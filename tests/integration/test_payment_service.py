@@ -1,0 +1,354 @@
+"""The payment service over a real channel to a real server on port 0, on SQLite and PostgreSQL, with the sandbox
+processor: every documented test method, timeouts, lost replies, idempotency, refunds and crash leftovers."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+
+import grpc
+import pytest
+from sqlalchemy import select, update
+from tessera.common.v1 import money_pb2
+from tessera.payment.v1 import payment_events_pb2 as events_pb2
+from tessera.payment.v1 import payment_pb2, payment_service_pb2_grpc
+from tessera.payment.v1 import payment_service_pb2 as svc
+
+from tessera_payment.adapters.orm import outbox, payments, sandbox_charges
+from tessera_runtime.clients import error_details
+from tests.integration.conftest_payment import (
+    ReplyHoldingProxy,
+    event_types,
+    eventually,
+    execute,
+    outbox_count,
+    payment_request,
+    payment_service,
+    query,
+    sandbox_charges_of,
+)
+
+SUCCEEDED = payment_pb2.PAYMENT_STATUS_SUCCEEDED
+DECLINED = payment_pb2.PAYMENT_STATUS_DECLINED
+FAILED = payment_pb2.PAYMENT_STATUS_FAILED
+REFUNDED = payment_pb2.PAYMENT_STATUS_REFUNDED
+PENDING = payment_pb2.PAYMENT_STATUS_PENDING
+
+
+@pytest.fixture
+async def payment(db_url):
+    async with payment_service(db_url) as (stub, _, _):
+        yield stub
+
+
+async def failure(call):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    info, _ = error_details(err.value)
+    assert info is not None and info.domain == "payment.tessera.dev", err.value
+    return err.value.code(), info
+
+
+async def only_payment_of(stub, order_id: str) -> payment_pb2.Payment:
+    (p,) = (await stub.ListPayments(svc.ListPaymentsRequest(order_id=order_id))).payments
+    return p
+
+
+async def test_each_sandbox_method(payment, db_url):
+    ok = (await payment.ProcessPayment(payment_request("pm_sandbox_ok"))).payment
+    assert (ok.status, ok.attempts, ok.failure_message, ok.amount.amount_minor) == (SUCCEEDED, 1, "", 4200)
+    assert ok.processor_reference.startswith("sbx_ch_") and ok.refunded_amount.currency_code == "EUR"
+    assert len(await sandbox_charges_of(db_url, ok.id)) == 1
+
+    transient = (await payment.ProcessPayment(payment_request("pm_sandbox_transient"))).payment
+    assert (transient.status, transient.attempts) == (SUCCEEDED, 2)
+    assert transient.failure_message == "The payment processor is temporarily unavailable."
+
+    for method, code in (("pm_sandbox_declined", "card_declined"), ("pm_visa_4242", "unknown_payment_method")):
+        request = payment_request(method)
+        status, info = await failure(payment.ProcessPayment(request))
+        declined = await only_payment_of(payment, request.order_id)
+        assert (status, info.reason, dict(info.metadata)) == (
+            grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_DECLINED", {"payment_id": declined.id,
+                                                                      "decline_code": code})
+        assert (declined.status, declined.decline_code, declined.attempts) == (DECLINED, code, 1)
+        assert declined.failure_message and not await sandbox_charges_of(db_url, declined.id)
+        status, _ = await failure(payment.ProcessPayment(request))  # a decline is final: same answer
+        assert status == grpc.StatusCode.FAILED_PRECONDITION
+        assert (await only_payment_of(payment, request.order_id)).attempts == 1
+    assert await event_types(db_url) == ["PaymentSucceeded", "PaymentSucceeded", "PaymentDeclined",
+                                         "PaymentDeclined"]
+    payload = (await query(db_url, select(outbox.c.payload).order_by(outbox.c.seq)))[0][0]
+    event = events_pb2.PaymentSucceeded.FromString(payload)
+    assert (event.payment_id, event.processor_reference) == (ok.id, ok.processor_reference)
+
+
+async def test_transient_failure_past_the_services_retries_is_failed_then_retried(db_url):
+    async with payment_service(db_url, TESSERA_PAYMENT_PROCESSOR_MAX_ATTEMPTS="1") as (stub, _, _):
+        request = payment_request("pm_sandbox_transient")
+        status, info = await failure(stub.ProcessPayment(request))
+        failed = await only_payment_of(stub, request.order_id)
+        assert (status, info.reason, dict(info.metadata)) == (grpc.StatusCode.UNAVAILABLE, "PAYMENT_FAILED",
+                                                              {"payment_id": failed.id})
+        assert (failed.status, failed.attempts) == (FAILED, 1)
+        retried = (await stub.ProcessPayment(request)).payment
+        assert (retried.id, retried.status, retried.attempts) == (failed.id, SUCCEEDED, 2)
+        assert len(await sandbox_charges_of(db_url, failed.id)) == 1
+    assert await event_types(db_url) == ["PaymentFailed", "PaymentSucceeded"]
+    event = events_pb2.PaymentFailed.FromString((await query(db_url, select(outbox.c.payload)))[0][0])
+    assert (event.timed_out, event.attempts) == (False, 1)
+
+
+async def test_processor_timeout_is_recorded_failed_and_never_charges(db_url):
+    async with payment_service(db_url, TESSERA_PAYMENT_PROCESSOR_TIMEOUT_SECONDS="0.3") as (stub, _, _):
+        request = payment_request("pm_sandbox_timeout")
+        status, info = await failure(stub.ProcessPayment(request))
+        timed_out = await only_payment_of(stub, request.order_id)
+        assert (status, info.reason, dict(info.metadata)) == (
+            grpc.StatusCode.DEADLINE_EXCEEDED, "PROCESSOR_TIMEOUT", {"payment_id": timed_out.id})
+        assert (timed_out.status, timed_out.attempts) == (FAILED, 1)
+        status, _ = await failure(stub.ProcessPayment(request))  # FAILED is tried again, on the same record
+        assert status == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (await only_payment_of(stub, request.order_id)).attempts == 2
+        assert not await sandbox_charges_of(db_url, timed_out.id)
+    event = events_pb2.PaymentFailed.FromString((await query(db_url, select(outbox.c.payload)))[0][0])
+    assert event.timed_out
+
+
+async def test_the_callers_deadline_bounds_the_processor_call(payment, db_url):
+    # The processor timeout is 10 s; the caller allows 1.5 s. The service gives up on the processor in time to
+    # record the payment FAILED instead of charging after the caller has gone.
+    request = payment_request("pm_sandbox_timeout")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await payment.ProcessPayment(request, timeout=1.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    info, _ = error_details(err.value)
+    assert info is None or info.reason == "PROCESSOR_TIMEOUT"  # None only when the reply lost the race
+
+    async def failed() -> payment_pb2.Payment | None:
+        p = await only_payment_of(payment, request.order_id)
+        return p if p.status == FAILED else None
+
+    settled = await eventually(failed, timeout=8.0)  # well before the 10 s processor timeout could end it
+    assert settled.attempts == 1 and not await sandbox_charges_of(db_url, settled.id)
+
+
+async def test_a_lost_reply_never_charges_twice(db_url):
+    async with payment_service(db_url) as (direct, _, port):
+        proxy = await ReplyHoldingProxy(port).start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.port}") as channel:
+                via_proxy = payment_service_pb2_grpc.PaymentServiceStub(channel)
+                await via_proxy.ListPayments(svc.ListPaymentsRequest(), timeout=10)  # connected
+                proxy.hold_replies()
+                request = payment_request("pm_sandbox_ok")
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await via_proxy.ProcessPayment(request, timeout=2.0)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            await proxy.close()
+
+        async def charged() -> payment_pb2.Payment | None:
+            found = (await direct.ListPayments(svc.ListPaymentsRequest(order_id=request.order_id))).payments
+            return found[0] if found and found[0].status == SUCCEEDED else None
+
+        first = await eventually(charged)  # the server charged and recorded it; only the reply was lost
+        repeat = (await direct.ProcessPayment(request)).payment
+        assert repeat == first and repeat.attempts == 1
+        assert len(await sandbox_charges_of(db_url, first.id)) == 1
+
+
+async def test_same_key_never_charges_twice_even_concurrently(payment, db_url):
+    request = payment_request("pm_sandbox_ok")
+
+    async def call() -> str:
+        try:
+            return (await payment.ProcessPayment(request)).payment.id
+        except grpc.aio.AioRpcError as err:
+            info, _ = error_details(err)
+            assert (err.code(), info.reason) == (grpc.StatusCode.ABORTED, "PAYMENT_IN_PROGRESS")
+            return info.metadata["payment_id"]
+
+    ids = await asyncio.gather(*(call() for _ in range(8)))
+    assert len(set(ids)) == 1
+    final = (await payment.ProcessPayment(request)).payment
+    assert final.id == ids[0] and final.status == SUCCEEDED and final.attempts == 1
+    assert len(await query(db_url, select(payments.c.id))) == 1
+    assert len(await sandbox_charges_of(db_url, final.id)) == 1
+    changed = svc.ProcessPaymentRequest()
+    changed.CopyFrom(request)
+    changed.amount.amount_minor += 1
+    status, info = await failure(payment.ProcessPayment(changed))
+    assert (status, info.reason, dict(info.metadata)) == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED",
+                                                          {"payment_id": final.id})
+
+
+async def test_refund_is_full_once_and_idempotent(payment, db_url):
+    request = payment_request("pm_sandbox_ok", amount=1999, currency="JPY")
+    paid = (await payment.ProcessPayment(request)).payment
+    refunded = (await payment.RefundPayment(svc.RefundPaymentRequest(
+        payment_id=paid.id, idempotency_key="refund-1", reason="Order cancelled by customer"))).payment
+    assert (refunded.status, refunded.refunded_amount.amount_minor, refunded.refunded_amount.currency_code,
+            refunded.refund_reason, refunded.version) == (REFUNDED, 1999, "JPY", "Order cancelled by customer",
+                                                          paid.version + 1)
+    assert refunded.HasField("refund_time")
+    again = (await payment.RefundPayment(svc.RefundPaymentRequest(payment_id=paid.id,
+                                                                  idempotency_key="refund-2"))).payment
+    assert again == refunded
+    assert (await payment.ProcessPayment(request)).payment == refunded  # the repeat reports what it is now
+    (ledger,) = await sandbox_charges_of(db_url, paid.id)
+    assert ledger._mapping["refund_reference"].startswith("sbx_re_")
+    assert ledger._mapping["refund_idempotency_key"] == "refund-1"
+    assert (await event_types(db_url)).count("PaymentRefunded") == 1
+
+    declined_request = payment_request("pm_sandbox_declined")
+    await failure(payment.ProcessPayment(declined_request))
+    declined = await only_payment_of(payment, declined_request.order_id)
+    status, info = await failure(payment.RefundPayment(svc.RefundPaymentRequest(payment_id=declined.id,
+                                                                                idempotency_key="r")))
+    assert (status, info.reason, dict(info.metadata)) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_NOT_REFUNDABLE",
+        {"payment_id": declined.id, "status": "PAYMENT_STATUS_DECLINED"})
+
+
+async def test_get_and_list_newest_first(payment):
+    customer, order = str(uuid.uuid4()), str(uuid.uuid4())
+    made = [(await payment.ProcessPayment(payment_request(customer_id=customer, order_id=order))).payment
+            for _ in range(3)]
+    made.append((await payment.ProcessPayment(payment_request(customer_id=customer))).payment)
+    await payment.ProcessPayment(payment_request())  # another customer's
+    assert (await payment.GetPayment(svc.GetPaymentRequest(id=made[0].id))).payment == made[0]
+    seen, token = [], ""
+    while True:
+        reply = await payment.ListPayments(svc.ListPaymentsRequest(customer_id=customer, page_size=3,
+                                                                   page_token=token))
+        seen += [p.id for p in reply.payments]
+        token = reply.next_page_token
+        if not token:
+            break
+    assert seen == [p.id for p in reversed(made)]
+    by_order = await payment.ListPayments(svc.ListPaymentsRequest(order_id=order, customer_id=customer))
+    assert [p.id for p in by_order.payments] == [p.id for p in reversed(made[:3])]
+    assert len((await payment.ListPayments(svc.ListPaymentsRequest(status=SUCCEEDED))).payments) == 5
+    assert not (await payment.ListPayments(svc.ListPaymentsRequest(status=REFUNDED))).payments
+    missing = str(uuid.uuid4())
+    for call in (payment.GetPayment(svc.GetPaymentRequest(id=missing)),
+                 payment.RefundPayment(svc.RefundPaymentRequest(payment_id=missing, idempotency_key="k"))):
+        status, info = await failure(call)
+        assert (status, info.reason, dict(info.metadata)) == (grpc.StatusCode.NOT_FOUND, "PAYMENT_NOT_FOUND",
+                                                              {"payment_id": missing})
+
+
+async def test_customers_see_only_their_own_payments(payment):
+    alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
+    as_alice = (("x-user-id", alice), ("x-user-scopes", "order:write"))
+    mine = (await payment.ProcessPayment(payment_request(customer_id=alice), metadata=as_alice)).payment
+    theirs = (await payment.ProcessPayment(payment_request(customer_id=bob))).payment
+    status, info = await failure(payment.ProcessPayment(payment_request(customer_id=bob), metadata=as_alice))
+    assert (status, info.reason) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
+    assert (await payment.GetPayment(svc.GetPaymentRequest(id=mine.id), metadata=as_alice)).payment == mine
+    status, _ = await failure(payment.GetPayment(svc.GetPaymentRequest(id=theirs.id), metadata=as_alice))
+    assert status == grpc.StatusCode.PERMISSION_DENIED
+    listed = await payment.ListPayments(svc.ListPaymentsRequest(), metadata=as_alice)
+    assert [p.id for p in listed.payments] == [mine.id]
+    as_admin = (("x-user-id", "ops"), ("x-user-scopes", "admin"))
+    assert len((await payment.ListPayments(svc.ListPaymentsRequest(), metadata=as_admin)).payments) == 2
+
+
+def _invalid_cases() -> list[tuple[str, object, str]]:
+    money = money_pb2.Money
+    good = payment_request()
+
+    def pay(**changes) -> svc.ProcessPaymentRequest:
+        request = svc.ProcessPaymentRequest()
+        request.CopyFrom(good)
+        for name, value in changes.items():
+            if value is None:
+                request.ClearField(name)
+            elif name == "amount":
+                request.amount.CopyFrom(value)
+            else:
+                setattr(request, name, value)
+        return request
+
+    return [
+        ("ProcessPayment", pay(order_id="o-1"), "order_id"),
+        ("ProcessPayment", pay(customer_id=""), "customer_id"),
+        ("ProcessPayment", pay(amount=None), "amount"),
+        ("ProcessPayment", pay(amount=money(currency_code="EURO", amount_minor=1)), "amount.currency_code"),
+        ("ProcessPayment", pay(amount=money(currency_code="ANG", amount_minor=1)), "amount.currency_code"),
+        ("ProcessPayment", pay(amount=money(currency_code="EUR", amount_minor=0)), "amount.amount_minor"),
+        ("ProcessPayment", pay(amount=money(currency_code="EUR", amount_minor=-100)), "amount.amount_minor"),
+        ("ProcessPayment", pay(amount=money(currency_code="EUR", amount_minor=10**18 + 1)),
+         "amount.amount_minor"),
+        ("ProcessPayment", pay(payment_method=""), "payment_method"),
+        ("ProcessPayment", pay(payment_method="p" * 256), "payment_method"),
+        ("ProcessPayment", pay(idempotency_key=""), "idempotency_key"),
+        ("ProcessPayment", pay(idempotency_key="k" * 65), "idempotency_key"),
+        ("GetPayment", svc.GetPaymentRequest(id="p-1"), "id"),
+        ("ListPayments", svc.ListPaymentsRequest(page_size=-1), "page_size"),
+        ("ListPayments", svc.ListPaymentsRequest(order_id="o"), "order_id"),
+        ("ListPayments", svc.ListPaymentsRequest(customer_id="c"), "customer_id"),
+        ("ListPayments", svc.ListPaymentsRequest(status=42), "status"),
+        ("ListPayments", svc.ListPaymentsRequest(page_token="nope"), "page_token"),
+        ("RefundPayment", svc.RefundPaymentRequest(payment_id="x", idempotency_key="k"), "payment_id"),
+        ("RefundPayment", svc.RefundPaymentRequest(payment_id=str(uuid.uuid4())), "idempotency_key"),
+        ("RefundPayment", svc.RefundPaymentRequest(payment_id=str(uuid.uuid4()), idempotency_key="k",
+                                                   reason="r" * 501), "reason"),
+    ]
+
+
+async def test_each_invalid_field_is_named_and_nothing_is_written(payment, db_url):
+    for rpc, request, field in _invalid_cases():
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await getattr(payment, rpc)(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (rpc, field, err.value.details())
+        info, bad = error_details(err.value)
+        assert info is not None and (info.reason, info.domain) == ("INVALID_ARGUMENT", "payment.tessera.dev")
+        assert bad is not None and [v.field for v in bad.field_violations] == [field], (rpc, field)
+    assert not await query(db_url, select(payments.c.id))
+    assert not await query(db_url, select(sandbox_charges.c.charge_key))
+    assert await outbox_count(db_url) == 0
+
+
+async def test_pending_payments_left_by_a_crash_are_resolved(db_url):
+    # Recovery runs at start only here, so that the repeat call is what resolves the payment.
+    env = {"TESSERA_PAYMENT_RECOVERY_SECONDS": "600", "TESSERA_PAYMENT_PROCESSOR_TIMEOUT_SECONDS": "0.3"}
+    async with payment_service(db_url, **env) as (stub, _, _):
+        # 1. Crashed after the processor charged, before SUCCEEDED was written. The payment is set back to the
+        # PENDING state such a crash leaves, with its lease still running: a repeat is told to wait.
+        charged_request = payment_request("pm_sandbox_ok")
+        charged = (await stub.ProcessPayment(charged_request)).payment
+        running = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+        await execute(db_url, update(payments).where(payments.c.id == charged.id).values(
+            status="PENDING", processor_reference="", lease_expire_time=running))
+        status, info = await failure(stub.ProcessPayment(charged_request))
+        assert (status, info.reason, dict(info.metadata)) == (grpc.StatusCode.ABORTED, "PAYMENT_IN_PROGRESS",
+                                                              {"payment_id": charged.id})
+        # Once the lease has run out, the repeat asks the processor, which remembers the charge.
+        gone = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+        await execute(db_url, update(payments).where(payments.c.id == charged.id).values(
+            lease_expire_time=gone, version=charged.version + 1))
+        resolved = (await stub.ProcessPayment(charged_request)).payment
+        assert (resolved.status, resolved.processor_reference, resolved.attempts) == (
+            SUCCEEDED, charged.processor_reference, 1)
+        assert len(await sandbox_charges_of(db_url, charged.id)) == 1
+
+        # 2. Crashed before the processor answered: nobody repeats the call. Left as such a crash leaves it...
+        lost_request = payment_request("pm_sandbox_timeout")
+        await failure(stub.ProcessPayment(lost_request))
+        lost = await only_payment_of(stub, lost_request.order_id)
+        await execute(db_url, update(payments).where(payments.c.id == lost.id).values(
+            status="PENDING", lease_expire_time=gone))
+
+    # ... it is found by the recovery loop of the service started again, which learns from the processor that
+    # nothing was charged and records FAILED without charging.
+    async with payment_service(db_url, TESSERA_PAYMENT_RECOVERY_SECONDS="0.1") as (stub, _, _):
+        async def settled() -> payment_pb2.Payment | None:
+            p = (await stub.GetPayment(svc.GetPaymentRequest(id=lost.id))).payment
+            return p if p.status != PENDING else None
+
+        recovered = await eventually(settled)
+        assert recovered.status == FAILED and "interrupted" in recovered.failure_message
+        assert recovered.attempts == lost.attempts and not await sandbox_charges_of(db_url, lost.id)

@@ -1,0 +1,54 @@
+"""The /health side door reports the named readiness checks as JSON, next to /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+from tessera_runtime.server import HealthCheck, ServiceModule, create_server
+
+
+class Switch:
+    def __init__(self) -> None:
+        self.up = True
+
+    async def ping(self) -> bool:
+        if not self.up:
+            raise ConnectionError("refused")
+        return True
+
+
+def fetch(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+async def test_health_endpoint_reports_each_check():
+    database, broker = Switch(), Switch()
+    module = ServiceModule(service_names=("tessera.x.v1.XService",), register=lambda server: None, domain="x",
+                           readiness_checks=(HealthCheck("database", database.ping),
+                                             HealthCheck("broker", broker.ping, critical=False)))
+    server, _ = await create_server(module, readiness_interval=0.05, metrics_port=0)
+    try:
+        port = server.metrics.port
+        status, body = await asyncio.to_thread(fetch, port)
+        assert status == 200 and body["status"] == "UP"
+        broker.up = False
+        await server.readiness.check_once()
+        status, body = await asyncio.to_thread(fetch, port)
+        assert status == 200 and body["status"] == "DEGRADED"
+        assert body["checks"]["broker"]["status"] == "DOWN" and body["checks"]["database"]["status"] == "UP"
+        database.up = False
+        await server.readiness.check_once()
+        status, body = await asyncio.to_thread(fetch, port)
+        assert status == 503 and body["status"] == "DOWN"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain")
+            assert b"# TYPE grpc_server_handled_total counter" in reply.read()
+    finally:
+        await server.stop()

@@ -1,0 +1,164 @@
+"""TESSERA_WORKERS: N worker processes on one port, each serving and shutting down like a single process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import psutil
+import pytest
+from tessera.user.v1 import user_pb2, user_service_pb2_grpc
+from tessera.user.v1 import user_service_pb2 as svc
+
+from tests.support import postgres
+from tests.support.processes import ROOT, ServiceProcess
+from tests.support.tcp_proxy import TcpProxy
+
+# Separate channels to one target share a connection unless each has its own subchannel pool.
+OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+
+
+def workers_of(service: ServiceProcess) -> list[psutil.Process]:
+    return psutil.Process(service.proc.pid).children()
+
+
+def listening_pids(port: int, pids: list[int]) -> set[int]:
+    return {pid for pid in pids for c in psutil.Process(pid).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def established(pid: int, port: int) -> int:
+    return sum(1 for c in psutil.Process(pid).net_connections("tcp")
+               if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def kill_leftovers(service: ServiceProcess, pids: list[int]) -> None:
+    service.kill()
+    for pid in pids:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def new_user(i: int, tag: str) -> svc.CreateUserRequest:
+    return svc.CreateUserRequest(user=user_pb2.User(email=f"{tag}{i}@example.com", display_name=f"W {i}"),
+                                 request_id=f"{tag}-{i}")
+
+
+@pytest.fixture
+async def pg_via_proxy():
+    name, url = await postgres.create_database()
+    proxy = TcpProxy("127.0.0.1", 5432).start()
+    yield url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"), proxy
+    proxy.close()
+    await postgres.drop_database(name)
+
+
+async def test_two_workers_share_one_port_and_both_serve(tmp_path):
+    service = ServiceProcess("user", {"TESSERA_WORKERS": "2", "TESSERA_DATA_DIR": str(tmp_path)},
+                             tmp_path / "user.log").start()
+    pids: list[int] = []
+    try:
+        pids = [p.pid for p in workers_of(service)]
+        assert len(pids) == 2
+        assert listening_pids(service.port, pids) == set(pids)
+        # The supervising parent holds the port but takes no connections.
+        assert listening_pids(service.port, [service.proc.pid]) == set()
+
+        channels = [grpc.aio.insecure_channel(service.address, options=OWN_CONNECTION) for _ in range(24)]
+        try:
+            stubs = [user_service_pb2_grpc.UserServiceStub(c) for c in channels]
+            created = await asyncio.gather(*(s.CreateUser(new_user(i, "share"), timeout=20)
+                                             for i, s in enumerate(stubs)))
+            # The kernel spread the 24 connections over both workers (all on one: probability 2**-23).
+            assert all(established(pid, service.port) >= 1 for pid in pids)
+            # Both workers use one database: every user is readable through every connection.
+            for i, stub in enumerate(stubs):
+                got = await stub.GetUser(svc.GetUserRequest(id=created[-1 - i].user.id), timeout=10)
+                assert got.user.email == f"share{len(stubs) - 1 - i}@example.com"
+        finally:
+            for c in channels:
+                await c.close()
+    finally:
+        code = service.terminate()
+        kill_leftovers(service, pids)
+    assert code == 0
+
+
+async def test_sigterm_lets_every_worker_finish_its_calls_then_exits_zero(pg_via_proxy, tmp_path):
+    url, proxy = pg_via_proxy
+    service = ServiceProcess("user", {"TESSERA_WORKERS": "2", "TESSERA_DATABASE_URL": url,
+                                      "TESSERA_DRAIN_SECONDS": "0.5", "TESSERA_GRACE_SECONDS": "20"},
+                             tmp_path / "user.log").start()
+    pids = [p.pid for p in workers_of(service)]
+    try:
+        channels = [grpc.aio.insecure_channel(service.address, options=OWN_CONNECTION) for _ in range(16)]
+        try:
+            stubs = [user_service_pb2_grpc.UserServiceStub(c) for c in channels]
+            await asyncio.gather(*(s.CreateUser(new_user(i, "warm"), timeout=20) for i, s in enumerate(stubs)))
+            assert all(established(pid, service.port) >= 1 for pid in pids)
+            proxy.delay = 0.25  # every database round trip now takes a while: calls stay in flight on both
+            calls = [asyncio.ensure_future(s.CreateUser(new_user(i, "flight"), timeout=30))
+                     for i, s in enumerate(stubs)]
+            await asyncio.sleep(0.3)
+            service.proc.send_signal(signal.SIGTERM)
+            replies = await asyncio.gather(*calls)
+            assert len({r.user.id for r in replies}) == len(stubs)
+            proxy.delay = 0
+        finally:
+            for c in channels:
+                await c.close()
+        assert await asyncio.to_thread(service.proc.wait, 60) == 0
+        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                       for pid in pids)
+        log = service.log_text()
+        assert log.count('"message": "draining"') == 2 and log.count('"message": "stopped"') == 2
+    finally:
+        kill_leftovers(service, pids)
+
+
+def test_a_worker_that_dies_stops_the_service_with_its_code(tmp_path):
+    service = ServiceProcess("user", {"TESSERA_WORKERS": "2", "TESSERA_DATA_DIR": str(tmp_path)},
+                             tmp_path / "user.log").start()
+    pids = [p.pid for p in workers_of(service)]
+    try:
+        psutil.Process(pids[0]).kill()
+        assert service.proc.wait(timeout=60) == 128 + signal.SIGKILL
+        survivor = pids[1]
+        wait_for(lambda: not psutil.pid_exists(survivor)
+                 or psutil.Process(survivor).status() == psutil.STATUS_ZOMBIE)
+        assert "a worker exited on its own" in service.log_text()
+    finally:
+        kill_leftovers(service, pids)
+
+
+def test_a_worker_that_cannot_start_fails_the_service_without_announcing(tmp_path):
+    env = {"TESSERA_WORKERS": "2", "TESSERA_GRPC_PORT": "0",
+           "TESSERA_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/unreachable"}
+    result = subprocess.run([sys.executable, "-m", "tessera_runtime.cli", "serve", "user"], cwd=ROOT,
+                            env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "listening on" not in result.stdout
+    assert "a worker exited while starting" in result.stderr
+
+
+def test_workers_outside_their_range_stop_the_service_naming_the_variable():
+    result = subprocess.run([sys.executable, "-m", "tessera_runtime.cli", "serve", "user"], cwd=ROOT,
+                            env={"PATH": "/usr/bin:/bin", "TESSERA_WORKERS": "0"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "TESSERA_WORKERS" in result.stderr

@@ -1,0 +1,236 @@
+"""The generated Envoy bootstrap: one route per RPC from the descriptors, filters in a safe order, policies."""
+
+from __future__ import annotations
+
+import pytest
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
+
+from tessera_gateway import DESCRIPTOR_SET, generate, lua
+from tessera_gateway.bootstrap import GatewayConfig, render, to_envoy_dict
+from tessera_gateway.description import load
+from tessera_gateway.descriptors import ContractError, Contracts
+
+HCM = "envoy.filters.network.http_connection_manager"
+
+
+def hcm_of(config: dict) -> dict:
+    return config["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+
+
+@pytest.fixture(scope="module")
+def keys_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gateway-keys")
+
+
+@pytest.fixture(scope="module")
+def dev(keys_dir) -> generate.Generated:
+    return generate.generate("dev", {"jwt": {"jwks_file": str(keys_dir / "jwks.json")}})
+
+
+@pytest.fixture(scope="module")
+def dev_config(dev) -> dict:
+    return to_envoy_dict(dev.config.bootstrap())
+
+
+@pytest.fixture(scope="module")
+def prod_config() -> dict:
+    return to_envoy_dict(generate.generate("prod").config.bootstrap())
+
+
+def routes_of(config: dict) -> dict[str, dict]:
+    return {r["name"]: r for r in hcm_of(config)["routeConfig"]["virtualHosts"][0]["routes"]}
+
+
+def test_every_rpc_in_the_descriptor_set_has_one_grpc_route(dev, dev_config):
+    contracts = Contracts.load(DESCRIPTOR_SET)
+    routes = routes_of(dev_config)
+    assert len(contracts.rpcs) == 28
+    for rpc in contracts.rpcs:
+        route = routes[rpc.full_name]
+        assert route["match"] == {"path": rpc.grpc_path, "grpc": {}}
+        assert route["route"]["cluster"] == rpc.service.split(".")[1]
+        assert route["metadata"]["filterMetadata"]["tessera"] == {"client_class": "read" if rpc.read_only else (
+            "saga" if rpc.name == "CreateOrder" else "write")}
+    assert [name for name in routes if "." not in name] == ["openapi", "not_found"]
+
+
+def test_routes_require_whole_scopes_through_rbac(dev_config):
+    route = routes_of(dev_config)["tessera.user.v1.UserService.GetUser"]
+    rbac = route["typedPerFilterConfig"]["envoy.filters.http.rbac"]["rbac"]["rules"]
+    principals = rbac["policies"]["scopes"]["principals"][0]["orIds"]["ids"]
+    matchers = [p["sourcedMetadata"]["metadataMatcher"] for p in principals]
+    assert [m["value"] for m in matchers] == [
+        {"listMatch": {"oneOf": {"stringMatch": {"exact": "user:read"}}}},
+        {"listMatch": {"oneOf": {"stringMatch": {"exact": "admin"}}}},
+    ]
+    assert all(m["path"] == [{"key": "jwt_payload"}, {"key": "scope"}] for m in matchers)
+    jwt = next(f for f in hcm_of(dev_config)["httpFilters"] if f["name"] == "envoy.filters.http.jwt_authn")
+    provider = jwt["typedConfig"]["providers"]["tessera"]
+    # The scope claim becomes a list, so "user:readonly" can never match "user:read".
+    assert provider["normalizePayloadInMetadata"] == {"spaceDelimitedClaims": ["scope"]}
+
+
+def test_filter_order_authenticates_before_rate_limiting_and_authorising(dev_config):
+    names = [f["name"] for f in hcm_of(dev_config)["httpFilters"]]
+    assert names == [
+        "envoy.filters.http.header_mutation", "envoy.filters.http.cors", "tessera.rest_errors",
+        "envoy.filters.http.buffer", "tessera.rest_body", "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.jwt_authn", "envoy.filters.http.local_ratelimit", "envoy.filters.http.rbac",
+        "envoy.filters.http.router",
+    ]
+
+
+def test_unknown_routes_fail_closed(dev_config):
+    filters = {f["name"]: f["typedConfig"] for f in hcm_of(dev_config)["httpFilters"]}
+    # Without a per-route override, a token is required and RBAC denies everything.
+    assert filters["envoy.filters.http.jwt_authn"]["rules"] == [
+        {"match": {"prefix": "/"}, "requires": {"providerName": "tessera"}}]
+    # Rules present with no policy (action ALLOW is the default, so it is not written): nothing is allowed.
+    assert filters["envoy.filters.http.rbac"]["rules"] == {}
+    anonymous = routes_of(dev_config)["not_found"]["typedPerFilterConfig"]
+    assert anonymous["envoy.filters.http.jwt_authn"]["disabled"] is True
+
+
+def test_identity_headers_are_stripped_and_security_headers_added(dev, dev_config):
+    mutation = hcm_of(dev_config)["httpFilters"][0]["typedConfig"]["mutations"]
+    assert {"remove": "x-user-id"} in mutation["requestMutations"]
+    assert {"remove": "x-user-scopes"} in mutation["requestMutations"]
+    added = {m["append"]["header"]["key"]: m["append"]["header"]["value"]
+             for m in mutation["responseMutations"] if "append" in m}
+    assert added == dict(dev.description.security_headers)
+    jwt = next(f for f in hcm_of(dev_config)["httpFilters"] if f["name"] == "envoy.filters.http.jwt_authn")
+    assert jwt["typedConfig"]["providers"]["tessera"]["claimToHeaders"] == [
+        {"headerName": "x-user-id", "claimName": "sub"}, {"headerName": "x-user-scopes", "claimName": "scope"}]
+
+
+def test_rate_limits_are_per_subject_or_address_and_per_class(dev, dev_config):
+    rl = next(f for f in hcm_of(dev_config)["httpFilters"] if f["name"] == "envoy.filters.http.local_ratelimit")
+    config = rl["typedConfig"]
+    descriptors = {d["entries"][0]["value"]: d for d in config["descriptors"]}
+    assert set(descriptors) == set(dev.description.route_classes)
+    assert descriptors["read"]["entries"][1] == {"key": "client"}
+    assert descriptors["public"]["entries"][1] == {"key": "remote_address"}
+    assert descriptors["read"]["tokenBucket"] == {"maxTokens": 100, "tokensPerFill": 50, "fillInterval": "1s"}
+    subject_action = config["rateLimits"][0]["actions"][1]
+    assert subject_action == {"requestHeaders": {"headerName": "x-user-id", "descriptorKey": "client"}}
+    assert config["rateLimitedAsResourceExhausted"] is True
+    assert config["filterEnforced"]["defaultValue"]["numerator"] == 100
+
+
+def test_only_idempotent_rpcs_are_retried(dev_config):
+    routes = routes_of(dev_config)
+    assert "retryPolicy" in routes["tessera.user.v1.UserService.GetUser"]["route"]
+    assert "retryPolicy" in routes["tessera.order.v1.OrderService.CancelOrder"]["route"]
+    assert "retryPolicy" not in routes["tessera.order.v1.OrderService.CreateOrder"]["route"]
+    assert routes["tessera.order.v1.OrderService.CreateOrder"]["route"]["timeout"] == "30s"
+
+
+def test_upstreams_are_http2_with_grpc_health_checks_outlier_detection_and_breakers(dev_config):
+    clusters = {c["name"]: c for c in dev_config["staticResources"]["clusters"]}
+    user = clusters["user"]
+    assert "http2ProtocolOptions" in user["typedExtensionProtocolOptions"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicitHttpConfig"]
+    assert user["healthChecks"][0]["grpcHealthCheck"] == {"serviceName": "tessera.user.v1.UserService"}
+    assert user["outlierDetection"]["consecutive5xx"] == 5  # protoc's json name, not betterproto's 5Xx
+    assert user["circuitBreakers"]["thresholds"][0]["maxRequests"] == 1024
+
+
+def test_admin_is_on_loopback_in_every_profile(dev_config, prod_config):
+    for config in (dev_config, prod_config):
+        assert config["admin"]["address"]["socketAddress"]["address"] == "127.0.0.1"
+
+
+def test_prod_differs_from_dev_only_in_values(dev_config, prod_config):
+    def shape(config: dict) -> tuple:
+        hcm = hcm_of(config)
+        return ([f["name"] for f in hcm["httpFilters"]], list(routes_of(config)),
+                [c["name"] for c in config["staticResources"]["clusters"] if c["name"] != "jwks"])
+
+    assert shape(dev_config) == shape(prod_config)
+    providers = [next(f for f in hcm_of(c)["httpFilters"] if f["name"] == "envoy.filters.http.jwt_authn")
+                 ["typedConfig"]["providers"]["tessera"] for c in (dev_config, prod_config)]
+    assert "localJwks" in providers[0] and "remoteJwks" not in providers[0]
+    assert providers[1]["remoteJwks"]["httpUri"]["cluster"] == "jwks"
+    jwks = next(c for c in prod_config["staticResources"]["clusters"] if c["name"] == "jwks")
+    assert jwks["transportSocket"]["name"] == "envoy.transport_sockets.tls"
+    prod_user = next(c for c in prod_config["staticResources"]["clusters"] if c["name"] == "user")
+    assert prod_user["type"] == "STRICT_DNS"
+    # Behind Istio's ingress the client address is the last x-forwarded-for entry it added.
+    assert "xffNumTrustedHops" not in hcm_of(dev_config) and hcm_of(prod_config)["xffNumTrustedHops"] == 1
+
+
+def test_rendering_is_deterministic(dev):
+    assert render(dev.config.bootstrap()) == render(dev.config.bootstrap())
+
+
+def test_the_openapi_document_is_served_inline(dev, dev_config):
+    route = routes_of(dev_config)["openapi"]
+    assert route["match"]["path"] == "/openapi.json"
+    import json
+
+    assert json.loads(route["directResponse"]["body"]["inlineString"]) == dev.openapi
+
+
+@pytest.mark.parametrize(("template", "matches", "misses"), [
+    ("/v1/users", ["/v1/users"], ["/v1/users/x", "/v1/usersx"]),
+    ("/v1/users/{id}", ["/v1/users/abc"], ["/v1/users", "/v1/users/a/b"]),
+    ("/v1/users/{user.id}", ["/v1/users/a-b"], ["/v1/users/"]),
+    ("/v1/users/{id}:deactivate", ["/v1/users/a1:deactivate"], ["/v1/users/a1:activate", "/v1/users/a1"]),
+    ("/v1/files/{name=**}", ["/v1/files/a/b/c"], ["/v1/files"]),
+])
+def test_lua_path_patterns_follow_http_rule_templates(template, matches, misses):
+    import re
+
+    # Lua patterns used here are a subset that reads the same as a regular expression once % escapes are undone.
+    regex = re.compile(lua.path_pattern(template).replace("%", "\\"))
+    assert all(regex.match(p) for p in matches)
+    assert not any(regex.match(p) for p in misses)
+
+
+def test_lua_body_tables_know_json_and_proto_names(dev):
+    source = lua.rest_body_source(dev.config.contracts, dev.description)
+    assert '["displayName"] = ""' in source and '["display_name"] = ""' in source
+    assert '["items"] = "a:m:tessera.order.v1.CreateOrderRequest.Item"' in source
+    assert 'pattern = "^/v1/users/[^/]+:deactivate$"' in source
+
+
+def _with_extra_service(contracts: Contracts) -> descriptor_pb2.FileDescriptorSet:
+    fds = descriptor_pb2.FileDescriptorSet()
+    fds.CopyFrom(contracts.fds)
+    file = fds.file.add(name="tessera/shipping/v1/shipping_service.proto", package="tessera.shipping.v1",
+                        syntax="proto3", dependency=["google/api/annotations.proto"])
+    for name in ("GetShipmentRequest", "GetShipmentResponse"):
+        msg = file.message_type.add(name=name)
+        msg.field.add(name="id", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+                      label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL, json_name="id")
+    method = file.service.add(name="ShippingService").method.add(
+        name="GetShipment", input_type=".tessera.shipping.v1.GetShipmentRequest",
+        output_type=".tessera.shipping.v1.GetShipmentResponse")
+    method.options.idempotency_level = descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
+    method.options.Extensions[annotations_pb2.http].get = "/v1/shipments/{id}"
+    return fds
+
+
+def test_a_new_service_is_routed_by_regeneration_alone(keys_dir):
+    contracts = Contracts(_with_extra_service(Contracts.load(DESCRIPTOR_SET)))
+    d = load("dev", overrides={
+        "scopes": [*load("dev").scopes, "shipping:read", "shipping:write"],
+        "upstreams": {"addresses": {"shipping": "127.0.0.1:50056"}},
+        "jwt": {"jwks_file": str(keys_dir / "jwks.json")},
+    })
+    from tessera_gateway import openapi
+
+    document = openapi.build(contracts, d)
+    config = to_envoy_dict(GatewayConfig(d, contracts, "{}").bootstrap())
+    route = routes_of(config)["tessera.shipping.v1.ShippingService.GetShipment"]
+    assert route["route"]["cluster"] == "shipping"
+    assert "shipping" in [c["name"] for c in config["staticResources"]["clusters"]]
+    assert document["paths"]["/v1/shipments/{id}"]["get"]["x-required-scopes"] == ["shipping:read", "admin"]
+
+
+def test_an_rpc_without_an_http_rule_is_refused():
+    fds = _with_extra_service(Contracts.load(DESCRIPTOR_SET))
+    fds.file[-1].service[0].method[0].options.ClearExtension(annotations_pb2.http)
+    with pytest.raises(ContractError, match=r"has no google\.api\.http rule"):
+        Contracts(fds)

@@ -1,0 +1,92 @@
+"""Messaging settings, topology names and the AMQP envelope of an outbox row."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from tessera_runtime.config import ConfigError
+from tessera_runtime.messaging import MessagingSettings
+from tessera_runtime.messaging.envelope import event_class, forwarded_properties, outgoing_event
+from tessera_runtime.messaging.topology import QueueTopology
+
+
+def test_defaults_suit_make_run():
+    s = MessagingSettings.from_env({})
+    assert (s.events_exchange, s.outbox_relay, s.outbox_batch_size) == ("tessera.events", True, 500)
+    assert (s.consumer_max_attempts, s.consumer_retry_delays) == (5, (1.0, 5.0, 30.0, 120.0))
+
+
+def test_values_are_read_from_the_environment():
+    s = MessagingSettings.from_env({"TESSERA_EVENTS_EXCHANGE": "shop.events", "TESSERA_OUTBOX_RELAY": "off",
+                                    "TESSERA_OUTBOX_BATCH_SIZE": "50", "TESSERA_CONSUMER_RETRY_DELAYS": "0.5, 2",
+                                    "TESSERA_CONSUMER_MAX_ATTEMPTS": "4", "TESSERA_CONSUMER_PREFETCH": "8",
+                                    "TESSERA_CONSUMER_CONCURRENCY": "8"})
+    assert (s.events_exchange, s.outbox_relay, s.outbox_batch_size) == ("shop.events", False, 50)
+    assert (s.consumer_retry_delays, s.consumer_max_attempts, s.consumer_prefetch) == ((0.5, 2.0), 4, 8)
+    # The delay after attempt n; the last one repeats.
+    assert [s.retry_delay(n) for n in (1, 2, 3)] == [0.5, 2.0, 2.0]
+
+
+@pytest.mark.parametrize(("env", "variable"), [
+    ({"TESSERA_OUTBOX_RELAY": "maybe"}, "TESSERA_OUTBOX_RELAY"),
+    ({"TESSERA_OUTBOX_BATCH_SIZE": "0"}, "TESSERA_OUTBOX_BATCH_SIZE"),
+    ({"TESSERA_OUTBOX_POLL_SECONDS": "soon"}, "TESSERA_OUTBOX_POLL_SECONDS"),
+    ({"TESSERA_CONSUMER_RETRY_DELAYS": "1,x"}, "TESSERA_CONSUMER_RETRY_DELAYS"),
+    ({"TESSERA_CONSUMER_RETRY_DELAYS": "1,-2"}, "TESSERA_CONSUMER_RETRY_DELAYS"),
+    ({"TESSERA_CONSUMER_MAX_ATTEMPTS": "0"}, "TESSERA_CONSUMER_MAX_ATTEMPTS"),
+    ({"TESSERA_CONSUMER_CONCURRENCY": "64", "TESSERA_CONSUMER_PREFETCH": "8"}, "TESSERA_CONSUMER_CONCURRENCY"),
+    ({"TESSERA_EVENTS_EXCHANGE": "has space"}, "TESSERA_EVENTS_EXCHANGE"),
+])
+def test_a_bad_value_stops_the_service_naming_the_variable(env, variable):
+    with pytest.raises(ConfigError, match=variable):
+        MessagingSettings.from_env(env)
+
+
+def test_a_consumer_queue_comes_with_retry_queues_a_dead_letter_queue_and_its_bindings():
+    topology = QueueTopology("tessera.events", "notification.email", ("a.B", "c.D"), (1.0, 5.0, 1.0))
+    declared = [(d.kind, d.name, d.exchange, d.routing_key) for d in topology.declarations()]
+    assert declared == [
+        ("exchange", "tessera.events", "", ""),
+        ("exchange", "tessera.events.dead-letter", "", ""),
+        ("queue", "notification.email", "", ""),
+        ("queue", "notification.email.dlq", "", ""),
+        ("bind", "notification.email.dlq", "tessera.events.dead-letter", "notification.email"),
+        ("queue", "notification.email.retry.1000ms", "", ""),
+        ("queue", "notification.email.retry.5000ms", "", ""),
+        ("bind", "notification.email", "tessera.events", "a.B"),
+        ("bind", "notification.email", "tessera.events", "c.D"),
+    ]
+    retry = next(d for d in topology.declarations() if d.name.endswith("1000ms"))
+    assert retry.arguments == {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "notification.email"}
+
+
+def test_an_outbox_row_becomes_a_persistent_protobuf_message_with_its_context():
+    created = dt.datetime(2026, 12, 4, 10, 0, 0, 123456, tzinfo=dt.UTC)
+    traceparent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    row = {"seq": 7, "event_id": "ev-7", "aggregate_type": "order", "aggregate_id": "o-1",
+           "event_type": "tessera.order.v1.OrderConfirmed", "payload": b"\x0a\x03o-1", "created_at": created,
+           "headers": json.dumps({"traceparent": traceparent, "tracestate": "k=v",
+                                  "x-request-id": "r-1", "x-correlation-id": "c-1", "ignored": "x"})}
+    event = outgoing_event(row, "order")
+    p = event.properties
+    assert (event.seq, event.routing_key, event.body) == (7, "tessera.order.v1.OrderConfirmed", b"\x0a\x03o-1")
+    assert (p.content_type, p.type, p.message_id, p.delivery_mode) == (
+        "application/x-protobuf", "tessera.order.v1.OrderConfirmed", "ev-7", 2)
+    assert (p.timestamp, p.correlation_id, p.app_id) == (int(created.timestamp()), "c-1", "order")
+    assert p.headers == {"x-aggregate-type": "order", "x-aggregate-id": "o-1", "x-producer": "order",
+                         "x-created-at": "2026-12-04T10:00:00.123456+00:00", "traceparent": traceparent,
+                         "tracestate": "k=v", "x-request-id": "r-1", "x-correlation-id": "c-1"}
+
+    retry = forwarded_properties(p, {"x-tessera-attempt": 2}, expiration_ms=1500)
+    assert (retry.message_id, retry.type, retry.expiration) == ("ev-7", p.type, "1500")
+    assert retry.headers["x-tessera-attempt"] == 2 and retry.headers["x-aggregate-id"] == "o-1"
+    assert "x-tessera-attempt" not in p.headers  # the original is left alone
+
+
+def test_event_classes_are_found_by_full_name():
+    refunded = event_class("tessera.payment.v1.PaymentRefunded")
+    assert refunded is not None and refunded.DESCRIPTOR.full_name == "tessera.payment.v1.PaymentRefunded"
+    assert event_class("tessera.nothing.v1.Nope") is None
