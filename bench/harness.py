@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import infra
 from bench.load import Budget, LoadResult
-from bench.meter import Meter, Processes, peak_rss_mb, rss_mb
+from bench.meter import Meter, Processes, rss_mb
 from bench.procs import ROOT, ManagedProcess, python_module
 
 
@@ -302,12 +302,6 @@ def idle_rss(process: ManagedProcess, settle: float = 1.0) -> float:
     procs = process.processes()
     workers = procs[1:] or procs
     return max(rss_mb(p) for p in workers)
-
-
-def lifetime_peak(process: ManagedProcess) -> float:
-    procs = process.processes()
-    workers = procs[1:] or procs
-    return max(peak_rss_mb(p) for p in workers)
 
 
 def git_revision() -> str:

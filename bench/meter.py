@@ -1,4 +1,4 @@
-"""Per-process CPU seconds and peak RSS over a measured interval, read with psutil (and /proc for VmHWM)."""
+"""Per-process CPU seconds and peak RSS over a measured interval, read with psutil."""
 
 from __future__ import annotations
 
@@ -22,15 +22,6 @@ def cpu_seconds(proc: psutil.Process) -> float:
 
 def rss_mb(proc: psutil.Process) -> float:
     return proc.memory_info().rss / MB
-
-
-def peak_rss_mb(proc: psutil.Process) -> float:
-    """The process's lifetime high-water mark of resident memory (VmHWM)."""
-    with open(f"/proc/{proc.pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return rss_mb(proc)
 
 
 class Meter:

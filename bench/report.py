@@ -152,8 +152,9 @@ def write(path: Path, results: Sequence[ScenarioResult], memory: Sequence[Memory
         "CPU seconds are per process over the measured segment (`postgres`: the backends of the scenario's "
         "database, summed); CPU ms per request adds up every metered process (not the load generator), the "
         "figure least disturbed by other work on the machine; peak RSS is sampled every 50 ms. gRPC outcomes are "
-        "the server's own counts (`grpc_server_handled_total` from its /metrics), since h2load only sees HTTP "
-        "status 200.",
+        "the server's own counts (`grpc_server_handled_total` from its /metrics) over the whole segment, warm-up "
+        "included, since h2load only sees HTTP status 200; CANCELLED are the streams a load generator abandons "
+        "when its time is up.",
         "",
     ]
     for r in results:

@@ -586,6 +586,10 @@ class GatewayConfig:
             health_checks=[HealthCheck(
                 timeout=_seconds(hc.timeout_seconds), interval=_seconds(hc.interval_seconds),
                 unhealthy_threshold=hc.unhealthy_threshold, healthy_threshold=hc.healthy_threshold,
+                # Envoy checks a cluster with no traffic yet only once a minute by default: a gateway started
+                # next to its services would then answer 503 for up to a minute after they became ready.
+                no_traffic_interval=_seconds(hc.interval_seconds),
+                unhealthy_interval=_seconds(hc.interval_seconds),
                 grpc_health_check=HealthCheckGrpcHealthCheck(service_name=service.full_name),
             )],
             outlier_detection=OutlierDetection(

@@ -28,6 +28,11 @@ def fetch(port: int) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+def fetch_metrics(port: int) -> tuple[int, str, bytes]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return reply.status, reply.headers["Content-Type"], reply.read()
+
+
 async def test_health_endpoint_reports_each_check():
     database, broker = Switch(), Switch()
     module = ServiceModule(service_names=("tessera.x.v1.XService",), register=lambda server: None, domain="x",
@@ -47,8 +52,8 @@ async def test_health_endpoint_reports_each_check():
         await server.readiness.check_once()
         status, body = await asyncio.to_thread(fetch, port)
         assert status == 503 and body["status"] == "DOWN"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain")
-            assert b"# TYPE grpc_server_handled_total counter" in reply.read()
+        status, content_type, text = await asyncio.to_thread(fetch_metrics, port)
+        assert status == 200 and content_type.startswith("text/plain")
+        assert b"# TYPE grpc_server_handled_total counter" in text
     finally:
         await server.stop()

@@ -81,6 +81,18 @@ def test_filter_order_authenticates_before_rate_limiting_and_authorising(dev_con
     ]
 
 
+def test_every_local_reply_is_marked_with_its_status_for_the_error_filter(dev, dev_config):
+    # The error filter gives the gateway's own gRPC refusals their google.rpc.Status by this mark; without it
+    # they would reach gRPC clients without grpc-status-details-bin.
+    (mapper,) = hcm_of(dev_config)["localReplyConfig"]["mappers"]
+    comparison = mapper["filter"]["statusCodeFilter"]["comparison"]
+    assert comparison["op"] == "GE" and comparison["value"].get("defaultValue", 0) == 0
+    assert mapper["headersToAdd"] == [{"header": {"key": lua.LOCAL_REPLY_HEADER, "value": "%RESPONSE_CODE%"},
+                                       "appendAction": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+    assert set(mapper) == {"filter", "headersToAdd"}  # bodies and statuses are left to the error filter
+    assert f'local LOCAL_REPLY_HEADER = "{lua.LOCAL_REPLY_HEADER}"' in lua.rest_errors_source(dev.description)
+
+
 def test_unknown_routes_fail_closed(dev_config):
     filters = {f["name"]: f["typedConfig"] for f in hcm_of(dev_config)["httpFilters"]}
     # Without a per-route override, a token is required and RBAC denies everything.

@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
-from tessera_gateway import generate, lua
+from tessera_gateway import errors, generate, lua
 
 # Builds a stand-in for Envoy's response handle from plain tables and runs envoy_on_response with it; returns the
 # response headers as the filter left them.
@@ -213,3 +213,14 @@ def test_long_and_non_ascii_messages_survive_both_encodings(errors_filter):
     encoded = errors_filter.fns[b"percent_encode"]("100% sûr\n".encode()).decode()
     assert encoded == "100%25 s%C3%BBr%0A"
     assert errors_filter.fns[b"percent_decode"](encoded.encode()).decode() == "100% sûr\n"
+
+
+def test_the_catalogue_says_what_grpc_clients_see():
+    over_grpc = {e.reason: e.code_over_grpc for e in errors.GATEWAY_ERRORS}
+    assert over_grpc["ROUTE_NOT_FOUND"] == "UNIMPLEMENTED"
+    assert {r for r, code in over_grpc.items() if code is None} == {"UNKNOWN_FIELD", "UNKNOWN_QUERY_PARAMETER"}
+    assert all(code == errors.BY_REASON[r].code for r, code in over_grpc.items()
+               if code is not None and r != "ROUTE_NOT_FOUND")
+    table = errors.markdown_table(grpc=True)
+    assert "| 404 | 5 NOT_FOUND | 12 UNIMPLEMENTED | `ROUTE_NOT_FOUND` |" in table
+    assert "gRPC code" not in errors.markdown_table()

@@ -134,6 +134,11 @@ local function varint(n)
   return concat(out)
 end
 
+-- A field's key is its number and wire type (0: varint, 2: length-delimited).
+local function pb_varint(number, value)
+  return varint(number * 8) .. varint(value)
+end
+
 local function pb_bytes(number, value)
   return varint(number * 8 + 2) .. varint(#value) .. value
 end
@@ -152,7 +157,7 @@ local function status_proto(e)
     for i, v in ipairs(e.violations) do items[i] = pb_bytes(1, pb_bytes(1, v[1]) .. pb_bytes(2, v[2])) end
     details[#details + 1] = pb_bytes(3, pb_any("google.rpc.BadRequest", concat(items)))
   end
-  return varint(8) .. varint(e.code) .. pb_bytes(2, e.message) .. concat(details)
+  return pb_varint(1, e.code) .. pb_bytes(2, e.message) .. concat(details)
 end
 
 -- grpc-message is percent-encoded (gRPC over HTTP/2): every byte outside printable ASCII, and "%" itself.
