@@ -41,6 +41,7 @@ def run(target: str, method: str, make: Callable[[str, int], bytes], *, seed: st
     lock = threading.Lock()
     codes: Counter[str] = Counter()
     latencies: list[float] = []
+    completed = [0]  # every call that finished, warm-up and tail included
     start = time.monotonic()
     measure_from = start + warmup
     stop_at = math.inf if requests else measure_from + duration
@@ -48,8 +49,9 @@ def run(target: str, method: str, make: Callable[[str, int], bytes], *, seed: st
     def finished(sent: float, future: grpc.Future) -> None:
         done = time.monotonic()
         code = future.code().name if future.code() is not None else "UNKNOWN"
-        if measure_from <= done <= stop_at:  # completions inside the window, as h2load counts them
-            with lock:
+        with lock:
+            completed[0] += 1
+            if measure_from <= done <= stop_at:  # completions inside the window, as h2load counts them
                 codes[code] += 1
                 latencies.append(done - sent)
         slots.release()
@@ -78,7 +80,8 @@ def run(target: str, method: str, make: Callable[[str, int], bytes], *, seed: st
     latencies.sort()
     total = sum(codes.values())
     return {
-        "requests": total, "ok": codes.get("OK", 0), "codes": dict(codes), "seconds": elapsed,
+        "requests": total, "ok": codes.get("OK", 0), "completed": completed[0], "codes": dict(codes),
+        "seconds": elapsed,
         "rps": total / elapsed, "p50_ms": percentile(latencies, 0.50) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
     }

@@ -43,6 +43,11 @@ class LoadResult:
     p99_ms: float
     loadgen_cpu_s: float = 0.0
     loadgen_rss_mb: float = 0.0
+    # Every request completed while the generator ran, warm-up included: what the servers' CPU was spent on.
+    completed: int = 0
+
+    def __post_init__(self) -> None:
+        self.completed = max(self.completed, self.requests)
 
     @property
     def rps(self) -> float:
@@ -98,14 +103,15 @@ def run_measured(argv: Sequence[str], timeout: float) -> tuple[str, float, float
     return out.decode(errors="replace"), cpu, peak[0]
 
 
-def _h2load_latencies(log_path: Path, measured: int) -> list[float]:
-    """Per-request latencies (ms) from h2load's log, without the warm-up requests (the earliest ones)."""
+def _h2load_latencies(log_path: Path, measured: int) -> tuple[list[float], int]:
+    """Per-request latencies (ms) from h2load's log without the warm-up requests (the earliest ones), and the
+    number of requests the log holds (warm-up included)."""
     rows = []
     for line in log_path.read_text().splitlines():
         start_us, _status, duration_us = line.split("\t")[:3]
         rows.append((int(start_us), int(duration_us)))
     rows.sort()
-    return sorted(d / 1000 for _, d in rows[-measured:]) if measured else []
+    return (sorted(d / 1000 for _, d in rows[-measured:]) if measured else []), len(rows)
 
 
 def _duration(seconds: float) -> str:
@@ -149,9 +155,9 @@ def h2load(url: str, *, budget: Budget, clients: int, streams: int, body: bytes 
         succeeded = int(counts.group(3))
         errors = int(counts.group(4)) + int(counts.group(5)) + int(counts.group(6)) + \
             (int(counts.group(1)) - int(counts.group(2)))
-        latencies = _h2load_latencies(log_path, int(counts.group(2)))
+        latencies, logged = _h2load_latencies(log_path, int(counts.group(2)))
     return LoadResult("h2load" + (" --h1" if http1 else ""), succeeded, errors, elapsed,
-                      percentile(latencies, 0.50), percentile(latencies, 0.99), cpu, rss)
+                      percentile(latencies, 0.50), percentile(latencies, 0.99), cpu, rss, logged)
 
 
 _WRK_SCRIPT = """
@@ -172,17 +178,24 @@ def wrk(url: str, *, budget: Budget, connections: int, threads: int = 1, headers
         base = [WRK, "-t", str(threads), "-c", str(connections), "-s", str(script)]
         for header in headers:
             base += ["-H", header]
+        warm = 0
         if budget.warmup:
-            run_measured([*base, "-d", f"{max(1, round(budget.warmup))}s", url], timeout=budget.warmup + 30)
+            out, _, _ = run_measured([*base, "-d", f"{max(1, round(budget.warmup))}s", url],
+                                     timeout=budget.warmup + 30)
+            warm = _wrk_report(out)["requests"]
         out, cpu, rss = run_measured([*base, "-d", f"{max(1, round(budget.seconds))}s", url],
-                                      timeout=budget.seconds + 30)
+                                     timeout=budget.seconds + 30)
+    data = _wrk_report(out)
+    errors = data["socket_errors"] + data["status_errors"]
+    return LoadResult("wrk", data["requests"] - data["status_errors"], errors, data["duration_us"] / 1e6,
+                      data["p50_us"] / 1000, data["p99_us"] / 1000, cpu, rss, warm + data["requests"])
+
+
+def _wrk_report(out: str) -> dict:
     found = re.search(r"WRKJSON (\{.*\})", out)
     if not found:
         raise LoadError(f"unexpected wrk output: {out[-1500:]}")
-    data = json.loads(found.group(1))
-    errors = data["socket_errors"] + data["status_errors"]
-    return LoadResult("wrk", data["requests"] - data["status_errors"], errors, data["duration_us"] / 1e6,
-                      data["p50_us"] / 1000, data["p99_us"] / 1000, cpu, rss)
+    return json.loads(found.group(1))
 
 
 def grpcload(target: str, method: str, factory: str, *, budget: Budget, seed: str, concurrency: int,
@@ -198,7 +211,7 @@ def grpcload(target: str, method: str, factory: str, *, budget: Budget, seed: st
     out, cpu, rss = run_measured(argv, timeout=budget.seconds + budget.warmup + 120)
     data = json.loads(out.strip().splitlines()[-1])
     return LoadResult("grpcload", data["ok"], data["requests"] - data["ok"], data["seconds"], data["p50_ms"],
-                      data["p99_ms"], cpu, rss)
+                      data["p99_ms"], cpu, rss, data["completed"])
 
 
 def tools_missing() -> list[str]:

@@ -75,10 +75,11 @@ def _missed(results: Sequence[ScenarioResult], memory: Sequence[MemoryRow]) -> l
 
 
 def _cpu_per_request(segment: Segment) -> str:
-    """CPU of every metered process (servers, PostgreSQL, broker; not the load generator) per request."""
-    if not segment.load.requests:
+    """CPU of every metered process (servers, PostgreSQL, broker; not the load generator) per request served
+    while it was metered (warm-up included, like the CPU)."""
+    if not segment.load.completed:
         return "—"
-    return f"{1000 * sum(segment.cpu_s.values()) / segment.load.requests:.2f}"
+    return f"{1000 * sum(segment.cpu_s.values()) / segment.load.completed:.2f}"
 
 
 def _details(r: ScenarioResult) -> list[str]:
@@ -149,9 +150,10 @@ def write(path: Path, results: Sequence[ScenarioResult], memory: Sequence[Memory
         "",
         "## Scenarios in detail",
         "",
-        "CPU seconds are per process over the measured segment (`postgres`: the backends of the scenario's "
-        "database, summed); CPU ms per request adds up every metered process (not the load generator), the "
-        "figure least disturbed by other work on the machine; peak RSS is sampled every 50 ms. gRPC outcomes are "
+        "CPU seconds are per process over the whole segment, warm-up included (`postgres`: the backends of the "
+        "scenario's database, summed); CPU ms per request divides every metered process's CPU (not the load "
+        "generator's) by the requests completed in that time, the figure least disturbed by other work on the "
+        "machine; peak RSS is sampled every 50 ms. gRPC outcomes are "
         "the server's own counts (`grpc_server_handled_total` from its /metrics) over the whole segment, warm-up "
         "included, since h2load only sees HTTP status 200; CANCELLED are the streams a load generator abandons "
         "when its time is up.",

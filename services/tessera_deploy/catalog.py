@@ -44,14 +44,27 @@ class Method:
 
 
 @dataclasses.dataclass(frozen=True)
+class Grant:
+    """What one caller may call on a workload: gRPC paths, each a method or a whole service (`/pkg.Service/*`)."""
+
+    caller: str  # the caller's workload name, which is also its ServiceAccount (its mesh identity)
+    paths: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Workload:
     """One Tessera service as it runs in the cluster."""
 
     name: str  # short name: user
     grpc_port: int
-    callers: tuple[str, ...]  # workload names (Kubernetes names) allowed to call it
+    grants: tuple[Grant, ...]  # who may call it, and what
     grpc_services: tuple[str, ...] = ()
     methods: tuple[Method, ...] = ()
+
+    @property
+    def callers(self) -> tuple[str, ...]:
+        """Workload names (Kubernetes names) allowed to call it."""
+        return tuple(g.caller for g in self.grants)
 
     @property
     def k8s_name(self) -> str:
@@ -70,14 +83,21 @@ def principal(service_account: str, namespace: str = NAMESPACE) -> str:
     return f"{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"
 
 
-# Who calls whom: the gateway reaches every service; order orchestrates user, inventory and payment;
-# notification only consumes events, so nothing but the gateway (for its read API) calls it.
-_CALLERS = {
-    "user": (GATEWAY, "order-service"),
-    "inventory": (GATEWAY, "order-service"),
-    "payment": (GATEWAY, "order-service"),
-    "order": (GATEWAY,),
-    "notification": (GATEWAY,),
+# Who calls whom, method by method. The gateway fronts the public API of every service (REST and gRPC), so it may
+# call any method of their contract services; a service that calls another may call exactly the methods it uses.
+# Only the order saga calls other services; notification only consumes events. The list is what the code calls:
+# tests/integration/test_k8s_authorization.py holds it equal to the stub methods each service's code calls.
+SERVICE_CALLS: dict[str, tuple[str, ...]] = {
+    "order-service": (
+        "/tessera.user.v1.UserService/GetUser",
+        "/tessera.inventory.v1.InventoryService/BatchGetProducts",
+        "/tessera.inventory.v1.InventoryService/ReserveStock",
+        "/tessera.inventory.v1.InventoryService/CommitReservation",
+        "/tessera.inventory.v1.InventoryService/ReleaseReservation",
+        "/tessera.payment.v1.PaymentService/ProcessPayment",
+        "/tessera.payment.v1.PaymentService/RefundPayment",
+        "/tessera.payment.v1.PaymentService/ListPayments",
+    ),
 }
 CANARIES = ("user",)  # services with a v2 canary component under k8s/components/
 
@@ -103,14 +123,25 @@ def workloads(descriptor_set: Path = DESCRIPTOR_SET) -> tuple[Workload, ...]:
             for m in service.method:
                 methods.setdefault(file.package, []).append(
                     Method(f"/{full}/{m.name}", _LEVELS[m.options.idempotency_level]))
+    known = {m.path for ms in methods.values() for m in ms}
+    for caller, paths in SERVICE_CALLS.items():
+        for path in paths:
+            if path not in known:
+                raise LookupError(f"SERVICE_CALLS[{caller!r}] lists {path}, which no contract in {descriptor_set} "
+                                  "defines")
     result = []
     # The gRPC ports are those of `make run` (tessera_runtime.devstack), so addresses read the same everywhere.
     for name, port in PORTS.items():
         package = f"tessera.{name}.v1"
         if package not in services:
             raise LookupError(f"no gRPC service in package {package} in {descriptor_set}")
-        result.append(Workload(name=name, grpc_port=port, callers=_CALLERS[name],
-                               grpc_services=tuple(sorted(services[package])),
+        grpc_services = tuple(sorted(services[package]))
+        grants = [Grant(GATEWAY, tuple(f"/{s}/*" for s in grpc_services))]
+        for caller, paths in SERVICE_CALLS.items():
+            mine = tuple(p for p in paths if p.split("/")[1] in grpc_services)
+            if mine:
+                grants.append(Grant(caller, mine))
+        result.append(Workload(name=name, grpc_port=port, grants=tuple(grants), grpc_services=grpc_services,
                                methods=tuple(methods[package])))
     return tuple(result)
 

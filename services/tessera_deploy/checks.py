@@ -14,12 +14,16 @@ from typing import Any
 
 from tessera_deploy.catalog import GATEWAY, INGRESS_PRINCIPAL, TRUST_DOMAIN, Workload
 from tessera_deploy.render import Manifest
+from tessera_runtime.config import ConfigError
+from tessera_runtime.telemetry import otlp_collector_address
 
 POD_TEMPLATE_KINDS = ("Deployment", "StatefulSet")
 # Port name prefixes and appProtocol values by which Istio knows a port's protocol (it sniffs otherwise).
 ISTIO_PROTOCOLS = ("grpc", "grpc-web", "http", "http2", "https", "tcp", "tls", "mongo", "mysql", "redis", "udp")
 # Ports the Istio sidecar adds to every injected pod: a Service may target them though no container declares them.
 SIDECAR_PORTS = (15020, 15090)
+# Where a service sends its spans (tessera_runtime.telemetry reads the standard OTEL_* variables).
+OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 _PRINCIPAL = re.compile(rf"^{re.escape(TRUST_DOMAIN)}/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
 
 
@@ -255,6 +259,26 @@ def _env_value(overlay: Overlay, pod: Manifest, container: dict[str, Any], name:
     return None
 
 
+def _container_env(overlay: Overlay, pod: Manifest, container: dict[str, Any]) -> dict[str, str]:
+    """The variables a container gets from its ConfigMaps and literal values (env wins, as in Kubernetes)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom") or []:
+        ref = _get(source, "configMapRef", "name")
+        cm = overlay.get("ConfigMap", ref, pod.namespace) if ref else None
+        if cm is not None:
+            env.update({str(k): str(v) for k, v in (cm.obj.get("data") or {}).items()})
+    for item in container.get("env") or []:
+        if "value" in item:
+            env[str(item.get("name"))] = str(item["value"])
+    return env
+
+
+def exported_collector(overlay: Overlay, pod: Manifest, container: dict[str, Any]) -> str | None:
+    """HOST:PORT of the OTLP collector a service container sends its spans to, read from its OTEL_* variables
+    as tessera_runtime reads them (None when it exports none); ConfigError when they are malformed."""
+    return otlp_collector_address(_container_env(overlay, pod, container))
+
+
 def _probe_problems(overlay: Overlay, pod: Manifest, ci: int, c: dict[str, Any],
                     workload: Workload | None) -> Iterator[Problem]:
     base = f"spec.template.spec.containers[{ci}]"
@@ -343,6 +367,12 @@ def _check_pod(overlay: Overlay, pod: Manifest, workload: Workload | None) -> It
         if _env_value(overlay, pod, c, "TESSERA_GRPC_HOST") != "0.0.0.0":
             yield _problem(pod, f"{base}.env[TESSERA_GRPC_HOST]", "must be 0.0.0.0 so the sidecar and probes reach it")
         try:
+            if exported_collector(overlay, pod, c) is None:
+                yield _problem(pod, f"{base}.env[{OTLP_ENDPOINT}]",
+                               "is not set: the service would export no spans (set it in the shared ConfigMap)")
+        except ConfigError as exc:
+            yield _problem(pod, f"{base}.env[{OTLP_ENDPOINT}]", str(exc))
+        try:
             drain = float(_env_value(overlay, pod, c, "TESSERA_DRAIN_SECONDS") or 2)
             grace = float(_env_value(overlay, pod, c, "TESSERA_GRACE_SECONDS") or 10)
         except ValueError:
@@ -405,8 +435,34 @@ def check_companions(overlay: Overlay, workloads: Iterable[Workload]) -> Iterato
 # --- security policies -----------------------------------------------------------------------------------------
 
 
+def _health_methods() -> set[str]:
+    from grpc_health.v1 import health_pb2
+
+    service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    return {f"/{service.full_name}/{m.name}" for m in service.methods}
+
+
+def _grpc_path_problem(path: str, methods: set[str]) -> str | None:
+    """Why an AuthorizationPolicy path names no gRPC method that exists (None when it names some).
+
+    Istio matches a path exactly, or by prefix when it ends in `*`: `/pkg.Service/*` is a whole service,
+    `/pkg.Service/Get*` the methods it starts."""
+    service = path.strip("/").split("/")[0]
+    services = {m.split("/")[1] for m in methods}
+    if service not in services:
+        return f"{path!r} names no gRPC service of the contracts"
+    if path.endswith("*"):
+        if not any(m.startswith(path[:-1]) for m in methods):
+            return f"{path!r} matches no method of {service}"
+        return None
+    if path not in methods:
+        known = sorted(m.rsplit("/", 1)[1] for m in methods if m.split("/")[1] == service)
+        return f"{path!r} names no method of the contracts ({service} has {', '.join(known)})"
+    return None
+
+
 def check_authorization(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:
-    grpc_services = {s for w in workloads for s in w.grpc_services} | {"grpc.health.v1.Health"}
+    methods = {m.path for w in workloads for m in w.methods} | _health_methods()
     for ap in overlay.of("AuthorizationPolicy"):
         spec = ap.obj.get("spec") or {}
         selector = _match_labels(spec.get("selector"))
@@ -426,10 +482,12 @@ def check_authorization(overlay: Overlay, workloads: Iterable[Workload]) -> Iter
                         yield _problem(ap, field, f"{principal!r} names no ServiceAccount of this overlay")
             for t, target in enumerate(rule.get("to") or []):
                 for p, path in enumerate(_get(target, "operation", "paths", default=[])):
-                    service = path.strip("/").split("/")[0]
-                    if path.startswith("/") and "." in service and service not in grpc_services:
-                        yield _problem(ap, f"spec.rules[{r}].to[{t}].operation.paths[{p}]",
-                                       f"{path!r} names no gRPC service of the contracts")
+                    # gRPC paths are /<package>.<Service>/<Method>; others (/metrics) are plain HTTP.
+                    if not path.startswith("/") or "." not in path.strip("/").split("/")[0]:
+                        continue
+                    problem = _grpc_path_problem(path, methods)
+                    if problem:
+                        yield _problem(ap, f"spec.rules[{r}].to[{t}].operation.paths[{p}]", problem)
 
 
 def check_network_policies(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:

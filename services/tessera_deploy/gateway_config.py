@@ -14,13 +14,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tessera_deploy import K8S_DIR, ROOT
-from tessera_deploy.catalog import GATEWAY
-from tessera_deploy.checks import Overlay, Problem
+from tessera_deploy.catalog import GATEWAY, workloads
+from tessera_deploy.checks import Overlay, Problem, exported_collector
 from tessera_deploy.render import Manifest, load_all
+from tessera_runtime.config import ConfigError
 
 PROFILE = "prod"
 GENERATED_DIR = K8S_DIR / "base" / "gateway" / "generated"
 CONFIG_KEY = "envoy.yaml"
+# The cluster Envoy's OpenTelemetry tracer exports to (tessera_gateway.bootstrap.TRACING_CLUSTER; importing the
+# generator here would cost a second of every check).
+TRACING_CLUSTER = "otel_collector"
 # etcd refuses objects over 1.5 MiB and the API server ConfigMaps over 1 MiB; stay clearly below.
 MAX_CONFIG_MAP_BYTES = 900 * 1024
 
@@ -101,10 +105,13 @@ def check(manifests: Iterable[Manifest], files: dict[str, str]) -> list[Problem]
             problems.append(Problem(cm.where, cm.ref, "data", f"holds {size} bytes; a ConfigMap must stay below "
                                                               f"{MAX_CONFIG_MAP_BYTES}"))
     overlay = Overlay(manifests)
+    collectors = _service_collectors(overlay)
     for cm in maps:
-        for cluster, host, port in upstreams((cm.obj.get("data") or {}).get(CONFIG_KEY, "")):
-            if not host.endswith(".svc.cluster.local"):
-                continue  # outside the cluster (the JWKS server) or loopback
+        found = upstreams((cm.obj.get("data") or {}).get(CONFIG_KEY, ""))
+        problems.extend(_collector_problems(cm, found, collectors))
+        for cluster, host, port in found:
+            if not host.endswith(".svc.cluster.local") or cluster == TRACING_CLUSTER:
+                continue  # outside the cluster (the JWKS server, the trace collector) or loopback
             service = overlay.service_for_host(host, cm.namespace)
             field = f"data[{CONFIG_KEY}].staticResources.clusters[{cluster}]"
             if service is None:
@@ -112,3 +119,40 @@ def check(manifests: Iterable[Manifest], files: dict[str, str]) -> list[Problem]
             elif port not in [p.get("port") for p in service.obj["spec"].get("ports") or []]:
                 problems.append(Problem(cm.where, cm.ref, field, f"Service {service.name} has no port {port}"))
     return problems
+
+
+def _service_collectors(overlay: Overlay) -> set[str]:
+    """HOST:PORT of every collector the services export spans to (those that export none are checks' concern)."""
+    found = set()
+    for w in workloads():
+        service = overlay.get("Service", w.k8s_name)
+        for pod in overlay.pods_of(service) if service is not None else []:
+            for container in pod.obj["spec"]["template"]["spec"].get("containers") or []:
+                try:
+                    collector = exported_collector(overlay, pod, container)
+                except ConfigError:
+                    continue  # reported by checks with the container's field
+                if collector is not None:
+                    found.add(collector)
+    return found
+
+
+def _collector_problems(cm: Manifest, found: list[tuple[str, str, int]], collectors: set[str]) -> list[Problem]:
+    """The gateway's spans go where the services' go, so that one trace holds the edge and the services."""
+    gateway = sorted(f"{host}:{port}" for cluster, host, port in found if cluster == TRACING_CLUSTER)
+    wanted = " or ".join(sorted(collectors))
+    if not gateway:
+        if not collectors:
+            return []
+        return [Problem(cm.where, cm.ref, f"data[{CONFIG_KEY}].staticResources.clusters",
+                        f"the gateway exports no spans while the services export to {wanted}: set tracing."
+                        f"otlp_endpoint in the {PROFILE} profile of gateway-envoy/gateway.yaml")]
+    field = f"data[{CONFIG_KEY}].staticResources.clusters[{TRACING_CLUSTER}]"
+    if not collectors:
+        return [Problem(cm.where, cm.ref, field, f"the gateway exports spans to {gateway[0]} but the services "
+                                                 "export none (OTEL_EXPORTER_OTLP_ENDPOINT is not set)")]
+    if not set(gateway) <= collectors:
+        return [Problem(cm.where, cm.ref, field,
+                        f"the gateway exports spans to {gateway[0]}, the services to {wanted}: make "
+                        f"tracing.otlp_endpoint in gateway-envoy/gateway.yaml and OTEL_EXPORTER_OTLP_ENDPOINT agree")]
+    return []

@@ -68,8 +68,12 @@ class Supervisor:
         if self.settings.metrics_port:
             env["TESSERA_METRICS_PORT"] = str(self.settings.metrics_port + index)
         # A fresh interpreter per worker (not fork): gRPC's core must not be shared across a fork.
-        return subprocess.Popen([sys.executable, "-m", "tessera_runtime.cli", "serve", self.service],
-                                env=env, stdout=subprocess.PIPE)
+        worker = subprocess.Popen([sys.executable, "-m", "tessera_runtime.cli", "serve", self.service],
+                                  env=env, stdout=subprocess.PIPE)
+        self.workers.append(worker)
+        if self.stopping:  # a stop signal came while this worker was being started
+            worker.send_signal(signal.SIGTERM)
+        return worker
 
     def _wait_until_serving(self, workers: list[subprocess.Popen[bytes]]) -> int | None:
         """Waits for each worker's `listening on` line; returns the exit code of one that died first."""
@@ -115,12 +119,9 @@ class Supervisor:
         holder = reserve_port(self.settings.grpc_host, self.settings.grpc_port)
         port = holder.getsockname()[1]
         try:
-            self.workers.append(self._spawn(0, port))
-            failed = self._wait_until_serving(self.workers[:1])
+            failed = self._wait_until_serving([self._spawn(0, port)])
             if failed is None:
-                rest = [self._spawn(i, port) for i in range(1, count)]
-                self.workers.extend(rest)
-                failed = self._wait_until_serving(rest)
+                failed = self._wait_until_serving([self._spawn(i, port) for i in range(1, count)])
             if failed is not None and not self.stopping:
                 log.error("a worker exited while starting", extra={"exit_code": failed})
                 self._stop_all()
@@ -145,7 +146,8 @@ class Supervisor:
             time.sleep(_POLL_SECONDS)
         codes = self._wait_all()
         log.info("workers stopped", extra={"exit_codes": codes})
-        return next((code for code in codes if code != 0), 0)
+        # A worker still starting when the stop came ends as a single process would: killed by the signal.
+        return next((128 - code if code < 0 else code for code in codes if code != 0), 0)
 
     def _wait_all(self) -> list[int]:
         # Each worker bounds its own shutdown by its drain and grace periods; this only waits for them.

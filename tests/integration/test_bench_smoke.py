@@ -52,7 +52,7 @@ def test_bench_runs_alternating_sides_and_writes_its_report(tmp_path):
             ("baseline", 1), ("subject", 1), ("baseline", 2), ("subject", 2)], number
         for segment in scenario["segments"]:
             load = segment["load"]
-            assert load["requests"] == REQUESTS and load["errors"] == 0, (number, segment)
+            assert load["requests"] == load["completed"] == REQUESTS and load["errors"] == 0, (number, segment)
             assert load["seconds"] > 0 and load["p50_ms"] > 0 and load["p99_ms"] >= load["p50_ms"]
             assert all(v >= 0 for v in segment["cpu_s"].values()) and segment["cpu_s"]
             assert all(v > 0 for v in segment["rss_mb"].values()) and segment["rss_mb"]

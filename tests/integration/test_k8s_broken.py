@@ -146,8 +146,68 @@ def test_principal_that_is_not_a_service_account_is_reported(tree):
 
     edit_yaml(tree / "istio/authorization-policies.yaml", "AuthorizationPolicy", "payment-service", change)
     problems = validate_copy(tree, "prod")
-    _one(problems, "istio/authorization-policies.yaml", "spec.rules[0].from[0].source.principals[2]",
+    _one(problems, "istio/authorization-policies.yaml", "spec.rules[0].from[0].source.principals[1]",
          "names no ServiceAccount of this overlay")
+
+
+@pytest.mark.parametrize(("policy", "rule", "path", "text"), [
+    # order-service's rule (rules[1]) granting a method the payment contract does not have.
+    ("payment-service", 1, "/tessera.payment.v1.PaymentService/ChargeCard",
+     "names no method of the contracts (tessera.payment.v1.PaymentService has GetPayment, ListPayments, "
+     "ProcessPayment, RefundPayment)"),
+    # A prefix that matches no method.
+    ("user-service", 1, "/tessera.user.v1.UserService/Frob*", "matches no method of tessera.user.v1.UserService"),
+    # Reflection is no public API: the gateway's rule (rules[0]) must not reach it.
+    ("inventory-service", 0, "/grpc.reflection.v1alpha.ServerReflection/*", "names no gRPC service of the contracts"),
+    ("order-service", 0, "/tessera.orders.v1.OrderService/*", "names no gRPC service of the contracts"),
+])
+def test_policy_path_naming_no_method_of_the_contracts_is_reported(tree, policy, rule, path, text):
+    def change(doc):
+        doc["spec"]["rules"][rule]["to"][0]["operation"]["paths"].insert(0, path)
+
+    edit_yaml(tree / "istio/authorization-policies.yaml", "AuthorizationPolicy", policy, change)
+    problems = validate_copy(tree, "prod")
+    _one(problems, "istio/authorization-policies.yaml", f"spec.rules[{rule}].to[0].operation.paths[0]", text)
+    assert len(problems) == 1, describe(problems)
+
+
+def test_services_exporting_no_spans_are_reported(tree):
+    def change(doc):
+        del doc["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+
+    edit_yaml(tree / "k8s/base/config.yaml", "ConfigMap", "tessera-config", change)
+    problems = validate_copy(tree, "prod")
+    for service in ("user", "inventory", "payment", "order", "notification"):
+        _one(problems, f"k8s/base/services/{service}.yaml", "spec.template.spec.containers[0].env["
+             "OTEL_EXPORTER_OTLP_ENDPOINT]", "is not set: the service would export no spans")
+    _one(problems, "k8s/base/kustomization.yaml", "data[envoy.yaml].staticResources.clusters[otel_collector]",
+         "the gateway exports spans to opentelemetry-collector.observability.svc.cluster.local:4317 but the "
+         "services export none")
+    assert len(problems) == 6, describe(problems)
+
+
+def test_gateway_and_services_exporting_to_different_collectors_are_reported(tree):
+    def change(doc):
+        doc["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://otel.tracing.svc.cluster.local:4317"
+
+    edit_yaml(tree / "k8s/base/config.yaml", "ConfigMap", "tessera-config", change)
+    problems = validate_copy(tree, "prod")
+    _one(problems, "k8s/base/kustomization.yaml", "data[envoy.yaml].staticResources.clusters[otel_collector]",
+         "the gateway exports spans to opentelemetry-collector.observability.svc.cluster.local:4317, the services "
+         "to otel.tracing.svc.cluster.local:4317")
+    assert len(problems) == 1, describe(problems)
+
+
+def test_malformed_collector_endpoint_is_reported(tree):
+    def change(doc):
+        doc["spec"]["template"]["spec"]["containers"][0]["env"].append(
+            {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://:4317"})
+
+    edit_yaml(tree / "k8s/base/services/payment.yaml", "Deployment", "payment-service", change)
+    problems = validate_copy(tree, "prod")
+    _one(problems, "k8s/base/services/payment.yaml", "spec.template.spec.containers[0].env["
+         "OTEL_EXPORTER_OTLP_ENDPOINT]", "must be a URL such as http://host:4317")
+    assert len(problems) == 1, describe(problems)
 
 
 def test_network_policy_admitting_a_caller_the_mesh_refuses_is_reported(tree):

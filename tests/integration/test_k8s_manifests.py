@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import urllib.parse
 
 import pytest
 import yaml
 from google.protobuf import descriptor_pb2
 
 from tessera_deploy import ROOT, gateway_config, mesh, schemas
-from tessera_deploy.catalog import GATEWAY, INGRESS_PRINCIPAL, NAMESPACE, principal, workloads
+from tessera_deploy.catalog import GATEWAY, INGRESS_PRINCIPAL, NAMESPACE, SERVICE_CALLS, principal, workloads
 from tessera_deploy.render import load_all
+from tessera_gateway.bootstrap import TRACING_CLUSTER
 from tests.support.k8s import OVERLAYS, describe, find, gateway_files, manifests, report
 
 GRPC_CONDITIONS = {"unavailable", "cancelled", "deadline-exceeded", "resource-exhausted"}
@@ -164,20 +166,53 @@ def test_destination_rules_balance_bound_and_eject():
 
 
 def test_authorization_allows_exactly_the_callers_on_their_grpc_paths():
+    health = "/grpc.health.v1.Health/*"
     for w in workloads():
         spec = find("prod", "AuthorizationPolicy", w.k8s_name)["spec"]
         assert spec["selector"]["matchLabels"] == {"app": w.k8s_name}
-        grpc_rule = spec["rules"][0]
-        principals = set(grpc_rule["from"][0]["source"]["principals"])
-        assert principals == {principal(c) for c in w.callers}
-        assert principal(GATEWAY) in principals
-        assert (principal("order-service") in principals) == (w.name in ("user", "inventory", "payment"))
-        paths = grpc_rule["to"][0]["operation"]["paths"]
-        assert paths == [f"/{s}/*" for s in w.grpc_services] + ["/grpc.health.v1.Health/*"]
+        *grpc_rules, metrics_rule = spec["rules"]
+        by_caller = {}
+        for rule in grpc_rules:
+            [source] = rule["from"]
+            [caller] = source["source"]["principals"]
+            [target] = rule["to"]
+            assert target["operation"]["ports"] == [str(w.grpc_port)]
+            by_caller[caller] = target["operation"]["paths"]
+        assert set(by_caller) == {principal(c) for c in w.callers}
+        # The gateway fronts every public service whole, and nothing else (no reflection).
+        assert by_caller[principal(GATEWAY)] == [f"/{s}/*" for s in w.grpc_services] + [health]
+        # order-service gets the methods the catalog grants it on this service, one by one, and health checks.
+        granted = [p for p in SERVICE_CALLS["order-service"] if p.split("/")[1] in w.grpc_services]
+        if w.name in ("user", "inventory", "payment"):
+            assert granted and by_caller[principal("order-service")] == [*granted, health]
+            assert all(not p.endswith("*") for p in granted)
+        else:
+            assert principal("order-service") not in by_caller and granted == []
+        assert metrics_rule == {"to": [{"operation": {"ports": ["9090"], "methods": ["GET"], "paths": ["/metrics"]}}]}
     gateway_rule = find("prod", "AuthorizationPolicy", GATEWAY)["spec"]["rules"][0]
     assert gateway_rule["from"][0]["source"]["principals"] == [INGRESS_PRINCIPAL]
     assert find("prod", "AuthorizationPolicy", "allow-nothing")["spec"] == {}
     assert find("prod", "PeerAuthentication", "default")["spec"] == {"mtls": {"mode": "STRICT"}}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_and_gateway_export_spans_to_the_shared_collector(overlay):
+    config = find(overlay, "ConfigMap", "tessera-config")["data"]
+    endpoint = urllib.parse.urlsplit(config["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert endpoint.scheme == "http" and endpoint.hostname.endswith(".svc.cluster.local")
+    for w in workloads():
+        container = find(overlay, "Deployment", w.k8s_name)["spec"]["template"]["spec"]["containers"][0]
+        assert {"configMapRef": {"name": "tessera-config"}} in container["envFrom"]
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in {e["name"] for e in container.get("env", [])}
+    envoy = load_all(dict(gateway_files())[gateway_config.CONFIG_KEY])[0]
+    [collector] = [c for c in envoy["staticResources"]["clusters"] if c["name"] == TRACING_CLUSTER]
+    # A cluster host name: resolved by DNS, never a fixed address.
+    assert collector["type"] in ("STRICT_DNS", "LOGICAL_DNS")
+    assert gateway_config.upstreams(dict(gateway_files())[gateway_config.CONFIG_KEY]).count(
+        (TRACING_CLUSTER, endpoint.hostname, endpoint.port)) == 1
+    manager = envoy["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    assert manager["tracing"]["provider"]["typedConfig"]["grpcService"]["envoyGrpc"]["clusterName"] == TRACING_CLUSTER
+    assert gateway_config.TRACING_CLUSTER == TRACING_CLUSTER
 
 
 def test_deployments_probe_the_health_service_and_shut_down_within_the_grace_period():

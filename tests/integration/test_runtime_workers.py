@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -129,6 +131,33 @@ async def test_sigterm_lets_every_worker_finish_its_calls_then_exits_zero(pg_via
         assert log.count('"message": "draining"') == 2 and log.count('"message": "stopped"') == 2
     finally:
         kill_leftovers(service, pids)
+
+
+def test_sigterm_while_the_workers_start_stops_everything_without_announcing(pg_via_proxy, tmp_path):
+    url, proxy = pg_via_proxy
+    proxy.delay = 0.5  # migrations crawl: the stop arrives while the first worker is still starting
+    env = {**os.environ, "TESSERA_WORKERS": "2", "TESSERA_GRPC_PORT": "0", "TESSERA_DATABASE_URL": url}
+    with open(tmp_path / "user.log", "wb") as log:
+        parent = subprocess.Popen([sys.executable, "-m", "tessera_runtime.cli", "serve", "user"], cwd=ROOT,
+                                  env=env, stdout=subprocess.PIPE, stderr=log)
+    pids: list[int] = []
+    try:
+        wait_for(lambda: len(psutil.Process(parent.pid).children()) == 1)
+        pids = [p.pid for p in psutil.Process(parent.pid).children()]
+        parent.send_signal(signal.SIGTERM)
+        out, _ = parent.communicate(timeout=60)
+        # The worker was killed by the stop it was forwarded, as a single process still starting would be.
+        assert parent.returncode == 128 + signal.SIGTERM
+        assert b"listening on" not in out
+        assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                   for pid in pids)
+    finally:
+        proxy.delay = 0
+        if parent.poll() is None:
+            parent.kill()
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
 
 
 def test_a_worker_that_dies_stops_the_service_with_its_code(tmp_path):

@@ -7,7 +7,7 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
 from tessera_gateway import DESCRIPTOR_SET, generate, lua
-from tessera_gateway.bootstrap import GatewayConfig, render, to_envoy_dict
+from tessera_gateway.bootstrap import TRACING_CLUSTER, GatewayConfig, render, to_envoy_dict
 from tessera_gateway.description import load
 from tessera_gateway.descriptors import ContractError, Contracts
 
@@ -156,8 +156,10 @@ def test_admin_is_on_loopback_in_every_profile(dev_config, prod_config):
 def test_prod_differs_from_dev_only_in_values(dev_config, prod_config):
     def shape(config: dict) -> tuple:
         hcm = hcm_of(config)
+        # The JWKS and trace collector clusters exist when a value names them (a remote JWKS, a collector).
+        clusters = [c["name"] for c in config["staticResources"]["clusters"]]
         return ([f["name"] for f in hcm["httpFilters"]], list(routes_of(config)),
-                [c["name"] for c in config["staticResources"]["clusters"] if c["name"] != "jwks"])
+                [c for c in clusters if c not in ("jwks", TRACING_CLUSTER)])
 
     assert shape(dev_config) == shape(prod_config)
     providers = [next(f for f in hcm_of(c)["httpFilters"] if f["name"] == "envoy.filters.http.jwt_authn")
@@ -170,6 +172,11 @@ def test_prod_differs_from_dev_only_in_values(dev_config, prod_config):
     assert prod_user["type"] == "STRICT_DNS"
     # Behind Istio's ingress the client address is the last x-forwarded-for entry it added.
     assert "xffNumTrustedHops" not in hcm_of(dev_config) and hcm_of(prod_config)["xffNumTrustedHops"] == 1
+    # Prod exports its spans to the cluster's collector, found by DNS like the services.
+    collector = next(c for c in prod_config["staticResources"]["clusters"] if c["name"] == TRACING_CLUSTER)
+    assert collector["type"] == "STRICT_DNS"
+    assert hcm_of(prod_config)["tracing"]["provider"]["typedConfig"]["grpcService"]["envoyGrpc"] == {
+        "clusterName": TRACING_CLUSTER}
 
 
 def test_rendering_is_deterministic(dev):
