@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench",
                         help="logs of every process started and raw profiles")
+    parser.add_argument("--refresh-analysis", action="store_true",
+                        help="measure nothing: rewrite the Analysis section of --output from bench/FINDINGS.md")
     args = parser.parse_args(argv)
     unknown = [n for n in args.scenarios.split(",") if n and n not in SCENARIOS]
     if unknown:
@@ -42,6 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.refresh_analysis:
+        report.refresh_analysis(args.output)
+        print(f"bench: refreshed the analysis in {args.output}")
+        return 0
     missing = infra.ensure_tools()
     if missing:
         print(f"bench: {', '.join(missing)} missing and could not be installed", file=sys.stderr)

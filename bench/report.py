@@ -161,10 +161,22 @@ def write(path: Path, results: Sequence[ScenarioResult], memory: Sequence[Memory
     ]
     for r in results:
         lines += _details(r)
-    if FINDINGS.exists():
-        lines += ["## Analysis", "", "Written by hand from the runs and profiles above (bench/FINDINGS.md).", "",
-                  FINDINGS.read_text().strip(), ""]
+    lines += _analysis()
     path.write_text("\n".join(lines))
+
+
+def _analysis() -> list[str]:
+    if not FINDINGS.exists():
+        return []
+    return ["## Analysis", "", "Written by hand from the runs and profiles above (bench/FINDINGS.md).", "",
+            FINDINGS.read_text().strip(), ""]
+
+
+def refresh_analysis(path: Path) -> None:
+    """Replaces the Analysis section of a written report with bench/FINDINGS.md as it is now; the numbers stay."""
+    text = path.read_text()
+    measured = text.split("\n## Analysis\n", 1)[0].rstrip("\n")
+    path.write_text("\n".join([measured, "", *_analysis()]))
 
 
 def write_json(path: Path, results: Sequence[ScenarioResult], memory: Sequence[MemoryRow], env: dict[str, str],

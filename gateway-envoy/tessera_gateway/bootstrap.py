@@ -111,6 +111,7 @@ from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import He
 from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
     JwksAsyncFetch,
     JwtAuthentication,
+    JwtCacheConfig,
     JwtClaimToHeader,
     JwtHeader,
     JwtProvider,
@@ -359,6 +360,9 @@ class GatewayConfig:
                               JwtClaimToHeader(header_name=SCOPES_HEADER, claim_name="scope")],
             clock_skew_seconds=j.clock_skew_seconds, max_lifetime=_seconds(j.max_lifetime_seconds),
             require_expiration=True,
+            # A client sends the same token on every request until it expires: verify its RS256 signature once
+            # and reuse the result (Envoy still checks the token's time constraints on every cache hit).
+            jwt_cache_config=JwtCacheConfig(jwt_cache_size=1000),
         )
         if j.jwks_file is not None:
             provider.local_jwks = DataSource(filename=str(j.jwks_file))

@@ -13,7 +13,7 @@ import grpc
 from grpc_status import rpc_status
 
 from tessera_runtime import context as callctx
-from tessera_runtime.errors import DomainError, Unauthenticated, internal_status
+from tessera_runtime.errors import DomainError, Unauthenticated, Unavailable, internal_status
 from tessera_runtime.logs import correlation_id_var, request_id_var
 
 log = logging.getLogger("tessera.rpc")
@@ -86,6 +86,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             )
             start = time.perf_counter()
             code = grpc.StatusCode.OK
+            deadline: asyncio.Timeout | None = None
             try:
                 await context.send_initial_metadata(
                     ((callctx.REQUEST_ID, request_id), (callctx.CORRELATION_ID, correlation_id)))
@@ -96,14 +97,23 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     return await inner(request, context)
                 if remaining <= 0:
                     raise TimeoutError
-                async with asyncio.timeout(remaining):
+                async with asyncio.timeout(remaining) as deadline:
                     return await inner(request, context)
             except DomainError as err:
                 code = err.code
                 await context.abort_with_status(rpc_status.to_status(err.to_status()))
             except TimeoutError:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-                await context.abort(code, "deadline exceeded")
+                if remaining is not None and (remaining <= 0 or (deadline is not None and deadline.expired())):
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    await context.abort(code, "deadline exceeded")
+                else:
+                    # Something the handler waited on gave up (a database connection not made in time, ...)
+                    # before the caller's deadline: the service cannot answer just now, and a retry may succeed.
+                    code = grpc.StatusCode.UNAVAILABLE
+                    log.warning("timed out waiting for a dependency in %s", method, exc_info=True,
+                                extra={"rpc_method": method})
+                    await context.abort_with_status(rpc_status.to_status(Unavailable(
+                        "a dependency did not answer in time; retry later", domain=self.domain).to_status()))
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise

@@ -139,3 +139,17 @@ def test_every_rest_route_needs_a_token(gateway):
         response = gateway.call(rpc.http.method, path, body={} if rpc.http.body else None)
         assert response.status == 401, (rpc.full_name, response.status, response.body)
         assert response.json()["details"][0]["reason"] == "TOKEN_MISSING"
+
+
+def test_a_cached_token_is_refused_once_it_expires(gateway, accounts):
+    """Verified tokens are cached; the cache must still honour expiry (and the configured clock skew)."""
+    skew = gateway.description.jwt.clock_skew_seconds
+    issued = time.time() - 600
+    # Valid for about 3 more seconds, the clock skew included.
+    token = gateway.mint(accounts["alice"], "user:read", now=issued, ttl=600 - skew + 3)
+    assert gateway.call("GET", f"/v1/users/{accounts['alice']}", token=token).status == 200
+    assert gateway.call("GET", f"/v1/users/{accounts['alice']}", token=token).status == 200  # from the cache
+    time.sleep(4.5)
+    refused = gateway.call("GET", f"/v1/users/{accounts['alice']}", token=token)
+    assert refused.status == 401
+    assert refused.json()["details"][0]["reason"] == "TOKEN_EXPIRED"
