@@ -84,8 +84,7 @@ $(NODE_MODULES): $(CLIENTS_TS)/package.json $(CLIENTS_TS)/package-lock.json
 	cd $(CLIENTS_TS) && npm ci --ignore-scripts --no-audit --no-fund
 	@touch $@
 
-$(CLIENTS_STAMP): $(GEN_STAMP) $(NODE_MODULES) buf.gen.yaml clients/python/typed_stubs.py $(CLIENTS_SRC)
-	$(PY) clients/python/typed_stubs.py
+$(CLIENTS_STAMP): $(GEN_STAMP) $(NODE_MODULES) buf.gen.yaml $(CLIENTS_SRC)
 	$(BIN)/buf generate
 	rm -rf $(CLIENTS_TS)/gen/build
 	cd $(CLIENTS_TS) && node_modules/.bin/tsc -p tsconfig.json

@@ -17,6 +17,7 @@ THIRD_PARTY = ROOT / "build" / "third_party" / "proto"
 GEN_PY = ROOT / "gen" / "python"
 GEN_DESCRIPTORS = ROOT / "gen" / "descriptors"
 DESCRIPTOR_SET = GEN_DESCRIPTORS / "tessera.pb"
+MYPY_GRPC_PLUGIN = Path(sys.executable).parent / "protoc-gen-mypy_grpc"
 
 # Google protos the contracts import, plus the rich-error protos Envoy needs to render error details as JSON.
 GOOGLE_PROTOS = (
@@ -64,7 +65,12 @@ def generate_python(files: list[str]) -> None:
     tmp = GEN_PY.with_name("python.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _protoc([f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *files])
+    typed_grpc = []
+    if MYPY_GRPC_PLUGIN.exists():
+        # mypy-protobuf (a dev dependency) types the gRPC stubs too: FooServiceStub and FooServiceAsyncStub with
+        # each method's request and response. Images built with runtime dependencies only do without.
+        typed_grpc = [f"--plugin=protoc-gen-mypy_grpc={MYPY_GRPC_PLUGIN}", f"--mypy_grpc_out=quiet:{tmp}"]
+    _protoc([f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *typed_grpc, *files])
     # Generated packages are implicit namespace packages except for the leaf, which gets an __init__ so that
     # type checkers and importlib.resources treat every level the same way.
     for directory in sorted({p.parent for p in tmp.rglob("*_pb2.py")}):

@@ -71,3 +71,38 @@ class SqlAlchemyUnitOfWork:
     async def rollback(self) -> None:
         await self.session.rollback()
         self.events = []
+
+
+class FakeUnitOfWork:
+    """The in-memory unit of work the services' unit tests share: subclasses add their in-memory repositories in
+    `__init__`. Committed events are kept in `published` for assertions. One instance stands for the whole
+    database, so `factory` can be passed wherever a unit-of-work factory is expected."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, Message]] = []
+        self.published: list[tuple[str, str, Message]] = []
+        self.commits = 0
+
+    def factory(self):
+        return self
+
+    def reading(self):
+        return self
+
+    async def __aenter__(self):
+        self.events = []
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.events = []
+
+    def add_event(self, aggregate_type: str, aggregate_id: str, message: Message) -> None:
+        self.events.append((aggregate_type, aggregate_id, message))
+
+    async def commit(self) -> None:
+        self.published.extend(self.events)
+        self.events = []
+        self.commits += 1
+
+    async def rollback(self) -> None:
+        self.events = []

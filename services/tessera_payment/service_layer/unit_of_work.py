@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tessera_payment.adapters.orm import outbox
@@ -12,7 +11,7 @@ from tessera_payment.adapters.repository import (
     SqlAlchemyPaymentRepository,
 )
 from tessera_runtime.db import Database
-from tessera_runtime.unit_of_work import SqlAlchemyUnitOfWork
+from tessera_runtime.unit_of_work import FakeUnitOfWork, SqlAlchemyUnitOfWork
 
 
 class PaymentUnitOfWork(SqlAlchemyUnitOfWork):
@@ -25,29 +24,9 @@ class PaymentUnitOfWork(SqlAlchemyUnitOfWork):
         self.payments = SqlAlchemyPaymentRepository(session)
 
 
-class FakePaymentUnitOfWork:
+class FakePaymentUnitOfWork(FakeUnitOfWork):
     """Same interface as PaymentUnitOfWork; committed events are kept in `published` for assertions."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.payments = InMemoryPaymentRepository()
-        self.events: list[tuple[str, str, Message]] = []
-        self.published: list[tuple[str, str, Message]] = []
-        self.commits = 0
-
-    async def __aenter__(self) -> FakePaymentUnitOfWork:
-        self.events = []
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.events = []
-
-    def add_event(self, aggregate_type: str, aggregate_id: str, message: Message) -> None:
-        self.events.append((aggregate_type, aggregate_id, message))
-
-    async def commit(self) -> None:
-        self.published.extend(self.events)
-        self.events = []
-        self.commits += 1
-
-    async def rollback(self) -> None:
-        self.events = []

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tessera_runtime.db import Database
-from tessera_runtime.unit_of_work import SqlAlchemyUnitOfWork
+from tessera_runtime.unit_of_work import FakeUnitOfWork, SqlAlchemyUnitOfWork
 from tessera_user.adapters.orm import outbox
 from tessera_user.adapters.repository import InMemoryUserRepository, SqlAlchemyUserRepository, UserRepository
 
@@ -21,32 +20,9 @@ class UserUnitOfWork(SqlAlchemyUnitOfWork):
         self.users = SqlAlchemyUserRepository(session)
 
 
-class FakeUserUnitOfWork:
+class FakeUserUnitOfWork(FakeUnitOfWork):
     """Same interface as UserUnitOfWork; committed events are kept in `published` for assertions."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.users = InMemoryUserRepository()
-        self.events: list[tuple[str, str, Message]] = []
-        self.published: list[tuple[str, str, Message]] = []
-        self.commits = 0
-
-    def reading(self) -> FakeUserUnitOfWork:
-        return self
-
-    async def __aenter__(self) -> FakeUserUnitOfWork:
-        self.events = []
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.events = []
-
-    def add_event(self, aggregate_type: str, aggregate_id: str, message: Message) -> None:
-        self.events.append((aggregate_type, aggregate_id, message))
-
-    async def commit(self) -> None:
-        self.published.extend(self.events)
-        self.events = []
-        self.commits += 1
-
-    async def rollback(self) -> None:
-        self.events = []
