@@ -39,6 +39,7 @@ from tessera_runtime import metrics, pagination
 from tessera_runtime.context import current_principal
 from tessera_runtime.db import utcnow
 from tessera_runtime.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from tessera_runtime.fieldmask import check_update_mask
 
 PRODUCT = "product"
 RESERVATION = "reservation"
@@ -257,15 +258,9 @@ async def list_products(cmd: commands.ListProducts, uow: UnitOfWork) -> tuple[li
 async def update_product(cmd: commands.UpdateProduct, uow: UnitOfWork) -> Product:
     _check_id(cmd.product_id, "product.id")
     v = model.new_violations()
-    if not cmd.paths:
-        v.add("update_mask", "must name at least one path")
-    for path in cmd.paths:
-        if path in IMMUTABLE_PATHS:
-            v.add("update_mask", f"path {path!r} is output only or immutable")
-        elif path not in MUTABLE_PATHS:
-            v.add("update_mask", f"path {path!r} is not an updatable field of Product")
+    paths = check_update_mask(cmd.paths, mutable=MUTABLE_PATHS, immutable=IMMUTABLE_PATHS, resource="Product",
+                              violations=v)
     v.raise_if_any()
-    paths = set(cmd.paths)
     price = cmd.price or Money("", 0)
     if "name" in paths:
         model.check_name(cmd.name, "product.name", v)

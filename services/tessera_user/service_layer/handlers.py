@@ -13,6 +13,7 @@ from tessera_runtime import pagination
 from tessera_runtime.context import current_principal
 from tessera_runtime.db import utcnow
 from tessera_runtime.errors import AlreadyExists, NotFound, PermissionDenied
+from tessera_runtime.fieldmask import check_update_mask
 from tessera_user import DOMAIN, mapping
 from tessera_user.adapters.repository import DuplicateEmail, DuplicateRequestId, UserRepository
 from tessera_user.domain import model
@@ -166,15 +167,9 @@ async def list_users(cmd: commands.ListUsers, uow: UnitOfWork) -> tuple[list[Use
 async def update_user(cmd: commands.UpdateUser, uow: UnitOfWork) -> User:
     check_id(cmd.user_id, "user.id")
     v = model.new_violations()
-    if not cmd.paths:
-        v.add("update_mask", "must name at least one path")
-    for path in cmd.paths:
-        if path in IMMUTABLE_PATHS:
-            v.add("update_mask", f"path {path!r} is output only or immutable")
-        elif path not in MUTABLE_PATHS:
-            v.add("update_mask", f"path {path!r} is not an updatable field of User")
+    paths = check_update_mask(cmd.paths, mutable=MUTABLE_PATHS, immutable=IMMUTABLE_PATHS, resource="User",
+                              violations=v)
     v.raise_if_any()
-    paths = set(cmd.paths)
     if "display_name" in paths:
         model.check_display_name(cmd.display_name, "user.display_name", v)
     for f in dataclasses.fields(model.Profile):
