@@ -8,8 +8,22 @@ from tessera.user.v1 import user_service_pb2_grpc
 
 from tessera_runtime.config import ServiceSettings
 from tessera_runtime.messaging import MessagingServiceSettings
+from tessera_runtime.messaging.amqp import running_links
 from tessera_runtime.server import create_server
 from tests.support import postgres
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_broker_connection_outlives_its_module():
+    """Every AMQP link (outbox relay, consumer) a module's tests start is stopped by the end of the module. One left
+    running reconnects for the rest of the session to a vhost that no longer exists, and its relay keeps polling a
+    database that was dropped: the leak is stopped here and reported as an error of the module."""
+    before = set(running_links())
+    yield
+    leaked = [link for link in running_links() if link not in before]
+    for link in leaked:
+        link.stop()
+    assert not leaked, f"AMQP links still running after the module's tests: {sorted(link.name for link in leaked)}"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

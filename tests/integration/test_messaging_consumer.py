@@ -106,9 +106,11 @@ async def consumer(vhost, effects):
     url = rabbitmq.amqp_url(vhost)
     c = Consumer(subscription, amqp_url=url, settings=SETTINGS)
     await c.start()
-    await rabbitmq.wait_for_consumer(url, c.queue)
-    yield c
-    await c.stop()
+    try:  # stopped even when it never got to consume: a consumer left running outlives the module's vhost
+        await rabbitmq.wait_for_consumer(url, c.queue)
+        yield c
+    finally:
+        await c.stop()
 
 
 def publish(url: str, message: object, *, message_id: str | None = None, exchange: str = EXCHANGE,

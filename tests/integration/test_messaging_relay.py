@@ -1,5 +1,6 @@
 """The outbox relay against the real broker: order, AMQP properties, pipelined confirms, several replicas on
-PostgreSQL, a broker outage, unroutable events, and how a service attaches it."""
+PostgreSQL, a broker outage, a broker that stops answering, stopping at any moment, unroutable events, and how a
+service attaches it."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tessera_runtime.db import Database, utcnow
 from tessera_runtime.logs import correlation_id_var, request_id_var
 from tessera_runtime.messaging import MessagingSettings, attach_outbox_relay
 from tessera_runtime.messaging.relay import OutboxRelay
-from tessera_runtime.outbox import PendingEvent, outbox_table, write_events
+from tessera_runtime.outbox import PendingEvent, notify_committed, outbox_table, write_events
 from tessera_runtime.server import HealthCheck, ServiceModule
 from tests.support import rabbitmq
 from tests.support.tcp_proxy import TcpProxy
@@ -179,6 +180,84 @@ async def test_broker_outage_keeps_events_in_the_outbox_and_drains_them_when_it_
     outage = next(r for r in caplog.records if "events are kept in the outbox" in r.getMessage())
     assert outage.levelname == "WARNING" and outage.backlog in (0, 50)
     assert any(r.getMessage().startswith("broker reachable again") for r in caplog.records)
+
+
+def silent_broker_url(vhost: str, proxy: TcpProxy) -> str:
+    # Through the proxy, so that the test can freeze the connection. heartbeat=600 keeps pika's heartbeat checker,
+    # which would notice a silent broker after a minute or more, out of it: only the relay's own bounds act.
+    return f"{rabbitmq.amqp_url(vhost, port=proxy.port)}?heartbeat=600"
+
+
+async def stop_within(relay: OutboxRelay, seconds: float = 60.0) -> None:
+    stopping = asyncio.ensure_future(relay.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=seconds)
+    assert done, "relay.stop() did not return"
+    stopping.result()
+
+
+async def test_confirms_that_never_arrive_make_the_relay_reconnect_and_publish_the_batch_again(vhost, outbox, caplog):
+    db, table = outbox
+    proxy = TcpProxy(rabbitmq.HOST, rabbitmq.PORT).start()
+    tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
+    relay = OutboxRelay(db, table, service=f"silent-{uuid.uuid4().hex[:6]}", amqp_url=silent_broker_url(vhost, proxy),
+                        settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=3.0))
+    caplog.set_level(logging.WARNING, logger="tessera.outbox")
+    await relay.start()
+    try:
+        await eventually(lambda: relay.status()["connected"], "the relay to connect")
+        proxy.freeze()  # the broker looks connected and never answers again: no confirm, no CloseOk
+        await write(db, table, [PendingEvent("user", "a", activated(str(i))) for i in range(20)])
+        delivered = await tap.wait_for(20)
+    finally:
+        await stop_within(relay)
+        proxy.close()
+    # Nothing sent on the frozen connection reached the broker; the new connection published each event once.
+    ids = [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered]
+    assert ids == [str(i) for i in range(20)]
+    assert any("confirms overdue" in r.getMessage() for r in caplog.records)
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(select(table.c.published_at, table.c.attempts))).all()
+    assert all(r.published_at is not None and r.attempts >= 2 for r in rows)  # unconfirmed once, then published
+
+
+async def test_stop_returns_and_ends_the_connection_while_a_batch_waits_for_confirms(vhost, outbox):
+    db, table = outbox
+    proxy = TcpProxy(rabbitmq.HOST, rabbitmq.PORT).start()
+    relay = OutboxRelay(db, table, service=f"inflight-{uuid.uuid4().hex[:6]}",
+                        amqp_url=silent_broker_url(vhost, proxy),
+                        settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=600.0))
+    await relay.start()
+    try:
+        await eventually(lambda: relay.status()["connected"], "the relay to connect")
+        proxy.freeze()
+        await write(db, table, [PendingEvent("user", "a", activated(str(i))) for i in range(5)])
+        await eventually(lambda: relay.status()["in_flight"] == 5, "the batch to wait for its confirms")
+        await stop_within(relay)  # neither the confirms nor the broker's CloseOk ever come
+        # The connection's thread ended while the broker still said nothing (not once the proxy closed below):
+        # nothing goes on reconnecting after the relay stopped.
+        assert not relay.publisher.running
+    finally:
+        await stop_within(relay)  # a no-op after a stop; stops the relay should the test fail before
+        proxy.close()
+    assert await unpublished(db, table) == 5  # the batch stays in the outbox for the next start
+
+
+async def test_stop_returns_when_a_commit_wakes_the_relay_as_it_is_stopped(vhost, outbox):
+    db, table = outbox
+    await write(db, table, [PendingEvent("user", "a", activated("before"))])
+    relay = OutboxRelay(db, table, service=f"racing-{uuid.uuid4().hex[:6]}", amqp_url=rabbitmq.amqp_url(vhost),
+                        settings=dataclasses.replace(FAST, outbox_poll_seconds=60.0))
+    await relay.start()
+    try:
+        # Published, then the backlog counted again: the relay now waits for a commit or its next poll.
+        await eventually(lambda: relay.status()["published_total"] == 1 and relay.status()["backlog"] == 0,
+                         "the relay to publish the event and go idle")
+    finally:
+        # A service commits events and is told to stop in the same moment: the relay's wake-up races its
+        # cancellation, which Python 3.11's asyncio.wait_for then swallowed, and stop() waited forever.
+        notify_committed(table)
+        await stop_within(relay)
+    assert not relay.publisher.running
 
 
 async def test_an_event_nobody_consumes_is_marked_published_counted_and_logged(vhost, outbox, caplog):

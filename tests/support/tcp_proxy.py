@@ -8,7 +8,8 @@ import threading
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target. `cut()` drops every connection and refuses new ones until
-    `restore()`. Runs on its own thread and event loop, so it works with any test and any process."""
+    `restore()`; `freeze()` silences the connections open now without closing them. Runs on its own thread and
+    event loop, so it works with any test and any process."""
 
     def __init__(self, target_host: str, target_port: int, delay: float = 0.0) -> None:
         self.target = (target_host, target_port)
@@ -18,6 +19,7 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._frozen: set[asyncio.StreamWriter] = set()
 
     def start(self) -> TcpProxy:
         self._thread.start()
@@ -42,6 +44,8 @@ class TcpProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    if dst in self._frozen:
+                        continue  # swallowed: the peer stays connected and never hears a thing
                     if self.delay:
                         await asyncio.sleep(self.delay)
                     dst.write(data)
@@ -53,6 +57,7 @@ class TcpProxy:
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers -= {writer, up_writer}
+        self._frozen -= {writer, up_writer}
 
     async def _cut(self) -> None:
         if self._server is not None:
@@ -67,6 +72,15 @@ class TcpProxy:
 
     def restore(self) -> None:
         self._call(self._listen())
+
+    async def _freeze(self) -> None:
+        self._frozen |= self._writers
+
+    def freeze(self) -> None:
+        """The connections open now stop forwarding, both ways and for good, yet stay open: each side sees a peer
+        that is connected and never answers (a frozen server, a path that drops packets). New connections are
+        forwarded as usual."""
+        self._call(self._freeze())
 
     async def _shutdown(self) -> None:
         await self._cut()

@@ -4,6 +4,11 @@ Why a thread: pika's frame encoding and socket work then never runs on a service
 unreachable broker cannot delay a gRPC call, and the loop never waits on pika. The thread owns one IOLoop for its
 whole life; connections come and go on it, so `call_soon` works whatever the connection's state and callbacks
 queued across a reconnect still run (and see that the channel is gone).
+
+Every close is bounded: a broker that stopped answering (or a network path that silently drops packets) never
+answers Connection.Close either, so after `close_timeout` seconds the socket is cut the way pika's own heartbeat
+checker cuts a dead connection. `stop()` therefore always ends the thread, and a link never lingers reconnecting
+after its owner stopped.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import random
 import threading
 import urllib.parse
+import weakref
 from collections.abc import Callable
 
 import pika
@@ -19,6 +25,16 @@ from pika.adapters.select_connection import IOLoop
 from pika.channel import Channel
 
 log = logging.getLogger("tessera.messaging")
+
+# Links whose thread is running; weak, so that the registry never keeps a forgotten link alive.
+_running: weakref.WeakSet[AmqpLink] = weakref.WeakSet()
+_running_lock = threading.Lock()
+
+
+def running_links() -> list[AmqpLink]:
+    """The links of this process whose thread is still running (started and not yet stopped)."""
+    with _running_lock:
+        return [link for link in _running if link.running]
 
 
 def connection_parameters(url: str, connection_name: str) -> pika.URLParameters:
@@ -42,10 +58,13 @@ class AmqpLink:
     """A connection and one channel, kept open until `stop()`. Subclasses set the channel up in `setup_channel`
     and drop what they track in `on_channel_lost`; both run on the link's thread."""
 
-    def __init__(self, url: str, name: str, *, max_backoff: float = 30.0) -> None:
+    def __init__(self, url: str, name: str, *, max_backoff: float = 30.0, close_timeout: float = 5.0) -> None:
         self.name = name
         self.parameters = connection_parameters(url, name)
         self.max_backoff = max_backoff
+        # How long a graceful close (Channel.Close / Connection.Close and their -Ok) may take before the socket is
+        # cut: a broker that stopped answering never sends the CloseOk.
+        self.close_timeout = close_timeout
         # Incremented for every channel that becomes ready, so that late callbacks about an older channel
         # (an ack for a delivery of a dead channel) can be recognised and dropped.
         self.generation = 0
@@ -55,6 +74,7 @@ class AmqpLink:
         self._thread = threading.Thread(target=self._run, name=f"amqp-{name}", daemon=True)
         self._lock = threading.Lock()
         self._alive = False
+        self._stop_requested = False
         self._stopping = False
         self._connection: pika.SelectConnection | None = None
         self._channel: Channel | None = None
@@ -69,9 +89,21 @@ class AmqpLink:
         """True while the channel is open and set up."""
         return self._ready
 
+    @property
+    def running(self) -> bool:
+        """True from `start()` until the link's thread has ended."""
+        return self._thread.is_alive()
+
+    @property
+    def stopped(self) -> bool:
+        """True once `stop()` was called: the link never connects again."""
+        return self._stop_requested
+
     def start(self) -> None:
         with self._lock:
             self._alive = True
+        with _running_lock:
+            _running.add(self)
         self._thread.start()
 
     def call_soon(self, fn: Callable[[], None]) -> bool:
@@ -88,12 +120,15 @@ class AmqpLink:
             self._ioloop.add_callback_threadsafe(guarded)
             return True
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Closes the connection and ends the thread. Blocking: call it from a worker thread in async code."""
+    def stop(self) -> None:
+        """Closes the connection (gracefully, or by cutting the socket after `close_timeout`) and ends the thread.
+        Blocking, for about `close_timeout` seconds at most: call it from a worker thread in async code."""
+        self._stop_requested = True
         if self.call_soon(self._shutdown):
-            self._thread.join(timeout)
+            # The thread ends by itself within close_timeout; the margin covers a loaded machine.
+            self._thread.join(self.close_timeout + 5.0)
             if self._thread.is_alive():
-                log.warning("AMQP link did not stop in time", extra={"link": self.name})
+                log.error("AMQP link thread did not end", extra={"link": self.name})
 
     # -- the link's thread -----------------------------------------------------------------------------------
 
@@ -116,6 +151,10 @@ class AmqpLink:
                     self._ioloop.start()
                     return  # stopped on purpose
                 except Exception:
+                    if self._stopping:
+                        # pika can raise while a connection that is still opening is closed; the link ends anyway.
+                        log.debug("AMQP link failed while stopping", exc_info=True, extra={"link": self.name})
+                        return
                     # A callback raised out of pika's loop: start over on a fresh connection rather than let the
                     # thread die with the service still running.
                     log.exception("AMQP link failed; reconnecting", extra={"link": self.name})
@@ -145,10 +184,48 @@ class AmqpLink:
             self._ioloop.remove_timeout(self._reconnect_timer)
             self._reconnect_timer = None
         connection = self._connection
-        if connection is not None and not (connection.is_closing or connection.is_closed):
-            connection.close()  # its close callback stops the loop
+        if connection is not None and not connection.is_closed:
+            if not connection.is_closing:
+                connection.close()  # its close callback stops the loop
+            # Whatever the broker does, the loop stops: a close that is not answered in time is cut short.
+            self._ioloop.call_later(self.close_timeout, self._force_stop)
         else:
             self._ioloop.stop()
+
+    def _force_stop(self) -> None:
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            self._ioloop.stop()
+            return
+        log.warning("the broker did not answer the close in time; cutting the connection",
+                    extra={"link": self.name, "close_timeout": self.close_timeout})
+        self._cut(connection, "the link stopped")  # its close callback stops the loop
+        self._ioloop.call_later(1.0, self._ioloop.stop)  # and should pika not call it, this does
+
+    def close_connection(self, reply_code: int, reply_text: str) -> None:
+        """Closes the current connection (on the link's thread) so that the link reconnects; if the broker does not
+        answer the close within `close_timeout`, the socket is cut."""
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            return
+        if not connection.is_closing:
+            connection.close(reply_code, reply_text)
+
+        def cut_if_still_open() -> None:
+            if not connection.is_closed:
+                log.warning("the broker did not answer the close in time; cutting the connection",
+                            extra={"link": self.name, "close_timeout": self.close_timeout})
+                self._cut(connection, reply_text)
+
+        self._ioloop.call_later(self.close_timeout, cut_if_still_open)
+
+    def _cut(self, connection: pika.SelectConnection, reason: str) -> None:
+        # pika has no public abort: this is the call its heartbeat checker makes for a connection whose peer
+        # stopped answering. The connection's close callback (`_on_lost`) then runs as for any lost connection.
+        try:
+            connection._terminate_stream(pika.exceptions.AMQPConnectionError(reason))
+        except Exception:
+            log.debug("cutting the connection failed", exc_info=True, extra={"link": self.name})
 
     def _connect(self) -> None:
         self._reconnect_timer = None

@@ -279,8 +279,11 @@ class Consumer:
         self.link.on_idle = lambda: self._loop.call_soon_threadsafe(idle.set)
         self.link.cancel_consuming()
         if self.link.unsettled and self.link.ready:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation of stop() that arrives as
+            # the consumer becomes idle.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(idle.wait(), grace)
+                async with asyncio.timeout(grace):
+                    await idle.wait()
         await asyncio.to_thread(self.link.stop)
         log.info("consumer stopped", extra={"queue": self.queue, **self.counts})
 

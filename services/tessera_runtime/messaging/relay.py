@@ -22,6 +22,9 @@ Design. Each service process runs one relay next to its gRPC server:
   "<database>.relay-lock" publishes, and another takes over when it exits.
 - Unroutable events (mandatory publish, no queue bound) are returned by the broker; the relay counts and logs them
   and marks them published: nobody consumes that event type, and retrying would block the events behind it.
+- Every wait is bounded. Confirms that do not arrive within TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS (a broker or a
+  network path that stopped answering) make the relay give up the connection: the unconfirmed rows stay in the
+  outbox and are published again on a new one. `stop()` always returns, whatever the broker and the database do.
 - The broker away never stops the service: the relay keeps the rows, logs that events are kept in the outbox
   with the backlog and the age of the oldest one, reconnects with backoff and drains the backlog when it returns.
   `tessera_outbox_backlog` and `tessera_outbox_oldest_unpublished_seconds` show it; the broker's health is a
@@ -100,8 +103,9 @@ class _Batch:
 class ConfirmingPublisher(AmqpLink):
     """Publishes batches to the events exchange with mandatory routing and pipelined publisher confirms."""
 
-    def __init__(self, url: str, name: str, exchange: str, *, max_backoff: float = 30.0) -> None:
-        super().__init__(url, name, max_backoff=max_backoff)
+    def __init__(self, url: str, name: str, exchange: str, *, max_backoff: float = 30.0,
+                 close_timeout: float = 5.0) -> None:
+        super().__init__(url, name, max_backoff=max_backoff, close_timeout=close_timeout)
         self.exchange = exchange
         self._next_tag = 0
         self._pending: dict[int, tuple[_Batch, int]] = {}
@@ -117,14 +121,20 @@ class ConfirmingPublisher(AmqpLink):
             batch.finish()
         return batch.future
 
-    def reset(self) -> None:
-        """Drops the connection (confirms overdue); unconfirmed messages resolve as None, then it reconnects."""
-        def close() -> None:
-            connection = self._connection
-            if connection is not None and connection.is_open:
-                connection.close(320, "confirms overdue")
+    @property
+    def in_flight(self) -> int:
+        """Messages published and not yet confirmed by the broker."""
+        return len(self._pending)
 
-        self.call_soon(close)
+    def reset(self) -> None:
+        """Gives up the connection (confirms overdue): unconfirmed messages resolve as None at once, and the link
+        reconnects. A broker that stopped confirming may not answer the close either, so the channel is dropped
+        here rather than when its CloseOk arrives, and the socket is cut after the close timeout."""
+        def drop() -> None:
+            self._lose_channel("broker confirms overdue")
+            self.close_connection(320, "confirms overdue")
+
+        self.call_soon(drop)
 
     # -- the link's thread -----------------------------------------------------------------------------------
 
@@ -215,7 +225,8 @@ class OutboxRelay:
         self.service = service
         self.settings = settings
         self.publisher = ConfirmingPublisher(amqp_url, f"{service}-outbox-relay", settings.events_exchange,
-                                             max_backoff=settings.reconnect_max_seconds)
+                                             max_backoff=settings.reconnect_max_seconds,
+                                             close_timeout=min(5.0, settings.outbox_confirm_timeout_seconds))
         self.lock_key = advisory_lock_key(table)
         self.backlog = 0
         self.oldest_age_seconds = 0.0
@@ -226,6 +237,7 @@ class OutboxRelay:
         self._lock_path = _sqlite_lock_path(db)
         self._lock_file: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._wake: asyncio.Event | None = None
         self._remove_listener: Callable[[], None] | None = None
         self._stats_at = 0.0
@@ -237,6 +249,7 @@ class OutboxRelay:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._stopping = False
         wake = self._wake = asyncio.Event()
         self.publisher.on_ready = lambda: loop.call_soon_threadsafe(wake.set)
         self._remove_listener = add_commit_listener(self.table, wake.set)
@@ -246,12 +259,15 @@ class OutboxRelay:
                                                 "batch_size": self.settings.outbox_batch_size})
 
     async def stop(self) -> None:
+        """Stops publishing and closes the broker connection. Always returns, within the confirm timeout for the
+        relay's loop and the close timeout for the connection; a batch still waiting for confirms is abandoned and
+        its rows stay in the outbox."""
+        self._stopping = True
         if self._remove_listener is not None:
             self._remove_listener()
+            self._remove_listener = None
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._end_loop(self._task)
         await asyncio.to_thread(self.publisher.stop)
         if self._lock_file is not None:
             self._lock_file.close()  # releases the lock
@@ -260,7 +276,7 @@ class OutboxRelay:
 
     def status(self) -> dict[str, Any]:
         """What the relay is doing, for logs and tools; never part of readiness."""
-        return {"connected": self.publisher.ready, "backlog": self.backlog,
+        return {"connected": self.publisher.ready, "backlog": self.backlog, "in_flight": self.publisher.in_flight,
                 "oldest_unpublished_seconds": round(self.oldest_age_seconds, 3),
                 "published_total": self.published_total, "unrouted_total": self.unrouted_total,
                 "last_error": self.publisher.last_error}
@@ -269,12 +285,30 @@ class OutboxRelay:
         """Health check (non-critical): the relay's broker connection is up."""
         return self.publisher.ready
 
+    async def _end_loop(self, task: asyncio.Task[None]) -> None:
+        # Cancelling alone is not enough: on Python 3.11 asyncio.wait_for returns normally when a cancellation races
+        # with what it awaits completing (gh-86296; the relay's own sleep used it, a driver may), and a driver may
+        # turn a cancellation into an ordinary error, which the loop would retry. So the loop also checks
+        # _stopping, the cancel is repeated while the loop runs, and the wait is bounded.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.outbox_confirm_timeout_seconds
+        while not task.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.error("the outbox relay loop did not end in time", extra={"task": task.get_name()})
+                return
+            task.cancel()
+            await asyncio.wait({task}, timeout=min(1.0, remaining))
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the outbox relay loop failed", exc_info=task.exception())
+
     # -- the loop --------------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         failures = 0
         drained_some = False
-        while True:
+        # A stopped publisher never connects again: nothing is left to do.
+        while not (self._stopping or self.publisher.stopped):
             try:
                 if not self.publisher.ready:
                     await self._refresh_stats(force=False)
@@ -299,6 +333,8 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._stopping:
+                    return
                 failures += 1
                 delay = min(self.settings.reconnect_max_seconds, 0.2 * 2 ** min(failures, 8))
                 log.warning("outbox relay pass failed; events stay in the outbox, retrying in %.1fs: %s",
@@ -307,8 +343,11 @@ class OutboxRelay:
 
     async def _sleep(self, seconds: float) -> None:
         assert self._wake is not None
+        # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a cancellation that arrives as
+        # the wake-up does (a commit notifying the relay just as the service stops), and stop() then waited forever.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
         self._wake.clear()
 
     def _log_outage(self) -> None:
@@ -407,11 +446,13 @@ class OutboxRelay:
                 e.routing_key, e.properties.headers, exchange=self.settings.events_exchange, event_id=e.event_id))
                 for e in events]
             future = asyncio.wrap_future(self.publisher.publish(events))
-            done, _ = await asyncio.wait({future}, timeout=self.settings.outbox_confirm_timeout_seconds)
+            timeout = self.settings.outbox_confirm_timeout_seconds
+            done, _ = await asyncio.wait({future}, timeout=timeout)
             if not done:
-                log.warning("broker confirms overdue; reconnecting", extra={"batch": len(events)})
-                self.publisher.reset()
-                done, _ = await asyncio.wait({future}, timeout=10.0)
+                log.warning("broker confirms overdue; reconnecting and publishing the batch again",
+                            extra={"batch": len(events), "confirm_timeout_seconds": timeout})
+                self.publisher.reset()  # resolves the batch at once with what was confirmed so far
+                done, _ = await asyncio.wait({future}, timeout=timeout)
             statuses = future.result() if done else [None] * len(events)
             for span, status in zip(opened, statuses, strict=True):
                 if status not in _CONFIRMED:
