@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import json
 import zlib
-from typing import Any
+from typing import Any, TypeVar
 
 from tessera_runtime.errors import FieldViolation, InvalidArgument
+
+T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -54,3 +57,24 @@ def decode(token: str, method: str, filters: dict[str, Any], domain: str,
         raise InvalidArgument([FieldViolation(field, "was issued for another method or other filters")],
                               domain=domain)
     return data["k"]
+
+
+def decode_time_key(token: str, method: str, filters: dict[str, Any], domain: str,
+                    field: str = "page_token") -> tuple[dt.datetime, str] | None:
+    """The (create_time, id) cursor most lists page by, or None for the first page."""
+    key = decode(token, method, filters, domain, field)
+    if key is None:
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(key[0])), str(key[1])
+    except (ValueError, IndexError, TypeError):
+        raise InvalidArgument([FieldViolation(field, "is malformed")], domain=domain) from None
+
+
+def next_page(rows: list[T], size: int, method: str, filters: dict[str, Any]) -> tuple[list[T], str]:
+    """Given up to size + 1 rows (each with create_time and id), the page and the token of the next one."""
+    if len(rows) <= size:
+        return rows, ""
+    page = rows[:size]
+    last = page[-1]
+    return page, encode(method, filters, [last.create_time.isoformat(), last.id])  # type: ignore[attr-defined]

@@ -34,3 +34,28 @@ def test_page_size_contract():
     assert pagination.page_size(7, "x") == 7
     with pytest.raises(InvalidArgument):
         pagination.page_size(-1, "x")
+
+
+class Row:
+    def __init__(self, i: int) -> None:
+        import datetime as dt
+
+        self.id = f"id-{i}"
+        self.create_time = dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=i)
+
+
+def test_next_page_and_time_key_round_trip():
+    rows = [Row(i) for i in range(4)]
+    page, token = pagination.next_page(rows, 3, "ListRows", {"f": 1})
+    assert [r.id for r in page] == ["id-0", "id-1", "id-2"] and token
+    assert pagination.decode_time_key(token, "ListRows", {"f": 1}, "x") == (rows[2].create_time, "id-2")
+    last, no_more = pagination.next_page(rows[:2], 3, "ListRows", {"f": 1})
+    assert len(last) == 2 and no_more == ""
+    assert pagination.decode_time_key("", "ListRows", {"f": 1}, "x") is None
+
+
+def test_a_token_whose_key_is_not_a_time_cursor_is_malformed():
+    token = pagination.encode("ListRows", {}, ["not a time", "id"])
+    with pytest.raises(InvalidArgument) as err:
+        pagination.decode_time_key(token, "ListRows", {}, "x")
+    assert err.value.violations[0].field == "page_token" and "malformed" in err.value.violations[0].description

@@ -236,22 +236,10 @@ async def list_products(cmd: commands.ListProducts, uow: UnitOfWork) -> tuple[li
         v.add("sku", f"must be at most {model.MAX_SKU} characters")
         v.raise_if_any()
     filters = {"sku": cmd.sku, "in_stock_only": cmd.in_stock_only}
-    key = pagination.decode(cmd.page_token, "ListProducts", filters, DOMAIN)
-    after = None
-    if key is not None:
-        try:
-            after = (dt.datetime.fromisoformat(key[0]), str(key[1]))
-        except (ValueError, IndexError, TypeError):
-            v = model.new_violations()
-            v.add("page_token", "is malformed")
-            v.raise_if_any()
+    after = pagination.decode_time_key(cmd.page_token, "ListProducts", filters, DOMAIN)
     async with uow:
         page = await uow.products.list_after(after, size + 1, cmd.sku, cmd.in_stock_only)
-    token = ""
-    if len(page) > size:
-        page = page[:size]
-        last = page[-1]
-        token = pagination.encode("ListProducts", filters, [last.create_time.isoformat(), last.id])
+    page, token = pagination.next_page(page, size, "ListProducts", filters)
     return page, token
 
 

@@ -240,20 +240,8 @@ async def list_notifications(cmd: commands.ListNotifications, uow: UnitOfWork) -
     filters = {"user_id": where.user_id, "order_id": where.order_id,
                "kind": where.kind.value if where.kind else None,
                "status": where.status.value if where.status else None}
-    key = pagination.decode(cmd.page_token, "ListNotifications", filters, DOMAIN)
-    after = None
-    if key is not None:
-        try:
-            after = (dt.datetime.fromisoformat(str(key[0])), str(key[1]))
-        except (ValueError, IndexError):
-            bad = Violations(DOMAIN)
-            bad.add("page_token", "is malformed")
-            bad.raise_if_any()
+    after = pagination.decode_time_key(cmd.page_token, "ListNotifications", filters, DOMAIN)
     async with uow.reading():  # one statement: no transaction needed
         rows = await uow.notifications.list_before(after, size + 1, where)
-    token = ""
-    if len(rows) > size:
-        rows = rows[:size]
-        last = rows[-1]
-        token = pagination.encode("ListNotifications", filters, [last.create_time.isoformat(), last.id])
+    rows, token = pagination.next_page(rows, size, "ListNotifications", filters)
     return rows, token

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 from collections.abc import Callable
@@ -226,21 +225,10 @@ async def list_orders(cmd: commands.ListOrders, uow: UowFactory) -> tuple[list[O
                                    metadata={"customer_id": customer_id})
         customer_id = principal.subject
     filters = {"customer_id": customer_id, "status": cmd.status.value if cmd.status else None}
-    key = pagination.decode(cmd.page_token, "ListOrders", filters, DOMAIN)
-    after = None
-    if key is not None:
-        try:
-            after = (dt.datetime.fromisoformat(key[0]), str(key[1]))
-        except (ValueError, IndexError, TypeError):
-            v.add("page_token", "is malformed")
-            v.raise_if_any()
+    after = pagination.decode_time_key(cmd.page_token, "ListOrders", filters, DOMAIN)
     async with uow() as u:
         page = await u.orders.list(customer_id=customer_id, status=cmd.status, after=after, limit=size + 1)
-    token = ""
-    if len(page) > size:
-        page = page[:size]
-        last = page[-1]
-        token = pagination.encode("ListOrders", filters, [last.create_time.isoformat(), last.id])
+    page, token = pagination.next_page(page, size, "ListOrders", filters)
     return page, token
 
 

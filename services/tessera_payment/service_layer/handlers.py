@@ -407,21 +407,10 @@ async def list_payments(cmd: commands.ListPayments, uow: UnitOfWork) -> tuple[li
     where = PaymentFilter(order_id=cmd.order_id.lower(), customer_id=customer_id, status=cmd.status)
     filters = {"order_id": where.order_id, "customer_id": where.customer_id,
                "status": where.status.value if where.status else None}
-    key = pagination.decode(cmd.page_token, "ListPayments", filters, DOMAIN)
-    before = None
-    if key is not None:
-        try:
-            before = (dt.datetime.fromisoformat(key[0]), str(key[1]))
-        except (ValueError, IndexError, TypeError):
-            v.add("page_token", "is malformed")
-            v.raise_if_any()
+    before = pagination.decode_time_key(cmd.page_token, "ListPayments", filters, DOMAIN)
     async with uow:
         page = await uow.payments.list_before(before, size + 1, where)
-    token = ""
-    if len(page) > size:
-        page = page[:size]
-        last = page[-1]
-        token = pagination.encode("ListPayments", filters, [last.create_time.isoformat(), last.id])
+    page, token = pagination.next_page(page, size, "ListPayments", filters)
     return page, token
 
 

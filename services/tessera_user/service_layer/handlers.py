@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
 import json
 import uuid
@@ -145,22 +144,10 @@ async def list_users(cmd: commands.ListUsers, uow: UnitOfWork) -> tuple[list[Use
         raise PermissionDenied("listing accounts needs the admin scope", reason="PERMISSION_DENIED", domain=DOMAIN)
     size = pagination.page_size(cmd.page_size, DOMAIN)
     filters = {"status": cmd.status.value if cmd.status else None}
-    key = pagination.decode(cmd.page_token, "ListUsers", filters, DOMAIN)
-    after = None
-    if key is not None:
-        try:
-            after = (dt.datetime.fromisoformat(key[0]), str(key[1]))
-        except (ValueError, IndexError, TypeError):
-            v = model.new_violations()
-            v.add("page_token", "is malformed")
-            v.raise_if_any()
+    after = pagination.decode_time_key(cmd.page_token, "ListUsers", filters, DOMAIN)
     async with uow.reading():
         page = await uow.users.list_after(after, size + 1, cmd.status)
-    token = ""
-    if len(page) > size:
-        page = page[:size]
-        last = page[-1]
-        token = pagination.encode("ListUsers", filters, [last.create_time.isoformat(), last.id])
+    page, token = pagination.next_page(page, size, "ListUsers", filters)
     return page, token
 
 
