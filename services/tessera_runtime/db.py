@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 from pathlib import Path
 
-from sqlalchemy import DateTime, TypeDecorator, event, text
+from sqlalchemy import DateTime, Select, Table, TypeDecorator, and_, event, or_, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -97,3 +97,18 @@ class UtcDateTime(TypeDecorator):
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def keyset_page(query: Select, table: Table, key: tuple[dt.datetime, str] | None, limit: int, *,
+                newest_first: bool = False) -> Select:
+    """Adds the keyset cursor of tessera_runtime.pagination to a list query: rows after `key` (create_time, id)
+    in (create_time, id) order, oldest or newest first, at most `limit` of them."""
+    t_col, id_col = table.c.create_time, table.c.id
+    if key is not None:
+        t, last_id = key
+        if newest_first:
+            query = query.where(or_(t_col < t, and_(t_col == t, id_col < last_id)))
+        else:
+            query = query.where(or_(t_col > t, and_(t_col == t, id_col > last_id)))
+    order = (t_col.desc(), id_col.desc()) if newest_first else (t_col, id_col)
+    return query.order_by(*order).limit(limit)

@@ -14,7 +14,7 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,6 +27,7 @@ from tessera_inventory.domain.model import (
     ReservationItem,
     ReservationStatus,
 )
+from tessera_runtime.db import keyset_page
 
 
 class DuplicateSku(Exception):
@@ -189,11 +190,7 @@ class SqlAlchemyProductRepository(ProductRepository):
             query = query.where(products.c.sku == sku)
         if in_stock_only:
             query = query.where(products.c.stock_on_hand - products.c.stock_reserved > 0)
-        if key is not None:
-            t, last_id = key
-            query = query.where(or_(products.c.create_time > t,
-                                    and_(products.c.create_time == t, products.c.id > last_id)))
-        query = query.order_by(products.c.create_time, products.c.id).limit(limit)
+        query = keyset_page(query, products, key, limit)
         return [_product(r) for r in (await self.session.execute(query)).all()]
 
     async def update_details(self, product_id: str, name: str, description: str, price: Money,

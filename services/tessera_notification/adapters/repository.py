@@ -7,7 +7,7 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,6 +19,7 @@ from tessera_notification.domain.model import (
     NotificationStatus,
     Recipient,
 )
+from tessera_runtime.db import keyset_page
 
 
 class DuplicateNotification(Exception):
@@ -119,10 +120,7 @@ class SqlAlchemyNotificationRepository(NotificationRepository):
             query = query.where(c.kind == where.kind.value)
         if where.status is not None:
             query = query.where(c.status == where.status.value)
-        if key is not None:
-            t, last_id = key
-            query = query.where(or_(c.create_time < t, and_(c.create_time == t, c.id < last_id)))
-        query = query.order_by(c.create_time.desc(), c.id.desc()).limit(limit)
+        query = keyset_page(query, notifications, key, limit, newest_first=True)
         return [_notification(r) for r in (await self.session.execute(query)).all()]
 
 

@@ -14,7 +14,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,6 +30,7 @@ from tessera_order.domain.model import (
     StepName,
     StepStatus,
 )
+from tessera_runtime.db import keyset_page
 
 
 class DuplicateRequestId(Exception):
@@ -214,11 +215,7 @@ class SqlAlchemyOrderRepository(OrderRepository):
             query = query.where(orders.c.customer_id == customer_id)
         if status is not None:
             query = query.where(orders.c.status == status.value)
-        if after is not None:
-            t, last_id = after
-            query = query.where(or_(orders.c.create_time < t,
-                                    and_(orders.c.create_time == t, orders.c.id < last_id)))
-        query = query.order_by(orders.c.create_time.desc(), orders.c.id.desc()).limit(limit)
+        query = keyset_page(query, orders, after, limit, newest_first=True)
         return await self._load(list((await self.session.execute(query)).all()))
 
     async def save(self, order: Order, lease: Lease) -> None:

@@ -11,12 +11,13 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tessera_payment.adapters.orm import payments
 from tessera_payment.domain.model import Money, Payment, PaymentStatus
+from tessera_runtime.db import keyset_page
 
 
 class DuplicateIdempotencyKey(Exception):
@@ -118,10 +119,7 @@ class SqlAlchemyPaymentRepository(PaymentRepository):
             query = query.where(c.customer_id == where.customer_id)
         if where.status is not None:
             query = query.where(c.status == where.status.value)
-        if key is not None:
-            t, last_id = key
-            query = query.where(or_(c.create_time < t, and_(c.create_time == t, c.id < last_id)))
-        query = query.order_by(c.create_time.desc(), c.id.desc()).limit(limit)
+        query = keyset_page(query, payments, key, limit, newest_first=True)
         return [_payment(r) for r in (await self.session.execute(query)).all()]
 
     async def abandoned(self, now: dt.datetime, limit: int) -> list[str]:

@@ -7,10 +7,11 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from tessera_runtime.db import keyset_page
 from tessera_user.adapters.orm import users
 from tessera_user.domain.model import Preferences, Profile, User, UserStatus
 
@@ -107,11 +108,7 @@ class SqlAlchemyUserRepository(UserRepository):
         query = select(users)
         if status is not None:
             query = query.where(users.c.status == status.value)
-        if key is not None:
-            t, last_id = key
-            query = query.where(or_(users.c.create_time > t,
-                                    and_(users.c.create_time == t, users.c.id > last_id)))
-        query = query.order_by(users.c.create_time, users.c.id).limit(limit)
+        query = keyset_page(query, users, key, limit)
         return [_user(r) for r in (await self.session.execute(query)).all()]
 
     async def save(self, user: User) -> None:
