@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+from opentelemetry import trace
 from sqlalchemy import DateTime, Select, Table, TypeDecorator, and_, event, or_, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from tessera_runtime.telemetry import instrument_engine
+from tessera_runtime.telemetry import SQLALCHEMY_SCOPE, instrument_engine
 
 log = logging.getLogger("tessera.db")
 
@@ -63,7 +66,9 @@ class Database:
         # (BEGIN, SELECT, ROLLBACK). SQLite keeps its transactions: its BEGIN IMMEDIATE is what orders writers.
         read_engine = (self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql"
                        else self.engine)
-        self.read_sessionmaker = async_sessionmaker(read_engine, expire_on_commit=False, class_=AsyncSession)
+        self.read_sessionmaker = async_sessionmaker(
+            read_engine, expire_on_commit=False, class_=AsyncSession,
+            info={_DIRECT_READS: _DirectReads(self.engine) if self.dialect == "postgresql" else None})
 
     async def ping(self) -> bool:
         """True when the database answers a trivial query; the readiness check of every service."""
@@ -112,3 +117,89 @@ def keyset_page(query: Select, table: Table, key: tuple[dt.datetime, str] | None
             query = query.where(or_(t_col > t, and_(t_col == t, id_col > last_id)))
     order = (t_col.desc(), id_col.desc()) if newest_first else (t_col, id_col)
     return query.order_by(*order).limit(limit)
+
+
+# Direct reads ----------------------------------------------------------------------------------------------------
+
+_DIRECT_READS = "tessera.direct_reads"
+
+
+class _ReadPlan:
+    """A SELECT compiled once for asyncpg: its SQL, its parameters in order with their bind processors, and the
+    result processors of its columns (only TypeDecorators have one on asyncpg)."""
+
+    def __init__(self, statement: Select, engine: AsyncEngine) -> None:
+        dialect = engine.dialect
+        self.statement = statement
+        self.compiled = statement.compile(dialect=dialect)
+        self.sql = str(self.compiled)
+        self.names = tuple(self.compiled.positiontup or ())
+        self.bind_processors = tuple(
+            self.compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in self.names)
+        self.result_processors: list[tuple[str, Callable[[Any], Any]]] = []
+        for column in statement.selected_columns:
+            processor = column.type.dialect_impl(dialect).result_processor(dialect, None)
+            if processor is not None:
+                self.result_processors.append((column.key, processor))
+        url = engine.url
+        self.span_name = f"SELECT {url.database}"
+        self.span_attributes = {"db.system": "postgresql", "db.name": url.database or "", "db.statement": self.sql,
+                                "net.peer.name": url.host or "", "net.peer.port": url.port or 5432}
+
+    def arguments(self, params: Mapping[str, Any]) -> list[Any]:
+        values = self.compiled.construct_params(dict(params))
+        return [value if processor is None else processor(value)
+                for value, processor in zip((values[n] for n in self.names), self.bind_processors, strict=True)]
+
+    def row(self, record: Any) -> dict[str, Any]:
+        row = dict(record.items())
+        for key, processor in self.result_processors:
+            row[key] = processor(row[key])
+        return row
+
+
+# The statement spans of direct reads carry the scope and attributes of the SQLAlchemy instrumentation's spans, so
+# that every database statement is one kind of span to a trace viewer and to the export rules in telemetry.py.
+_tracer = trace.get_tracer(SQLALCHEMY_SCOPE)
+
+
+class _DirectReads:
+    """What read_first needs of a Database: its engine (without the read engine's AUTOCOMMIT option, which would
+    set and reset the isolation level on each checkout for nothing: no BEGIN is ever sent) and its read plans."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.plans: dict[int, _ReadPlan] = {}
+
+
+async def read_first(session: AsyncSession, statement: Select, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The first row of `statement` (a SELECT built once, at import, with `bindparam`s named in `params`), as a
+    mapping of column key to value, or None.
+
+    In a read session on PostgreSQL (a unit of work's `reading()`, autocommit) the statement runs straight on the
+    asyncpg connection of a pooled SQLAlchemy connection, compiled once: about 0.2 ms of CPU less per read than
+    through AsyncSession.execute and the greenlet bridge, which matters on hot single-row reads such as GetUser.
+    The values are the ones SQLAlchemy would give (the columns' TypeDecorators run), and the statement gets its
+    database CLIENT span like every other one. In any other session (a transaction, or SQLite) it is an ordinary
+    `session.execute`."""
+    direct: _DirectReads | None = session.info.get(_DIRECT_READS)
+    if direct is None or session.in_transaction():
+        row = (await session.execute(statement, dict(params))).first()
+        return None if row is None else row._mapping
+    engine = direct.engine
+    plan = direct.plans.get(id(statement))
+    if plan is None or plan.statement is not statement:
+        plan = direct.plans[id(statement)] = _ReadPlan(statement, engine)
+    arguments = plan.arguments(params)
+    with _tracer.start_as_current_span(plan.span_name, kind=trace.SpanKind.CLIENT,
+                                       attributes=plan.span_attributes):
+        async with engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            try:
+                record = await driver.fetchrow(plan.sql, *arguments)
+            except BaseException:
+                if driver.is_closed():  # the connection died under the read: never hand it out again
+                    await connection.invalidate()
+                raise
+    return None if record is None else plan.row(record)

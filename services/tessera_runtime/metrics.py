@@ -135,17 +135,36 @@ def split_method(method: str) -> tuple[str, str]:
     return service or "unknown", name or "unknown"
 
 
+class _RpcSeries:
+    """The labelled children of a handled-counter and a latency histogram, looked up once per (method, code):
+    `labels()` builds and locks its key on every call, which the path of every RPC need not pay."""
+
+    def __init__(self, handled: Counter, seconds: Histogram) -> None:
+        self.handled = handled
+        self.seconds = seconds
+        self._children: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
+
+    def observe(self, method: str, code: grpc.StatusCode, duration: float) -> None:
+        children = self._children.get((method, code))
+        if children is None:
+            service, name = split_method(method)
+            children = (self.handled.labels(service, name, code.name), self.seconds.labels(service, name))
+            self._children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(duration)
+
+
+_SERVER_SERIES = _RpcSeries(GRPC_SERVER_HANDLED, GRPC_SERVER_HANDLING_SECONDS)
+_CLIENT_SERIES = _RpcSeries(GRPC_CLIENT_HANDLED, GRPC_CLIENT_HANDLING_SECONDS)
+
+
 def observe_server_rpc(method: str, code: grpc.StatusCode, duration: float) -> None:
     """RPC observer of every TesseraServer (see ServerInterceptor.observers)."""
-    service, name = split_method(method)
-    GRPC_SERVER_HANDLED.labels(service, name, code.name).inc()
-    GRPC_SERVER_HANDLING_SECONDS.labels(service, name).observe(duration)
+    _SERVER_SERIES.observe(method, code, duration)
 
 
 def observe_client_rpc(method: str, code: grpc.StatusCode, duration: float) -> None:
-    service, name = split_method(method)
-    GRPC_CLIENT_HANDLED.labels(service, name, code.name).inc()
-    GRPC_CLIENT_HANDLING_SECONDS.labels(service, name).observe(duration)
+    _CLIENT_SERIES.observe(method, code, duration)
 
 
 def _code_of(exc: BaseException) -> grpc.StatusCode:

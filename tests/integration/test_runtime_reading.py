@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
-from sqlalchemy import MetaData, func, select, text
+from sqlalchemy import MetaData, bindparam, func, insert, select, text
 from tessera.user.v1 import user_events_pb2
 
-from tessera_runtime.db import Database
+from tessera_runtime.db import Database, read_first, utcnow
 from tessera_runtime.migrations import upgrade_async
 from tessera_runtime.outbox import outbox_table
 from tessera_runtime.unit_of_work import SqlAlchemyUnitOfWork
 from tessera_user import bootstrap
+from tessera_user.adapters.orm import users
 
 OUTBOX = outbox_table(MetaData())
 # The id of the transaction the statement runs in: two statements of one transaction see the same one.
@@ -57,3 +59,103 @@ async def test_a_reading_unit_of_work_refuses_to_commit_and_writes_no_event(data
         await uow.commit()
     async with database.engine.connect() as conn:
         assert (await conn.execute(select(OUTBOX.c.aggregate_id))).scalars().all() == ["u-2"]
+
+
+
+# Direct reads (tessera_runtime.db.read_first) ---------------------------------------------------------------------
+
+USER_BY_ID = select(users).where(users.c.id == bindparam("user_id"))
+
+
+def user_row(user_id: str) -> dict:
+    now = utcnow()
+    return {"id": user_id, "email": f"{user_id}@example.com", "email_key": f"{user_id}@example.com",
+            "display_name": "Ada", "status": "ACTIVE", "given_name": "Ada", "family_name": "L", "phone_number": "",
+            "locale": "en", "time_zone": "", "marketing_emails": True, "order_update_emails": False,
+            "preferred_currency_code": "EUR", "create_time": now, "update_time": now, "version": 3}
+
+
+async def test_a_direct_read_gives_what_the_session_gives(database):
+    async with database.engine.begin() as conn:
+        await conn.execute(insert(users).values(user_row("u-1")))
+    uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+    async with uow.reading():
+        direct = await read_first(uow.session, USER_BY_ID, {"user_id": "u-1"})
+        missing = await read_first(uow.session, USER_BY_ID, {"user_id": "u-2"})
+        through_session = (await uow.session.execute(USER_BY_ID, {"user_id": "u-1"})).one()._mapping
+    assert missing is None
+    assert dict(direct) == dict(through_session)
+    assert {k: type(v) for k, v in direct.items()} == {k: type(v) for k, v in through_session.items()}
+    assert direct["create_time"].tzinfo is not None and direct["create_time"].utcoffset().total_seconds() == 0
+
+
+async def test_a_read_inside_a_transaction_sees_the_transaction(database):
+    # Only reads outside a transaction go straight to asyncpg: inside one, read_first is the session's own read
+    # and sees what the transaction wrote before it commits.
+    uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+    async with uow:
+        await uow.session.execute(insert(users).values(user_row("u-in-tx")))
+        seen = await read_first(uow.session, USER_BY_ID, {"user_id": "u-in-tx"})
+        assert seen is not None and seen["display_name"] == "Ada"
+    async with uow.reading():  # rolled back: gone
+        assert await read_first(uow.session, USER_BY_ID, {"user_id": "u-in-tx"}) is None
+
+
+async def test_a_direct_read_has_a_database_span_under_the_callers_span(pg_database):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tessera_runtime import db as db_module
+
+    _, url = pg_database
+    await upgrade_async(bootstrap.MIGRATIONS, url)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    database = Database(url)
+    previous = db_module._tracer
+    db_module._tracer = provider.get_tracer(db_module.SQLALCHEMY_SCOPE)
+    try:
+        uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+        with provider.get_tracer("tests").start_as_current_span("GetUser"):
+            async with uow.reading():
+                await read_first(uow.session, USER_BY_ID, {"user_id": "nobody"})
+    finally:
+        db_module._tracer = previous
+        await database.dispose()
+    spans = {s.name.split()[0]: s for s in exporter.get_finished_spans()}
+    read, parent = spans["SELECT"], spans["GetUser"]
+    assert read.parent.span_id == parent.context.span_id
+    assert read.kind.name == "CLIENT"
+    assert read.attributes["db.system"] == "postgresql"
+    assert read.attributes["db.name"] == url.rsplit("/", 1)[1]
+    assert "FROM users" in read.attributes["db.statement"] and "$1" in read.attributes["db.statement"]
+
+
+async def test_a_connection_that_died_under_a_direct_read_is_not_handed_out_again(pg_database):
+    _, url = pg_database
+    await upgrade_async(bootstrap.MIGRATIONS, url)
+    database = Database(url, pool_size=1)
+    try:
+        async with database.engine.begin() as conn:
+            await conn.execute(insert(users).values(user_row("u-1")))
+        uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+        async with uow.reading():
+            assert await read_first(uow.session, USER_BY_ID, {"user_id": "u-1"}) is not None
+        # The server ends the pooled connection (a PostgreSQL restart or failover does the same).
+        admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        finally:
+            await admin.close()
+        with pytest.raises((asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError,
+                            asyncpg.exceptions.AdminShutdownError,
+                            ConnectionError)):
+            async with uow.reading():
+                await read_first(uow.session, USER_BY_ID, {"user_id": "u-1"})
+        async with uow.reading():  # a new connection, not the dead one
+            assert (await read_first(uow.session, USER_BY_ID, {"user_id": "u-1"}))["id"] == "u-1"
+    finally:
+        await database.dispose()

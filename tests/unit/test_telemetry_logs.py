@@ -78,3 +78,14 @@ def test_tracebacks_are_masked_too():
 def test_mask_leaves_ordinary_text_and_urls_without_credentials_alone():
     text = "order 42 confirmed; see http://127.0.0.1:9101/metrics and amqp://rabbit:5672/%2F"
     assert mask(text) == text
+
+
+def test_each_kind_of_secret_is_masked_on_its_own():
+    # mask() skips texts that cannot hold a secret: each kind must be recognised alone, in any letter case.
+    assert mask(f"raw {JWT}") == "raw [redacted-jwt]"
+    assert mask("header BEARER abc.def-123") == "header BEARER [redacted]"
+    assert mask("header bearer abc") == "header bearer [redacted]"
+    assert mask("dsn amqp://u:pw@host/vh") == "dsn amqp://u:***@host/vh"
+    assert mask("to ada@example.com") == "to a***@example.com"
+    plain = "rpc /tessera.user.v1.UserService/GetUser OK"
+    assert mask(plain) is plain

@@ -5,13 +5,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tessera_runtime.db import keyset_page
+from tessera_runtime.db import keyset_page, read_first
 from tessera_user.adapters.orm import users
 from tessera_user.domain.model import Preferences, Profile, User, UserStatus
 
@@ -61,8 +62,12 @@ def _row(user: User) -> dict[str, Any]:
     }
 
 
+# GetUser's read, built once: tessera_runtime.db.read_first runs it straight on asyncpg in a read session.
+_BY_ID = select(users).where(users.c.id == bindparam("user_id"))
+
+
 def _user(row: Any) -> User:
-    m = row._mapping
+    m = row if isinstance(row, Mapping) else row._mapping
     return User(
         id=m["id"], email=m["email"], display_name=m["display_name"], status=UserStatus(m["status"]),
         profile=Profile(**{f.name: m[f.name] for f in dataclasses.fields(Profile)}),
@@ -90,7 +95,7 @@ class SqlAlchemyUserRepository(UserRepository):
             raise
 
     async def get(self, user_id: str) -> User | None:
-        row = (await self.session.execute(select(users).where(users.c.id == user_id))).first()
+        row = await read_first(self.session, _BY_ID, {"user_id": user_id})
         return None if row is None else _user(row)
 
     async def get_by_request_id(self, request_id: str) -> tuple[User, str | None] | None:
