@@ -39,6 +39,18 @@ def _principal(metadata: dict[str, str]) -> callctx.Principal | None:
     return callctx.Principal(subject=subject, scopes=scopes)
 
 
+class _StatusWithIds(grpc.Status):
+    def __init__(self, status: grpc.Status, ids: tuple[tuple[str, str], ...]) -> None:
+        self.code = status.code
+        self.details = status.details
+        self.trailing_metadata = (*status.trailing_metadata, *ids)
+
+
+def _with_ids(status: grpc.Status, ids: tuple[tuple[str, str], ...]) -> grpc.Status:
+    """`status` with the call's ids added to its trailing metadata (abort_with_status replaces what was set)."""
+    return _StatusWithIds(status, ids)
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every unary RPC of a Tessera server. Streaming RPCs (health Watch, reflection) pass through."""
 
@@ -87,9 +99,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             deadline: asyncio.Timeout | None = None
+            # The ids go back in the trailing metadata, which leaves with the status in the call's last batch:
+            # as initial metadata they would cost a batch (a round through gRPC's completion queue) of their own.
+            ids = ((callctx.REQUEST_ID, request_id), (callctx.CORRELATION_ID, correlation_id))
+            context.set_trailing_metadata(ids)
             try:
-                await context.send_initial_metadata(
-                    ((callctx.REQUEST_ID, request_id), (callctx.CORRELATION_ID, correlation_id)))
                 if self.require_identity and principal is None and not exempt:
                     raise Unauthenticated("the call carries no caller identity; call through the gateway",
                                           reason="IDENTITY_MISSING", domain=self.domain)
@@ -101,7 +115,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     return await inner(request, context)
             except DomainError as err:
                 code = err.code
-                await context.abort_with_status(rpc_status.to_status(err.to_status()))
+                await context.abort_with_status(_with_ids(rpc_status.to_status(err.to_status()), ids))
             except TimeoutError:
                 if remaining is not None and (remaining <= 0 or (deadline is not None and deadline.expired())):
                     code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -112,8 +126,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.UNAVAILABLE
                     log.warning("timed out waiting for a dependency in %s", method, exc_info=True,
                                 extra={"rpc_method": method})
-                    await context.abort_with_status(rpc_status.to_status(Unavailable(
-                        "a dependency did not answer in time; retry later", domain=self.domain).to_status()))
+                    await context.abort_with_status(_with_ids(rpc_status.to_status(Unavailable(
+                        "a dependency did not answer in time; retry later", domain=self.domain).to_status()), ids))
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
@@ -123,7 +137,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("unexpected error in %s", method, extra={"rpc_method": method})
-                await context.abort_with_status(rpc_status.to_status(internal_status(self.domain)))
+                await context.abort_with_status(_with_ids(rpc_status.to_status(internal_status(self.domain)), ids))
             finally:
                 duration = time.perf_counter() - start
                 log.info("rpc %s %s", method, code.name, extra={

@@ -64,7 +64,7 @@ async def test_one_call_yields_client_server_and_database_spans_in_one_trace(tra
     with trace.get_tracer("tests").start_as_current_span("test-root") as root:
         call = user_client.CreateUser(new_user())
         await call
-        request_id = dict(await call.initial_metadata())["x-request-id"]
+        request_id = dict(await call.trailing_metadata())["x-request-id"]
     trace_id = hex_trace_id(root)
     vendor = "sqlite" if db_url.startswith("sqlite") else "postgresql"
 

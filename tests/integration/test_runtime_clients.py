@@ -46,7 +46,7 @@ async def test_ids_and_identity_follow_the_call(sqlite_user):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED  # x-user-id reached the server
-        assert dict(await call.initial_metadata())["x-request-id"] == "outer-request"
+        assert dict(err.value.trailing_metadata())["x-request-id"] == "outer-request"
     finally:
         request_id_var.reset(tokens[0])
         callctx.principal_var.reset(tokens[1])

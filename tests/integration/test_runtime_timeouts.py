@@ -23,6 +23,10 @@ async def _dependency_times_out(request: bytes, _context) -> bytes:
     return request
 
 
+async def _fails(request: bytes, _context) -> bytes:
+    raise KeyError("an internal detail")
+
+
 async def _sleeps(request: bytes, _context) -> bytes:
     await asyncio.sleep(10)
     return request
@@ -32,6 +36,7 @@ def _register(server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "DependencyTimesOut": grpc.unary_unary_rpc_method_handler(_dependency_times_out),
         "Sleeps": grpc.unary_unary_rpc_method_handler(_sleeps),
+        "Fails": grpc.unary_unary_rpc_method_handler(_fails),
     }),))
 
 
@@ -60,6 +65,17 @@ async def test_a_dependency_timing_out_is_unavailable_with_error_info(channel, t
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
     assert (info.reason, info.domain) == ("UNAVAILABLE", DOMAIN)
+    assert len(dict(err.trailing_metadata())["x-request-id"]) == 32  # the ids ride next to the status details
+
+
+async def test_an_internal_failure_carries_the_calls_ids(channel):
+    ids = (("x-request-id", "req-fails"), ("x-correlation-id", "corr-fails"))
+    with pytest.raises(grpc.aio.AioRpcError) as internal:
+        await channel.unary_unary(f"/{SERVICE}/Fails")(b"x", metadata=ids)
+    assert internal.value.code() == grpc.StatusCode.INTERNAL and "internal detail" not in internal.value.details()
+    assert rpc_status.from_call(internal.value) is not None
+    trailing = dict(internal.value.trailing_metadata())
+    assert (trailing["x-request-id"], trailing["x-correlation-id"]) == ("req-fails", "corr-fails")
 
 
 async def test_the_callers_deadline_passing_is_deadline_exceeded(channel, outcomes):

@@ -87,12 +87,15 @@ async def test_outbox_row_is_the_event_of_the_change(user_stub, db_url):
 async def test_request_and_correlation_ids_are_returned(user_stub):
     call = user_stub.CreateUser(new_user(), metadata=(("x-request-id", "req-123"),))
     await call
-    initial = dict(await call.initial_metadata())
-    assert initial["x-request-id"] == "req-123" and initial["x-correlation-id"] == "req-123"
+    trailing = dict(await call.trailing_metadata())
+    assert trailing["x-request-id"] == "req-123" and trailing["x-correlation-id"] == "req-123"
     generated = user_stub.GetUser(svc.GetUserRequest(id=str(uuid.uuid4())))
-    with pytest.raises(grpc.aio.AioRpcError):
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
         await generated
-    assert len(dict(await generated.initial_metadata())["x-request-id"]) == 32
+    # On an error too, next to the status details.
+    trailing = dict(failed.value.trailing_metadata())
+    assert len(trailing["x-request-id"]) == 32 and trailing["x-correlation-id"] == trailing["x-request-id"]
+    assert "grpc-status-details-bin" in trailing
 
 
 BAD_CREATES = [
