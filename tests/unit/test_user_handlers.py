@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tessera_runtime import context as callctx
-from tessera_runtime.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
+from tessera_runtime.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, PermissionDenied
+from tessera_user.adapters.repository import DuplicateEmail
 from tessera_user.domain.model import Preferences, Profile, UserStatus
 from tessera_user.service_layer import commands, handlers
 from tessera_user.service_layer.unit_of_work import FakeUserUnitOfWork
@@ -52,6 +53,23 @@ async def test_duplicate_email_is_case_insensitive():
     with pytest.raises(AlreadyExists) as err:
         await handlers.create_user(create(email="ADA@EXAMPLE.com", request_id="r-2"), uow)
     assert err.value.reason == "EMAIL_ALREADY_EXISTS"
+
+
+async def test_a_clash_with_a_row_that_vanishes_each_time_is_aborted_without_a_write():
+    # The insert clashes, but the clashing account is gone before it can be read (deleted meanwhile), twice:
+    # neither a replay nor an e-mail clash is true, so the caller is told to retry, and nothing was written.
+    uow = FakeUserUnitOfWork()
+    attempts = []
+
+    async def clashing_add(user, request_id, request_hash):
+        attempts.append(user.id)
+        raise DuplicateEmail(user.email)
+
+    uow.users.add = clashing_add
+    with pytest.raises(Aborted) as err:
+        await handlers.create_user(create(), uow)
+    assert err.value.reason == "CONCURRENT_CREATE" and len(attempts) == 2
+    assert uow.users.users == {} and uow.published == []
 
 
 @pytest.mark.parametrize(("cmd", "field"), [

@@ -11,7 +11,7 @@ from typing import Protocol
 from tessera_runtime import pagination
 from tessera_runtime.context import current_principal
 from tessera_runtime.db import utcnow
-from tessera_runtime.errors import AlreadyExists, NotFound, PermissionDenied
+from tessera_runtime.errors import Aborted, AlreadyExists, NotFound, PermissionDenied
 from tessera_runtime.fieldmask import check_update_mask
 from tessera_user import DOMAIN, mapping
 from tessera_user.adapters.repository import DuplicateEmail, DuplicateRequestId, UserRepository
@@ -83,36 +83,33 @@ async def create_user(cmd: commands.CreateUser, uow: UnitOfWork) -> User:
     v.raise_if_any()
 
     request_hash = _request_hash(cmd, email)
-    for _ in range(2):  # a second pass only after losing a race on the same request_id
+    for _ in range(2):  # a second pass only if the row that clashed was gone before it could be read
+        # Insert first: the unique indexes on request_id and e-mail decide, so the common path is BEGIN, two INSERTs
+        # and COMMIT with no reads before them, and two concurrent creates are ordered by the database itself.
+        now = utcnow()
+        user = User(id=str(uuid.uuid4()), email=email, display_name=cmd.display_name.strip(),
+                    status=UserStatus.ACTIVE, profile=cmd.profile, preferences=cmd.preferences,
+                    create_time=now, update_time=now)
         async with uow:
-            previous = await uow.users.get_by_request_id(cmd.request_id)
-            if previous is not None:
-                return _replay(previous, request_hash, cmd.request_id)
-            if await uow.users.email_taken(email):
-                # The address may belong to a create with this very request_id that committed between the two
-                # reads (read committed): ask again before calling it a clash.
-                previous = await uow.users.get_by_request_id(cmd.request_id)
-                if previous is not None:
-                    return _replay(previous, request_hash, cmd.request_id)
-                raise _email_taken(email)
-            now = utcnow()
-            user = User(id=str(uuid.uuid4()), email=email, display_name=cmd.display_name.strip(),
-                        status=UserStatus.ACTIVE, profile=cmd.profile, preferences=cmd.preferences,
-                        create_time=now, update_time=now)
             try:
                 await uow.users.add(user, cmd.request_id, request_hash)
             except (DuplicateEmail, DuplicateRequestId):
-                # A concurrent create committed first. Which unique index reports it depends on the database,
-                # so look again in a fresh transaction: the same request_id replays, another one is a clash.
-                continue
-            uow.add_event(AGGREGATE, user.id, mapping.user_created(user))
-            await uow.commit()
-            return user
-    async with uow:
-        previous = await uow.users.get_by_request_id(cmd.request_id)
-    if previous is None:
-        raise _email_taken(email)
-    return _replay(previous, request_hash, cmd.request_id)
+                pass  # the transaction is spoiled: see what clashed in a fresh one, below
+            else:
+                uow.add_event(AGGREGATE, user.id, mapping.user_created(user))
+                await uow.commit()
+                return user
+        # Which unique index reports a clash depends on the database and on timing, so look the request_id up: the
+        # same request_id replays (or is refused if its request differed); otherwise the e-mail is taken.
+        async with uow.reading():
+            previous = await uow.users.get_by_request_id(cmd.request_id)
+            taken = previous is None and await uow.users.email_taken(email)
+        if previous is not None:
+            return _replay(previous, request_hash, cmd.request_id)
+        if taken:
+            raise _email_taken(email)
+    raise Aborted("a concurrent change to an account with this e-mail address or request_id kept clashing; retry",
+                  reason="CONCURRENT_CREATE", domain=DOMAIN, metadata={"request_id": cmd.request_id})
 
 
 def _replay(previous: tuple[User, str | None], request_hash: str, request_id: str) -> User:
