@@ -72,7 +72,9 @@ class PendingEvent:
 
 
 async def write_events(session: AsyncSession, table: Table, events: list[PendingEvent]) -> None:
-    if events:
+    if len(events) == 1:  # the usual case: a plain INSERT, not the executemany path
+        await session.execute(insert(table), events[0].row())
+    elif events:
         await session.execute(insert(table), [e.row() for e in events])
 
 
