@@ -127,3 +127,47 @@ async def test_request_id_is_unique(db):
     async with OrderUnitOfWork(db) as uow:
         with pytest.raises(DuplicateRequestId):
             await uow.orders.add(twin, lease("runner-b"), SagaCaller())
+
+
+async def test_an_order_with_many_items_is_stored_and_read_back_whole(db):
+    items = tuple(OrderItem(str(uuid.uuid4()), f"Item {i}", f"SKU-{i}", i + 1, 100 * (i + 1)) for i in range(7))
+    order = Order.place(customer_id=str(uuid.uuid4()), items=items, currency_code="EUR", payment_method="pm",
+                        request_id=uuid.uuid4().hex, request_hash="h", now=utcnow())
+    caller = SagaCaller(subject="customer-1", scopes=("orders",), correlation_id="corr-1")
+    async with OrderUnitOfWork(db) as uow:
+        await uow.orders.add(order, lease("runner-a"), caller)
+        await uow.commit()
+    async with OrderUnitOfWork(db) as uow:
+        stored = await uow.orders.get(order.id)
+        assert await uow.orders.caller(order.id) == caller
+        assert await uow.orders.id_by_request_id(order.request_id) == order.id
+        assert await uow.orders.id_by_request_id("unknown") is None
+    assert stored == order and stored.items == items
+
+
+async def test_each_save_writes_the_steps_that_changed_and_the_last_one_frees_the_lease(db):
+    order = await stored_order(db, owner="runner-a")
+    order.start_step(StepName.RESERVE_STOCK, utcnow())
+    for step in (StepName.RESERVE_STOCK, StepName.PROCESS_PAYMENT, StepName.CONFIRM_ORDER):
+        if step is StepName.CONFIRM_ORDER:
+            order.confirm(utcnow())
+        else:
+            order.complete_step(step, utcnow(), reservation_id="r-1", payment_id="p-1")
+            order.start_step(order.next_step(), utcnow())  # the next step, started in the same save
+        async with OrderUnitOfWork(db) as uow:
+            await uow.orders.save(order, lease("runner-a"), release=step is StepName.CONFIRM_ORDER)
+            await uow.commit()
+        async with OrderUnitOfWork(db) as uow:
+            assert await uow.orders.get(order.id) == order
+    async with OrderUnitOfWork(db) as uow:
+        stored = await uow.orders.get(order.id)
+        # Free: anyone may take the lease now, and the former holder can no longer write.
+        assert await uow.orders.acquire_lease(order.id, lease("runner-b"), utcnow())
+        await uow.commit()
+    assert stored.status is OrderStatus.CONFIRMED and stored.version == 4
+    assert [s.attempts for s in stored.steps.values()] == [1] * 5
+    stored.cancel_reason = "late write"
+    async with OrderUnitOfWork(db) as uow:
+        with pytest.raises(LeaseLost):
+            await uow.orders.save(stored, lease("runner-a"))
+

@@ -15,8 +15,14 @@ from tessera.payment.v1 import payment_events_pb2 as events_pb2
 from tessera.payment.v1 import payment_pb2, payment_service_pb2_grpc
 from tessera.payment.v1 import payment_service_pb2 as svc
 
+from tessera_payment import bootstrap
 from tessera_payment.adapters.orm import outbox, payments, sandbox_charges
+from tessera_payment.adapters.processor import ChargeRequest
+from tessera_payment.adapters.sandbox_processor import SandboxProcessor
+from tessera_payment.domain.model import Money
 from tessera_runtime.clients import error_details
+from tessera_runtime.db import Database
+from tessera_runtime.migrations import upgrade_async
 from tests.integration.conftest_payment import (
     ReplyHoldingProxy,
     event_types,
@@ -352,3 +358,25 @@ async def test_pending_payments_left_by_a_crash_are_resolved(db_url):
         recovered = await eventually(settled)
         assert recovered.status == FAILED and "interrupted" in recovered.failure_message
         assert recovered.attempts == lost.attempts and not await sandbox_charges_of(db_url, lost.id)
+
+
+async def test_the_sandbox_charges_a_key_once_however_often_and_concurrently_it_is_asked(db_url):
+    await upgrade_async(bootstrap.MIGRATIONS, db_url)
+    db = Database(db_url)
+    try:
+        sandbox = SandboxProcessor(db)
+        key = str(uuid.uuid4())
+
+        def request(method: str, attempt: int) -> ChargeRequest:
+            return ChargeRequest(charge_key=key, amount=Money("EUR", 4200), payment_method=method, attempt=attempt)
+
+        charged = await asyncio.gather(*(sandbox.charge(request("pm_sandbox_ok", 1)) for _ in range(6)))
+        assert len({c.reference for c in charged}) == 1
+        assert await sandbox.find_charge(key) == charged[0]
+        # A later attempt, whatever it names, gets the charge the key already has.
+        assert await sandbox.charge(request("pm_sandbox_transient", 2)) == charged[0]
+        assert await sandbox.charge(request("pm_sandbox_declined", 3)) == charged[0]
+        assert len(await sandbox_charges_of(db_url, key)) == 1
+        assert await sandbox.find_charge(str(uuid.uuid4())) is None
+    finally:
+        await db.dispose()

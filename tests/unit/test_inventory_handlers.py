@@ -284,6 +284,39 @@ async def test_reserve_is_idempotent_per_order_and_refuses_other_items():
     assert kinds(uow).count("StockReserved") == 1
 
 
+async def test_a_repeat_gets_the_order_s_reservation_even_once_the_stock_ran_out():
+    uow = FakeInventoryUnitOfWork()
+    a = await handlers.create_product(product("A", stock=2), uow)
+    order_id = str(uuid.uuid4())
+    commits = uow.commits
+    first = await reserve(uow, (a.id, 2), order_id=order_id)
+    assert uow.commits == commits + 1, "a first reservation is one transaction"
+    again = await reserve(uow, (a.id, 2), order_id=order_id)  # nothing is left to hold for a second one
+    assert again.id == first.id and await stock(uow, a.id) == (2, 2, 0)
+    assert uow.commits == commits + 1 and kinds(uow).count("StockReserved") == 1
+
+
+async def test_a_refused_reservation_leaves_nothing_so_the_order_may_reserve_again():
+    uow = FakeInventoryUnitOfWork()
+    a = await handlers.create_product(product("A", stock=1), uow)
+    order_id = str(uuid.uuid4())
+    with pytest.raises(FailedPrecondition):
+        await reserve(uow, (a.id, 2), order_id=order_id)
+    assert not uow.state.reservations
+    await handlers.adjust_stock(commands.AdjustStock(a.id, 1, "restock", "adj-1"), uow)
+    reservation = await reserve(uow, (a.id, 2), order_id=order_id)
+    assert reservation.status is ReservationStatus.ACTIVE and await stock(uow, a.id) == (2, 2, 0)
+
+
+async def test_an_unknown_product_is_not_found_even_when_another_is_short():
+    uow = FakeInventoryUnitOfWork()
+    a = await handlers.create_product(product("A", stock=0), uow)
+    unknown = str(uuid.uuid4())
+    with pytest.raises(NotFound) as err:
+        await reserve(uow, (a.id, 1), (unknown, 1))
+    assert (err.value.reason, err.value.metadata) == ("PRODUCT_NOT_FOUND", {"product_id": unknown})
+
+
 async def test_reserve_unknown_product_is_not_found_naming_the_first_in_request_order():
     uow = FakeInventoryUnitOfWork()
     a = await handlers.create_product(product("A"), uow)

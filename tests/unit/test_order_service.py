@@ -316,6 +316,48 @@ async def test_places_order_priced_from_inventory_and_confirms_it(world):
     assert confirmed.payment_id == order.payment_id and confirmed.reservation_id == order.reservation_id
 
 
+async def test_a_placement_commits_the_order_then_once_per_step_and_frees_its_lease_with_the_last(world):
+    order = await world.place()
+    # The order with its first step started, then each step's outcome with the next step started, then the
+    # confirmation with the lease freed: no separate commit to start a step or to release the lease.
+    assert world.uow.commits == 4
+    assert world.uow.orders.sagas[order.id].lease_owner is None
+    assert order == await world.stored(order.id), "the answer is the order as committed"
+    assert [s.attempts for s in order.steps.values()] == [1] * len(order.steps)
+
+
+async def test_every_remote_step_is_counted_as_started_before_its_call(world):
+    seen: list[tuple[str, int, str]] = []
+
+    def recorder(name, step):
+        original = getattr(world.inventory if name != "process_payment" else world.payments, name)
+
+        async def record(*args, **kwargs):
+            stored = next(iter(world.uow.orders.orders.values()))
+            seen.append((name, stored.steps[step].attempts, stored.current_step.value))
+            return await original(*args, **kwargs)
+        return record
+
+    world.inventory.reserve_stock = recorder("reserve_stock", StepName.RESERVE_STOCK)
+    world.payments.process_payment = recorder("process_payment", StepName.PROCESS_PAYMENT)
+    world.inventory.commit_reservation = recorder("commit_reservation", StepName.CONFIRM_ORDER)
+    await world.place()
+    assert seen == [("reserve_stock", 1, "RESERVE_STOCK"), ("process_payment", 1, "PROCESS_PAYMENT"),
+                    ("commit_reservation", 1, "CONFIRM_ORDER")]
+
+
+async def test_a_resumed_step_that_was_counted_before_a_crash_counts_its_new_attempt(world):
+    order = crashed_order(world, done=(StepName.RESERVE_STOCK,))
+    order.start_step(StepName.PROCESS_PAYMENT, world.clock())  # committed with RESERVE_STOCK's outcome
+    await store_crashed(world, order)
+    await world.sagas.recover_once()
+    await world.sagas.running(order.id).task
+    done = await world.stored(order.id)
+    assert done.status is OrderStatus.CONFIRMED
+    assert done.steps[StepName.PROCESS_PAYMENT].attempts == 2, "the call the crash interrupted counts"
+    assert world.payments.count("process_payment") == 1
+
+
 # Bad input: nothing is called and nothing is stored.
 
 @pytest.mark.parametrize(("change", "fields"), [

@@ -168,6 +168,22 @@ async def test_success_is_recorded_and_a_repeat_returns_it_without_charging():
     assert (reused.value.reason, reused.value.metadata) == ("IDEMPOTENCY_KEY_REUSED", {"payment_id": p.id})
 
 
+async def test_a_new_payment_is_claimed_with_its_first_attempt_counted_before_the_processor_is_asked():
+    uow = FakePaymentUnitOfWork()
+    seen: list[tuple[PaymentStatus, int]] = []
+
+    class Watching(ScriptedProcessor):
+        async def charge(self, request):
+            [stored] = uow.payments.payments.values()
+            seen.append((stored.status, stored.attempts))
+            return await super().charge(request)
+
+    p = await handlers.process_payment(pay(), uow, processing(Watching("ok")))
+    assert seen == [(PaymentStatus.PENDING, 1)]
+    assert uow.commits == 2, "one commit claims the payment and counts the attempt, one records the outcome"
+    assert (p.status, p.attempts) == (PaymentStatus.SUCCEEDED, 1)
+
+
 async def test_decline_is_final_and_repeats_give_the_same_decline():
     uow, processor = FakePaymentUnitOfWork(), ScriptedProcessor("declined", "ok")
     for _ in range(2):

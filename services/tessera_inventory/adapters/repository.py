@@ -281,11 +281,11 @@ class SqlAlchemyReservationRepository(ReservationRepository):
         self.session = session
 
     async def add(self, reservation: Reservation) -> None:
+        """A duplicate order_id fails the transaction, which the caller then abandons: no savepoint needed."""
         try:
-            async with self.session.begin_nested():
-                await self.session.execute(insert(reservations).values(
-                    id=reservation.id, order_id=reservation.order_id, expire_time=reservation.expire_time,
-                    create_time=reservation.create_time, **_status_values(reservation)))
+            await self.session.execute(insert(reservations).values(
+                id=reservation.id, order_id=reservation.order_id, expire_time=reservation.expire_time,
+                create_time=reservation.create_time, **_status_values(reservation)))
         except IntegrityError as exc:
             if "order_id" in str(exc.orig).lower():
                 raise DuplicateOrder(reservation.order_id) from None
@@ -297,14 +297,17 @@ class SqlAlchemyReservationRepository(ReservationRepository):
         ])
 
     async def _load(self, condition: Any) -> Reservation | None:
-        row = (await self.session.execute(select(reservations).where(condition))).first()
-        if row is None:
+        """The reservation and its items in one statement: a row per item, the reservation's columns on each."""
+        rows = (await self.session.execute(
+            select(reservations, reservation_items.c.product_id.label("item_product_id"),
+                   reservation_items.c.quantity.label("item_quantity"))
+            .outerjoin(reservation_items, reservation_items.c.reservation_id == reservations.c.id)
+            .where(condition).order_by(reservation_items.c.position))).all()
+        if not rows:
             return None
-        items = (await self.session.execute(
-            select(reservation_items.c.product_id, reservation_items.c.quantity)
-            .where(reservation_items.c.reservation_id == row._mapping["id"])
-            .order_by(reservation_items.c.position))).all()
-        return _reservation(row, [ReservationItem(product_id=i[0], quantity=i[1]) for i in items])
+        return _reservation(rows[0], [ReservationItem(product_id=r._mapping["item_product_id"],
+                                                      quantity=r._mapping["item_quantity"])
+                                      for r in rows if r._mapping["item_product_id"] is not None])
 
     async def get(self, reservation_id: str) -> Reservation | None:
         return await self._load(reservations.c.id == reservation_id)

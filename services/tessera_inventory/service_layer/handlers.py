@@ -60,6 +60,7 @@ class UnitOfWork(Protocol):
 
     async def __aenter__(self) -> UnitOfWork: ...
     async def __aexit__(self, *exc: object) -> None: ...
+    def reading(self) -> UnitOfWork: ...
     def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...
     async def commit(self) -> None: ...
 
@@ -221,7 +222,7 @@ async def batch_get_products(cmd: commands.BatchGetProducts, uow: UnitOfWork) ->
     for i, product_id in enumerate(cmd.product_ids[:model.MAX_BATCH]):
         model.check_uuid(product_id, f"ids[{i}]", v)
     v.raise_if_any()
-    async with uow:
+    async with uow.reading():  # one statement: no transaction needed
         found = await uow.products.get_many(cmd.product_ids)
     for product_id in cmd.product_ids:
         if product_id not in found:
@@ -396,52 +397,47 @@ def _check_reserve(cmd: commands.ReserveStock) -> None:
 
 async def reserve_stock(cmd: commands.ReserveStock, uow: UnitOfWork,
                         default_ttl: dt.timedelta = model.DEFAULT_TTL) -> Reservation:
+    """The first call for an order writes its reservation row before anything else: the unique order_id makes a
+    repeat (or a concurrent twin, which waits for the first to commit) fail there, before touching any stock, and
+    such a call then answers with the reservation the order already has. The usual first call thus needs no
+    read: it inserts, holds the units and commits."""
     _check_reserve(cmd)
     ttl = cmd.ttl or default_ttl
-    for _ in range(2):  # a second pass only after losing a race on the same order_id
-        async with uow:
-            existing = await uow.reservations.get_by_order(cmd.order_id)
-            if existing is not None:
-                return await _repeat_reservation(uow, existing, cmd.items)
-            found = await uow.products.get_many(i.product_id for i in cmd.items)
-            for item in cmd.items:
-                if item.product_id not in found:
-                    raise _product_not_found(item.product_id)
-            now = utcnow()
+    async with uow:
+        now = utcnow()
+        reservation = Reservation(id=str(uuid.uuid4()), order_id=cmd.order_id, items=cmd.items,
+                                  status=ReservationStatus.ACTIVE, expire_time=now + ttl, create_time=now,
+                                  update_time=now)
+        try:
+            await uow.reservations.add(reservation)
+        except DuplicateOrder:
+            pass  # leaving the block rolls back; the reservation the order has is read below
+        else:
             short = [item for item in sorted(cmd.items, key=lambda i: i.product_id)
                      if not await uow.products.reserve(item.product_id, item.quantity, now)]
             if short:
-                raise await _insufficient(uow, cmd.items, {i.product_id for i in short}, found)
-            reservation = Reservation(id=str(uuid.uuid4()), order_id=cmd.order_id, items=cmd.items,
-                                      status=ReservationStatus.ACTIVE, expire_time=now + ttl, create_time=now,
-                                      update_time=now)
-            try:
-                await uow.reservations.add(reservation)
-            except DuplicateOrder:
-                continue  # leaving the block rolls back the units this attempt held
+                raise await _refused(uow, cmd.items, {i.product_id for i in short})
             uow.add_event(RESERVATION, reservation.id, mapping.stock_reserved(reservation))
             await uow.commit()
             return reservation
     async with uow:
         existing = await uow.reservations.get_by_order(cmd.order_id)
-        assert existing is not None, "a reservation for this order_id won the race, so it exists"
+        assert existing is not None, "a reservation for this order_id is committed, so it exists"
         return await _repeat_reservation(uow, existing, cmd.items)
 
 
-async def _insufficient(uow: UnitOfWork, items: tuple[ReservationItem, ...], short_ids: set[str],
-                        found: dict[str, Product]) -> Exception:
-    # Products not reserved by this transaction are read as they are now; the caller rolls back the others.
-    current = await uow.products.get_many(short_ids)
-    shortages = []
+async def _refused(uow: UnitOfWork, items: tuple[ReservationItem, ...], short_ids: set[str]) -> Exception:
+    """Why some units could not be held: the first product that does not exist (or was deleted), else every
+    product short of units. The caller rolls back what this transaction held; products it did not hold are
+    read as they are now."""
+    current = await uow.products.get_many(i.product_id for i in items)
     for item in items:
-        if item.product_id not in short_ids:
-            continue
-        product = current.get(item.product_id)
-        if product is None:  # deleted since it was read above
+        if item.product_id not in current:
             return _product_not_found(item.product_id)
-        shortages.append(StockShortage(product_id=product.id, sku=found[product.id].sku, requested=item.quantity,
-                                       available=product.stock_available))
-    return InsufficientStock(shortages)
+    return InsufficientStock([
+        StockShortage(product_id=item.product_id, sku=current[item.product_id].sku, requested=item.quantity,
+                      available=current[item.product_id].stock_available)
+        for item in items if item.product_id in short_ids])
 
 
 async def _repeat_reservation(uow: UnitOfWork, existing: Reservation,

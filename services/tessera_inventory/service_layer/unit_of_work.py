@@ -44,6 +44,9 @@ class FakeInventoryUnitOfWork:
         self.commits = 0
         self._before: InventoryState | None = None
 
+    def reading(self) -> FakeInventoryUnitOfWork:
+        return self
+
     async def __aenter__(self) -> FakeInventoryUnitOfWork:
         self.events = []
         self._before = self.state.copy()

@@ -14,7 +14,8 @@ import datetime as dt
 import json
 from typing import Any
 
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import BigInteger, Boolean, Integer, String, bindparam, column, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,7 +31,7 @@ from tessera_order.domain.model import (
     StepName,
     StepStatus,
 )
-from tessera_runtime.db import keyset_page
+from tessera_runtime.db import UtcDateTime, keyset_page
 
 
 class DuplicateRequestId(Exception):
@@ -68,14 +69,19 @@ class OrderRepository(abc.ABC):
     async def get_by_request_id(self, request_id: str) -> Order | None: ...
 
     @abc.abstractmethod
+    async def id_by_request_id(self, request_id: str) -> str | None:
+        """The id of the order placed with this request_id, in one statement (the usual answer is None)."""
+
+    @abc.abstractmethod
     async def list(self, *, customer_id: str | None, status: OrderStatus | None,
                    after: tuple[dt.datetime, str] | None, limit: int) -> list[Order]:
         """Orders newest first (create_time, id descending), strictly after the key `after`."""
 
     @abc.abstractmethod
-    async def save(self, order: Order, lease: Lease) -> None:
+    async def save(self, order: Order, lease: Lease, *, release: bool = False) -> None:
         """Writes the order and its saga if lease.owner still holds the lease and the order's version is the
-        one read; extends the lease to lease.expires_at. Raises LeaseLost otherwise."""
+        one read; extends the lease to lease.expires_at, or with `release` frees it in the same write (the saga
+        is over). Raises LeaseLost otherwise."""
 
     @abc.abstractmethod
     async def acquire_lease(self, order_id: str, lease: Lease, now: dt.datetime) -> bool:
@@ -115,12 +121,19 @@ def _order_row(order: Order) -> dict[str, Any]:
     }
 
 
-def _step_rows(order: Order) -> list[dict[str, Any]]:
+def _step_rows(order: Order, *, changed_only: bool = False) -> list[dict[str, Any]]:
+    """The saga step rows of the order; with `changed_only`, those that differ from what the database has."""
     return [{
         "b_order_id": order.id, "b_step": s.name.value, "position": i, "status": s.status.value,
         "attempts": s.attempts, "compensation_attempts": s.compensation_attempts, "error": s.error,
         "outcome_unknown": s.outcome_unknown, "update_time": s.update_time or order.update_time,
-    } for i, s in enumerate(order.steps[name] for name in STEPS)]
+    } for i, s in enumerate(order.steps[name] for name in STEPS)
+        if not changed_only or order.stored_steps.get(s.name) != s]
+
+
+def _stored(order: Order) -> None:
+    """Notes the order's steps as the database now has them."""
+    order.stored_steps = {name: dataclasses.replace(step) for name, step in order.steps.items()}
 
 
 def _order(row: Any, items: list[OrderItem], steps: dict[StepName, SagaStep], current_step: str) -> Order:
@@ -147,30 +160,118 @@ _STEP_UPDATE = (
             outcome_unknown=bindparam("outcome_unknown"), update_time=bindparam("update_time"))
 )
 
+# PostgreSQL runs a whole save, or a whole add, as one statement of data-modifying CTEs: one round trip instead of
+# one per table. Rows of a child table travel as one array per column (unnest), so that each statement has one
+# shape whatever the number of rows, and SQLAlchemy compiles it once.
+_ORDER_FIELDS = tuple(c.name for c in orders.c if c.name not in ("id", "version"))  # what _order_row gives
+_ITEM_COLUMNS = {"position": Integer, "product_id": String, "product_name": String, "sku": String,
+                 "quantity": Integer, "unit_price_minor": BigInteger}
+_STEP_COLUMNS = {"step": String, "position": Integer, "status": String, "attempts": Integer,
+                 "compensation_attempts": Integer, "error": String, "outcome_unknown": Boolean,
+                 "update_time": UtcDateTime}
+_STEP_FIELDS = ("status", "attempts", "compensation_attempts", "error", "outcome_unknown", "update_time")
+
+
+def _unnest(prefix: str, columns: dict[str, Any], name: str) -> Any:
+    """`unnest(:prefix_a, :prefix_b, ...) AS name(a, b, ...)`: rows given as one array parameter per column."""
+    return (func.unnest(*(bindparam(f"{prefix}_{c}", type_=ARRAY(t())) for c, t in columns.items()))
+            .table_valued(*(column(c, t()) for c, t in columns.items())).render_derived(name=name))
+
+
+def _build_save_statement(release: bool) -> Any:
+    """UPDATE of the saga row (the lease fence), then of the order row (the version fence) only if the lease is
+    held, then of the given step rows only if the order row changed; selects how many order rows changed."""
+    lease = ({"lease_owner": None, "lease_expires_at": None} if release
+             else {"lease_expires_at": bindparam("b_lease_expires_at")})
+    saga = (update(order_sagas)
+            .where(order_sagas.c.order_id == bindparam("b_order_id"),
+                   order_sagas.c.lease_owner == bindparam("b_lease_owner"))
+            .values(current_step=bindparam("b_current_step"), **lease)
+            .returning(order_sagas.c.order_id).cte("saga"))
+    changed = (update(orders)
+               .where(orders.c.id == saga.c.order_id, orders.c.version == bindparam("b_version"))
+               .values(version=orders.c.version + 1, **{f: bindparam(f"o_{f}") for f in _ORDER_FIELDS})
+               .returning(orders.c.id).cte("changed"))
+    rows = _unnest("s", _STEP_COLUMNS, "new_steps")
+    steps = (update(order_saga_steps)
+             .where(order_saga_steps.c.order_id == changed.c.id, order_saga_steps.c.step == rows.c.step)
+             .values(**{f: rows.c[f] for f in _STEP_FIELDS})
+             .returning(order_saga_steps.c.step).cte("steps"))
+    return select(func.count()).select_from(changed).add_cte(steps)
+
+
+def _build_add_statement() -> Any:
+    """INSERT of the order, its items, its saga row and its step rows in one statement."""
+    order = (insert(orders).values(id=bindparam("b_order_id"), version=bindparam("b_version"),
+                                   **{f: bindparam(f"o_{f}") for f in _ORDER_FIELDS})
+             .returning(orders.c.id).cte("new_order"))
+    item_rows = _unnest("i", _ITEM_COLUMNS, "item_rows")
+    lines = (insert(order_items)
+             .from_select(["order_id", *_ITEM_COLUMNS],
+                          select(bindparam("b_order_id", type_=String()), *item_rows.c))
+             .returning(order_items.c.position).cte("new_items"))
+    saga = (insert(order_sagas).values(
+        order_id=bindparam("b_order_id"), current_step=bindparam("b_current_step"),
+        lease_owner=bindparam("b_lease_owner"), lease_expires_at=bindparam("b_lease_expires_at"),
+        principal_subject=bindparam("b_principal_subject"), principal_scopes=bindparam("b_principal_scopes"),
+        correlation_id=bindparam("b_correlation_id")).returning(order_sagas.c.order_id).cte("new_saga"))
+    step_rows = _unnest("s", _STEP_COLUMNS, "step_rows")
+    steps = (insert(order_saga_steps)
+             .from_select(["order_id", *_STEP_COLUMNS], select(bindparam("b_order_id", type_=String()),
+                                                                *step_rows.c))
+             .returning(order_saga_steps.c.step).cte("new_steps"))
+    return select(order.c.id).add_cte(lines, saga, steps)
+
+
+_SAVE = {release: _build_save_statement(release) for release in (False, True)}
+_ADD = _build_add_statement()
+
+
+def _order_params(order: Order) -> dict[str, Any]:
+    return {f"o_{name}": value for name, value in _order_row(order).items()}
+
+
+def _array_params(prefix: str, columns: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {f"{prefix}_{c}": [row[c] for row in rows] for c in columns}
+
+
+def _step_params(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return _array_params("s", _STEP_COLUMNS, [{**row, "step": row["b_step"]} for row in rows])
+
 
 class SqlAlchemyOrderRepository(OrderRepository):
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        bind = session.bind
+        # SQLite has no data-modifying CTEs: there each table is written by a statement of its own.
+        self.one_statement = bind is not None and bind.dialect.name == "postgresql"
 
     async def add(self, order: Order, lease: Lease, caller: SagaCaller) -> None:
+        """A duplicate request_id fails the transaction, which the caller then abandons: no savepoint needed."""
+        items = [{"position": i, "product_id": it.product_id, "product_name": it.product_name, "sku": it.sku,
+                  "quantity": it.quantity, "unit_price_minor": it.unit_price_minor}
+                 for i, it in enumerate(order.items)]
+        saga = {"current_step": order.current_step.value, "lease_owner": lease.owner,
+                "lease_expires_at": lease.expires_at, "principal_subject": caller.subject,
+                "principal_scopes": " ".join(caller.scopes), "correlation_id": caller.correlation_id}
         try:
-            async with self.session.begin_nested():
+            if self.one_statement:
+                await self.session.execute(_ADD, {
+                    "b_order_id": order.id, "b_version": order.version, **_order_params(order),
+                    **{f"b_{name}": value for name, value in saga.items()},
+                    **_array_params("i", _ITEM_COLUMNS, items), **_step_params(_step_rows(order))})
+            else:
                 await self.session.execute(insert(orders).values(id=order.id, version=order.version,
                                                                  **_order_row(order)))
+                await self.session.execute(insert(order_items), [{"order_id": order.id, **it} for it in items])
+                await self.session.execute(insert(order_sagas).values(order_id=order.id, **saga))
+                await self.session.execute(insert(order_saga_steps), [
+                    {k.removeprefix("b_"): v for k, v in row.items()} for row in _step_rows(order)])
         except IntegrityError as exc:
             if "request_id" in str(exc.orig).lower():
                 raise DuplicateRequestId(order.request_id) from None
             raise
-        await self.session.execute(insert(order_items), [{
-            "order_id": order.id, "position": i, "product_id": it.product_id, "product_name": it.product_name,
-            "sku": it.sku, "quantity": it.quantity, "unit_price_minor": it.unit_price_minor,
-        } for i, it in enumerate(order.items)])
-        await self.session.execute(insert(order_sagas).values(
-            order_id=order.id, current_step=order.current_step.value, lease_owner=lease.owner,
-            lease_expires_at=lease.expires_at, principal_subject=caller.subject,
-            principal_scopes=" ".join(caller.scopes), correlation_id=caller.correlation_id))
-        await self.session.execute(insert(order_saga_steps), [
-            {k.removeprefix("b_"): v for k, v in row.items()} for row in _step_rows(order)])
+        _stored(order)
 
     async def _load(self, rows: list[Any]) -> list[Order]:
         if not rows:
@@ -195,8 +296,11 @@ class SqlAlchemyOrderRepository(OrderRepository):
         current = {order_id: step for order_id, step in (await self.session.execute(
             select(order_sagas.c.order_id, order_sagas.c.current_step)
             .where(order_sagas.c.order_id.in_(ids)))).all()}
-        return [_order(r, items[r._mapping["id"]], {n: steps[r._mapping["id"]][n] for n in STEPS},
-                       current[r._mapping["id"]]) for r in rows]
+        loaded = [_order(r, items[r._mapping["id"]], {n: steps[r._mapping["id"]][n] for n in STEPS},
+                         current[r._mapping["id"]]) for r in rows]
+        for order in loaded:
+            _stored(order)
+        return loaded
 
     async def get(self, order_id: str) -> Order | None:
         rows = (await self.session.execute(select(orders).where(orders.c.id == order_id))).all()
@@ -208,6 +312,10 @@ class SqlAlchemyOrderRepository(OrderRepository):
         loaded = await self._load(list(rows))
         return loaded[0] if loaded else None
 
+    async def id_by_request_id(self, request_id: str) -> str | None:
+        return (await self.session.execute(
+            select(orders.c.id).where(orders.c.request_id == request_id))).scalar_one_or_none()
+
     async def list(self, *, customer_id: str | None, status: OrderStatus | None,
                    after: tuple[dt.datetime, str] | None, limit: int) -> list[Order]:
         query = select(orders)
@@ -218,20 +326,33 @@ class SqlAlchemyOrderRepository(OrderRepository):
         query = keyset_page(query, orders, after, limit, newest_first=True)
         return await self._load(list((await self.session.execute(query)).all()))
 
-    async def save(self, order: Order, lease: Lease) -> None:
-        held = await self.session.execute(
-            update(order_sagas)
-            .where(order_sagas.c.order_id == order.id, order_sagas.c.lease_owner == lease.owner)
-            .values(current_step=order.current_step.value, lease_expires_at=lease.expires_at))
-        if held.rowcount != 1:
-            raise LeaseLost(order.id)
-        changed = await self.session.execute(
-            update(orders).where(orders.c.id == order.id, orders.c.version == order.version)
-            .values(version=order.version + 1, **_order_row(order)))
-        if changed.rowcount != 1:
-            raise LeaseLost(order.id)
-        await self.session.execute(_STEP_UPDATE, _step_rows(order))
+    async def save(self, order: Order, lease: Lease, *, release: bool = False) -> None:
+        steps = _step_rows(order, changed_only=True)
+        if self.one_statement:
+            changed = (await self.session.execute(_SAVE[release], {
+                "b_order_id": order.id, "b_lease_owner": lease.owner, "b_lease_expires_at": lease.expires_at,
+                "b_current_step": order.current_step.value, "b_version": order.version, **_order_params(order),
+                **_step_params(steps)})).scalar_one()
+            if changed != 1:
+                raise LeaseLost(order.id)
+        else:
+            held = await self.session.execute(
+                update(order_sagas)
+                .where(order_sagas.c.order_id == order.id, order_sagas.c.lease_owner == lease.owner)
+                .values(current_step=order.current_step.value,
+                        **({"lease_owner": None, "lease_expires_at": None} if release
+                           else {"lease_expires_at": lease.expires_at})))
+            if held.rowcount != 1:
+                raise LeaseLost(order.id)
+            changed = await self.session.execute(
+                update(orders).where(orders.c.id == order.id, orders.c.version == order.version)
+                .values(version=order.version + 1, **_order_row(order)))
+            if changed.rowcount != 1:
+                raise LeaseLost(order.id)
+            if steps:
+                await self.session.execute(_STEP_UPDATE, steps)
         order.version += 1
+        _stored(order)
 
     async def acquire_lease(self, order_id: str, lease: Lease, now: dt.datetime) -> bool:
         result = await self.session.execute(
@@ -313,6 +434,9 @@ class InMemoryOrderRepository(OrderRepository):
     async def get_by_request_id(self, request_id: str) -> Order | None:
         return next((self._copy(o) for o in self.orders.values() if o.request_id == request_id), None)
 
+    async def id_by_request_id(self, request_id: str) -> str | None:
+        return next((o.id for o in self.orders.values() if o.request_id == request_id), None)
+
     async def list(self, *, customer_id: str | None, status: OrderStatus | None,
                    after: tuple[dt.datetime, str] | None, limit: int) -> list[Order]:
         ordered = sorted(self.orders.values(), key=lambda o: (o.create_time, o.id), reverse=True)
@@ -321,12 +445,14 @@ class InMemoryOrderRepository(OrderRepository):
                   and (after is None or (o.create_time, o.id) < after)]
         return [self._copy(o) for o in chosen[:limit]]
 
-    async def save(self, order: Order, lease: Lease) -> None:
+    async def save(self, order: Order, lease: Lease, *, release: bool = False) -> None:
         saga = self.sagas.get(order.id)
         stored = self.orders.get(order.id)
         if saga is None or stored is None or saga.lease_owner != lease.owner or stored.version != order.version:
             raise LeaseLost(order.id)
         saga.lease_expires_at = lease.expires_at
+        if release:
+            saga.lease_owner = saga.lease_expires_at = None
         order.version += 1
         self.orders[order.id] = self._copy(order)
 

@@ -164,6 +164,9 @@ class Order:
     cancel_reason: str = ""
     confirm_time: dt.datetime | None = None
     cancel_time: dt.datetime | None = None
+    # The saga steps as the database last had them, kept by the repository that read or wrote the order: a save
+    # writes only the steps that differ (a saga transition changes one or two of them). Empty: write them all.
+    stored_steps: dict[StepName, SagaStep] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def place(cls, *, customer_id: str, items: tuple[OrderItem, ...], currency_code: str, payment_method: str,

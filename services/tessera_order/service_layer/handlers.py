@@ -33,6 +33,7 @@ class UnitOfWork(Protocol):
 
     async def __aenter__(self) -> UnitOfWork: ...
     async def __aexit__(self, *exc: object) -> None: ...
+    def reading(self) -> UnitOfWork: ...
     def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...
     async def commit(self) -> None: ...
 
@@ -83,9 +84,12 @@ async def create_order(cmd: commands.CreateOrder, uow: UowFactory, sagas: SagaCo
     _authorize(customer_id)
     request_hash = _request_hash(cmd, customer_id, lines)
 
-    async with uow() as u:
-        previous = await u.orders.get_by_request_id(cmd.request_id)
-    if previous is not None:
+    async with uow().reading() as u:  # one statement, and nearly always no order has this request_id
+        known = await u.orders.id_by_request_id(cmd.request_id)
+    if known is not None:
+        async with uow() as u:
+            previous = await u.orders.get(known)
+        assert previous is not None
         return _replay(previous, request_hash)
 
     try:
@@ -103,13 +107,18 @@ async def create_order(cmd: commands.CreateOrder, uow: UowFactory, sagas: SagaCo
     caller = SagaCaller(subject=principal.subject if principal else None,
                         scopes=tuple(sorted(principal.scopes)) if principal else (),
                         correlation_id=correlation_id_var.get())
+    created = mapping.order_created(order)  # the order as placed, before its saga's first step
+    # The first step's attempt is counted in the commit that stores the order: its call follows right away.
+    first = order.next_step()
+    assert first is not None
+    order.start_step(first, sagas.clock())
     async with uow() as u:
         try:
             await u.orders.add(order, sagas.new_lease(), caller)
         except DuplicateRequestId:
             stored = None
         else:
-            u.add_event(AGGREGATE, order.id, mapping.order_created(order))
+            u.add_event(AGGREGATE, order.id, created)
             await u.commit()
             stored = order
     if stored is None:  # a concurrent call with the same request_id stored its order first
@@ -119,9 +128,12 @@ async def create_order(cmd: commands.CreateOrder, uow: UowFactory, sagas: SagaCo
         return _replay(previous, request_hash)
     sagas.checkpoint(StepName.CREATE_ORDER.value)
 
-    await sagas.wait(sagas.run(order.id, leased=True), _wait_budget())
-    async with uow() as u:
-        placed = await u.orders.get(order.id)
+    execution = sagas.run(order.id, leased=True, order=order, started=first)
+    await sagas.wait(execution, _wait_budget())
+    placed = execution.outcome()
+    if placed is None:  # still running (or stopped without ending): what is committed tells
+        async with uow() as u:
+            placed = await u.orders.get(order.id)
     assert placed is not None
     if placed.status is OrderStatus.CONFIRMED:
         return placed
@@ -284,7 +296,7 @@ async def cancel_order(cmd: commands.CancelOrder, uow: UowFactory, sagas: SagaCo
             async with uow() as u:
                 await u.orders.save(order, sagas.new_lease())
                 await u.commit()
-        execution = sagas.run(order.id, leased=True)
+        execution = sagas.run(order.id, leased=True, order=order)
     if execution is not None:
         await sagas.wait(execution, budget, until_retry=True)
     else:  # another process holds the saga: follow it through the database

@@ -93,6 +93,19 @@ class Execution:
     task: asyncio.Task[Order | None] | None = None
     # Set whenever a step or a compensation meets an error it will retry after a pause.
     retrying: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    # The step whose attempt the last committed write already counted (the write that stored the order, or that
+    # completed the step before): its call runs at once, without another write of the same state.
+    started: StepName | None = None
+    # The lease was freed by the write that ended the saga: nothing is left to release.
+    released: bool = False
+
+    def outcome(self) -> Order | None:
+        """The order as the saga left it once it ended (as committed), or None while it runs or if it stopped
+        without ending (lease lost, interrupted)."""
+        task = self.task
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return None
+        return task.result()
 
 
 Checkpoint = Callable[[str], None]
@@ -160,19 +173,23 @@ class SagaCoordinator:
         return execution if execution is not None and execution.task is not None \
             and not execution.task.done() else None
 
-    def run(self, order_id: str, *, leased: bool, caller: SagaCaller | None = None,
-            recovery: bool = False) -> Execution:
+    def run(self, order_id: str, *, leased: bool, caller: SagaCaller | None = None, recovery: bool = False,
+            order: Order | None = None, started: StepName | None = None) -> Execution:
         """Drives the order's saga in a task of its own, so that it ends even when the caller gives up. Without
         `caller` the task keeps the current call's identity and ids; with it (a resumed saga) it takes them
-        from the call that started the saga. Either way it does not inherit the current call's deadline."""
+        from the call that started the saga. Either way it does not inherit the current call's deadline.
+
+        A caller holding the lease may hand over `order` as it just committed it (the saga then does not read it
+        again; the task owns it from now on), and `started`, the step whose attempt that commit counted."""
         existing = self.running(order_id)
         if existing is not None:
             return existing
-        execution = Execution(order_id)
+        execution = Execution(order_id, started=started)
         context = contextvars.copy_context()
         context.run(_prepare_context, caller)
         execution.task = asyncio.get_running_loop().create_task(
-            self._drive(execution, leased=leased, recovery=recovery), name=f"saga-{order_id}", context=context)
+            self._drive(execution, leased=leased, recovery=recovery, order=order), name=f"saga-{order_id}",
+            context=context)
         self._running[order_id] = execution
         execution.task.add_done_callback(lambda _t: self._forget(execution))
         return execution
@@ -181,7 +198,8 @@ class SagaCoordinator:
         if self._running.get(execution.order_id) is execution:
             del self._running[execution.order_id]
 
-    async def _drive(self, execution: Execution, *, leased: bool, recovery: bool) -> Order | None:
+    async def _drive(self, execution: Execution, *, leased: bool, recovery: bool,
+                     order: Order | None = None) -> Order | None:
         order_id = execution.order_id
         slot = self._recovery_slots if recovery else contextlib.nullcontext()
         async with slot:
@@ -189,8 +207,9 @@ class SagaCoordinator:
                 return None
             heartbeat = asyncio.create_task(self._heartbeat(order_id), name=f"saga-heartbeat-{order_id}")
             try:
-                async with self.uow() as uow:
-                    order = await uow.orders.get(order_id)
+                if order is None:
+                    async with self.uow() as uow:
+                        order = await uow.orders.get(order_id)
                 if order is None:
                     return None
                 if recovery and not order.finished:
@@ -215,26 +234,36 @@ class SagaCoordinator:
                 heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await heartbeat
-                with contextlib.suppress(Exception):
-                    await self.release(order_id)
+                if not execution.released:
+                    with contextlib.suppress(Exception):
+                        await self.release(order_id)
 
-    async def _save(self, order: Order, *events: Message) -> None:
+    async def _save(self, order: Order, *events: Message, ending: Execution | None = None) -> None:
+        """Commits the order's state with its events. Given `ending`, the execution whose saga this write ends,
+        the same write frees the lease."""
         async with self.uow() as uow:
-            await uow.orders.save(order, self.new_lease())
+            await uow.orders.save(order, self.new_lease(), release=ending is not None)
             for event in events:
                 uow.add_event(AGGREGATE, order.id, event)
             await uow.commit()
+        if ending is not None:
+            ending.released = True
 
     # Forward.
 
     async def _forward(self, order: Order, execution: Execution) -> None:
         step = order.next_step()
         assert step is not None, "a PENDING order always has a step to run"
-        attempts_left = max(1, self.policy.step_max_attempts - order.steps[step].attempts)
+        # An attempt that the last commit counted for this very run has not been made yet.
+        started = execution.started is step
+        execution.started = None
+        attempts_left = max(1, self.policy.step_max_attempts - order.steps[step].attempts + int(started))
         waits = 0
         while True:
-            order.start_step(step, self.clock())
-            await self._save(order)
+            if not started:
+                order.start_step(step, self.clock())
+                await self._save(order)
+            started = False
             try:
                 ids = await self._execute(step, order)
             except StepFailed as failed:
@@ -262,12 +291,19 @@ class SagaCoordinator:
                 continue
             if step is StepName.CONFIRM_ORDER:
                 order.confirm(self.clock())
-                await self._save(order, mapping.order_confirmed(order))
+                await self._save(order, mapping.order_confirmed(order), ending=execution)
                 metrics.ORDERS_CONFIRMED.inc()
                 metrics.SAGA_DURATION.labels("confirmed").observe(_age(order))
                 log.info("order confirmed", extra={"order_id": order.id})
             else:
-                order.complete_step(step, self.clock(), **ids)
+                now = self.clock()
+                order.complete_step(step, now, **ids)
+                following = order.next_step()
+                if following is not None:
+                    # The next step's attempt is counted in the same commit, before its call as always: one
+                    # write per step instead of two.
+                    order.start_step(following, now)
+                    execution.started = following
                 await self._save(order)
             self.checkpoint(step.value)
             return
@@ -349,7 +385,7 @@ class SagaCoordinator:
     async def _backward(self, order: Order, execution: Execution) -> None:
         step = order.next_compensation()
         if step is None:
-            await self._finish(order)
+            await self._finish(order, execution)
             return
         attempts_left = max(1, self.policy.compensation_max_attempts - order.steps[step].compensation_attempts)
         for attempt in range(attempts_left):
@@ -379,7 +415,7 @@ class SagaCoordinator:
             self.checkpoint(f"{step.value}_COMPENSATED")
             return
 
-    async def _finish(self, order: Order) -> None:
+    async def _finish(self, order: Order, execution: Execution) -> None:
         status = order.finish_compensation(self.clock())
         if status is OrderStatus.COMPENSATION_FAILED:
             events: list[Message] = [mapping.order_compensation_failed(order, s)
@@ -388,7 +424,7 @@ class SagaCoordinator:
             events = [mapping.order_cancelled(order)]
         else:
             events = [mapping.order_failed(order)]
-        await self._save(order, *events)
+        await self._save(order, *events, ending=execution)
         if order.failure is not None:  # a failed placement; a cancellation is not a saga failure
             metrics.ORDERS_FAILED.labels(order.failure.reason).inc()
             if status is OrderStatus.FAILED:

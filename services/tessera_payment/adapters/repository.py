@@ -86,9 +86,9 @@ class SqlAlchemyPaymentRepository(PaymentRepository):
         self.session = session
 
     async def add(self, payment: Payment, request_hash: str) -> None:
+        """A duplicate idempotency key fails the transaction, which the caller then abandons: no savepoint."""
         try:
-            async with self.session.begin_nested():
-                await self.session.execute(insert(payments).values(**_row(payment), request_hash=request_hash))
+            await self.session.execute(insert(payments).values(**_row(payment), request_hash=request_hash))
         except IntegrityError as exc:
             if "idempotency_key" in str(exc.orig).lower():
                 raise DuplicateIdempotencyKey(payment.idempotency_key) from None

@@ -193,33 +193,38 @@ async def process_payment(cmd: commands.ProcessPayment, uow: UnitOfWork, process
     budget = processing.policy.budget(remaining_seconds())
     request_hash = _hash(cmd.order_id.lower(), cmd.customer_id.lower(), cmd.amount.currency_code,
                          cmd.amount.amount_minor, cmd.payment_method)
-    payment, resumed = await _claim(cmd, request_hash, budget, uow, processing.policy)
+    payment, resumed, counted = await _claim(cmd, request_hash, budget, uow, processing.policy)
     if payment.status is not PaymentStatus.PENDING:
         return payment
-    return await processing.inflight.run(_charge(payment, resumed, budget, uow, processing))
+    return await processing.inflight.run(_charge(payment, resumed, budget, uow, processing, counted=counted))
 
 
 async def _claim(cmd: commands.ProcessPayment, request_hash: str, budget: float, uow: UnitOfWork,
-                 policy: ChargePolicy) -> tuple[Payment, bool]:
+                 policy: ChargePolicy) -> tuple[Payment, bool, bool]:
     """The payment this call is to charge, now PENDING and leased to it, with whether a crashed call may have
-    charged it already; or a settled payment to return. Raises for a settled outcome that is an error."""
+    charged it already and whether its first attempt is already counted; or a settled payment to return. Raises
+    for a settled outcome that is an error.
+
+    The first pass inserts a new payment without reading: the unique idempotency key makes a repeat (or a
+    concurrent twin, which waits for the first to commit) fail there, and the next pass reads what the key
+    already has. A new payment is stored with its first attempt counted, in the same commit that claims it."""
     assert cmd.amount is not None
-    for _ in range(2):  # a second pass only after losing a race on the same idempotency key
+    for attempt in range(3):  # the last pass only after losing a race on the same idempotency key
         async with uow:
             now = utcnow()
-            found = await uow.payments.get_by_key(cmd.idempotency_key)
+            found = None if attempt == 0 else await uow.payments.get_by_key(cmd.idempotency_key)
             if found is None:
                 payment = Payment(
                     id=str(uuid.uuid4()), order_id=cmd.order_id.lower(), customer_id=cmd.customer_id.lower(),
                     amount=cmd.amount, payment_method=cmd.payment_method, idempotency_key=cmd.idempotency_key,
-                    status=PaymentStatus.PENDING, create_time=now, update_time=now,
+                    status=PaymentStatus.PENDING, attempts=1, create_time=now, update_time=now,
                     lease_expire_time=policy.lease(now, budget))
                 try:
                     await uow.payments.add(payment, request_hash)
                 except DuplicateIdempotencyKey:
-                    continue
+                    continue  # leaving the block rolls back; the next pass reads the key's payment
                 await uow.commit()
-                return payment, False
+                return payment, False, True
             payment, stored_hash = found
             if stored_hash != request_hash:
                 raise AlreadyExists("idempotency_key was already used with a different request",
@@ -227,7 +232,7 @@ async def _claim(cmd: commands.ProcessPayment, request_hash: str, budget: float,
                                     metadata={"payment_id": payment.id})
             if payment.status is not PaymentStatus.FAILED and (
                     payment.status is not PaymentStatus.PENDING or payment.owned_until(now)):
-                return _outcome(payment), False
+                return _outcome(payment), False, False
             # FAILED: tried again on the same record. PENDING with its lease run out: the call that was charging
             # it is gone, perhaps after the processor charged, which the processor's idempotency sorts out.
             resumed = payment.status is PaymentStatus.PENDING
@@ -236,12 +241,14 @@ async def _claim(cmd: commands.ProcessPayment, request_hash: str, budget: float,
             if not await uow.payments.save(payment, expected):
                 raise _in_progress(payment)
             await uow.commit()
-            return payment, resumed
+            return payment, resumed, False
     raise RuntimeError("a payment with this idempotency key exists but cannot be read")
 
 
 async def _charge(payment: Payment, resumed: bool, budget: float, uow: UnitOfWork,
-                  processing: Processing) -> Payment:
+                  processing: Processing, *, counted: bool = False) -> Payment:
+    """Asks the processor, attempt after attempt, each counted (committed) before it is made; `counted`: the
+    first one already is."""
     processor, policy = processing.processor, processing.policy
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget
@@ -257,7 +264,8 @@ async def _charge(payment: Payment, resumed: bool, budget: float, uow: UnitOfWor
                 last_failure = last_failure or NO_TIME_MESSAGE
                 break
             await asyncio.sleep(pause)
-        payment = await _count_attempt(uow, payment)
+        if attempt or not counted:
+            payment = await _count_attempt(uow, payment)
         request = ChargeRequest(charge_key=payment.id, amount=payment.amount, payment_method=payment.payment_method,
                                 attempt=payment.attempts, order_id=payment.order_id, customer_id=payment.customer_id)
         try:
