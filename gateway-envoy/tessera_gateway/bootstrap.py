@@ -8,9 +8,13 @@ error filter. The HTTP filters, in order:
   header_mutation   strips client-sent identity headers; adds the security headers to every response
   cors              answers preflights of allowed origins
   tessera.rest_errors (Lua)  turns every REST error into google.rpc.Status JSON, strips grpc-*; gives the
-                             gateway's own gRPC refusals the same Status in grpc-status-details-bin
+                             gateway's own gRPC refusals the same Status in grpc-status-details-bin; its response
+                             half is skipped (matcher) on a service's successful reply, which it would not change
+  tessera.rest_grpc_headers  (header_mutation) strips grpc-* from every REST response; skipped for gRPC replies
   buffer            caps the request body (413)
-  tessera.rest_body (Lua)    refuses unknown JSON fields (400) before the transcoder drops them
+  tessera.rest_body (Lua)    refuses unknown JSON fields (400) before the transcoder drops them; wrapped in a
+                             matcher that skips it for native gRPC and for methods no REST body rule uses, so
+                             GET/DELETE and gRPC calls never start a Lua coroutine for it
   grpc_json_transcoder       REST/JSON -> gRPC per google.api.http; gRPC status -> HTTP status + JSON body
   jwt_authn         RS256 token: signature, issuer, audience, expiry; subject and scopes -> x-user-id/x-user-scopes
   local_ratelimit   token bucket per (route class, subject), or per (route class, address) on anonymous routes
@@ -25,6 +29,7 @@ import datetime as dt
 import functools
 import ipaddress
 import json
+import re
 
 import betterproto2
 from envoy_data_plane.envoy.config.accesslog.v3 import (
@@ -44,6 +49,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     OutlierDetection,
 )
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as HeaderMutationRule
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRemoveOnMatch
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     DataSource,
@@ -65,6 +71,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     SocketAddress,
     SubstitutionFormatString,
     TransportSocket,
+    TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.core.v3 import RetryPolicy as CoreRetryPolicy
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
@@ -99,7 +106,9 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.access_loggers.file.v3 import FileAccessLog
+from envoy_data_plane.envoy.extensions.common.matching.v3 import ExtensionWithMatcher
 from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import LocalRateLimitDescriptor, RateLimitDescriptorEntry
+from envoy_data_plane.envoy.extensions.filters.common.matcher.action.v3 import SkipFilter
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
 from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
 from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
@@ -153,6 +162,9 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import HttpProtocolOptionsExplicitHttpConfig
 from envoy_data_plane.envoy.type.matcher.v3 import (
+    HttpRequestHeaderMatchInput,
+    HttpResponseHeaderMatchInput,
+    HttpResponseStatusCodeMatchInput,
     ListMatcher,
     MetadataMatcher,
     MetadataMatcherPathSegment,
@@ -162,6 +174,19 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
 from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPathSegment
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType, Percent, TokenBucket
 from envoy_data_plane.google.protobuf import Any, Struct
+from envoy_data_plane.xds.core.v3 import TypedExtensionConfig as XdsTypedExtensionConfig
+from envoy_data_plane.xds.type.matcher.v3 import (
+    Matcher,
+    MatcherMatcherList,
+    MatcherMatcherListFieldMatcher,
+    MatcherMatcherListPredicate,
+    MatcherMatcherListPredicatePredicateList,
+    MatcherMatcherListPredicateSinglePredicate,
+    MatcherOnMatch,
+    RegexMatcher,
+    RegexMatcherGoogleRe2,
+)
+from envoy_data_plane.xds.type.matcher.v3 import StringMatcher as XdsStringMatcher
 from google.protobuf import descriptor_pb2
 
 from tessera_gateway import lua
@@ -174,6 +199,7 @@ RBAC_FILTER = "envoy.filters.http.rbac"
 CORS_FILTER = "envoy.filters.http.cors"
 REST_ERRORS_FILTER = "tessera.rest_errors"
 REST_BODY_FILTER = "tessera.rest_body"
+REST_GRPC_HEADERS_FILTER = "tessera.rest_grpc_headers"
 JWT_PROVIDER = "tessera"
 JWT_PAYLOAD = "jwt_payload"
 JWKS_CLUSTER = "jwks"
@@ -210,6 +236,40 @@ def _percent(value: int) -> RuntimeFractionalPercent:
 
 def _header(key: str, value: str, action: HeaderValueOptionHeaderAppendAction) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=key, value=value), append_action=action)
+
+
+def _request_header(name: str, match: XdsStringMatcher) -> MatcherMatcherListPredicate:
+    """A matcher predicate on one request header (pseudo-headers such as :method included)."""
+    return MatcherMatcherListPredicate(single_predicate=MatcherMatcherListPredicateSinglePredicate(
+        input=XdsTypedExtensionConfig(name=f"request-header {name}",
+                                      typed_config=Any.pack(HttpRequestHeaderMatchInput(header_name=name))),
+        value_match=match,
+    ))
+
+
+def _response_header(name: str, match: XdsStringMatcher) -> MatcherMatcherListPredicate:
+    """A matcher predicate on one response header; a header the response lacks never matches."""
+    return MatcherMatcherListPredicate(single_predicate=MatcherMatcherListPredicateSinglePredicate(
+        input=XdsTypedExtensionConfig(name=f"response-header {name}",
+                                      typed_config=Any.pack(HttpResponseHeaderMatchInput(header_name=name))),
+        value_match=match,
+    ))
+
+
+def _response_status(match: XdsStringMatcher) -> MatcherMatcherListPredicate:
+    """A matcher predicate on the response's HTTP status (as its decimal text)."""
+    return MatcherMatcherListPredicate(single_predicate=MatcherMatcherListPredicateSinglePredicate(
+        input=XdsTypedExtensionConfig(name="response-status",
+                                      typed_config=Any.pack(HttpResponseStatusCodeMatchInput())),
+        value_match=match,
+    ))
+
+
+def _skip_when(*predicates: MatcherMatcherListPredicate) -> Matcher:
+    """A filter matcher that skips the filter for a request matching any of the predicates, else runs it."""
+    skip = MatcherOnMatch(action=XdsTypedExtensionConfig(name="skip", typed_config=Any.pack(SkipFilter())))
+    return Matcher(matcher_list=MatcherMatcherList(matchers=[
+        MatcherMatcherListFieldMatcher(predicate=p, on_match=skip) for p in predicates]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,15 +477,63 @@ class GatewayConfig:
             max_dynamic_descriptors=self.d.limits.max_tracked_clients,
         )
 
+    def _rest_errors(self) -> HttpFilter:
+        """The error filter, whose response half runs only on a reply it may change: an error (400 and up) or
+        one the gateway made itself (local_reply_config marks every local reply, gRPC refusals included). A
+        service's successful reply skips it in the matcher, so the common case pays no second Lua coroutine;
+        its request half always runs, since it records what the access log and the error messages need."""
+        source = Lua(default_source_code=DataSource(inline_string=lua.rest_errors_source(self.d)))
+        success = _response_status(XdsStringMatcher(safe_regex=RegexMatcher(
+            google_re2=RegexMatcherGoogleRe2(), regex="^[1-3][0-9][0-9]$")))
+        marked = _response_header(lua.LOCAL_REPLY_HEADER, XdsStringMatcher(safe_regex=RegexMatcher(
+            google_re2=RegexMatcherGoogleRe2(), regex=".*")))
+        matcher = _skip_when(MatcherMatcherListPredicate(and_matcher=MatcherMatcherListPredicatePredicateList(
+            predicate=[success, MatcherMatcherListPredicate(not_matcher=marked)])))
+        return _filter(REST_ERRORS_FILTER, ExtensionWithMatcher(
+            extension_config=TypedExtensionConfig(name=REST_ERRORS_FILTER, typed_config=Any.pack(source)),
+            xds_matcher=matcher,
+        ))
+
+    def _rest_grpc_headers(self) -> HttpFilter:
+        """Removes the gRPC transport headers (grpc-status, grpc-message, grpc-accept-encoding, ...) from every
+        REST response; a gRPC response skips it. Built in, so the successful REST replies that skip the error
+        filter lose them too; placed after the error filter, it sees each response before that filter does.
+        It tells gRPC by the response's content-type, not the request's: a request the connection manager refuses
+        before any filter reads it still gets its gRPC local reply, grpc-status and all."""
+        strip = HeaderMutation(mutations=Mutations(response_mutations=[
+            HeaderMutationRule(remove_on_match=HeaderMutationRemoveOnMatch(key_matcher=StringMatcher(prefix="grpc-")))
+        ]))
+        return _filter(REST_GRPC_HEADERS_FILTER, ExtensionWithMatcher(
+            extension_config=TypedExtensionConfig(name=REST_GRPC_HEADERS_FILTER, typed_config=Any.pack(strip)),
+            xds_matcher=_skip_when(_response_header("content-type", XdsStringMatcher(prefix="application/grpc"))),
+        ))
+
+    def _rest_body(self) -> HttpFilter:
+        """The unknown-field check, run only where it can refuse something: on non-gRPC requests whose method
+        an http rule with a body uses. Everything else (every GET, every native gRPC call) skips the filter in
+        the matcher, so it pays no Lua coroutine; the script itself would let those requests pass unread."""
+        source = Lua(default_source_code=DataSource(inline_string=lua.rest_body_source(self.contracts, self.d)))
+        methods = lua.body_rule_methods(self.contracts)
+        method_regex = RegexMatcher(google_re2=RegexMatcherGoogleRe2(),
+                                    regex="^(?:" + "|".join(re.escape(m) for m in methods) + ")$")
+        matcher = _skip_when(
+            _request_header("content-type", XdsStringMatcher(prefix="application/grpc")),
+            MatcherMatcherListPredicate(not_matcher=_request_header(":method",
+                                                                    XdsStringMatcher(safe_regex=method_regex))),
+        )
+        return _filter(REST_BODY_FILTER, ExtensionWithMatcher(
+            extension_config=TypedExtensionConfig(name=REST_BODY_FILTER, typed_config=Any.pack(source)),
+            xds_matcher=matcher,
+        ))
+
     def http_filters(self) -> list[HttpFilter]:
         return [
             _filter("envoy.filters.http.header_mutation", self._header_mutation()),
             _filter(CORS_FILTER, Cors()),
-            _filter(REST_ERRORS_FILTER, Lua(default_source_code=DataSource(
-                inline_string=lua.rest_errors_source(self.d)))),
+            self._rest_errors(),
+            self._rest_grpc_headers(),
             _filter("envoy.filters.http.buffer", Buffer(max_request_bytes=self.d.limits.max_request_body_bytes)),
-            _filter(REST_BODY_FILTER, Lua(default_source_code=DataSource(
-                inline_string=lua.rest_body_source(self.contracts, self.d)))),
+            self._rest_body(),
             _filter("envoy.filters.http.grpc_json_transcoder", self._transcoder()),
             _filter(JWT_FILTER, self._jwt()),
             _filter("envoy.filters.http.local_ratelimit", self._rate_limit()),
@@ -461,7 +569,9 @@ class GatewayConfig:
             "details": "%RESPONSE_CODE_DETAILS%",
             "flags": "%RESPONSE_FLAGS%",
             "duration_ms": "%DURATION%",
-            "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+            # From the request's first byte sent upstream to the response's first byte back (the router's
+            # x-envoy-upstream-service-time header is suppressed, so the log cannot read it from the response).
+            "upstream_ms": "%COMMON_DURATION(US_TX_BEG:US_RX_BEG:ms)%",
             "bytes_in": "%BYTES_RECEIVED%",
             "bytes_out": "%BYTES_SENT%",
             "upstream": "%UPSTREAM_HOST%",

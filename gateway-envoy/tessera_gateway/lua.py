@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from tessera_gateway import PACKAGE_DIR, errors
 from tessera_gateway.description import Description
-from tessera_gateway.descriptors import Contracts, Field
+from tessera_gateway.descriptors import Contracts, Field, Rpc
 
 LUA_DIR = PACKAGE_DIR / "lua"
 # Added by the connection manager's local_reply_config to every local reply (value: its HTTP status), so the
@@ -86,18 +86,28 @@ def _table(entries: Iterable[str], indent: str = "  ") -> str:
     return "{\n" + body + ("\n" if body else "") + "}"
 
 
+def _body_rules(contracts: Contracts, kinds: _Kinds) -> list[tuple[Rpc, str]]:
+    """The RPCs whose REST body the check reads (a JSON object of a message type), with that message's name.
+    Verbs (":cancel") and longer literal paths first, so that a template with a variable never shadows them."""
+    ordered = sorted(contracts.rpcs, key=lambda r: (":" not in r.http.path.rsplit("/", 1)[-1], -len(r.http.path)))
+    rules = []
+    for rpc in ordered:
+        body = contracts.body_message(rpc)
+        if body is not None and kinds.message(body).startswith("m:"):
+            rules.append((rpc, body))
+    return rules
+
+
+def body_rule_methods(contracts: Contracts) -> list[str]:
+    """The HTTP methods of the body check's rules: a request with any other method passes it unread, so the
+    gateway skips the filter for it."""
+    return sorted({rpc.http.method for rpc, _ in _body_rules(contracts, _Kinds(contracts))})
+
+
 def rest_body_source(contracts: Contracts, description: Description) -> str:
     kinds = _Kinds(contracts)
     rules = []
-    # Verbs (":cancel") and longer literal paths first, so that a template with a variable never shadows them.
-    ordered = sorted(contracts.rpcs, key=lambda r: (":" not in r.http.path.rsplit("/", 1)[-1], -len(r.http.path)))
-    for rpc in ordered:
-        body = contracts.body_message(rpc)
-        if body is None:
-            continue
-        root = kinds.message(body)
-        if not root.startswith("m:"):
-            continue
+    for rpc, body in _body_rules(contracts, kinds):
         prefix = "" if rpc.http.body == "*" else rpc.http.body
         rules.append(f"{{method = {lua_string(rpc.http.method)}, pattern = {lua_string(path_pattern(rpc.http.path))}, "
                      f"message = {lua_string(body)}, prefix = {lua_string(prefix)}}}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
-from tessera_gateway import DESCRIPTOR_SET, generate, lua
+from tessera_gateway import DESCRIPTOR_SET, generate, lua, process
 from tessera_gateway.bootstrap import TRACING_CLUSTER, GatewayConfig, render, to_envoy_dict
 from tessera_gateway.description import load
 from tessera_gateway.descriptors import ContractError, Contracts
@@ -75,10 +77,95 @@ def test_filter_order_authenticates_before_rate_limiting_and_authorising(dev_con
     names = [f["name"] for f in hcm_of(dev_config)["httpFilters"]]
     assert names == [
         "envoy.filters.http.header_mutation", "envoy.filters.http.cors", "tessera.rest_errors",
-        "envoy.filters.http.buffer", "tessera.rest_body", "envoy.filters.http.grpc_json_transcoder",
+        "tessera.rest_grpc_headers", "envoy.filters.http.buffer", "tessera.rest_body",
+        "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.jwt_authn", "envoy.filters.http.local_ratelimit", "envoy.filters.http.rbac",
         "envoy.filters.http.router",
     ]
+
+
+def _skip_predicates(wrapped: dict) -> list[dict]:
+    """The predicates of an ExtensionWithMatcher whose every match skips the filter (and nothing else)."""
+    matcher = wrapped["xdsMatcher"]
+    assert set(matcher) == {"matcherList"}  # no on_no_match: a request no predicate matches runs the filter
+    skip = "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"
+    assert all(m["onMatch"]["action"]["typedConfig"]["@type"] == skip for m in matcher["matcherList"]["matchers"])
+    return [m["predicate"] for m in matcher["matcherList"]["matchers"]]
+
+
+def _single(predicate: dict, input_type: str) -> tuple[dict, dict]:
+    single = predicate["singlePredicate"]
+    assert single["input"]["typedConfig"]["@type"] == f"type.googleapis.com/envoy.type.matcher.v3.{input_type}"
+    return single["input"]["typedConfig"], single["valueMatch"]
+
+
+def test_body_check_runs_only_where_a_body_rule_can_apply(dev, dev_config):
+    # The Lua body check would read nothing on a GET or a native gRPC call: the matcher skips it there, so those
+    # requests never start its coroutine. Any method an http rule with a body uses must still reach it.
+    wrapped = next(f for f in hcm_of(dev_config)["httpFilters"] if f["name"] == "tessera.rest_body")["typedConfig"]
+    inner = wrapped["extensionConfig"]
+    assert inner["name"] == "tessera.rest_body"
+    assert inner["typedConfig"]["defaultSourceCode"]["inlineString"] == lua.rest_body_source(
+        dev.config.contracts, dev.description)
+    grpc, other_methods = _skip_predicates(wrapped)
+    assert _single(grpc, "HttpRequestHeaderMatchInput") == (
+        {"@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+         "headerName": "content-type"}, {"prefix": "application/grpc"})
+    config, match = _single(other_methods["notMatcher"], "HttpRequestHeaderMatchInput")
+    assert config["headerName"] == ":method"
+    methods = lua.body_rule_methods(dev.config.contracts)
+    assert methods == ["PATCH", "POST"]
+    assert set(methods) == {r.http.method for r in dev.config.contracts.rpcs
+                            if dev.config.contracts.body_message(r) is not None}
+    regex = re.compile(match["safeRegex"]["regex"])
+    assert [m for m in ("GET", "DELETE", "PUT", "PATCH", "POST", "OPTIONS") if regex.fullmatch(m)] == methods
+
+
+def test_error_filter_skips_only_a_services_successful_reply(dev, dev_config):
+    # Its response half changes errors and the gateway's own (marked) replies, gRPC refusals included, which
+    # are 200s with the mark: only an unmarked reply below 400 may skip it.
+    wrapped = next(f for f in hcm_of(dev_config)["httpFilters"] if f["name"] == "tessera.rest_errors")["typedConfig"]
+    inner = wrapped["extensionConfig"]
+    assert inner["typedConfig"]["defaultSourceCode"]["inlineString"] == lua.rest_errors_source(dev.description)
+    (both,) = _skip_predicates(wrapped)
+    status, unmarked = both["andMatcher"]["predicate"]
+    _, status_match = _single(status, "HttpResponseStatusCodeMatchInput")
+    regex = re.compile(status_match["safeRegex"]["regex"])
+    assert [s for s in (100, 200, 204, 304, 399, 400, 401, 404, 429, 500, 503) if regex.fullmatch(str(s))] == [
+        100, 200, 204, 304, 399]
+    config, present = _single(unmarked["notMatcher"], "HttpResponseHeaderMatchInput")
+    assert config["headerName"] == lua.LOCAL_REPLY_HEADER
+    assert re.compile(present["safeRegex"]["regex"]).fullmatch("")  # any value, even empty, is a mark
+
+
+def test_rest_responses_lose_grpc_headers_in_a_builtin_filter_native_grpc_keeps_them(dev_config):
+    filters = hcm_of(dev_config)["httpFilters"]
+    wrapped = next(f for f in filters if f["name"] == "tessera.rest_grpc_headers")["typedConfig"]
+    (grpc,) = _skip_predicates(wrapped)
+    # By the response's content-type: a gRPC call the connection manager refuses before any filter sees the
+    # request still gets its grpc-status.
+    config, match = _single(grpc, "HttpResponseHeaderMatchInput")
+    assert (config["headerName"], match) == ("content-type", {"prefix": "application/grpc"})
+    mutations = wrapped["extensionConfig"]["typedConfig"]["mutations"]
+    assert mutations == {"responseMutations": [{"removeOnMatch": {"keyMatcher": {"prefix": "grpc-"}}}]}
+    # After the error filter in the chain, so each response reaches it first on the way out.
+    names = [f["name"] for f in filters]
+    assert names.index("tessera.rest_grpc_headers") == names.index("tessera.rest_errors") + 1
+
+
+def test_access_log_measures_the_upstream_time_itself(dev_config):
+    # The router suppresses x-envoy-upstream-service-time, so the log cannot take it from the response.
+    (log,) = hcm_of(dev_config)["accessLog"]
+    fields = log["typedConfig"]["logFormat"]["jsonFormat"]
+    assert fields["upstream_ms"] == "%COMMON_DURATION(US_TX_BEG:US_RX_BEG:ms)%"
+    router = hcm_of(dev_config)["httpFilters"][-1]["typedConfig"]
+    assert router["suppressEnvoyHeaders"] is True
+
+
+def test_local_envoy_runs_one_worker(tmp_path):
+    # make run, the tests and the benchmark run Envoy on the machine that runs every service.
+    argv = process.envoy_command(tmp_path / "envoy.yaml")
+    assert argv[argv.index("--concurrency") + 1] == str(process.LOCAL_CONCURRENCY) == "1"
 
 
 def test_every_local_reply_is_marked_with_its_status_for_the_error_filter(dev, dev_config):

@@ -188,6 +188,15 @@ local function answer_grpc(handle, headers, status, info, route)
   if status == 429 then headers:replace("retry-after", route.retry_after or "1") end
 end
 
+-- A REST response carries no gRPC transport headers (grpc-status, grpc-message, grpc-accept-encoding, ...).
+local function strip_grpc_headers(headers)
+  local grpc_headers = {}
+  for name, _ in pairs(headers) do
+    if sub(name, 1, 5) == "grpc-" then grpc_headers[#grpc_headers + 1] = name end
+  end
+  for _, name in ipairs(grpc_headers) do headers:remove(name) end
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local info = handle:streamInfo():dynamicMetadata()
@@ -209,6 +218,14 @@ function envoy_on_response(handle)
   -- The HTTP status of a local reply, for the gateway's own errors; nil on the services' replies.
   local local_status = tonumber(headers:get(LOCAL_REPLY_HEADER) or "")
   headers:remove(LOCAL_REPLY_HEADER)
+  local stored = handle:streamInfo():dynamicMetadata():get(NS)
+  -- Every successful call takes this path, so it reads nothing it does not need: a reply below 400 that the
+  -- gateway did not make itself only loses its grpc-* headers over REST (a gRPC local reply is a 200 with the
+  -- mark, so it never gets here).
+  if status < 400 and local_status == nil then
+    if stored ~= nil and stored.protocol == "rest" then strip_grpc_headers(headers) end
+    return
+  end
   -- Envoy's objects are only valid until the script yields (body() does), so the route's values are copied.
   local metadata = handle:metadata()
   local route = {}
@@ -216,7 +233,6 @@ function envoy_on_response(handle)
   if status == 429 and headers:get("retry-after") == nil then
     headers:add("retry-after", route.retry_after or "1")
   end
-  local stored = handle:streamInfo():dynamicMetadata():get(NS)
   if stored == nil then
     -- The connection manager refused the request before any filter saw it (an escaped slash in the path, ...);
     -- only a gRPC local reply still says what the request was.
@@ -243,11 +259,7 @@ function envoy_on_response(handle)
     headers = handle:headers()
   end
   local info = { protocol = "rest", method = stored.method, path = stored.path, request_id = stored.request_id }
-  local grpc_headers = {}
-  for name, _ in pairs(headers) do
-    if sub(name, 1, 5) == "grpc-" then grpc_headers[#grpc_headers + 1] = name end
-  end
-  for _, name in ipairs(grpc_headers) do headers:remove(name) end
+  strip_grpc_headers(headers)
   if status < 400 or sub(headers:get("content-type") or "", 1, 16) == "application/json" then return end
   local body = handle:body(true)
   local text = ""
