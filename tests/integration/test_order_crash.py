@@ -5,6 +5,7 @@ saga must end CONFIRMED or FAILED with its compensations done: no double charge,
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
@@ -17,13 +18,26 @@ from tessera.order.v1 import order_pb2
 from tessera.order.v1 import order_service_pb2 as svc
 from tessera.payment.v1 import payment_pb2
 
-from tessera_order.adapters.orm import orders
+from tessera_order.adapters.orm import order_sagas, orders, outbox
+from tessera_order.service_layer.saga import RESUME_SPAN
 from tessera_runtime.clients import error_details
 from tessera_runtime.db import Database
 from tests.support.order_stack import Neighbours, OrderProcess
+from tests.support.otlp_receiver import ReceivedSpan, in_process_tracing
 
 FINAL = (order_pb2.ORDER_STATUS_CONFIRMED, order_pb2.ORDER_STATUS_FAILED)
+PROCESS_PAYMENT = "/tessera.payment.v1.PaymentService/ProcessPayment"
+COMMIT_RESERVATION = "/tessera.inventory.v1.InventoryService/CommitReservation"
 CRASHED = 137  # the fault injection exits like a SIGKILLed process
+
+
+@pytest.fixture(scope="session")
+def tracing():
+    """This process's tracer provider exporting to an in-process OTLP receiver, so that the neighbours' server
+    spans arrive beside the order process's (which exports to the same receiver)."""
+    harness = in_process_tracing()
+    yield harness
+    harness.drain()
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +78,17 @@ def request(customer: str, product: str, quantity: int = 1, method: str = "pm_sa
                                   items=[svc.CreateOrderRequest.Item(product_id=product, quantity=quantity)])
 
 
-async def stored(db_url: str) -> list[dict]:
+async def stored(db_url: str, table=orders) -> list[dict]:
     db = Database(db_url)
     try:
         async with db.engine.connect() as conn:
-            return [dict(r._mapping) for r in (await conn.execute(select(orders))).all()]
+            return [dict(r._mapping) for r in (await conn.execute(select(table))).all()]
     finally:
         await db.dispose()
+
+
+def log_lines(path) -> list[dict]:
+    return [json.loads(raw) for raw in path.read_text(errors="replace").splitlines() if raw.startswith("{")]
 
 
 async def settled(process: OrderProcess, order_ids: list[str], timeout: float = 45.0) -> list[order_pb2.Order]:
@@ -210,3 +228,78 @@ async def test_sigkill_while_charging_then_restart_compensates_the_timed_out_pay
     await assert_clean(neighbours, order)
     assert all(p.status == payment_pb2.PAYMENT_STATUS_FAILED for p in await neighbours.order_payments(order.id))
     assert (await neighbours.stock(product)).stock_available == 5
+
+
+async def test_a_saga_resumed_by_a_new_process_continues_the_trace_and_correlation_id_of_its_request(
+        tracing, neighbours, db_url, tmp_path):
+    receiver = tracing.receiver
+    log_path = tmp_path / "order.log"
+    process = OrderProcess(neighbours.order_env(db_url, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+                                                OTEL_BSP_SCHEDULE_DELAY="100"), log_path)
+    try:
+        customer, product = await neighbours.customer(), await neighbours.product(5)
+        await process.start(TESSERA_ORDER_CRASH_AFTER_STEP="RESERVE_STOCK")
+        trace_id, edge_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]  # as the gateway would send them
+        correlation_id = f"corr-{uuid.uuid4().hex[:12]}"
+        with pytest.raises(grpc.aio.AioRpcError):
+            await process.stub.CreateOrder(request(customer, product, quantity=2), timeout=30, metadata=(
+                ("traceparent", f"00-{trace_id}-{edge_span}-01"), ("x-correlation-id", correlation_id)))
+        assert process.exit_code() == CRASHED
+        [row] = await stored(db_url)
+        # The crashed process's last line was written in the CreateOrder's server span (its spans died with it).
+        [crash] = [line for line in log_lines(log_path) if line["message"].startswith("fault injection")]
+        assert (crash["trace_id"], crash["correlation_id"]) == (trace_id, correlation_id)
+        create_span = crash["span_id"]
+        [saga] = await stored(db_url, order_sagas)
+        assert saga["traceparent"] == f"00-{trace_id}-{create_span}-01"
+        crashed_lines = len(log_lines(log_path))
+
+        await process.start()  # a new process: its recovery loop resumes the saga
+        [order] = await settled(process, [row["id"]])
+        assert order.status == order_pb2.ORDER_STATUS_CONFIRMED
+    finally:
+        await process.stop()
+
+    def resumed(r) -> list[ReceivedSpan]:
+        return r.spans(lambda s: s.name == RESUME_SPAN and s.attributes.get("tessera.order_id") == order.id)
+
+    def servers(r) -> set[str]:  # the neighbours' side of the resumed calls (they export from this process)
+        return {s.name for s in r.trace(trace_id) if s.kind == "SERVER"}
+
+    await tracing.wait(lambda r: bool(resumed(r)) and servers(r) >= {PROCESS_PAYMENT, COMMIT_RESERVATION},
+                       timeout=60)
+    [resume] = resumed(receiver)
+    # A child of the request's server span, in the request's trace (see tessera_order/service_layer/saga.py).
+    assert (resume.trace_id, resume.parent_span_id, resume.kind) == (trace_id, create_span, "INTERNAL")
+    assert resume.service == "order-service"
+    assert resume.attributes["tessera.correlation_id"] == correlation_id
+    assert (resume.attributes["tessera.saga.resumed_status"], resume.attributes["tessera.saga.resumed_step"],
+            resume.attributes["tessera.saga.outcome"]) == ("PENDING", "PROCESS_PAYMENT", "CONFIRMED")
+    spans = receiver.trace(trace_id)
+    by_id = {s.span_id: s for s in spans}
+
+    def under_resume(span: ReceivedSpan) -> bool:
+        while span.parent_span_id in by_id:
+            span = by_id[span.parent_span_id]
+            if span == resume:
+                return True
+        return False
+
+    # The calls the resumed saga made, on both sides: the order process's client spans and the servers' spans.
+    resumed_calls = {PROCESS_PAYMENT, COMMIT_RESERVATION}
+    calls = {s.name for s in spans if s.service == "order-service" and s.kind == "CLIENT" and under_resume(s)}
+    served = [s for s in spans if s.kind == "SERVER" and s.name in resumed_calls]
+    assert calls >= resumed_calls and {s.name for s in served} == resumed_calls
+    assert all(by_id[s.parent_span_id].kind == "CLIENT" and under_resume(s) for s in served)
+    assert any(s.scope == "opentelemetry.instrumentation.sqlalchemy" and under_resume(s) for s in spans), \
+        "the resumed saga's database work is in the trace"
+
+    # The event the resumed saga wrote carries the request's trace and correlation id to its publisher.
+    [confirmed] = [e for e in await stored(db_url, outbox) if e["event_type"] == "tessera.order.v1.OrderConfirmed"]
+    headers = json.loads(confirmed["headers"])
+    assert headers["traceparent"].split("-")[1] == trace_id
+    assert headers["x-correlation-id"] == correlation_id
+    # Every line the new process wrote about the order carries the request's trace and correlation id.
+    lines = [line for line in log_lines(log_path)[crashed_lines:] if line.get("order_id") == order.id]
+    assert {line["message"] for line in lines} >= {"resuming saga", "order confirmed"}
+    assert {(line["trace_id"], line["correlation_id"]) for line in lines} == {(trace_id, correlation_id)}

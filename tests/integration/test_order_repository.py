@@ -7,11 +7,15 @@ import datetime as dt
 import uuid
 
 import pytest
+from alembic import command
+from sqlalchemy import insert, inspect
 
 from tessera_order import bootstrap
-from tessera_order.adapters.repository import DuplicateRequestId, Lease, LeaseLost, SagaCaller
+from tessera_order.adapters.orm import order_sagas, orders
+from tessera_order.adapters.repository import DuplicateRequestId, Lease, LeaseLost, SagaCaller, _order_row
 from tessera_order.domain.model import Order, OrderItem, OrderStatus, StepName
 from tessera_order.service_layer.unit_of_work import OrderUnitOfWork
+from tessera_runtime import migrations
 from tessera_runtime.db import Database, utcnow
 from tessera_runtime.migrations import upgrade_async
 
@@ -93,7 +97,8 @@ async def test_of_many_runners_racing_for_an_expired_lease_exactly_one_wins(db):
 
 
 async def test_released_leases_make_unfinished_sagas_claimable_with_their_caller(db):
-    caller = SagaCaller(subject="customer-1", scopes=("orders", "read"), correlation_id="corr-9")
+    caller = SagaCaller(subject="customer-1", scopes=("orders", "read"), correlation_id="corr-9",
+                        traceparent=f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01", tracestate="tessera=1,o=2")
     first = await stored_order(db, owner="runner-a", caller=caller)
     second = await stored_order(db, owner="runner-a")
     async with OrderUnitOfWork(db) as uow:
@@ -118,6 +123,37 @@ async def test_released_leases_make_unfinished_sagas_claimable_with_their_caller
     async with OrderUnitOfWork(db) as uow:
         assert await uow.orders.claimable(utcnow(), 10) == [first.id], "a CONFIRMED order has nothing to resume"
         assert (await uow.orders.get(second.id)).status is OrderStatus.CONFIRMED
+
+
+async def test_a_saga_stored_before_migration_0002_resumes_without_a_trace_context(db_url):
+    """Rows written by revision 0001 get NULL trace columns and read back as a caller without a trace context
+    (the saga resumes in a new trace); the migration also goes down again on both databases."""
+    await asyncio.to_thread(migrations.upgrade, bootstrap.MIGRATIONS, db_url, "0001")
+    order = Order.place(customer_id=str(uuid.uuid4()), items=(OrderItem(str(uuid.uuid4()), "Pen", "PEN", 1, 150),),
+                        currency_code="EUR", payment_method="pm", request_id=uuid.uuid4().hex, request_hash="h",
+                        now=utcnow())
+    database = Database(db_url)
+    try:
+        async with database.engine.begin() as conn:  # only the columns revision 0001 has
+            await conn.execute(insert(orders).values(id=order.id, version=order.version, **_order_row(order)))
+            await conn.execute(insert(order_sagas).values(
+                order_id=order.id, current_step=order.current_step.value, principal_subject="customer-1",
+                principal_scopes="orders", correlation_id="corr-0"))
+        await upgrade_async(bootstrap.MIGRATIONS, db_url)
+        async with OrderUnitOfWork(database) as uow:
+            assert await uow.orders.claimable(utcnow(), 10) == [order.id]
+            assert await uow.orders.caller(order.id) == SagaCaller(subject="customer-1", scopes=("orders",),
+                                                                   correlation_id="corr-0")
+    finally:
+        await database.dispose()
+    await asyncio.to_thread(command.downgrade, migrations.alembic_config(bootstrap.MIGRATIONS, db_url), "0001")
+    database = Database(db_url)
+    try:
+        async with database.engine.connect() as conn:
+            columns = await conn.run_sync(lambda sync: {c["name"] for c in inspect(sync).get_columns("order_sagas")})
+        assert "correlation_id" in columns and not columns & {"traceparent", "tracestate"}
+    finally:
+        await database.dispose()
 
 
 async def test_request_id_is_unique(db):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+from opentelemetry import trace
 from prometheus_client import REGISTRY
 
 from tessera_order.adapters.repository import Lease, LeaseLost, SagaCaller
@@ -709,6 +710,63 @@ async def test_recovery_completes_a_saga_interrupted_after_reserving_stock(world
     assert world.payments.count("process_payment") == 1
     # The resumed saga calls the other services as the customer who placed the order.
     assert {p.subject for p in world.payments.principals + world.inventory.principals} == {world.customer}
+
+
+def record_trace_and_ids(script: Script, method: str) -> list[tuple[str, str | None]]:
+    """Wraps one fake call to note, at each call, the trace id of the current span and the correlation id."""
+    seen: list[tuple[str, str | None]] = []
+    real = getattr(script, method)
+
+    async def call(*args, **kw):
+        seen.append((format(trace.get_current_span().get_span_context().trace_id, "032x"),
+                     callctx.current_correlation_id()))
+        return await real(*args, **kw)
+
+    setattr(script, method, call)
+    return seen
+
+
+def in_span(trace_id: str, span_id: str, state: str = "") -> trace.Span:
+    """A current span as the gRPC server interceptor would make one for a caller's traceparent."""
+    return trace.NonRecordingSpan(trace.SpanContext(
+        int(trace_id, 16), int(span_id, 16), is_remote=False, trace_flags=trace.TraceFlags(1),
+        trace_state=trace.TraceState.from_header([state]) if state else None))
+
+
+async def test_create_order_stores_the_trace_context_a_resumed_saga_continues(world):
+    trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    with trace.use_span(in_span(trace_id, span_id, "tessera=1")):
+        order = await world.place()
+    stored = await world.uow.orders.caller(order.id)
+    assert (stored.traceparent, stored.tracestate) == (f"00-{trace_id}-{span_id}-01", "tessera=1")
+
+
+async def test_a_resumed_saga_continues_the_trace_and_correlation_id_of_the_call_that_started_it(world):
+    trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    order = crashed_order(world, done=(StepName.RESERVE_STOCK,))
+    await store_crashed(world, order, caller=SagaCaller(subject=world.customer, scopes=("orders",),
+                                                         correlation_id="corr-7",
+                                                         traceparent=f"00-{trace_id}-{span_id}-01"))
+    charges = record_trace_and_ids(world.payments, "process_payment")
+    commits = record_trace_and_ids(world.inventory, "commit_reservation")
+    with trace.use_span(in_span(uuid.uuid4().hex, uuid.uuid4().hex[:16])):  # the recovery pass's own trace
+        assert await world.sagas.recover_once() == 1
+    await world.sagas.running(order.id).task
+    assert (await world.stored(order.id)).status is OrderStatus.CONFIRMED
+    assert charges + commits == [(trace_id, "corr-7")] * 2
+
+
+async def test_a_saga_stored_without_a_trace_context_resumes_in_a_trace_of_its_own(world):
+    order = crashed_order(world, done=(StepName.RESERVE_STOCK,))
+    await store_crashed(world, order, caller=SagaCaller(correlation_id="corr-8"))
+    charges = record_trace_and_ids(world.payments, "process_payment")
+    recovery_trace = uuid.uuid4().hex
+    with trace.use_span(in_span(recovery_trace, uuid.uuid4().hex[:16])):
+        assert await world.sagas.recover_once() == 1
+    await world.sagas.running(order.id).task
+    assert (await world.stored(order.id)).status is OrderStatus.CONFIRMED
+    [(charged_in, correlation_id)] = charges
+    assert charged_in != recovery_trace and correlation_id == "corr-8"
 
 
 async def test_recovery_compensates_a_saga_interrupted_while_compensating(world):

@@ -71,6 +71,10 @@ order_sagas = Table(
     Column("principal_subject", String(255), nullable=True),
     Column("principal_scopes", Text, nullable=False, default=""),
     Column("correlation_id", String(128), nullable=True),
+    # The W3C trace context of that CreateOrder (its server span): a resumed saga's work continues its trace.
+    # NULL for sagas stored before migration 0002, or while tracing is off: those resume in a trace of their own.
+    Column("traceparent", String(64), nullable=True),
+    Column("tracestate", Text, nullable=True),
 )
 
 order_saga_steps = Table(

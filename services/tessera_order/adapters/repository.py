@@ -50,11 +50,14 @@ class Lease:
 
 @dataclasses.dataclass(frozen=True)
 class SagaCaller:
-    """Identity and correlation id of the call that started a saga, used again when the saga is resumed."""
+    """Identity, correlation id and W3C trace context (`traceparent`, `tracestate` as the headers spell them) of
+    the call that started a saga, used again when the saga is resumed."""
 
     subject: str | None = None
     scopes: tuple[str, ...] = ()
     correlation_id: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 class OrderRepository(abc.ABC):
@@ -214,7 +217,8 @@ def _build_add_statement() -> Any:
         order_id=bindparam("b_order_id"), current_step=bindparam("b_current_step"),
         lease_owner=bindparam("b_lease_owner"), lease_expires_at=bindparam("b_lease_expires_at"),
         principal_subject=bindparam("b_principal_subject"), principal_scopes=bindparam("b_principal_scopes"),
-        correlation_id=bindparam("b_correlation_id")).returning(order_sagas.c.order_id).cte("new_saga"))
+        correlation_id=bindparam("b_correlation_id"), traceparent=bindparam("b_traceparent"),
+        tracestate=bindparam("b_tracestate")).returning(order_sagas.c.order_id).cte("new_saga"))
     step_rows = _unnest("s", _STEP_COLUMNS, "step_rows")
     steps = (insert(order_saga_steps)
              .from_select(["order_id", *_STEP_COLUMNS], select(bindparam("b_order_id", type_=String()),
@@ -253,7 +257,8 @@ class SqlAlchemyOrderRepository(OrderRepository):
                  for i, it in enumerate(order.items)]
         saga = {"current_step": order.current_step.value, "lease_owner": lease.owner,
                 "lease_expires_at": lease.expires_at, "principal_subject": caller.subject,
-                "principal_scopes": " ".join(caller.scopes), "correlation_id": caller.correlation_id}
+                "principal_scopes": " ".join(caller.scopes), "correlation_id": caller.correlation_id,
+                "traceparent": caller.traceparent, "tracestate": caller.tracestate}
         try:
             if self.one_statement:
                 await self.session.execute(_ADD, {
@@ -399,7 +404,8 @@ class SqlAlchemyOrderRepository(OrderRepository):
             return SagaCaller()
         m = row._mapping
         return SagaCaller(subject=m["principal_subject"], scopes=tuple(m["principal_scopes"].split()),
-                          correlation_id=m["correlation_id"])
+                          correlation_id=m["correlation_id"], traceparent=m["traceparent"],
+                          tracestate=m["tracestate"])
 
 
 @dataclasses.dataclass

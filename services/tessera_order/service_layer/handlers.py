@@ -8,12 +8,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 from tessera_order import DOMAIN, mapping
-from tessera_order.adapters.repository import DuplicateRequestId, OrderRepository, SagaCaller
+from tessera_order.adapters.repository import DuplicateRequestId, OrderRepository
 from tessera_order.domain import model
 from tessera_order.domain.model import Order, OrderItem, OrderStatus, StepName
 from tessera_order.service_layer import commands
 from tessera_order.service_layer.ports import DownstreamError, Product
-from tessera_order.service_layer.saga import AGGREGATE, SagaCoordinator
+from tessera_order.service_layer.saga import AGGREGATE, SagaCoordinator, current_caller
 from tessera_runtime import metrics, pagination
 from tessera_runtime.context import current_principal, remaining_seconds
 from tessera_runtime.errors import (
@@ -25,7 +25,6 @@ from tessera_runtime.errors import (
     PermissionDenied,
     Unavailable,
 )
-from tessera_runtime.logs import correlation_id_var
 
 
 class UnitOfWork(Protocol):
@@ -103,10 +102,7 @@ async def create_order(cmd: commands.CreateOrder, uow: UowFactory, sagas: SagaCo
     order = Order.place(customer_id=customer_id, items=items, currency_code=cmd.currency_code,
                         payment_method=cmd.payment_method, request_id=cmd.request_id, request_hash=request_hash,
                         now=sagas.clock())
-    principal = current_principal()
-    caller = SagaCaller(subject=principal.subject if principal else None,
-                        scopes=tuple(sorted(principal.scopes)) if principal else (),
-                        correlation_id=correlation_id_var.get())
+    caller = current_caller()  # the identity, ids and trace a resumed saga takes up should this process die
     created = mapping.order_created(order)  # the order as placed, before its saga's first step
     # The first step's attempt is counted in the commit that stores the order: its call follows right away.
     first = order.next_step()

@@ -4,6 +4,25 @@ Every transition is written with the order row, its saga rows and its events in 
 the saga's lease (see adapters/repository.py). Steps are safe to repeat because every mutating call carries an
 idempotency key derived from the order id, so a saga interrupted anywhere, by a crash or a lost lease, is
 resumed by simply running its current step again.
+
+A saga resumed by the recovery loop (after a crash, or a runner that stopped renewing its lease) runs as the caller
+whose CreateOrder started it: the saga row keeps that call's principal, correlation id and W3C trace context
+(`SagaCaller`, stored with the order), and `run(..., caller=...)` restores them. The resumed work is one INTERNAL
+span, `resume order saga`, that is a CHILD of that CreateOrder's server span, so its database statements, its calls
+to the other services and the events it writes (whose publish spans are children of it) are in the request's
+trace, and its log lines carry the request's correlation id. A child, not a new root linked to the request as a
+message consumer's span is (tessera_runtime/telemetry.py), because a resumed saga is not a new unit of work: it
+is the rest of the one the request started, whose outcome is the request's answer (a retry with the same
+request_id returns it). Even without a crash the saga outlives the request's answer in a task of its own and its
+spans are children of the request's; a crash changes who runs the rest, not what it is. Nor can it mix duplicates
+into the trace as a redelivered message would: the lease admits one runner at a time, each going on from the last
+committed state, and a step repeated after the crash is the same step's retry, as it would be in-process. As a
+child it also keeps the request's sampling decision, so a sampled request's saga is recorded to its end and an
+unsampled one is not recorded in half. The price is a trace that may stretch over the time the saga waited (a
+lease to expire, a service to restart): the resume span's own start time and attributes (`tessera.saga.runner`,
+the status and step it resumed from) show where the gap was. A cancellation's compensation resumed after a crash
+continues the CreateOrder's trace too: the saga row keeps one caller, the one that placed the order. A saga
+stored without a trace context (before migration 0002, or with tracing disabled) resumes in a new trace, as before.
 """
 
 from __future__ import annotations
@@ -18,10 +37,14 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import grpc
 from google.protobuf.message import Message
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tessera_order import mapping
 from tessera_order.adapters.repository import Lease, LeaseLost, SagaCaller
@@ -31,10 +54,15 @@ from tessera_runtime import context as callctx
 from tessera_runtime import metrics
 from tessera_runtime.db import utcnow
 from tessera_runtime.logs import correlation_id_var, request_id_var
+from tessera_runtime.telemetry import tracer
 
 log = logging.getLogger("tessera.order.saga")
 
 AGGREGATE = "order"
+RESUME_SPAN = "resume order saga"
+# The saga row keeps the trace context in the W3C format whatever OTEL_PROPAGATORS says: it is a stored value that a
+# later process reads back, not a header for whoever listens.
+_W3C = TraceContextTextMapPropagator()
 # The payment service's answer while another call with the same idempotency key is still charging.
 _IN_PROGRESS = "PAYMENT_IN_PROGRESS"
 MAX_RELEASE_REASON = 500
@@ -112,6 +140,25 @@ Checkpoint = Callable[[str], None]
 UowFactory = Callable[[], object]
 
 
+def current_caller() -> SagaCaller:
+    """The current call as a saga row stores it: principal, correlation id, and the W3C trace context of the span
+    current now (CreateOrder's server span), which a resumed saga's span continues."""
+    principal = callctx.current_principal()
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier)  # nothing when there is no valid span (tracing disabled)
+    return SagaCaller(subject=principal.subject if principal else None,
+                      scopes=tuple(sorted(principal.scopes)) if principal else (),
+                      correlation_id=correlation_id_var.get(), traceparent=carrier.get("traceparent"),
+                      tracestate=carrier.get("tracestate"))
+
+
+def _stored_trace(caller: SagaCaller) -> otel_context.Context:
+    """The context a resumed saga's span starts in: the stored CreateOrder span as its remote parent, or an empty
+    context (a new trace) when none was stored or it does not parse."""
+    carrier = {k: v for k, v in (("traceparent", caller.traceparent), ("tracestate", caller.tracestate)) if v}
+    return _W3C.extract(carrier, context=otel_context.Context())
+
+
 def _pick(metadata: dict[str, str], *keys: str) -> dict[str, str]:
     return {k: metadata[k] for k in keys if k in metadata}
 
@@ -176,8 +223,9 @@ class SagaCoordinator:
     def run(self, order_id: str, *, leased: bool, caller: SagaCaller | None = None, recovery: bool = False,
             order: Order | None = None, started: StepName | None = None) -> Execution:
         """Drives the order's saga in a task of its own, so that it ends even when the caller gives up. Without
-        `caller` the task keeps the current call's identity and ids; with it (a resumed saga) it takes them
-        from the call that started the saga. Either way it does not inherit the current call's deadline.
+        `caller` the task keeps the current call's identity, ids and span; with it (a resumed saga) it takes them
+        from the call that started the saga, and runs in a `resume order saga` span continuing that call's trace
+        (see the module docstring). Either way it does not inherit the current call's deadline.
 
         A caller holding the lease may hand over `order` as it just committed it (the saga then does not read it
         again; the task owns it from now on), and `started`, the step whose attempt that commit counted."""
@@ -188,8 +236,8 @@ class SagaCoordinator:
         context = contextvars.copy_context()
         context.run(_prepare_context, caller)
         execution.task = asyncio.get_running_loop().create_task(
-            self._drive(execution, leased=leased, recovery=recovery, order=order), name=f"saga-{order_id}",
-            context=context)
+            self._drive(execution, leased=leased, recovery=recovery, order=order, caller=caller),
+            name=f"saga-{order_id}", context=context)
         self._running[order_id] = execution
         execution.task.add_done_callback(lambda _t: self._forget(execution))
         return execution
@@ -198,45 +246,82 @@ class SagaCoordinator:
         if self._running.get(execution.order_id) is execution:
             del self._running[execution.order_id]
 
-    async def _drive(self, execution: Execution, *, leased: bool, recovery: bool,
-                     order: Order | None = None) -> Order | None:
-        order_id = execution.order_id
+    async def _drive(self, execution: Execution, *, leased: bool, recovery: bool, order: Order | None = None,
+                     caller: SagaCaller | None = None) -> Order | None:
         slot = self._recovery_slots if recovery else contextlib.nullcontext()
         async with slot:
-            if not leased and not await self.acquire(order_id):
+            # The lease is taken before the span starts: a runner that loses the race adds nothing to the trace.
+            if not leased and not await self.acquire(execution.order_id):
                 return None
-            heartbeat = asyncio.create_task(self._heartbeat(order_id), name=f"saga-heartbeat-{order_id}")
-            try:
-                if order is None:
-                    async with self.uow() as uow:
-                        order = await uow.orders.get(order_id)
-                if order is None:
-                    return None
-                if recovery and not order.finished:
-                    log.info("resuming saga", extra={"order_id": order_id, "status": order.status.value,
-                                                     "step": order.current_step.value})
-                while not order.finished:
-                    if order.status is OrderStatus.PENDING:
-                        await self._forward(order, execution)
-                    else:
-                        await self._backward(order, execution)
-                return order
-            except LeaseLost:
-                log.warning("saga taken over by another runner", extra={"order_id": order_id})
+            if caller is None:
+                return await self._drive_leased(execution, recovery=recovery, order=order)
+            with self._resume_span(execution.order_id, caller) as span:
+                return await self._drive_leased(execution, recovery=recovery, order=order, span=span)
+
+    @contextlib.contextmanager
+    def _resume_span(self, order_id: str, caller: SagaCaller) -> Iterator[trace.Span]:
+        """The span of a resumed saga's work, current while it runs: a child of the stored CreateOrder span. It
+        ends with the saga's outcome; a stop (cancellation) is not an error of the saga, so exceptions are not
+        turned into an error status here: `_drive_leased` marks the failures that are."""
+        attributes = {"tessera.order_id": order_id, "tessera.saga.runner": self.owner}
+        if (request_id := request_id_var.get()) is not None:
+            attributes["tessera.request_id"] = request_id
+        if (correlation_id := correlation_id_var.get()) is not None:
+            attributes["tessera.correlation_id"] = correlation_id
+        with tracer().start_as_current_span(RESUME_SPAN, context=_stored_trace(caller), kind=SpanKind.INTERNAL,
+                                            attributes=attributes, record_exception=False,
+                                            set_status_on_exception=False) as span:
+            yield span
+
+    async def _drive_leased(self, execution: Execution, *, recovery: bool, order: Order | None = None,
+                            span: trace.Span | None = None) -> Order | None:
+        """Runs the saga whose lease this runner holds until it ends or stops; frees the lease unless the write
+        that ended the saga did. `span`, the resume span, gets the state resumed from and the outcome."""
+        order_id = execution.order_id
+        outcome = "stopped"
+        heartbeat = asyncio.create_task(self._heartbeat(order_id), name=f"saga-heartbeat-{order_id}")
+        try:
+            if order is None:
+                async with self.uow() as uow:
+                    order = await uow.orders.get(order_id)
+            if order is None:
                 return None
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # The lease is freed below and the recovery loop resumes the saga from its last committed state.
-                log.exception("saga interrupted by an unexpected error", extra={"order_id": order_id})
-                return None
-            finally:
-                heartbeat.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await heartbeat
-                if not execution.released:
-                    with contextlib.suppress(Exception):
-                        await self.release(order_id)
+            if span is not None:
+                span.set_attributes({"tessera.saga.resumed_status": order.status.value,
+                                     "tessera.saga.resumed_step": order.current_step.value})
+            if recovery and not order.finished:
+                log.info("resuming saga", extra={"order_id": order_id, "status": order.status.value,
+                                                 "step": order.current_step.value})
+            while not order.finished:
+                if order.status is OrderStatus.PENDING:
+                    await self._forward(order, execution)
+                else:
+                    await self._backward(order, execution)
+            outcome = order.status.value
+            return order
+        except LeaseLost:
+            outcome = "lease_lost"
+            log.warning("saga taken over by another runner", extra={"order_id": order_id})
+            return None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The lease is freed below and the recovery loop resumes the saga from its last committed state.
+            outcome = "interrupted"
+            if span is not None:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, "saga interrupted by an unexpected error"))
+            log.exception("saga interrupted by an unexpected error", extra={"order_id": order_id})
+            return None
+        finally:
+            if span is not None:
+                span.set_attribute("tessera.saga.outcome", outcome)
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            if not execution.released:
+                with contextlib.suppress(Exception):
+                    await self.release(order_id)
 
     async def _save(self, order: Order, *events: Message, ending: Execution | None = None) -> None:
         """Commits the order's state with its events. Given `ending`, the execution whose saga this write ends,
