@@ -5,6 +5,8 @@ service attaches it."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import json
@@ -14,14 +16,14 @@ import uuid
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import MetaData, select, update
+from sqlalchemy import MetaData, insert, select, update
 from tessera.user.v1 import user_events_pb2
 
 from tessera_runtime.config import ServiceSettings
 from tessera_runtime.db import Database, utcnow
 from tessera_runtime.logs import correlation_id_var, request_id_var
 from tessera_runtime.messaging import MessagingSettings, attach_outbox_relay
-from tessera_runtime.messaging.relay import OutboxRelay
+from tessera_runtime.messaging.relay import ACK, NACK, OutboxRelay, PublishIncomplete, PublishStream
 from tessera_runtime.outbox import PendingEvent, notify_committed, outbox_table, write_events
 from tessera_runtime.server import HealthCheck, ServiceModule
 from tests.support import rabbitmq
@@ -218,6 +220,179 @@ async def test_confirms_that_never_arrive_make_the_relay_reconnect_and_publish_t
     async with db.engine.connect() as conn:
         rows = (await conn.execute(select(table.c.published_at, table.c.attempts))).all()
     assert all(r.published_at is not None and r.attempts >= 2 for r in rows)  # unconfirmed once, then published
+
+
+async def test_several_batches_are_in_flight_at_once_within_the_window_and_none_is_marked_before_its_confirm(
+        vhost, outbox):
+    db, table = outbox
+    proxy = TcpProxy(rabbitmq.HOST, rabbitmq.PORT).start()
+    relay = OutboxRelay(db, table, service=f"window-{uuid.uuid4().hex[:6]}", amqp_url=silent_broker_url(vhost, proxy),
+                        settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=600.0), window_batches=3)
+    await relay.start()
+    try:
+        await eventually(lambda: relay.status()["connected"], "the relay to connect")
+        proxy.freeze()  # nothing is ever confirmed
+        await write(db, table, [PendingEvent("user", f"u{i % 7}", activated(str(i))) for i in range(1000)])
+        # Three batches of 100 published back to back without a single confirm, and not a fourth.
+        await eventually(lambda: relay.status()["in_flight"] == 300, "three batches in flight")
+        await asyncio.sleep(0.5)
+        assert relay.status()["in_flight"] == 300
+        assert await unpublished(db, table) == 1000
+    finally:
+        await stop_within(relay)
+        proxy.close()
+    assert await unpublished(db, table) == 1000  # published, never confirmed: every row stays in the outbox
+
+
+async def test_overdue_confirms_with_several_batches_in_flight_republish_them_all_in_order_once(vhost, outbox, caplog):
+    db, table = outbox
+    proxy = TcpProxy(rabbitmq.HOST, rabbitmq.PORT).start()
+    tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
+    relay = OutboxRelay(db, table, service=f"overdue-{uuid.uuid4().hex[:6]}", amqp_url=silent_broker_url(vhost, proxy),
+                        settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=3.0), window_batches=3)
+    caplog.set_level(logging.WARNING, logger="tessera.outbox")
+    await relay.start()
+    try:
+        await eventually(lambda: relay.status()["connected"], "the relay to connect")
+        proxy.freeze()
+        await write(db, table, [PendingEvent("user", f"u{i % 7}", activated(str(i))) for i in range(350)])
+        delivered = await tap.wait_for(350)
+        await eventually(lambda: relay.status()["published_total"] == 350, "every row to be marked")
+    finally:
+        await stop_within(relay)
+        proxy.close()
+    # The three batches lost on the frozen connection went out again on the new one, before the fourth, once each.
+    ids = [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered]
+    assert ids == [str(i) for i in range(350)]
+    assert any("confirms overdue" in r.getMessage() for r in caplog.records)
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(select(table.c.published_at, table.c.attempts).order_by(table.c.seq))).all()
+    assert all(r.published_at is not None for r in rows)
+    # The window held three batches: those were published twice, the fourth only on the new connection.
+    assert [r.attempts for r in rows] == [2] * 300 + [1] * 50
+
+
+async def test_a_row_committed_after_later_rows_were_published_is_published_too(vhost, pg_database):
+    _, url = pg_database
+    metadata = MetaData()
+    table = outbox_table(metadata)
+    db = Database(url)
+    async with db.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
+    relay = OutboxRelay(db, table, service=f"late-{uuid.uuid4().hex[:6]}", amqp_url=rabbitmq.amqp_url(vhost),
+                        settings=FAST, window_batches=2)
+    await relay.start()
+    try:
+        async with db.engine.connect() as slow:
+            # A transaction takes the lowest seq and commits only after 250 later rows were committed and published.
+            await slow.execute(insert(table), [PendingEvent("user", "late", activated("late")).row()])
+            await write(db, table, [PendingEvent("user", f"u{i % 3}", activated(str(i))) for i in range(250)])
+            await tap.wait_for(250)
+            await slow.commit()
+        notify_committed(table)
+        delivered = await tap.wait_for(251)
+        deadline = time.monotonic() + 30
+        while await unpublished(db, table):
+            assert time.monotonic() < deadline, "the late row was never marked"
+            await asyncio.sleep(0.05)
+    finally:
+        await relay.stop()
+        await db.dispose()
+    ids = [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered]
+    assert ids == [str(i) for i in range(250)] + ["late"]
+
+
+class ScriptedPublisher:
+    """Stands in for the relay's publisher: each batch waits until the test confirms the oldest one, with the status
+    `verdict` gives each event; a nack breaks the pass's stream, as the real publisher's confirm callback does."""
+
+    def __init__(self, verdict) -> None:
+        self.verdict = verdict
+        self.generation, self.ready, self.stopped, self.last_error = 1, True, False, None
+        self.sent: list[list[str]] = []  # event ids of each batch that went out, in order
+        self.waiting: collections.deque = collections.deque()
+        self.most_unconfirmed = 0
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(events) for events, _, _ in self.waiting)
+
+    def stream(self) -> PublishStream:
+        return PublishStream(self.generation)
+
+    def publish(self, events, stream=None) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if stream is not None and stream.broken:
+            future.set_result([None] * len(events))
+            return future
+        self.sent.append([e.event_id for e in events])
+        self.waiting.append((events, future, stream))
+        self.most_unconfirmed = max(self.most_unconfirmed, len(self.waiting))
+        return future
+
+    def confirm_oldest(self) -> None:
+        events, future, stream = self.waiting.popleft()
+        statuses = [self.verdict(e) for e in events]
+        if NACK in statuses and stream is not None:
+            stream.broken = True
+        if not future.cancelled():  # the relay stops waiting for batches behind a gap
+            future.set_result(statuses)
+
+    def reset(self) -> None:
+        raise AssertionError("no confirm is overdue here")
+
+
+async def published_ids(db: Database, table) -> set[str]:
+    async with db.engine.connect() as conn:
+        return {r.event_id for r in (await conn.execute(
+            select(table.c.event_id).where(table.c.published_at.is_not(None)))).all()}
+
+
+async def run_pass(relay: OutboxRelay, publisher: ScriptedPublisher, db: Database, table) -> int:
+    """Runs one pass, confirming the oldest batch once the window is full or the relay publishes nothing more;
+    before each confirm, checks that no row of a batch still waiting for its confirm is marked."""
+    task = asyncio.ensure_future(relay.relay_once())
+    sent, idle_since = 0, time.monotonic()
+    while not task.done():
+        await asyncio.sleep(0.01)
+        if len(publisher.sent) != sent:
+            sent, idle_since = len(publisher.sent), time.monotonic()
+        if publisher.waiting and (len(publisher.waiting) >= relay.window_batches
+                                  or time.monotonic() - idle_since > 0.2):
+            waiting = {e.event_id for events, _, _ in publisher.waiting for e in events}
+            assert not waiting & await published_ids(db, table), "a row was marked before its confirm"
+            publisher.confirm_oldest()
+    return task.result()
+
+
+async def test_a_nack_in_the_window_marks_only_what_precedes_it_and_the_next_pass_resumes_there_in_order(outbox):
+    db, table = outbox
+    events = [PendingEvent("user", f"u{i % 7}", activated(str(i))) for i in range(400)]
+    await write(db, table, events)
+    refused = events[105].event_id
+    publisher = ScriptedPublisher(lambda e: NACK if e.event_id == refused else ACK)
+    relay = OutboxRelay(db, table, service="nack", amqp_url="amqp://unused", settings=FAST, window_batches=3)
+    relay.publisher = publisher
+
+    with pytest.raises(PublishIncomplete, match="nack"):
+        await run_pass(relay, publisher, db, table)
+    assert publisher.most_unconfirmed <= 3
+    first_pass = [event_id for batch in publisher.sent for event_id in batch]
+    assert first_pass == [e.event_id for e in events[:len(first_pass)]] and len(first_pass) >= 200
+    # Batches behind the nacked event were confirmed too, yet nothing behind the gap is marked.
+    assert await published_ids(db, table) == {e.event_id for e in events[:105]}
+
+    publisher.verdict = lambda e: ACK
+    publisher.sent.clear()
+    publisher.waiting.clear()  # the first pass's batches behind the gap, which it gave up
+    assert await run_pass(relay, publisher, db, table) == 295
+    assert [event_id for batch in publisher.sent for event_id in batch] == [e.event_id for e in events[105:]]
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(select(table.c.published_at, table.c.attempts).order_by(table.c.seq))).all()
+    assert all(r.published_at is not None for r in rows)
+    assert [r.attempts for r in rows] == [1] * 105 + [2] * 295
+    assert relay.status()["published_total"] == 400
 
 
 async def test_stop_returns_and_ends_the_connection_while_a_batch_waits_for_confirms(vhost, outbox):

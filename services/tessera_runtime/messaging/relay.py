@@ -3,28 +3,38 @@
 Design. Each service process runs one relay next to its gRPC server:
 
 - Database work runs on the service's event loop through its own async engine (asyncpg / aiosqlite): it never
-  blocks the loop, and one pooled connection at a time is all the relay takes.
+  blocks the loop. A pass takes at most two pooled connections (PostgreSQL: one holds the pass's lock and reads,
+  one marks); SQLite takes one at a time.
 - pika runs on its own thread (`ConfirmingPublisher`, a SelectConnection), so broker I/O and frame encoding never
-  run on the loop. The loop hands it a batch and awaits a future that the thread resolves when the broker has
+  run on the loop. The loop hands it a batch and gets a future that the thread resolves when the broker has
   confirmed every message of the batch (or the connection was lost).
-- Confirms are pipelined: a batch of up to TESSERA_OUTBOX_BATCH_SIZE messages is published back to back on a
-  channel in confirm mode and the broker acknowledges them (often many at once, `multiple=True`); one round trip
-  per batch instead of one per message.
-- A row is marked published only after the broker confirmed it, and only the confirmed prefix of a batch is
-  marked, so a gap (a nack, a lost connection) is published again, in order, on the next pass. A relay killed
-  between publishing and marking publishes those rows again: delivery is at least once and consumers dedupe by
-  event id (message_id).
-- Order: rows go out in `seq` order on one channel, which RabbitMQ keeps per queue. On PostgreSQL each pass runs in
-  one transaction holding a transaction-scoped advisory lock, so that of several replicas only one publishes at a
-  time and a later batch never overtakes an earlier one. SQLite is the embedded single-host mode: the pass reads
-  and marks in two short transactions and never holds SQLite's write lock while it waits for the broker; of
+- Confirms are pipelined, and so are batches: a pass reads a batch of up to TESSERA_OUTBOX_BATCH_SIZE rows, hands
+  it to the publisher and reads the next one while the broker confirms the first, up to a window of a few batches
+  in flight. The broker acknowledges many messages at once (`multiple=True`), and reading, publishing, confirming
+  and marking overlap instead of taking turns.
+- A row is marked published only after the broker confirmed it, batch by batch in `seq` order, and only the
+  confirmed prefix of what a pass published is marked: after a gap (a nack, a lost connection, overdue confirms)
+  the pass publishes nothing more and marks nothing behind the gap, even rows the broker did confirm, so the gap
+  and everything after it is published again, in order, on the next pass. A relay killed between publishing and
+  marking publishes those rows again: delivery is at least once and consumers dedupe by event id (message_id).
+- Order: rows go out in `seq` order on one channel, which RabbitMQ keeps per queue. A pass publishes on the
+  channel that was open when it started and on no other (`PublishStream`): a batch never goes out on a new
+  connection ahead of an earlier one that was lost with the old. On PostgreSQL each pass holds a
+  transaction-scoped advisory lock, on the connection it reads with, for as long as it has batches in flight, so
+  that of several replicas only one publishes at a time and a later batch never overtakes an earlier one; its
+  marks are committed batch by batch on a second connection. SQLite is the embedded single-host mode: the pass
+  reads and marks in short transactions and never holds SQLite's write lock while it waits for the broker; of
   several processes on one SQLite file (TESSERA_WORKERS) only the one holding an exclusive lock on the file
   "<database>.relay-lock" publishes, and another takes over when it exits.
+- A pass reads forward from the last row it read, so rows committed out of `seq` order (a transaction that
+  commits after a later one) are picked up by the next pass, which starts again from the oldest unpublished row;
+  a pass ends when it has caught up or after _PASS_BATCHES batches.
 - Unroutable events (mandatory publish, no queue bound) are returned by the broker; the relay counts and logs them
   and marks them published: nobody consumes that event type, and retrying would block the events behind it.
-- Every wait is bounded. Confirms that do not arrive within TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS (a broker or a
-  network path that stopped answering) make the relay give up the connection: the unconfirmed rows stay in the
-  outbox and are published again on a new one. `stop()` always returns, whatever the broker and the database do.
+- Every wait is bounded. Confirms that do not arrive within TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS of a batch's
+  publish (a broker or a network path that stopped answering) make the relay give up the connection: the
+  unconfirmed rows stay in the outbox and are published again on a new one. `stop()` always returns, whatever the
+  broker and the database do.
 - The broker away never stops the service: the relay keeps the rows, logs that events are kept in the outbox
   with the backlog and the age of the oldest one, reconnects with backoff and drains the backlog when it returns.
   `tessera_outbox_backlog` and `tessera_outbox_oldest_unpublished_seconds` show it; the broker's health is a
@@ -34,21 +44,24 @@ Design. Each service process runs one relay next to its gRPC server:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Span
 from pika.channel import Channel
 from pika.spec import Basic
-from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy import BigInteger, ColumnElement, Table, any_, bindparam, delete, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -70,13 +83,34 @@ _OUTAGE_LOG_INTERVAL = 30.0
 _BEHIND_SECONDS = 5.0
 _PRUNE_INTERVAL = 600.0
 _PRUNE_BATCH = 5000
+# Batches a pass keeps in flight: the next ones are read and published while the broker confirms the first.
+WINDOW_BATCHES = 4
+# A pass reads forward from its last row; after this many batches it lets its window drain and the next pass starts
+# again from the oldest unpublished row (one committed late, below the pass's position, waits at most this long).
+_PASS_BATCHES = 40
+# Frames of a batch are handed to pika's transport in pieces of about this many bytes (see _coalesced_writes).
+_WRITE_CHUNK = 128 * 1024
+
+
+class PublishStream:
+    """The batches of one relay pass, published in order on one channel. The stream is bound to the channel that
+    was open when it started (its generation) and breaks at the first message the broker refuses or the link
+    could not publish: from then on none of its batches goes out, so nothing published after a gap can reach the
+    broker on this channel, or on a later one, ahead of the gap's own republish."""
+
+    __slots__ = ("broken", "generation")
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.broken = False
 
 
 class _Batch:
     """One published batch: a status per message (None until confirmed), resolved when all are known."""
 
-    def __init__(self, events: Sequence[OutgoingEvent]) -> None:
+    def __init__(self, events: Sequence[OutgoingEvent], stream: PublishStream | None = None) -> None:
         self.events = events
+        self.stream = stream
         self.statuses: list[str | None] = [None] * len(events)
         self.returned = [False] * len(events)
         self.outstanding = len(events)
@@ -91,6 +125,8 @@ class _Batch:
 
     def abandon(self, first: int) -> None:
         """Messages from `first` on were never published: they stay unconfirmed."""
+        if self.stream is not None:
+            self.stream.broken = True
         self.outstanding -= len(self.events) - first
         if self.outstanding <= 0:
             self.finish()
@@ -98,6 +134,45 @@ class _Batch:
     def finish(self) -> None:
         with contextlib.suppress(concurrent.futures.InvalidStateError):
             self.future.set_result(list(self.statuses))
+
+
+@contextlib.contextmanager
+def _coalesced_writes(connection: Any) -> Iterator[None]:
+    """Hands the frames pika marshals inside the block to the connection's transport as one buffer.
+
+    pika gives its transport every frame on its own (a publish is three: method, header, body), and the transport
+    sends each buffered piece with its own send() on a TCP_NODELAY socket: a batch of 500 events cost 1,500 system
+    calls and as many small TCP segments for the broker to read. Collected and joined into pieces of _WRITE_CHUNK
+    bytes, a batch goes out in a few large writes. Frames keep their order, and nothing else writes on the link's
+    thread while the block runs.
+    """
+    emit = getattr(type(connection), "_adapter_emit_data", None)
+    if emit is None:  # not the pika this was written for: frames go out one by one
+        yield
+        return
+    frames: list[bytes] = []
+    size = 0
+
+    def collect(frame: bytes) -> None:
+        nonlocal size
+        frames.append(frame)
+        size += len(frame)
+        if size >= _WRITE_CHUNK:  # the transport copies what a send() leaves over: keep its pieces moderate
+            flush()
+
+    def flush() -> None:
+        nonlocal size
+        if frames:
+            emit(connection, b"".join(frames))
+            frames.clear()
+            size = 0
+
+    connection._adapter_emit_data = collect  # shadows the method for this connection only
+    try:
+        yield
+    finally:
+        del connection._adapter_emit_data
+        flush()
 
 
 class ConfirmingPublisher(AmqpLink):
@@ -111,13 +186,22 @@ class ConfirmingPublisher(AmqpLink):
         self._pending: dict[int, tuple[_Batch, int]] = {}
         self._by_message_id: dict[str, tuple[_Batch, int]] = {}
 
-    def publish(self, events: Sequence[OutgoingEvent]) -> concurrent.futures.Future[list[str | None]]:
+    def stream(self) -> PublishStream:
+        """A stream bound to the channel open now; its batches are refused once that channel is gone."""
+        return PublishStream(self.generation)
+
+    def publish(self, events: Sequence[OutgoingEvent], stream: PublishStream | None = None,
+                ) -> concurrent.futures.Future[list[str | None]]:
         """Publishes events in order; the future gives each one's status: ack, returned (no queue bound, still
-        confirmed), nack, or None when the connection was lost before the broker confirmed it."""
-        batch = _Batch(events)
+        confirmed), nack, or None when the connection was lost before the broker confirmed it. With a stream, the
+        batch goes out only on the stream's channel and only while the stream is unbroken (otherwise every status
+        is None)."""
+        batch = _Batch(events, stream)
         if not events:
             batch.finish()
         elif not self.ready or not self.call_soon(lambda: self._publish(batch)):
+            if stream is not None:
+                stream.broken = True
             batch.finish()
         return batch.future
 
@@ -149,20 +233,24 @@ class ConfirmingPublisher(AmqpLink):
 
     def _publish(self, batch: _Batch) -> None:
         channel = self.channel
-        if channel is None:
+        stream = batch.stream
+        if channel is None or (stream is not None and (stream.broken or stream.generation != self.generation)):
+            if stream is not None:
+                stream.broken = True
             batch.finish()
             return
-        for index, event in enumerate(batch.events):
-            try:
-                channel.basic_publish(self.exchange, event.routing_key, event.body, event.properties,
-                                      mandatory=True)
-            except Exception as exc:  # the channel closed under us: the rest stays unconfirmed
-                log.warning("publish interrupted: %s", exc)
-                batch.abandon(index)
-                return
-            self._next_tag += 1
-            self._pending[self._next_tag] = (batch, index)
-            self._by_message_id[event.event_id] = (batch, index)
+        with _coalesced_writes(channel.connection):
+            for index, event in enumerate(batch.events):
+                try:
+                    channel.basic_publish(self.exchange, event.routing_key, event.body, event.properties,
+                                          mandatory=True)
+                except Exception as exc:  # the channel closed under us: the rest stays unconfirmed
+                    log.warning("publish interrupted: %s", exc)
+                    batch.abandon(index)
+                    return
+                self._next_tag += 1
+                self._pending[self._next_tag] = (batch, index)
+                self._by_message_id[event.event_id] = (batch, index)
 
     def _on_return(self, _channel: Channel, method: Basic.Return, properties: Any, _body: bytes) -> None:
         entry = self._by_message_id.get(properties.message_id)
@@ -188,6 +276,8 @@ class ConfirmingPublisher(AmqpLink):
             self._by_message_id.pop(batch.events[index].event_id, None)
             if not status_if_ack:
                 status = NACK
+                if batch.stream is not None:
+                    batch.stream.broken = True  # the stream's later batches wait for the republish
             else:
                 status = RETURNED if batch.returned[index] else ACK
             batch.settle(index, status)
@@ -197,6 +287,8 @@ class ConfirmingPublisher(AmqpLink):
         self._pending.clear()
         self._by_message_id.clear()
         for batch in batches.values():
+            if batch.stream is not None:
+                batch.stream.broken = True
             batch.finish()
 
 
@@ -215,15 +307,36 @@ def advisory_lock_key(table: Table) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+class _InFlight:
+    """A batch handed to the publisher: its rows, their events and publish spans, and the confirms' future."""
+
+    __slots__ = ("events", "future", "rows", "sent_at", "spans")
+
+    def __init__(self, rows: list[Any], events: list[OutgoingEvent], spans: list[Span],
+                 future: asyncio.Future[list[str | None]], sent_at: float) -> None:
+        self.rows = rows
+        self.events = events
+        self.spans = spans
+        self.future = future
+        self.sent_at = sent_at
+
+    def abandon(self) -> None:
+        """The pass ends without settling the batch: its rows stay in the outbox, unmarked."""
+        self.future.cancel()  # nothing awaits it any more
+        for span in self.spans:
+            telemetry.finish_publish_span(span, "the relay pass ended before the broker confirmed")
+
+
 class OutboxRelay:
     """Publishes one outbox table; started and stopped by the service's server hooks."""
 
     def __init__(self, db: Database, table: Table, *, service: str, amqp_url: str,
-                 settings: MessagingSettings) -> None:
+                 settings: MessagingSettings, window_batches: int = WINDOW_BATCHES) -> None:
         self.db = db
         self.table = table
         self.service = service
         self.settings = settings
+        self.window_batches = max(1, window_batches)
         self.publisher = ConfirmingPublisher(amqp_url, f"{service}-outbox-relay", settings.events_exchange,
                                              max_backoff=settings.reconnect_max_seconds,
                                              close_timeout=min(5.0, settings.outbox_confirm_timeout_seconds))
@@ -233,7 +346,7 @@ class OutboxRelay:
         self.published_total = 0
         self.unrouted_total = 0
         self._unrouted_types: set[str] = set()
-        self._hold_transaction = db.dialect == "postgresql"
+        self._postgres = db.dialect == "postgresql"
         self._lock_path = _sqlite_lock_path(db)
         self._lock_file: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -325,6 +438,7 @@ class OutboxRelay:
                 failures = 0
                 drained_some = drained_some or published > 0
                 if published >= self.settings.outbox_batch_size:
+                    await self._refresh_stats(force=False)  # a long drain shows its progress every few seconds
                     continue
                 await self._refresh_stats(force=drained_some)
                 drained_some = False
@@ -394,26 +508,32 @@ class OutboxRelay:
     # -- one pass --------------------------------------------------------------------------------------------
 
     async def relay_once(self) -> int:
-        """Publishes the oldest unpublished batch; returns how many rows were confirmed and marked."""
-        if self._hold_transaction:
+        """One pass: publishes the oldest unpublished rows, a window of batches in flight, until it has caught up
+        (or after _PASS_BATCHES batches); returns how many rows were confirmed and marked."""
+        if self._postgres:
             async with self.db.engine.begin() as conn:
                 if not await conn.scalar(select(func.pg_try_advisory_xact_lock(self.lock_key))):
                     return 0  # another replica is publishing this outbox
-                rows = await self._fetch(conn)
-                confirmed, error = await self._publish(rows)
-                await self._mark(conn, rows, confirmed)
-        else:
-            if not self._hold_file_lock():
-                return 0  # another process on this SQLite file is publishing
-            async with self.db.engine.begin() as conn:
-                rows = await self._fetch(conn)
-            confirmed, error = await self._publish(rows)
-            if rows:
-                async with self.db.engine.begin() as conn:
-                    await self._mark(conn, rows, confirmed)
-        if error is not None:
-            raise PublishIncomplete(error)
-        return confirmed
+                async with contextlib.AsyncExitStack() as stack:
+                    marker: AsyncConnection | None = None
+
+                    async def mark(rows: list[Any], confirmed: int, last: bool) -> None:
+                        # The lock's transaction reads (each statement sees what was committed before it). Marks are
+                        # committed batch by batch on a connection of their own, so that they stand should the pass
+                        # fail later and the backlog goes down as the pass goes on; the pass's last batch (often its
+                        # only one) is marked in the lock's transaction, which commits as the pass ends.
+                        nonlocal marker
+                        if last:
+                            await self._mark(conn, rows, confirmed)
+                            return
+                        if marker is None:
+                            marker = await stack.enter_async_context(self.db.engine.connect())
+                        await self._mark_in_transaction(marker, rows, confirmed)
+
+                    return await self._pass(functools.partial(self._fetch, conn), mark)
+        if not self._hold_file_lock():
+            return 0  # another process on this SQLite file is publishing
+        return await self._pass(self._fetch_apart, self._mark_apart)
 
     def _hold_file_lock(self) -> bool:
         if self._lock_path is None or self._lock_file is not None:
@@ -429,42 +549,97 @@ class OutboxRelay:
         log.info("this process publishes the outbox", extra={"lock": str(self._lock_path)})
         return True
 
-    async def _fetch(self, conn: AsyncConnection) -> list[Any]:
-        c = self.table.c
-        query = (select(c.seq, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type, c.payload, c.headers,
-                        c.created_at)
-                 .where(c.published_at.is_(None)).order_by(c.seq).limit(self.settings.outbox_batch_size))
-        return [row._mapping for row in (await conn.execute(query)).all()]
+    async def _pass(self, fetch: Callable[[int | None], Awaitable[list[Any]]],
+                    mark: Callable[[list[Any], int, bool], Awaitable[None]]) -> int:
+        """Reads batches forward and keeps up to `window_batches` of them in flight; settles them oldest first:
+        marks the confirmed prefix of each, and after the first gap marks nothing more and publishes nothing more
+        (`PublishStream`), so that the gap and everything behind it is published again, in order."""
+        size = self.settings.outbox_batch_size
+        stream = self.publisher.stream()
+        window: collections.deque[_InFlight] = collections.deque()
+        after: int | None = None
+        caught_up = False
+        batches = marked = not_marked = 0
+        gap: str | None = None  # the status of the first message that was not confirmed
+        try:
+            while True:
+                while (gap is None and not caught_up and not self._stopping and len(window) < self.window_batches
+                       and batches < _PASS_BATCHES):
+                    rows = await fetch(after)
+                    caught_up = len(rows) < size
+                    if not rows:
+                        break
+                    after = rows[-1]["seq"]
+                    batches += 1
+                    window.append(self._send(rows, stream))
+                if not window:
+                    break
+                item = window[0]
+                confirmed = 0
+                if gap is None:
+                    statuses = await self._confirms(item)
+                    while confirmed < len(statuses) and statuses[confirmed] in _CONFIRMED:
+                        confirmed += 1
+                    if confirmed < len(statuses):
+                        gap = statuses[confirmed] or "lost"
+                else:  # behind a gap nothing is marked: its confirms are not worth waiting for
+                    done = item.future.done() and not item.future.cancelled()
+                    statuses = item.future.result() if done else [None] * len(item.rows)
+                    item.future.cancel()
+                fetching_ends = gap is not None or caught_up or batches >= _PASS_BATCHES or self._stopping
+                await mark(item.rows, confirmed, len(window) == 1 and fetching_ends)
+                window.popleft()
+                self._settle(item, statuses, confirmed)
+                marked += confirmed
+                self.published_total += confirmed
+                not_marked += len(item.rows) - confirmed
+        finally:
+            if window:  # the pass failed or was cancelled with these still in flight
+                stream.broken = True
+                for item in window:
+                    item.abandon()
+        if gap is None:
+            return marked
+        metrics.OUTBOX_PUBLISH_FAILURES.labels(self.service).inc()
+        reason = "the broker refused (nack) an event" if gap == NACK else (
+            f"the broker connection was lost before it confirmed: {self.publisher.last_error}")
+        raise PublishIncomplete(f"{reason}; {not_marked} events stay in the outbox")
 
-    async def _publish(self, rows: list[Any]) -> tuple[int, str | None]:
-        """Publishes rows; returns the length of the confirmed prefix and why the rest was not confirmed."""
-        if not rows:
-            return 0, None
+    def _send(self, rows: list[Any], stream: PublishStream) -> _InFlight:
         events = [outgoing_event(row, self.service) for row in rows]
-        with contextlib.ExitStack() as spans:
-            opened = [spans.enter_context(telemetry.publish_span(
-                e.routing_key, e.properties.headers, exchange=self.settings.events_exchange, event_id=e.event_id))
-                for e in events]
-            future = asyncio.wrap_future(self.publisher.publish(events))
+        exchange = self.settings.events_exchange
+        # Started before the publish: each span writes its traceparent into the headers the message carries.
+        spans = [telemetry.start_publish_span(e.routing_key, e.properties.headers, exchange=exchange,
+                                              event_id=e.event_id) for e in events]
+        future = asyncio.wrap_future(self.publisher.publish(events, stream))
+        return _InFlight(rows, events, spans, future, asyncio.get_running_loop().time())
+
+    async def _confirms(self, item: _InFlight) -> list[str | None]:
+        """The batch's statuses, once the broker confirmed them all or the connection was lost; a batch whose
+        confirms are overdue gives up the connection (every batch in flight is then unconfirmed)."""
+        future = item.future
+        if not future.done():
             timeout = self.settings.outbox_confirm_timeout_seconds
-            done, _ = await asyncio.wait({future}, timeout=timeout)
-            if not done:
+            loop = asyncio.get_running_loop()
+            await asyncio.wait({future}, timeout=max(0.0, item.sent_at + timeout - loop.time()))
+            if not future.done():
                 log.warning("broker confirms overdue; reconnecting and publishing the batch again",
-                            extra={"batch": len(events), "confirm_timeout_seconds": timeout})
-                self.publisher.reset()  # resolves the batch at once with what was confirmed so far
-                done, _ = await asyncio.wait({future}, timeout=timeout)
-            statuses = future.result() if done else [None] * len(events)
-            for span, status in zip(opened, statuses, strict=True):
-                if status not in _CONFIRMED:
-                    span.set_status(Status(StatusCode.ERROR, f"not confirmed: {status}"))
-        confirmed = 0
-        for status in statuses:
-            if status not in _CONFIRMED:
-                break
-            confirmed += 1
+                            extra={"batch": len(item.events), "in_flight": self.publisher.in_flight,
+                                   "confirm_timeout_seconds": timeout})
+                self.publisher.reset()  # resolves every batch in flight at once with what was confirmed so far
+                await asyncio.wait({future}, timeout=timeout)
+        return future.result() if future.done() else [None] * len(item.events)
+
+    def _settle(self, item: _InFlight, statuses: list[str | None], confirmed: int) -> None:
+        """Ends the batch's publish spans; counts and logs the `confirmed` rows, which were just marked."""
+        for span, status in zip(item.spans, statuses, strict=True):
+            telemetry.finish_publish_span(span, None if status in _CONFIRMED else f"not confirmed: {status}")
+        if not confirmed:
+            return
         now = utcnow()
-        for event, row, status in zip(events[:confirmed], rows, statuses, strict=False):
-            metrics.OUTBOX_PUBLISHED.labels(self.service, event.routing_key).inc()
+        by_type: dict[str, int] = {}
+        for event, row, status in zip(item.events[:confirmed], item.rows, statuses, strict=False):
+            by_type[event.routing_key] = by_type.get(event.routing_key, 0) + 1
             created = row["created_at"] if row["created_at"].tzinfo else row["created_at"].replace(tzinfo=dt.UTC)
             metrics.OUTBOX_PUBLISH_LAG.labels(self.service).observe(max(0.0, (now - created).total_seconds()))
             if status == RETURNED:
@@ -474,24 +649,50 @@ class OutboxRelay:
                 self._unrouted_types.add(event.routing_key)
                 log.log(level, "event published but no queue is bound for it; nobody consumes %s",
                         event.routing_key, extra={"event_id": event.event_id, "event_type": event.routing_key})
-        self.published_total += confirmed
-        if confirmed == len(events):
-            return confirmed, None
-        metrics.OUTBOX_PUBLISH_FAILURES.labels(self.service).inc()
-        status = statuses[confirmed]
-        reason = "the broker refused (nack) an event" if status == NACK else (
-            f"the broker connection was lost before it confirmed: {self.publisher.last_error}")
-        return confirmed, f"{reason}; {len(events) - confirmed} events stay in the outbox"
+        for event_type, count in by_type.items():
+            metrics.OUTBOX_PUBLISHED.labels(self.service, event_type).inc(count)
+
+    async def _fetch(self, conn: AsyncConnection, after: int | None) -> list[Any]:
+        c = self.table.c
+        query = (select(c.seq, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type, c.payload, c.headers,
+                        c.created_at)
+                 .where(c.published_at.is_(None)).order_by(c.seq).limit(self.settings.outbox_batch_size))
+        if after is not None:
+            query = query.where(c.seq > after)
+        return [row._mapping for row in (await conn.execute(query)).all()]
+
+    async def _fetch_apart(self, after: int | None) -> list[Any]:
+        async with self.db.engine.begin() as conn:
+            return await self._fetch(conn, after)
+
+    def _seq_in(self, rows: Sequence[Any]) -> ColumnElement[bool]:
+        seqs = [r["seq"] for r in rows]
+        if self._postgres:
+            # PostgreSQL: one array parameter, so a batch's UPDATE is one prepared statement whatever its length,
+            # rather than an IN list of hundreds of parameters rendered anew for every batch.
+            return self.table.c.seq == any_(bindparam("seqs", seqs, type_=ARRAY(BigInteger)))
+        return self.table.c.seq.in_(seqs)
 
     async def _mark(self, conn: AsyncConnection, rows: list[Any], confirmed: int) -> None:
+        """One UPDATE for the confirmed rows of a batch, and one for the rest (if any)."""
         c = self.table.c
         if confirmed:
-            await conn.execute(update(self.table).where(c.seq.in_([r["seq"] for r in rows[:confirmed]]))
+            await conn.execute(update(self.table).where(self._seq_in(rows[:confirmed]))
                                .values(published_at=utcnow(), attempts=c.attempts + 1))
         if confirmed < len(rows):
             # Counted, not marked: the rows are published again on the next pass.
-            await conn.execute(update(self.table).where(c.seq.in_([r["seq"] for r in rows[confirmed:]]))
+            await conn.execute(update(self.table).where(self._seq_in(rows[confirmed:]))
                                .values(attempts=c.attempts + 1))
+
+    async def _mark_in_transaction(self, conn: AsyncConnection, rows: list[Any], confirmed: int) -> None:
+        # A transaction, not autocommit: a relay killed while its UPDATE waits (for a row lock, say) never commits
+        # it; in autocommit the server would apply the orphaned statement once the wait ends.
+        async with conn.begin():
+            await self._mark(conn, rows, confirmed)
+
+    async def _mark_apart(self, rows: list[Any], confirmed: int, _last: bool) -> None:
+        async with self.db.engine.begin() as conn:
+            await self._mark(conn, rows, confirmed)
 
     async def _prune(self) -> None:
         if self.settings.outbox_retention_hours <= 0 or time.monotonic() - self._pruned_at < _PRUNE_INTERVAL:
