@@ -435,6 +435,37 @@ async def test_stop_returns_when_a_commit_wakes_the_relay_as_it_is_stopped(vhost
     assert not relay.publisher.running
 
 
+async def test_commits_arriving_while_the_relay_gathers_share_one_pass(vhost, outbox):
+    db, table = outbox
+    relay = OutboxRelay(db, table, service=f"gather-{uuid.uuid4().hex[:6]}", amqp_url=rabbitmq.amqp_url(vhost),
+                        settings=dataclasses.replace(FAST, outbox_poll_seconds=60.0, outbox_gather_seconds=0.3))
+    passes: list[int] = []
+    relay_once = relay.relay_once
+
+    async def counted() -> int:
+        published = await relay_once()
+        passes.append(published)
+        return published
+
+    relay.relay_once = counted  # type: ignore[method-assign]
+    await write(db, table, [PendingEvent("user", "a", activated("first"))])
+    await relay.start()
+    try:
+        await eventually(lambda: relay.status()["published_total"] == 1 and relay.status()["backlog"] == 0,
+                         "the relay to publish the first event and go idle")
+        idle = len(passes)
+        # Two commits 0.1 s apart: the first wakes the relay, which gathers for 0.3 s, so the second joins its pass.
+        await write(db, table, [PendingEvent("user", "b", activated("second"))])
+        notify_committed(table)
+        await asyncio.sleep(0.1)
+        await write(db, table, [PendingEvent("user", "c", activated("third"))])
+        notify_committed(table)
+        await eventually(lambda: relay.status()["published_total"] == 3, "both commits to be published")
+    finally:
+        await stop_within(relay)
+    assert passes[idle:] == [2]
+
+
 async def test_an_event_nobody_consumes_is_marked_published_counted_and_logged(vhost, outbox, caplog):
     db, table = outbox
     caplog.set_level(logging.WARNING, logger="tessera.outbox")

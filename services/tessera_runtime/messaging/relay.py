@@ -459,9 +459,15 @@ class OutboxRelay:
         assert self._wake is not None
         # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a cancellation that arrives as
         # the wake-up does (a commit notifying the relay just as the service stops), and stop() then waited forever.
+        woken = False
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
+                woken = True
+        if woken and self.settings.outbox_gather_seconds > 0 and not self._stopping:
+            # Woken by a commit (or the broker coming back): commits arriving in the next few milliseconds join
+            # this pass. A busy service then pays one pass for several commits; a quiet one waits a little longer.
+            await asyncio.sleep(self.settings.outbox_gather_seconds)
         self._wake.clear()
 
     def _log_outage(self) -> None:
