@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tessera.notification.v1 import notification_service_pb2, notification_service_pb2_grpc
 
-from tessera_notification import DOMAIN
+from tessera_notification import DOMAIN, subscriptions
 from tessera_notification.adapters.mail import FileMailer, Mailer, SmtpMailer
 from tessera_notification.adapters.orm import outbox, processed_events
 from tessera_notification.entrypoints import event_consumer
@@ -26,7 +26,7 @@ SETTINGS = NotificationSettings
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SERVICE_NAME = notification_service_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name
 # The queues this service consumes from (`tessera dlq list` shows their dead-letter queues).
-CONSUMER_QUEUES = (event_consumer.QUEUE,)
+CONSUMER_QUEUES = tuple(subscriptions.ROUTES)
 
 
 def build_mailer(mail: MailSettings) -> Mailer:

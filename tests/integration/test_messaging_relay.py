@@ -466,6 +466,58 @@ async def test_commits_arriving_while_the_relay_gathers_share_one_pass(vhost, ou
     assert passes[idle:] == [2]
 
 
+async def test_an_event_published_before_its_consumer_ever_started_waits_in_its_queue(outbox):
+    # A first deploy starts every service at once: the user service may publish UserCreated before the
+    # notification service has declared its queue. The relay declares the installed consumers' queues first.
+    db, table = outbox
+    vhost = rabbitmq.create_vhost()  # a broker on which no consumer has ever declared anything
+    try:
+        url = rabbitmq.amqp_url(vhost)
+        created = user_events_pb2.UserCreated()
+        created.user.id, created.user.email = "u-first", "first@example.com"
+        await write(db, table, [PendingEvent("user", "u-first", created)])
+        relay = OutboxRelay(db, table, service=f"first-{uuid.uuid4().hex[:6]}", amqp_url=url, settings=FAST)
+        await relay.start()
+        try:
+            await eventually(lambda: relay.status()["published_total"] == 1, "the event to be published")
+        finally:
+            await relay.stop()
+        assert relay.status()["unrouted_total"] == 0
+        assert rabbitmq.queue_depth(url, "notification.email") == 1
+        connection = rabbitmq.blocking_connection(url)
+        try:
+            method, _props, body = connection.channel().basic_get("notification.email", auto_ack=True)
+        finally:
+            connection.close()
+        assert method.routing_key == "tessera.user.v1.UserCreated"
+        assert user_events_pb2.UserCreated.FromString(body).user.id == "u-first"
+    finally:
+        rabbitmq.delete_vhost(vhost)
+
+
+async def test_a_consumer_queue_declared_differently_does_not_stop_publishing(outbox, caplog):
+    db, table = outbox
+    caplog.set_level(logging.WARNING, logger="tessera.outbox")
+    vhost = rabbitmq.create_vhost()
+    try:
+        url = rabbitmq.amqp_url(vhost)
+        connection = rabbitmq.blocking_connection(url)
+        try:  # the same queue name with other arguments: the relay's declaration of it is refused (406)
+            connection.channel().queue_declare("notification.email", durable=True)
+        finally:
+            connection.close()
+        await write(db, table, [PendingEvent("user", "a", activated("despite"))])
+        relay = OutboxRelay(db, table, service=f"clash-{uuid.uuid4().hex[:6]}", amqp_url=url, settings=FAST)
+        await relay.start()
+        try:
+            await eventually(lambda: relay.status()["published_total"] == 1, "the event to be published anyway")
+        finally:
+            await relay.stop()
+        assert any("could not declare the consumer queues" in r.getMessage() for r in caplog.records)
+    finally:
+        rabbitmq.delete_vhost(vhost)
+
+
 async def test_an_event_nobody_consumes_is_marked_published_counted_and_logged(vhost, outbox, caplog):
     db, table = outbox
     caplog.set_level(logging.WARNING, logger="tessera.outbox")

@@ -10,13 +10,8 @@ from tessera.user.v1 import user_events_pb2
 
 from tessera_notification import mapping
 from tessera_notification.service_layer import handlers
+from tessera_notification.subscriptions import EVENTS, PURPOSE, QUEUE, SERVICE
 from tessera_runtime.messaging import EventMeta, HandlerResult, Subscription
-
-SERVICE = "notification"
-# One queue: keeping the recipient copy and sending e-mails are one purpose, so a user's UserCreated is usually
-# applied before the first order event that needs its address.
-PURPOSE = "email"
-QUEUE = f"{SERVICE}.{PURPOSE}"
 
 
 def subscription(uow_factory: Callable[[], handlers.UnitOfWork], dispatch: handlers.Dispatch) -> Subscription:
@@ -32,7 +27,7 @@ def subscription(uow_factory: Callable[[], handlers.UnitOfWork], dispatch: handl
     async def user_deleted(event: user_events_pb2.UserDeleted, meta: EventMeta) -> HandlerResult:
         return await handlers.forget_user(mapping.forget_user(event), meta, uow_factory)
 
-    return Subscription(SERVICE, PURPOSE, {
+    subscription = Subscription(SERVICE, PURPOSE, {
         user_events_pb2.UserCreated: send(mapping.welcome),
         user_events_pb2.UserUpdated: user_updated,
         user_events_pb2.UserDeleted: user_deleted,
@@ -41,3 +36,7 @@ def subscription(uow_factory: Callable[[], handlers.UnitOfWork], dispatch: handl
         order_events_pb2.OrderCancelled: send(mapping.cancellation),
         payment_events_pb2.PaymentRefunded: send(mapping.refund),
     })
+    if set(subscription.handlers) != set(EVENTS):  # the queue's bindings come from EVENTS: keep them equal
+        raise RuntimeError(f"{QUEUE} handles {sorted(c.DESCRIPTOR.full_name for c in subscription.handlers)} "
+                           f"but subscriptions.EVENTS lists {sorted(c.DESCRIPTOR.full_name for c in EVENTS)}")
+    return subscription

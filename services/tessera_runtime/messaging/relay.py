@@ -29,6 +29,9 @@ Design. Each service process runs one relay next to its gRPC server:
 - A pass reads forward from the last row it read, so rows committed out of `seq` order (a transaction that
   commits after a later one) are picked up by the next pass, which starts again from the oldest unpublished row;
   a pass ends when it has caught up or after _PASS_BATCHES batches.
+- Before its first publish on a connection, the relay declares the events exchange and every consumer queue of the
+  services installed here with its bindings (topology.publisher_declarations): an event published before its
+  consumer ever started waits in that consumer's durable queue.
 - Unroutable events (mandatory publish, no queue bound) are returned by the broker; the relay counts and logs them
   and marks them published: nobody consumes that event type, and retrying would block the events behind it.
 - Every wait is bounded. Confirms that do not arrive within TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS of a batch's
@@ -70,7 +73,12 @@ from tessera_runtime.db import Database, utcnow
 from tessera_runtime.messaging.amqp import AmqpLink
 from tessera_runtime.messaging.envelope import OutgoingEvent, outgoing_event
 from tessera_runtime.messaging.settings import MessagingSettings, messaging_settings
-from tessera_runtime.messaging.topology import declare_async, exchange_declarations
+from tessera_runtime.messaging.topology import (
+    declare_async,
+    exchange_declarations,
+    installed_consumer_routes,
+    publisher_declarations,
+)
 from tessera_runtime.outbox import add_commit_listener
 from tessera_runtime.server import HealthCheck, ServiceModule
 
@@ -179,9 +187,10 @@ class ConfirmingPublisher(AmqpLink):
     """Publishes batches to the events exchange with mandatory routing and pipelined publisher confirms."""
 
     def __init__(self, url: str, name: str, exchange: str, *, max_backoff: float = 30.0,
-                 close_timeout: float = 5.0) -> None:
+                 close_timeout: float = 5.0, consumer_routes: dict[str, tuple[str, ...]] | None = None) -> None:
         super().__init__(url, name, max_backoff=max_backoff, close_timeout=close_timeout)
         self.exchange = exchange
+        self.consumer_declarations = publisher_declarations(exchange, consumer_routes) if consumer_routes else []
         self._next_tag = 0
         self._pending: dict[int, tuple[_Batch, int]] = {}
         self._by_message_id: dict[str, tuple[_Batch, int]] = {}
@@ -229,7 +238,36 @@ class ConfirmingPublisher(AmqpLink):
             self._next_tag = 0  # delivery tags restart at 1 on every channel
             channel.confirm_delivery(self._on_confirm, callback=lambda _frame: done())
 
-        declare_async(channel, exchange_declarations(self.exchange), confirm_mode)
+        def publishing() -> None:
+            declare_async(channel, exchange_declarations(self.exchange), confirm_mode)
+
+        if not self.consumer_declarations:
+            publishing()
+            return
+        # The consumer queues are declared first, on a channel of their own: a queue someone declared differently
+        # (406 PRECONDITION_FAILED closes the channel that tried) is logged, and publishing goes on without it.
+        finished = False
+
+        def declared(side: Channel | None = None) -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            if side is not None and side.is_open:
+                side.close()
+            publishing()
+
+        def refused(_side: Channel, reason: Exception) -> None:
+            if not finished:
+                log.warning("could not declare the consumer queues; publishing without them: %s", reason,
+                            extra={"exchange": self.exchange})
+                declared()
+
+        def side_open(side: Channel) -> None:
+            side.add_on_close_callback(refused)
+            declare_async(side, self.consumer_declarations, lambda: declared(side))
+
+        channel.connection.channel(on_open_callback=side_open)
 
     def _publish(self, batch: _Batch) -> None:
         channel = self.channel
@@ -339,7 +377,8 @@ class OutboxRelay:
         self.window_batches = max(1, window_batches)
         self.publisher = ConfirmingPublisher(amqp_url, f"{service}-outbox-relay", settings.events_exchange,
                                              max_backoff=settings.reconnect_max_seconds,
-                                             close_timeout=min(5.0, settings.outbox_confirm_timeout_seconds))
+                                             close_timeout=min(5.0, settings.outbox_confirm_timeout_seconds),
+                                             consumer_routes=installed_consumer_routes())
         self.lock_key = advisory_lock_key(table)
         self.backlog = 0
         self.oldest_age_seconds = 0.0

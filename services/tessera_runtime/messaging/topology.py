@@ -15,6 +15,7 @@ For a consumer queue Q (named "<service>.<purpose>") on events exchange E:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -70,21 +71,56 @@ class QueueTopology:
     def retry_queue(self, delay_seconds: float) -> str:
         return retry_queue(self.queue, delay_seconds)
 
+    def routing_declarations(self) -> list[Declaration]:
+        """The queue and its bindings: what routes events into it (publishers declare this much too)."""
+        return [
+            Declaration("queue", self.queue, arguments={"x-dead-letter-exchange": self.dead_letter_exchange,
+                                                        "x-dead-letter-routing-key": self.queue}),
+            *(Declaration("bind", self.queue, exchange=self.events_exchange, routing_key=key)
+              for key in self.routing_keys),
+        ]
+
     def declarations(self) -> list[Declaration]:
         back_to_queue = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.queue}
+        queue, *bindings = self.routing_declarations()
         items = [
             *exchange_declarations(self.events_exchange),
             Declaration("exchange", self.dead_letter_exchange, exchange_type="direct"),
-            Declaration("queue", self.queue, arguments={"x-dead-letter-exchange": self.dead_letter_exchange,
-                                                        "x-dead-letter-routing-key": self.queue}),
+            queue,
             Declaration("queue", self.dead_letter_queue),
             Declaration("bind", self.dead_letter_queue, exchange=self.dead_letter_exchange, routing_key=self.queue),
         ]
         for delay in sorted(set(self.retry_delays)):
             items.append(Declaration("queue", self.retry_queue(delay), arguments=back_to_queue))
-        for key in self.routing_keys:
-            items.append(Declaration("bind", self.queue, exchange=self.events_exchange, routing_key=key))
-        return items
+        return items + bindings
+
+
+def installed_consumer_routes() -> dict[str, tuple[str, ...]]:
+    """Consumer queue -> its routing keys, for every service installed here that consumes events (the ROUTES of
+    its light `<package>.subscriptions` module, beside its composition root)."""
+    from tessera_runtime import app
+
+    routes: dict[str, tuple[str, ...]] = {}
+    for root in app.SERVICES.values():
+        name = root.rsplit(".", 1)[0] + ".subscriptions"
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # the service consumes nothing, or is not installed here
+            raise
+        routes.update(getattr(module, "ROUTES", {}))
+    return routes
+
+
+def publisher_declarations(events_exchange: str, routes: dict[str, tuple[str, ...]]) -> list[Declaration]:
+    """What a publisher declares before its first publish: the events exchange, and every known consumer queue with
+    its bindings. An event published before its consumer ever started then waits in the consumer's durable queue
+    instead of being unroutable (a first deploy starts every service at once). The declarations are the
+    consumer's own, so either side may come first; only events no installed service consumes stay unroutable."""
+    return [*exchange_declarations(events_exchange),
+            *(d for queue, keys in sorted(routes.items())
+              for d in QueueTopology(events_exchange, queue, keys, ()).routing_declarations())]
 
 
 def declare_async(channel: Channel, declarations: list[Declaration], done: Callable[[], None]) -> None:
