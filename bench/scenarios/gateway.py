@@ -5,18 +5,14 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import json
-import re
 import socket
 import statistics
-import tempfile
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import psutil
 
 from bench.harness import Finding, Run, ScenarioResult, Side, processes_of
-from bench.load import H2LOAD, Budget, LoadError, LoadResult, percentile, run_measured, wrk
+from bench.load import Budget, LoadResult, paced_h2load, wrk
 from bench.scenarios.common import (
     GET_USER,
     GRPC_HEADERS,
@@ -88,57 +84,6 @@ class BenchGateway:
     def stop(self) -> None:
         self.envoy.stop()
         self._dead.close()
-
-
-def paced_h2load(url: str, *, budget: Budget, rate: float, clients: int, body: bytes | None = None,
-                 headers: Sequence[str] = (), http1: bool = False) -> LoadResult:
-    """h2load at a fixed total rate whose requests arrive evenly spaced, one every 1/rate seconds.
-
-    `h2load --rps` alone starts every client at once and each client's timer then fires in step with the
-    others, so the "fixed rate" is really a burst of `clients` requests every clients/rate seconds: the last of
-    a burst queues behind the others in a one-loop Python service, and the p50 measures that queue (8.8 ms at
-    381 requests/s for a call that takes about 1.5 ms). Here h2load's rate mode opens the clients one
-    `--rate-period` apart (1/rate, whole milliseconds: h2load's resolution), so each client's timer keeps its
-    own phase and the arrivals interleave (above 1,000 requests/s the 1 ms step spreads them less evenly). Rate
-    mode cannot run for a duration, so the budget becomes a request count (warm-up included) and the warm-up
-    requests, the earliest started, are dropped from the latencies.
-    """
-    per_client = rate / clients
-    stagger_ms = max(1, round(1000 / rate))
-    warmup = 0 if budget.requests else round(rate * budget.warmup)
-    total = budget.requests or warmup + round(rate * budget.seconds)
-    total = max(total, clients)
-    with tempfile.TemporaryDirectory(prefix="tessera-h2load-") as tmp:
-        log_path = Path(tmp) / "requests.log"
-        argv = [H2LOAD, "-t", "1", "-c", str(clients), "-m", "1", "-n", str(total), "--rps", f"{per_client:.3f}",
-                "-r", "1", "--rate-period", f"{stagger_ms}ms", "--log-file", str(log_path)]
-        if body is not None:
-            body_path = Path(tmp) / "body"
-            body_path.write_bytes(body)
-            argv += ["-d", str(body_path)]
-        for header in headers:
-            argv += ["-H", header]
-        if http1:
-            argv.append("--h1")
-        argv.append(url)
-        out, cpu, rss = run_measured(argv, timeout=total / rate + 60)
-        counts = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
-                           r"(\d+) errored, (\d+) timeout", out)
-        if not counts:
-            raise LoadError(f"unexpected h2load output: {out[-1500:]}")
-        rows = sorted((int(start), int(status), int(duration)) for start, status, duration, *_ in
-                      (line.split("\t") for line in log_path.read_text().splitlines()))
-    measured = rows[warmup:]
-    if not measured:
-        raise LoadError("h2load logged no request after the warm-up")
-    # The measured window: from the first measured request's start to the last one's end.
-    seconds = (max(s + d for s, _, d in measured) - measured[0][0]) / 1e6
-    latencies = sorted(d / 1000 for _, _, d in measured)
-    succeeded = sum(1 for _, status, _ in measured if 200 <= status < 300)
-    errors = int(counts.group(4)) + int(counts.group(5)) + int(counts.group(6)) + \
-        (int(counts.group(1)) - int(counts.group(2)))
-    return LoadResult("h2load " + ("--h1 " if http1 else "") + "(evenly paced)", succeeded, errors, seconds,
-                      percentile(latencies, 0.50), percentile(latencies, 0.99), cpu, rss, len(rows))
 
 
 def _check_rest(port: int, path: str, token: str, user_id: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -51,6 +52,19 @@ async def outbox(tmp_path):
     await db.dispose()
 
 
+@pytest.fixture
+async def pg_outbox(pg_database):
+    """An outbox table on a throwaway PostgreSQL database (advisory locks, concurrent transactions)."""
+    _, url = pg_database
+    metadata = MetaData()
+    table = outbox_table(metadata)
+    db = Database(url)
+    async with db.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield db, table
+    await db.dispose()
+
+
 def activated(user_id: str) -> user_events_pb2.UserActivated:
     return user_events_pb2.UserActivated(user_id=user_id)
 
@@ -63,6 +77,14 @@ async def write(db: Database, table, events: list[PendingEvent]) -> None:
 async def unpublished(db: Database, table) -> int:
     async with db.engine.connect() as conn:
         return len((await conn.execute(select(table.c.seq).where(table.c.published_at.is_(None)))).all())
+
+
+async def until_all_marked(db: Database, table, what: str, timeout: float = 30.0) -> None:
+    """Waits until every outbox row is marked published; fails with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while await unpublished(db, table):
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
 
 
 def sample(name: str, service: str) -> float | None:
@@ -120,13 +142,8 @@ async def test_publishes_every_row_in_order_with_its_properties_and_marks_it_aft
     assert relay.status()["published_total"] == 1000
 
 
-async def test_two_replicas_on_postgresql_publish_each_event_once_in_order(vhost, pg_database):
-    _, url = pg_database
-    metadata = MetaData()
-    table = outbox_table(metadata)
-    db = Database(url)
-    async with db.engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+async def test_two_replicas_on_postgresql_publish_each_event_once_in_order(vhost, pg_outbox):
+    db, table = pg_outbox
     amqp = rabbitmq.amqp_url(vhost)
     tap = rabbitmq.Tap(amqp, EXCHANGE)
     replicas = [OutboxRelay(db, table, service="replicas", amqp_url=amqp, settings=FAST) for _ in range(2)]
@@ -138,14 +155,10 @@ async def test_two_replicas_on_postgresql_publish_each_event_once_in_order(vhost
                                     for i in range(100)])
         await write(db, table, [PendingEvent("user", "sentinel", activated("sentinel"))])
         delivered = await tap.wait_for(501)
-        deadline = time.monotonic() + 30
-        while await unpublished(db, table):
-            assert time.monotonic() < deadline, "rows left unmarked"
-            await asyncio.sleep(0.05)
+        await until_all_marked(db, table, "rows left unmarked")
     finally:
         for relay in replicas:
             await relay.stop()
-        await db.dispose()
     ids = [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered]
     # The sentinel comes last and nothing before it came twice: one replica at a time, in seq order.
     assert ids == [str(i) for i in range(500)] + ["sentinel"]
@@ -197,22 +210,31 @@ async def stop_within(relay: OutboxRelay, seconds: float = 60.0) -> None:
     stopping.result()
 
 
-async def test_confirms_that_never_arrive_make_the_relay_reconnect_and_publish_the_batch_again(vhost, outbox, caplog):
-    db, table = outbox
+@contextlib.asynccontextmanager
+async def relay_on_a_broker_that_freezes(vhost: str, db: Database, table, name: str, **options):
+    """A started relay whose broker connection freezes once it is up: it looks connected and never answers again
+    (no confirm, no CloseOk). The relay must be stopped within a bound whatever it was doing."""
     proxy = TcpProxy(rabbitmq.HOST, rabbitmq.PORT).start()
-    tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
-    relay = OutboxRelay(db, table, service=f"silent-{uuid.uuid4().hex[:6]}", amqp_url=silent_broker_url(vhost, proxy),
-                        settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=3.0))
-    caplog.set_level(logging.WARNING, logger="tessera.outbox")
+    relay = OutboxRelay(db, table, service=f"{name}-{uuid.uuid4().hex[:6]}", amqp_url=silent_broker_url(vhost, proxy),
+                        **options)
     await relay.start()
     try:
         await eventually(lambda: relay.status()["connected"], "the relay to connect")
-        proxy.freeze()  # the broker looks connected and never answers again: no confirm, no CloseOk
-        await write(db, table, [PendingEvent("user", "a", activated(str(i))) for i in range(20)])
-        delivered = await tap.wait_for(20)
+        proxy.freeze()
+        yield relay
     finally:
         await stop_within(relay)
         proxy.close()
+
+
+async def test_confirms_that_never_arrive_make_the_relay_reconnect_and_publish_the_batch_again(vhost, outbox, caplog):
+    db, table = outbox
+    tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
+    caplog.set_level(logging.WARNING, logger="tessera.outbox")
+    async with relay_on_a_broker_that_freezes(vhost, db, table, "silent",
+                                              settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=3.0)):
+        await write(db, table, [PendingEvent("user", "a", activated(str(i))) for i in range(20)])
+        delivered = await tap.wait_for(20)
     # Nothing sent on the frozen connection reached the broker; the new connection published each event once.
     ids = [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered]
     assert ids == [str(i) for i in range(20)]
@@ -225,42 +247,28 @@ async def test_confirms_that_never_arrive_make_the_relay_reconnect_and_publish_t
 async def test_several_batches_are_in_flight_at_once_within_the_window_and_none_is_marked_before_its_confirm(
         vhost, outbox):
     db, table = outbox
-    proxy = TcpProxy(rabbitmq.HOST, rabbitmq.PORT).start()
-    relay = OutboxRelay(db, table, service=f"window-{uuid.uuid4().hex[:6]}", amqp_url=silent_broker_url(vhost, proxy),
-                        settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=600.0), window_batches=3)
-    await relay.start()
-    try:
-        await eventually(lambda: relay.status()["connected"], "the relay to connect")
-        proxy.freeze()  # nothing is ever confirmed
+    async with relay_on_a_broker_that_freezes(  # nothing is ever confirmed
+            vhost, db, table, "window", settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=600.0),
+            window_batches=3) as relay:
         await write(db, table, [PendingEvent("user", f"u{i % 7}", activated(str(i))) for i in range(1000)])
         # Three batches of 100 published back to back without a single confirm, and not a fourth.
         await eventually(lambda: relay.status()["in_flight"] == 300, "three batches in flight")
         await asyncio.sleep(0.5)
         assert relay.status()["in_flight"] == 300
         assert await unpublished(db, table) == 1000
-    finally:
-        await stop_within(relay)
-        proxy.close()
     assert await unpublished(db, table) == 1000  # published, never confirmed: every row stays in the outbox
 
 
 async def test_overdue_confirms_with_several_batches_in_flight_republish_them_all_in_order_once(vhost, outbox, caplog):
     db, table = outbox
-    proxy = TcpProxy(rabbitmq.HOST, rabbitmq.PORT).start()
     tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
-    relay = OutboxRelay(db, table, service=f"overdue-{uuid.uuid4().hex[:6]}", amqp_url=silent_broker_url(vhost, proxy),
-                        settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=3.0), window_batches=3)
     caplog.set_level(logging.WARNING, logger="tessera.outbox")
-    await relay.start()
-    try:
-        await eventually(lambda: relay.status()["connected"], "the relay to connect")
-        proxy.freeze()
+    async with relay_on_a_broker_that_freezes(
+            vhost, db, table, "overdue", settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=3.0),
+            window_batches=3) as relay:
         await write(db, table, [PendingEvent("user", f"u{i % 7}", activated(str(i))) for i in range(350)])
         delivered = await tap.wait_for(350)
         await eventually(lambda: relay.status()["published_total"] == 350, "every row to be marked")
-    finally:
-        await stop_within(relay)
-        proxy.close()
     # The three batches lost on the frozen connection went out again on the new one, before the fourth, once each.
     ids = [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered]
     assert ids == [str(i) for i in range(350)]
@@ -272,13 +280,8 @@ async def test_overdue_confirms_with_several_batches_in_flight_republish_them_al
     assert [r.attempts for r in rows] == [2] * 300 + [1] * 50
 
 
-async def test_a_row_committed_after_later_rows_were_published_is_published_too(vhost, pg_database):
-    _, url = pg_database
-    metadata = MetaData()
-    table = outbox_table(metadata)
-    db = Database(url)
-    async with db.engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+async def test_a_row_committed_after_later_rows_were_published_is_published_too(vhost, pg_outbox):
+    db, table = pg_outbox
     tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
     relay = OutboxRelay(db, table, service=f"late-{uuid.uuid4().hex[:6]}", amqp_url=rabbitmq.amqp_url(vhost),
                         settings=FAST, window_batches=2)
@@ -292,13 +295,9 @@ async def test_a_row_committed_after_later_rows_were_published_is_published_too(
             await slow.commit()
         notify_committed(table)
         delivered = await tap.wait_for(251)
-        deadline = time.monotonic() + 30
-        while await unpublished(db, table):
-            assert time.monotonic() < deadline, "the late row was never marked"
-            await asyncio.sleep(0.05)
+        await until_all_marked(db, table, "the late row was never marked")
     finally:
         await relay.stop()
-        await db.dispose()
     ids = [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered]
     assert ids == [str(i) for i in range(250)] + ["late"]
 
@@ -466,56 +465,54 @@ async def test_commits_arriving_while_the_relay_gathers_share_one_pass(vhost, ou
     assert passes[idle:] == [2]
 
 
-async def test_an_event_published_before_its_consumer_ever_started_waits_in_its_queue(outbox):
+@pytest.fixture
+def empty_broker():
+    """The URL of a new vhost: a broker on which no consumer has ever declared anything."""
+    vhost = rabbitmq.create_vhost()
+    yield rabbitmq.amqp_url(vhost)
+    rabbitmq.delete_vhost(vhost)
+
+
+async def publish_one(db: Database, table, url: str, event: PendingEvent, name: str) -> OutboxRelay:
+    """Writes one event and runs a relay until it has published it; returns the stopped relay."""
+    await write(db, table, [event])
+    relay = OutboxRelay(db, table, service=f"{name}-{uuid.uuid4().hex[:6]}", amqp_url=url, settings=FAST)
+    await relay.start()
+    try:
+        await eventually(lambda: relay.status()["published_total"] == 1, "the event to be published")
+    finally:
+        await relay.stop()
+    return relay
+
+
+async def test_an_event_published_before_its_consumer_ever_started_waits_in_its_queue(outbox, empty_broker):
     # A first deploy starts every service at once: the user service may publish UserCreated before the
     # notification service has declared its queue. The relay declares the installed consumers' queues first.
     db, table = outbox
-    vhost = rabbitmq.create_vhost()  # a broker on which no consumer has ever declared anything
+    created = user_events_pb2.UserCreated()
+    created.user.id, created.user.email = "u-first", "first@example.com"
+    relay = await publish_one(db, table, empty_broker, PendingEvent("user", "u-first", created), "first")
+    assert relay.status()["unrouted_total"] == 0
+    assert rabbitmq.queue_depth(empty_broker, "notification.email") == 1
+    connection = rabbitmq.blocking_connection(empty_broker)
     try:
-        url = rabbitmq.amqp_url(vhost)
-        created = user_events_pb2.UserCreated()
-        created.user.id, created.user.email = "u-first", "first@example.com"
-        await write(db, table, [PendingEvent("user", "u-first", created)])
-        relay = OutboxRelay(db, table, service=f"first-{uuid.uuid4().hex[:6]}", amqp_url=url, settings=FAST)
-        await relay.start()
-        try:
-            await eventually(lambda: relay.status()["published_total"] == 1, "the event to be published")
-        finally:
-            await relay.stop()
-        assert relay.status()["unrouted_total"] == 0
-        assert rabbitmq.queue_depth(url, "notification.email") == 1
-        connection = rabbitmq.blocking_connection(url)
-        try:
-            method, _props, body = connection.channel().basic_get("notification.email", auto_ack=True)
-        finally:
-            connection.close()
-        assert method.routing_key == "tessera.user.v1.UserCreated"
-        assert user_events_pb2.UserCreated.FromString(body).user.id == "u-first"
+        method, _props, body = connection.channel().basic_get("notification.email", auto_ack=True)
     finally:
-        rabbitmq.delete_vhost(vhost)
+        connection.close()
+    assert method.routing_key == "tessera.user.v1.UserCreated"
+    assert user_events_pb2.UserCreated.FromString(body).user.id == "u-first"
 
 
-async def test_a_consumer_queue_declared_differently_does_not_stop_publishing(outbox, caplog):
+async def test_a_consumer_queue_declared_differently_does_not_stop_publishing(outbox, empty_broker, caplog):
     db, table = outbox
     caplog.set_level(logging.WARNING, logger="tessera.outbox")
-    vhost = rabbitmq.create_vhost()
-    try:
-        url = rabbitmq.amqp_url(vhost)
-        connection = rabbitmq.blocking_connection(url)
-        try:  # the same queue name with other arguments: the relay's declaration of it is refused (406)
-            connection.channel().queue_declare("notification.email", durable=True)
-        finally:
-            connection.close()
-        await write(db, table, [PendingEvent("user", "a", activated("despite"))])
-        relay = OutboxRelay(db, table, service=f"clash-{uuid.uuid4().hex[:6]}", amqp_url=url, settings=FAST)
-        await relay.start()
-        try:
-            await eventually(lambda: relay.status()["published_total"] == 1, "the event to be published anyway")
-        finally:
-            await relay.stop()
-        assert any("could not declare the consumer queues" in r.getMessage() for r in caplog.records)
+    connection = rabbitmq.blocking_connection(empty_broker)
+    try:  # the same queue name with other arguments: the relay's declaration of it is refused (406)
+        connection.channel().queue_declare("notification.email", durable=True)
     finally:
-        rabbitmq.delete_vhost(vhost)
+        connection.close()
+    await publish_one(db, table, empty_broker, PendingEvent("user", "a", activated("despite")), "clash")
+    assert any("could not declare the consumer queues" in r.getMessage() for r in caplog.records)
 
 
 async def test_an_event_nobody_consumes_is_marked_published_counted_and_logged(vhost, outbox, caplog):
@@ -528,10 +525,7 @@ async def test_an_event_nobody_consumes_is_marked_published_counted_and_logged(v
                         settings=dataclasses.replace(FAST, events_exchange="nobody.events"))
     await relay.start()
     try:
-        deadline = time.monotonic() + 30
-        while await unpublished(db, table):  # returned by the broker, yet confirmed and marked
-            assert time.monotonic() < deadline, "the unroutable events were never marked published"
-            await asyncio.sleep(0.05)
+        await until_all_marked(db, table, "the unroutable events were never marked published")
     finally:
         await relay.stop()
     assert relay.status()["unrouted_total"] == 3
