@@ -62,6 +62,19 @@ def in_context(path: str) -> bool:
     return keep
 
 
+def consumer_queues() -> set[str]:
+    """The consumer queues of every service in the repository (its `subscriptions` module's ROUTES)."""
+    from tessera_runtime.messaging.topology import installed_consumer_routes
+
+    return set(installed_consumer_routes())
+
+
+def test_every_services_subscriptions_are_copied_into_every_image():
+    copied = {source for source, _ in copy_sources("user")}
+    subscriptions = {str(p.relative_to(ROOT)) for p in (ROOT / "services").glob("tessera_*/subscriptions.py")}
+    assert subscriptions and subscriptions <= copied, f"not copied into every image: {subscriptions - copied}"
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_every_copied_file_exists_and_is_in_the_build_context(service):
     sources = copy_sources(service)
@@ -117,8 +130,13 @@ def test_the_image_layout_generates_code_and_imports_every_service(tmp_path):
         app_services = tmp_path / f"app-{service}" / "services"
         for source, destination in copy_sources(service):
             if destination.startswith("/app/services/"):
-                shutil.copytree(ROOT / source, app_services / Path(destination).name,
-                                ignore=shutil.ignore_patterns("__pycache__"))
+                target = app_services / Path(destination).relative_to("/app/services")
+                if (ROOT / source).is_dir():
+                    shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__"),
+                                    dirs_exist_ok=True)
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(ROOT / source, target)
         # The repository's own folders leave sys.path, so only the image layout can satisfy the imports.
         code = (
             f"import sys; sys.path = [p for p in sys.path if p and not p.startswith(tuple({repo_paths!r}))];"
@@ -127,7 +145,11 @@ def test_the_image_layout_generates_code_and_imports_every_service(tmp_path):
             f"assert cli.__file__.startswith({str(app_services)!r}), cli.__file__;"
             f"root = importlib.import_module(cli.app.SERVICES[{service!r}]);"
             f"assert root.__file__.startswith({str(app_services)!r}), root.__file__;"
-            f"cli.build_parser().parse_args(['serve', {service!r}])"
+            f"cli.build_parser().parse_args(['serve', {service!r}]);"
+            # Every image's relay knows every consumer queue, whichever service it runs.
+            "from tessera_runtime.messaging.topology import installed_consumer_routes;"
+            "routes = installed_consumer_routes();"
+            f"assert sorted(routes) == {sorted(consumer_queues())!r}, routes"
         )
         result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                                 timeout=120)
