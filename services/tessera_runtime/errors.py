@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Iterable, Mapping
 
 import grpc
@@ -138,3 +139,20 @@ class Violations:
     def raise_if_any(self) -> None:
         if self.items:
             raise InvalidArgument(self.items, domain=self.domain)
+
+
+def is_uuid(value: str) -> bool:
+    """A UUID in canonical text form (any case), the form every id in the contracts takes."""
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        return False
+
+
+def check_uuid(value: str, field: str, v: Violations, *, required: bool = True) -> None:
+    """The id check of every service: `field` is required (unless told otherwise) and a UUID."""
+    if not value:
+        if required:
+            v.add(field, "is required")
+    elif not is_uuid(value):
+        v.add(field, "must be a UUID such as 0b6f7d2c-3c1e-4d1a-9a59-6f1d1b9f1e2a")

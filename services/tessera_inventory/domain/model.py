@@ -6,7 +6,6 @@ import dataclasses
 import datetime as dt
 import enum
 import re
-import uuid
 
 from tessera_inventory import DOMAIN
 from tessera_runtime.errors import Violations
@@ -135,21 +134,6 @@ class StockShortage:
 
 def new_violations() -> Violations:
     return Violations(DOMAIN)
-
-
-def is_uuid(value: str) -> bool:
-    """A UUID in canonical text form (any case), the form every id in the contracts takes."""
-    try:
-        return str(uuid.UUID(value)) == value.lower()
-    except ValueError:
-        return False
-
-
-def check_uuid(value: str, field: str, v: Violations) -> None:
-    if not value:
-        v.add(field, "is required")
-    elif not is_uuid(value):
-        v.add(field, "must be a UUID such as 0b6f7d2c-3c1e-4d1a-9a59-6f1d1b9f1e2a")
 
 
 def check_key(value: str, field: str, v: Violations, limit: int = MAX_REQUEST_ID) -> None:

@@ -38,7 +38,7 @@ from tessera_inventory.service_layer import commands
 from tessera_runtime import metrics, pagination
 from tessera_runtime.context import current_principal
 from tessera_runtime.db import utcnow
-from tessera_runtime.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from tessera_runtime.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, check_uuid
 from tessera_runtime.fieldmask import check_update_mask
 
 PRODUCT = "product"
@@ -134,7 +134,7 @@ def _hash(*parts: object) -> str:
 
 def _check_id(value: str, field: str) -> None:
     v = model.new_violations()
-    model.check_uuid(value, field, v)
+    check_uuid(value, field, v)
     v.raise_if_any()
 
 
@@ -220,7 +220,7 @@ async def batch_get_products(cmd: commands.BatchGetProducts, uow: UnitOfWork) ->
     elif len(cmd.product_ids) > model.MAX_BATCH:
         v.add("ids", f"must have at most {model.MAX_BATCH} ids")
     for i, product_id in enumerate(cmd.product_ids[:model.MAX_BATCH]):
-        model.check_uuid(product_id, f"ids[{i}]", v)
+        check_uuid(product_id, f"ids[{i}]", v)
     v.raise_if_any()
     async with uow.reading():  # one statement: no transaction needed
         found = await uow.products.get_many(cmd.product_ids)
@@ -308,7 +308,7 @@ async def delete_product(cmd: commands.DeleteProduct, uow: UnitOfWork) -> None:
 
 async def adjust_stock(cmd: commands.AdjustStock, uow: UnitOfWork) -> Product:
     v = model.new_violations()
-    model.check_uuid(cmd.product_id, "product_id", v)
+    check_uuid(cmd.product_id, "product_id", v)
     if cmd.delta == 0:
         v.add("delta", "must not be 0")
     elif abs(cmd.delta) > model.MAX_DELTA:
@@ -377,14 +377,14 @@ async def _adjustment_refused(uow: UnitOfWork, cmd: commands.AdjustStock) -> Exc
 
 def _check_reserve(cmd: commands.ReserveStock) -> None:
     v = model.new_violations()
-    model.check_uuid(cmd.order_id, "order_id", v)
+    check_uuid(cmd.order_id, "order_id", v)
     if not cmd.items:
         v.add("items", "is required")
     elif len(cmd.items) > model.MAX_ITEMS:
         v.add("items", f"must have at most {model.MAX_ITEMS} items")
     seen: set[str] = set()
     for i, item in enumerate(cmd.items[:model.MAX_ITEMS]):
-        model.check_uuid(item.product_id, f"items[{i}].product_id", v)
+        check_uuid(item.product_id, f"items[{i}].product_id", v)
         if item.product_id and item.product_id.lower() in seen:
             v.add(f"items[{i}].product_id", "appears more than once; each product at most once per reservation")
         seen.add(item.product_id.lower())
@@ -485,7 +485,7 @@ async def get_reservation(cmd: commands.GetReservation, uow: UnitOfWork) -> Rese
 
 async def release_reservation(cmd: commands.ReleaseReservation, uow: UnitOfWork) -> Reservation:
     v = model.new_violations()
-    model.check_uuid(cmd.reservation_id, "id", v)
+    check_uuid(cmd.reservation_id, "id", v)
     model.check_reason(cmd.reason, "reason", v, required=False)
     v.raise_if_any()
 

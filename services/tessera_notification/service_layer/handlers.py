@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -40,7 +39,7 @@ from tessera_notification.service_layer import commands
 from tessera_runtime import pagination
 from tessera_runtime.context import current_principal
 from tessera_runtime.db import utcnow
-from tessera_runtime.errors import NotFound, PermissionDenied, Violations
+from tessera_runtime.errors import NotFound, PermissionDenied, Violations, check_uuid
 from tessera_runtime.messaging import DUPLICATE, EventMeta, HandlerResult, RetryLater
 
 log = logging.getLogger("tessera.notification")
@@ -188,22 +187,9 @@ async def notify(cmd: commands.Notify, meta: EventMeta, d: Dispatch) -> HandlerR
 
 # -- reading -------------------------------------------------------------------------------------------------
 
-def _check_uuid(value: str, field: str, v: Violations, *, required: bool) -> None:
-    if not value:
-        if required:
-            v.add(field, "is required")
-        return
-    try:
-        if str(uuid.UUID(value)) == value.lower():
-            return
-    except ValueError:
-        pass
-    v.add(field, "must be a UUID such as 0b6f7d2c-3c1e-4d1a-9a59-6f1d1b9f1e2a")
-
-
 async def get_notification(cmd: commands.GetNotification, uow: UnitOfWork) -> Notification:
     v = Violations(DOMAIN)
-    _check_uuid(cmd.notification_id, "id", v, required=True)
+    check_uuid(cmd.notification_id, "id", v)
     v.raise_if_any()
     async with uow.reading():
         notification = await uow.notifications.get(cmd.notification_id.lower())
@@ -219,8 +205,8 @@ async def get_notification(cmd: commands.GetNotification, uow: UnitOfWork) -> No
 
 async def list_notifications(cmd: commands.ListNotifications, uow: UnitOfWork) -> tuple[list[Notification], str]:
     v = Violations(DOMAIN)
-    _check_uuid(cmd.user_id, "user_id", v, required=False)
-    _check_uuid(cmd.order_id, "order_id", v, required=False)
+    check_uuid(cmd.user_id, "user_id", v, required=False)
+    check_uuid(cmd.order_id, "order_id", v, required=False)
     if cmd.unknown_kind is not None:
         v.add("kind", f"{cmd.unknown_kind} is not a NotificationKind")
     if cmd.unknown_status is not None:

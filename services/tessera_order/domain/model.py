@@ -17,6 +17,7 @@ from tessera_runtime.errors import (
     PermissionDenied,
     Unavailable,
     Violations,
+    check_uuid,
 )
 from tessera_runtime.money import is_iso_currency
 
@@ -326,19 +327,6 @@ class Order:
 
 
 # Request rules.
-
-def check_uuid(value: str, field: str, v: Violations, *, required: bool = True) -> None:
-    if not value:
-        if required:
-            v.add(field, "is required")
-        return
-    try:
-        canonical = str(uuid.UUID(value))
-    except ValueError:
-        canonical = ""
-    if canonical != value.lower():
-        v.add(field, "must be a UUID such as 0b6f7d2c-3c1e-4d1a-9a59-6f1d1b9f1e2a")
-
 
 def check_items(items: list[tuple[str, int]], v: Violations) -> None:
     if not items:

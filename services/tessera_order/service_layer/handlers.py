@@ -24,6 +24,7 @@ from tessera_runtime.errors import (
     NotFound,
     PermissionDenied,
     Unavailable,
+    check_uuid,
 )
 
 
@@ -72,7 +73,7 @@ def _request_hash(cmd: commands.CreateOrder, customer_id: str, lines: list[tuple
 
 async def create_order(cmd: commands.CreateOrder, uow: UowFactory, sagas: SagaCoordinator) -> Order:
     v = model.new_violations()
-    model.check_uuid(cmd.customer_id, "customer_id", v)
+    check_uuid(cmd.customer_id, "customer_id", v)
     lines = [(line.product_id.lower(), line.quantity) for line in cmd.items]
     model.check_items([(line.product_id, line.quantity) for line in cmd.items], v)
     model.check_payment_method(cmd.payment_method, v)
@@ -209,7 +210,7 @@ def _priced_items(lines: list[tuple[str, int]], products: list[Product], currenc
 
 async def get_order(cmd: commands.GetOrder, uow: UowFactory) -> Order:
     v = model.new_violations()
-    model.check_uuid(cmd.order_id, "id", v)
+    check_uuid(cmd.order_id, "id", v)
     v.raise_if_any()
     order_id = cmd.order_id.lower()
     async with uow() as u:
@@ -222,7 +223,7 @@ async def get_order(cmd: commands.GetOrder, uow: UowFactory) -> Order:
 
 async def list_orders(cmd: commands.ListOrders, uow: UowFactory) -> tuple[list[Order], str]:
     v = model.new_violations()
-    model.check_uuid(cmd.customer_id, "customer_id", v, required=False)
+    check_uuid(cmd.customer_id, "customer_id", v, required=False)
     v.raise_if_any()
     size = pagination.page_size(cmd.page_size, DOMAIN)
     customer_id = cmd.customer_id.lower() or None
@@ -264,7 +265,7 @@ _SERVICE_OF_STEP = {
 
 async def cancel_order(cmd: commands.CancelOrder, uow: UowFactory, sagas: SagaCoordinator) -> Order:
     v = model.new_violations()
-    model.check_uuid(cmd.order_id, "id", v)
+    check_uuid(cmd.order_id, "id", v)
     if len(cmd.reason) > model.MAX_CANCEL_REASON:
         v.add("reason", f"must be at most {model.MAX_CANCEL_REASON} characters")
     elif not cmd.reason.isprintable():

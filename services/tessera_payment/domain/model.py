@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
-import uuid
 
 from tessera_payment import DOMAIN
 from tessera_runtime.errors import Violations
@@ -128,22 +127,6 @@ class Payment:
 
 def new_violations() -> Violations:
     return Violations(DOMAIN)
-
-
-def is_uuid(value: str) -> bool:
-    """A UUID in canonical text form (any case), the form every id in the contracts takes."""
-    try:
-        return str(uuid.UUID(value)) == value.lower()
-    except ValueError:
-        return False
-
-
-def check_uuid(value: str, field: str, v: Violations, *, required: bool = True) -> None:
-    if not value:
-        if required:
-            v.add(field, "is required")
-    elif not is_uuid(value):
-        v.add(field, "must be a UUID such as 0b6f7d2c-3c1e-4d1a-9a59-6f1d1b9f1e2a")
 
 
 def check_key(value: str, field: str, v: Violations) -> None:

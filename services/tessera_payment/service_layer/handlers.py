@@ -49,6 +49,7 @@ from tessera_runtime.errors import (
     NotFound,
     PermissionDenied,
     Unavailable,
+    check_uuid,
 )
 
 log = logging.getLogger("tessera.payment")
@@ -179,8 +180,8 @@ def _hash(*parts: object) -> str:
 
 async def process_payment(cmd: commands.ProcessPayment, uow: UnitOfWork, processing: Processing) -> Payment:
     v = model.new_violations()
-    model.check_uuid(cmd.order_id, "order_id", v)
-    model.check_uuid(cmd.customer_id, "customer_id", v)
+    check_uuid(cmd.order_id, "order_id", v)
+    check_uuid(cmd.customer_id, "customer_id", v)
     model.check_amount(cmd.amount, "amount", v)
     model.check_payment_method(cmd.payment_method, "payment_method", v)
     model.check_key(cmd.idempotency_key, "idempotency_key", v)
@@ -387,7 +388,7 @@ async def recover_abandoned_payments(uow: UnitOfWork, processing: Processing, li
 
 async def get_payment(cmd: commands.GetPayment, uow: UnitOfWork) -> Payment:
     v = model.new_violations()
-    model.check_uuid(cmd.payment_id, "id", v)
+    check_uuid(cmd.payment_id, "id", v)
     v.raise_if_any()
     async with uow:
         payment = await uow.payments.get(cmd.payment_id.lower())
@@ -400,8 +401,8 @@ async def get_payment(cmd: commands.GetPayment, uow: UnitOfWork) -> Payment:
 async def list_payments(cmd: commands.ListPayments, uow: UnitOfWork) -> tuple[list[Payment], str]:
     size = pagination.page_size(cmd.page_size, DOMAIN)
     v = model.new_violations()
-    model.check_uuid(cmd.order_id, "order_id", v, required=False)
-    model.check_uuid(cmd.customer_id, "customer_id", v, required=False)
+    check_uuid(cmd.order_id, "order_id", v, required=False)
+    check_uuid(cmd.customer_id, "customer_id", v, required=False)
     if cmd.unknown_status is not None:
         v.add("status", f"{cmd.unknown_status} is not a PaymentStatus")
     v.raise_if_any()
@@ -426,7 +427,7 @@ async def list_payments(cmd: commands.ListPayments, uow: UnitOfWork) -> tuple[li
 
 async def refund_payment(cmd: commands.RefundPayment, uow: UnitOfWork, processing: Processing) -> Payment:
     v = model.new_violations()
-    model.check_uuid(cmd.payment_id, "payment_id", v)
+    check_uuid(cmd.payment_id, "payment_id", v)
     model.check_key(cmd.idempotency_key, "idempotency_key", v)
     model.check_reason(cmd.reason, "reason", v)
     v.raise_if_any()

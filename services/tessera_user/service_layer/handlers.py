@@ -11,7 +11,7 @@ from typing import Protocol
 from tessera_runtime import pagination
 from tessera_runtime.context import current_principal
 from tessera_runtime.db import utcnow
-from tessera_runtime.errors import Aborted, AlreadyExists, NotFound, PermissionDenied
+from tessera_runtime.errors import Aborted, AlreadyExists, NotFound, PermissionDenied, check_uuid
 from tessera_runtime.fieldmask import check_update_mask
 from tessera_user import DOMAIN, mapping
 from tessera_user.adapters.repository import DuplicateEmail, DuplicateRequestId, UserRepository
@@ -41,11 +41,7 @@ class UnitOfWork(Protocol):
 
 def check_id(value: str, field: str) -> None:
     v = model.new_violations()
-    try:
-        if str(uuid.UUID(value)) != value.lower():
-            raise ValueError(value)
-    except ValueError:
-        v.add(field, "must be a UUID such as 0b6f7d2c-3c1e-4d1a-9a59-6f1d1b9f1e2a" if value else "is required")
+    check_uuid(value, field, v)
     v.raise_if_any()
 
 
