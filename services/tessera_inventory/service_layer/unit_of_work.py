@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tessera_inventory.adapters.orm import outbox
@@ -16,7 +15,7 @@ from tessera_inventory.adapters.repository import (
     SqlAlchemyReservationRepository,
 )
 from tessera_runtime.db import Database
-from tessera_runtime.unit_of_work import SqlAlchemyUnitOfWork
+from tessera_runtime.unit_of_work import FakeUnitOfWork, SqlAlchemyUnitOfWork
 
 
 class InventoryUnitOfWork(SqlAlchemyUnitOfWork):
@@ -31,31 +30,26 @@ class InventoryUnitOfWork(SqlAlchemyUnitOfWork):
         self.reservations = SqlAlchemyReservationRepository(session)
 
 
-class FakeInventoryUnitOfWork:
+class FakeInventoryUnitOfWork(FakeUnitOfWork):
     """Same interface as InventoryUnitOfWork. Like a transaction, everything done inside `async with` is undone
     unless committed; committed events are kept in `published` for assertions."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.state = InventoryState()
         self.products = InMemoryProductRepository(self.state)
         self.reservations = InMemoryReservationRepository(self.state)
-        self.events: list[tuple[str, str, Message]] = []
-        self.published: list[tuple[str, str, Message]] = []
-        self.commits = 0
         self._before: InventoryState | None = None
 
-    def reading(self) -> FakeInventoryUnitOfWork:
-        return self
-
     async def __aenter__(self) -> FakeInventoryUnitOfWork:
-        self.events = []
+        await super().__aenter__()
         self._before = self.state.copy()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._before is not None:
             self._restore(self._before)
-        self.events = []
+        await super().__aexit__(*exc)
 
     def _restore(self, saved: InventoryState) -> None:
         # The repositories keep a reference to self.state, so restore it in place.
@@ -63,16 +57,11 @@ class FakeInventoryUnitOfWork:
             setattr(self.state, field, getattr(saved, field))
         self._before = None
 
-    def add_event(self, aggregate_type: str, aggregate_id: str, message: Message) -> None:
-        self.events.append((aggregate_type, aggregate_id, message))
-
     async def commit(self) -> None:
-        self.published.extend(self.events)
-        self.events = []
-        self.commits += 1
+        await super().commit()
         self._before = None
 
     async def rollback(self) -> None:
         if self._before is not None:
             self._restore(self._before)
-        self.events = []
+        await super().rollback()
