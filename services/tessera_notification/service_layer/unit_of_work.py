@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tessera_notification.adapters.orm import outbox, processed_events
@@ -17,7 +16,7 @@ from tessera_notification.adapters.repository import (
 from tessera_runtime.db import Database
 from tessera_runtime.messaging import EventMeta
 from tessera_runtime.messaging.idempotency import claim_event, event_processed
-from tessera_runtime.unit_of_work import SqlAlchemyUnitOfWork
+from tessera_runtime.unit_of_work import FakeUnitOfWork, SqlAlchemyUnitOfWork
 
 
 class NotificationUnitOfWork(SqlAlchemyUnitOfWork):
@@ -39,34 +38,27 @@ class NotificationUnitOfWork(SqlAlchemyUnitOfWork):
         return await event_processed(self.session, processed_events, meta.consumer, meta.event_id)
 
 
-class FakeNotificationUnitOfWork:
+class FakeNotificationUnitOfWork(FakeUnitOfWork):
     """Same interface as NotificationUnitOfWork. One instance is the whole database: every `async with` is a
     transaction whose changes (repositories, claims, events) are kept only if it commits."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.notifications = InMemoryNotificationRepository()
         self.recipients = InMemoryRecipientRepository()
         self.claimed: set[tuple[str, str]] = set()
-        self.published: list[tuple[str, str, Message]] = []
-        self.commits = 0
         self._snapshot: tuple[dict, dict, set] | None = None
-        self._events: list[tuple[str, str, Message]] = []
-
-    def reading(self) -> FakeNotificationUnitOfWork:
-        return self
 
     async def __aenter__(self) -> FakeNotificationUnitOfWork:
+        await super().__aenter__()
         self._snapshot = (dict(self.notifications.items), dict(self.recipients.items), set(self.claimed))
-        self._events = []
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._snapshot is not None:  # not committed: roll back
             self.notifications.items, self.recipients.items, self.claimed = self._snapshot
         self._snapshot = None
-
-    def add_event(self, aggregate_type: str, aggregate_id: str, message: Message) -> None:
-        self._events.append((aggregate_type, aggregate_id, message))
+        await super().__aexit__(*exc)
 
     async def claim(self, meta: EventMeta) -> bool:
         key = (meta.consumer, meta.event_id)
@@ -79,7 +71,5 @@ class FakeNotificationUnitOfWork:
         return (meta.consumer, meta.event_id) in self.claimed
 
     async def commit(self) -> None:
-        self.published.extend(self._events)
-        self._events = []
+        await super().commit()
         self._snapshot = None
-        self.commits += 1
