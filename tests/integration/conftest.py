@@ -11,6 +11,7 @@ from tessera_runtime.messaging import MessagingServiceSettings
 from tessera_runtime.messaging.amqp import running_links
 from tessera_runtime.server import create_server
 from tests.support import postgres
+from tests.support.smtp import SmtpSink
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,3 +60,11 @@ async def user_stub(user_server):
     _, port = user_server
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield user_service_pb2_grpc.UserServiceStub(channel)
+
+
+@pytest.fixture
+async def smtp():
+    """A real SMTP server (aiosmtpd) on an ephemeral port that keeps what it receives."""
+    sink = await SmtpSink().start()
+    yield sink
+    await sink.stop()

@@ -29,6 +29,7 @@ from tessera_runtime.outbox import PendingEvent, notify_committed, outbox_table,
 from tessera_runtime.server import HealthCheck, ServiceModule
 from tests.support import rabbitmq
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
 
 EXCHANGE = "tessera.events"
 FAST = MessagingSettings(outbox_poll_seconds=0.2, reconnect_max_seconds=0.5, outbox_batch_size=100)
@@ -89,14 +90,6 @@ async def until_all_marked(db: Database, table, what: str, timeout: float = 30.0
 
 def sample(name: str, service: str) -> float | None:
     return REGISTRY.get_sample_value(name, {"service": service})
-
-
-async def eventually(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_publishes_every_row_in_order_with_its_properties_and_marks_it_after_the_confirm(vhost, outbox):

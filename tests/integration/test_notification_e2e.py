@@ -27,7 +27,6 @@ from tessera_runtime.messaging.relay import OutboxRelay
 from tessera_runtime.outbox import PendingEvent, outbox_table, write_events
 from tests.support import rabbitmq
 from tests.support.messaging_stack import environment, running
-from tests.support.smtp import SmtpSink
 
 QUEUE = "notification.email"
 
@@ -37,13 +36,6 @@ def amqp_url():
     vhost = rabbitmq.create_vhost()
     yield rabbitmq.amqp_url(vhost)
     rabbitmq.delete_vhost(vhost)
-
-
-@pytest.fixture
-async def smtp():
-    sink = await SmtpSink().start()
-    yield sink
-    await sink.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import sqlite3
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -29,6 +28,7 @@ from tests.support.messaging_stack import FAST
 from tests.support.processes import ServiceProcess
 from tests.support.smtp import SmtpSink
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
 
 QUEUE = "notification.email"
 USER_CREATED = "tessera.user.v1.UserCreated"
@@ -39,13 +39,6 @@ def vhost():
     name = rabbitmq.create_vhost()
     yield name
     rabbitmq.delete_vhost(name)
-
-
-@pytest.fixture
-async def smtp():
-    sink = await SmtpSink().start()
-    yield sink
-    await sink.stop()
 
 
 @pytest.fixture
@@ -87,14 +80,6 @@ async def create_users(address: str, count: int, tag: str) -> list[user_pb2.User
                 request_id=uuid.uuid4().hex), timeout=10)
             users.append(reply.user)
         return users
-
-
-async def eventually(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def exactly_one_each(smtp: SmtpSink, users: list[user_pb2.User]) -> None:

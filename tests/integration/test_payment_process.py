@@ -7,7 +7,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from tessera.payment.v1 import payment_service_pb2_grpc
 
 from tests.integration.conftest_payment import payment_request
 from tests.support.processes import ServiceProcess
+from tests.support.waiting import wait_for
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 SERVICE = "tessera.payment.v1.PaymentService"
@@ -23,16 +23,6 @@ SERVICE = "tessera.payment.v1.PaymentService"
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=30)
-
-
-def wait_for(probe, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = probe()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def row(db: Path, payment_filter: str, *params: str) -> tuple | None:

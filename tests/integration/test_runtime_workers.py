@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import psutil
@@ -19,6 +18,7 @@ from tessera.user.v1 import user_service_pb2 as svc
 from tests.support import postgres
 from tests.support.processes import ROOT, ServiceProcess
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import wait_for
 
 # Separate channels to one target share a connection unless each has its own subchannel pool.
 OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
@@ -36,15 +36,6 @@ def listening_pids(port: int, pids: list[int]) -> set[int]:
 def established(pid: int, port: int) -> int:
     return sum(1 for c in psutil.Process(pid).net_connections("tcp")
                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
-
-
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def kill_leftovers(service: ServiceProcess, pids: list[int]) -> None:

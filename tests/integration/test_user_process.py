@@ -19,6 +19,7 @@ from tessera.user.v1 import user_service_pb2 as svc
 from tests.support import postgres
 from tests.support.processes import ROOT, ServiceProcess
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import wait_for
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
@@ -48,15 +49,6 @@ def health(address: str, service: str = "") -> int:
     with grpc.insecure_channel(address) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=5).status
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def test_grpcurl_lists_describes_and_calls(sqlite_service):

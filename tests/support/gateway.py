@@ -27,6 +27,7 @@ from tessera_gateway import description as gateway_description
 from tessera_gateway import generate, process, tokens
 from tests.support.processes import ROOT, ServiceProcess
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import wait_for  # noqa: F401 - also imported from here by tests
 
 SERVICES = ("user", "inventory", "payment", "order", "notification")
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
@@ -207,18 +208,6 @@ class ServiceStack:
     def stop(self) -> None:
         for p in reversed(list(self.processes.values())):
             p.stop()
-
-
-def wait_for(condition, timeout: float = 20.0, interval: float = 0.1):
-    """Polls condition until it returns something truthy; returns that, or fails after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 # -- pytest fixtures (imported by tests/e2e/conftest.py) ----------------------------------------------------------
