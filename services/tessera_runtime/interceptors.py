@@ -40,15 +40,12 @@ def _principal(metadata: dict[str, str]) -> callctx.Principal | None:
 
 
 class _StatusWithIds(grpc.Status):
+    """`status` with the call's ids added to its trailing metadata (abort_with_status replaces what was set)."""
+
     def __init__(self, status: grpc.Status, ids: tuple[tuple[str, str], ...]) -> None:
         self.code = status.code
         self.details = status.details
         self.trailing_metadata = (*status.trailing_metadata, *ids)
-
-
-def _with_ids(status: grpc.Status, ids: tuple[tuple[str, str], ...]) -> grpc.Status:
-    """`status` with the call's ids added to its trailing metadata (abort_with_status replaces what was set)."""
-    return _StatusWithIds(status, ids)
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
@@ -115,7 +112,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     return await inner(request, context)
             except DomainError as err:
                 code = err.code
-                await context.abort_with_status(_with_ids(rpc_status.to_status(err.to_status()), ids))
+                await context.abort_with_status(_StatusWithIds(rpc_status.to_status(err.to_status()), ids))
             except TimeoutError:
                 if remaining is not None and (remaining <= 0 or (deadline is not None and deadline.expired())):
                     code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -126,7 +123,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.UNAVAILABLE
                     log.warning("timed out waiting for a dependency in %s", method, exc_info=True,
                                 extra={"rpc_method": method})
-                    await context.abort_with_status(_with_ids(rpc_status.to_status(Unavailable(
+                    await context.abort_with_status(_StatusWithIds(rpc_status.to_status(Unavailable(
                         "a dependency did not answer in time; retry later", domain=self.domain).to_status()), ids))
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
@@ -137,7 +134,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("unexpected error in %s", method, extra={"rpc_method": method})
-                await context.abort_with_status(_with_ids(rpc_status.to_status(internal_status(self.domain)), ids))
+                await context.abort_with_status(_StatusWithIds(rpc_status.to_status(internal_status(self.domain)), ids))
             finally:
                 duration = time.perf_counter() - start
                 log.info("rpc %s %s", method, code.name, extra={
