@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from opentelemetry import trace
 from sqlalchemy import DateTime, Select, Table, TypeDecorator, and_, event, or_, text
 from sqlalchemy.engine import make_url
@@ -172,6 +173,16 @@ class _DirectReads:
         self.plans: dict[int, _ReadPlan] = {}
 
 
+def _statement_error(exc: BaseException) -> bool:
+    """True for an error the server reported about one statement, which leaves the connection fit for the next.
+    Anything else means the connection is never handed out again: a connection closed or closing (a server that
+    ends the session sends its notice first, and asyncpg may then refuse the next statement with
+    InternalClientError before it sees the socket close), the server shutting down or cancelling, or a read
+    cancelled half way."""
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(
+        exc, (asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError))
+
+
 async def read_first(session: AsyncSession, statement: Select, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The first row of `statement` (a SELECT built once, at import, with `bindparam`s named in `params`), as a
     mapping of column key to value, or None.
@@ -198,8 +209,8 @@ async def read_first(session: AsyncSession, statement: Select, params: Mapping[s
             driver = raw.driver_connection
             try:
                 record = await driver.fetchrow(plan.sql, *arguments)
-            except BaseException:
-                if driver.is_closed():  # the connection died under the read: never hand it out again
+            except BaseException as exc:
+                if driver.is_closed() or not _statement_error(exc):
                     await connection.invalidate()
                 raise
     return None if record is None else plan.row(record)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
-from sqlalchemy import MetaData, bindparam, func, insert, select, text
+from sqlalchemy import Float, Integer, MetaData, bindparam, func, insert, select, text
 from tessera.user.v1 import user_events_pb2
 
 from tessera_runtime.db import Database, read_first, utcnow
@@ -150,12 +152,61 @@ async def test_a_connection_that_died_under_a_direct_read_is_not_handed_out_agai
                                 "WHERE datname = current_database() AND pid <> pg_backend_pid()")
         finally:
             await admin.close()
+        # Which error the read gets depends on how far asyncpg got with the server's notice: the notice itself,
+        # a closed connection, or a refusal of the statement while the notice is being consumed.
         with pytest.raises((asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError,
-                            asyncpg.exceptions.AdminShutdownError,
+                            asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.InternalClientError,
                             ConnectionError)):
             async with uow.reading():
                 await read_first(uow.session, USER_BY_ID, {"user_id": "u-1"})
         async with uow.reading():  # a new connection, not the dead one
             assert (await read_first(uow.session, USER_BY_ID, {"user_id": "u-1"}))["id"] == "u-1"
+    finally:
+        await database.dispose()
+
+
+BACKEND = select(func.pg_backend_pid().label("pid"))
+RATIO = select(func.mod(bindparam("a", type_=Integer), bindparam("b", type_=Integer)).label("q"))
+
+
+async def test_a_statement_error_in_a_direct_read_keeps_the_connection(pg_database):
+    _, url = pg_database
+    database = Database(url, pool_size=1)
+    try:
+        uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+        async with uow.reading():
+            before = (await read_first(uow.session, BACKEND, {}))["pid"]
+        with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
+            async with uow.reading():
+                await read_first(uow.session, RATIO, {"a": 1, "b": 0})
+        async with uow.reading():
+            assert (await read_first(uow.session, RATIO, {"a": 7, "b": 3}))["q"] == 1
+            assert (await read_first(uow.session, BACKEND, {}))["pid"] == before  # the same server session
+    finally:
+        await database.dispose()
+
+
+async def test_a_direct_read_cancelled_half_way_does_not_hand_its_connection_out_again(pg_database):
+    _, url = pg_database
+    database = Database(url, pool_size=1)
+    try:
+        uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+        async with uow.reading():
+            before = (await read_first(uow.session, BACKEND, {}))["pid"]
+        slow = select(func.pg_sleep(bindparam("s", type_=Float)).label("slept"))
+
+        async def read_slowly():
+            async with uow.reading():
+                await read_first(uow.session, slow, {"s": 5.0})
+
+        task = asyncio.ensure_future(read_slowly())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # As SQLAlchemy does with its own connections on cancellation: a new server session answers.
+        async with uow.reading():
+            after = await asyncio.wait_for(read_first(uow.session, BACKEND, {}), 3)
+        assert after["pid"] != before
     finally:
         await database.dispose()
