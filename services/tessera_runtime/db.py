@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
@@ -13,10 +14,13 @@ from opentelemetry import trace
 from sqlalchemy import DateTime, Select, Table, TypeDecorator, and_, event, or_, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.util.concurrency import await_, in_greenlet
 
 from tessera_runtime.telemetry import SQLALCHEMY_SCOPE, instrument_engine
 
 log = logging.getLogger("tessera.db")
+
+_READS_ONLY = "tessera_reads_only"  # an execution option of the read engine
 
 
 def _prepare_sqlite(engine: AsyncEngine) -> None:
@@ -35,7 +39,25 @@ def _prepare_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A unit of work's reading() writes nothing: a deferred BEGIN, which in WAL mode neither waits for a writer
+        # nor holds one up.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READS_ONLY) else "BEGIN IMMEDIATE")
+
+    @event.listens_for(engine.sync_engine, "invalidate")
+    def _on_invalidate(dbapi_connection, _record, _exception) -> None:
+        # SQLAlchemy invalidates (closes) a connection when a call is cancelled while it waits on the database: a
+        # caller that went away, a deadline. The statement it waited on still finishes on aiosqlite's thread, and a
+        # SELECT is then left with rows unread. SQLite does not really close a connection while one of its
+        # statements is unfinished: it stays open inside SQLite, with its transaction and the write lock that
+        # BEGIN IMMEDIATE took, until the statement is finalized, which is when the garbage collector frees the
+        # cancelled call's traceback. Meanwhile every write fails as "database is locked". A rollback queued behind
+        # that statement ends the transaction before the close (tests/integration/test_runtime_sqlite.py).
+        if not in_greenlet():
+            return  # the garbage collector's own cleanup: the connection is going away with nothing waiting on it
+        try:
+            await_(asyncio.shield(dbapi_connection.driver_connection.rollback()))
+        except Exception:  # already closed, or broken: then it holds nothing either
+            log.debug("rollback before closing an invalidated SQLite connection failed", exc_info=True)
 
 
 def ensure_sqlite_folder(url: str) -> None:
@@ -64,9 +86,9 @@ class Database:
         instrument_engine(self.engine)  # one span per statement, child of the RPC or message being handled
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, class_=AsyncSession)
         # Reads of one statement need no transaction: in autocommit a read is one round trip instead of three
-        # (BEGIN, SELECT, ROLLBACK). SQLite keeps its transactions: its BEGIN IMMEDIATE is what orders writers.
+        # (BEGIN, SELECT, ROLLBACK). SQLite keeps its transactions, deferred for reads (see _prepare_sqlite).
         read_engine = (self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql"
-                       else self.engine)
+                       else self.engine.execution_options(**{_READS_ONLY: True}))
         self.read_sessionmaker = async_sessionmaker(
             read_engine, expire_on_commit=False, class_=AsyncSession,
             info={_DIRECT_READS: _DirectReads(self.engine) if self.dialect == "postgresql" else None})

@@ -9,12 +9,13 @@ import pytest
 from sqlalchemy import Float, Integer, MetaData, bindparam, func, insert, select, text
 from tessera.user.v1 import user_events_pb2
 
-from tessera_runtime.db import Database, read_first, utcnow
+from tessera_runtime.db import Database, read_first
 from tessera_runtime.migrations import upgrade_async
 from tessera_runtime.outbox import outbox_table
 from tessera_runtime.unit_of_work import SqlAlchemyUnitOfWork
 from tessera_user import bootstrap
 from tessera_user.adapters.orm import users
+from tests.support.user_rows import user_row
 
 OUTBOX = outbox_table(MetaData())
 # The id of the transaction the statement runs in: two statements of one transaction see the same one.
@@ -67,14 +68,6 @@ async def test_a_reading_unit_of_work_refuses_to_commit_and_writes_no_event(data
 # Direct reads (tessera_runtime.db.read_first) ---------------------------------------------------------------------
 
 USER_BY_ID = select(users).where(users.c.id == bindparam("user_id"))
-
-
-def user_row(user_id: str) -> dict:
-    now = utcnow()
-    return {"id": user_id, "email": f"{user_id}@example.com", "email_key": f"{user_id}@example.com",
-            "display_name": "Ada", "status": "ACTIVE", "given_name": "Ada", "family_name": "L", "phone_number": "",
-            "locale": "en", "time_zone": "", "marketing_emails": True, "order_update_emails": False,
-            "preferred_currency_code": "EUR", "create_time": now, "update_time": now, "version": 3}
 
 
 async def test_a_direct_read_gives_what_the_session_gives(database):

@@ -1,0 +1,77 @@
+"""SQLite under cancellation: a call that goes away while it waits for the write lock must not leave the database
+locked. Found by the order crash tests: an order process killed in the middle of its calls left the user service's
+SQLite database locked, and every later write failed as "database is locked" until the garbage collector ran."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import MetaData, select, text
+
+from tessera_runtime.db import Database
+from tessera_runtime.migrations import upgrade_async
+from tessera_runtime.outbox import outbox_table
+from tessera_runtime.unit_of_work import SqlAlchemyUnitOfWork
+from tessera_user import bootstrap
+from tessera_user.adapters.orm import users
+from tests.support.user_rows import user_row
+
+OUTBOX = outbox_table(MetaData())
+
+
+@pytest.fixture
+async def sqlite_db(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'user.db'}"
+    await upgrade_async(bootstrap.MIGRATIONS, url)
+    database = Database(url)
+    yield database
+    await database.dispose()
+
+
+async def insert_user(database: Database, user_id: str) -> None:
+    uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+    async with uow:
+        await uow.session.execute(users.insert().values(user_row(user_id)))
+        await uow.commit()
+
+
+# Slow to its first row: every row is made and sorted before the first comes back.
+SLOW_READ = text("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000000) "
+                 "SELECT i FROM n ORDER BY i DESC")
+
+
+@pytest.mark.parametrize("reading", [True, False], ids=["read", "write"])
+async def test_a_call_cancelled_during_a_statement_leaves_the_database_writable(sqlite_db, reading):
+    async def slow_read() -> None:
+        uow = SqlAlchemyUnitOfWork(sqlite_db, OUTBOX)
+        async with uow.reading() if reading else uow:
+            await uow.session.execute(SLOW_READ)
+
+    call = asyncio.ensure_future(slow_read())
+    await asyncio.sleep(0.3)  # the statement now runs on aiosqlite's thread, inside the unit of work's transaction
+    call.cancel()  # as gRPC does when the caller goes away
+    with pytest.raises(asyncio.CancelledError) as cancelled:
+        await call
+
+    # The cancelled call's traceback is still referenced here (a caller's frames or a log record may keep one)
+    # and, through it, the statement its connection was running: that alone must not keep the write lock.
+    await insert_user(sqlite_db, "after")
+    async with sqlite_db.engine.connect() as conn:
+        assert set((await conn.execute(select(users.c.id))).scalars()) == {"after"}
+    assert cancelled.value.__traceback__ is not None
+
+
+async def test_reads_neither_wait_for_a_writer_nor_hold_one_up(sqlite_db):
+    await insert_user(sqlite_db, "before")
+    writer = SqlAlchemyUnitOfWork(sqlite_db, OUTBOX)
+    async with writer:  # BEGIN IMMEDIATE: the write lock, held until the commit
+        await writer.session.execute(users.insert().values(user_row("pending")))
+        reader = SqlAlchemyUnitOfWork(sqlite_db, OUTBOX)
+        async with reader.reading():
+            # Read at once, without the writer's uncommitted row; and while this read is open, the writer commits.
+            seen = set((await reader.session.execute(select(users.c.id))).scalars())
+            await writer.commit()
+    assert seen == {"before"}
+    async with sqlite_db.engine.connect() as conn:
+        assert set((await conn.execute(select(users.c.id))).scalars()) == {"before", "pending"}
