@@ -162,44 +162,42 @@ BACKEND = select(func.pg_backend_pid().label("pid"))
 RATIO = select(func.mod(bindparam("a", type_=Integer), bindparam("b", type_=Integer)).label("q"))
 
 
-async def test_a_statement_error_in_a_direct_read_keeps_the_connection(pg_database):
+@pytest.fixture
+async def one_connection(pg_database):
+    """A read unit of work on a pool of one connection, and the server session (backend pid) it reads on."""
     _, url = pg_database
     database = Database(url, pool_size=1)
-    try:
-        uow = SqlAlchemyUnitOfWork(database, OUTBOX)
-        async with uow.reading():
-            before = (await read_first(uow.session, BACKEND, {}))["pid"]
-        with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
-            async with uow.reading():
-                await read_first(uow.session, RATIO, {"a": 1, "b": 0})
-        async with uow.reading():
-            assert (await read_first(uow.session, RATIO, {"a": 7, "b": 3}))["q"] == 1
-            assert (await read_first(uow.session, BACKEND, {}))["pid"] == before  # the same server session
-    finally:
-        await database.dispose()
+    uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+    async with uow.reading():
+        pid = (await read_first(uow.session, BACKEND, {}))["pid"]
+    yield uow, pid
+    await database.dispose()
 
 
-async def test_a_direct_read_cancelled_half_way_does_not_hand_its_connection_out_again(pg_database):
-    _, url = pg_database
-    database = Database(url, pool_size=1)
-    try:
-        uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+async def test_a_statement_error_in_a_direct_read_keeps_the_connection(one_connection):
+    uow, before = one_connection
+    with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
         async with uow.reading():
-            before = (await read_first(uow.session, BACKEND, {}))["pid"]
-        slow = select(func.pg_sleep(bindparam("s", type_=Float)).label("slept"))
+            await read_first(uow.session, RATIO, {"a": 1, "b": 0})
+    async with uow.reading():
+        assert (await read_first(uow.session, RATIO, {"a": 7, "b": 3}))["q"] == 1
+        assert (await read_first(uow.session, BACKEND, {}))["pid"] == before  # the same server session
 
-        async def read_slowly():
-            async with uow.reading():
-                await read_first(uow.session, slow, {"s": 5.0})
 
-        task = asyncio.ensure_future(read_slowly())
-        await asyncio.sleep(0.3)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        # As SQLAlchemy does with its own connections on cancellation: a new server session answers.
+async def test_a_direct_read_cancelled_half_way_does_not_hand_its_connection_out_again(one_connection):
+    uow, before = one_connection
+    slow = select(func.pg_sleep(bindparam("s", type_=Float)).label("slept"))
+
+    async def read_slowly():
         async with uow.reading():
-            after = await asyncio.wait_for(read_first(uow.session, BACKEND, {}), 3)
-        assert after["pid"] != before
-    finally:
-        await database.dispose()
+            await read_first(uow.session, slow, {"s": 5.0})
+
+    task = asyncio.ensure_future(read_slowly())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # As SQLAlchemy does with its own connections on cancellation: a new server session answers.
+    async with uow.reading():
+        after = await asyncio.wait_for(read_first(uow.session, BACKEND, {}), 3)
+    assert after["pid"] != before
