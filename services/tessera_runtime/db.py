@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import socket
+import sqlite3
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import asyncpg
 from opentelemetry import trace
 from sqlalchemy import DateTime, Select, Table, TypeDecorator, and_, event, or_, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.util.concurrency import await_, in_greenlet
 
@@ -58,6 +61,39 @@ def _prepare_sqlite(engine: AsyncEngine) -> None:
             await_(asyncio.shield(dbapi_connection.driver_connection.rollback()))
         except Exception:  # already closed, or broken: then it holds nothing either
             log.debug("rollback before closing an invalidated SQLite connection failed", exc_info=True)
+
+
+# Errors that say the database could not be used just now, not that a statement was wrong.
+_UNREACHABLE = (
+    ConnectionError,  # refused, reset, broken pipe
+    socket.gaierror,  # the database's host name does not resolve (yet)
+    asyncpg.exceptions.PostgresConnectionError,  # class 08: the connection does not exist, failed, ...
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutting down, starting up, statement cancelled
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full
+    asyncpg.exceptions.InterfaceError,  # the connection is closed
+    asyncpg.exceptions.InternalClientError,  # the server's notice that it ended the session is being read
+)
+_SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the write lock stayed taken for the whole busy timeout
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when `exc` (or what it wraps) says the database could not be used just then, so that the call may
+    succeed later: the interceptor answers UNAVAILABLE instead of INTERNAL. A wrong statement, a missing table or a
+    constraint is not that."""
+    pending, seen = [exc], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, DBAPIError) and error.connection_invalidated:
+            return True
+        if isinstance(error, _UNREACHABLE):
+            return True
+        if isinstance(error, sqlite3.OperationalError) and getattr(error, "sqlite_errorcode", None) in _SQLITE_BUSY:
+            return True
+        pending += [getattr(error, "orig", None), error.__cause__]
+    return False
 
 
 def ensure_sqlite_folder(url: str) -> None:

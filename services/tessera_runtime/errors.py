@@ -106,6 +106,12 @@ class Unavailable(DomainError):
     default_reason = "UNAVAILABLE"
 
 
+# The ErrorInfo reason of a call that failed because the service's database could not be used just then (the
+# connection was refused, lost or the server is shutting down; SQLite's write lock stayed taken). The caller may retry;
+# a write may or may not have been applied (a connection lost during COMMIT), so its request_id must go with it.
+DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+
+
 class DeadlineExceeded(DomainError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     default_reason = "DEADLINE_EXCEEDED"

@@ -13,7 +13,14 @@ import grpc
 from grpc_status import rpc_status
 
 from tessera_runtime import context as callctx
-from tessera_runtime.errors import DomainError, Unauthenticated, Unavailable, internal_status
+from tessera_runtime.db import database_unavailable
+from tessera_runtime.errors import (
+    DATABASE_UNAVAILABLE,
+    DomainError,
+    Unauthenticated,
+    Unavailable,
+    internal_status,
+)
 from tessera_runtime.logs import correlation_id_var, request_id_var
 
 log = logging.getLogger("tessera.rpc")
@@ -131,10 +138,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("unexpected error in %s", method, extra={"rpc_method": method})
-                await context.abort_with_status(_StatusWithIds(rpc_status.to_status(internal_status(self.domain)), ids))
+            except Exception as exc:
+                if database_unavailable(exc):
+                    code = grpc.StatusCode.UNAVAILABLE
+                    log.warning("the database could not be used in %s", method, exc_info=True,
+                                extra={"rpc_method": method})
+                    await context.abort_with_status(_StatusWithIds(rpc_status.to_status(Unavailable(
+                        "the database is unavailable; retry later", reason=DATABASE_UNAVAILABLE,
+                        domain=self.domain).to_status()), ids))
+                else:
+                    code = grpc.StatusCode.INTERNAL
+                    log.exception("unexpected error in %s", method, extra={"rpc_method": method})
+                    await context.abort_with_status(
+                        _StatusWithIds(rpc_status.to_status(internal_status(self.domain)), ids))
             finally:
                 duration = time.perf_counter() - start
                 log.info("rpc %s %s", method, code.name, extra={

@@ -5,11 +5,13 @@ SQLite database locked, and every later write failed as "database is locked" unt
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import pytest
-from sqlalchemy import MetaData, select, text
+from sqlalchemy import MetaData, create_engine, select, text
+from sqlalchemy.exc import OperationalError
 
-from tessera_runtime.db import Database
+from tessera_runtime.db import Database, database_unavailable
 from tessera_runtime.migrations import upgrade_async
 from tessera_runtime.outbox import outbox_table
 from tessera_runtime.unit_of_work import SqlAlchemyUnitOfWork
@@ -75,3 +77,22 @@ async def test_reads_neither_wait_for_a_writer_nor_hold_one_up(sqlite_db):
     assert seen == {"before"}
     async with sqlite_db.engine.connect() as conn:
         assert set((await conn.execute(select(users.c.id))).scalars()) == {"before", "pending"}
+
+
+def test_a_write_lock_held_past_the_busy_timeout_is_an_unavailable_database_and_a_bad_statement_is_not(tmp_path):
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    try:
+        with engine.connect() as conn, pytest.raises(OperationalError) as locked:
+            conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        with engine.connect() as conn, pytest.raises(OperationalError) as missing:
+            conn.exec_driver_sql("SELECT * FROM no_such_table")
+    finally:
+        engine.dispose()
+        holder.rollback()
+        holder.close()
+    assert "locked" in str(locked.value) and database_unavailable(locked.value)
+    assert "no such table" in str(missing.value) and not database_unavailable(missing.value)

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tessera.user.v1 import user_pb2, user_service_pb2_grpc
 from tessera.user.v1 import user_service_pb2 as svc
 
+from tessera_runtime.clients import error_details
 from tests.support import postgres
 from tests.support.processes import ROOT, ServiceProcess
 from tests.support.tcp_proxy import TcpProxy
@@ -95,6 +96,39 @@ def test_readiness_follows_the_database(pg_via_proxy, tmp_path):
         assert json.loads(result.stdout)["status"] == "NOT_SERVING"
         proxy.restore()
         wait_for(lambda: health(address) == health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        service.stop()
+
+
+async def test_calls_while_the_database_is_unreachable_are_unavailable_and_change_nothing(pg_via_proxy, tmp_path):
+    url, proxy = pg_via_proxy
+    service = ServiceProcess("user", {"TESSERA_DATABASE_URL": url}, tmp_path / "user.log").start()
+    try:
+        async with grpc.aio.insecure_channel(service.address) as channel:
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            ada = (await stub.CreateUser(svc.CreateUserRequest(
+                user=user_pb2.User(email="ada@example.com", display_name="Ada"), request_id="ada"))).user
+            proxy.cut()  # the pooled connections are dropped, and new ones are refused
+            calls = {
+                "GetUser": lambda: stub.GetUser(svc.GetUserRequest(id=ada.id), timeout=10),
+                "CreateUser": lambda: stub.CreateUser(svc.CreateUserRequest(
+                    user=user_pb2.User(email="bob@example.com", display_name="Bob"), request_id="bob"), timeout=10),
+            }
+            for name, call in calls.items():
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call()
+                # UNAVAILABLE, which callers and the mesh retry, not INTERNAL: nothing is wrong with the request.
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (name, err.value)
+                info, _ = error_details(err.value)
+                assert info.reason == "DATABASE_UNAVAILABLE" and info.domain == "user.tessera.dev", name
+                assert "database" in err.value.details()
+            proxy.restore()
+            # The same calls succeed once the database is back; Bob was not created by the failed call.
+            listed = await stub.ListUsers(svc.ListUsersRequest(), timeout=10)
+            assert [u.email for u in listed.users] == ["ada@example.com"]
+            assert (await calls["GetUser"]()).user.id == ada.id
+            assert (await calls["CreateUser"]()).user.email == "bob@example.com"
+        assert "the database could not be used in /tessera.user.v1.UserService/GetUser" in service.log_text()
     finally:
         service.stop()
 

@@ -933,3 +933,24 @@ async def test_cancel_with_payment_down_answers_unavailable_and_finishes_in_back
             continue
     assert cancelled.status is OrderStatus.CANCELLED and cancelled.cancel_reason == "r"
     assert cancelled.steps[StepName.PROCESS_PAYMENT].compensation_attempts == 3
+
+
+def _rpc_error(code: grpc.StatusCode, status) -> grpc.aio.AioRpcError:
+    from grpc_status import rpc_status
+
+    trailing = grpc.aio.Metadata(*rpc_status.to_status(status).trailing_metadata)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, status.message)
+
+
+def test_a_participant_whose_database_failed_under_the_call_may_have_acted():
+    from tessera_order.adapters.downstream import translate
+    from tessera_runtime.errors import DATABASE_UNAVAILABLE, Unavailable
+
+    failed = translate("inventory", _rpc_error(grpc.StatusCode.UNAVAILABLE, Unavailable(
+        "the database is unavailable; retry later", reason=DATABASE_UNAVAILABLE, domain="inventory.tessera.dev",
+    ).to_status()))
+    # Retried like any UNAVAILABLE, but never taken as "nothing was done": its COMMIT may have gone through.
+    assert failed.transient and failed.outcome_unknown and failed.reason == DATABASE_UNAVAILABLE
+    refused = translate("inventory", _rpc_error(grpc.StatusCode.UNAVAILABLE, Unavailable(
+        "the payment processor is down", reason="PROCESSOR_UNAVAILABLE", domain="payment.tessera.dev").to_status()))
+    assert refused.transient and not refused.outcome_unknown

@@ -20,6 +20,7 @@ from tessera.user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 
 from tessera_order.service_layer.ports import Customer, DownstreamError, Payment, Product, Reservation
 from tessera_runtime.clients import error_details, open_channel
+from tessera_runtime.errors import DATABASE_UNAVAILABLE
 
 USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
 INVENTORY_SERVICE = inventory_pb2.DESCRIPTOR.services_by_name["InventoryService"]
@@ -35,7 +36,9 @@ def translate(service: str, err: grpc.aio.AioRpcError) -> DownstreamError:
         info = None
     return DownstreamError(
         service, err.code(), info.reason if info is not None else err.code().name, err.details() or "",
-        dict(info.metadata) if info is not None else {}, answered=info is not None,
+        dict(info.metadata) if info is not None else {},
+        # A service whose database failed under the call answers, but cannot say whether its write was applied.
+        answered=info is not None and info.reason != DATABASE_UNAVAILABLE,
     )
 
 
