@@ -54,7 +54,7 @@ def _prepare_sqlite(engine: AsyncEngine) -> None:
         # statements is unfinished: it stays open inside SQLite, with its transaction and the write lock that
         # BEGIN IMMEDIATE took, until the statement is finalized, which is when the garbage collector frees the
         # cancelled call's traceback. Meanwhile every write fails as "database is locked". A rollback queued behind
-        # that statement ends the transaction before the close (tests/integration/test_runtime_sqlite.py).
+        # that statement ends the transaction before the close (tests/integration/test_runtime_db_faults.py).
         if not in_greenlet():
             return  # the garbage collector's own cleanup: the connection is going away with nothing waiting on it
         try:
@@ -70,7 +70,6 @@ _UNREACHABLE = (
     asyncpg.exceptions.PostgresConnectionError,  # class 08: the connection does not exist, failed, ...
     asyncpg.exceptions.OperatorInterventionError,  # class 57: shutting down, starting up, statement cancelled
     asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full
-    asyncpg.exceptions.InterfaceError,  # the connection is closed
     asyncpg.exceptions.InternalClientError,  # the server's notice that it ended the session is being read
 )
 _SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the write lock stayed taken for the whole busy timeout
@@ -89,6 +88,10 @@ def database_unavailable(exc: BaseException) -> bool:
         if isinstance(error, DBAPIError) and error.connection_invalidated:
             return True
         if isinstance(error, _UNREACHABLE):
+            return True
+        # asyncpg's InterfaceError is also how it reports a statement given the wrong arguments: only a closed
+        # connection counts.
+        if isinstance(error, asyncpg.exceptions.InterfaceError) and "closed" in str(error):
             return True
         if isinstance(error, sqlite3.OperationalError) and getattr(error, "sqlite_errorcode", None) in _SQLITE_BUSY:
             return True

@@ -1,12 +1,14 @@
-"""SQLite under cancellation: a call that goes away while it waits for the write lock must not leave the database
-locked. Found by the order crash tests: an order process killed in the middle of its calls left the user service's
-SQLite database locked, and every later write failed as "database is locked" until the garbage collector ran."""
+"""The database under faults. On SQLite, a call that goes away while its statement runs must not leave the database
+locked: found by the order crash tests, where an order process killed in the middle of its calls left the user
+service's SQLite database locked, and every later write failed as "database is locked" until the garbage collector
+ran. And which errors mean "the database cannot be used just now" (UNAVAILABLE) rather than a wrong statement."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 
+import asyncpg
 import pytest
 from sqlalchemy import MetaData, create_engine, select, text
 from sqlalchemy.exc import OperationalError
@@ -96,3 +98,15 @@ def test_a_write_lock_held_past_the_busy_timeout_is_an_unavailable_database_and_
         holder.close()
     assert "locked" in str(locked.value) and database_unavailable(locked.value)
     assert "no such table" in str(missing.value) and not database_unavailable(missing.value)
+
+
+async def test_a_closed_postgresql_connection_is_an_unavailable_database_and_wrong_arguments_are_not(pg_database):
+    _, url = pg_database
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    with pytest.raises(asyncpg.exceptions.InterfaceError) as wrong_arguments:
+        await conn.fetchval("SELECT $1::int", 1, 2)
+    await conn.close()
+    with pytest.raises(asyncpg.exceptions.InterfaceError) as closed:
+        await conn.fetchval("SELECT 1")
+    assert database_unavailable(closed.value)
+    assert not database_unavailable(wrong_arguments.value)
