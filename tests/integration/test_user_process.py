@@ -40,6 +40,18 @@ async def pg_via_proxy():
 
 
 @pytest.fixture
+async def user_via_proxy(pg_via_proxy, tmp_path):
+    """The user service process on the proxied database, its proxy, and a stub on a channel to it."""
+    url, proxy = pg_via_proxy
+    service = ServiceProcess("user", {"TESSERA_DATABASE_URL": url}, tmp_path / "user.log").start()
+    try:
+        async with grpc.aio.insecure_channel(service.address) as channel:
+            yield service, proxy, user_service_pb2_grpc.UserServiceStub(channel)
+    finally:
+        service.stop()
+
+
+@pytest.fixture
 def sqlite_service(tmp_path):
     service = ServiceProcess("user", {"TESSERA_DATA_DIR": str(tmp_path)}, tmp_path / "user.log").start()
     yield service
@@ -100,37 +112,31 @@ def test_readiness_follows_the_database(pg_via_proxy, tmp_path):
         service.stop()
 
 
-async def test_calls_while_the_database_is_unreachable_are_unavailable_and_change_nothing(pg_via_proxy, tmp_path):
-    url, proxy = pg_via_proxy
-    service = ServiceProcess("user", {"TESSERA_DATABASE_URL": url}, tmp_path / "user.log").start()
-    try:
-        async with grpc.aio.insecure_channel(service.address) as channel:
-            stub = user_service_pb2_grpc.UserServiceStub(channel)
-            ada = (await stub.CreateUser(svc.CreateUserRequest(
-                user=user_pb2.User(email="ada@example.com", display_name="Ada"), request_id="ada"))).user
-            proxy.cut()  # the pooled connections are dropped, and new ones are refused
-            calls = {
-                "GetUser": lambda: stub.GetUser(svc.GetUserRequest(id=ada.id), timeout=10),
-                "CreateUser": lambda: stub.CreateUser(svc.CreateUserRequest(
-                    user=user_pb2.User(email="bob@example.com", display_name="Bob"), request_id="bob"), timeout=10),
-            }
-            for name, call in calls.items():
-                with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await call()
-                # UNAVAILABLE, which callers and the mesh retry, not INTERNAL: nothing is wrong with the request.
-                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (name, err.value)
-                info, _ = error_details(err.value)
-                assert info.reason == "DATABASE_UNAVAILABLE" and info.domain == "user.tessera.dev", name
-                assert "database" in err.value.details()
-            proxy.restore()
-            # The same calls succeed once the database is back; Bob was not created by the failed call.
-            listed = await stub.ListUsers(svc.ListUsersRequest(), timeout=10)
-            assert [u.email for u in listed.users] == ["ada@example.com"]
-            assert (await calls["GetUser"]()).user.id == ada.id
-            assert (await calls["CreateUser"]()).user.email == "bob@example.com"
-        assert "the database could not be used in /tessera.user.v1.UserService/GetUser" in service.log_text()
-    finally:
-        service.stop()
+async def test_calls_while_the_database_is_unreachable_are_unavailable_and_change_nothing(user_via_proxy):
+    service, proxy, stub = user_via_proxy
+    ada = (await stub.CreateUser(svc.CreateUserRequest(
+        user=user_pb2.User(email="ada@example.com", display_name="Ada"), request_id="ada"))).user
+    proxy.cut()  # the pooled connections are dropped, and new ones are refused
+    calls = {
+        "GetUser": lambda: stub.GetUser(svc.GetUserRequest(id=ada.id), timeout=10),
+        "CreateUser": lambda: stub.CreateUser(svc.CreateUserRequest(
+            user=user_pb2.User(email="bob@example.com", display_name="Bob"), request_id="bob"), timeout=10),
+    }
+    for name, call in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call()
+        # UNAVAILABLE, which callers and the mesh retry, not INTERNAL: nothing is wrong with the request.
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (name, err.value)
+        info, _ = error_details(err.value)
+        assert info.reason == "DATABASE_UNAVAILABLE" and info.domain == "user.tessera.dev", name
+        assert "database" in err.value.details()
+    proxy.restore()
+    # The same calls succeed once the database is back; Bob was not created by the failed call.
+    listed = await stub.ListUsers(svc.ListUsersRequest(), timeout=10)
+    assert [u.email for u in listed.users] == ["ada@example.com"]
+    assert (await calls["GetUser"]()).user.id == ada.id
+    assert (await calls["CreateUser"]()).user.email == "bob@example.com"
+    assert "the database could not be used in /tessera.user.v1.UserService/GetUser" in service.log_text()
 
 
 async def test_sigterm_finishes_in_flight_calls_refuses_new_ones_and_exits_zero(pg_via_proxy, tmp_path):
@@ -182,28 +188,22 @@ def test_bad_configuration_stops_the_service_naming_the_variable(tmp_path):
     assert "TESSERA_GRPC_PORT" in result.stderr and "fifty" in result.stderr
 
 
-async def test_the_callers_deadline_stops_the_work(pg_via_proxy, tmp_path):
-    url, proxy = pg_via_proxy
-    service = ServiceProcess("user", {"TESSERA_DATABASE_URL": url}, tmp_path / "user.log").start()
-    try:
-        async with grpc.aio.insecure_channel(service.address) as channel:
-            stub = user_service_pb2_grpc.UserServiceStub(channel)
-            await stub.ListUsers(svc.ListUsersRequest(), timeout=10)  # connections warmed up
-            proxy.delay = 0.3
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.CreateUser(svc.CreateUserRequest(
-                    user=user_pb2.User(email="late@example.com", display_name="Late"), request_id="late"),
-                    timeout=0.8)
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            # The server's own log line shows the handler was stopped, not left running to completion.
-            ended = ("UserService/CreateUser DEADLINE_EXCEEDED", "UserService/CreateUser CANCELLED")
-            await asyncio.to_thread(wait_for, lambda: any(e in service.log_text() for e in ended))
-            proxy.delay = 0
-            await asyncio.sleep(1)
-            listed = await stub.ListUsers(svc.ListUsersRequest(), timeout=10)
-            assert [u.email for u in listed.users] == []
-    finally:
-        service.stop()
+async def test_the_callers_deadline_stops_the_work(user_via_proxy):
+    service, proxy, stub = user_via_proxy
+    await stub.ListUsers(svc.ListUsersRequest(), timeout=10)  # connections warmed up
+    proxy.delay = 0.3
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CreateUser(svc.CreateUserRequest(
+            user=user_pb2.User(email="late@example.com", display_name="Late"), request_id="late"),
+            timeout=0.8)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The server's own log line shows the handler was stopped, not left running to completion.
+    ended = ("UserService/CreateUser DEADLINE_EXCEEDED", "UserService/CreateUser CANCELLED")
+    await asyncio.to_thread(wait_for, lambda: any(e in service.log_text() for e in ended))
+    proxy.delay = 0
+    await asyncio.sleep(1)
+    listed = await stub.ListUsers(svc.ListUsersRequest(), timeout=10)
+    assert [u.email for u in listed.users] == []
 
 
 def test_migrate_command_creates_the_schema(tmp_path):
