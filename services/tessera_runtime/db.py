@@ -236,12 +236,9 @@ class _DirectReads:
 
 def _statement_error(exc: BaseException) -> bool:
     """True for an error the server reported about one statement, which leaves the connection fit for the next.
-    Anything else means the connection is never handed out again: a connection closed or closing (a server that
-    ends the session sends its notice first, and asyncpg may then refuse the next statement with
-    InternalClientError before it sees the socket close), the server shutting down or cancelling, or a read
-    cancelled half way."""
-    return isinstance(exc, asyncpg.PostgresError) and not isinstance(
-        exc, (asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError))
+    Anything else means the connection is never handed out again: one that database_unavailable() recognises (a
+    connection closed or closing, the server shutting down or cancelling), or a read cancelled half way."""
+    return isinstance(exc, asyncpg.PostgresError) and not database_unavailable(exc)
 
 
 async def read_first(session: AsyncSession, statement: Select, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
