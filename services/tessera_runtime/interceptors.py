@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from tessera_runtime import context as callctx
@@ -53,6 +54,12 @@ class _StatusWithIds(grpc.Status):
         self.code = status.code
         self.details = status.details
         self.trailing_metadata = (*status.trailing_metadata, *ids)
+
+
+async def _fail(context: grpc.aio.ServicerContext, ids: tuple[tuple[str, str], ...],
+                status: status_pb2.Status) -> None:
+    """Ends the call with `status` (a google.rpc.Status with its details) and the call's ids."""
+    await context.abort_with_status(_StatusWithIds(rpc_status.to_status(status), ids))
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
@@ -107,6 +114,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             # as initial metadata they would cost a batch (a round through gRPC's completion queue) of their own.
             ids = ((callctx.REQUEST_ID, request_id), (callctx.CORRELATION_ID, correlation_id))
             context.set_trailing_metadata(ids)
+
             try:
                 if self.require_identity and principal is None and not exempt:
                     raise Unauthenticated("the call carries no caller identity; call through the gateway",
@@ -119,7 +127,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     return await inner(request, context)
             except DomainError as err:
                 code = err.code
-                await context.abort_with_status(_StatusWithIds(rpc_status.to_status(err.to_status()), ids))
+                await _fail(context, ids, err.to_status())
             except TimeoutError:
                 if remaining is not None and (remaining <= 0 or (deadline is not None and deadline.expired())):
                     code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -130,8 +138,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.UNAVAILABLE
                     log.warning("timed out waiting for a dependency in %s", method, exc_info=True,
                                 extra={"rpc_method": method})
-                    await context.abort_with_status(_StatusWithIds(rpc_status.to_status(Unavailable(
-                        "a dependency did not answer in time; retry later", domain=self.domain).to_status()), ids))
+                    await _fail(context, ids, Unavailable("a dependency did not answer in time; retry later",
+                                                          domain=self.domain).to_status())
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
@@ -143,14 +151,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.UNAVAILABLE
                     log.warning("the database could not be used in %s", method, exc_info=True,
                                 extra={"rpc_method": method})
-                    await context.abort_with_status(_StatusWithIds(rpc_status.to_status(Unavailable(
-                        "the database is unavailable; retry later", reason=DATABASE_UNAVAILABLE,
-                        domain=self.domain).to_status()), ids))
+                    await _fail(context, ids, Unavailable("the database is unavailable; retry later",
+                                                          reason=DATABASE_UNAVAILABLE, domain=self.domain).to_status())
                 else:
                     code = grpc.StatusCode.INTERNAL
                     log.exception("unexpected error in %s", method, extra={"rpc_method": method})
-                    await context.abort_with_status(
-                        _StatusWithIds(rpc_status.to_status(internal_status(self.domain)), ids))
+                    await _fail(context, ids, internal_status(self.domain))
             finally:
                 duration = time.perf_counter() - start
                 log.info("rpc %s %s", method, code.name, extra={
