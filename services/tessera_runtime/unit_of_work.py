@@ -47,6 +47,12 @@ class SqlAlchemyUnitOfWork:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
+        if self._read_only and not self.session.in_transaction():
+            # Nothing ran on the session (its reads were direct, see tessera_runtime.db.read_first): it holds no
+            # connection, so there is nothing to roll back or close, and two rounds through the greenlet bridge
+            # are saved.
+            self._read_only = False
+            return
         try:
             if not self._committed:
                 await self.session.rollback()

@@ -6,7 +6,8 @@ import asyncio
 
 import asyncpg
 import pytest
-from sqlalchemy import Float, Integer, MetaData, bindparam, func, insert, select, text
+from sqlalchemy import JSON, Float, Integer, MetaData, String, bindparam, cast, func, insert, select, text
+from sqlalchemy.dialects.postgresql import JSONB
 from tessera.user.v1 import user_events_pb2
 
 from tessera_runtime.db import Database, read_first
@@ -84,6 +85,62 @@ async def test_a_direct_read_gives_what_the_session_gives(database):
     assert direct["create_time"].tzinfo is not None and direct["create_time"].utcoffset().total_seconds() == 0
 
 
+JSON_VALUES = select(
+    func.json_build_object("n", bindparam("n", type_=Integer), type_=JSON).label("j"),
+    func.jsonb_build_object("s", bindparam("s", type_=String), type_=JSONB).label("jb"),
+    cast(bindparam("doc", type_=JSONB), JSONB).label("doc"),
+)
+
+
+async def test_direct_reads_decode_and_encode_json_as_the_engine_does(pg_database):
+    _, url = pg_database
+    database = Database(url)
+    params = {"n": 7, "s": "é", "doc": {"a": [1, None, "x"]}}
+    try:
+        uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+        async with uow.reading():
+            direct = await read_first(uow.session, JSON_VALUES, params)
+        async with uow:  # inside a transaction: SQLAlchemy's own read
+            through_session = await read_first(uow.session, JSON_VALUES, params)
+        assert dict(direct) == dict(through_session) == {"j": {"n": 7}, "jb": {"s": "é"}, "doc": params["doc"]}
+    finally:
+        await database.dispose()
+
+
+SLEEPING_BACKENDS = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                         "AND query LIKE '%pg_sleep%' AND pid <> pg_backend_pid()")
+OTHER_BACKENDS = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                      "AND pid <> pg_backend_pid()")
+
+
+async def test_direct_reads_keep_to_their_pool_size_and_dispose_closes_their_connections(pg_database):
+    _, url = pg_database
+    database = Database(url, pool_size=4, read_pool_size=2)
+    slow = select(func.pg_sleep(bindparam("s", type_=Float)).label("slept"))
+    admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        async def read_slowly():
+            async with SqlAlchemyUnitOfWork(database, OUTBOX).reading() as uow:
+                await read_first(uow.session, slow, {"s": 0.6})
+
+        reads = [asyncio.ensure_future(read_slowly()) for _ in range(5)]
+        await asyncio.sleep(0.3)
+        assert await admin.fetchval(SLEEPING_BACKENDS.text) == 2  # the other three wait for a connection
+        await asyncio.gather(*reads)
+        # The engine's pool is not the direct reads': a transaction still gets a connection of its own.
+        async with SqlAlchemyUnitOfWork(database, OUTBOX) as uow:
+            assert (await uow.session.execute(text("SELECT 1"))).scalar() == 1
+        assert await admin.fetchval(OTHER_BACKENDS.text) == 3  # two direct-read connections, one of the engine
+        await database.dispose()
+        assert await admin.fetchval(OTHER_BACKENDS.text) == 0
+        # As after the engine's dispose(), the next read opens the pool again.
+        async with SqlAlchemyUnitOfWork(database, OUTBOX).reading() as uow:
+            assert (await read_first(uow.session, BACKEND, {}))["pid"] > 0
+    finally:
+        await admin.close()
+        await database.dispose()
+
+
 async def test_a_read_inside_a_transaction_sees_the_transaction(database):
     # Only reads outside a transaction go straight to asyncpg: inside one, read_first is the session's own read
     # and sees what the transaction wrote before it commits.
@@ -128,36 +185,6 @@ async def test_a_direct_read_has_a_database_span_under_the_callers_span(pg_datab
     assert "FROM users" in read.attributes["db.statement"] and "$1" in read.attributes["db.statement"]
 
 
-async def test_a_connection_that_died_under_a_direct_read_is_not_handed_out_again(pg_database):
-    _, url = pg_database
-    await upgrade_async(bootstrap.MIGRATIONS, url)
-    database = Database(url, pool_size=1)
-    try:
-        async with database.engine.begin() as conn:
-            await conn.execute(insert(users).values(user_row("u-1")))
-        uow = SqlAlchemyUnitOfWork(database, OUTBOX)
-        async with uow.reading():
-            assert await read_first(uow.session, USER_BY_ID, {"user_id": "u-1"}) is not None
-        # The server ends the pooled connection (a PostgreSQL restart or failover does the same).
-        admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
-        try:
-            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-        finally:
-            await admin.close()
-        # Which error the read gets depends on how far asyncpg got with the server's notice: the notice itself,
-        # a closed connection, or a refusal of the statement while the notice is being consumed.
-        with pytest.raises((asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError,
-                            asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.InternalClientError,
-                            ConnectionError)):
-            async with uow.reading():
-                await read_first(uow.session, USER_BY_ID, {"user_id": "u-1"})
-        async with uow.reading():  # a new connection, not the dead one
-            assert (await read_first(uow.session, USER_BY_ID, {"user_id": "u-1"}))["id"] == "u-1"
-    finally:
-        await database.dispose()
-
-
 BACKEND = select(func.pg_backend_pid().label("pid"))
 RATIO = select(func.mod(bindparam("a", type_=Integer), bindparam("b", type_=Integer)).label("q"))
 
@@ -172,6 +199,45 @@ async def one_connection(pg_database):
         pid = (await read_first(uow.session, BACKEND, {}))["pid"]
     yield uow, pid
     await database.dispose()
+
+
+# What a read may get from a connection the server ended, depending on how far asyncpg got with the server's
+# notice: the notice itself, a closed connection, or a refusal of the statement while the notice is being consumed.
+SERVER_ENDED = (asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError,
+                asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.InternalClientError, ConnectionError)
+
+
+async def test_a_connection_that_died_under_a_direct_read_is_not_handed_out_again(one_connection, pg_database):
+    uow, first = one_connection  # a pool of one: every read after this one needs that connection or its successor
+    admin = await asyncpg.connect(pg_database[1].replace("postgresql+asyncpg", "postgresql"))
+    slow = select(func.pg_sleep(bindparam("s", type_=Float)).label("slept"))
+
+    async def read_slowly():
+        async with uow.reading():
+            await read_first(uow.session, slow, {"s": 5.0})
+
+    try:
+        # The server ends the session while a read waits on it (a PostgreSQL restart or failover does the same).
+        task = asyncio.ensure_future(read_slowly())
+        await asyncio.sleep(0.3)
+        await admin.execute("SELECT pg_terminate_backend($1)", first)
+        with pytest.raises(SERVER_ENDED):
+            await task
+        async with uow.reading():  # a new connection, not the dead one
+            second = (await asyncio.wait_for(read_first(uow.session, BACKEND, {}), 3))["pid"]
+        assert second != first
+        # The server ends it while it is idle in the pool: at worst the next read fails, and the one after works.
+        await admin.execute("SELECT pg_terminate_backend($1)", second)
+        try:
+            async with uow.reading():
+                await read_first(uow.session, BACKEND, {})
+        except SERVER_ENDED:
+            pass
+        async with uow.reading():
+            third = (await asyncio.wait_for(read_first(uow.session, BACKEND, {}), 3))["pid"]
+        assert third not in (first, second)
+    finally:
+        await admin.close()
 
 
 async def test_a_statement_error_in_a_direct_read_keeps_the_connection(one_connection):
