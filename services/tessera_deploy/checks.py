@@ -15,6 +15,7 @@ from typing import Any
 from tessera_deploy.catalog import GATEWAY, INGRESS_PRINCIPAL, TRUST_DOMAIN, Workload
 from tessera_deploy.render import Manifest
 from tessera_runtime.config import ConfigError
+from tessera_runtime.db import MAX_CONNECTIONS
 from tessera_runtime.telemetry import otlp_collector_address
 
 POD_TEMPLATE_KINDS = ("Deployment", "StatefulSet")
@@ -22,6 +23,9 @@ POD_TEMPLATE_KINDS = ("Deployment", "StatefulSet")
 ISTIO_PROTOCOLS = ("grpc", "grpc-web", "http", "http2", "https", "tcp", "tls", "mongo", "mysql", "redis", "udp")
 # Ports the Istio sidecar adds to every injected pod: a Service may target them though no container declares them.
 SIDECAR_PORTS = (15020, 15090)
+# PostgreSQL's own max_connections when none is given, and the connections it keeps for superusers out of it.
+POSTGRES_DEFAULT_MAX_CONNECTIONS = 100
+POSTGRES_RESERVED_CONNECTIONS = 3
 # Where a service sends its spans (tessera_runtime.telemetry reads the standard OTEL_* variables).
 OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 _PRINCIPAL = re.compile(rf"^{re.escape(TRUST_DOMAIN)}/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
@@ -531,6 +535,58 @@ def check_mtls(overlay: Overlay, namespace: str) -> Iterator[Problem]:
             yield _problem(p, "spec.mtls.mode", "must be STRICT (only a metrics port may be PERMISSIVE)")
 
 
+# --- database connections ------------------------------------------------------------------------------------
+
+
+def _most_pods(overlay: Overlay, pod: Manifest) -> int:
+    """The most replicas a pod template may have: its HorizontalPodAutoscaler's maxReplicas, or its replicas."""
+    for hpa in overlay.of("HorizontalPodAutoscaler"):
+        target = _get(hpa.obj, "spec", "scaleTargetRef", default={})
+        if hpa.namespace == pod.namespace and target.get("kind") == pod.kind and target.get("name") == pod.name:
+            return int(_get(hpa.obj, "spec", "maxReplicas", default=1))
+    return int(_get(pod.obj, "spec", "replicas", default=1))
+
+
+def _max_connections_setting(container: dict[str, Any]) -> int:
+    """max_connections as the container's arguments set it (`-c max_connections=N`), else PostgreSQL's default."""
+    args = [str(a) for a in (*(container.get("command") or ()), *(container.get("args") or ()))]
+    for i, arg in enumerate(args):
+        setting = args[i + 1] if arg == "-c" and i + 1 < len(args) else arg.removeprefix("-c")
+        name, _, value = setting.partition("=")
+        if name.strip() == "max_connections" and value.strip().isdigit():
+            return int(value)
+    return POSTGRES_DEFAULT_MAX_CONNECTIONS
+
+
+def check_database_connections(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:
+    """A PostgreSQL of the overlay (the dev overlay's) accepts every connection the services may open at once:
+    tessera_runtime.db.MAX_CONNECTIONS per process, TESSERA_WORKERS processes per pod, at the most pods each may
+    have. A server outside the cluster is sized by its operator (k8s/README.md)."""
+    servers = [(pod, ci, c) for pod in overlay.pod_templates() for ci, c in enumerate(_containers(pod))
+               if str(c.get("image", "")).rsplit("/", 1)[-1].split(":", 1)[0] == "postgres"]
+    if not servers:
+        return
+    names = {w.k8s_name for w in workloads}
+    needed: dict[str, int] = {}
+    for svc in overlay.of("Service"):
+        if svc.name not in names:
+            continue
+        for pod in overlay.pods_of(svc):
+            for c in _containers(pod):
+                workers = _container_env(overlay, pod, c).get("TESSERA_WORKERS", "1")
+                processes = int(workers) if workers.isdigit() else 1
+                needed[pod.name] = _most_pods(overlay, pod) * processes * MAX_CONNECTIONS
+    total = sum(needed.values())
+    for pod, ci, c in servers:
+        allowed = _max_connections_setting(c) - POSTGRES_RESERVED_CONNECTIONS
+        if total > allowed:
+            detail = ", ".join(f"{name} {n}" for name, n in sorted(needed.items()))
+            yield _problem(pod, f"spec.template.spec.containers[{ci}].args",
+                           f"max_connections leaves {allowed} connections for clients, but the services may open "
+                           f"{total} at once ({detail}: {MAX_CONNECTIONS} per process at the most pods each may "
+                           f"have); raise it to at least {total + POSTGRES_RESERVED_CONNECTIONS}")
+
+
 def check(manifests: Iterable[Manifest], workloads: Iterable[Workload], namespace: str) -> list[Problem]:
     """Every semantic problem of one rendered overlay."""
     overlay = Overlay(manifests)
@@ -539,7 +595,7 @@ def check(manifests: Iterable[Manifest], workloads: Iterable[Workload], namespac
     for checker in (check_virtual_services, check_destination_rules, check_images):
         problems.extend(checker(overlay))
     for checker in (check_services, check_pod_templates, check_companions, check_authorization,
-                    check_network_policies):
+                    check_network_policies, check_database_connections):
         problems.extend(checker(overlay, workloads))
     problems.extend(check_mtls(overlay, namespace))
     return problems

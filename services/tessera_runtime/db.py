@@ -30,6 +30,11 @@ _READS_ONLY = "tessera_reads_only"  # an execution option of the read engine
 _CONNECT_ARGS = {"timeout": 3, "command_timeout": 30}
 # SQLAlchemy's pool waits this long for a free connection before it gives up (its default); so does read_first.
 _POOL_TIMEOUT = 30.0
+# On PostgreSQL: the engine's pool (which may grow to twice that under load), the direct-read pool, and so the most
+# connections one process opens. Deployments size their servers by it (tessera_deploy.checks).
+POOL_SIZE = 10
+READ_POOL_SIZE = POOL_SIZE // 2
+MAX_CONNECTIONS = 2 * POOL_SIZE + READ_POOL_SIZE
 
 
 def _prepare_sqlite(engine: AsyncEngine) -> None:
@@ -115,7 +120,7 @@ def ensure_sqlite_folder(url: str) -> None:
 class Database:
     """Owns one service's engine and session factory. Nothing connects until first use."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, read_pool_size: int | None = None,
+    def __init__(self, url: str, *, pool_size: int = POOL_SIZE, read_pool_size: int | None = None,
                  echo: bool = False) -> None:
         """`pool_size`: the engine's pool (it may grow to twice that under load). `read_pool_size`: on PostgreSQL,
         the direct-read pool's most connections (default half of `pool_size`, at least one; see read_first)."""

@@ -291,3 +291,34 @@ def test_malformed_duration_is_reported(tree):
     edit_yaml(tree / "istio/virtual-services.yaml", "VirtualService", "inventory-service", change)
     _one(validate_copy(tree, "prod"), "istio/virtual-services.yaml", "spec.http[1].timeout",
          "'12' is not a duration of at least 1ms")
+
+
+DEV_POSTGRES = "k8s/overlays/dev/postgres.yaml"
+POSTGRES_ARGS = "spec.template.spec.containers[0].args"
+
+
+def test_a_dev_postgresql_too_small_for_the_services_connections_is_reported(tree):
+    def change(doc):
+        del doc["spec"]["template"]["spec"]["containers"][0]["args"]  # PostgreSQL's default: 100
+
+    edit_yaml(tree / DEV_POSTGRES, "StatefulSet", "postgres", change)
+    problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 97 connections for clients")
+    # Five services, at most 2 pods each in the dev overlay, 25 connections per process.
+    assert "may open 250 at once" in problem.message and "user-service 50" in problem.message
+    assert "raise it to at least 253" in problem.message
+
+
+def test_more_pods_or_workers_than_the_dev_postgresql_can_take_are_reported(tree):
+    kustomization = tree / "k8s/overlays/dev/kustomization.yaml"
+    text = kustomization.read_text()
+    assert text.count("path: /spec/maxReplicas\n        value: 2") == 1
+    kustomization.write_text(text.replace("path: /spec/maxReplicas\n        value: 2",
+                                          "path: /spec/maxReplicas\n        value: 3"))
+    problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 297 connections")
+    assert "may open 375 at once" in problem.message
+
+    kustomization.write_text(text)
+    edit_yaml(tree / "k8s/overlays/dev/config.yaml", "ConfigMap", "tessera-config",
+              lambda doc: doc["data"].update(TESSERA_WORKERS="2"))
+    problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 297 connections")
+    assert "may open 500 at once" in problem.message and "order-service 100" in problem.message
