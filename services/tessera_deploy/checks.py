@@ -14,8 +14,8 @@ from typing import Any
 
 from tessera_deploy.catalog import GATEWAY, INGRESS_PRINCIPAL, TRUST_DOMAIN, Workload
 from tessera_deploy.render import Manifest
-from tessera_runtime.config import ConfigError
-from tessera_runtime.db import MAX_CONNECTIONS
+from tessera_runtime.config import POOL_SIZE, ConfigError
+from tessera_runtime.db import max_connections
 from tessera_runtime.telemetry import otlp_collector_address
 
 POD_TEMPLATE_KINDS = ("Deployment", "StatefulSet")
@@ -558,33 +558,41 @@ def _max_connections_setting(container: dict[str, Any]) -> int:
     return POSTGRES_DEFAULT_MAX_CONNECTIONS
 
 
+def _setting(env: dict[str, str], name: str, default: int) -> int:
+    value = env.get(name, "")
+    return int(value) if value.isdigit() else default
+
+
 def check_database_connections(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:
     """A PostgreSQL of the overlay (the dev overlay's) accepts every connection the services may open at once:
-    tessera_runtime.db.MAX_CONNECTIONS per process, TESSERA_WORKERS processes per pod, at the most pods each may
-    have. A server outside the cluster is sized by its operator (k8s/README.md)."""
+    tessera_runtime.db.max_connections() per process (of its TESSERA_DATABASE_POOL_SIZE), TESSERA_WORKERS
+    processes per pod, at the most pods each may have. A server outside the cluster is sized by its operator
+    (k8s/README.md)."""
     servers = [(pod, ci, c) for pod in overlay.pod_templates() for ci, c in enumerate(_containers(pod))
                if str(c.get("image", "")).rsplit("/", 1)[-1].split(":", 1)[0] == "postgres"]
     if not servers:
         return
     names = {w.k8s_name for w in workloads}
     needed: dict[str, int] = {}
+    per_process: dict[str, int] = {}
     for svc in overlay.of("Service"):
         if svc.name not in names:
             continue
         for pod in overlay.pods_of(svc):
             for c in _containers(pod):
-                workers = _container_env(overlay, pod, c).get("TESSERA_WORKERS", "1")
-                processes = int(workers) if workers.isdigit() else 1
-                needed[pod.name] = _most_pods(overlay, pod) * processes * MAX_CONNECTIONS
+                env = _container_env(overlay, pod, c)
+                processes = _setting(env, "TESSERA_WORKERS", 1)
+                per_process[pod.name] = max_connections(_setting(env, "TESSERA_DATABASE_POOL_SIZE", POOL_SIZE))
+                needed[pod.name] = _most_pods(overlay, pod) * processes * per_process[pod.name]
     total = sum(needed.values())
     for pod, ci, c in servers:
         allowed = _max_connections_setting(c) - POSTGRES_RESERVED_CONNECTIONS
         if total > allowed:
-            detail = ", ".join(f"{name} {n}" for name, n in sorted(needed.items()))
+            detail = ", ".join(f"{name} {n} ({per_process[name]} per process)" for name, n in sorted(needed.items()))
             yield _problem(pod, f"spec.template.spec.containers[{ci}].args",
                            f"max_connections leaves {allowed} connections for clients, but the services may open "
-                           f"{total} at once ({detail}: {MAX_CONNECTIONS} per process at the most pods each may "
-                           f"have); raise it to at least {total + POSTGRES_RESERVED_CONNECTIONS}")
+                           f"{total} at once, at the most pods each may have: {detail}; raise it to at least "
+                           f"{total + POSTGRES_RESERVED_CONNECTIONS} or lower TESSERA_DATABASE_POOL_SIZE")
 
 
 def check(manifests: Iterable[Manifest], workloads: Iterable[Workload], namespace: str) -> list[Problem]:

@@ -60,7 +60,7 @@ async def build(settings: ServiceSettings, *, migrate: bool = True) -> ServiceMo
     if not isinstance(settings, InventorySettings):  # plain ServiceSettings: the inventory defaults apply
         common = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ServiceSettings)}
         settings = InventorySettings(**common, messaging=messaging_settings(settings))
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, pool_size=settings.database_pool_size)
 
     def unit_of_work() -> InventoryUnitOfWork:
         return InventoryUnitOfWork(db)

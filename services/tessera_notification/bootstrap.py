@@ -36,7 +36,7 @@ def build_mailer(mail: MailSettings) -> Mailer:
 
 
 async def build(settings: NotificationSettings, *, migrate: bool = True) -> ServiceModule:
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, pool_size=settings.database_pool_size)
 
     async def start() -> None:
         if migrate:

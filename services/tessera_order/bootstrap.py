@@ -68,7 +68,7 @@ def crash_after(point: str | None) -> Checkpoint | None:
 async def build(settings: OrderSettings, *, migrate: bool = True,
                 downstream: Downstream | None = None) -> ServiceModule:
     """Wires the service. `downstream` replaces the gRPC clients of the other services (tests wrap them)."""
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, pool_size=settings.database_pool_size)
     channels = None
     if downstream is None:
         channels = DownstreamChannels(settings.user_service_addr, settings.inventory_service_addr,

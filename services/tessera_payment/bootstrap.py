@@ -74,7 +74,7 @@ async def build(settings: ServiceSettings, *, migrate: bool = True) -> ServiceMo
     if not isinstance(settings, PaymentSettings):  # plain ServiceSettings: the payment defaults apply
         common = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ServiceSettings)}
         settings = PaymentSettings(**common, messaging=messaging_settings(settings))
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, pool_size=settings.database_pool_size)
 
     def unit_of_work() -> PaymentUnitOfWork:
         return PaymentUnitOfWork(db)

@@ -80,6 +80,10 @@ class Env:
         return value
 
 
+# On PostgreSQL, the connections of a service's engine pool (TESSERA_DATABASE_POOL_SIZE; tessera_runtime.db).
+POOL_SIZE = 10
+
+
 @dataclasses.dataclass(frozen=True)
 class ServiceSettings:
     """Settings every Tessera service reads. Service-specific settings extend this class."""
@@ -98,6 +102,7 @@ class ServiceSettings:
     require_identity: bool
     default_deadline_seconds: float
     workers: int
+    database_pool_size: int
 
     @property
     def production(self) -> bool:
@@ -130,6 +135,7 @@ class ServiceSettings:
             require_identity=env.bool(f"{prefix}REQUIRE_IDENTITY", environment == "production"),
             default_deadline_seconds=env.float(f"{prefix}DEFAULT_DEADLINE_SECONDS", 5.0, minimum=0.01),
             workers=env.int(f"{prefix}WORKERS", 1, minimum=1, maximum=64),
+            database_pool_size=env.int(f"{prefix}DATABASE_POOL_SIZE", POOL_SIZE, minimum=1, maximum=100),
         )
 
     @classmethod

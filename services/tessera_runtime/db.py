@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.util.concurrency import await_, in_greenlet
 
+from tessera_runtime.config import POOL_SIZE
 from tessera_runtime.telemetry import SQLALCHEMY_SCOPE, instrument_engine
 
 log = logging.getLogger("tessera.db")
@@ -30,11 +31,17 @@ _READS_ONLY = "tessera_reads_only"  # an execution option of the read engine
 _CONNECT_ARGS = {"timeout": 3, "command_timeout": 30}
 # SQLAlchemy's pool waits this long for a free connection before it gives up (its default); so does read_first.
 _POOL_TIMEOUT = 30.0
-# On PostgreSQL: the engine's pool (which may grow to twice that under load), the direct-read pool, and so the most
-# connections one process opens. Deployments size their servers by it (tessera_deploy.checks).
-POOL_SIZE = 10
-READ_POOL_SIZE = POOL_SIZE // 2
-MAX_CONNECTIONS = 2 * POOL_SIZE + READ_POOL_SIZE
+
+
+def direct_read_pool_size(pool_size: int) -> int:
+    """The direct-read pool's most connections for an engine pool of `pool_size` (see read_first)."""
+    return max(1, pool_size // 2)
+
+
+def max_connections(pool_size: int = POOL_SIZE) -> int:
+    """The most PostgreSQL connections one process opens with an engine pool of `pool_size`: the pool may grow to
+    twice that under load, plus the direct-read pool. Deployments size their servers by it (tessera_deploy.checks)."""
+    return 2 * pool_size + direct_read_pool_size(pool_size)
 
 
 def _prepare_sqlite(engine: AsyncEngine) -> None:
@@ -122,8 +129,8 @@ class Database:
 
     def __init__(self, url: str, *, pool_size: int = POOL_SIZE, read_pool_size: int | None = None,
                  echo: bool = False) -> None:
-        """`pool_size`: the engine's pool (it may grow to twice that under load). `read_pool_size`: on PostgreSQL,
-        the direct-read pool's most connections (default half of `pool_size`, at least one; see read_first)."""
+        """`pool_size`: the engine's pool on PostgreSQL (it may grow to twice that under load). `read_pool_size`:
+        the direct-read pool's most connections (default: direct_read_pool_size(pool_size); see read_first)."""
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
@@ -142,7 +149,7 @@ class Database:
         # (BEGIN, SELECT, ROLLBACK). SQLite keeps its transactions, deferred for reads (see _prepare_sqlite).
         read_engine = (self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql"
                        else self.engine.execution_options(**{_READS_ONLY: True}))
-        self._direct_reads = (_DirectReads(self.engine, read_pool_size or max(1, pool_size // 2))
+        self._direct_reads = (_DirectReads(self.engine, read_pool_size or direct_read_pool_size(pool_size))
                               if self.dialect == "postgresql" else None)
         self.read_sessionmaker = async_sessionmaker(
             read_engine, expire_on_commit=False, class_=AsyncSession, info={_DIRECT_READS: self._direct_reads})

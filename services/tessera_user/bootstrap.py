@@ -24,7 +24,7 @@ SERVICE_NAME = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_
 
 
 async def build(settings: ServiceSettings, *, migrate: bool = True) -> ServiceModule:
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, pool_size=settings.database_pool_size)
 
     async def start() -> None:
         if migrate:

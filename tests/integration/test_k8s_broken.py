@@ -315,9 +315,15 @@ def test_more_pods_or_workers_than_the_dev_postgresql_can_take_are_reported(tree
     kustomization.write_text(text.replace("path: /spec/maxReplicas\n        value: 2",
                                           "path: /spec/maxReplicas\n        value: 3"))
     problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 297 connections")
-    assert "may open 375 at once" in problem.message
+    assert "may open 375 at once" in problem.message and "(25 per process)" in problem.message
+    # Smaller pools make room for the third pod: 5 services × 3 pods × (2 × 4 + 2) connections.
+    edit_yaml(tree / "k8s/overlays/dev/config.yaml", "ConfigMap", "tessera-config",
+              lambda doc: doc["data"].update(TESSERA_DATABASE_POOL_SIZE="4"))
+    assert validate_copy(tree, "dev") == []
 
     kustomization.write_text(text)
+    edit_yaml(tree / "k8s/overlays/dev/config.yaml", "ConfigMap", "tessera-config",
+              lambda doc: doc["data"].pop("TESSERA_DATABASE_POOL_SIZE"))
     edit_yaml(tree / "k8s/overlays/dev/config.yaml", "ConfigMap", "tessera-config",
               lambda doc: doc["data"].update(TESSERA_WORKERS="2"))
     problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 297 connections")

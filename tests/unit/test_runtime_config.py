@@ -33,7 +33,19 @@ def test_production_requires_identity_by_default():
     ({"TESSERA_REQUIRE_IDENTITY": "maybe"}, "TESSERA_REQUIRE_IDENTITY"),
     ({"TESSERA_DATABASE_URL": "mysql://x"}, "TESSERA_DATABASE_URL"),
     ({"TESSERA_LOG_LEVEL": "LOUD"}, "TESSERA_LOG_LEVEL"),
+    ({"TESSERA_DATABASE_POOL_SIZE": "0"}, "TESSERA_DATABASE_POOL_SIZE"),
+    ({"TESSERA_DATABASE_POOL_SIZE": "many"}, "TESSERA_DATABASE_POOL_SIZE"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigError, match=name):
         ServiceSettings.from_env("user", 50051, env)
+
+
+def test_the_database_pool_size_is_read_and_bounds_the_connections_of_a_process():
+    from tessera_runtime.db import max_connections
+
+    assert ServiceSettings.from_env("user", 1, {}).database_pool_size == 10
+    assert max_connections() == 25  # 10, up to 20 under load, and 5 for direct reads
+    s = ServiceSettings.from_env("user", 1, {"TESSERA_DATABASE_POOL_SIZE": "4"})
+    assert s.database_pool_size == 4 and max_connections(s.database_pool_size) == 10
+    assert max_connections(1) == 3  # the direct reads keep one connection however small the pool
