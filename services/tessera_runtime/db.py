@@ -8,12 +8,15 @@ import json
 import logging
 import socket
 import sqlite3
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 from opentelemetry import trace
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import DateTime, Select, Table, TypeDecorator, and_, event, or_, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -153,6 +156,8 @@ class Database:
                               if self.dialect == "postgresql" else None)
         self.read_sessionmaker = async_sessionmaker(
             read_engine, expire_on_commit=False, class_=AsyncSession, info={_DIRECT_READS: self._direct_reads})
+        self.pool_size = pool_size
+        _POOLS.databases.add(self)
 
     async def ping(self) -> bool:
         """True when the database answers a trivial query; the readiness check of every service."""
@@ -166,6 +171,56 @@ class Database:
                 await self._direct_reads.close()
         finally:
             await self.engine.dispose()
+
+
+class _PoolCollector:
+    """Prometheus collector of the PostgreSQL pools of every Database of the process, read at each scrape:
+
+    | name | type | labels | meaning |
+    |---|---|---|---|
+    | tessera_db_connections | gauge | pool (units_of_work, direct_reads), state (in_use, idle) | open connections |
+    | tessera_db_connections_max | gauge | pool | the most connections the pool opens (TESSERA_DATABASE_POOL_SIZE) |
+
+    A pool whose in-use count stays at its max makes calls wait for a connection: raise the pool size, or the
+    server's capacity, before that."""
+
+    def __init__(self) -> None:
+        self.databases: weakref.WeakSet[Database] = weakref.WeakSet()
+
+    def collect(self):
+        connections = GaugeMetricFamily("tessera_db_connections",
+                                        "PostgreSQL connections open in this process's pools, by pool and state",
+                                        labels=["pool", "state"])
+        most = GaugeMetricFamily("tessera_db_connections_max",
+                                 "The most PostgreSQL connections each pool of this process opens", labels=["pool"])
+        totals = {("units_of_work", "in_use"): 0, ("units_of_work", "idle"): 0,
+                  ("direct_reads", "in_use"): 0, ("direct_reads", "idle"): 0}
+        limits = {"units_of_work": 0, "direct_reads": 0}
+        for db in list(self.databases):
+            if db.dialect != "postgresql" or db._direct_reads is None:
+                continue
+            pool = db.engine.sync_engine.pool
+            totals["units_of_work", "in_use"] += pool.checkedout()  # type: ignore[attr-defined]
+            totals["units_of_work", "idle"] += pool.checkedin()  # type: ignore[attr-defined]
+            limits["units_of_work"] += 2 * db.pool_size
+            reads = db._direct_reads
+            limits["direct_reads"] += reads.size
+            if reads._pool is not None:
+                idle = reads._pool.get_idle_size()
+                totals["direct_reads", "in_use"] += reads._pool.get_size() - idle
+                totals["direct_reads", "idle"] += idle
+        if not any(limits.values()):
+            return  # no PostgreSQL here (SQLite, or no database at all): nothing to report
+        for (pool_name, state), value in totals.items():
+            connections.add_metric([pool_name, state], value)
+        for pool_name, value in limits.items():
+            most.add_metric([pool_name], value)
+        yield connections
+        yield most
+
+
+_POOLS = _PoolCollector()
+REGISTRY.register(_POOLS)
 
 
 class UtcDateTime(TypeDecorator):

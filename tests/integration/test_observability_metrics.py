@@ -156,6 +156,28 @@ async def test_business_and_machinery_metrics_are_exposed(user_with_metrics):
     assert families["tessera_orders_confirmed"].type == "counter"
 
 
+async def test_a_postgresql_services_pools_are_on_its_metrics_endpoint(pg_database):
+    from tessera_user import bootstrap
+
+    module = await bootstrap.build(settings_for("user", pg_database[1], TESSERA_DATABASE_POOL_SIZE="4"))
+    server, port = await create_server(module, readiness_interval=0.2, metrics_port=0)
+    channel = open_channel(f"127.0.0.1:{port}", [USER_SERVICE])
+    try:
+        before = await scrape(server.metrics.port)
+        with pytest.raises(grpc.aio.AioRpcError):  # a read on the direct-read pool, then NOT_FOUND
+            await user_service_pb2_grpc.UserServiceStub(channel).GetUser(svc.GetUserRequest(id=str(uuid.uuid4())))
+        after = await scrape(server.metrics.port)
+    finally:
+        await channel.close()
+        await server.stop()
+    assert after.families["tessera_db_connections"].type == "gauge"
+    # Other databases of this test process may be counted too: this service's share is what moved.
+    assert (after.value("tessera_db_connections", pool="direct_reads", state="idle")
+            - before.value("tessera_db_connections", pool="direct_reads", state="idle")) == 1
+    assert after.value("tessera_db_connections_max", pool="units_of_work") >= 8
+    assert after.value("tessera_db_connections_max", pool="direct_reads") >= 2
+
+
 async def test_metrics_endpoint_stops_with_the_server(tmp_path):
     from tessera_user import bootstrap
 

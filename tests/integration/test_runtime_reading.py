@@ -267,3 +267,37 @@ async def test_a_direct_read_cancelled_half_way_does_not_hand_its_connection_out
     async with uow.reading():
         after = await asyncio.wait_for(read_first(uow.session, BACKEND, {}), 3)
     assert after["pid"] != before
+
+
+def _pool_samples() -> dict[tuple[str, str], float]:
+    from prometheus_client import REGISTRY
+
+    samples = {(pool, state): REGISTRY.get_sample_value("tessera_db_connections", {"pool": pool, "state": state})
+               for pool in ("units_of_work", "direct_reads") for state in ("in_use", "idle")}
+    samples.update({(pool, "max"): REGISTRY.get_sample_value("tessera_db_connections_max", {"pool": pool})
+                    for pool in ("units_of_work", "direct_reads")})
+    return {key: value or 0.0 for key, value in samples.items()}
+
+
+async def test_the_pools_connections_are_exported_to_prometheus(pg_database):
+    # Other tests' databases may still be alive in this process: only this database's share is compared.
+    before = _pool_samples()
+    database = Database(pg_database[1], pool_size=4)
+
+    def added() -> dict[tuple[str, str], float]:
+        return {key: value - before[key] for key, value in _pool_samples().items() if value != before[key]}
+
+    try:
+        assert added() == {("units_of_work", "max"): 8, ("direct_reads", "max"): 2}
+        uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+        async with uow.reading():
+            await read_first(uow.session, BACKEND, {})
+        async with uow:
+            await uow.session.execute(text("SELECT 1"))
+            assert added() == {("units_of_work", "max"): 8, ("direct_reads", "max"): 2,
+                               ("units_of_work", "in_use"): 1, ("direct_reads", "idle"): 1}
+        assert added() == {("units_of_work", "max"): 8, ("direct_reads", "max"): 2,
+                           ("units_of_work", "idle"): 1, ("direct_reads", "idle"): 1}
+    finally:
+        await database.dispose()
+    assert {key for key in added() if key[1] != "max"} == set()  # disposed: nothing open
