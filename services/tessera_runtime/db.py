@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import sqlite3
+import threading
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -157,7 +158,7 @@ class Database:
         self.read_sessionmaker = async_sessionmaker(
             read_engine, expire_on_commit=False, class_=AsyncSession, info={_DIRECT_READS: self._direct_reads})
         self.pool_size = pool_size
-        _POOLS.databases.add(self)
+        _POOLS.add(self)
 
     async def ping(self) -> bool:
         """True when the database answers a trivial query; the readiness check of every service."""
@@ -185,7 +186,12 @@ class _PoolCollector:
     server's capacity, before that."""
 
     def __init__(self) -> None:
-        self.databases: weakref.WeakSet[Database] = weakref.WeakSet()
+        self._databases: weakref.WeakSet[Database] = weakref.WeakSet()
+        self._lock = threading.Lock()  # scrapes run on the metrics server's thread
+
+    def add(self, database: Database) -> None:
+        with self._lock:
+            self._databases.add(database)
 
     def collect(self):
         connections = GaugeMetricFamily("tessera_db_connections",
@@ -196,7 +202,9 @@ class _PoolCollector:
         totals = {("units_of_work", "in_use"): 0, ("units_of_work", "idle"): 0,
                   ("direct_reads", "in_use"): 0, ("direct_reads", "idle"): 0}
         limits = {"units_of_work": 0, "direct_reads": 0}
-        for db in list(self.databases):
+        with self._lock:
+            databases = list(self._databases)
+        for db in databases:
             if db.dialect != "postgresql" or db._direct_reads is None:
                 continue
             pool = db.engine.sync_engine.pool
