@@ -269,35 +269,41 @@ async def test_a_direct_read_cancelled_half_way_does_not_hand_its_connection_out
     assert after["pid"] != before
 
 
-def _pool_samples() -> dict[tuple[str, str], float]:
-    from prometheus_client import REGISTRY
-
-    samples = {(pool, state): REGISTRY.get_sample_value("tessera_db_connections", {"pool": pool, "state": state})
-               for pool in ("units_of_work", "direct_reads") for state in ("in_use", "idle")}
-    samples.update({(pool, "max"): REGISTRY.get_sample_value("tessera_db_connections_max", {"pool": pool})
-                    for pool in ("units_of_work", "direct_reads")})
-    return {key: value or 0.0 for key, value in samples.items()}
+def _pool_samples(collector) -> dict[tuple[str, str], float]:
+    samples: dict[tuple[str, str], float] = {}
+    for family in collector.collect():
+        for sample in family.samples:
+            key = (sample.labels["pool"], sample.labels.get("state", "max"))
+            samples[key] = sample.value
+    return samples
 
 
 async def test_the_pools_connections_are_exported_to_prometheus(pg_database):
-    # Other tests' databases may still be alive in this process: only this database's share is compared.
-    before = _pool_samples()
+    from prometheus_client import REGISTRY
+
+    from tessera_runtime.db import _POOLS, _PoolCollector
+
     database = Database(pg_database[1], pool_size=4)
-
-    def added() -> dict[tuple[str, str], float]:
-        return {key: value - before[key] for key, value in _pool_samples().items() if value != before[key]}
-
+    collector = _PoolCollector()  # this database alone: the process's collector also counts other tests' ones
+    collector.add(database)
     try:
-        assert added() == {("units_of_work", "max"): 8, ("direct_reads", "max"): 2}
+        assert _pool_samples(collector) == {
+            ("units_of_work", "in_use"): 0, ("units_of_work", "idle"): 0, ("units_of_work", "max"): 8,
+            ("direct_reads", "in_use"): 0, ("direct_reads", "idle"): 0, ("direct_reads", "max"): 2}
         uow = SqlAlchemyUnitOfWork(database, OUTBOX)
         async with uow.reading():
             await read_first(uow.session, BACKEND, {})
         async with uow:
             await uow.session.execute(text("SELECT 1"))
-            assert added() == {("units_of_work", "max"): 8, ("direct_reads", "max"): 2,
-                               ("units_of_work", "in_use"): 1, ("direct_reads", "idle"): 1}
-        assert added() == {("units_of_work", "max"): 8, ("direct_reads", "max"): 2,
-                           ("units_of_work", "idle"): 1, ("direct_reads", "idle"): 1}
+            during = _pool_samples(collector)
+        after = _pool_samples(collector)
+        assert (during["units_of_work", "in_use"], during["units_of_work", "idle"]) == (1, 0)
+        assert (after["units_of_work", "in_use"], after["units_of_work", "idle"]) == (0, 1)
+        assert (after["direct_reads", "in_use"], after["direct_reads", "idle"]) == (0, 1)
+        # Every Database registers with the process's collector, which the /metrics endpoint serves.
+        assert database in list(_POOLS._databases)
+        assert REGISTRY.get_sample_value("tessera_db_connections_max", {"pool": "direct_reads"}) >= 2
     finally:
         await database.dispose()
-    assert {key for key in added() if key[1] != "max"} == set()  # disposed: nothing open
+    after = _pool_samples(collector)
+    assert sum(value for (_, state), value in after.items() if state != "max") == 0  # disposed: nothing open
