@@ -14,7 +14,7 @@ from typing import Any
 
 from tessera_deploy.catalog import GATEWAY, INGRESS_PRINCIPAL, TRUST_DOMAIN, Workload
 from tessera_deploy.render import Manifest
-from tessera_runtime.config import POOL_SIZE, ConfigError
+from tessera_runtime.config import ConfigError, ServiceSettings
 from tessera_runtime.db import max_connections
 from tessera_runtime.telemetry import otlp_collector_address
 
@@ -558,11 +558,6 @@ def _max_connections_setting(container: dict[str, Any]) -> int:
     return POSTGRES_DEFAULT_MAX_CONNECTIONS
 
 
-def _setting(env: dict[str, str], name: str, default: int) -> int:
-    value = env.get(name, "")
-    return int(value) if value.isdigit() else default
-
-
 def check_database_connections(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:
     """A PostgreSQL of the overlay (the dev overlay's) accepts every connection the services may open at once:
     tessera_runtime.db.max_connections() per process (of its TESSERA_DATABASE_POOL_SIZE), TESSERA_WORKERS
@@ -572,18 +567,21 @@ def check_database_connections(overlay: Overlay, workloads: Iterable[Workload]) 
                if str(c.get("image", "")).rsplit("/", 1)[-1].split(":", 1)[0] == "postgres"]
     if not servers:
         return
-    names = {w.k8s_name for w in workloads}
+    by_name = {w.k8s_name: w for w in workloads}
     needed: dict[str, int] = {}
     per_process: dict[str, int] = {}
     for svc in overlay.of("Service"):
-        if svc.name not in names:
+        if svc.name not in by_name:
             continue
         for pod in overlay.pods_of(svc):
-            for c in _containers(pod):
-                env = _container_env(overlay, pod, c)
-                processes = _setting(env, "TESSERA_WORKERS", 1)
-                per_process[pod.name] = max_connections(_setting(env, "TESSERA_DATABASE_POOL_SIZE", POOL_SIZE))
-                needed[pod.name] = _most_pods(overlay, pod) * processes * per_process[pod.name]
+            for ci, c in enumerate(_containers(pod)):
+                try:  # the pool size and workers as the service reads them
+                    settings = ServiceSettings.from_env(by_name[svc.name].name, 0, _container_env(overlay, pod, c))
+                except ConfigError as exc:
+                    yield _problem(pod, f"spec.template.spec.containers[{ci}].env", str(exc))
+                    continue
+                per_process[pod.name] = max_connections(settings.database_pool_size)
+                needed[pod.name] = _most_pods(overlay, pod) * settings.workers * per_process[pod.name]
     total = sum(needed.values())
     for pod, ci, c in servers:
         allowed = _max_connections_setting(c) - POSTGRES_RESERVED_CONNECTIONS

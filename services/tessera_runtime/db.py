@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import socket
 import sqlite3
 import threading
+import types
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,6 +37,11 @@ _CONNECT_ARGS = {"timeout": 3, "command_timeout": 30}
 _POOL_TIMEOUT = 30.0
 
 
+def engine_pool_max(pool_size: int) -> int:
+    """The most connections the engine's pool opens: `pool_size`, and as many again under load (its overflow)."""
+    return 2 * pool_size
+
+
 def direct_read_pool_size(pool_size: int) -> int:
     """The direct-read pool's most connections for an engine pool of `pool_size` (see read_first)."""
     return max(1, pool_size // 2)
@@ -45,7 +50,7 @@ def direct_read_pool_size(pool_size: int) -> int:
 def max_connections(pool_size: int = POOL_SIZE) -> int:
     """The most PostgreSQL connections one process opens with an engine pool of `pool_size`: the pool may grow to
     twice that under load, plus the direct-read pool. Deployments size their servers by it (tessera_deploy.checks)."""
-    return 2 * pool_size + direct_read_pool_size(pool_size)
+    return engine_pool_max(pool_size) + direct_read_pool_size(pool_size)
 
 
 def _prepare_sqlite(engine: AsyncEngine) -> None:
@@ -144,7 +149,8 @@ class Database:
             _prepare_sqlite(self.engine)
         else:
             self.engine = create_async_engine(
-                url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800,
+                url, echo=echo, pool_size=pool_size, max_overflow=engine_pool_max(pool_size) - pool_size,
+                pool_recycle=1800,
                 connect_args=_CONNECT_ARGS,
             )
         instrument_engine(self.engine)  # one span per statement, child of the RPC or message being handled
@@ -158,7 +164,8 @@ class Database:
         self.read_sessionmaker = async_sessionmaker(
             read_engine, expire_on_commit=False, class_=AsyncSession, info={_DIRECT_READS: self._direct_reads})
         self.pool_size = pool_size
-        _POOLS.add(self)
+        if self._direct_reads is not None:
+            _POOLS.add(self)
 
     async def ping(self) -> bool:
         """True when the database answers a trivial query; the readiness check of every service."""
@@ -205,19 +212,18 @@ class _PoolCollector:
         with self._lock:
             databases = list(self._databases)
         for db in databases:
-            if db.dialect != "postgresql" or db._direct_reads is None:
-                continue
+            reads = db._direct_reads
+            assert reads is not None  # only PostgreSQL databases are added
             pool = db.engine.sync_engine.pool
             totals["units_of_work", "in_use"] += pool.checkedout()  # type: ignore[attr-defined]
             totals["units_of_work", "idle"] += pool.checkedin()  # type: ignore[attr-defined]
-            limits["units_of_work"] += 2 * db.pool_size
-            reads = db._direct_reads
+            limits["units_of_work"] += engine_pool_max(db.pool_size)
             limits["direct_reads"] += reads.size
-            if reads._pool is not None:
-                idle = reads._pool.get_idle_size()
-                totals["direct_reads", "in_use"] += reads._pool.get_size() - idle
+            if reads.ready is not None:
+                idle = reads.ready.get_idle_size()
+                totals["direct_reads", "in_use"] += reads.ready.get_size() - idle
                 totals["direct_reads", "idle"] += idle
-        if not any(limits.values()):
+        if not databases:
             return  # no PostgreSQL here (SQLite, or no database at all): nothing to report
         for (pool_name, state), value in totals.items():
             connections.add_metric([pool_name, state], value)
@@ -321,34 +327,43 @@ class _DirectReads:
     AsyncConnection, a greenlet round per step, the pool's events) cost more CPU than the read itself. It opens on
     the first read, keeps at most `size` connections, and hands them back without asyncpg's reset query (a round
     trip per read), since the only statements it runs are read_first's single SELECTs in autocommit, which leave no
-    session state behind. Its connections decode json and jsonb as the engine's do."""
+    session state behind. Its connections decode json and jsonb as the engine's do.
+
+    `ready` is the open pool (None until the first read): read_first awaits pool() only to open it."""
 
     def __init__(self, engine: AsyncEngine, size: int) -> None:
         self.engine = engine
         self.size = size
         self.plans: dict[int, _ReadPlan] = {}
-        self._pool: asyncpg.Pool | None = None
+        self.ready: asyncpg.Pool | None = None
         self._opening: asyncio.Lock | None = None
 
     async def pool(self) -> asyncpg.Pool:
-        if self._pool is not None:
-            return self._pool
+        if self.ready is not None:
+            return self.ready
         if self._opening is None:
             self._opening = asyncio.Lock()
         async with self._opening:
-            if self._pool is None:
+            if self.ready is None:
                 _, params = self.engine.dialect.create_connect_args(self.engine.url)
                 for adapter_only in ("prepared_statement_cache_size", "prepared_statement_name_func",
                                      "async_creator_fn"):
                     params.pop(adapter_only, None)
-                self._pool = await asyncpg.create_pool(
-                    **params, **_CONNECT_ARGS, min_size=0, max_size=self.size, init=_json_codecs,
+                self.ready = await asyncpg.create_pool(
+                    **params, **_CONNECT_ARGS, min_size=0, max_size=self.size, init=self._json_codecs,
                     reset=_no_reset)
-        return self._pool
+        return self.ready
+
+    async def _json_codecs(self, connection: asyncpg.Connection) -> None:
+        """json and jsonb as the engine's connections decode them: the dialect's own set-up (its documented hooks,
+        which take SQLAlchemy's adapted connection and use the asyncpg one inside it)."""
+        adapted = types.SimpleNamespace(_connection=connection)
+        await self.engine.dialect.setup_asyncpg_json_codec(adapted)  # type: ignore[attr-defined]
+        await self.engine.dialect.setup_asyncpg_jsonb_codec(adapted)  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         """Closes the pool (as the engine's dispose(), a later read opens a new one)."""
-        pool, self._pool = self._pool, None
+        pool, self.ready = self.ready, None
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), 5)
@@ -358,16 +373,6 @@ class _DirectReads:
             except asyncio.CancelledError:
                 pool.terminate()
                 raise
-
-
-async def _json_codecs(connection: asyncpg.Connection) -> None:
-    """json and jsonb exactly as SQLAlchemy's asyncpg dialect sets them up on the engine's connections: the column
-    types' bind processors serialise to text, and the codecs decode to Python values."""
-    await connection.set_type_codec("json", encoder=str.encode, decoder=lambda value: json.loads(value.decode()),
-                                    schema="pg_catalog", format="binary")
-    await connection.set_type_codec("jsonb", encoder=lambda value: b"\x01" + value.encode(),
-                                    decoder=lambda value: json.loads(value[1:].decode()),
-                                    schema="pg_catalog", format="binary")
 
 
 async def _no_reset(_connection: asyncpg.Connection) -> None:
@@ -402,7 +407,7 @@ async def read_first(session: AsyncSession, statement: Select, params: Mapping[s
     arguments = plan.arguments(params)
     with _tracer.start_as_current_span(plan.span_name, kind=trace.SpanKind.CLIENT,
                                        attributes=plan.span_attributes):
-        pool = await direct.pool()
+        pool = direct.ready or await direct.pool()
         async with pool.acquire(timeout=_POOL_TIMEOUT) as connection:
             try:
                 record = await connection.fetchrow(plan.sql, *arguments)

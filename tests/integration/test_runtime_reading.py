@@ -69,6 +69,8 @@ async def test_a_reading_unit_of_work_refuses_to_commit_and_writes_no_event(data
 # Direct reads (tessera_runtime.db.read_first) ---------------------------------------------------------------------
 
 USER_BY_ID = select(users).where(users.c.id == bindparam("user_id"))
+BACKEND = select(func.pg_backend_pid().label("pid"))
+SLOW = select(func.pg_sleep(bindparam("s", type_=Float)).label("slept"))
 
 
 async def test_a_direct_read_gives_what_the_session_gives(database):
@@ -116,12 +118,11 @@ OTHER_BACKENDS = text("SELECT count(*) FROM pg_stat_activity WHERE datname = cur
 async def test_direct_reads_keep_to_their_pool_size_and_dispose_closes_their_connections(pg_database):
     _, url = pg_database
     database = Database(url, pool_size=4, read_pool_size=2)
-    slow = select(func.pg_sleep(bindparam("s", type_=Float)).label("slept"))
     admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
     try:
         async def read_slowly():
             async with SqlAlchemyUnitOfWork(database, OUTBOX).reading() as uow:
-                await read_first(uow.session, slow, {"s": 0.6})
+                await read_first(uow.session, SLOW, {"s": 0.6})
 
         reads = [asyncio.ensure_future(read_slowly()) for _ in range(5)]
         await asyncio.sleep(0.3)
@@ -185,7 +186,6 @@ async def test_a_direct_read_has_a_database_span_under_the_callers_span(pg_datab
     assert "FROM users" in read.attributes["db.statement"] and "$1" in read.attributes["db.statement"]
 
 
-BACKEND = select(func.pg_backend_pid().label("pid"))
 RATIO = select(func.mod(bindparam("a", type_=Integer), bindparam("b", type_=Integer)).label("q"))
 
 
@@ -210,11 +210,10 @@ SERVER_ENDED = (asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExis
 async def test_a_connection_that_died_under_a_direct_read_is_not_handed_out_again(one_connection, pg_database):
     uow, first = one_connection  # a pool of one: every read after this one needs that connection or its successor
     admin = await asyncpg.connect(pg_database[1].replace("postgresql+asyncpg", "postgresql"))
-    slow = select(func.pg_sleep(bindparam("s", type_=Float)).label("slept"))
 
     async def read_slowly():
         async with uow.reading():
-            await read_first(uow.session, slow, {"s": 5.0})
+            await read_first(uow.session, SLOW, {"s": 5.0})
 
     try:
         # The server ends the session while a read waits on it (a PostgreSQL restart or failover does the same).
@@ -252,11 +251,10 @@ async def test_a_statement_error_in_a_direct_read_keeps_the_connection(one_conne
 
 async def test_a_direct_read_cancelled_half_way_does_not_hand_its_connection_out_again(one_connection):
     uow, before = one_connection
-    slow = select(func.pg_sleep(bindparam("s", type_=Float)).label("slept"))
 
     async def read_slowly():
         async with uow.reading():
-            await read_first(uow.session, slow, {"s": 5.0})
+            await read_first(uow.session, SLOW, {"s": 5.0})
 
     task = asyncio.ensure_future(read_slowly())
     await asyncio.sleep(0.3)
