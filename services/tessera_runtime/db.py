@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import socket
@@ -18,9 +19,9 @@ import asyncpg
 from opentelemetry import trace
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import DateTime, Select, Table, TypeDecorator, and_, event, or_, text
+from sqlalchemy import DateTime, Select, Table, TypeDecorator, and_, bindparam, event, insert, or_, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.util.concurrency import await_, in_greenlet
 
@@ -30,7 +31,7 @@ from tessera_runtime.telemetry import SQLALCHEMY_SCOPE, instrument_engine
 log = logging.getLogger("tessera.db")
 
 _READS_ONLY = "tessera_reads_only"  # an execution option of the read engine
-# asyncpg's own settings, for the engine's connections and the direct-read pool's: connect within 3 s, and no
+# asyncpg's own settings, for the engine's connections and the direct pool's: connect within 3 s, and no
 # statement runs longer than 30 s.
 _CONNECT_ARGS = {"timeout": 3, "command_timeout": 30}
 # SQLAlchemy's pool waits this long for a free connection before it gives up (its default); so does read_first.
@@ -42,15 +43,27 @@ def engine_pool_max(pool_size: int) -> int:
     return 2 * pool_size
 
 
-def direct_read_pool_size(pool_size: int) -> int:
-    """The direct-read pool's most connections for an engine pool of `pool_size` (see read_first)."""
+def direct_pool_size(pool_size: int) -> int:
+    """The direct pool's most connections for an engine pool of `pool_size` (see read_first and insert_staged)."""
     return max(1, pool_size // 2)
 
 
 def max_connections(pool_size: int = POOL_SIZE) -> int:
     """The most PostgreSQL connections one process opens with an engine pool of `pool_size`: the pool may grow to
-    twice that under load, plus the direct-read pool. Deployments size their servers by it (tessera_deploy.checks)."""
-    return engine_pool_max(pool_size) + direct_read_pool_size(pool_size)
+    twice that under load, plus the direct pool. Deployments size their servers by it (tessera_deploy.checks)."""
+    return engine_pool_max(pool_size) + direct_pool_size(pool_size)
+
+
+def _drop_closed_on_checkout(engine: AsyncEngine) -> None:
+    """A pooled connection whose socket the server or the network closed while it sat idle (a restart, a failover,
+    a proxy's idle timeout) is not handed out: asyncpg already knows it is closed, so this costs no round trip,
+    unlike a pre-ping. SQLAlchemy discards a connection whose checkout raises DisconnectionError and takes
+    another. Without it, each dead connection fails the first call that gets it after the database is back."""
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_connection, _record, _proxy) -> None:
+        if dbapi_connection.driver_connection.is_closed():
+            raise DisconnectionError("the pooled connection was closed while idle")
 
 
 def _prepare_sqlite(engine: AsyncEngine) -> None:
@@ -136,10 +149,10 @@ def ensure_sqlite_folder(url: str) -> None:
 class Database:
     """Owns one service's engine and session factory. Nothing connects until first use."""
 
-    def __init__(self, url: str, *, pool_size: int = POOL_SIZE, read_pool_size: int | None = None,
+    def __init__(self, url: str, *, pool_size: int = POOL_SIZE, direct_size: int | None = None,
                  echo: bool = False) -> None:
-        """`pool_size`: the engine's pool on PostgreSQL (it may grow to twice that under load). `read_pool_size`:
-        the direct-read pool's most connections (default: direct_read_pool_size(pool_size); see read_first)."""
+        """`pool_size`: the engine's pool on PostgreSQL (it may grow to twice that under load). `direct_size`: the
+        direct pool's most connections (default: direct_pool_size(pool_size); see read_first and insert_staged)."""
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
@@ -153,18 +166,20 @@ class Database:
                 pool_recycle=1800,
                 connect_args=_CONNECT_ARGS,
             )
+            _drop_closed_on_checkout(self.engine)
         instrument_engine(self.engine)  # one span per statement, child of the RPC or message being handled
-        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, class_=AsyncSession)
         # Reads of one statement need no transaction: in autocommit a read is one round trip instead of three
         # (BEGIN, SELECT, ROLLBACK). SQLite keeps its transactions, deferred for reads (see _prepare_sqlite).
         read_engine = (self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql"
                        else self.engine.execution_options(**{_READS_ONLY: True}))
-        self._direct_reads = (_DirectReads(self.engine, read_pool_size or direct_read_pool_size(pool_size))
-                              if self.dialect == "postgresql" else None)
+        self._direct = (_DirectPool(self.engine, direct_size or direct_pool_size(pool_size))
+                        if self.dialect == "postgresql" else None)
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, class_=AsyncSession,
+                                               info={_DIRECT: self._direct})
         self.read_sessionmaker = async_sessionmaker(
-            read_engine, expire_on_commit=False, class_=AsyncSession, info={_DIRECT_READS: self._direct_reads})
+            read_engine, expire_on_commit=False, class_=AsyncSession, info={_DIRECT: self._direct})
         self.pool_size = pool_size
-        if self._direct_reads is not None:
+        if self._direct is not None:
             _POOLS.add(self)
 
     async def ping(self) -> bool:
@@ -175,8 +190,8 @@ class Database:
 
     async def dispose(self) -> None:
         try:
-            if self._direct_reads is not None:
-                await self._direct_reads.close()
+            if self._direct is not None:
+                await self._direct.close()
         finally:
             await self.engine.dispose()
 
@@ -186,7 +201,7 @@ class _PoolCollector:
 
     | name | type | labels | meaning |
     |---|---|---|---|
-    | tessera_db_connections | gauge | pool (units_of_work, direct_reads), state (in_use, idle) | open connections |
+    | tessera_db_connections | gauge | pool (units_of_work, direct), state (in_use, idle) | open connections |
     | tessera_db_connections_max | gauge | pool | the most connections the pool opens (TESSERA_DATABASE_POOL_SIZE) |
 
     A pool whose in-use count stays at its max makes calls wait for a connection: raise the pool size, or the
@@ -207,22 +222,22 @@ class _PoolCollector:
         most = GaugeMetricFamily("tessera_db_connections_max",
                                  "The most PostgreSQL connections each pool of this process opens", labels=["pool"])
         totals = {("units_of_work", "in_use"): 0, ("units_of_work", "idle"): 0,
-                  ("direct_reads", "in_use"): 0, ("direct_reads", "idle"): 0}
-        limits = {"units_of_work": 0, "direct_reads": 0}
+                  ("direct", "in_use"): 0, ("direct", "idle"): 0}
+        limits = {"units_of_work": 0, "direct": 0}
         with self._lock:
             databases = list(self._databases)
         for db in databases:
-            reads = db._direct_reads
-            assert reads is not None  # only PostgreSQL databases are added
+            direct = db._direct
+            assert direct is not None  # only PostgreSQL databases are added
             pool = db.engine.sync_engine.pool
             totals["units_of_work", "in_use"] += pool.checkedout()  # type: ignore[attr-defined]
             totals["units_of_work", "idle"] += pool.checkedin()  # type: ignore[attr-defined]
             limits["units_of_work"] += engine_pool_max(db.pool_size)
-            limits["direct_reads"] += reads.size
-            if reads.ready is not None:
-                idle = reads.ready.get_idle_size()
-                totals["direct_reads", "in_use"] += reads.ready.get_size() - idle
-                totals["direct_reads", "idle"] += idle
+            limits["direct"] += direct.size
+            if direct.ready is not None:
+                idle = direct.ready.get_idle_size()
+                totals["direct", "in_use"] += direct.ready.get_size() - idle
+                totals["direct", "idle"] += idle
         if not databases:
             return  # no PostgreSQL here (SQLite, or no database at all): nothing to report
         for (pool_name, state), value in totals.items():
@@ -276,16 +291,17 @@ def keyset_page(query: Select, table: Table, key: tuple[dt.datetime, str] | None
     return query.order_by(*order).limit(limit)
 
 
-# Direct reads ----------------------------------------------------------------------------------------------------
+# Direct statements -----------------------------------------------------------------------------------------------
 
-_DIRECT_READS = "tessera.direct_reads"
+_DIRECT = "tessera.direct"  # a session's info: the _DirectPool of its Database (None on SQLite)
+_STAGED = "tessera.staged"  # a session's info: the inserts staged in a unit of work's inserting() block
 
 
-class _ReadPlan:
-    """A SELECT compiled once for asyncpg: its SQL, its parameters in order with their bind processors, and the
-    result processors of its columns (only TypeDecorators have one on asyncpg)."""
+class _Plan:
+    """A statement compiled once for asyncpg: its SQL, its parameters in order with their bind processors, and, for
+    a SELECT, the result processors of its columns (only TypeDecorators have one on asyncpg)."""
 
-    def __init__(self, statement: Select, engine: AsyncEngine) -> None:
+    def __init__(self, statement: Any, engine: AsyncEngine, span_name: str) -> None:
         dialect = engine.dialect
         self.statement = statement
         self.compiled = statement.compile(dialect=dialect)
@@ -294,12 +310,12 @@ class _ReadPlan:
         self.bind_processors = tuple(
             self.compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in self.names)
         self.result_processors: list[tuple[str, Callable[[Any], Any]]] = []
-        for column in statement.selected_columns:
+        for column in getattr(statement, "selected_columns", ()):
             processor = column.type.dialect_impl(dialect).result_processor(dialect, None)
             if processor is not None:
                 self.result_processors.append((column.key, processor))
         url = engine.url
-        self.span_name = f"SELECT {url.database}"
+        self.span_name = f"{span_name} {url.database}"
         self.span_attributes = {"db.system": "postgresql", "db.name": url.database or "", "db.statement": self.sql,
                                 "net.peer.name": url.host or "", "net.peer.port": url.port or 5432}
 
@@ -315,26 +331,66 @@ class _ReadPlan:
         return row
 
 
-# The statement spans of direct reads carry the scope and attributes of the SQLAlchemy instrumentation's spans, so
-# that every database statement is one kind of span to a trace viewer and to the export rules in telemetry.py.
-_tracer = trace.get_tracer(SQLALCHEMY_SCOPE)
+class _InsertPlan:
+    """Staged inserts of one shape (the tables and the columns given, row by row) as one statement compiled once.
+    Consecutive rows of one table with the same columns are one multi-row INSERT, so that their serial columns
+    (the outbox's seq) follow their order; each further group is a data-modifying CTE before the last, whose
+    order against the others PostgreSQL leaves open. Each row's values are bound under its own prefix.
+
+    A column left out of a row gets its scalar default, as SQLAlchemy's insert would give it; a column with a
+    Python-callable default must be given (the plan refuses to be built otherwise, a mistake of the code)."""
+
+    def __init__(self, shape: tuple[tuple[Table, tuple[str, ...]], ...], engine: AsyncEngine) -> None:
+        groups: list[list[int]] = []
+        for i, (table, keys) in enumerate(shape):
+            if groups and shape[groups[-1][0]] == (table, keys):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        self.defaults: list[dict[str, Any]] = []
+        inserts = []
+        for group in groups:
+            table, keys = shape[group[0]]
+            defaults: dict[str, Any] = {}
+            for column in table.columns:
+                if column.key in keys or column.default is None:
+                    continue
+                if not column.default.is_scalar:  # type: ignore[attr-defined]
+                    raise ValueError(f"a staged insert into {table.name} must give {column.key}: its default is "
+                                     "computed by Python")
+                defaults[column.key] = column.default.arg  # type: ignore[attr-defined]
+            self.defaults += [defaults] * len(group)
+            columns = (*keys, *defaults)
+            inserts.append(insert(table).values([
+                {k: bindparam(f"r{i}_{k}", type_=table.c[k].type) for k in columns} for i in group]))
+        statement = inserts[-1].add_cte(*(ins.cte(f"g{n}") for n, ins in enumerate(inserts[:-1])))
+        self.plan = _Plan(statement, engine, "INSERT")
+
+    def arguments(self, rows: list[Mapping[str, Any]]) -> list[Any]:
+        params: dict[str, Any] = {}
+        for i, (row, defaults) in enumerate(zip(rows, self.defaults, strict=True)):
+            for key, value in (*row.items(), *defaults.items()):
+                params[f"r{i}_{key}"] = value
+        return self.plan.arguments(params)
 
 
-class _DirectReads:
-    """The direct reads of one PostgreSQL Database: their read plans and their own asyncpg pool.
+class _DirectPool:
+    """The direct statements of one PostgreSQL Database (read_first's reads, insert_staged's inserts): their plans
+    and their own asyncpg pool.
 
     The pool is asyncpg's, not SQLAlchemy's: checking a connection out of the engine and back in (an
-    AsyncConnection, a greenlet round per step, the pool's events) cost more CPU than the read itself. It opens on
-    the first read, keeps at most `size` connections, and hands them back without asyncpg's reset query (a round
-    trip per read), since the only statements it runs are read_first's single SELECTs in autocommit, which leave no
-    session state behind. Its connections decode json and jsonb as the engine's do.
+    AsyncConnection, a greenlet round per step, the pool's events) cost more CPU than a read itself. It opens on
+    the first statement, keeps at most `size` connections, and hands them back without asyncpg's reset query (a
+    round trip per statement), since each statement it runs is a single one in autocommit, which leaves no session
+    state behind. Its connections decode json and jsonb as the engine's do.
 
-    `ready` is the open pool (None until the first read): read_first awaits pool() only to open it."""
+    `ready` is the open pool (None until the first statement): callers await pool() only to open it."""
 
     def __init__(self, engine: AsyncEngine, size: int) -> None:
         self.engine = engine
         self.size = size
-        self.plans: dict[int, _ReadPlan] = {}
+        self.plans: dict[int, _Plan] = {}
+        self.insert_plans: dict[tuple[tuple[Table, tuple[str, ...]], ...], _InsertPlan] = {}
         self.ready: asyncpg.Pool | None = None
         self._opening: asyncio.Lock | None = None
 
@@ -361,28 +417,50 @@ class _DirectReads:
         await self.engine.dialect.setup_asyncpg_json_codec(adapted)  # type: ignore[attr-defined]
         await self.engine.dialect.setup_asyncpg_jsonb_codec(adapted)  # type: ignore[attr-defined]
 
+    async def run(self, plan: _Plan, arguments: list[Any], method: str) -> Any:
+        """Runs one statement on a pooled connection, with its database CLIENT span; `method` is the asyncpg
+        connection's (fetchrow, execute)."""
+        with _tracer.start_as_current_span(plan.span_name, kind=trace.SpanKind.CLIENT,
+                                           attributes=plan.span_attributes):
+            pool = self.ready or await self.pool()
+            async with pool.acquire(timeout=_POOL_TIMEOUT) as connection:
+                try:
+                    return await getattr(connection, method)(plan.sql, *arguments)
+                except BaseException as exc:
+                    if not _statement_error(exc):
+                        # Closed, closing, or cancelled half way: asyncpg would wait on the release for the server
+                        # to confirm a cancellation; like SQLAlchemy, Tessera ends the session instead.
+                        connection.terminate()
+                    raise
+
     async def close(self) -> None:
-        """Closes the pool (as the engine's dispose(), a later read opens a new one)."""
+        """Closes the pool (as the engine's dispose(), a later statement opens a new one)."""
         pool, self.ready = self.ready, None
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), 5)
             except TimeoutError:
-                log.warning("direct reads still running after 5 s; their connections are closed under them")
+                log.warning("direct statements still running after 5 s; their connections are closed under them")
                 pool.terminate()
             except asyncio.CancelledError:
                 pool.terminate()
                 raise
 
 
+# The statement spans of direct statements carry the scope and attributes of the SQLAlchemy instrumentation's
+# spans, so that every database statement is one kind of span to a trace viewer and to the export rules in
+# telemetry.py.
+_tracer = trace.get_tracer(SQLALCHEMY_SCOPE)
+
+
 async def _no_reset(_connection: asyncpg.Connection) -> None:
-    """A direct-read connection goes back to its pool as it is (see _DirectReads)."""
+    """A direct connection goes back to its pool as it is (see _DirectPool)."""
 
 
 def _statement_error(exc: BaseException) -> bool:
     """True for an error the server reported about one statement, which leaves the connection fit for the next.
     Anything else means the connection is never handed out again: one that database_unavailable() recognises (a
-    connection closed or closing, the server shutting down or cancelling), or a read cancelled half way."""
+    connection closed or closing, the server shutting down or cancelling), or a statement cancelled half way."""
     return isinstance(exc, asyncpg.PostgresError) and not database_unavailable(exc)
 
 
@@ -391,30 +469,92 @@ async def read_first(session: AsyncSession, statement: Select, params: Mapping[s
     mapping of column key to value, or None.
 
     In a read session on PostgreSQL (a unit of work's `reading()`, autocommit) the statement runs straight on a
-    connection of the database's direct-read pool (asyncpg's, see _DirectReads), compiled once: about a third of
-    the CPU of a read through AsyncSession.execute, the greenlet bridge and the engine's pool, which matters on hot
+    connection of the database's direct pool (asyncpg's, see _DirectPool), compiled once: about a third of the CPU
+    of a read through AsyncSession.execute, the greenlet bridge and the engine's pool, which matters on hot
     single-row reads such as GetUser.
     The values are the ones SQLAlchemy would give (the columns' TypeDecorators run), and the statement gets its
     database CLIENT span like every other one. In any other session (a transaction, or SQLite) it is an ordinary
     `session.execute`."""
-    direct: _DirectReads | None = session.info.get(_DIRECT_READS)
-    if direct is None or session.in_transaction():
+    direct: _DirectPool | None = session.info.get(_DIRECT)
+    if direct is None or session.in_transaction() or session.info.get(_STAGED) is not None:
         row = (await session.execute(statement, dict(params))).first()
         return None if row is None else row._mapping
     plan = direct.plans.get(id(statement))
     if plan is None or plan.statement is not statement:
-        plan = direct.plans[id(statement)] = _ReadPlan(statement, direct.engine)
-    arguments = plan.arguments(params)
-    with _tracer.start_as_current_span(plan.span_name, kind=trace.SpanKind.CLIENT,
-                                       attributes=plan.span_attributes):
-        pool = direct.ready or await direct.pool()
-        async with pool.acquire(timeout=_POOL_TIMEOUT) as connection:
-            try:
-                record = await connection.fetchrow(plan.sql, *arguments)
-            except BaseException as exc:
-                if not _statement_error(exc):
-                    # Closed, closing, or cancelled half way: asyncpg would wait on the release for the server
-                    # to confirm a cancellation; like SQLAlchemy, Tessera ends the session instead.
-                    connection.terminate()
-                raise
+        plan = direct.plans[id(statement)] = _Plan(statement, direct.engine, "SELECT")
+    record = await direct.run(plan, plan.arguments(params), "fetchrow")
     return None if record is None else plan.row(record)
+
+
+# Staged inserts --------------------------------------------------------------------------------------------------
+
+# Turns a constraint clash on a staged row into the repository's own error (or None: not one it knows).
+Translate = Callable[[IntegrityError], Exception | None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Staged:
+    table: Table
+    row: Mapping[str, Any]
+    translate: Translate | None
+
+
+async def insert_row(session: AsyncSession, table: Table, row: Mapping[str, Any],
+                     translate: Translate | None = None) -> None:
+    """Inserts `row` (column key → value) into `table`, the way a repository adds a new aggregate.
+
+    In a unit of work's `inserting()` block the row is staged: it is written at commit, with the others and the
+    outbox events (see insert_staged), and a clash on a unique or foreign key is raised there. Anywhere else it is
+    inserted at once. Either way a clash goes through `translate`: the repository's own error is raised when it
+    returns one, the IntegrityError otherwise."""
+    staged: list[_Staged] | None = session.info.get(_STAGED)
+    if staged is not None:
+        staged.append(_Staged(table, row, translate))
+        return
+    try:
+        await session.execute(insert(table), dict(row))
+    except IntegrityError as exc:
+        _raise_translated(exc, (_Staged(table, row, translate),))
+
+
+def stage_inserts(session: AsyncSession) -> None:
+    """Makes `session` stage insert_row's rows until insert_staged (a unit of work's `inserting()`)."""
+    session.info[_STAGED] = []
+
+
+def _raise_translated(exc: IntegrityError, staged: tuple[_Staged, ...] | list[_Staged]) -> None:
+    for item in staged:
+        if item.translate is not None and (mapped := item.translate(exc)) is not None:
+            raise mapped from None
+    raise exc
+
+
+async def insert_staged(session: AsyncSession, extra: list[tuple[Table, Mapping[str, Any]]]) -> bool:
+    """Writes the rows `session` staged, then `extra` (the outbox events), as one atomic change.
+
+    On PostgreSQL, when nothing else ran on the session, they go as one statement of data-modifying CTEs on the
+    direct pool, in autocommit: one round trip, where a transaction takes BEGIN, an INSERT per row and COMMIT, each
+    through the greenlet bridge. Returns True then: the change is committed. Otherwise (SQLite, or a block that also
+    read through its session) the rows are inserted in the session's transaction and it returns False: the caller
+    commits. A clash raises as insert_row says."""
+    staged: list[_Staged] = session.info.pop(_STAGED, None) or []
+    rows = [*staged, *(_Staged(table, row, None) for table, row in extra)]
+    if not rows:
+        return False
+    direct: _DirectPool | None = session.info.get(_DIRECT)
+    if direct is None or session.in_transaction():
+        for item in rows:
+            try:
+                await session.execute(insert(item.table), dict(item.row))
+            except IntegrityError as exc:
+                _raise_translated(exc, staged)
+        return False
+    shape = tuple((item.table, tuple(item.row)) for item in rows)
+    plan = direct.insert_plans.get(shape)
+    if plan is None:
+        plan = direct.insert_plans[shape] = _InsertPlan(shape, direct.engine)
+    try:
+        await direct.run(plan.plan, plan.arguments([item.row for item in rows]), "execute")
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        _raise_translated(IntegrityError(plan.plan.sql, None, exc), staged)
+    return True

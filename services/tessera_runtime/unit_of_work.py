@@ -8,8 +8,10 @@ from google.protobuf.message import Message
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tessera_runtime.db import Database
+from tessera_runtime.db import Database, insert_staged, stage_inserts
 from tessera_runtime.outbox import PendingEvent, notify_committed, write_events
+
+_WRITE, _READ, _INSERT = "write", "read", "insert"
 
 
 class SqlAlchemyUnitOfWork:
@@ -21,14 +23,25 @@ class SqlAlchemyUnitOfWork:
         self.session: AsyncSession
         self.events: list[PendingEvent] = []
         self._committed = False
-        self._read_only = False
+        self._mode = _WRITE
 
     def reading(self):
         """This unit of work for one block of reads that changes nothing (`async with uow.reading():`). On
         PostgreSQL each statement runs in autocommit, without BEGIN and ROLLBACK round trips, so use it where one
         statement reads what the block needs (a read across statements would not see one snapshot). commit()
         refuses."""
-        self._read_only = True
+        self._mode = _READ
+        return self
+
+    def inserting(self):
+        """This unit of work for a block whose change is only new rows (`async with uow.inserting():`).
+        Repositories add them with tessera_runtime.db.insert_row, which stages them, and commit() writes them with
+        the outbox events. On PostgreSQL, when the block ran nothing else on its session, that is one statement in
+        autocommit: atomic, and one round trip instead of BEGIN, an INSERT per row and COMMIT. Otherwise (SQLite,
+        or a block that also read) they are inserted in the session's transaction before it commits. A clash on a
+        unique or foreign key is raised by commit(), as the repository translated it. Reads in the block do not
+        see the staged rows."""
+        self._mode = _INSERT
         return self
 
     def _open(self, session: AsyncSession) -> None:
@@ -37,8 +50,11 @@ class SqlAlchemyUnitOfWork:
     async def __aenter__(self):
         self.events = []
         self._committed = False
-        if self._read_only:
+        if self._mode == _READ:
             self.session = self.db.read_sessionmaker()
+        elif self._mode == _INSERT:
+            self.session = self.db.sessionmaker()  # it begins only if something runs on it (SQLAlchemy's autobegin)
+            stage_inserts(self.session)
         else:
             self.session = self.db.sessionmaker()
             await self.session.begin()
@@ -47,17 +63,17 @@ class SqlAlchemyUnitOfWork:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self._read_only and not self.session.in_transaction():
-            # Nothing ran on the session (its reads were direct, see tessera_runtime.db.read_first): it holds no
-            # connection, so there is nothing to roll back or close, and two rounds through the greenlet bridge
-            # are saved.
-            self._read_only = False
+        if self._mode != _WRITE and not self.session.in_transaction():
+            # Nothing ran on the session (its reads were direct, see tessera_runtime.db.read_first, or its inserts
+            # were, see insert_staged): it holds no connection, so there is nothing to roll back or close, and two
+            # rounds through the greenlet bridge are saved.
+            self._mode = _WRITE
             return
         try:
             if not self._committed:
                 await self.session.rollback()
         finally:
-            self._read_only = False
+            self._mode = _WRITE
             await self.session.close()
 
     def add_event(self, aggregate_type: str, aggregate_id: str, message: Message) -> PendingEvent:
@@ -66,10 +82,15 @@ class SqlAlchemyUnitOfWork:
         return event
 
     async def commit(self) -> None:
-        if self._read_only:
+        if self._mode == _READ:
             raise RuntimeError("a unit of work opened with reading() cannot commit")
-        await write_events(self.session, self.outbox, self.events)
-        await self.session.commit()
+        if self._mode == _INSERT:
+            direct = await insert_staged(self.session, [(self.outbox, e.row()) for e in self.events])
+            if not direct:
+                await self.session.commit()
+        else:
+            await write_events(self.session, self.outbox, self.events)
+            await self.session.commit()
         self._committed = True
         if self.events:
             notify_committed(self.outbox)
@@ -93,6 +114,9 @@ class FakeUnitOfWork:
         return self
 
     def reading(self):
+        return self
+
+    def inserting(self):
         return self
 
     async def __aenter__(self):

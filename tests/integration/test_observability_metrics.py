@@ -166,7 +166,7 @@ async def test_a_postgresql_services_pools_are_on_its_metrics_endpoint(pg_databa
     try:
         gc.collect()  # other tests' databases that are gone leave the totals now, not between the two scrapes
         before = await scrape(server.metrics.port)
-        with pytest.raises(grpc.aio.AioRpcError):  # a read on the direct-read pool, then NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError):  # a read on the direct pool, then NOT_FOUND
             await user_service_pb2_grpc.UserServiceStub(channel).GetUser(svc.GetUserRequest(id=str(uuid.uuid4())))
         after = await scrape(server.metrics.port)
     finally:
@@ -174,10 +174,10 @@ async def test_a_postgresql_services_pools_are_on_its_metrics_endpoint(pg_databa
         await server.stop()
     assert after.families["tessera_db_connections"].type == "gauge"
     # Other databases of this test process may be counted too: this service's share is what moved.
-    assert (after.value("tessera_db_connections", pool="direct_reads", state="idle")
-            - before.value("tessera_db_connections", pool="direct_reads", state="idle")) == 1
+    assert (after.value("tessera_db_connections", pool="direct", state="idle")
+            - before.value("tessera_db_connections", pool="direct", state="idle")) == 1
     assert after.value("tessera_db_connections_max", pool="units_of_work") >= 8
-    assert after.value("tessera_db_connections_max", pool="direct_reads") >= 2
+    assert after.value("tessera_db_connections_max", pool="direct") >= 2
 
 
 async def test_metrics_endpoint_stops_with_the_server(tmp_path):

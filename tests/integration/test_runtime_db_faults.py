@@ -19,6 +19,7 @@ from tessera_runtime.outbox import outbox_table
 from tessera_runtime.unit_of_work import SqlAlchemyUnitOfWork
 from tessera_user import bootstrap
 from tessera_user.adapters.orm import users
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.user_rows import user_row
 
 OUTBOX = outbox_table(MetaData())
@@ -110,3 +111,26 @@ async def test_a_closed_postgresql_connection_is_an_unavailable_database_and_wro
         await conn.fetchval("SELECT 1")
     assert database_unavailable(closed.value)
     assert not database_unavailable(wrong_arguments.value)
+
+
+async def test_pooled_connections_the_server_closed_while_idle_are_not_handed_out(pg_database):
+    """After a restart or failover the pool holds connections whose sockets are gone: the first units of work after
+    the database is back get fresh ones instead of failing on them (asyncpg already knows; no pre-ping)."""
+    _, url = pg_database
+    proxy = TcpProxy("127.0.0.1", 5432).start()
+    database = Database(url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"), pool_size=3)
+    try:
+        async def one_statement() -> int:
+            uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+            async with uow:
+                return (await uow.session.execute(text("SELECT 1"))).scalar()
+
+        await asyncio.gather(*(one_statement() for _ in range(3)))  # three connections, now idle in the pool
+        assert database.engine.sync_engine.pool.checkedin() == 3
+        proxy.cut()
+        proxy.restore()
+        await asyncio.sleep(0.2)  # the sockets' ends reach the event loop
+        assert await asyncio.gather(*(one_statement() for _ in range(3))) == [1, 1, 1]
+    finally:
+        await database.dispose()
+        proxy.close()

@@ -117,7 +117,7 @@ OTHER_BACKENDS = text("SELECT count(*) FROM pg_stat_activity WHERE datname = cur
 
 async def test_direct_reads_keep_to_their_pool_size_and_dispose_closes_their_connections(pg_database):
     _, url = pg_database
-    database = Database(url, pool_size=4, read_pool_size=2)
+    database = Database(url, pool_size=4, direct_size=2)
     admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
     try:
         async def read_slowly():
@@ -131,7 +131,7 @@ async def test_direct_reads_keep_to_their_pool_size_and_dispose_closes_their_con
         # The engine's pool is not the direct reads': a transaction still gets a connection of its own.
         async with SqlAlchemyUnitOfWork(database, OUTBOX) as uow:
             assert (await uow.session.execute(text("SELECT 1"))).scalar() == 1
-        assert await admin.fetchval(OTHER_BACKENDS.text) == 3  # two direct-read connections, one of the engine
+        assert await admin.fetchval(OTHER_BACKENDS.text) == 3  # two direct connections, one of the engine
         await database.dispose()
         assert await admin.fetchval(OTHER_BACKENDS.text) == 0
         # As after the engine's dispose(), the next read opens the pool again.
@@ -287,7 +287,7 @@ async def test_the_pools_connections_are_exported_to_prometheus(pg_database):
     try:
         assert _pool_samples(collector) == {
             ("units_of_work", "in_use"): 0, ("units_of_work", "idle"): 0, ("units_of_work", "max"): 8,
-            ("direct_reads", "in_use"): 0, ("direct_reads", "idle"): 0, ("direct_reads", "max"): 2}
+            ("direct", "in_use"): 0, ("direct", "idle"): 0, ("direct", "max"): 2}
         uow = SqlAlchemyUnitOfWork(database, OUTBOX)
         async with uow.reading():
             await read_first(uow.session, BACKEND, {})
@@ -297,10 +297,10 @@ async def test_the_pools_connections_are_exported_to_prometheus(pg_database):
         after = _pool_samples(collector)
         assert (during["units_of_work", "in_use"], during["units_of_work", "idle"]) == (1, 0)
         assert (after["units_of_work", "in_use"], after["units_of_work", "idle"]) == (0, 1)
-        assert (after["direct_reads", "in_use"], after["direct_reads", "idle"]) == (0, 1)
+        assert (after["direct", "in_use"], after["direct", "idle"]) == (0, 1)
         # Every Database registers with the process's collector, which the /metrics endpoint serves.
         assert database in list(_POOLS._databases)
-        assert REGISTRY.get_sample_value("tessera_db_connections_max", {"pool": "direct_reads"}) >= 2
+        assert REGISTRY.get_sample_value("tessera_db_connections_max", {"pool": "direct"}) >= 2
     finally:
         await database.dispose()
     after = _pool_samples(collector)

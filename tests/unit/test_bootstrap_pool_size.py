@@ -28,7 +28,7 @@ async def test_the_service_database_gets_the_configured_pool_size(service, monke
     await bootstrap.build(settings, migrate=False)
     try:
         assert [db.engine.pool.size() for db in made] == [3]
-        assert [db._direct_reads.size for db in made] == [1]  # nothing connects: the address is never dialled
+        assert [db._direct.size for db in made] == [1]  # nothing connects: the address is never dialled
     finally:
         for db in made:
             await db.dispose()

@@ -11,13 +11,13 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tessera_payment.adapters.orm import payments
 from tessera_payment.domain.model import Money, Payment, PaymentStatus
-from tessera_runtime.db import keyset_page
+from tessera_runtime.db import insert_row, keyset_page
 
 
 class DuplicateIdempotencyKey(Exception):
@@ -86,13 +86,14 @@ class SqlAlchemyPaymentRepository(PaymentRepository):
         self.session = session
 
     async def add(self, payment: Payment, request_hash: str) -> None:
-        """A duplicate idempotency key fails the transaction, which the caller then abandons: no savepoint."""
-        try:
-            await self.session.execute(insert(payments).values(**_row(payment), request_hash=request_hash))
-        except IntegrityError as exc:
+        """A duplicate idempotency key fails the transaction, which the caller then abandons: no savepoint. In an
+        inserting() unit of work the row is written, and the duplicate raised, at commit."""
+        def clash(exc: IntegrityError) -> Exception | None:
             if "idempotency_key" in str(exc.orig).lower():
-                raise DuplicateIdempotencyKey(payment.idempotency_key) from None
-            raise
+                return DuplicateIdempotencyKey(payment.idempotency_key)
+            return None
+
+        await insert_row(self.session, payments, {**_row(payment), "request_hash": request_hash}, clash)
 
     async def get(self, payment_id: str) -> Payment | None:
         row = (await self.session.execute(select(payments).where(payments.c.id == payment_id))).first()

@@ -65,6 +65,7 @@ T = TypeVar("T")
 class UnitOfWork(Protocol):
     payments: PaymentRepository
 
+    def inserting(self) -> UnitOfWork: ...
     async def __aenter__(self) -> UnitOfWork: ...
     async def __aexit__(self, *exc: object) -> None: ...
     def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...
@@ -211,7 +212,8 @@ async def _claim(cmd: commands.ProcessPayment, request_hash: str, budget: float,
     already has. A new payment is stored with its first attempt counted, in the same commit that claims it."""
     assert cmd.amount is not None
     for attempt in range(3):  # the last pass only after losing a race on the same idempotency key
-        async with uow:
+        # The first pass only inserts (on PostgreSQL one statement); a later one reads and may update.
+        async with uow.inserting() if attempt == 0 else uow:
             now = utcnow()
             found = None if attempt == 0 else await uow.payments.get_by_key(cmd.idempotency_key)
             if found is None:
@@ -222,9 +224,9 @@ async def _claim(cmd: commands.ProcessPayment, request_hash: str, budget: float,
                     lease_expire_time=policy.lease(now, budget))
                 try:
                     await uow.payments.add(payment, request_hash)
+                    await uow.commit()
                 except DuplicateIdempotencyKey:
-                    continue  # leaving the block rolls back; the next pass reads the key's payment
-                await uow.commit()
+                    continue  # nothing was written; the next pass reads the key's payment
                 return payment, False, True
             payment, stored_hash = found
             if stored_hash != request_hash:

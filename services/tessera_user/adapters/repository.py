@@ -8,11 +8,11 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tessera_runtime.db import keyset_page, read_first
+from tessera_runtime.db import insert_row, keyset_page, read_first
 from tessera_user.adapters.orm import users
 from tessera_user.domain.model import Preferences, Profile, User, UserStatus
 
@@ -62,9 +62,6 @@ def _row(user: User) -> dict[str, Any]:
     }
 
 
-# Statements built once: values go in as parameters, so SQLAlchemy finds each compiled form in its cache without
-# building and hashing a new statement per call.
-_INSERT = insert(users)
 # GetUser's read, built once: tessera_runtime.db.read_first runs it straight on asyncpg in a read session.
 _BY_ID = select(users).where(users.c.id == bindparam("user_id"))
 
@@ -85,17 +82,18 @@ class SqlAlchemyUserRepository(UserRepository):
 
     async def add(self, user: User, request_id: str | None, request_hash: str | None) -> None:
         # No savepoint around the insert (two round trips fewer per create): after a duplicate the caller ends its
-        # unit of work (create_user raises or starts a new one), so the spoiled transaction is only rolled back.
-        try:
-            await self.session.execute(_INSERT, {
-                **_row(user), "create_request_id": request_id, "create_request_hash": request_hash})
-        except IntegrityError as exc:
+        # unit of work (create_user raises or starts a new one), so the spoiled transaction is only rolled back. In
+        # an inserting() unit of work the row is written, and a clash raised, at commit.
+        def clash(exc: IntegrityError) -> Exception | None:
             text = str(exc.orig).lower()
             if "request_id" in text:
-                raise DuplicateRequestId(request_id) from None
+                return DuplicateRequestId(request_id)
             if "email" in text:
-                raise DuplicateEmail(user.email) from None
-            raise
+                return DuplicateEmail(user.email)
+            return None
+
+        await insert_row(self.session, users, {
+            **_row(user), "create_request_id": request_id, "create_request_hash": request_hash}, clash)
 
     async def get(self, user_id: str) -> User | None:
         row = await read_first(self.session, _BY_ID, {"user_id": user_id})

@@ -33,6 +33,7 @@ class UnitOfWork(Protocol):
     users: UserRepository
 
     def reading(self) -> UnitOfWork: ...
+    def inserting(self) -> UnitOfWork: ...
     async def __aenter__(self) -> UnitOfWork: ...
     async def __aexit__(self, *exc: object) -> None: ...
     def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...
@@ -80,20 +81,21 @@ async def create_user(cmd: commands.CreateUser, uow: UnitOfWork) -> User:
 
     request_hash = _request_hash(cmd, email)
     for _ in range(2):  # a second pass only if the row that clashed was gone before it could be read
-        # Insert first: the unique indexes on request_id and e-mail decide, so the common path is BEGIN, two INSERTs
-        # and COMMIT with no reads before them, and two concurrent creates are ordered by the database itself.
+        # Insert first: the unique indexes on request_id and e-mail decide, so the common path is the user's row and
+        # its event written together with no reads before them (on PostgreSQL one statement), and two concurrent
+        # creates are ordered by the database itself.
         now = utcnow()
         user = User(id=str(uuid.uuid4()), email=email, display_name=cmd.display_name.strip(),
                     status=UserStatus.ACTIVE, profile=cmd.profile, preferences=cmd.preferences,
                     create_time=now, update_time=now)
-        async with uow:
+        async with uow.inserting():
             try:
                 await uow.users.add(user, cmd.request_id, request_hash)
-            except (DuplicateEmail, DuplicateRequestId):
-                pass  # the transaction is spoiled: see what clashed in a fresh one, below
-            else:
                 uow.add_event(AGGREGATE, user.id, mapping.user_created(user))
                 await uow.commit()
+            except (DuplicateEmail, DuplicateRequestId):
+                pass  # nothing was written: see what clashed, below
+            else:
                 return user
         # Which unique index reports a clash depends on the database and on timing, so look the request_id up: the
         # same request_id replays (or is refused if its request differed); otherwise the e-mail is taken.
