@@ -8,10 +8,11 @@ import uuid
 
 import pytest
 from alembic import command
-from sqlalchemy import insert, inspect
+from sqlalchemy import func, insert, inspect, select, text
+from tessera.order.v1 import order_events_pb2
 
 from tessera_order import bootstrap
-from tessera_order.adapters.orm import order_sagas, orders
+from tessera_order.adapters.orm import order_sagas, orders, outbox
 from tessera_order.adapters.repository import DuplicateRequestId, Lease, LeaseLost, SagaCaller, _order_row
 from tessera_order.domain.model import Order, OrderItem, OrderStatus, StepName
 from tessera_order.service_layer.unit_of_work import OrderUnitOfWork
@@ -156,23 +157,49 @@ async def test_a_saga_stored_before_migration_0002_resumes_without_a_trace_conte
         await database.dispose()
 
 
-async def test_request_id_is_unique(db):
+def opened(uow: OrderUnitOfWork, inserting: bool) -> OrderUnitOfWork:
+    return uow.inserting() if inserting else uow
+
+
+# An add in an ordinary unit of work inserts at once; in an inserting() one (CreateOrder's) it is staged and written
+# at commit, on PostgreSQL as one statement with the events.
+ADD_MODES = pytest.mark.parametrize("inserting", [False, True], ids=["at-once", "inserting"])
+
+
+@ADD_MODES
+async def test_request_id_is_unique(db, inserting):
     order = await stored_order(db)
     twin = Order.place(customer_id=order.customer_id, items=order.items, currency_code="EUR", payment_method="pm",
                        request_id=order.request_id, request_hash="h", now=utcnow())
-    async with OrderUnitOfWork(db) as uow:
+    async with opened(OrderUnitOfWork(db), inserting) as uow:
         with pytest.raises(DuplicateRequestId):
             await uow.orders.add(twin, lease("runner-b"), SagaCaller())
+            uow.add_event("order", twin.id, order_events_pb2.OrderCreated())
+            await uow.commit()
+    async with OrderUnitOfWork(db) as uow:
+        assert await uow.orders.get(twin.id) is None
+    async with db.engine.connect() as conn:
+        assert (await conn.execute(select(func.count()).select_from(outbox))).scalar() == 0
 
 
-async def test_an_order_with_many_items_is_stored_and_read_back_whole(db):
+@ADD_MODES
+async def test_an_order_with_many_items_is_stored_and_read_back_whole(db, inserting):
     items = tuple(OrderItem(str(uuid.uuid4()), f"Item {i}", f"SKU-{i}", i + 1, 100 * (i + 1)) for i in range(7))
     order = Order.place(customer_id=str(uuid.uuid4()), items=items, currency_code="EUR", payment_method="pm",
                         request_id=uuid.uuid4().hex, request_hash="h", now=utcnow())
     caller = SagaCaller(subject="customer-1", scopes=("orders",), correlation_id="corr-1")
-    async with OrderUnitOfWork(db) as uow:
+    async with opened(OrderUnitOfWork(db), inserting) as uow:
         await uow.orders.add(order, lease("runner-a"), caller)
+        uow.add_event("order", order.id, order_events_pb2.OrderCreated())
         await uow.commit()
+    if inserting and db.dialect == "postgresql":  # the order, its items, saga, steps and event: one statement
+        assert db.engine.sync_engine.pool.checkedin() == 0  # on the direct pool: the engine's was never used
+        async with db.engine.connect() as conn:
+            xmins = (await conn.execute(text(
+                "SELECT xmin::text FROM orders UNION ALL SELECT xmin::text FROM order_items UNION ALL "
+                "SELECT xmin::text FROM order_sagas UNION ALL SELECT xmin::text FROM order_saga_steps UNION ALL "
+                "SELECT xmin::text FROM outbox"))).scalars().all()
+        assert len(set(xmins)) == 1 and len(xmins) == 1 + 7 + 1 + len(order.steps) + 1
     async with OrderUnitOfWork(db) as uow:
         stored = await uow.orders.get(order.id)
         assert await uow.orders.caller(order.id) == caller

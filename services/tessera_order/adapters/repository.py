@@ -14,7 +14,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Integer, String, bindparam, column, func, insert, or_, select, update
+from sqlalchemy import Boolean, Integer, String, bindparam, column, func, or_, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -31,7 +31,7 @@ from tessera_order.domain.model import (
     StepName,
     StepStatus,
 )
-from tessera_runtime.db import UtcDateTime, keyset_page
+from tessera_runtime.db import UtcDateTime, insert_row, keyset_page
 
 
 class DuplicateRequestId(Exception):
@@ -163,12 +163,10 @@ _STEP_UPDATE = (
             outcome_unknown=bindparam("outcome_unknown"), update_time=bindparam("update_time"))
 )
 
-# PostgreSQL runs a whole save, or a whole add, as one statement of data-modifying CTEs: one round trip instead of
-# one per table. Rows of a child table travel as one array per column (unnest), so that each statement has one
-# shape whatever the number of rows, and SQLAlchemy compiles it once.
+# PostgreSQL runs a whole save as one statement of data-modifying CTEs: one round trip instead of one per table (an
+# add is staged inserts, see tessera_runtime.db.insert_row). The step rows travel as one array per column (unnest),
+# so that the statement has one shape whatever the number of rows, and SQLAlchemy compiles it once.
 _ORDER_FIELDS = tuple(c.name for c in orders.c if c.name not in ("id", "version"))  # what _order_row gives
-_ITEM_COLUMNS = {"position": Integer, "product_id": String, "product_name": String, "sku": String,
-                 "quantity": Integer, "unit_price_minor": BigInteger}
 _STEP_COLUMNS = {"step": String, "position": Integer, "status": String, "attempts": Integer,
                  "compensation_attempts": Integer, "error": String, "outcome_unknown": Boolean,
                  "update_time": UtcDateTime}
@@ -203,32 +201,7 @@ def _build_save_statement(release: bool) -> Any:
     return select(func.count()).select_from(changed).add_cte(steps)
 
 
-def _build_add_statement() -> Any:
-    """INSERT of the order, its items, its saga row and its step rows in one statement."""
-    order = (insert(orders).values(id=bindparam("b_order_id"), version=bindparam("b_version"),
-                                   **{f: bindparam(f"o_{f}") for f in _ORDER_FIELDS})
-             .returning(orders.c.id).cte("new_order"))
-    item_rows = _unnest("i", _ITEM_COLUMNS, "item_rows")
-    lines = (insert(order_items)
-             .from_select(["order_id", *_ITEM_COLUMNS],
-                          select(bindparam("b_order_id", type_=String()), *item_rows.c))
-             .returning(order_items.c.position).cte("new_items"))
-    saga = (insert(order_sagas).values(
-        order_id=bindparam("b_order_id"), current_step=bindparam("b_current_step"),
-        lease_owner=bindparam("b_lease_owner"), lease_expires_at=bindparam("b_lease_expires_at"),
-        principal_subject=bindparam("b_principal_subject"), principal_scopes=bindparam("b_principal_scopes"),
-        correlation_id=bindparam("b_correlation_id"), traceparent=bindparam("b_traceparent"),
-        tracestate=bindparam("b_tracestate")).returning(order_sagas.c.order_id).cte("new_saga"))
-    step_rows = _unnest("s", _STEP_COLUMNS, "step_rows")
-    steps = (insert(order_saga_steps)
-             .from_select(["order_id", *_STEP_COLUMNS], select(bindparam("b_order_id", type_=String()),
-                                                                *step_rows.c))
-             .returning(order_saga_steps.c.step).cte("new_steps"))
-    return select(order.c.id).add_cte(lines, saga, steps)
-
-
 _SAVE = {release: _build_save_statement(release) for release in (False, True)}
-_ADD = _build_add_statement()
 
 
 def _order_params(order: Order) -> dict[str, Any]:
@@ -251,31 +224,25 @@ class SqlAlchemyOrderRepository(OrderRepository):
         self.one_statement = bind is not None and bind.dialect.name == "postgresql"
 
     async def add(self, order: Order, lease: Lease, caller: SagaCaller) -> None:
-        """A duplicate request_id fails the transaction, which the caller then abandons: no savepoint needed."""
-        items = [{"position": i, "product_id": it.product_id, "product_name": it.product_name, "sku": it.sku,
-                  "quantity": it.quantity, "unit_price_minor": it.unit_price_minor}
-                 for i, it in enumerate(order.items)]
-        saga = {"current_step": order.current_step.value, "lease_owner": lease.owner,
-                "lease_expires_at": lease.expires_at, "principal_subject": caller.subject,
-                "principal_scopes": " ".join(caller.scopes), "correlation_id": caller.correlation_id,
-                "traceparent": caller.traceparent, "tracestate": caller.tracestate}
-        try:
-            if self.one_statement:
-                await self.session.execute(_ADD, {
-                    "b_order_id": order.id, "b_version": order.version, **_order_params(order),
-                    **{f"b_{name}": value for name, value in saga.items()},
-                    **_array_params("i", _ITEM_COLUMNS, items), **_step_params(_step_rows(order))})
-            else:
-                await self.session.execute(insert(orders).values(id=order.id, version=order.version,
-                                                                 **_order_row(order)))
-                await self.session.execute(insert(order_items), [{"order_id": order.id, **it} for it in items])
-                await self.session.execute(insert(order_sagas).values(order_id=order.id, **saga))
-                await self.session.execute(insert(order_saga_steps), [
-                    {k.removeprefix("b_"): v for k, v in row.items()} for row in _step_rows(order)])
-        except IntegrityError as exc:
-            if "request_id" in str(exc.orig).lower():
-                raise DuplicateRequestId(order.request_id) from None
-            raise
+        """A duplicate request_id fails the transaction, which the caller then abandons: no savepoint needed. In an
+        inserting() unit of work (on PostgreSQL one statement with the order's events) the rows are written, and
+        the duplicate raised, at commit."""
+        def clash(exc: IntegrityError) -> Exception | None:
+            return DuplicateRequestId(order.request_id) if "request_id" in str(exc.orig).lower() else None
+
+        await insert_row(self.session, orders, {"id": order.id, "version": order.version, **_order_row(order)},
+                         clash)
+        for i, it in enumerate(order.items):
+            await insert_row(self.session, order_items, {
+                "order_id": order.id, "position": i, "product_id": it.product_id, "product_name": it.product_name,
+                "sku": it.sku, "quantity": it.quantity, "unit_price_minor": it.unit_price_minor})
+        await insert_row(self.session, order_sagas, {
+            "order_id": order.id, "current_step": order.current_step.value, "lease_owner": lease.owner,
+            "lease_expires_at": lease.expires_at, "principal_subject": caller.subject,
+            "principal_scopes": " ".join(caller.scopes), "correlation_id": caller.correlation_id,
+            "traceparent": caller.traceparent, "tracestate": caller.tracestate})
+        for row in _step_rows(order):
+            await insert_row(self.session, order_saga_steps, {k.removeprefix("b_"): v for k, v in row.items()})
         _stored(order)
 
     async def _load(self, rows: list[Any]) -> list[Order]:

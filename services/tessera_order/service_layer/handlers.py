@@ -34,6 +34,7 @@ class UnitOfWork(Protocol):
     async def __aenter__(self) -> UnitOfWork: ...
     async def __aexit__(self, *exc: object) -> None: ...
     def reading(self) -> UnitOfWork: ...
+    def inserting(self) -> UnitOfWork: ...
     def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...
     async def commit(self) -> None: ...
 
@@ -109,14 +110,14 @@ async def create_order(cmd: commands.CreateOrder, uow: UowFactory, sagas: SagaCo
     first = order.next_step()
     assert first is not None
     order.start_step(first, sagas.clock())
-    async with uow() as u:
+    async with uow().inserting() as u:  # on PostgreSQL, the order, its saga and its event in one statement
         try:
             await u.orders.add(order, sagas.new_lease(), caller)
+            u.add_event(AGGREGATE, order.id, created)
+            await u.commit()
         except DuplicateRequestId:
             stored = None
         else:
-            u.add_event(AGGREGATE, order.id, created)
-            await u.commit()
             stored = order
     if stored is None:  # a concurrent call with the same request_id stored its order first
         async with uow() as u:
