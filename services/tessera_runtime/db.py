@@ -536,7 +536,8 @@ async def insert_staged(session: AsyncSession, extra: list[tuple[Table, Mapping[
     direct pool, in autocommit: one round trip, where a transaction takes BEGIN, an INSERT per row and COMMIT, each
     through the greenlet bridge. Returns True then: the change is committed. Otherwise (SQLite, or a block that also
     read through its session) the rows are inserted in the session's transaction and it returns False: the caller
-    commits. A clash raises as insert_row says."""
+    commits. A clash raises as insert_row says. A call cancelled while the statement runs ends its connection (see
+    _DirectPool.run): the rows are then all written or none, as with any commit its caller stopped waiting for."""
     staged: list[_Staged] = session.info.pop(_STAGED, None) or []
     rows = [*staged, *(_Staged(table, row, None) for table, row in extra)]
     if not rows:
