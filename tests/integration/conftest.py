@@ -7,9 +7,12 @@ import pytest
 from tessera.user.v1 import user_service_pb2_grpc
 
 from tessera_runtime.config import ServiceSettings
+from tessera_runtime.db import Database
 from tessera_runtime.messaging import MessagingServiceSettings
 from tessera_runtime.messaging.amqp import running_links
+from tessera_runtime.migrations import upgrade_async
 from tessera_runtime.server import create_server
+from tessera_user import bootstrap
 from tests.support import postgres
 from tests.support.smtp import SmtpSink
 
@@ -38,6 +41,15 @@ async def db_url(request, tmp_path):
     await postgres.drop_database(name)
 
 
+@pytest.fixture
+async def user_database(db_url):
+    """The user service's schema on each backend, as a Database (the tables tests of the runtime write to)."""
+    await upgrade_async(bootstrap.MIGRATIONS, db_url)
+    db = Database(db_url)
+    yield db
+    await db.dispose()
+
+
 def settings_for(service: str, db_url: str, **overrides) -> ServiceSettings:
     # Events are asserted in the outbox here; nothing consumes them, so no relay publishes them to the shared
     # broker unless a test asks for one (TESSERA_OUTBOX_RELAY="true").
@@ -47,8 +59,6 @@ def settings_for(service: str, db_url: str, **overrides) -> ServiceSettings:
 
 @pytest.fixture
 async def user_server(db_url):
-    from tessera_user import bootstrap
-
     module = await bootstrap.build(settings_for("user", db_url))
     server, port = await create_server(module, readiness_interval=0.2)
     yield server, port

@@ -31,11 +31,8 @@ def email_clash(exc: IntegrityError) -> Exception | None:
 
 
 @pytest.fixture
-async def database(db_url):
-    await upgrade_async(bootstrap.MIGRATIONS, db_url)
-    db = Database(db_url)
-    yield db
-    await db.dispose()
+def database(user_database):
+    return user_database
 
 
 async def rows(database: Database) -> tuple[list[str], list[str]]:

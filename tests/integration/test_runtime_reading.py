@@ -24,11 +24,8 @@ TRANSACTION_ID = text("SELECT txid_current()")
 
 
 @pytest.fixture
-async def database(db_url):
-    await upgrade_async(bootstrap.MIGRATIONS, db_url)
-    db = Database(db_url)
-    yield db
-    await db.dispose()
+def database(user_database):
+    return user_database
 
 
 async def test_each_read_on_postgresql_is_its_own_transaction_without_begin(pg_database):
