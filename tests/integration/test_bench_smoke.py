@@ -84,3 +84,32 @@ def test_bench_runs_alternating_sides_and_writes_its_report(tmp_path):
     leftovers = [p for p in psutil.Process().children(recursive=True)
                  if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
     assert leftovers == []
+
+
+def test_the_ablation_serves_every_variant_and_reports_its_cost(tmp_path):
+    """`python -m bench.ablation`: four variants of the user service, each answering GetUser for real, metered
+    apart; the PostgreSQL variants' backends did the reads, the in-memory ones had none."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    result = subprocess.run([sys.executable, "-m", "bench.ablation", "--rounds", "1", "--requests", str(REQUESTS)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines()[2:]:
+        name, rps, cpu, db_cpu = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[name] = (float(rps.replace(",", "")), float(cpu), float(db_cpu))
+    assert set(rows) == {"memory, bare", "memory, per-RPC stack", "postgresql, bare", "postgresql, per-RPC stack"}
+    for name, (rps, cpu, db_cpu) in rows.items():
+        assert rps > 0 and cpu > 0, name
+        assert (db_cpu > 0) == name.startswith("postgresql"), (name, db_cpu)
+    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert after <= before  # every variant stopped
+    assert asyncio.run(_databases_like("tessera_ablation_%")) == []  # its database was dropped
+
+
+async def _databases_like(pattern: str) -> list[str]:
+    conn = await asyncpg.connect(postgres.ADMIN_DSN)
+    try:
+        rows = await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE $1", pattern)
+    finally:
+        await conn.close()
+    return [r["datname"] for r in rows]
