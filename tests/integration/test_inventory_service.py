@@ -291,6 +291,23 @@ async def test_concurrent_repeats_for_one_order_make_one_reservation(inventory, 
     assert await count_rows(db_url, reservations) == 1
 
 
+async def test_concurrent_creates_make_one_product_per_request_id_and_per_sku(inventory, db_url):
+    # The same request eight times at once: one product, every caller gets it.
+    request = new_product("LAMP", stock=5)
+    replies = await asyncio.gather(*(inventory.CreateProduct(request, timeout=60) for _ in range(8)))
+    assert len({r.product.id for r in replies}) == 1
+    # Eight different requests for one new SKU at once: one wins, the others are told the SKU is taken.
+    outcomes = await asyncio.gather(*(inventory.CreateProduct(new_product("DESK"), timeout=60) for _ in range(8)),
+                                    return_exceptions=True)
+    created = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(created) == 1 and len(refused) == 7
+    assert {(e.code(), error_details(e)[0].reason) for e in refused} == {
+        (grpc.StatusCode.ALREADY_EXISTS, "SKU_ALREADY_EXISTS")}
+    assert await count_rows(db_url, products) == 2
+    assert await event_types(db_url, outbox) == ["ProductCreated", "ProductCreated"]
+
+
 async def test_sweeper_expires_a_reservation_and_gives_its_units_back(db_url):
     env = {"TESSERA_RESERVATION_DEFAULT_TTL_SECONDS": "0.5", "TESSERA_RESERVATION_SWEEP_SECONDS": "0.1"}
     async with inventory_service(db_url, **env) as (inventory, _):

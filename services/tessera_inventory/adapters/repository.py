@@ -27,7 +27,7 @@ from tessera_inventory.domain.model import (
     ReservationItem,
     ReservationStatus,
 )
-from tessera_runtime.db import keyset_page
+from tessera_runtime.db import insert_row, keyset_page
 
 
 class DuplicateSku(Exception):
@@ -150,17 +150,18 @@ class SqlAlchemyProductRepository(ProductRepository):
         self.session = session
 
     async def add(self, product: Product, request_id: str, request_hash: str) -> None:
-        try:
-            async with self.session.begin_nested():
-                await self.session.execute(insert(products).values(
-                    **_product_row(product), create_request_id=request_id, create_request_hash=request_hash))
-        except IntegrityError as exc:
+        """A duplicate request_id or live SKU fails the transaction, which the caller then abandons: no savepoint.
+        In an inserting() unit of work the row is written, and the duplicate raised, at commit."""
+        def clash(exc: IntegrityError) -> Exception | None:
             text = str(exc.orig).lower()
             if "request_id" in text:
-                raise DuplicateRequestId(request_id) from None
+                return DuplicateRequestId(request_id)
             if "sku" in text:
-                raise DuplicateSku(product.sku) from None
-            raise
+                return DuplicateSku(product.sku)
+            return None
+
+        await insert_row(self.session, products, {
+            **_product_row(product), "create_request_id": request_id, "create_request_hash": request_hash}, clash)
 
     async def get(self, product_id: str) -> Product | None:
         row = (await self.session.execute(

@@ -61,6 +61,7 @@ class UnitOfWork(Protocol):
     async def __aenter__(self) -> UnitOfWork: ...
     async def __aexit__(self, *exc: object) -> None: ...
     def reading(self) -> UnitOfWork: ...
+    def inserting(self) -> UnitOfWork: ...
     def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...
     async def commit(self) -> None: ...
 
@@ -166,32 +167,33 @@ async def create_product(cmd: commands.CreateProduct, uow: UnitOfWork) -> Produc
     request_hash = _hash(cmd.sku, cmd.name, cmd.description, cmd.price.currency_code, cmd.price.amount_minor,
                          cmd.stock_on_hand)
 
-    for _ in range(2):  # a second pass only after losing a race on the same request_id
+    for _ in range(2):  # a second pass only if the row that clashed was gone before it could be read
+        # Insert first: the unique indexes on request_id and on the live SKU decide, so the common path is the
+        # product's row and its event written together with no reads before them (on PostgreSQL one statement).
+        now = utcnow()
+        product = Product(id=str(uuid.uuid4()), sku=cmd.sku, name=cmd.name.strip(), description=cmd.description,
+                          price=cmd.price, stock_on_hand=cmd.stock_on_hand, stock_reserved=0, create_time=now,
+                          update_time=now)
+        async with uow.inserting():
+            try:
+                await uow.products.add(product, cmd.request_id, request_hash)
+                uow.add_event(PRODUCT, product.id, mapping.product_created(product))
+                await uow.commit()
+            except (DuplicateSku, DuplicateRequestId):
+                pass  # nothing was written: see what clashed, below
+            else:
+                return product
+        # Which unique index reports a clash depends on the database and on timing, so look the request_id up
+        # first: the same request_id replays (or is refused if its request differed); otherwise the SKU is taken.
         async with uow:
             previous = await uow.products.get_by_request_id(cmd.request_id)
             if previous is not None:
                 return await _replay_create(uow, previous, request_hash, cmd.request_id)
             if await uow.products.sku_taken(cmd.sku):
                 raise _sku_taken(cmd.sku)
-            now = utcnow()
-            product = Product(id=str(uuid.uuid4()), sku=cmd.sku, name=cmd.name.strip(),
-                              description=cmd.description, price=cmd.price, stock_on_hand=cmd.stock_on_hand,
-                              stock_reserved=0, create_time=now, update_time=now)
-            try:
-                await uow.products.add(product, cmd.request_id, request_hash)
-            except DuplicateSku:
-                raise _sku_taken(cmd.sku) from None
-            except DuplicateRequestId:
-                continue
-            uow.add_event(PRODUCT, product.id, mapping.product_created(product))
-            await uow.commit()
-            return product
-    async with uow:
-        previous = await uow.products.get_by_request_id(cmd.request_id)
-        if previous is None:  # the racing create failed after all; the caller may retry
-            raise AlreadyExists("a concurrent request with this request_id is in progress",
-                                reason="REQUEST_ID_REUSED", domain=DOMAIN, metadata={"request_id": cmd.request_id})
-        return await _replay_create(uow, previous, request_hash, cmd.request_id)
+    # Both passes clashed with a row that was gone when read (a racing create rolled back, a product deleted).
+    raise AlreadyExists("a concurrent request with this request_id is in progress", reason="REQUEST_ID_REUSED",
+                        domain=DOMAIN, metadata={"request_id": cmd.request_id})
 
 
 async def _replay_create(uow: UnitOfWork, previous: tuple[str, str], request_hash: str, request_id: str) -> Product:
