@@ -544,9 +544,17 @@ async def insert_staged(session: AsyncSession, extra: list[tuple[Table, Mapping[
         return False
     direct: _DirectPool | None = session.info.get(_DIRECT)
     if direct is None or session.in_transaction():
+        # Consecutive rows of one table with the same columns go in one executemany (one INSERT of many rows).
+        groups: list[list[_Staged]] = []
         for item in rows:
+            if groups and groups[-1][0].table is item.table and groups[-1][0].row.keys() == item.row.keys():
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        for group in groups:
             try:
-                await session.execute(insert(item.table), dict(item.row))
+                await session.execute(insert(group[0].table),
+                                      [dict(item.row) for item in group] if len(group) > 1 else dict(group[0].row))
             except IntegrityError as exc:
                 _raise_translated(exc, staged)
         return False

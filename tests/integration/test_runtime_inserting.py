@@ -8,7 +8,7 @@ import asyncio
 
 import asyncpg
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, select, text
+from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, select, text
 from sqlalchemy.exc import IntegrityError
 from tessera.user.v1 import user_events_pb2
 
@@ -89,8 +89,19 @@ async def test_a_block_left_without_commit_writes_nothing(database):
 
 
 async def test_several_rows_and_events_go_together(database):
-    await create(database, "u-1", "u-2", "u-3")
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, _params, _context, _executemany) -> None:
+        statements.append(statement.split()[0])
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        await create(database, "u-1", "u-2", "u-3")
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", count)
     assert await rows(database) == (["u-1", "u-2", "u-3"], ["u-1", "u-2", "u-3"])
+    # On PostgreSQL one statement on the direct pool, none through the engine; elsewhere one INSERT per table.
+    assert [s for s in statements if s == "INSERT"] == ([] if database.dialect == "postgresql" else ["INSERT"] * 2)
 
 
 async def test_a_clash_raises_the_repositorys_error_and_writes_nothing_of_the_block(database):
