@@ -18,10 +18,11 @@ from tests.support.processes import ROOT
 REQUESTS = 300  # per segment: a few hundred requests, whatever the machine's speed
 
 
-async def _existing_databases(names: list[str]) -> list[str]:
+async def _databases(where: str, argument: object) -> list[str]:
+    """Names of the databases that exist and match `where` (on datname, with $1 the argument)."""
     conn = await asyncpg.connect(postgres.ADMIN_DSN)
     try:
-        rows = await conn.fetch("SELECT datname FROM pg_database WHERE datname = ANY($1::text[])", names)
+        rows = await conn.fetch(f"SELECT datname FROM pg_database WHERE {where}", argument)
     finally:
         await conn.close()
     return [r["datname"] for r in rows]
@@ -79,7 +80,7 @@ def test_bench_runs_alternating_sides_and_writes_its_report(tmp_path):
 
     # It cleaned up after itself: databases, vhost and every process it started.
     assert report["resources"]["databases"] and report["resources"]["vhosts"]
-    assert asyncio.run(_existing_databases(report["resources"]["databases"])) == []
+    assert asyncio.run(_databases("datname = ANY($1::text[])", report["resources"]["databases"])) == []
     assert not any(_vhost_exists(name) for name in report["resources"]["vhosts"])
     leftovers = [p for p in psutil.Process().children(recursive=True)
                  if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
@@ -103,13 +104,4 @@ def test_the_ablation_serves_every_variant_and_reports_its_cost(tmp_path):
         assert (db_cpu > 0) == name.startswith("postgresql"), (name, db_cpu)
     after = {p.pid for p in psutil.Process().children(recursive=True)}
     assert after <= before  # every variant stopped
-    assert asyncio.run(_databases_like("tessera_ablation_%")) == []  # its database was dropped
-
-
-async def _databases_like(pattern: str) -> list[str]:
-    conn = await asyncpg.connect(postgres.ADMIN_DSN)
-    try:
-        rows = await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE $1", pattern)
-    finally:
-        await conn.close()
-    return [r["datname"] for r in rows]
+    assert asyncio.run(_databases("datname LIKE $1", "tessera_ablation_%")) == []  # its database was dropped
