@@ -89,7 +89,8 @@ def test_bench_runs_alternating_sides_and_writes_its_report(tmp_path):
 
 def test_the_ablation_serves_every_variant_and_reports_its_cost(tmp_path):
     """`python -m bench.ablation`: four variants of the user service, each answering GetUser for real, metered
-    apart; the PostgreSQL variants' backends did the reads, the in-memory ones had none."""
+    apart; the PostgreSQL variants read through backends of their own (the tool refuses to report one without),
+    the in-memory ones have no database column."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     result = subprocess.run([sys.executable, "-m", "bench.ablation", "--rounds", "1", "--requests", str(REQUESTS)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -97,11 +98,12 @@ def test_the_ablation_serves_every_variant_and_reports_its_cost(tmp_path):
     rows = {}
     for line in result.stdout.splitlines()[2:]:
         name, rps, cpu, db_cpu = (cell.strip() for cell in line.strip("|").split("|"))
-        rows[name] = (float(rps.replace(",", "")), float(cpu), float(db_cpu))
+        rows[name] = (float(rps.replace(",", "")), float(cpu), None if db_cpu == "—" else float(db_cpu))
     assert set(rows) == {"memory, bare", "memory, per-RPC stack", "postgresql, bare", "postgresql, per-RPC stack"}
     for name, (rps, cpu, db_cpu) in rows.items():
         assert rps > 0 and cpu > 0, name
-        assert (db_cpu > 0) == name.startswith("postgresql"), (name, db_cpu)
+        # A few hundred reads may cost PostgreSQL less than one 10 ms tick of CPU time: only its presence is sure.
+        assert (db_cpu is not None and db_cpu >= 0) == name.startswith("postgresql"), (name, db_cpu)
     after = {p.pid for p in psutil.Process().children(recursive=True)}
     assert after <= before  # every variant stopped
     assert asyncio.run(_databases("datname LIKE $1", "tessera_ablation_%")) == []  # its database was dropped
