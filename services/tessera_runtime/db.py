@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import types
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -332,25 +332,18 @@ class _Plan:
 
 
 class _InsertPlan:
-    """Staged inserts of one shape (the tables and the columns given, row by row) as one statement compiled once.
-    Consecutive rows of one table with the same columns are one multi-row INSERT, so that their serial columns
-    (the outbox's seq) follow their order; each further group is a data-modifying CTE before the last, whose
-    order against the others PostgreSQL leaves open. Each row's values are bound under its own prefix.
+    """Staged inserts of one shape as one statement compiled once. The shape is its groups (see _groups): each a
+    table, the columns given and how many rows. A group is one multi-row INSERT, so that its serial columns (the
+    outbox's seq) follow the rows' order; each group but the last is a data-modifying CTE before it, whose order
+    against the others PostgreSQL leaves open. Each row's values are bound under its own prefix.
 
     A column left out of a row gets its scalar default, as SQLAlchemy's insert would give it; a column with a
     Python-callable default must be given (the plan refuses to be built otherwise, a mistake of the code)."""
 
-    def __init__(self, shape: tuple[tuple[Table, tuple[str, ...]], ...], engine: AsyncEngine) -> None:
-        groups: list[list[int]] = []
-        for i, (table, keys) in enumerate(shape):
-            if groups and shape[groups[-1][0]] == (table, keys):
-                groups[-1].append(i)
-            else:
-                groups.append([i])
+    def __init__(self, shape: tuple[tuple[Table, tuple[str, ...], int], ...], engine: AsyncEngine) -> None:
         self.defaults: list[dict[str, Any]] = []
         inserts = []
-        for group in groups:
-            table, keys = shape[group[0]]
+        for table, keys, count in shape:
             defaults: dict[str, Any] = {}
             for column in table.columns:
                 if column.key in keys or column.default is None:
@@ -359,10 +352,12 @@ class _InsertPlan:
                     raise ValueError(f"a staged insert into {table.name} must give {column.key}: its default is "
                                      "computed by Python")
                 defaults[column.key] = column.default.arg  # type: ignore[attr-defined]
-            self.defaults += [defaults] * len(group)
+            first = len(self.defaults)
+            self.defaults += [defaults] * count
             columns = (*keys, *defaults)
             inserts.append(insert(table).values([
-                {k: bindparam(f"r{i}_{k}", type_=table.c[k].type) for k in columns} for i in group]))
+                {k: bindparam(f"r{i}_{k}", type_=table.c[k].type) for k in columns}
+                for i in range(first, first + count)]))
         statement = inserts[-1].add_cte(*(ins.cte(f"g{n}") for n, ins in enumerate(inserts[:-1])))
         self.plan = _Plan(statement, engine, "INSERT")
 
@@ -390,7 +385,7 @@ class _DirectPool:
         self.engine = engine
         self.size = size
         self.plans: dict[int, _Plan] = {}
-        self.insert_plans: dict[tuple[tuple[Table, tuple[str, ...]], ...], _InsertPlan] = {}
+        self.insert_plans: dict[tuple[tuple[Table, tuple[str, ...], int], ...], _InsertPlan] = {}
         self.ready: asyncpg.Pool | None = None
         self._opening: asyncio.Lock | None = None
 
@@ -514,7 +509,7 @@ async def insert_row(session: AsyncSession, table: Table, row: Mapping[str, Any]
     try:
         await session.execute(insert(table), dict(row))
     except IntegrityError as exc:
-        _raise_translated(exc, (_Staged(table, row, translate),))
+        _raise_translated(exc, (translate,))
 
 
 def stage_inserts(session: AsyncSession) -> None:
@@ -522,11 +517,22 @@ def stage_inserts(session: AsyncSession) -> None:
     session.info[_STAGED] = []
 
 
-def _raise_translated(exc: IntegrityError, staged: tuple[_Staged, ...] | list[_Staged]) -> None:
-    for item in staged:
-        if item.translate is not None and (mapped := item.translate(exc)) is not None:
+def _raise_translated(exc: IntegrityError, translators: Iterable[Translate | None]) -> None:
+    for translate in translators:
+        if translate is not None and (mapped := translate(exc)) is not None:
             raise mapped from None
     raise exc
+
+
+def _groups(rows: list[_Staged]) -> list[list[_Staged]]:
+    """Consecutive rows of one table with the same columns, together: each group is one INSERT of many rows."""
+    groups: list[list[_Staged]] = []
+    for item in rows:
+        if groups and groups[-1][0].table is item.table and tuple(groups[-1][0].row) == tuple(item.row):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
 
 
 async def insert_staged(session: AsyncSession, extra: list[tuple[Table, Mapping[str, Any]]]) -> bool:
@@ -542,28 +548,23 @@ async def insert_staged(session: AsyncSession, extra: list[tuple[Table, Mapping[
     rows = [*staged, *(_Staged(table, row, None) for table, row in extra)]
     if not rows:
         return False
+    translators = [item.translate for item in staged]
+    groups = _groups(rows)
     direct: _DirectPool | None = session.info.get(_DIRECT)
     if direct is None or session.in_transaction():
-        # Consecutive rows of one table with the same columns go in one executemany (one INSERT of many rows).
-        groups: list[list[_Staged]] = []
-        for item in rows:
-            if groups and groups[-1][0].table is item.table and groups[-1][0].row.keys() == item.row.keys():
-                groups[-1].append(item)
-            else:
-                groups.append([item])
         for group in groups:
             try:
                 await session.execute(insert(group[0].table),
                                       [dict(item.row) for item in group] if len(group) > 1 else dict(group[0].row))
             except IntegrityError as exc:
-                _raise_translated(exc, staged)
+                _raise_translated(exc, translators)
         return False
-    shape = tuple((item.table, tuple(item.row)) for item in rows)
+    shape = tuple((group[0].table, tuple(group[0].row), len(group)) for group in groups)
     plan = direct.insert_plans.get(shape)
     if plan is None:
         plan = direct.insert_plans[shape] = _InsertPlan(shape, direct.engine)
     try:
         await direct.run(plan.plan, plan.arguments([item.row for item in rows]), "execute")
     except asyncpg.IntegrityConstraintViolationError as exc:
-        _raise_translated(IntegrityError(plan.plan.sql, None, exc), staged)
+        _raise_translated(IntegrityError(plan.plan.sql, None, exc), translators)
     return True
