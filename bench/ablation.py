@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import tempfile
 from pathlib import Path
 
 import grpc
-import psutil
 
-from bench.infra import Databases, backend_pids
+from bench.infra import Databases
 from bench.load import Budget, h2load
+from bench.meter import Meter
 from bench.procs import ManagedProcess, python_module
-from bench.scenarios.common import GET_USER, GRPC_HEADERS, get_user_body
+from bench.scenarios.common import GET_USER, GRPC_HEADERS, get_user_body, postgres_of
 
 VARIANTS = {
     "memory-bare": "memory, bare",
@@ -39,7 +40,7 @@ VARIANTS = {
 }
 
 
-async def _serve(variant: str, database_url: str, user_id: str) -> None:
+async def _serve(variant: str, user_id: str) -> None:
     from tessera.user.v1 import user_service_pb2, user_service_pb2_grpc
 
     from tessera_runtime import logs, telemetry
@@ -61,7 +62,7 @@ async def _serve(variant: str, database_url: str, user_id: str) -> None:
                                          create_time=now, update_time=now)
         servicer = UserServicer(fake.factory)
     else:
-        db = Database(database_url)
+        db = Database(os.environ["TESSERA_DATABASE_URL"])
         servicer = UserServicer(lambda: UserUnitOfWork(db))
 
     stop = asyncio.Event()
@@ -112,17 +113,6 @@ def _seed(database_url: str) -> str:
     return asyncio.run(seed())
 
 
-def _cpu(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in processes:
-        try:
-            times = p.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def measure(rounds: int, seconds: float, clients: int, streams: int,
             requests: int = 0) -> list[tuple[str, float, float, float]]:
     """Runs every variant for `rounds` rounds; returns (variant, requests/s, CPU ms per request of the server,
@@ -136,9 +126,12 @@ def measure(rounds: int, seconds: float, clients: int, streams: int,
             url = dbs.create("user")
             user_id = _seed(url)
             for variant in VARIANTS:
+                # The PostgreSQL variants' address goes where the services take theirs, so that postgres_of meters
+                # their backends as the benchmark does.
+                env = {"TESSERA_DATABASE_URL": url} if variant.startswith("postgresql") else {}
                 servers[variant] = ManagedProcess(
-                    variant, python_module("bench.ablation", "--serve", variant, "--database-url", url,
-                                           "--user-id", user_id), {}, Path(logs) / f"{variant}.log").start()
+                    variant, python_module("bench.ablation", "--serve", variant, "--user-id", user_id), env,
+                    Path(logs) / f"{variant}.log").start()
             body = get_user_body(user_id)
             budget = Budget(seconds=seconds, warmup=1.0, requests=requests)
             warm = Budget(seconds=1.0, warmup=0.5, requests=requests)
@@ -147,21 +140,19 @@ def measure(rounds: int, seconds: float, clients: int, streams: int,
                        body=body, headers=GRPC_HEADERS)
             for _ in range(rounds):
                 for variant, server in servers.items():
-                    own = server.processes()
-                    backends = [psutil.Process(pid) for pid in backend_pids(url)] if "postgresql" in variant else []
-                    if "postgresql" in variant and not backends:
-                        raise RuntimeError(f"{variant} has no PostgreSQL connection: it did not read the database")
-                    before, before_db = _cpu(own), _cpu(backends)
-                    result = h2load(f"http://{server.address}{GET_USER}", budget=budget, clients=clients,
-                                    streams=streams, body=body, headers=GRPC_HEADERS)
+                    with Meter(lambda s=server: {"server": s.processes(), **postgres_of(s)}) as meter:
+                        result = h2load(f"http://{server.address}{GET_USER}", budget=budget, clients=clients,
+                                        streams=streams, body=body, headers=GRPC_HEADERS)
                     if result.errors:
                         raise RuntimeError(f"{variant}: {result.errors} requests failed: {server.log_tail()}")
+                    if variant.startswith("postgresql") and "postgres" not in meter.cpu_s:
+                        raise RuntimeError(f"{variant} has no PostgreSQL connection: it did not read the database")
                     total = totals[variant]
                     total[0] += result.requests
                     total[1] += result.seconds
                     # The CPU counts the warm-up too, so it is divided by every request completed, warm-up included.
-                    total[2] += _cpu(own) - before
-                    total[3] += _cpu(backends) - before_db
+                    total[2] += meter.cpu_s.get("server", 0.0)
+                    total[3] += meter.cpu_s.get("postgres", 0.0)
                     total[4] += result.completed
         finally:
             for server in servers.values():
@@ -179,11 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=0,
                         help="send this many requests per segment instead of running for --seconds (smoke runs)")
     parser.add_argument("--serve", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
-    parser.add_argument("--database-url", help=argparse.SUPPRESS)
     parser.add_argument("--user-id", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        asyncio.run(_serve(args.serve, args.database_url, args.user_id))
+        asyncio.run(_serve(args.serve, args.user_id))
         return 0
     rows = measure(args.rounds, args.seconds, args.clients, args.streams, args.requests)
     print("| variant | requests/s | CPU ms per request (server) | CPU ms per request (PostgreSQL) |")
