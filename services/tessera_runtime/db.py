@@ -496,18 +496,27 @@ class _Staged:
 
 async def insert_row(session: AsyncSession, table: Table, row: Mapping[str, Any],
                      translate: Translate | None = None) -> None:
-    """Inserts `row` (column key → value) into `table`, the way a repository adds a new aggregate.
+    """Inserts `row` (column key → value) into `table`, the way a repository adds a new aggregate (insert_rows
+    with one row)."""
+    await insert_rows(session, table, [row], translate)
 
-    In a unit of work's `inserting()` block the row is staged: it is written at commit, with the others and the
-    outbox events (see insert_staged), and a clash on a unique or foreign key is raised there. Anywhere else it is
+
+async def insert_rows(session: AsyncSession, table: Table, rows: list[Mapping[str, Any]],
+                      translate: Translate | None = None) -> None:
+    """Inserts `rows` (column key → value, the same columns in each) into `table`, as one INSERT of many rows.
+
+    In a unit of work's `inserting()` block they are staged: written at commit, with the others and the outbox
+    events (see insert_staged), and a clash on a unique or foreign key is raised there. Anywhere else they are
     inserted at once. Either way a clash goes through `translate`: the repository's own error is raised when it
     returns one, the IntegrityError otherwise."""
+    if not rows:
+        return
     staged: list[_Staged] | None = session.info.get(_STAGED)
     if staged is not None:
-        staged.append(_Staged(table, row, translate))
+        staged.extend(_Staged(table, row, translate) for row in rows)
         return
     try:
-        await session.execute(insert(table), dict(row))
+        await session.execute(insert(table), [dict(row) for row in rows] if len(rows) > 1 else dict(rows[0]))
     except IntegrityError as exc:
         _raise_translated(exc, (translate,))
 

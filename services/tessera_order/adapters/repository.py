@@ -31,7 +31,7 @@ from tessera_order.domain.model import (
     StepName,
     StepStatus,
 )
-from tessera_runtime.db import UtcDateTime, insert_row, keyset_page
+from tessera_runtime.db import UtcDateTime, insert_row, insert_rows, keyset_page
 
 
 class DuplicateRequestId(Exception):
@@ -232,17 +232,17 @@ class SqlAlchemyOrderRepository(OrderRepository):
 
         await insert_row(self.session, orders, {"id": order.id, "version": order.version, **_order_row(order)},
                          clash)
-        for i, it in enumerate(order.items):
-            await insert_row(self.session, order_items, {
-                "order_id": order.id, "position": i, "product_id": it.product_id, "product_name": it.product_name,
-                "sku": it.sku, "quantity": it.quantity, "unit_price_minor": it.unit_price_minor})
+        await insert_rows(self.session, order_items, [
+            {"order_id": order.id, "position": i, "product_id": it.product_id, "product_name": it.product_name,
+             "sku": it.sku, "quantity": it.quantity, "unit_price_minor": it.unit_price_minor}
+            for i, it in enumerate(order.items)])
         await insert_row(self.session, order_sagas, {
             "order_id": order.id, "current_step": order.current_step.value, "lease_owner": lease.owner,
             "lease_expires_at": lease.expires_at, "principal_subject": caller.subject,
             "principal_scopes": " ".join(caller.scopes), "correlation_id": caller.correlation_id,
             "traceparent": caller.traceparent, "tracestate": caller.tracestate})
-        for row in _step_rows(order):
-            await insert_row(self.session, order_saga_steps, {k.removeprefix("b_"): v for k, v in row.items()})
+        await insert_rows(self.session, order_saga_steps,
+                          [{k.removeprefix("b_"): v for k, v in row.items()} for row in _step_rows(order)])
         _stored(order)
 
     async def _load(self, rows: list[Any]) -> list[Order]:
