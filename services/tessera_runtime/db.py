@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -11,7 +12,7 @@ import sqlite3
 import threading
 import types
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,20 @@ class Database:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
         return True
+
+    def direct_connection(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        """On PostgreSQL, a connection of the direct pool (asyncpg's own, see _DirectPool.connection) for work that
+        runs its own statements and transaction on asyncpg, without SQLAlchemy's per-statement cost: the outbox
+        relay's pass. Not on SQLite."""
+        if self._direct is None:
+            raise RuntimeError("direct connections are PostgreSQL's")
+        return self._direct.connection()
+
+    def direct_plan(self, statement: Any, kind: str) -> _Plan:
+        """`statement` compiled once for a direct connection: its positional `sql`, `arguments(params)` (values by
+        bindparam name, bound as SQLAlchemy would bind them) and `row(record)` (a row's values as SQLAlchemy would
+        give them). `kind` names its database span (SELECT, UPDATE) where one is made."""
+        return _Plan(statement, self.engine, kind)
 
     async def dispose(self) -> None:
         try:
@@ -427,6 +442,23 @@ class _DirectPool:
                         # to confirm a cancellation; like SQLAlchemy, Tessera ends the session instead.
                         connection.terminate()
                     raise
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for a caller that runs a few statements of its own, in a transaction it opens and
+        ends itself (the outbox relay's pass). It goes back as it is, like run()'s, so it is ended instead when
+        the block leaves anything behind: a transaction still open, or an error that is not one statement's."""
+        pool = self.ready or await self.pool()
+        async with pool.acquire(timeout=_POOL_TIMEOUT) as connection:
+            try:
+                yield connection
+            except BaseException as exc:
+                if not _statement_error(exc) or connection.is_in_transaction():
+                    connection.terminate()
+                raise
+            if connection.is_in_transaction():
+                connection.terminate()
+                raise RuntimeError("a direct connection was handed back with its transaction open")
 
     async def close(self) -> None:
         """Closes the pool (as the engine's dispose(), a later statement opens a new one)."""

@@ -18,6 +18,7 @@ import uuid
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import MetaData, insert, select, update
+from sqlalchemy import event as sqlalchemy_event
 from tessera.user.v1 import user_events_pb2
 
 from tessera_runtime.config import ServiceSettings
@@ -271,6 +272,61 @@ async def test_overdue_confirms_with_several_batches_in_flight_republish_them_al
     assert all(r.published_at is not None for r in rows)
     # The window held three batches: those were published twice, the fourth only on the new connection.
     assert [r.attempts for r in rows] == [2] * 300 + [1] * 50
+
+
+async def test_on_postgresql_a_quiet_pass_runs_on_a_direct_connection_and_does_not_count_the_backlog_again(
+        vhost, pg_outbox, monkeypatch):
+    """A quiet service publishes each commit's events on a pass of their own. On PostgreSQL such a pass is BEGIN, the
+    lock, the read, the mark and COMMIT on a connection of the direct pool, straight on asyncpg: nothing goes through
+    the engine (SQLAlchemy's per-statement cost was most of a small pass's CPU), and a pass that caught up sets the
+    backlog gauges to 0 without counting the outbox again."""
+    db, table = pg_outbox
+    writer = Database(db.url)  # the test's own writes and reads stay off the relay's engine
+    through_engine: list[str] = []
+    sqlalchemy_event.listen(db.engine.sync_engine, "before_cursor_execute",
+                            lambda _c, _cur, statement, *_a: through_engine.append(statement))
+    direct: list[str] = []
+    open_direct = db.direct_connection
+
+    @contextlib.asynccontextmanager
+    async def logged():
+        async with open_direct() as conn:
+            def record(query) -> None:
+                verb = query.query.split()[0].upper().rstrip(";")
+                direct.append(f"{verb} LOCK" if "advisory" in query.query else verb)
+            conn.add_query_logger(record)
+            try:
+                yield conn
+            finally:
+                conn.remove_query_logger(record)
+
+    monkeypatch.setattr(db, "direct_connection", logged)
+    service = f"quiet-{uuid.uuid4().hex[:6]}"
+    relay = OutboxRelay(db, table, service=service, amqp_url=rabbitmq.amqp_url(vhost),
+                        settings=dataclasses.replace(FAST, outbox_poll_seconds=30.0))
+    tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
+    await relay.start()
+    try:
+        await eventually(lambda: relay.publisher.ready, "the relay to connect")
+        await asyncio.sleep(0.3)  # its first pass, which found nothing, is over
+        for i in range(3):
+            direct.clear()
+            through_engine.clear()
+            await write(writer, table, [PendingEvent("user", "quiet", activated(str(i)))])
+            notify_committed(table)
+            await tap.wait_for(i + 1)
+            await until_all_marked(writer, table, "the event was never marked")
+            await eventually(lambda: "COMMIT" in direct and not relay.publisher.in_flight, "the pass to commit")
+            await asyncio.sleep(0.1)  # what the relay does after a pass, it has done by now
+            if i:  # the first pass on the connection also looked up types for asyncpg's statement cache
+                assert direct == ["BEGIN", "SELECT LOCK", "SELECT", "UPDATE", "COMMIT"]
+            assert through_engine == []
+            assert sample("tessera_outbox_backlog", service) == 0
+            assert sample("tessera_outbox_oldest_unpublished_seconds", service) == 0
+    finally:
+        await relay.stop()
+        await writer.dispose()
+    assert relay.status()["published_total"] == 3
 
 
 async def test_a_row_committed_after_later_rows_were_published_is_published_too(vhost, pg_outbox):

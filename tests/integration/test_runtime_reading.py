@@ -302,3 +302,64 @@ async def test_the_pools_connections_are_exported_to_prometheus(pg_database):
         await database.dispose()
     after = _pool_samples(collector)
     assert sum(value for (_, state), value in after.items() if state != "max") == 0  # disposed: nothing open
+
+
+# Database.direct_connection: a direct connection for a caller's own statements and transaction (the outbox relay).
+
+async def test_a_direct_connection_keeps_its_session_after_a_statement_error_in_its_transaction(pg_database):
+    _, url = pg_database
+    database = Database(url, pool_size=1)  # a direct pool of one: the next block gets this connection or its successor
+    try:
+        async with database.direct_connection() as conn:
+            before = await conn.fetchval("SELECT pg_backend_pid()")
+        with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
+            async with database.direct_connection() as conn, conn.transaction():
+                await conn.execute("CREATE TEMPORARY TABLE scratch (n int)")  # rolled back with the transaction
+                await conn.fetchval("SELECT 1 / 0")
+        async with database.direct_connection() as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") == before
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT to_regclass('pg_temp.scratch')") is None
+    finally:
+        await database.dispose()
+
+
+async def test_a_direct_connection_handed_back_in_a_transaction_or_cancelled_is_ended(pg_database):
+    _, url = pg_database
+    database = Database(url, pool_size=1)
+    try:
+        async with database.direct_connection() as conn:
+            first = await conn.fetchval("SELECT pg_backend_pid()")
+        # A block that leaves its transaction open must not hand it to the next one.
+        with pytest.raises(RuntimeError, match="transaction open"):
+            async with database.direct_connection() as conn:
+                await conn.execute("BEGIN")
+                await conn.execute("CREATE TEMPORARY TABLE scratch (n int)")
+        async with database.direct_connection() as conn:
+            second = await conn.fetchval("SELECT pg_backend_pid()")
+            assert not conn.is_in_transaction()
+        assert second != first
+
+        async def slowly() -> None:
+            async with database.direct_connection() as conn, conn.transaction():
+                await conn.execute("SELECT pg_sleep(5)")
+
+        task = asyncio.ensure_future(slowly())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with database.direct_connection() as conn:
+            third = await asyncio.wait_for(conn.fetchval("SELECT pg_backend_pid()"), 3)
+        assert third not in (first, second)
+    finally:
+        await database.dispose()
+
+
+async def test_direct_connections_are_postgresqls(tmp_path):
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'direct.db'}")
+    try:
+        with pytest.raises(RuntimeError, match="PostgreSQL"):
+            database.direct_connection()
+    finally:
+        await database.dispose()

@@ -60,10 +60,11 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from opentelemetry.trace import Span
 from pika.channel import Channel
 from pika.spec import Basic
-from sqlalchemy import BigInteger, ColumnElement, Table, any_, bindparam, delete, func, select, update
+from sqlalchemy import BigInteger, ColumnElement, Integer, Table, any_, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -365,6 +366,32 @@ class _InFlight:
             telemetry.finish_publish_span(span, "the relay pass ended before the broker confirmed")
 
 
+def _stats_statement(table: Table) -> Any:
+    c = table.c
+    return select(func.count().label("backlog"), func.min(c.created_at).label("oldest")).where(
+        c.published_at.is_(None))
+
+
+class _DirectStatements:
+    """The statements of a PostgreSQL pass, compiled once for asyncpg (Database.direct_plan)."""
+
+    def __init__(self, db: Database, table: Table) -> None:
+        c = table.c
+        seqs = bindparam("seqs", type_=ARRAY(BigInteger))
+        self.lock = db.direct_plan(select(func.pg_try_advisory_xact_lock(bindparam("key", type_=BigInteger))),
+                                   "SELECT")
+        self.fetch = db.direct_plan(
+            select(c.seq, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type, c.payload, c.headers,
+                   c.created_at)
+            .where(c.published_at.is_(None), c.seq > bindparam("after", type_=BigInteger))
+            .order_by(c.seq).limit(bindparam("size", type_=Integer)), "SELECT")
+        self.mark = db.direct_plan(update(table).where(c.seq == any_(seqs)).values(
+            published_at=bindparam("now", type_=c.published_at.type), attempts=c.attempts + 1), "UPDATE")
+        self.count = db.direct_plan(update(table).where(c.seq == any_(seqs)).values(attempts=c.attempts + 1),
+                                    "UPDATE")
+        self.stats = db.direct_plan(_stats_statement(table), "SELECT")
+
+
 class OutboxRelay:
     """Publishes one outbox table; started and stopped by the service's server hooks."""
 
@@ -386,6 +413,9 @@ class OutboxRelay:
         self.unrouted_total = 0
         self._unrouted_types: set[str] = set()
         self._postgres = db.dialect == "postgresql"
+        self._sql = _DirectStatements(db, table) if self._postgres else None
+        # The last pass published every row it could see and had them all confirmed (see _pass).
+        self.caught_up = False
         self._lock_path = _sqlite_lock_path(db)
         self._lock_file: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -476,10 +506,15 @@ class OutboxRelay:
                 published = await self.relay_once()
                 failures = 0
                 drained_some = drained_some or published > 0
-                if published >= self.settings.outbox_batch_size:
+                if published >= self.settings.outbox_batch_size and not self.caught_up:
                     await self._refresh_stats(force=False)  # a long drain shows its progress every few seconds
                     continue
-                await self._refresh_stats(force=drained_some)
+                if self.caught_up:
+                    # Nothing to count: the pass saw the outbox empty after its last batch. A busy service's relay,
+                    # which catches up on every pass, thus reads the outbox twice per pass, not three times.
+                    self._set_stats(0, None, time.monotonic())
+                else:
+                    await self._refresh_stats(force=drained_some)
                 drained_some = False
                 await self._prune()
                 await self._sleep(self.settings.outbox_poll_seconds)
@@ -528,13 +563,20 @@ class OutboxRelay:
         if not force and now - self._stats_at < _STATS_INTERVAL:
             return
         self._stats_at = now
-        c = self.table.c
-        async with self.db.engine.connect() as conn:
-            row = (await conn.execute(select(func.count(), func.min(c.created_at)).where(
-                c.published_at.is_(None)))).one()
-        backlog, oldest = int(row[0]), row[1]
+        if self._sql is not None:
+            async with self.db.direct_connection() as conn:
+                row = self._sql.stats.row(await conn.fetchrow(self._sql.stats.sql))
+        else:
+            async with self.db.engine.connect() as conn:
+                row = (await conn.execute(_stats_statement(self.table))).one()._mapping
+        oldest = row["oldest"]
         if oldest is not None and oldest.tzinfo is None:
             oldest = oldest.replace(tzinfo=dt.UTC)
+        self._set_stats(int(row["backlog"]), oldest, now)
+
+    def _set_stats(self, backlog: int, oldest: dt.datetime | None, now: float) -> None:
+        """Sets the backlog gauges, and logs when publishing falls behind or has caught up again."""
+        self._stats_at = now
         self.backlog = backlog
         self.oldest_age_seconds = max(0.0, (utcnow() - oldest).total_seconds()) if oldest is not None else 0.0
         metrics.OUTBOX_BACKLOG.labels(self.service).set(backlog)
@@ -555,9 +597,14 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         """One pass: publishes the oldest unpublished rows, a window of batches in flight, until it has caught up
         (or after _PASS_BATCHES batches); returns how many rows were confirmed and marked."""
+        self.caught_up = False
         if self._postgres:
-            async with self.db.engine.begin() as conn:
-                if not await conn.scalar(select(func.pg_try_advisory_xact_lock(self.lock_key))):
+            # The lock's transaction runs on a connection of the direct pool, its few statements straight on asyncpg:
+            # a pass of one small batch (a quiet service publishes each commit's events on a pass of their own) is
+            # BEGIN, the lock, the read, the mark and COMMIT, and through SQLAlchemy those cost several times the CPU.
+            assert self._sql is not None
+            async with self.db.direct_connection() as conn, conn.transaction():
+                if not await conn.fetchval(self._sql.lock.sql, *self._sql.lock.arguments({"key": self.lock_key})):
                     return 0  # another replica is publishing this outbox
                 async with contextlib.AsyncExitStack() as stack:
                     marker: AsyncConnection | None = None
@@ -569,13 +616,13 @@ class OutboxRelay:
                         # only one) is marked in the lock's transaction, which commits as the pass ends.
                         nonlocal marker
                         if last:
-                            await self._mark(conn, rows, confirmed)
+                            await self._mark_direct(conn, rows, confirmed)
                             return
                         if marker is None:
                             marker = await stack.enter_async_context(self.db.engine.connect())
                         await self._mark_in_transaction(marker, rows, confirmed)
 
-                    return await self._pass(functools.partial(self._fetch, conn), mark)
+                    return await self._pass(functools.partial(self._fetch_direct, conn), mark)
         if not self._hold_file_lock():
             return 0  # another process on this SQLite file is publishing
         return await self._pass(self._fetch_apart, self._mark_apart)
@@ -644,6 +691,9 @@ class OutboxRelay:
                 for item in window:
                     item.abandon()
         if gap is None:
+            # Every unpublished row the pass could see was published and marked: the backlog was empty as of its
+            # last read (rows committed since then woke the relay for the next pass).
+            self.caught_up = caught_up and not self._stopping
             return marked
         metrics.OUTBOX_PUBLISH_FAILURES.labels(self.service).inc()
         reason = "the broker refused (nack) an event" if gap == NACK else (
@@ -705,6 +755,22 @@ class OutboxRelay:
         if after is not None:
             query = query.where(c.seq > after)
         return [row._mapping for row in (await conn.execute(query)).all()]
+
+    async def _fetch_direct(self, conn: asyncpg.Connection, after: int | None) -> list[Any]:
+        sql = self._sql
+        assert sql is not None
+        return [sql.fetch.row(record) for record in await conn.fetch(
+            sql.fetch.sql, *sql.fetch.arguments({"after": after or 0, "size": self.settings.outbox_batch_size}))]
+
+    async def _mark_direct(self, conn: asyncpg.Connection, rows: list[Any], confirmed: int) -> None:
+        """_mark's statements on a direct connection."""
+        sql = self._sql
+        assert sql is not None
+        if confirmed:
+            await conn.execute(sql.mark.sql, *sql.mark.arguments(
+                {"now": utcnow(), "seqs": [r["seq"] for r in rows[:confirmed]]}))
+        if confirmed < len(rows):
+            await conn.execute(sql.count.sql, *sql.count.arguments({"seqs": [r["seq"] for r in rows[confirmed:]]}))
 
     async def _fetch_apart(self, after: int | None) -> list[Any]:
         async with self.db.engine.begin() as conn:
