@@ -49,10 +49,15 @@ def direct_pool_size(pool_size: int) -> int:
     return max(1, pool_size // 2)
 
 
+# The outbox relay's own connection (see _DirectPool.connection).
+RELAY_CONNECTIONS = 1
+
+
 def max_connections(pool_size: int = POOL_SIZE) -> int:
     """The most PostgreSQL connections one process opens with an engine pool of `pool_size`: the pool may grow to
-    twice that under load, plus the direct pool. Deployments size their servers by it (tessera_deploy.checks)."""
-    return engine_pool_max(pool_size) + direct_pool_size(pool_size)
+    twice that under load, plus the direct pool and the outbox relay's connection. Deployments size their servers
+    by it (tessera_deploy.checks)."""
+    return engine_pool_max(pool_size) + direct_pool_size(pool_size) + RELAY_CONNECTIONS
 
 
 def _drop_closed_on_checkout(engine: AsyncEngine) -> None:
@@ -189,12 +194,11 @@ class Database:
             await conn.execute(text("SELECT 1"))
         return True
 
-    def direct_connection(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
-        """On PostgreSQL, a connection of the direct pool (asyncpg's own, see _DirectPool.connection) for work that
-        runs its own statements and transaction on asyncpg, without SQLAlchemy's per-statement cost: the outbox
-        relay's pass. Not on SQLite."""
+    def relay_connection(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        """On PostgreSQL, the outbox relay's connection (see _DirectPool.connection): its pass runs its statements
+        and its transaction straight on asyncpg, without SQLAlchemy's per-statement cost. Not on SQLite."""
         if self._direct is None:
-            raise RuntimeError("direct connections are PostgreSQL's")
+            raise RuntimeError("the relay's connection is PostgreSQL's")
         return self._direct.connection()
 
     def direct_plan(self, statement: Any, kind: str) -> _Plan:
@@ -216,7 +220,7 @@ class _PoolCollector:
 
     | name | type | labels | meaning |
     |---|---|---|---|
-    | tessera_db_connections | gauge | pool (units_of_work, direct), state (in_use, idle) | open connections |
+    | tessera_db_connections | gauge | pool (units_of_work, direct, relay), state (in_use, idle) | open connections |
     | tessera_db_connections_max | gauge | pool | the most connections the pool opens (TESSERA_DATABASE_POOL_SIZE) |
 
     A pool whose in-use count stays at its max makes calls wait for a connection: raise the pool size, or the
@@ -236,9 +240,8 @@ class _PoolCollector:
                                         labels=["pool", "state"])
         most = GaugeMetricFamily("tessera_db_connections_max",
                                  "The most PostgreSQL connections each pool of this process opens", labels=["pool"])
-        totals = {("units_of_work", "in_use"): 0, ("units_of_work", "idle"): 0,
-                  ("direct", "in_use"): 0, ("direct", "idle"): 0}
-        limits = {"units_of_work": 0, "direct": 0}
+        totals = {(pool, state): 0 for pool in ("units_of_work", "direct", "relay") for state in ("in_use", "idle")}
+        limits = {"units_of_work": 0, "direct": 0, "relay": 0}
         with self._lock:
             databases = list(self._databases)
         for db in databases:
@@ -249,10 +252,12 @@ class _PoolCollector:
             totals["units_of_work", "idle"] += pool.checkedin()  # type: ignore[attr-defined]
             limits["units_of_work"] += engine_pool_max(db.pool_size)
             limits["direct"] += direct.size
-            if direct.ready is not None:
-                idle = direct.ready.get_idle_size()
-                totals["direct", "in_use"] += direct.ready.get_size() - idle
-                totals["direct", "idle"] += idle
+            limits["relay"] += RELAY_CONNECTIONS
+            for name, opened in (("direct", direct.ready), ("relay", direct.relay)):
+                if opened is not None:
+                    idle = opened.get_idle_size()
+                    totals[name, "in_use"] += opened.get_size() - idle
+                    totals[name, "idle"] += idle
         if not databases:
             return  # no PostgreSQL here (SQLite, or no database at all): nothing to report
         for (pool_name, state), value in totals.items():
@@ -402,23 +407,31 @@ class _DirectPool:
         self.plans: dict[int, _Plan] = {}
         self.insert_plans: dict[tuple[tuple[Table, tuple[str, ...], int], ...], _InsertPlan] = {}
         self.ready: asyncpg.Pool | None = None
+        self.relay: asyncpg.Pool | None = None
         self._opening: asyncio.Lock | None = None
 
     async def pool(self) -> asyncpg.Pool:
-        if self.ready is not None:
-            return self.ready
+        if self.ready is None:
+            self.ready = await self._open(self.size, lambda: self.ready)
+        return self.ready
+
+    async def relay_pool(self) -> asyncpg.Pool:
+        """The outbox relay's pool of one connection (see connection())."""
+        if self.relay is None:
+            self.relay = await self._open(RELAY_CONNECTIONS, lambda: self.relay)
+        return self.relay
+
+    async def _open(self, size: int, opened: Callable[[], asyncpg.Pool | None]) -> asyncpg.Pool:
         if self._opening is None:
             self._opening = asyncio.Lock()
         async with self._opening:
-            if self.ready is None:
-                _, params = self.engine.dialect.create_connect_args(self.engine.url)
-                for adapter_only in ("prepared_statement_cache_size", "prepared_statement_name_func",
-                                     "async_creator_fn"):
-                    params.pop(adapter_only, None)
-                self.ready = await asyncpg.create_pool(
-                    **params, **_CONNECT_ARGS, min_size=0, max_size=self.size, init=self._json_codecs,
-                    reset=_no_reset)
-        return self.ready
+            if (ready := opened()) is not None:  # another caller opened it while this one waited
+                return ready
+            _, params = self.engine.dialect.create_connect_args(self.engine.url)
+            for adapter_only in ("prepared_statement_cache_size", "prepared_statement_name_func", "async_creator_fn"):
+                params.pop(adapter_only, None)
+            return await asyncpg.create_pool(**params, **_CONNECT_ARGS, min_size=0, max_size=size,
+                                             init=self._json_codecs, reset=_no_reset)
 
     async def _json_codecs(self, connection: asyncpg.Connection) -> None:
         """json and jsonb as the engine's connections decode them: the dialect's own set-up (its documented hooks,
@@ -445,10 +458,12 @@ class _DirectPool:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection for a caller that runs a few statements of its own, in a transaction it opens and
-        ends itself (the outbox relay's pass). It goes back as it is, like run()'s, so it is ended instead when
-        the block leaves anything behind: a transaction still open, or an error that is not one statement's."""
-        pool = self.ready or await self.pool()
+        """The relay's connection, for the outbox relay's pass: a few statements in a transaction it opens and ends
+        itself, held while the broker confirms. It is a pool of its own, apart from the direct statements', so that
+        a broker slow to confirm never keeps a read waiting for a connection. It goes back as it is, like run()'s,
+        so it is ended instead when the block leaves anything behind: a transaction still open, or an error that
+        is not one statement's."""
+        pool = self.relay or await self.relay_pool()
         async with pool.acquire(timeout=_POOL_TIMEOUT) as connection:
             try:
                 yield connection
@@ -461,8 +476,15 @@ class _DirectPool:
                 raise RuntimeError("a direct connection was handed back with its transaction open")
 
     async def close(self) -> None:
-        """Closes the pool (as the engine's dispose(), a later statement opens a new one)."""
-        pool, self.ready = self.ready, None
+        """Closes the pools (as the engine's dispose(), a later statement opens a new one)."""
+        direct, relay = self.ready, self.relay
+        self.ready = self.relay = None
+        try:
+            await self._close(direct)
+        finally:
+            await self._close(relay)
+
+    async def _close(self, pool: asyncpg.Pool | None) -> None:
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), 5)

@@ -30,7 +30,7 @@ service. The others are defined here, once, and incremented where the thing happ
 | tessera_consumer_retried_total | counter | consumer, event_type | messages sent back for a delayed retry |
 | tessera_consumer_dead_lettered_total | counter | consumer, event_type | messages moved to the dead-letter queue |
 | tessera_inventory_reservation_expiries_total | counter | | stock reservations released because they expired |
-| tessera_db_connections | gauge | pool (units_of_work, direct), state (in_use, idle) | PostgreSQL connections |
+| tessera_db_connections | gauge | pool (units_of_work, direct, relay), state (in_use, idle) | PostgreSQL connections |
 | tessera_db_connections_max | gauge | pool | the most connections each pool opens (TESSERA_DATABASE_POOL_SIZE) |
 
 Label values are short, bounded strings (an ErrorReason name, a step name, a message's full type name): never ids.

@@ -303,9 +303,9 @@ def test_a_dev_postgresql_too_small_for_the_services_connections_is_reported(tre
 
     edit_yaml(tree / DEV_POSTGRES, "StatefulSet", "postgres", change)
     problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 97 connections for clients")
-    # Five services, at most 2 pods each in the dev overlay, 25 connections per process.
-    assert "may open 250 at once" in problem.message and "user-service 50" in problem.message
-    assert "raise it to at least 253" in problem.message
+    # Five services, at most 2 pods each in the dev overlay, 26 connections per process.
+    assert "may open 260 at once" in problem.message and "user-service 52" in problem.message
+    assert "raise it to at least 263" in problem.message
 
 
 def test_more_pods_or_workers_than_the_dev_postgresql_can_take_are_reported(tree):
@@ -315,8 +315,8 @@ def test_more_pods_or_workers_than_the_dev_postgresql_can_take_are_reported(tree
     kustomization.write_text(text.replace("path: /spec/maxReplicas\n        value: 2",
                                           "path: /spec/maxReplicas\n        value: 3"))
     problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 297 connections")
-    assert "may open 375 at once" in problem.message and "(25 per process)" in problem.message
-    # Smaller pools make room for the third pod: 5 services × 3 pods × (2 × 4 + 2) connections.
+    assert "may open 390 at once" in problem.message and "(26 per process)" in problem.message
+    # Smaller pools make room for the third pod: 5 services × 3 pods × (2 × 4 + 2 + 1) connections.
     edit_yaml(tree / "k8s/overlays/dev/config.yaml", "ConfigMap", "tessera-config",
               lambda doc: doc["data"].update(TESSERA_DATABASE_POOL_SIZE="4"))
     assert validate_copy(tree, "dev") == []
@@ -327,4 +327,4 @@ def test_more_pods_or_workers_than_the_dev_postgresql_can_take_are_reported(tree
     edit_yaml(tree / "k8s/overlays/dev/config.yaml", "ConfigMap", "tessera-config",
               lambda doc: doc["data"].update(TESSERA_WORKERS="2"))
     problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 297 connections")
-    assert "may open 500 at once" in problem.message and "order-service 100" in problem.message
+    assert "may open 520 at once" in problem.message and "order-service 104" in problem.message

@@ -274,10 +274,10 @@ async def test_overdue_confirms_with_several_batches_in_flight_republish_them_al
     assert [r.attempts for r in rows] == [2] * 300 + [1] * 50
 
 
-async def test_on_postgresql_a_quiet_pass_runs_on_a_direct_connection_and_does_not_count_the_backlog_again(
+async def test_on_postgresql_a_quiet_pass_runs_on_the_relays_connection_and_does_not_count_the_backlog_again(
         vhost, pg_outbox, monkeypatch):
     """A quiet service publishes each commit's events on a pass of their own. On PostgreSQL such a pass is BEGIN, the
-    lock, the read, the mark and COMMIT on a connection of the direct pool, straight on asyncpg: nothing goes through
+    lock, the read, the mark and COMMIT on the relay's own connection, straight on asyncpg: nothing goes through
     the engine (SQLAlchemy's per-statement cost was most of a small pass's CPU), and a pass that caught up sets the
     backlog gauges to 0 without counting the outbox again."""
     db, table = pg_outbox
@@ -286,7 +286,7 @@ async def test_on_postgresql_a_quiet_pass_runs_on_a_direct_connection_and_does_n
     sqlalchemy_event.listen(db.engine.sync_engine, "before_cursor_execute",
                             lambda _c, _cur, statement, *_a: through_engine.append(statement))
     direct: list[str] = []
-    open_direct = db.direct_connection
+    open_direct = db.relay_connection
 
     @contextlib.asynccontextmanager
     async def logged():
@@ -300,7 +300,7 @@ async def test_on_postgresql_a_quiet_pass_runs_on_a_direct_connection_and_does_n
             finally:
                 conn.remove_query_logger(record)
 
-    monkeypatch.setattr(db, "direct_connection", logged)
+    monkeypatch.setattr(db, "relay_connection", logged)
     service = f"quiet-{uuid.uuid4().hex[:6]}"
     relay = OutboxRelay(db, table, service=service, amqp_url=rabbitmq.amqp_url(vhost),
                         settings=dataclasses.replace(FAST, outbox_poll_seconds=30.0))

@@ -205,6 +205,9 @@ async def test_an_order_with_many_items_is_stored_and_read_back_whole(db, insert
         assert await uow.orders.caller(order.id) == caller
         assert await uow.orders.id_by_request_id(order.request_id) == order.id
         assert await uow.orders.id_by_request_id("unknown") is None
+    async with OrderUnitOfWork(db).reading() as uow:  # CreateOrder's first read (straight on asyncpg on PostgreSQL)
+        assert await uow.orders.id_by_request_id(order.request_id) == order.id
+        assert await uow.orders.id_by_request_id("unknown") is None
     assert stored == order and stored.items == items
 
 

@@ -284,7 +284,8 @@ async def test_the_pools_connections_are_exported_to_prometheus(pg_database):
     try:
         assert _pool_samples(collector) == {
             ("units_of_work", "in_use"): 0, ("units_of_work", "idle"): 0, ("units_of_work", "max"): 8,
-            ("direct", "in_use"): 0, ("direct", "idle"): 0, ("direct", "max"): 2}
+            ("direct", "in_use"): 0, ("direct", "idle"): 0, ("direct", "max"): 2,
+            ("relay", "in_use"): 0, ("relay", "idle"): 0, ("relay", "max"): 1}
         uow = SqlAlchemyUnitOfWork(database, OUTBOX)
         async with uow.reading():
             await read_first(uow.session, BACKEND, {})
@@ -295,6 +296,11 @@ async def test_the_pools_connections_are_exported_to_prometheus(pg_database):
         assert (during["units_of_work", "in_use"], during["units_of_work", "idle"]) == (1, 0)
         assert (after["units_of_work", "in_use"], after["units_of_work", "idle"]) == (0, 1)
         assert (after["direct", "in_use"], after["direct", "idle"]) == (0, 1)
+        async with database.relay_connection():
+            during = _pool_samples(collector)
+        after = _pool_samples(collector)
+        assert (during["relay", "in_use"], during["relay", "idle"]) == (1, 0)
+        assert (after["relay", "in_use"], after["relay", "idle"]) == (0, 1)
         # Every Database registers with the process's collector, which the /metrics endpoint serves.
         assert database in list(_POOLS._databases)
         assert REGISTRY.get_sample_value("tessera_db_connections_max", {"pool": "direct"}) >= 2
@@ -304,19 +310,19 @@ async def test_the_pools_connections_are_exported_to_prometheus(pg_database):
     assert sum(value for (_, state), value in after.items() if state != "max") == 0  # disposed: nothing open
 
 
-# Database.direct_connection: a direct connection for a caller's own statements and transaction (the outbox relay).
+# Database.relay_connection: the outbox relay's own connection, for its statements and transaction.
 
-async def test_a_direct_connection_keeps_its_session_after_a_statement_error_in_its_transaction(pg_database):
+async def test_the_relays_connection_keeps_its_session_after_a_statement_error_in_its_transaction(pg_database):
     _, url = pg_database
-    database = Database(url, pool_size=1)  # a direct pool of one: the next block gets this connection or its successor
+    database = Database(url)
     try:
-        async with database.direct_connection() as conn:
+        async with database.relay_connection() as conn:
             before = await conn.fetchval("SELECT pg_backend_pid()")
         with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
-            async with database.direct_connection() as conn, conn.transaction():
+            async with database.relay_connection() as conn, conn.transaction():
                 await conn.execute("CREATE TEMPORARY TABLE scratch (n int)")  # rolled back with the transaction
                 await conn.fetchval("SELECT 1 / 0")
-        async with database.direct_connection() as conn:
+        async with database.relay_connection() as conn:  # one connection: the same server session
             assert await conn.fetchval("SELECT pg_backend_pid()") == before
             assert not conn.is_in_transaction()
             assert await conn.fetchval("SELECT to_regclass('pg_temp.scratch')") is None
@@ -324,24 +330,24 @@ async def test_a_direct_connection_keeps_its_session_after_a_statement_error_in_
         await database.dispose()
 
 
-async def test_a_direct_connection_handed_back_in_a_transaction_or_cancelled_is_ended(pg_database):
+async def test_the_relays_connection_handed_back_in_a_transaction_or_cancelled_is_ended(pg_database):
     _, url = pg_database
-    database = Database(url, pool_size=1)
+    database = Database(url)
     try:
-        async with database.direct_connection() as conn:
+        async with database.relay_connection() as conn:
             first = await conn.fetchval("SELECT pg_backend_pid()")
         # A block that leaves its transaction open must not hand it to the next one.
         with pytest.raises(RuntimeError, match="transaction open"):
-            async with database.direct_connection() as conn:
+            async with database.relay_connection() as conn:
                 await conn.execute("BEGIN")
                 await conn.execute("CREATE TEMPORARY TABLE scratch (n int)")
-        async with database.direct_connection() as conn:
+        async with database.relay_connection() as conn:
             second = await conn.fetchval("SELECT pg_backend_pid()")
             assert not conn.is_in_transaction()
         assert second != first
 
         async def slowly() -> None:
-            async with database.direct_connection() as conn, conn.transaction():
+            async with database.relay_connection() as conn, conn.transaction():
                 await conn.execute("SELECT pg_sleep(5)")
 
         task = asyncio.ensure_future(slowly())
@@ -349,17 +355,37 @@ async def test_a_direct_connection_handed_back_in_a_transaction_or_cancelled_is_
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        async with database.direct_connection() as conn:
+        async with database.relay_connection() as conn:
             third = await asyncio.wait_for(conn.fetchval("SELECT pg_backend_pid()"), 3)
         assert third not in (first, second)
     finally:
         await database.dispose()
 
 
-async def test_direct_connections_are_postgresqls(tmp_path):
-    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'direct.db'}")
+async def test_the_relay_holding_its_connection_keeps_no_read_waiting(pg_database):
+    """The relay holds its connection while the broker confirms, which a broker that stopped answering makes up
+    to the confirm timeout: direct reads, even on a direct pool of one, have their own."""
+    _, url = pg_database
+    database = Database(url, pool_size=1)
+    uow = SqlAlchemyUnitOfWork(database, OUTBOX)
+    try:
+        async with database.relay_connection() as held, held.transaction():
+            relay_pid = await held.fetchval("SELECT pg_backend_pid()")
+            async with uow.reading():
+                read = await asyncio.wait_for(read_first(uow.session, BACKEND, {}), 3)
+            assert read["pid"] != relay_pid
+            # Only the relay waits for the relay's connection.
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3), database.relay_connection():
+                    pass
+    finally:
+        await database.dispose()
+
+
+async def test_the_relays_connection_is_postgresqls(tmp_path):
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}")
     try:
         with pytest.raises(RuntimeError, match="PostgreSQL"):
-            database.direct_connection()
+            database.relay_connection()
     finally:
         await database.dispose()

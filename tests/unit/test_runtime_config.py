@@ -45,7 +45,7 @@ def test_the_database_pool_size_is_read_and_bounds_the_connections_of_a_process(
     from tessera_runtime.db import max_connections
 
     assert ServiceSettings.from_env("user", 1, {}).database_pool_size == 10
-    assert max_connections() == 25  # 10, up to 20 under load, and 5 for direct reads
+    assert max_connections() == 26  # 10, up to 20 under load, 5 for direct statements and the relay's one
     s = ServiceSettings.from_env("user", 1, {"TESSERA_DATABASE_POOL_SIZE": "4"})
-    assert s.database_pool_size == 4 and max_connections(s.database_pool_size) == 10
-    assert max_connections(1) == 3  # the direct reads keep one connection however small the pool
+    assert s.database_pool_size == 4 and max_connections(s.database_pool_size) == 11
+    assert max_connections(1) == 4  # the direct statements and the relay keep one each however small the pool

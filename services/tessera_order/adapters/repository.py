@@ -31,7 +31,7 @@ from tessera_order.domain.model import (
     StepName,
     StepStatus,
 )
-from tessera_runtime.db import UtcDateTime, insert_row, insert_rows, keyset_page
+from tessera_runtime.db import UtcDateTime, insert_row, insert_rows, keyset_page, read_first
 
 
 class DuplicateRequestId(Exception):
@@ -216,6 +216,10 @@ def _step_params(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return _array_params("s", _STEP_COLUMNS, [{**row, "step": row["b_step"]} for row in rows])
 
 
+# CreateOrder's first read, built once: in a read session on PostgreSQL it runs straight on asyncpg (read_first).
+_ID_BY_REQUEST_ID = select(orders.c.id).where(orders.c.request_id == bindparam("request_id"))
+
+
 class SqlAlchemyOrderRepository(OrderRepository):
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -285,8 +289,8 @@ class SqlAlchemyOrderRepository(OrderRepository):
         return loaded[0] if loaded else None
 
     async def id_by_request_id(self, request_id: str) -> str | None:
-        return (await self.session.execute(
-            select(orders.c.id).where(orders.c.request_id == request_id))).scalar_one_or_none()
+        row = await read_first(self.session, _ID_BY_REQUEST_ID, {"request_id": request_id})
+        return None if row is None else row["id"]
 
     async def list(self, *, customer_id: str | None, status: OrderStatus | None,
                    after: tuple[dt.datetime, str] | None, limit: int) -> list[Order]:

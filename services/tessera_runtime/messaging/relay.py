@@ -564,7 +564,7 @@ class OutboxRelay:
             return
         self._stats_at = now
         if self._sql is not None:
-            async with self.db.direct_connection() as conn:
+            async with self.db.relay_connection() as conn:
                 row = self._sql.stats.row(await conn.fetchrow(self._sql.stats.sql))
         else:
             async with self.db.engine.connect() as conn:
@@ -599,11 +599,11 @@ class OutboxRelay:
         (or after _PASS_BATCHES batches); returns how many rows were confirmed and marked."""
         self.caught_up = False
         if self._postgres:
-            # The lock's transaction runs on a connection of the direct pool, its few statements straight on asyncpg:
+            # The lock's transaction runs on the relay's own connection, its few statements straight on asyncpg:
             # a pass of one small batch (a quiet service publishes each commit's events on a pass of their own) is
             # BEGIN, the lock, the read, the mark and COMMIT, and through SQLAlchemy those cost several times the CPU.
             assert self._sql is not None
-            async with self.db.direct_connection() as conn, conn.transaction():
+            async with self.db.relay_connection() as conn, conn.transaction():
                 if not await conn.fetchval(self._sql.lock.sql, *self._sql.lock.arguments({"key": self.lock_key})):
                     return 0  # another replica is publishing this outbox
                 async with contextlib.AsyncExitStack() as stack:
