@@ -2,9 +2,12 @@
 
 Design. Each service process runs one relay next to its gRPC server:
 
-- Database work runs on the service's event loop through its own async engine (asyncpg / aiosqlite): it never
-  blocks the loop. A pass takes at most two pooled connections (PostgreSQL: one holds the pass's lock and reads,
-  one marks); SQLite takes one at a time.
+- Database work runs on the service's event loop (asyncpg / aiosqlite): it never blocks the loop. On PostgreSQL a
+  pass holds the relay's own connection (Database.relay_connection), on which it takes the lock, reads and marks
+  its last batch straight on asyncpg, compiled once: a quiet service publishes each commit's events on a pass of
+  their own, and through SQLAlchemy those few statements cost more than twice the CPU. A long pass (a backlog)
+  also borrows one connection of the engine's pool to mark its earlier batches. SQLite goes through the engine,
+  one connection at a time.
 - pika runs on its own thread (`ConfirmingPublisher`, a SelectConnection), so broker I/O and frame encoding never
   run on the loop. The loop hands it a batch and gets a future that the thread resolves when the broker has
   confirmed every message of the batch (or the connection was lost).
