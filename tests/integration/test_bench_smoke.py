@@ -107,3 +107,24 @@ def test_the_ablation_serves_every_variant_and_reports_its_cost(tmp_path):
     after = {p.pid for p in psutil.Process().children(recursive=True)}
     assert after <= before  # every variant stopped
     assert asyncio.run(_databases("datname LIKE $1", "tessera_ablation_%")) == []  # its database was dropped
+
+
+def test_the_quiet_relay_tool_publishes_each_event_and_reports_its_cost():
+    """`python -m bench.quiet_relay`: a real relay publishes every event on the broker (it waits for each to be
+    published and marked before it measures the writes alone), and the tool drops its database and vhost."""
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60)
+    vhosts_before = set(listed.stdout.split())
+    result = subprocess.run([sys.executable, "-m", "bench.quiet_relay", "--rounds", "1", "--events", "30"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, table = result.stdout.splitlines()[0], result.stdout.splitlines()[2:]
+    assert "30 events" in header
+    assert len(table) == 1
+    # Differences of CPU times (PostgreSQL's in 10 ms ticks) over 30 events: their values are noise here, their
+    # presence is what is checked.
+    _, process, database, total = (float(cell) for cell in table[0].strip("|").split("|"))
+    assert math.isfinite(process) and math.isfinite(database)
+    assert math.isclose(total, process + database, abs_tol=0.002)
+    assert asyncio.run(_databases("datname LIKE $1", "tessera_quiet_relay_%")) == []
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60)
+    assert {v for v in set(listed.stdout.split()) - vhosts_before if v.startswith("tessera-quiet-relay")} == set()
