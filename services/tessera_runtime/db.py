@@ -20,7 +20,24 @@ import asyncpg
 from opentelemetry import trace
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import DateTime, Select, Table, TypeDecorator, and_, bindparam, event, insert, or_, text
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    Select,
+    Table,
+    TypeDecorator,
+    and_,
+    bindparam,
+    event,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    values,
+)
+from sqlalchemy import column as column_clause
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -315,6 +332,7 @@ def keyset_page(query: Select, table: Table, key: tuple[dt.datetime, str] | None
 
 _DIRECT = "tessera.direct"  # a session's info: the _DirectPool of its Database (None on SQLite)
 _STAGED = "tessera.staged"  # a session's info: the inserts staged in a unit of work's inserting() block
+_GUARD = "tessera.guard"  # a session's info: the guarded update staged in that block (update_guarded)
 
 
 class _Plan:
@@ -360,9 +378,10 @@ class _InsertPlan:
     A column left out of a row gets its scalar default, as SQLAlchemy's insert would give it; a column with a
     Python-callable default must be given (the plan refuses to be built otherwise, a mistake of the code)."""
 
-    def __init__(self, shape: tuple[tuple[Table, tuple[str, ...], int], ...], engine: AsyncEngine) -> None:
+    def __init__(self, shape: tuple[tuple[Table, tuple[str, ...], int], ...], engine: AsyncEngine,
+                 guard: _Guard | None = None) -> None:
         self.defaults: list[dict[str, Any]] = []
-        inserts = []
+        inserts: list[Any] = []
         for table, keys, count in shape:
             defaults: dict[str, Any] = {}
             for column in table.columns:
@@ -375,14 +394,30 @@ class _InsertPlan:
             first = len(self.defaults)
             self.defaults += [defaults] * count
             columns = (*keys, *defaults)
-            inserts.append(insert(table).values([
-                {k: bindparam(f"r{i}_{k}", type_=table.c[k].type) for k in columns}
-                for i in range(first, first + count)]))
+            if guard is None:
+                inserts.append(insert(table).values([
+                    {k: bindparam(f"r{i}_{k}", type_=table.c[k].type) for k in columns}
+                    for i in range(first, first + count)]))
+                continue
+            # Behind a guard the rows are written only if it matched: INSERT ... SELECT from their VALUES, in their
+            # order (the outbox's seq follows it), WHERE EXISTS (the guard's rows).
+            rows = values(column_clause("n", Integer()), *(column_clause(k, table.c[k].type) for k in columns),
+                          name=f"v{len(inserts)}").data([
+                (n, *(bindparam(f"r{i}_{k}", type_=table.c[k].type) for k in columns))
+                for n, i in enumerate(range(first, first + count))])
+            inserts.append(insert(table).from_select(
+                list(columns), select(*(rows.c[k] for k in columns)).where(exists(select(guard.cte)))
+                .order_by(rows.c.n)))
+        if guard is not None:
+            statement = select(func.count()).select_from(guard.cte).add_cte(
+                *guard.others, *(ins.cte(f"g{n}") for n, ins in enumerate(inserts)))
+            self.plan = _Plan(statement, engine, "UPDATE")
+            return
         statement = inserts[-1].add_cte(*(ins.cte(f"g{n}") for n, ins in enumerate(inserts[:-1])))
         self.plan = _Plan(statement, engine, "INSERT")
 
-    def arguments(self, rows: list[Mapping[str, Any]]) -> list[Any]:
-        params: dict[str, Any] = {}
+    def arguments(self, rows: list[Mapping[str, Any]], guard_params: Mapping[str, Any] | None = None) -> list[Any]:
+        params: dict[str, Any] = dict(guard_params or {})
         for i, (row, defaults) in enumerate(zip(rows, self.defaults, strict=True)):
             for key, value in (*row.items(), *defaults.items()):
                 params[f"r{i}_{key}"] = value
@@ -405,7 +440,8 @@ class _DirectPool:
         self.engine = engine
         self.size = size
         self.plans: dict[int, _Plan] = {}
-        self.insert_plans: dict[tuple[tuple[Table, tuple[str, ...], int], ...], _InsertPlan] = {}
+        # By the staged rows' shape and the guard (the CTE a repository built once) they depend on, if any.
+        self.insert_plans: dict[tuple[tuple[tuple[Table, tuple[str, ...], int], ...], Any], _InsertPlan] = {}
         self.ready: asyncpg.Pool | None = None
         self.relay: asyncpg.Pool | None = None
         self._opening: asyncio.Lock | None = None
@@ -575,6 +611,45 @@ async def insert_rows(session: AsyncSession, table: Table, rows: list[Mapping[st
         _raise_translated(exc, (translate,))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Guard:
+    cte: Any  # the guarded UPDATE ... RETURNING, as a CTE: the block's other writes happen only if it returned rows
+    others: tuple[Any, ...]  # the CTEs that go with it: those it reads, and those (unreferenced) that follow from it
+    params: Mapping[str, Any]
+    missed: Callable[[], Exception]
+
+
+async def update_guarded(session: AsyncSession, guard: Any, params: Mapping[str, Any],
+                         missed: Callable[[], Exception], *others: Any) -> bool:
+    """Writes a change that holds only if its guard matches, the way a repository saves an aggregate fenced by its
+    version or a lease: `guard` is an UPDATE ... RETURNING made a CTE (built once, at import, with `bindparam`s named
+    in `params`), `others` the data-modifying CTEs that go with it (those it selects from, and those that select
+    from it, each written only where the guard's rows lead). When the guard returns no row, nothing is written and
+    `missed()` is raised.
+
+    In a unit of work's `inserting()` block on PostgreSQL it is staged: commit() writes it together with the block's
+    new rows and outbox events as one statement, those rows and events only if the guard matched (INSERT ... SELECT
+    ... WHERE EXISTS), and raises `missed()` there; the block's save is then one round trip instead of BEGIN, its
+    statements and COMMIT. Anywhere else on PostgreSQL it runs at once, in the session's transaction. Returns False
+    on SQLite, which has no data-modifying CTEs: the repository then writes its own way."""
+    if session.info.get(_DIRECT) is None:
+        return False
+    item = _Guard(guard, others, dict(params), missed)
+    if session.info.get(_STAGED) is not None:
+        if session.info.get(_GUARD) is not None:
+            raise RuntimeError("a unit of work stages at most one guarded update")
+        session.info[_GUARD] = item
+        return True
+    await _guard_in_session(session, item)
+    return True
+
+
+async def _guard_in_session(session: AsyncSession, guard: _Guard) -> None:
+    statement = select(func.count()).select_from(guard.cte).add_cte(*guard.others)
+    if not (await session.execute(statement, dict(guard.params))).scalar_one():
+        raise guard.missed()
+
+
 def stage_inserts(session: AsyncSession) -> None:
     """Makes `session` stage insert_row's rows until insert_staged (a unit of work's `inserting()`)."""
     session.info[_STAGED] = []
@@ -608,13 +683,16 @@ async def insert_staged(session: AsyncSession, extra: list[tuple[Table, Mapping[
     commits. A clash raises as insert_row says. A call cancelled while the statement runs ends its connection (see
     _DirectPool.run): the rows are then all written or none, as with any commit its caller stopped waiting for."""
     staged: list[_Staged] = session.info.pop(_STAGED, None) or []
+    guard: _Guard | None = session.info.pop(_GUARD, None)
     rows = [*staged, *(_Staged(table, row, None) for table, row in extra)]
-    if not rows:
+    if not rows and guard is None:
         return False
     translators = [item.translate for item in staged]
     groups = _groups(rows)
     direct: _DirectPool | None = session.info.get(_DIRECT)
     if direct is None or session.in_transaction():
+        if guard is not None:
+            await _guard_in_session(session, guard)
         for group in groups:
             try:
                 await session.execute(insert(group[0].table),
@@ -623,11 +701,15 @@ async def insert_staged(session: AsyncSession, extra: list[tuple[Table, Mapping[
                 _raise_translated(exc, translators)
         return False
     shape = tuple((group[0].table, tuple(group[0].row), len(group)) for group in groups)
-    plan = direct.insert_plans.get(shape)
+    key = (shape, None if guard is None else guard.cte)
+    plan = direct.insert_plans.get(key)
     if plan is None:
-        plan = direct.insert_plans[shape] = _InsertPlan(shape, direct.engine)
+        plan = direct.insert_plans[key] = _InsertPlan(shape, direct.engine, guard)
+    arguments = plan.arguments([item.row for item in rows], None if guard is None else guard.params)
     try:
-        await direct.run(plan.plan, plan.arguments([item.row for item in rows]), "execute")
+        matched = await direct.run(plan.plan, arguments, "execute" if guard is None else "fetchval")
     except asyncpg.IntegrityConstraintViolationError as exc:
         _raise_translated(IntegrityError(plan.plan.sql, None, exc), translators)
+    if guard is not None and not matched:
+        raise guard.missed()
     return True

@@ -44,6 +44,15 @@ class SqlAlchemyUnitOfWork:
         self._mode = _INSERT
         return self
 
+    def one_statement(self):
+        """This unit of work for a block whose change is one guarded update, the new rows that go with it and its
+        outbox events (`async with uow.one_statement():`): a save fenced by a version or a lease. Repositories write
+        the update with tessera_runtime.db.update_guarded and the rows with insert_row; commit() writes them all, on
+        PostgreSQL as one statement in autocommit (when the block ran nothing else on its session), the rows and
+        events only if the guard matched, and raises the repository's error when it did not. It is inserting()'s
+        mode, with room for the update."""
+        return self.inserting()
+
     def _open(self, session: AsyncSession) -> None:
         """Hook for subclasses: build repositories on the session."""
 
@@ -117,6 +126,9 @@ class FakeUnitOfWork:
         return self
 
     def inserting(self):
+        return self
+
+    def one_statement(self):
         return self
 
     async def __aenter__(self):

@@ -237,3 +237,92 @@ async def test_each_save_writes_the_steps_that_changed_and_the_last_one_frees_th
         with pytest.raises(LeaseLost):
             await uow.orders.save(stored, lease("runner-a"))
 
+
+
+# The saga's saves are one_statement() units of work: on PostgreSQL the fenced UPDATEs and the events are one
+# statement, the events written only if the fences held; elsewhere one transaction.
+
+async def outbox_events(db: Database) -> list[tuple[str, str]]:
+    async with db.engine.connect() as conn:
+        return [(r.aggregate_id, r.event_type) for r in (await conn.execute(
+            select(outbox.c.aggregate_id, outbox.c.event_type).order_by(outbox.c.seq))).all()]
+
+
+async def test_a_one_statement_save_writes_the_order_its_steps_and_its_events_in_order_at_once(db):
+    order = await stored_order(db, owner="runner-a")
+    order.complete_step(StepName.RESERVE_STOCK, utcnow(), reservation_id="r-1")
+    order.start_step(order.next_step(), utcnow())
+    events = [order_events_pb2.OrderConfirmed(order_id=order.id), order_events_pb2.OrderCancelled(order_id=order.id),
+              order_events_pb2.OrderFailed(order_id=order.id)]
+    await db.engine.dispose()  # the engine's pool starts empty: a direct save does not use it
+    async with OrderUnitOfWork(db).one_statement() as uow:
+        await uow.orders.save(order, lease("runner-a"))
+        for event in events:
+            uow.add_event("order", order.id, event)
+        await uow.commit()
+    if db.dialect == "postgresql":
+        assert db.engine.sync_engine.pool.checkedin() == 0  # on the direct pool: one statement
+        async with db.engine.connect() as conn:
+            xmins = (await conn.execute(text(
+                "SELECT xmin::text FROM orders UNION ALL SELECT xmin::text FROM order_sagas UNION ALL "
+                "SELECT xmin::text FROM order_saga_steps WHERE step IN ('RESERVE_STOCK', 'PROCESS_PAYMENT') "
+                "UNION ALL SELECT xmin::text FROM outbox WHERE event_type <> 'tessera.order.v1.OrderCreated'"
+            ))).scalars().all()
+        assert len(xmins) == 1 + 1 + 2 + 3 and len(set(xmins)) == 1  # one transaction wrote them all
+    async with OrderUnitOfWork(db) as uow:
+        assert await uow.orders.get(order.id) == order
+    assert [t for _, t in await outbox_events(db)] == [
+        "tessera.order.v1.OrderConfirmed", "tessera.order.v1.OrderCancelled", "tessera.order.v1.OrderFailed"]
+
+
+@pytest.mark.parametrize("fence", ["lease", "version"])
+async def test_a_one_statement_save_that_lost_its_fence_writes_nothing_and_commit_raises_lease_lost(db, fence):
+    order = await stored_order(db, owner="runner-a")
+    stale = await stored_order_copy(db, order.id)
+    if fence == "version":  # another save by the holder came first
+        order.start_step(StepName.RESERVE_STOCK, utcnow())
+        async with OrderUnitOfWork(db).one_statement() as uow:
+            await uow.orders.save(order, lease("runner-a"))
+            await uow.commit()
+    before = await outbox_events(db)
+    async with OrderUnitOfWork(db) as uow:
+        stored_before = await uow.orders.get(order.id)
+    stale.cancel_reason = "a write that must not land"
+    stale.start_step(StepName.RESERVE_STOCK, utcnow())
+    with pytest.raises(LeaseLost):
+        async with OrderUnitOfWork(db).one_statement() as uow:
+            await uow.orders.save(stale, lease("runner-a" if fence == "version" else "runner-b"))
+            uow.add_event("order", order.id, order_events_pb2.OrderCancelled(order_id=order.id))
+            await uow.commit()
+    assert await outbox_events(db) == before  # no event
+    async with OrderUnitOfWork(db) as uow:
+        assert await uow.orders.get(order.id) == stored_before  # no change: order, saga and steps as they were
+        assert await uow.orders.acquire_lease(order.id, lease("runner-a"), utcnow())  # still runner-a's
+
+
+async def test_a_one_statement_save_after_a_read_in_the_same_block_is_one_transaction(db):
+    order = await stored_order(db, owner="runner-a")
+    async with OrderUnitOfWork(db).one_statement() as uow:
+        fresh = await uow.orders.get(order.id)  # the block reads through its session: its save joins that
+        fresh.start_step(StepName.RESERVE_STOCK, utcnow())
+        await uow.orders.save(fresh, lease("runner-a"))
+        uow.add_event("order", order.id, order_events_pb2.OrderConfirmed(order_id=order.id))
+        await uow.commit()
+    async with OrderUnitOfWork(db) as uow:
+        assert await uow.orders.get(order.id) == fresh
+    assert (await outbox_events(db))[-1] == (order.id, "tessera.order.v1.OrderConfirmed")
+    fresh.cancel_reason = "stale"
+    with pytest.raises(LeaseLost):
+        async with OrderUnitOfWork(db).one_statement() as uow:
+            await uow.orders.get(order.id)
+            await uow.orders.save(fresh, lease("runner-b"))
+            uow.add_event("order", order.id, order_events_pb2.OrderCancelled(order_id=order.id))
+            await uow.commit()
+    assert [t for _, t in await outbox_events(db)][-1] == "tessera.order.v1.OrderConfirmed"
+
+
+async def stored_order_copy(db: Database, order_id: str) -> Order:
+    async with OrderUnitOfWork(db) as uow:
+        order = await uow.orders.get(order_id)
+    assert order is not None
+    return order

@@ -380,3 +380,46 @@ async def test_the_sandbox_charges_a_key_once_however_often_and_concurrently_it_
         assert await sandbox.find_charge(str(uuid.uuid4())) is None
     finally:
         await db.dispose()
+
+
+async def test_a_settle_that_another_call_beat_returns_that_outcome_and_writes_nothing(db_url):
+    """Two calls settle one payment (a charge and a recovery, say): the first wins; the second's save finds the
+    version changed (on PostgreSQL at the commit of its one statement) and answers with the first's outcome, its own
+    status and event never written."""
+    from tessera_payment.adapters.processor import Charged, Declined
+    from tessera_payment.domain.model import Payment, PaymentStatus
+    from tessera_payment.service_layer import handlers
+    from tessera_payment.service_layer.unit_of_work import PaymentUnitOfWork
+    from tessera_runtime.db import utcnow
+
+    await upgrade_async(bootstrap.MIGRATIONS, db_url)
+    db = Database(db_url)
+    try:
+        uow = PaymentUnitOfWork(db)
+        now = utcnow()
+        payment = Payment(id=str(uuid.uuid4()), order_id=str(uuid.uuid4()), customer_id=str(uuid.uuid4()),
+                          amount=Money("EUR", 1250), payment_method="pm_sandbox_ok", idempotency_key=uuid.uuid4().hex,
+                          status=PaymentStatus.PENDING, attempts=1, create_time=now, update_time=now,
+                          lease_expire_time=now + dt.timedelta(seconds=30))
+        async with uow.inserting():
+            await uow.payments.add(payment, "hash")
+            await uow.commit()
+        copies = []
+        for _ in range(2):
+            async with uow:
+                copies.append(await uow.payments.get(payment.id))
+        first = await handlers._settle(uow, copies[0], Charged("ref-1"))
+        assert first.status is PaymentStatus.SUCCEEDED
+        second = await handlers._settle(uow, copies[1], Declined("card_declined", "declined"))
+        assert second.status is PaymentStatus.SUCCEEDED and second.processor_reference == "ref-1"
+        assert await event_types(db_url) == ["PaymentSucceeded"]
+        # Outside a one-statement block a stale save says so at once, and changes nothing either.
+        stale = copies[1]
+        async with uow:
+            assert not await uow.payments.save(stale, stale.version - 1)
+            await uow.commit()
+        async with uow:
+            stored = await uow.payments.get(payment.id)
+        assert stored.status is PaymentStatus.SUCCEEDED and stored.version == first.version
+    finally:
+        await db.dispose()

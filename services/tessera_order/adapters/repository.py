@@ -31,7 +31,7 @@ from tessera_order.domain.model import (
     StepName,
     StepStatus,
 )
-from tessera_runtime.db import UtcDateTime, insert_row, insert_rows, keyset_page, read_first
+from tessera_runtime.db import UtcDateTime, insert_row, insert_rows, keyset_page, read_first, update_guarded
 
 
 class DuplicateRequestId(Exception):
@@ -84,7 +84,7 @@ class OrderRepository(abc.ABC):
     async def save(self, order: Order, lease: Lease, *, release: bool = False) -> None:
         """Writes the order and its saga if lease.owner still holds the lease and the order's version is the
         one read; extends the lease to lease.expires_at, or with `release` frees it in the same write (the saga
-        is over). Raises LeaseLost otherwise."""
+        is over). Raises LeaseLost otherwise (in a one_statement() unit of work, its commit does)."""
 
     @abc.abstractmethod
     async def acquire_lease(self, order_id: str, lease: Lease, now: dt.datetime) -> bool:
@@ -179,9 +179,10 @@ def _unnest(prefix: str, columns: dict[str, Any], name: str) -> Any:
             .table_valued(*(column(c, t()) for c, t in columns.items())).render_derived(name=name))
 
 
-def _build_save_statement(release: bool) -> Any:
+def _build_save_statement(release: bool) -> tuple[Any, tuple[Any, ...]]:
     """UPDATE of the saga row (the lease fence), then of the order row (the version fence) only if the lease is
-    held, then of the given step rows only if the order row changed; selects how many order rows changed."""
+    held, then of the given step rows only if the order row changed: the order row's UPDATE is the guard
+    (tessera_runtime.db.update_guarded), the other two go with it."""
     lease = ({"lease_owner": None, "lease_expires_at": None} if release
              else {"lease_expires_at": bindparam("b_lease_expires_at")})
     saga = (update(order_sagas)
@@ -198,7 +199,7 @@ def _build_save_statement(release: bool) -> Any:
              .where(order_saga_steps.c.order_id == changed.c.id, order_saga_steps.c.step == rows.c.step)
              .values(**{f: rows.c[f] for f in _STEP_FIELDS})
              .returning(order_saga_steps.c.step).cte("steps"))
-    return select(func.count()).select_from(changed).add_cte(steps)
+    return changed, (saga, steps)
 
 
 _SAVE = {release: _build_save_statement(release) for release in (False, True)}
@@ -223,9 +224,6 @@ _ID_BY_REQUEST_ID = select(orders.c.id).where(orders.c.request_id == bindparam("
 class SqlAlchemyOrderRepository(OrderRepository):
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
-        bind = session.bind
-        # SQLite has no data-modifying CTEs: there each table is written by a statement of its own.
-        self.one_statement = bind is not None and bind.dialect.name == "postgresql"
 
     async def add(self, order: Order, lease: Lease, caller: SagaCaller) -> None:
         """A duplicate request_id fails the transaction, which the caller then abandons: no savepoint needed. In an
@@ -303,15 +301,16 @@ class SqlAlchemyOrderRepository(OrderRepository):
         return await self._load(list((await self.session.execute(query)).all()))
 
     async def save(self, order: Order, lease: Lease, *, release: bool = False) -> None:
+        """See OrderRepository.save. In a one_statement() unit of work LeaseLost is raised by its commit."""
         steps = _step_rows(order, changed_only=True)
-        if self.one_statement:
-            changed = (await self.session.execute(_SAVE[release], {
-                "b_order_id": order.id, "b_lease_owner": lease.owner, "b_lease_expires_at": lease.expires_at,
-                "b_current_step": order.current_step.value, "b_version": order.version, **_order_params(order),
-                **_step_params(steps)})).scalar_one()
-            if changed != 1:
-                raise LeaseLost(order.id)
-        else:
+        guard, others = _SAVE[release]
+        params = {"b_order_id": order.id, "b_lease_owner": lease.owner, "b_lease_expires_at": lease.expires_at,
+                  "b_current_step": order.current_step.value, "b_version": order.version, **_order_params(order),
+                  **_step_params(steps)}
+        # On PostgreSQL one statement; in a one_statement() unit of work it is written, with the order's events
+        # only if the fences held, and LeaseLost raised, at commit.
+        if not await update_guarded(self.session, guard, params, lambda: LeaseLost(order.id), *others):
+            # SQLite has no data-modifying CTEs: each table is written by a statement of its own.
             held = await self.session.execute(
                 update(order_sagas)
                 .where(order_sagas.c.order_id == order.id, order_sagas.c.lease_owner == lease.owner)

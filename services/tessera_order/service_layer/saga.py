@@ -324,9 +324,10 @@ class SagaCoordinator:
                     await self.release(order_id)
 
     async def _save(self, order: Order, *events: Message, ending: Execution | None = None) -> None:
-        """Commits the order's state with its events. Given `ending`, the execution whose saga this write ends,
-        the same write frees the lease."""
-        async with self.uow() as uow:
+        """Commits the order's state with its events (on PostgreSQL one statement, the events written only if the
+        lease and version fences held). Given `ending`, the execution whose saga this write ends, the same write
+        frees the lease."""
+        async with self.uow().one_statement() as uow:
             await uow.orders.save(order, self.new_lease(), release=ending is not None)
             for event in events:
                 uow.add_event(AGGREGATE, order.id, event)

@@ -11,13 +11,17 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tessera_payment.adapters.orm import payments
 from tessera_payment.domain.model import Money, Payment, PaymentStatus
-from tessera_runtime.db import insert_row, keyset_page
+from tessera_runtime.db import insert_row, keyset_page, update_guarded
+
+
+class StalePayment(Exception):
+    """Another change to the payment came first: its stored version is no longer the one the save expected."""
 
 
 class DuplicateIdempotencyKey(Exception):
@@ -60,6 +64,12 @@ class PaymentRepository(abc.ABC):
 
 _MUTABLE = ("status", "decline_code", "failure_message", "refunded_amount_minor", "processor_reference", "attempts",
             "refund_reason", "refund_time", "refund_reference", "lease_expire_time", "update_time", "version")
+
+
+# A save on PostgreSQL: the version-fenced UPDATE, built once, as the guard of tessera_runtime.db.update_guarded.
+_SAVE = (update(payments).where(payments.c.id == bindparam("b_id"), payments.c.version == bindparam("b_expected"))
+         .values(**{name: bindparam(f"p_{name}", type_=payments.c[name].type) for name in _MUTABLE})
+         .returning(payments.c.id).cte("saved"))
 
 
 def _row(p: Payment) -> dict[str, Any]:
@@ -105,7 +115,16 @@ class SqlAlchemyPaymentRepository(PaymentRepository):
         return None if row is None else (_payment(row), row._mapping["request_hash"])
 
     async def save(self, payment: Payment, expected_version: int) -> bool:
+        """See PaymentRepository.save. In a one_statement() unit of work on PostgreSQL it returns True and its
+        commit raises StalePayment instead (the save and the payment's events are then one statement, the events
+        written only if the version matched)."""
         values = {name: value for name, value in _row(payment).items() if name in _MUTABLE}
+        params = {"b_id": payment.id, "b_expected": expected_version, **{f"p_{k}": v for k, v in values.items()}}
+        try:
+            if await update_guarded(self.session, _SAVE, params, lambda: StalePayment(payment.id)):
+                return True
+        except StalePayment:
+            return False
         result = await self.session.execute(
             update(payments).where(payments.c.id == payment.id, payments.c.version == expected_version)
             .values(**values))

@@ -33,7 +33,7 @@ from tessera_payment.adapters.processor import (
     ProcessorUnavailable,
     RefundRequest,
 )
-from tessera_payment.adapters.repository import DuplicateIdempotencyKey, PaymentFilter, PaymentRepository
+from tessera_payment.adapters.repository import DuplicateIdempotencyKey, PaymentFilter, PaymentRepository, StalePayment
 from tessera_payment.domain import model
 from tessera_payment.domain.model import Payment, PaymentStatus
 from tessera_payment.service_layer import commands
@@ -66,6 +66,7 @@ class UnitOfWork(Protocol):
     payments: PaymentRepository
 
     def inserting(self) -> UnitOfWork: ...
+    def one_statement(self) -> UnitOfWork: ...
     async def __aenter__(self) -> UnitOfWork: ...
     async def __aexit__(self, *exc: object) -> None: ...
     def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...
@@ -321,21 +322,25 @@ async def _settle(uow: UnitOfWork, payment: Payment, outcome: Charged | Declined
     """Records the processor's answer and its event and returns the payment; if another call settled the
     payment first, returns (or raises) that call's outcome instead, which stands: the processor's idempotency
     makes both answers about the same single charge."""
-    async with uow:
-        expected = payment.version
-        now = utcnow()
-        if isinstance(outcome, Charged):
-            payment.succeed(outcome.reference, now)
-        elif isinstance(outcome, Declined):
-            payment.decline(outcome.decline_code, outcome.message, now)
-        else:
-            payment.fail(outcome, now)
-        if not await uow.payments.save(payment, expected):
+    expected = payment.version
+    now = utcnow()
+    if isinstance(outcome, Charged):
+        payment.succeed(outcome.reference, now)
+    elif isinstance(outcome, Declined):
+        payment.decline(outcome.decline_code, outcome.message, now)
+    else:
+        payment.fail(outcome, now)
+    try:
+        async with uow.one_statement():  # on PostgreSQL the save and its event are one statement
+            if not await uow.payments.save(payment, expected):
+                raise StalePayment(payment.id)
+            uow.add_event(AGGREGATE, payment.id, _event(payment, timed_out))
+            await uow.commit()
+    except StalePayment:
+        async with uow:
             current = await uow.payments.get(payment.id)
-            assert current is not None
-            return _outcome(current)
-        uow.add_event(AGGREGATE, payment.id, _event(payment, timed_out))
-        await uow.commit()
+        assert current is not None
+        return _outcome(current)
     return payment
 
 
