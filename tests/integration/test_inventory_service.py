@@ -9,6 +9,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 from google.rpc import error_details_pb2, status_pb2
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import select
 from tessera.common.v1 import money_pb2
 from tessera.inventory.v1 import inventory_events_pb2 as events_pb2
@@ -342,3 +343,124 @@ async def test_a_customer_cannot_change_the_catalogue(inventory):
     admin = (("x-user-id", "ops"), ("x-user-scopes", "admin"))
     created = (await inventory.CreateProduct(new_product("X"), metadata=admin)).product
     assert (await inventory.GetProduct(svc.GetProductRequest(id=created.id), metadata=customer)).product == created
+
+
+# CommitReservation's write: on PostgreSQL the reservation, its products and its event as one statement, guarded by
+# the reservation's status; elsewhere one transaction.
+
+async def _handlers_on(db_url: str):
+    from tessera_inventory import bootstrap
+    from tessera_inventory.service_layer.unit_of_work import InventoryUnitOfWork
+    from tessera_runtime.migrations import upgrade_async
+
+    await upgrade_async(bootstrap.MIGRATIONS, db_url)
+    db = Database(db_url)
+    return db, InventoryUnitOfWork(db)
+
+
+async def _reserved(uow, *stocks: int):
+    """Products with these stocks, and a reservation of 2 units of each."""
+    from tessera_inventory.domain.model import Money, ReservationItem
+    from tessera_inventory.service_layer import commands, handlers
+
+    ids = []
+    for stock in stocks:
+        product = await handlers.create_product(commands.CreateProduct(
+            sku=f"SKU-{uuid.uuid4().hex[:8]}", name="Lamp", description="", price=Money("EUR", 1999),
+            stock_on_hand=stock, request_id=uuid.uuid4().hex), uow)
+        ids.append(product.id)
+    reservation = await handlers.reserve_stock(commands.ReserveStock(
+        order_id=str(uuid.uuid4()), items=tuple(ReservationItem(product_id=i, quantity=2) for i in ids)), uow)
+    return ids, reservation
+
+
+async def _stock(db: Database, ids: list[str]) -> list[tuple[int, int]]:
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(select(products.c.id, products.c.stock_on_hand, products.c.stock_reserved)
+                                   .where(products.c.id.in_(ids)))).all()
+    return [(r.stock_on_hand, r.stock_reserved) for r in sorted(rows, key=lambda r: ids.index(r.id))]
+
+
+async def test_a_commit_takes_its_units_out_of_stock_with_its_event_in_one_statement(db_url):
+    from sqlalchemy import text
+
+    from tessera_inventory.service_layer import commands, handlers
+
+    db, uow = await _handlers_on(db_url)
+    try:
+        ids, reservation = await _reserved(uow, 5, 7)
+        through_engine: list[str] = []
+        sqlalchemy_event.listen(db.engine.sync_engine, "before_cursor_execute",
+                                lambda _c, _cur, statement, *_a: through_engine.append(statement.split()[0]))
+        committed = await handlers.commit_reservation(commands.CommitReservation(reservation.id), uow)
+        assert committed.status.value == "COMMITTED"
+        if db.dialect == "postgresql":  # through SQLAlchemy only the read: the write is one statement on asyncpg
+            assert through_engine == ["SELECT"]
+            async with db.engine.connect() as conn:
+                xmins = (await conn.execute(text(
+                    "SELECT xmin::text FROM reservations UNION ALL SELECT xmin::text FROM products "
+                    "UNION ALL SELECT xmin::text FROM outbox WHERE event_type LIKE '%ReservationCommitted'"
+                ))).scalars().all()
+            assert len(xmins) == 1 + 2 + 1 and len(set(xmins)) == 1
+        assert await _stock(db, ids) == [(3, 0), (5, 0)]
+        assert (await event_types(db_url, outbox))[-1] == "ReservationCommitted"
+        again = await handlers.commit_reservation(commands.CommitReservation(reservation.id), uow)
+        assert again == committed and await _stock(db, ids) == [(3, 0), (5, 0)]
+    finally:
+        await db.dispose()
+
+
+async def test_a_commit_that_lost_to_a_release_or_whose_stock_disagrees_writes_nothing(db_url):
+    from sqlalchemy import update
+
+    from tessera_inventory.adapters.repository import ReservationChanged
+    from tessera_inventory.service_layer import commands, handlers
+    from tessera_runtime.db import utcnow
+
+    db, uow = await _handlers_on(db_url)
+    try:
+        ids, reservation = await _reserved(uow, 5)
+        async with uow:
+            stale = await uow.reservations.get(reservation.id)
+        await handlers.release_reservation(commands.ReleaseReservation(reservation.id), uow)
+        events = await event_types(db_url, outbox)
+        now = utcnow()
+        stale.commit(now)
+        # The reservation left ACTIVE after it was read: its commit changes nothing and says so, at once or (where the
+        # write is one statement) at commit.
+        applied = raised = False
+        try:
+            async with uow.one_statement():
+                applied = await uow.reservations.commit_sold(stale, now)
+                uow.add_event("reservation", stale.id, events_pb2.ReservationCommitted())
+                if applied:
+                    await uow.commit()
+        except ReservationChanged:
+            raised = True
+        assert (applied, raised) == ((True, True) if db.dialect == "postgresql" else (False, False))
+        async with uow:
+            assert (await uow.reservations.get(reservation.id)).status.value == "RELEASED"
+        assert await _stock(db, ids) == [(5, 0)] and await event_types(db_url, outbox) == events
+        _, reason, _ = await failure_of(handlers.commit_reservation(commands.CommitReservation(reservation.id), uow))
+        assert reason == "RESERVATION_NOT_ACTIVE"
+
+        # Stock that disagrees with a reservation (fewer units held than it holds) refuses the whole write.
+        ids, reservation = await _reserved(uow, 5)
+        async with db.engine.begin() as conn:
+            await conn.execute(update(products).where(products.c.id == ids[0]).values(stock_reserved=1))
+        events = await event_types(db_url, outbox)
+        with pytest.raises(Exception, match=r"ck_products_stock|does not match its reservations"):
+            await handlers.commit_reservation(commands.CommitReservation(reservation.id), uow)
+        async with uow:
+            assert (await uow.reservations.get(reservation.id)).status.value == "ACTIVE"
+        assert await _stock(db, ids) == [(5, 1)] and await event_types(db_url, outbox) == events
+    finally:
+        await db.dispose()
+
+
+async def failure_of(call):
+    from tessera_runtime.errors import DomainError
+
+    with pytest.raises(DomainError) as err:
+        await call
+    return err.value, err.value.reason, None

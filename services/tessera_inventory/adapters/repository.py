@@ -14,7 +14,7 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,7 +27,7 @@ from tessera_inventory.domain.model import (
     ReservationItem,
     ReservationStatus,
 )
-from tessera_runtime.db import insert_row, keyset_page
+from tessera_runtime.db import insert_row, keyset_page, update_guarded
 
 
 class DuplicateSku(Exception):
@@ -36,6 +36,10 @@ class DuplicateSku(Exception):
 
 class DuplicateRequestId(Exception):
     """Another request with the same request_id committed first."""
+
+
+class ReservationChanged(Exception):
+    """Another change to the reservation came first: it is no longer in the status the write expected."""
 
 
 class DuplicateOrder(Exception):
@@ -115,6 +119,13 @@ class ReservationRepository(abc.ABC):
     @abc.abstractmethod
     async def save_status(self, reservation: Reservation, expected: ReservationStatus) -> bool:
         """Stores the reservation's new status if it still has `expected`; False when another change won."""
+
+    @abc.abstractmethod
+    async def commit_sold(self, reservation: Reservation, now: dt.datetime) -> bool:
+        """Stores `reservation`, just committed, if it is still ACTIVE, and takes its units out of the warehouse
+        (each product's on hand and reserved both decrease), in one write; False when another change came first.
+        In a one_statement() unit of work on PostgreSQL it returns True and its commit raises ReservationChanged
+        instead (the write and the reservation's events are then one statement, the events only if it applied)."""
 
     @abc.abstractmethod
     async def due(self, now: dt.datetime, limit: int) -> list[str]:
@@ -277,9 +288,47 @@ def _status_values(r: Reservation) -> dict[str, Any]:
             "release_time": r.release_time}
 
 
+def _build_commit_sold() -> tuple[Any, Any]:
+    """The reservation's UPDATE from ACTIVE to COMMITTED (the guard of tessera_runtime.db.update_guarded), then of its
+    products, through its items, only where the guard matched. A product whose reserved units fall short breaks the
+    products' check constraint, which fails the whole statement (SQLite's path checks each row instead)."""
+    r, items, p = reservations.c, reservation_items.c, products.c
+    committed = (update(reservations)
+                 .where(r.id == bindparam("b_id"), r.status == ReservationStatus.ACTIVE.value)
+                 .values(**{k: bindparam(f"r_{k}", type_=reservations.c[k].type)
+                            for k in ("status", "update_time", "commit_time", "release_time")})
+                 .returning(r.id).cte("committed"))
+    sold = (update(products)
+            .where(p.id == items.product_id, items.reservation_id == committed.c.id)
+            .values(stock_on_hand=p.stock_on_hand - items.quantity, stock_reserved=p.stock_reserved - items.quantity,
+                    version=p.version + 1, update_time=bindparam("b_now", type_=p.update_time.type))
+            .returning(p.id).cte("sold"))
+    return committed, sold
+
+
+_COMMITTED, _SOLD = _build_commit_sold()
+
+
 class SqlAlchemyReservationRepository(ReservationRepository):
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+
+    async def commit_sold(self, reservation: Reservation, now: dt.datetime) -> bool:
+        params = {"b_id": reservation.id, "b_now": now,
+                  **{f"r_{k}": v for k, v in _status_values(reservation).items()}}
+        try:
+            if await update_guarded(self.session, _COMMITTED, params, lambda: ReservationChanged(reservation.id),
+                                    _SOLD):
+                return True
+        except ReservationChanged:
+            return False
+        # SQLite has no data-modifying CTEs: the reservation, then each product.
+        if not await self.save_status(reservation, ReservationStatus.ACTIVE):
+            return False
+        sell = SqlAlchemyProductRepository(self.session).sell
+        for item in sorted(reservation.items, key=lambda i: i.product_id):
+            await sell(item.product_id, item.quantity, now)
+        return True
 
     async def add(self, reservation: Reservation) -> None:
         """A duplicate order_id fails the transaction, which the caller then abandons: no savepoint needed."""
@@ -468,6 +517,14 @@ class InMemoryReservationRepository(ReservationRepository):
         if stored is None or stored.status is not expected:
             return False
         self.state.reservations[reservation.id] = dataclasses.replace(reservation)
+        return True
+
+    async def commit_sold(self, reservation: Reservation, now: dt.datetime) -> bool:
+        if not await self.save_status(reservation, ReservationStatus.ACTIVE):
+            return False
+        sell = InMemoryProductRepository(self.state).sell
+        for item in sorted(reservation.items, key=lambda i: i.product_id):
+            await sell(item.product_id, item.quantity, now)
         return True
 
     async def due(self, now: dt.datetime, limit: int) -> list[str]:

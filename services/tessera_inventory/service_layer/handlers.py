@@ -22,6 +22,7 @@ from tessera_inventory.adapters.repository import (
     DuplicateRequestId,
     DuplicateSku,
     ProductRepository,
+    ReservationChanged,
     ReservationRepository,
 )
 from tessera_inventory.domain import model
@@ -62,6 +63,7 @@ class UnitOfWork(Protocol):
     async def __aexit__(self, *exc: object) -> None: ...
     def reading(self) -> UnitOfWork: ...
     def inserting(self) -> UnitOfWork: ...
+    def one_statement(self) -> UnitOfWork: ...
     def add_event(self, aggregate_type: str, aggregate_id: str, message) -> object: ...
     async def commit(self) -> None: ...
 
@@ -525,30 +527,34 @@ async def commit_reservation(cmd: commands.CommitReservation, uow: UnitOfWork) -
     _check_id(cmd.reservation_id, "id")
 
     async def attempt() -> Reservation | None:
-        async with uow:
+        # The write below is fenced by the status read here, so the read needs no transaction of its own.
+        async with uow.reading():
             r = await uow.reservations.get(cmd.reservation_id)
-            if r is None:
-                raise _reservation_not_found(cmd.reservation_id)
-            if r.status is ReservationStatus.COMMITTED:
-                return r
-            if r.status is ReservationStatus.EXPIRED:
-                raise _expired(r.id)
-            if r.status is not ReservationStatus.ACTIVE:
-                raise _not_active(r)
-            now = utcnow()
-            if r.is_due(now):
+        if r is None:
+            raise _reservation_not_found(cmd.reservation_id)
+        if r.status is ReservationStatus.COMMITTED:
+            return r
+        if r.status is ReservationStatus.EXPIRED:
+            raise _expired(r.id)
+        if r.status is not ReservationStatus.ACTIVE:
+            raise _not_active(r)
+        now = utcnow()
+        if r.is_due(now):
+            async with uow:
                 if not await _expire(uow, r, now):
                     return None
                 await _commit_expiry(uow)
-                raise _expired(r.id)
-            r.commit(now)
-            if not await uow.reservations.save_status(r, ReservationStatus.ACTIVE):
-                return None
-            for item in sorted(r.items, key=lambda i: i.product_id):
-                await uow.products.sell(item.product_id, item.quantity, now)
-            uow.add_event(RESERVATION, r.id, mapping.reservation_committed(r))
-            await uow.commit()
-            return r
+            raise _expired(r.id)
+        r.commit(now)
+        try:
+            async with uow.one_statement():  # on PostgreSQL the reservation, its products and its event at once
+                if not await uow.reservations.commit_sold(r, now):
+                    return None
+                uow.add_event(RESERVATION, r.id, mapping.reservation_committed(r))
+                await uow.commit()
+        except ReservationChanged:
+            return None  # another change came first: read again
+        return r
 
     return await _until_settled(attempt)
 
