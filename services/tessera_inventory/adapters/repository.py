@@ -288,6 +288,17 @@ def _status_values(r: Reservation) -> dict[str, Any]:
             "release_time": r.release_time}
 
 
+async def _commit_then_sell(reservations: ReservationRepository, stock: ProductRepository, reservation: Reservation,
+                            now: dt.datetime) -> bool:
+    """commit_sold a statement at a time, in the caller's transaction: the reservation if still ACTIVE, then each
+    product (sell refuses stock that disagrees with the reservation)."""
+    if not await reservations.save_status(reservation, ReservationStatus.ACTIVE):
+        return False
+    for item in sorted(reservation.items, key=lambda i: i.product_id):
+        await stock.sell(item.product_id, item.quantity, now)
+    return True
+
+
 def _build_commit_sold() -> tuple[Any, Any]:
     """The reservation's UPDATE from ACTIVE to COMMITTED (the guard of tessera_runtime.db.update_guarded), then of its
     products, through its items, only where the guard matched. A product whose reserved units fall short breaks the
@@ -322,13 +333,8 @@ class SqlAlchemyReservationRepository(ReservationRepository):
                 return True
         except ReservationChanged:
             return False
-        # SQLite has no data-modifying CTEs: the reservation, then each product.
-        if not await self.save_status(reservation, ReservationStatus.ACTIVE):
-            return False
-        sell = SqlAlchemyProductRepository(self.session).sell
-        for item in sorted(reservation.items, key=lambda i: i.product_id):
-            await sell(item.product_id, item.quantity, now)
-        return True
+        # SQLite has no data-modifying CTEs.
+        return await _commit_then_sell(self, SqlAlchemyProductRepository(self.session), reservation, now)
 
     async def add(self, reservation: Reservation) -> None:
         """A duplicate order_id fails the transaction, which the caller then abandons: no savepoint needed."""
@@ -520,12 +526,7 @@ class InMemoryReservationRepository(ReservationRepository):
         return True
 
     async def commit_sold(self, reservation: Reservation, now: dt.datetime) -> bool:
-        if not await self.save_status(reservation, ReservationStatus.ACTIVE):
-            return False
-        sell = InMemoryProductRepository(self.state).sell
-        for item in sorted(reservation.items, key=lambda i: i.product_id):
-            await sell(item.product_id, item.quantity, now)
-        return True
+        return await _commit_then_sell(self, InMemoryProductRepository(self.state), reservation, now)
 
     async def due(self, now: dt.datetime, limit: int) -> list[str]:
         due = sorted((r for r in self.state.reservations.values() if r.is_due(now)),
