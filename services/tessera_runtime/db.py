@@ -66,7 +66,7 @@ def direct_pool_size(pool_size: int) -> int:
     return max(1, pool_size // 2)
 
 
-# The outbox relay's own connection (see _DirectPool.connection).
+# The outbox relay's own connection (see _DirectPool.relay_connection).
 RELAY_CONNECTIONS = 1
 
 
@@ -212,11 +212,11 @@ class Database:
         return True
 
     def relay_connection(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
-        """On PostgreSQL, the outbox relay's connection (see _DirectPool.connection): its pass runs its statements
+        """On PostgreSQL, the outbox relay's connection (see _DirectPool.relay_connection): its pass runs its statements
         and its transaction straight on asyncpg, without SQLAlchemy's per-statement cost. Not on SQLite."""
         if self._direct is None:
             raise RuntimeError("the relay's connection is PostgreSQL's")
-        return self._direct.connection()
+        return self._direct.relay_connection()
 
     def direct_plan(self, statement: Any, kind: str) -> _Plan:
         """`statement` compiled once for a direct connection: its positional `sql`, `arguments(params)` (values by
@@ -376,7 +376,11 @@ class _InsertPlan:
     against the others PostgreSQL leaves open. Each row's values are bound under its own prefix.
 
     A column left out of a row gets its scalar default, as SQLAlchemy's insert would give it; a column with a
-    Python-callable default must be given (the plan refuses to be built otherwise, a mistake of the code)."""
+    Python-callable default must be given (the plan refuses to be built otherwise, a mistake of the code).
+
+    With a guard (update_guarded), the statement is `SELECT count(*) FROM` the guard, with the guard's CTEs and each
+    group as `INSERT ... SELECT` from its VALUES `WHERE EXISTS` a guard row, in the rows' order: nothing is inserted
+    when the guard matched no row, and the count says whether it did."""
 
     def __init__(self, shape: tuple[tuple[Table, tuple[str, ...], int], ...], engine: AsyncEngine,
                  guard: _Guard | None = None) -> None:
@@ -434,7 +438,8 @@ class _DirectPool:
     round trip per statement), since each statement it runs is a single one in autocommit, which leaves no session
     state behind. Its connections decode json and jsonb as the engine's do.
 
-    `ready` is the open pool (None until the first statement): callers await pool() only to open it."""
+    `ready` is the open pool (None until the first statement): callers await pool() only to open it. `relay` is the
+    outbox relay's pool of one connection, apart (see relay_connection)."""
 
     def __init__(self, engine: AsyncEngine, size: int) -> None:
         self.engine = engine
@@ -478,7 +483,7 @@ class _DirectPool:
 
     async def run(self, plan: _Plan, arguments: list[Any], method: str) -> Any:
         """Runs one statement on a pooled connection, with its database CLIENT span; `method` is the asyncpg
-        connection's (fetchrow, execute)."""
+        connection's (fetchrow, fetchval, execute)."""
         with _tracer.start_as_current_span(plan.span_name, kind=trace.SpanKind.CLIENT,
                                            attributes=plan.span_attributes):
             pool = self.ready or await self.pool()
@@ -493,7 +498,7 @@ class _DirectPool:
                     raise
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def relay_connection(self) -> AsyncIterator[asyncpg.Connection]:
         """The relay's connection, for the outbox relay's pass: a few statements in a transaction it opens and ends
         itself, held while the broker confirms. It is a pool of its own, apart from the direct statements', so that
         a broker slow to confirm never keeps a read waiting for a connection. It goes back as it is, like run()'s,
@@ -504,12 +509,15 @@ class _DirectPool:
             try:
                 yield connection
             except BaseException as exc:
-                if not _statement_error(exc) or connection.is_in_transaction():
+                # An error of the caller's own (a broker that did not confirm), raised once its transaction ended,
+                # leaves the connection fit; a cancellation may have cut a statement half way.
+                if (not isinstance(exc, Exception) or database_unavailable(exc)
+                        or isinstance(exc, asyncpg.InterfaceError) or connection.is_in_transaction()):
                     connection.terminate()
                 raise
             if connection.is_in_transaction():
                 connection.terminate()
-                raise RuntimeError("a direct connection was handed back with its transaction open")
+                raise RuntimeError("the relay's connection was handed back with its transaction open")
 
     async def close(self) -> None:
         """Closes the pools (as the engine's dispose(), a later statement opens a new one)."""
@@ -676,12 +684,14 @@ def _groups(rows: list[_Staged]) -> list[list[_Staged]]:
 async def insert_staged(session: AsyncSession, extra: list[tuple[Table, Mapping[str, Any]]]) -> bool:
     """Writes the rows `session` staged, then `extra` (the outbox events), as one atomic change.
 
-    On PostgreSQL, when nothing else ran on the session, they go as one statement of data-modifying CTEs on the
-    direct pool, in autocommit: one round trip, where a transaction takes BEGIN, an INSERT per row and COMMIT, each
-    through the greenlet bridge. Returns True then: the change is committed. Otherwise (SQLite, or a block that also
-    read through its session) the rows are inserted in the session's transaction and it returns False: the caller
-    commits. A clash raises as insert_row says. A call cancelled while the statement runs ends its connection (see
-    _DirectPool.run): the rows are then all written or none, as with any commit its caller stopped waiting for."""
+    On PostgreSQL, when nothing else ran on the session, they go as one statement of data-modifying CTEs on the direct
+    pool, in autocommit: one round trip, where a transaction takes BEGIN, an INSERT per row and COMMIT, each through
+    the greenlet bridge. Returns True then: the change is committed. Otherwise (SQLite, or a block that also read
+    through its session) the rows are inserted in the session's transaction and it returns False: the caller
+    commits. A clash raises as insert_row says. A staged guarded update (update_guarded) goes first, the rows only
+    if it matched, in the one statement or in the transaction, and its `missed()` is raised when it did not. A call
+    cancelled while the statement runs ends its connection (see _DirectPool.run): the rows are then all written or
+    none, as with any commit its caller stopped waiting for."""
     staged: list[_Staged] = session.info.pop(_STAGED, None) or []
     guard: _Guard | None = session.info.pop(_GUARD, None)
     rows = [*staged, *(_Staged(table, row, None) for table, row in extra)]

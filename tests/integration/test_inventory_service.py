@@ -441,7 +441,7 @@ async def test_a_commit_that_lost_to_a_release_or_whose_stock_disagrees_writes_n
         async with uow:
             assert (await uow.reservations.get(reservation.id)).status.value == "RELEASED"
         assert await _stock(db, ids) == [(5, 0)] and await event_types(db_url, outbox) == events
-        _, reason, _ = await failure_of(handlers.commit_reservation(commands.CommitReservation(reservation.id), uow))
+        _, reason = await failure_of(handlers.commit_reservation(commands.CommitReservation(reservation.id), uow))
         assert reason == "RESERVATION_NOT_ACTIVE"
 
         # Stock that disagrees with a reservation (fewer units held than it holds) refuses the whole write.
@@ -463,4 +463,43 @@ async def failure_of(call):
 
     with pytest.raises(DomainError) as err:
         await call
-    return err.value, err.value.reason, None
+    return err.value, err.value.reason
+
+
+async def test_a_commit_locks_its_products_in_product_id_order(pg_database):
+    """As every change to several products does, so that a commit and a reservation of the same products (each
+    locking in id order) never deadlock, whatever order the reservation lists its items in."""
+    import asyncpg
+
+    from tessera_inventory.domain.model import Money, ReservationItem
+    from tessera_inventory.service_layer import commands, handlers
+
+    _, url = pg_database
+    db, uow = await _handlers_on(url)
+    blocker = probe = None
+    try:
+        ids = sorted([(await handlers.create_product(commands.CreateProduct(
+            sku=f"SKU-{uuid.uuid4().hex[:8]}", name="Lamp", description="", price=Money("EUR", 1999), stock_on_hand=5,
+            request_id=uuid.uuid4().hex), uow)).id for _ in range(2)])
+        low, high = ids
+        reservation = await handlers.reserve_stock(commands.ReserveStock(order_id=str(uuid.uuid4()), items=(
+            ReservationItem(product_id=high, quantity=2), ReservationItem(product_id=low, quantity=1))), uow)
+        dsn = url.replace("postgresql+asyncpg://", "postgresql://")
+        blocker, probe = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", high)
+        commit = asyncio.ensure_future(handlers.commit_reservation(commands.CommitReservation(reservation.id), uow))
+        await asyncio.sleep(0.5)
+        assert not commit.done()  # it waits for the higher id ...
+        with pytest.raises(asyncpg.exceptions.LockNotAvailableError):  # ... holding the lower one already
+            await probe.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE NOWAIT", low)
+        await holding.rollback()
+        committed = await asyncio.wait_for(commit, 10)
+        assert committed.status.value == "COMMITTED"
+        assert await _stock(db, [low, high]) == [(4, 0), (3, 0)]
+    finally:
+        for conn in (blocker, probe):
+            if conn is not None:
+                await conn.close()
+        await db.dispose()

@@ -311,6 +311,12 @@ async def test_a_one_statement_save_after_a_read_in_the_same_block_is_one_transa
     async with OrderUnitOfWork(db) as uow:
         assert await uow.orders.get(order.id) == fresh
     assert (await outbox_events(db))[-1] == (order.id, "tessera.order.v1.OrderConfirmed")
+    if db.dialect == "postgresql":
+        async with db.engine.connect() as conn:
+            xmins = (await conn.execute(text(
+                "SELECT xmin::text FROM orders UNION ALL SELECT xmin::text FROM outbox "
+                "WHERE event_type = 'tessera.order.v1.OrderConfirmed'"))).scalars().all()
+        assert len(xmins) == 2 and len(set(xmins)) == 1
     fresh.cancel_reason = "stale"
     with pytest.raises(LeaseLost):
         async with OrderUnitOfWork(db).one_statement() as uow:

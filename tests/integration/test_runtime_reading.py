@@ -326,6 +326,13 @@ async def test_the_relays_connection_keeps_its_session_after_a_statement_error_i
             assert await conn.fetchval("SELECT pg_backend_pid()") == before
             assert not conn.is_in_transaction()
             assert await conn.fetchval("SELECT to_regclass('pg_temp.scratch')") is None
+        # So does an error of the caller's own once its transaction ended (the broker did not confirm a batch).
+        with pytest.raises(LookupError):
+            async with database.relay_connection() as conn, conn.transaction():
+                await conn.fetchval("SELECT 1")
+                raise LookupError("not confirmed")
+        async with database.relay_connection() as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") == before
     finally:
         await database.dispose()
 

@@ -309,9 +309,15 @@ def _build_commit_sold() -> tuple[Any, Any]:
                  .values(**{k: bindparam(f"r_{k}", type_=reservations.c[k].type)
                             for k in ("status", "update_time", "commit_time", "release_time")})
                  .returning(r.id).cte("committed"))
+    # Its products are locked in product id order first, as every transaction that changes several products does
+    # (see the handlers), so that a commit and a reservation of the same products never deadlock.
+    locked = (select(p.id, items.quantity).join(reservation_items, items.product_id == p.id)
+              .where(items.reservation_id.in_(select(committed.c.id)))
+              .order_by(p.id).with_for_update(of=products).cte("locked"))
     sold = (update(products)
-            .where(p.id == items.product_id, items.reservation_id == committed.c.id)
-            .values(stock_on_hand=p.stock_on_hand - items.quantity, stock_reserved=p.stock_reserved - items.quantity,
+            .where(p.id == locked.c.id)
+            .values(stock_on_hand=p.stock_on_hand - locked.c.quantity,
+                    stock_reserved=p.stock_reserved - locked.c.quantity,
                     version=p.version + 1, update_time=bindparam("b_now", type_=p.update_time.type))
             .returning(p.id).cte("sold"))
     return committed, sold

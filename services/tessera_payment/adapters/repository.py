@@ -51,7 +51,8 @@ class PaymentRepository(abc.ABC):
 
     @abc.abstractmethod
     async def save(self, payment: Payment, expected_version: int) -> bool:
-        """Stores the payment if its stored version is still `expected_version`; False when another change won."""
+        """Stores the payment if its stored version is still `expected_version`; False when another change won (in
+        a one_statement() unit of work on PostgreSQL: True, and its commit raises StalePayment)."""
 
     @abc.abstractmethod
     async def list_before(self, key: Key | None, limit: int, where: PaymentFilter) -> list[Payment]:

@@ -337,7 +337,7 @@ async def _settle(uow: UnitOfWork, payment: Payment, outcome: Charged | Declined
             uow.add_event(AGGREGATE, payment.id, _event(payment, timed_out))
             await uow.commit()
     except StalePayment:
-        async with uow:
+        async with uow.reading():
             current = await uow.payments.get(payment.id)
         assert current is not None
         return _outcome(current)

@@ -22,13 +22,13 @@ Design. Each service process runs one relay next to its gRPC server:
   marking publishes those rows again: delivery is at least once and consumers dedupe by event id (message_id).
 - Order: rows go out in `seq` order on one channel, which RabbitMQ keeps per queue. A pass publishes on the
   channel that was open when it started and on no other (`PublishStream`): a batch never goes out on a new
-  connection ahead of an earlier one that was lost with the old. On PostgreSQL each pass holds a
-  transaction-scoped advisory lock, on the connection it reads with, for as long as it has batches in flight, so
-  that of several replicas only one publishes at a time and a later batch never overtakes an earlier one; its
-  marks are committed batch by batch on a second connection. SQLite is the embedded single-host mode: the pass
-  reads and marks in short transactions and never holds SQLite's write lock while it waits for the broker; of
-  several processes on one SQLite file (TESSERA_WORKERS) only the one holding an exclusive lock on the file
-  "<database>.relay-lock" publishes, and another takes over when it exits.
+  connection ahead of an earlier one that was lost with the old. On PostgreSQL each pass holds a transaction-scoped
+  advisory lock, on the connection it reads with, for as long as it has batches in flight, so that of several
+  replicas only one publishes at a time and a later batch never overtakes an earlier one; its marks are committed
+  batch by batch on a second connection, the last batch's in the lock's transaction. SQLite is the embedded
+  single-host mode: the pass reads and marks in short transactions and never holds SQLite's write lock while it
+  waits for the broker; of several processes on one SQLite file (TESSERA_WORKERS) only the one holding an exclusive
+  lock on the file "<database>.relay-lock" publishes, and another takes over when it exits.
 - A pass reads forward from the last row it read, so rows committed out of `seq` order (a transaction that
   commits after a later one) are picked up by the next pass, which starts again from the oldest unpublished row;
   a pass ends when it has caught up or after _PASS_BATCHES batches.
@@ -514,7 +514,7 @@ class OutboxRelay:
                     continue
                 if self.caught_up:
                     # Nothing to count: the pass saw the outbox empty after its last batch. A busy service's relay,
-                    # which catches up on every pass, thus reads the outbox twice per pass, not three times.
+                    # which catches up on every pass, thus makes no count query after each one.
                     self._set_stats(0, None, time.monotonic())
                 else:
                     await self._refresh_stats(force=drained_some)
@@ -604,7 +604,7 @@ class OutboxRelay:
         if self._postgres:
             # The lock's transaction runs on the relay's own connection, its few statements straight on asyncpg:
             # a pass of one small batch (a quiet service publishes each commit's events on a pass of their own) is
-            # BEGIN, the lock, the read, the mark and COMMIT, and through SQLAlchemy those cost several times the CPU.
+            # BEGIN, the lock, the read, the mark and COMMIT, and through SQLAlchemy those cost more than twice the CPU.
             assert self._sql is not None
             async with self.db.relay_connection() as conn, conn.transaction():
                 if not await conn.fetchval(self._sql.lock.sql, *self._sql.lock.arguments({"key": self.lock_key})):
@@ -695,7 +695,8 @@ class OutboxRelay:
                     item.abandon()
         if gap is None:
             # Every unpublished row the pass could see was published and marked: the backlog was empty as of its
-            # last read (rows committed since then woke the relay for the next pass).
+            # last read (rows this process committed since then woke the relay for the next pass; other processes'
+            # rows wait for the next poll, and the next count shows them).
             self.caught_up = caught_up and not self._stopping
             return marked
         metrics.OUTBOX_PUBLISH_FAILURES.labels(self.service).inc()
