@@ -625,10 +625,11 @@ class _Guard:
     others: tuple[Any, ...]  # the CTEs that go with it: those it reads, and those (unreferenced) that follow from it
     params: Mapping[str, Any]
     missed: Callable[[], Exception]
+    translate: Translate | None = None
 
 
 async def update_guarded(session: AsyncSession, guard: Any, params: Mapping[str, Any],
-                         missed: Callable[[], Exception], *others: Any) -> bool:
+                         missed: Callable[[], Exception], *others: Any, translate: Translate | None = None) -> bool:
     """Writes a change that holds only if its guard matches, the way a repository saves an aggregate fenced by its
     version or a lease: `guard` is an UPDATE ... RETURNING made a CTE (built once, at import, with `bindparam`s named
     in `params`), `others` the data-modifying CTEs that go with it (those it selects from, and those that select
@@ -639,10 +640,11 @@ async def update_guarded(session: AsyncSession, guard: Any, params: Mapping[str,
     new rows and outbox events as one statement, those rows and events only if the guard matched (INSERT ... SELECT
     ... WHERE EXISTS), and raises `missed()` there; the block's save is then one round trip instead of BEGIN, its
     statements and COMMIT. Anywhere else on PostgreSQL it runs at once, in the session's transaction. Returns False
-    on SQLite, which has no data-modifying CTEs: the repository then writes its own way."""
+    on SQLite, which has no data-modifying CTEs: the repository then writes its own way. A constraint the write
+    breaks goes through `translate`, as insert_row's clashes do."""
     if session.info.get(_DIRECT) is None:
         return False
-    item = _Guard(guard, others, dict(params), missed)
+    item = _Guard(guard, others, dict(params), missed, translate)
     if session.info.get(_STAGED) is not None:
         if session.info.get(_GUARD) is not None:
             raise RuntimeError("a unit of work stages at most one guarded update")
@@ -654,7 +656,11 @@ async def update_guarded(session: AsyncSession, guard: Any, params: Mapping[str,
 
 async def _guard_in_session(session: AsyncSession, guard: _Guard) -> None:
     statement = select(func.count()).select_from(guard.cte).add_cte(*guard.others)
-    if not (await session.execute(statement, dict(guard.params))).scalar_one():
+    try:
+        matched = (await session.execute(statement, dict(guard.params))).scalar_one()
+    except IntegrityError as exc:
+        _raise_translated(exc, (guard.translate,))
+    if not matched:
         raise guard.missed()
 
 
@@ -697,7 +703,7 @@ async def insert_staged(session: AsyncSession, extra: list[tuple[Table, Mapping[
     rows = [*staged, *(_Staged(table, row, None) for table, row in extra)]
     if not rows and guard is None:
         return False
-    translators = [item.translate for item in staged]
+    translators = [item.translate for item in staged] + ([guard.translate] if guard is not None else [])
     groups = _groups(rows)
     direct: _DirectPool | None = session.info.get(_DIRECT)
     if direct is None or session.in_transaction():

@@ -301,7 +301,9 @@ class SqlAlchemyOrderRepository(OrderRepository):
         return await self._load(list((await self.session.execute(query)).all()))
 
     async def save(self, order: Order, lease: Lease, *, release: bool = False) -> None:
-        """See OrderRepository.save. In a one_statement() unit of work LeaseLost is raised by its commit."""
+        """See OrderRepository.save. In a one_statement() unit of work LeaseLost is raised by its commit, and the
+        order is noted as saved (its version advanced) when the save is staged: a caller whose commit fails drops
+        it, as the saga does, and reads the order again."""
         steps = _step_rows(order, changed_only=True)
         guard, others = _SAVE[release]
         params = {"b_order_id": order.id, "b_lease_owner": lease.owner, "b_lease_expires_at": lease.expires_at,

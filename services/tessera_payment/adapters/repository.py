@@ -67,10 +67,10 @@ _MUTABLE = ("status", "decline_code", "failure_message", "refunded_amount_minor"
             "refund_reason", "refund_time", "refund_reference", "lease_expire_time", "update_time", "version")
 
 
-# A save on PostgreSQL: the version-fenced UPDATE, built once, as the guard of tessera_runtime.db.update_guarded.
-_SAVE = (update(payments).where(payments.c.id == bindparam("b_id"), payments.c.version == bindparam("b_expected"))
-         .values(**{name: bindparam(f"p_{name}", type_=payments.c[name].type) for name in _MUTABLE})
-         .returning(payments.c.id).cte("saved"))
+# A save: the version-fenced UPDATE, built once; on PostgreSQL it is the guard of tessera_runtime.db.update_guarded.
+_UPDATE = (update(payments).where(payments.c.id == bindparam("b_id"), payments.c.version == bindparam("b_expected"))
+           .values(**{name: bindparam(f"p_{name}", type_=payments.c[name].type) for name in _MUTABLE}))
+_SAVE = _UPDATE.returning(payments.c.id).cte("saved")
 
 
 def _row(p: Payment) -> dict[str, Any]:
@@ -126,10 +126,7 @@ class SqlAlchemyPaymentRepository(PaymentRepository):
                 return True
         except StalePayment:
             return False
-        result = await self.session.execute(
-            update(payments).where(payments.c.id == payment.id, payments.c.version == expected_version)
-            .values(**values))
-        return result.rowcount == 1
+        return (await self.session.execute(_UPDATE, params)).rowcount == 1
 
     async def list_before(self, key: Key | None, limit: int, where: PaymentFilter) -> list[Payment]:
         c = payments.c

@@ -369,6 +369,15 @@ class _InFlight:
             telemetry.finish_publish_span(span, "the relay pass ended before the broker confirmed")
 
 
+def _fetch_statement(table: Table) -> Any:
+    """A batch: up to `size` unpublished rows after seq `after` (0: from the oldest), in seq order."""
+    c = table.c
+    return (select(c.seq, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type, c.payload, c.headers,
+                   c.created_at)
+            .where(c.published_at.is_(None), c.seq > bindparam("after", type_=BigInteger))
+            .order_by(c.seq).limit(bindparam("size", type_=Integer)))
+
+
 def _stats_statement(table: Table) -> Any:
     c = table.c
     return select(func.count().label("backlog"), func.min(c.created_at).label("oldest")).where(
@@ -383,11 +392,7 @@ class _DirectStatements:
         seqs = bindparam("seqs", type_=ARRAY(BigInteger))
         self.lock = db.direct_plan(select(func.pg_try_advisory_xact_lock(bindparam("key", type_=BigInteger))),
                                    "SELECT")
-        self.fetch = db.direct_plan(
-            select(c.seq, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type, c.payload, c.headers,
-                   c.created_at)
-            .where(c.published_at.is_(None), c.seq > bindparam("after", type_=BigInteger))
-            .order_by(c.seq).limit(bindparam("size", type_=Integer)), "SELECT")
+        self.fetch = db.direct_plan(_fetch_statement(table), "SELECT")
         self.mark = db.direct_plan(update(table).where(c.seq == any_(seqs)).values(
             published_at=bindparam("now", type_=c.published_at.type), attempts=c.attempts + 1), "UPDATE")
         self.count = db.direct_plan(update(table).where(c.seq == any_(seqs)).values(attempts=c.attempts + 1),
@@ -417,6 +422,7 @@ class OutboxRelay:
         self._unrouted_types: set[str] = set()
         self._postgres = db.dialect == "postgresql"
         self._sql = _DirectStatements(db, table) if self._postgres else None
+        self._fetch_query = _fetch_statement(table)
         # The last pass published every row it could see and had them all confirmed (see _pass).
         self.caught_up = False
         self._lock_path = _sqlite_lock_path(db)
@@ -752,13 +758,8 @@ class OutboxRelay:
             metrics.OUTBOX_PUBLISHED.labels(self.service, event_type).inc(count)
 
     async def _fetch(self, conn: AsyncConnection, after: int | None) -> list[Any]:
-        c = self.table.c
-        query = (select(c.seq, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type, c.payload, c.headers,
-                        c.created_at)
-                 .where(c.published_at.is_(None)).order_by(c.seq).limit(self.settings.outbox_batch_size))
-        if after is not None:
-            query = query.where(c.seq > after)
-        return [row._mapping for row in (await conn.execute(query)).all()]
+        rows = await conn.execute(self._fetch_query, {"after": after or 0, "size": self.settings.outbox_batch_size})
+        return [row._mapping for row in rows.all()]
 
     async def _fetch_direct(self, conn: asyncpg.Connection, after: int | None) -> list[Any]:
         sql = self._sql
