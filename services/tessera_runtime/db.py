@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import socket
 import sqlite3
@@ -613,10 +614,23 @@ async def insert_rows(session: AsyncSession, table: Table, rows: list[Mapping[st
     if staged is not None:
         staged.extend(_Staged(table, row, translate) for row in rows)
         return
+    await _insert_now(session, table, rows, (translate,))
+
+
+@functools.cache
+def _insert_into(table: Table) -> Any:
+    """The table's INSERT, built once: values go in as parameters, so SQLAlchemy finds its compiled form in its cache
+    without building and hashing a new statement per call."""
+    return insert(table)
+
+
+async def _insert_now(session: AsyncSession, table: Table, rows: list[Mapping[str, Any]],
+                      translators: Iterable[Translate | None]) -> None:
+    """Inserts `rows` in the session's transaction, one INSERT of many rows; a clash as insert_row says."""
     try:
-        await session.execute(insert(table), [dict(row) for row in rows] if len(rows) > 1 else dict(rows[0]))
+        await session.execute(_insert_into(table), [dict(row) for row in rows] if len(rows) > 1 else dict(rows[0]))
     except IntegrityError as exc:
-        _raise_translated(exc, (translate,))
+        _raise_translated(exc, translators)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -710,11 +724,7 @@ async def insert_staged(session: AsyncSession, extra: list[tuple[Table, Mapping[
         if guard is not None:
             await _guard_in_session(session, guard)
         for group in groups:
-            try:
-                await session.execute(insert(group[0].table),
-                                      [dict(item.row) for item in group] if len(group) > 1 else dict(group[0].row))
-            except IntegrityError as exc:
-                _raise_translated(exc, translators)
+            await _insert_now(session, group[0].table, [item.row for item in group], translators)
         return False
     shape = tuple((group[0].table, tuple(group[0].row), len(group)) for group in groups)
     key = (shape, None if guard is None else guard.cte)
