@@ -67,7 +67,7 @@ import asyncpg
 from opentelemetry.trace import Span
 from pika.channel import Channel
 from pika.spec import Basic
-from sqlalchemy import BigInteger, ColumnElement, Integer, Table, any_, bindparam, delete, func, select, update
+from sqlalchemy import BigInteger, Integer, Table, any_, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -384,19 +384,41 @@ def _stats_statement(table: Table) -> Any:
         c.published_at.is_(None))
 
 
+def _mark_statements(table: Table, postgres: bool) -> dict[str, Any]:
+    """The batch's marks (see _marks): `mark` the confirmed rows published, `count` an attempt on the others."""
+    c = table.c
+    if postgres:
+        # One array parameter, so a batch's UPDATE is one prepared statement whatever its length, rather than an IN
+        # list of hundreds of parameters rendered anew for every batch.
+        chosen = c.seq == any_(bindparam("seqs", type_=ARRAY(BigInteger)))
+    else:
+        chosen = c.seq.in_(bindparam("seqs", expanding=True))
+    return {"mark": update(table).where(chosen).values(published_at=bindparam("now", type_=c.published_at.type),
+                                                       attempts=c.attempts + 1),
+            "count": update(table).where(chosen).values(attempts=c.attempts + 1)}
+
+
+def _marks(rows: list[Any], confirmed: int) -> list[tuple[str, dict[str, Any]]]:
+    """The mark statements of a batch whose first `confirmed` rows the broker confirmed, with their parameters: the
+    confirmed rows are marked published; the others are counted, not marked, and published again next pass."""
+    marks: list[tuple[str, dict[str, Any]]] = []
+    if confirmed:
+        marks.append(("mark", {"now": utcnow(), "seqs": [r["seq"] for r in rows[:confirmed]]}))
+    if confirmed < len(rows):
+        marks.append(("count", {"seqs": [r["seq"] for r in rows[confirmed:]]}))
+    return marks
+
+
 class _DirectStatements:
     """The statements of a PostgreSQL pass, compiled once for asyncpg (Database.direct_plan)."""
 
     def __init__(self, db: Database, table: Table) -> None:
-        c = table.c
-        seqs = bindparam("seqs", type_=ARRAY(BigInteger))
+        marks = _mark_statements(table, postgres=True)
         self.lock = db.direct_plan(select(func.pg_try_advisory_xact_lock(bindparam("key", type_=BigInteger))),
                                    "SELECT")
         self.fetch = db.direct_plan(_fetch_statement(table), "SELECT")
-        self.mark = db.direct_plan(update(table).where(c.seq == any_(seqs)).values(
-            published_at=bindparam("now", type_=c.published_at.type), attempts=c.attempts + 1), "UPDATE")
-        self.count = db.direct_plan(update(table).where(c.seq == any_(seqs)).values(attempts=c.attempts + 1),
-                                    "UPDATE")
+        self.mark = db.direct_plan(marks["mark"], "UPDATE")
+        self.count = db.direct_plan(marks["count"], "UPDATE")
         self.stats = db.direct_plan(_stats_statement(table), "SELECT")
 
 
@@ -423,6 +445,7 @@ class OutboxRelay:
         self._postgres = db.dialect == "postgresql"
         self._sql = _DirectStatements(db, table) if self._postgres else None
         self._fetch_query = _fetch_statement(table)
+        self._mark_statements = _mark_statements(table, self._postgres)
         # The last pass published every row it could see and had them all confirmed (see _pass).
         self.caught_up = False
         self._lock_path = _sqlite_lock_path(db)
@@ -771,34 +794,18 @@ class OutboxRelay:
         """_mark's statements on a direct connection."""
         sql = self._sql
         assert sql is not None
-        if confirmed:
-            await conn.execute(sql.mark.sql, *sql.mark.arguments(
-                {"now": utcnow(), "seqs": [r["seq"] for r in rows[:confirmed]]}))
-        if confirmed < len(rows):
-            await conn.execute(sql.count.sql, *sql.count.arguments({"seqs": [r["seq"] for r in rows[confirmed:]]}))
+        for name, params in _marks(rows, confirmed):
+            plan = getattr(sql, name)
+            await conn.execute(plan.sql, *plan.arguments(params))
 
     async def _fetch_apart(self, after: int | None) -> list[Any]:
         async with self.db.engine.begin() as conn:
             return await self._fetch(conn, after)
 
-    def _seq_in(self, rows: Sequence[Any]) -> ColumnElement[bool]:
-        seqs = [r["seq"] for r in rows]
-        if self._postgres:
-            # PostgreSQL: one array parameter, so a batch's UPDATE is one prepared statement whatever its length,
-            # rather than an IN list of hundreds of parameters rendered anew for every batch.
-            return self.table.c.seq == any_(bindparam("seqs", seqs, type_=ARRAY(BigInteger)))
-        return self.table.c.seq.in_(seqs)
-
     async def _mark(self, conn: AsyncConnection, rows: list[Any], confirmed: int) -> None:
         """One UPDATE for the confirmed rows of a batch, and one for the rest (if any)."""
-        c = self.table.c
-        if confirmed:
-            await conn.execute(update(self.table).where(self._seq_in(rows[:confirmed]))
-                               .values(published_at=utcnow(), attempts=c.attempts + 1))
-        if confirmed < len(rows):
-            # Counted, not marked: the rows are published again on the next pass.
-            await conn.execute(update(self.table).where(self._seq_in(rows[confirmed:]))
-                               .values(attempts=c.attempts + 1))
+        for name, params in _marks(rows, confirmed):
+            await conn.execute(self._mark_statements[name], params)
 
     async def _mark_in_transaction(self, conn: AsyncConnection, rows: list[Any], confirmed: int) -> None:
         # A transaction, not autocommit: a relay killed while its UPDATE waits (for a row lock, say) never commits
