@@ -86,7 +86,7 @@ class BenchGateway:
         self._dead.close()
 
 
-def _check_rest(port: int, path: str, token: str, user_id: str) -> None:
+def check_rest(port: int, path: str, token: str, user_id: str) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request("GET", path, headers={"authorization": f"Bearer {token}"})
@@ -121,7 +121,7 @@ def _measure(run: Run, result: ScenarioResult, user: Any, user_id: str, gateway:
     # A customer reading their own account: the token's subject is the user, with the user:read scope.
     token = gateway.mint(user_id, ["user:read"])
     path = f"/v1/users/{user_id}"
-    _check_rest(gateway.port, path, token, user_id)
+    check_rest(gateway.port, path, token, user_id)
     auth = f"authorization: Bearer {token}"
     rest_url = f"http://127.0.0.1:{gateway.port}{path}"
     envoy = psutil.Process(gateway.pid)
