@@ -53,6 +53,8 @@ class Segment:
     cpu_s: dict[str, float]
     rss_mb: dict[str, float]
     rpc_codes: dict[str, int] | None = None  # gRPC outcomes the server counted, when it exposes them
+    # Seconds the CPU was metered over: the load's warm-up and its measured stretch (load.seconds is the latter).
+    wall_s: float = 0.0
 
 
 @dataclasses.dataclass
@@ -236,7 +238,7 @@ class Run:
                 if before is not None and after is not None:
                     codes = {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
                 segments.append(Segment(side.role, side.name, round_, result, meter.cpu_s, meter.rss_peak_mb,
-                                        codes))
+                                        codes, meter.wall_s))
         return segments
 
     def warm(self, sides: Sequence[Side]) -> None:

@@ -39,6 +39,7 @@ class Meter:
         self.refresh = refresh
         self.cpu_s: dict[str, float] = {}
         self.rss_peak_mb: dict[str, float] = {}
+        self.wall_s = 0.0  # from enter to exit: the time the CPU seconds were counted over
         self._tracked: dict[tuple[str, int], psutil.Process] = {}
         self._start: dict[tuple[str, int], float] = {}
         self._last: dict[tuple[str, int], float] = {}
@@ -81,6 +82,7 @@ class Meter:
 
     def __enter__(self) -> Meter:
         self._began = time.time()
+        self._entered = time.monotonic()
         self._discover(at_start=True)
         self._thread.start()
         return self
@@ -90,5 +92,6 @@ class Meter:
         self._stop.set()
         self._thread.join()
         self._read()
+        self.wall_s = time.monotonic() - self._entered
         for key, start in self._start.items():
             self.cpu_s[key[0]] = self.cpu_s.get(key[0], 0.0) + self._last[key] - start

@@ -134,7 +134,8 @@ def relay_vs_pika(run: Run) -> ScenarioResult:
             out, cpu, rss = run_measured(argv, timeout=DRAIN_TIMEOUT_SECONDS)
         data = json.loads(out.strip().splitlines()[-1])
         load = LoadResult("pika", data["messages"], data["nacked"], data["seconds"], math.nan, math.nan, cpu, rss)
-        return Segment("baseline", "pika", round_, load, {**meter.cpu_s, "pika": cpu}, meter.rss_peak_mb)
+        return Segment("baseline", "pika", round_, load, {**meter.cpu_s, "pika": cpu}, meter.rss_peak_mb,
+                       wall_s=meter.wall_s)
 
     def relay_round(round_: int) -> Segment:
         _sink(run.amqp_url, purge=True)
@@ -147,7 +148,7 @@ def relay_vs_pika(run: Run) -> ScenarioResult:
             left, last = _wait_drained(service, dsn)
         seconds = (last - visible_at) if last is not None and left == 0 else math.nan
         load = LoadResult("relay", count - left, left, seconds, math.nan, math.nan)
-        return Segment("subject", "relay", round_, load, meter.cpu_s, meter.rss_peak_mb)
+        return Segment("subject", "relay", round_, load, meter.cpu_s, meter.rss_peak_mb, wall_s=meter.wall_s)
 
     # Baseline, subject, baseline: the relay's drain is the long part, so it runs once (a full backlog) and the
     # baseline runs before and after it (half as many messages each), which keeps the run inside its budget.

@@ -55,6 +55,7 @@ def test_bench_runs_alternating_sides_and_writes_its_report(tmp_path):
             load = segment["load"]
             assert load["requests"] == load["completed"] == REQUESTS and load["errors"] == 0, (number, segment)
             assert load["seconds"] > 0 and load["p50_ms"] > 0 and load["p99_ms"] >= load["p50_ms"]
+            assert segment["wall_s"] >= load["seconds"]  # the CPU was metered over the whole load
             assert all(v >= 0 for v in segment["cpu_s"].values()) and segment["cpu_s"]
             assert all(v > 0 for v in segment["rss_mb"].values()) and segment["rss_mb"]
         subject = [s for s in scenario["segments"] if s["role"] == "subject"]
