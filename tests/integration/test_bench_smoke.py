@@ -160,3 +160,23 @@ def test_the_gateway_ablation_measures_each_path_through_its_own_envoy():
                  if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
     assert leftovers == []
     assert asyncio.run(_databases("datname LIKE $1", "tessera_gateway_ablation_%")) == []
+
+
+def test_the_rate_cost_tool_meters_getuser_at_each_rate_and_at_saturation():
+    """`python -m bench.rate_cost`: the user service answers GetUser at each paced rate and then as fast as it can
+    (the tool checks one answer first and refuses a failed request), each metered; its database is dropped."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    result = subprocess.run([sys.executable, "-m", "bench.rate_cost", "--rates", "100", "--rounds", "1",
+                             "--requests", "150"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines()[3:]:
+        rate, rps, cpu, database = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[rate] = (float(rps.replace(",", "")), float(cpu), float(database))
+    assert list(rows) == ["100/s", "as fast as it goes"]
+    for rate, (rps, cpu, database) in rows.items():
+        assert rps > 0 and cpu > 0 and database >= 0, rate  # values are noise here; that each was metered is not
+    leftovers = [p for p in psutil.Process().children(recursive=True)
+                 if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
+    assert leftovers == []
+    assert asyncio.run(_databases("datname LIKE $1", "tessera_rate_cost_%")) == []
