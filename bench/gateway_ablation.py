@@ -14,7 +14,7 @@ gateway configuration:
   access log, i.e. the extra hop alone.
 
 It prints each path's p50 and p99, the p50 it adds to the direct path's (medians over the rounds), and Envoy's CPU per
-request. bench/FINDINGS.md quotes it. Everything runs on 127.0.0.1 and stops by itself (about 15 s per round)."""
+request. bench/FINDINGS.md quotes it. Everything runs on 127.0.0.1 and stops by itself (about 20 s per round)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ answers a few dozen to a few hundred calls a second. This tool measures what tha
 the same user service (one process, on PostgreSQL, as scenario 1 runs it) answers GetUser at evenly paced rates
 (h2load, arrivals spread out as in scenario 3's half-load rows) and then as fast as it can, alternating over the
 rounds, and it prints the service's and its PostgreSQL backends' CPU per call at each rate. bench/FINDINGS.md quotes
-it. Everything runs on 127.0.0.1 and stops by itself (about 30 s per round with the defaults)."""
+it. Everything runs on 127.0.0.1 and stops by itself (about 25 s per round with the defaults)."""
 
 from __future__ import annotations
 
