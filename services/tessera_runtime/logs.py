@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextvars
-import datetime as dt
+import functools
 import json
 import logging
 import re
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -27,7 +28,9 @@ _SECRET_KEY = re.compile(r"(?i)(password|passwd|secret|token|authorization|api[_
 # Every pattern above needs one of these in the text: one search decides whether the four substitutions run, so
 # that the lines of every RPC (method names, codes, ids) are not scanned four times.
 _MAYBE_SECRET = re.compile(r"@|://|eyJ|(?i:bearer)")
-_STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+# Built once: json.dumps given any option builds a new encoder for every line.
+_ENCODER = json.JSONEncoder(default=str)
 
 
 def mask(text: str) -> str:
@@ -39,11 +42,17 @@ def mask(text: str) -> str:
     return _EMAIL.sub(r"\1***@\2", text)
 
 
+@functools.lru_cache(maxsize=4096)
+def _secret_key(key: str) -> bool:
+    """Whether a field named `key` holds a secret (remembered: the same few extra fields recur on every line)."""
+    return _SECRET_KEY.search(key) is not None
+
+
 def _mask_value(key: str, value: Any) -> Any:
     """Masks one extra field: secrets by their key, and every string inside (nested lists and dicts too)."""
     if value is None:
         return None
-    if _SECRET_KEY.search(key):
+    if _secret_key(key):
         return "[redacted]"
     if isinstance(value, str):
         return mask(value)
@@ -56,6 +65,22 @@ def _mask_value(key: str, value: Any) -> Any:
     if isinstance(value, int | float | bool):
         return value
     return mask(str(value))
+
+
+_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp(created: float) -> str:
+    """RFC 3339 UTC with milliseconds ("2026-12-05T10:26:13.021+00:00"); the part up to the second is formatted once
+    per second."""
+    global _second
+    whole = int(created)
+    micros = round((created - whole) * 1_000_000)  # as datetime.fromtimestamp rounds, then drops the microseconds
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{micros // 1000:03d}+00:00"
 
 
 def _trace_ids() -> tuple[str | None, str | None]:
@@ -75,7 +100,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         trace_id, span_id = _trace_ids()
         line: dict[str, Any] = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "time": _timestamp(record.created),
             "level": record.levelname,
             "service": self.service,
             "logger": record.name,
@@ -90,7 +115,7 @@ class JsonFormatter(logging.Formatter):
                 line[key] = _mask_value(key, value)
         if record.exc_info:
             line["traceback"] = mask("".join(traceback.format_exception(*record.exc_info)))
-        return json.dumps(line, default=str)
+        return _ENCODER.encode(line)
 
 
 def setup_logging(service: str, level: str = "INFO") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 
@@ -30,6 +31,17 @@ def test_every_line_has_the_documented_fields_even_outside_any_work():
     assert (line["level"], line["service"], line["message"]) == ("INFO", "order-service", "started")
     assert line["trace_id"] is line["span_id"] is line["request_id"] is line["correlation_id"] is None
     assert line["time"].endswith("+00:00")
+
+
+def test_the_time_is_the_records_own_in_utc_to_the_millisecond():
+    """The part up to the second is formatted once per second: lines of one second, the next second, an earlier
+    one again (records of other threads may come late) each carry their own time."""
+    for created in (1_764_930_373.021, 1_764_930_373.9999, 1_764_930_373.9999996, 1_764_930_374.0, 1_764_930_373.5,
+                    0.001, 1_893_456_000.25):
+        record = logging.LogRecord("tessera.test", logging.INFO, __file__, 1, "at", (), None)
+        record.created = created
+        line = json.loads(JsonFormatter("order-service").format(record))
+        assert line["time"] == dt.datetime.fromtimestamp(created, dt.UTC).isoformat(timespec="milliseconds")
 
 
 def test_a_line_written_inside_a_span_and_a_request_carries_their_ids():
