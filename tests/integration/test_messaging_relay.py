@@ -67,6 +67,19 @@ async def pg_outbox(pg_database):
     await db.dispose()
 
 
+@pytest.fixture
+async def either_outbox(db_url):
+    """An outbox table on each backend: on PostgreSQL a pass's last batch is marked in its lock's transaction, on
+    SQLite every batch in a transaction of its own."""
+    metadata = MetaData()
+    table = outbox_table(metadata)
+    db = Database(db_url)
+    async with db.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield db, table
+    await db.dispose()
+
+
 def activated(user_id: str) -> user_events_pb2.UserActivated:
     return user_events_pb2.UserActivated(user_id=user_id)
 
@@ -414,8 +427,9 @@ async def run_pass(relay: OutboxRelay, publisher: ScriptedPublisher, db: Databas
     return task.result()
 
 
-async def test_a_nack_in_the_window_marks_only_what_precedes_it_and_the_next_pass_resumes_there_in_order(outbox):
-    db, table = outbox
+async def test_a_nack_in_the_window_marks_only_what_precedes_it_and_the_next_pass_resumes_there_in_order(
+        either_outbox):
+    db, table = either_outbox
     events = [PendingEvent("user", f"u{i % 7}", activated(str(i))) for i in range(400)]
     await write(db, table, events)
     refused = events[105].event_id
@@ -441,6 +455,32 @@ async def test_a_nack_in_the_window_marks_only_what_precedes_it_and_the_next_pas
     assert all(r.published_at is not None for r in rows)
     assert [r.attempts for r in rows] == [1] * 105 + [2] * 295
     assert relay.status()["published_total"] == 400
+
+
+async def test_a_nack_in_a_passs_only_batch_keeps_the_confirmed_rows_before_it_marked(either_outbox):
+    """A quiet service publishes each commit on a pass of one batch, marked in the pass's own transaction (on
+    PostgreSQL, the lock's): when the broker refuses an event, the rows confirmed before it stay marked and only the
+    refused one and those after it are published again."""
+    db, table = either_outbox
+    events = [PendingEvent("user", f"u{i}", activated(str(i))) for i in range(10)]
+    await write(db, table, events)
+    refused = events[5].event_id
+    publisher = ScriptedPublisher(lambda e: NACK if e.event_id == refused else ACK)
+    relay = OutboxRelay(db, table, service="nack-quiet", amqp_url="amqp://unused", settings=FAST)
+    relay.publisher = publisher
+
+    with pytest.raises(PublishIncomplete, match="nack"):
+        await run_pass(relay, publisher, db, table)
+    assert len(publisher.sent) == 1  # one batch
+    assert await published_ids(db, table) == {e.event_id for e in events[:5]}
+
+    publisher.verdict = lambda e: ACK
+    publisher.sent.clear()
+    assert await run_pass(relay, publisher, db, table) == 5
+    assert publisher.sent == [[e.event_id for e in events[5:]]]
+    async with db.engine.connect() as conn:
+        attempts = (await conn.execute(select(table.c.attempts).order_by(table.c.seq))).scalars().all()
+    assert attempts == [1] * 5 + [2] * 5
 
 
 async def test_stop_returns_and_ends_the_connection_while_a_batch_waits_for_confirms(vhost, outbox):

@@ -635,6 +635,7 @@ class OutboxRelay:
             # a pass of one small batch (a quiet service publishes each commit's events on a pass of their own) is
             # BEGIN, the lock, the read, the mark and COMMIT, and through SQLAlchemy those cost more than twice the CPU.
             assert self._sql is not None
+            incomplete: PublishIncomplete | None = None
             async with self.db.relay_connection() as conn, conn.transaction():
                 if not await conn.fetchval(self._sql.lock.sql, *self._sql.lock.arguments({"key": self.lock_key})):
                     return 0  # another replica is publishing this outbox
@@ -654,7 +655,14 @@ class OutboxRelay:
                             marker = await stack.enter_async_context(self.db.engine.connect())
                         await self._mark_in_transaction(marker, rows, confirmed)
 
-                    return await self._pass(functools.partial(self._fetch_direct, conn), mark)
+                    try:
+                        return await self._pass(functools.partial(self._fetch_direct, conn), mark)
+                    except PublishIncomplete as exc:
+                        # The pass stopped at a gap after marking the confirmed rows before it, the last batch's in
+                        # this transaction: it must commit, or those rows would be published again.
+                        incomplete = exc
+            assert incomplete is not None
+            raise incomplete
         if not self._hold_file_lock():
             return 0  # another process on this SQLite file is publishing
         return await self._pass(self._fetch_apart, self._mark_apart)
