@@ -16,6 +16,7 @@ from sqlalchemy import Column, MetaData, String, Table, insert, select
 from tessera.user.v1 import user_events_pb2
 
 from tessera_runtime import context as callctx
+from tessera_runtime import telemetry
 from tessera_runtime.cli import main as tessera
 from tessera_runtime.db import Database, utcnow
 from tessera_runtime.messaging import (
@@ -115,7 +116,7 @@ async def consumer(vhost, effects):
 
 def publish(url: str, message: object, *, message_id: str | None = None, exchange: str = EXCHANGE,
             routing_key: str | None = None, body: bytes | None = None, content_type: str = "application/x-protobuf",
-            headers: dict | None = None) -> str:
+            headers: dict | None = None, timestamp: int | None = None) -> str:
     message_id = message_id if message_id is not None else str(uuid.uuid4())
     name = message.DESCRIPTOR.full_name
     with rabbitmq.blocking_connection(url) as connection:
@@ -123,7 +124,7 @@ def publish(url: str, message: object, *, message_id: str | None = None, exchang
         channel.confirm_delivery()
         channel.basic_publish(exchange, routing_key or name, body if body is not None else message.SerializeToString(),
                               pika.BasicProperties(content_type=content_type, type=name, message_id=message_id or None,
-                                                   delivery_mode=2, headers=headers or {}))
+                                                   delivery_mode=2, headers=headers or {}, timestamp=timestamp))
     return message_id
 
 
@@ -244,6 +245,55 @@ async def test_messages_that_can_never_succeed_are_dead_lettered_at_once(vhost, 
         assert time.monotonic() < deadline, "replayed dead letters should fail and return"
         await asyncio.sleep(0.05)
     assert {letter.replays for letter in deadletter.browse(url, consumer.queue)} == {1}
+
+
+async def test_a_message_timestamped_in_milliseconds_is_handled_without_a_publish_time(vhost, effects, consumer):
+    """Another publisher's AMQP timestamp in milliseconds is tens of thousands of years away: the event is handled
+    once all the same, its publish time unknown."""
+    url = rabbitmq.amqp_url(vhost)
+    await send(url, ACTIVATED(user_id="millis"), timestamp=int(time.time() * 1000))
+    await send(url, ACTIVATED(user_id="seconds"), timestamp=int(time.time()))
+    await effects.wait_for("millis")
+    await effects.wait_for("seconds")
+    published = {user: meta.published_at for user, meta in effects.calls}
+    assert published["millis"] is None and published["seconds"] is not None
+    assert [user for user, _ in effects.calls] == ["millis", "seconds"]
+    assert consumer.counts["dead_lettered"] == 0 and rabbitmq.queue_depth(url, f"{consumer.queue}.dlq") == 0
+
+
+@pytest.mark.parametrize("where", ["reading its properties", "starting its span"])
+async def test_a_message_the_consumer_itself_fails_on_is_dead_lettered_once_not_requeued_forever(
+        vhost, effects, consumer, monkeypatch, where):
+    """A failure of the consumer's own code for one message, before its handler or around it, would be the same on
+    every delivery: the message goes to the dead-letter queue once, and the messages behind it are handled."""
+    url = rabbitmq.amqp_url(vhost)
+    poison, tries = str(uuid.uuid4()), []
+
+    def failing(real):
+        def wrapper(*args, **kwargs):
+            headers_or_delivery = args[0] if args else None
+            message_id = getattr(getattr(headers_or_delivery, "properties", None), "message_id", None)
+            if message_id == poison or kwargs.get("event_id") == poison:
+                tries.append(message_id or kwargs.get("event_id"))
+                raise RuntimeError("cannot read this message")
+            return real(*args, **kwargs)
+        return wrapper
+
+    if where == "reading its properties":
+        monkeypatch.setattr(consumer, "meta", failing(consumer.meta))
+    else:
+        monkeypatch.setattr(telemetry, "consume_span", failing(telemetry.consume_span))
+    await send(url, ACTIVATED(user_id="poison"), message_id=poison)
+    await send(url, ACTIVATED(user_id="behind"))
+    await effects.wait_for("behind")
+    deadline = time.monotonic() + 30
+    while rabbitmq.queue_depth(url, f"{consumer.queue}.dlq") != 1:
+        assert time.monotonic() < deadline, "expected the message in the dead-letter queue"
+        await asyncio.sleep(0.05)
+    [letter] = deadletter.browse(url, consumer.queue)
+    assert (letter.message_id, letter.error, letter.attempts) == (poison, "RuntimeError: cannot read this message", 1)
+    assert tries == [poison]  # once: not requeued
+    assert "poison" not in [user for user, _ in effects.calls] and consumer.counts["dead_lettered"] == 1
 
 
 async def test_an_event_type_without_a_handler_is_acknowledged_and_ignored(vhost, effects, consumer):

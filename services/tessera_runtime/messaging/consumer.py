@@ -325,10 +325,14 @@ class Consumer:
             return
 
         def done(f: concurrent.futures.Future[Outcome]) -> None:
-            if f.cancelled() or f.exception() is not None:
+            if f.cancelled():  # the service is stopping: the broker delivers the message again
                 settle(REQUEUE)
-            else:
-                settle(f.result())
+                return
+            exc = f.exception()
+            # A failure outside the handler's own would fail the same way on every delivery: requeued, the message
+            # would come straight back, again and again. It goes to the dead-letter queue, where it can be read and
+            # replayed.
+            settle(f.result() if exc is None else self._unreadable(delivery, exc))
 
         future.add_done_callback(done)
 
@@ -339,8 +343,6 @@ class Consumer:
         headers = props.headers or {}
         attempt = max(1, envelope.header_int(headers, envelope.ATTEMPT, 1))
         final = attempt >= self.settings.consumer_max_attempts
-        published = (dt.datetime.fromtimestamp(props.timestamp, dt.UTC)
-                     if isinstance(props.timestamp, int) else None)
         return EventMeta(
             event_id=props.message_id or "", event_type=envelope.event_type_of(props, delivery.routing_key),
             consumer=self.queue, attempt=attempt, max_attempts=self.settings.consumer_max_attempts,
@@ -350,7 +352,7 @@ class Consumer:
             correlation_id=envelope.header_str(headers, envelope.CORRELATION_ID) or props.correlation_id,
             request_id=envelope.header_str(headers, envelope.REQUEST_ID),
             producer=envelope.header_str(headers, envelope.PRODUCER) or props.app_id,
-            published_at=published, redelivered=delivery.redelivered,
+            published_at=_published_at(props.timestamp), redelivered=delivery.redelivered,
         )
 
     async def _process(self, delivery: Delivery) -> Outcome:
@@ -361,7 +363,10 @@ class Consumer:
             return await self._handle(delivery)
 
     async def _handle(self, delivery: Delivery) -> Outcome:
-        meta = self.meta(delivery)
+        try:
+            meta = self.meta(delivery)
+        except Exception as exc:  # properties no handler can be given: the same on every delivery
+            return self._unreadable(delivery, exc)
         labels = (self.queue, meta.event_type)
         entry = self._handlers.get(meta.event_type)
         if entry is None:
@@ -404,6 +409,19 @@ class Consumer:
         except DecodeError as exc:
             raise PermanentFailure(f"the body is not a valid {cls.DESCRIPTOR.full_name}: {exc}") from None
 
+    def _unreadable(self, delivery: Delivery, exc: BaseException) -> Outcome:
+        """A message the consumer itself failed on, before or after its handler: dead-lettered at once."""
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        event_type = envelope.event_type_of(delivery.properties, delivery.routing_key)
+        self.counts["dead_lettered"] += 1
+        metrics.CONSUMER_DEAD_LETTERED.labels(self.queue, event_type).inc()
+        log.error("the consumer could not process a message; moved to the dead-letter queue %s",
+                  self.link.topology.dead_letter_queue, exc_info=exc,
+                  extra={"queue": self.queue, "event_id": delivery.properties.message_id, "event_type": event_type,
+                         "error": error})
+        return Outcome("dead", error=error,
+                       attempt=max(1, envelope.header_int(delivery.properties.headers, envelope.ATTEMPT, 1)))
+
     def _failed(self, meta: EventMeta, exc: Exception, labels: tuple[str, str]) -> Outcome:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         extra = {"queue": self.queue, "event_id": meta.event_id, "event_type": meta.event_type,
@@ -419,6 +437,17 @@ class Consumer:
         log.warning("event handling failed; retrying in %.1fs", meta.retry_delay, extra=extra,
                     exc_info=not isinstance(exc, RetryLater))
         return Outcome("retry", delay=meta.retry_delay, error=error, attempt=meta.attempt)
+
+
+def _published_at(timestamp: Any) -> dt.datetime | None:
+    """The AMQP timestamp (seconds since the epoch) as a time; None when absent or not seconds (a publisher's
+    milliseconds would be tens of thousands of years away)."""
+    if not isinstance(timestamp, int):
+        return None
+    try:
+        return dt.datetime.fromtimestamp(timestamp, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def attach_consumer(module: ServiceModule, settings: Any, subscription: Subscription, *,
