@@ -7,7 +7,7 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -49,10 +49,13 @@ class NotificationRepository(abc.ABC):
     async def add(self, notification: Notification) -> None: ...
 
     @abc.abstractmethod
-    async def get(self, notification_id: str) -> Notification | None: ...
+    async def get(self, notification_id: str, *, lock: bool = False) -> Notification | None:
+        """With `lock`, the row stays locked until the transaction ends (SELECT ... FOR UPDATE on PostgreSQL; a
+        SQLite transaction that writes holds the whole database already)."""
 
     @abc.abstractmethod
-    async def get_by_event(self, event_id: str, kind: NotificationKind) -> Notification | None: ...
+    async def get_by_event(self, event_id: str, kind: NotificationKind, *, lock: bool = False) -> Notification | None:
+        ...
 
     @abc.abstractmethod
     async def save(self, notification: Notification) -> None: ...
@@ -93,14 +96,15 @@ class SqlAlchemyNotificationRepository(NotificationRepository):
         except IntegrityError:
             raise DuplicateNotification(notification.event_id) from None
 
-    async def get(self, notification_id: str) -> Notification | None:
-        row = (await self.session.execute(
-            select(notifications).where(notifications.c.id == notification_id))).first()
-        return None if row is None else _notification(row)
+    async def get(self, notification_id: str, *, lock: bool = False) -> Notification | None:
+        return await self._one(notifications.c.id == notification_id, lock)
 
-    async def get_by_event(self, event_id: str, kind: NotificationKind) -> Notification | None:
-        row = (await self.session.execute(select(notifications).where(
-            notifications.c.event_id == event_id, notifications.c.kind == kind.value))).first()
+    async def get_by_event(self, event_id: str, kind: NotificationKind, *, lock: bool = False) -> Notification | None:
+        return await self._one(and_(notifications.c.event_id == event_id, notifications.c.kind == kind.value), lock)
+
+    async def _one(self, condition: Any, lock: bool) -> Notification | None:
+        query = select(notifications).where(condition)
+        row = (await self.session.execute(query.with_for_update() if lock else query)).first()
         return None if row is None else _notification(row)
 
     async def save(self, notification: Notification) -> None:
@@ -149,11 +153,11 @@ class InMemoryNotificationRepository(NotificationRepository):
             raise DuplicateNotification(notification.event_id)
         self.items[notification.id] = dataclasses.replace(notification)
 
-    async def get(self, notification_id: str) -> Notification | None:
-        found = self.items.get(notification_id)
+    async def get(self, notification_id: str, *, lock: bool = False) -> Notification | None:
+        found = self.items.get(notification_id)  # one unit of work at a time: nothing to lock
         return None if found is None else dataclasses.replace(found)
 
-    async def get_by_event(self, event_id: str, kind: NotificationKind) -> Notification | None:
+    async def get_by_event(self, event_id: str, kind: NotificationKind, *, lock: bool = False) -> Notification | None:
         for n in self.items.values():
             if n.event_id == event_id and n.kind is kind:
                 return dataclasses.replace(n)

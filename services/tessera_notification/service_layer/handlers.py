@@ -4,10 +4,11 @@ Sending one notification for one event delivery is three steps, so that no datab
 the mail server is talked to (SQLite would hold its write lock that long):
 
 1. In one transaction: skip a duplicate (event id already applied), find the recipient, create the notification
-   PENDING (or find it, from an earlier attempt) and take a short lease on it, so that a concurrent delivery of
-   the same event waits instead of sending it too.
+   PENDING (or find it, from an earlier attempt, its row locked) and take a short lease on it, so that a concurrent
+   delivery of the same event waits instead of sending it too.
 2. Send the e-mail, with a Message-ID fixed per notification.
-3. In one transaction: record the outcome (SENT; FAILED when refused for good; PENDING with the next attempt
+3. In one transaction, if the lease is still this attempt's (an attempt that outlived it leaves the record to the
+   delivery that took over): record the outcome (SENT; FAILED when refused for good; PENDING with the next attempt
    time, or DEAD_LETTERED after the last attempt), publish NotificationSent / NotificationFailed through the
    outbox, and, once the notification is final, record the event id as applied.
 
@@ -124,7 +125,9 @@ async def notify(cmd: commands.Notify, meta: EventMeta, d: Dispatch) -> HandlerR
                      extra={"kind": kind.value, "user_id": cmd.user_id, "event_id": meta.event_id})
             return None
         rendered = render(cmd.content, recipient)
-        notification = await uow.notifications.get_by_event(meta.event_id, kind)
+        # Locked: a concurrent delivery of the same event waits here until this one has taken the lease (or not),
+        # then sees it, instead of both finding the notification free and both sending it.
+        notification = await uow.notifications.get_by_event(meta.event_id, kind, lock=True)
         if notification is None:
             notification = Notification.create(kind=kind, user_id=cmd.user_id, recipient=recipient.email,
                                                subject=rendered.subject, event_id=meta.event_id,
@@ -157,8 +160,16 @@ async def notify(cmd: commands.Notify, meta: EventMeta, d: Dispatch) -> HandlerR
         error = str(exc) or type(exc).__name__
 
     async with d.uow() as uow:
-        current = await uow.notifications.get(notification.id)
+        current = await uow.notifications.get(notification.id, lock=True)
         assert current is not None, "notifications are never deleted"
+        if current.lease_until != notification.lease_until:
+            # This attempt outlived its lease and another delivery took the notification over: that one records the
+            # outcome. What this one did is only logged (an e-mail it sent is sent again, with the same Message-ID).
+            log.warning("notification attempt ended after its lease; another delivery took over", extra={
+                "notification_id": current.id, "event_id": meta.event_id, "error": error})
+            if error is None or permanent:
+                return None
+            raise RetryLater(f"mail not delivered: {error}")
         done = d.clock()
         if error is None:
             current.sent(done, mail.message_id)
