@@ -98,6 +98,26 @@ def test_a_step_of_unknown_outcome_is_compensated_and_stays_failed_when_nothing_
     assert order.next_compensation() is StepName.RESERVE_STOCK
 
 
+def test_an_attempt_of_unknown_outcome_is_remembered_until_the_step_succeeds():
+    order = new_order()
+    run_forward(order, StepName.RESERVE_STOCK)
+    order.start_step(StepName.PROCESS_PAYMENT, NOW)
+    order.note_error(StepName.PROCESS_PAYMENT, "UNAVAILABLE: no answer", NOW, outcome_unknown=True)
+    order.start_step(StepName.PROCESS_PAYMENT, NOW)
+    order.note_error(StepName.PROCESS_PAYMENT, "UNAVAILABLE: refused", NOW)
+    order.start_step(StepName.PROCESS_PAYMENT, NOW)
+    order.fail(StepName.PROCESS_PAYMENT, Failure("DEPENDENCY_UNAVAILABLE", "down", StepName.PROCESS_PAYMENT), NOW)
+    assert order.steps[StepName.PROCESS_PAYMENT].outcome_unknown
+    assert order.next_compensation() is StepName.PROCESS_PAYMENT
+    # A step that succeeds after such an attempt has a known outcome.
+    again = new_order()
+    again.start_step(StepName.RESERVE_STOCK, NOW)
+    again.note_error(StepName.RESERVE_STOCK, "DEADLINE_EXCEEDED: no answer", NOW, outcome_unknown=True)
+    again.start_step(StepName.RESERVE_STOCK, NOW)
+    again.complete_step(StepName.RESERVE_STOCK, NOW, reservation_id="res-1")
+    assert not again.steps[StepName.RESERVE_STOCK].outcome_unknown
+
+
 def test_attempts_shown_are_the_compensation_attempts_once_compensating():
     order = new_order()
     run_forward(order, StepName.RESERVE_STOCK)

@@ -50,6 +50,24 @@ def unavailable(service: str) -> DownstreamError:
     return err(service, grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", answered=False)
 
 
+def refused(service: str) -> DownstreamError:
+    """The service itself answered UNAVAILABLE with its ErrorInfo: it did nothing this time."""
+    return err(service, grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE")
+
+
+def charge_answering(world: World, *answers: DownstreamError) -> None:
+    """ProcessPayment fails with each answer in turn; where the answer was lost, the charge went through first."""
+    real, queued = world.payments.process_payment, list(answers)
+
+    async def process_payment(**kw):
+        answer = queued.pop(0)
+        if answer.outcome_unknown:
+            await real(**kw)
+        raise answer
+
+    world.payments.process_payment = process_payment
+
+
 class Script:
     """Errors (or callables run before the real work) queued per method; each call takes the next one."""
 
@@ -586,6 +604,51 @@ async def test_reservation_call_of_unknown_outcome_is_found_and_released(world):
     assert world.inventory.available(world.product) == 10
 
 
+async def test_a_charge_whose_answer_was_lost_is_refunded_though_the_later_attempts_were_refused(world):
+    # The first attempt charges the customer but its answer is lost; the payment service refuses the others. The
+    # last answer says nothing of the first attempt: compensation looks the charge up and refunds it.
+    charge_answering(world, unavailable("payment"), *[refused("payment")] * (POLICY.step_max_attempts - 1))
+    error = await world.fail(Unavailable)
+    order = await world.stored()
+    assert error.reason == "DEPENDENCY_UNAVAILABLE" and error.metadata["service"] == "payment"
+    payment = world.payments.by_key[payment_key(order.id)]
+    assert payment.status == "REFUNDED" and order.payment_id == payment.id
+    assert steps(order)["PROCESS_PAYMENT"] == "COMPENSATED" and order.status is OrderStatus.FAILED
+    assert world.uow.published[-1][2].refunded_payment_id == payment.id
+    assert world.inventory.available(world.product) == 10
+
+
+async def test_a_charge_refused_on_every_attempt_is_not_looked_up(world):
+    charge_answering(world, *[refused("payment")] * POLICY.step_max_attempts)
+    await world.fail(Unavailable)
+    order = await world.stored()
+    assert world.payments.count("order_payments") == 0 and world.payments.count("refund_payment") == 0
+    assert steps(order)["PROCESS_PAYMENT"] == "FAILED" and order.payment_id == ""
+    assert not order.steps[StepName.PROCESS_PAYMENT].outcome_unknown
+    assert order.status is OrderStatus.FAILED
+
+
+async def test_a_reservation_whose_answer_was_lost_is_released_though_the_later_attempts_were_refused(world):
+    original = world.inventory._reserve
+
+    def reserve_then_lose(order_id, items):
+        original(order_id, items)
+        raise err("inventory", grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", answered=False)
+
+    # The first attempt reserves the stock but its answer is lost, the inventory refuses the others, then
+    # answers again when compensation looks the reservation up.
+    world.inventory._reserve = reserve_then_lose
+    world.inventory.fail_next("reserve_stock", lambda: None, *[refused("inventory")] * (POLICY.step_max_attempts - 1),
+                              lambda: setattr(world.inventory, "_reserve", original))
+    error = await world.fail(Unavailable)
+    order = await world.stored()
+    assert error.reason == "DEPENDENCY_UNAVAILABLE" and error.metadata["service"] == "inventory"
+    reservation = world.inventory.by_order(order.id)
+    assert reservation.status == "RELEASED" and order.reservation_id == reservation.id
+    assert steps(order)["RESERVE_STOCK"] == "COMPENSATED" and order.status is OrderStatus.FAILED
+    assert world.inventory.available(world.product) == 10 and world.payments.calls == []
+
+
 async def test_compensation_that_keeps_failing_leaves_the_order_compensation_failed(world):
     before = REGISTRY.get_sample_value("tessera_saga_compensation_failures_total",
                                        {"step": "PROCESS_PAYMENT"}) or 0.0
@@ -782,6 +845,27 @@ async def test_recovery_compensates_a_saga_interrupted_while_compensating(world)
     assert done.status is OrderStatus.FAILED
     assert world.payments.by_key[payment_key(order.id)].status == "REFUNDED"
     assert world.events() == ["OrderFailed"]
+
+
+async def test_a_charge_whose_answer_was_lost_before_a_crash_is_refunded_by_the_runner_that_resumes(world):
+    async def crash(_delay: float) -> None:
+        raise RuntimeError("the process dies before retrying the charge")
+
+    charge_answering(world, unavailable("payment"), *[refused("payment")] * (POLICY.step_max_attempts - 1))
+    first = world.coordinator()
+    first.sleep = crash
+    with pytest.raises(Aborted):
+        await handlers.create_order(world.create(), world.uow.factory, first)
+    order = await world.stored()
+    pay = order.steps[StepName.PROCESS_PAYMENT]
+    assert order.status is OrderStatus.PENDING and pay.attempts == 1 and pay.outcome_unknown
+    # Another runner resumes: its attempts are refused, and it still knows the first one may have charged.
+    assert await world.sagas.recover_once() == 1
+    await world.sagas.running(order.id).task
+    done = await world.stored(order.id)
+    payment = world.payments.by_key[payment_key(order.id)]
+    assert payment.status == "REFUNDED" and done.payment_id == payment.id
+    assert steps(done)["PROCESS_PAYMENT"] == "COMPENSATED" and done.status is OrderStatus.FAILED
 
 
 async def test_a_saga_leased_by_a_live_runner_is_left_alone(world):

@@ -75,8 +75,9 @@ class SagaStep:
     attempts: int = 0
     compensation_attempts: int = 0
     error: str = ""
-    # The step failed without learning whether the other service acted (a timeout, a lost connection): its
-    # compensation first finds out, and undoes what did happen.
+    # An attempt of the step ended without learning whether the other service acted (a timeout, a lost
+    # connection). Kept through the step's later attempts, whose answers say nothing of what that one did: a step
+    # that then fails is compensated by first finding out, and undoing what did happen.
     outcome_unknown: bool = False
     update_time: dt.datetime | None = None
 
@@ -222,9 +223,12 @@ class Order:
         self.current_step = step
         self._touch(step, now)
 
-    def note_error(self, step: StepName, error: str, now: dt.datetime) -> None:
-        """Records an error that will be retried; the step stays where it is."""
-        self.steps[step].error = error[:MAX_ERROR]
+    def note_error(self, step: StepName, error: str, now: dt.datetime, *, outcome_unknown: bool = False) -> None:
+        """Records an error that will be retried; the step stays where it is. An error of unknown outcome is
+        remembered until the step succeeds: a retry refused later does not undo what this attempt may have done."""
+        s = self.steps[step]
+        s.error = error[:MAX_ERROR]
+        s.outcome_unknown = s.outcome_unknown or outcome_unknown
         self._touch(step, now)
 
     def complete_step(self, step: StepName, now: dt.datetime, *, reservation_id: str = "",
@@ -233,6 +237,7 @@ class Order:
         if step is StepName.CONFIRM_ORDER:
             raise SagaStateError("CONFIRM_ORDER completes through confirm()")
         self.steps[step].status = StepStatus.SUCCEEDED
+        self.steps[step].outcome_unknown = False
         self.reservation_id = reservation_id or self.reservation_id
         self.payment_id = payment_id or self.payment_id
         self.current_step = self.next_step() or step
@@ -241,6 +246,7 @@ class Order:
     def confirm(self, now: dt.datetime) -> None:
         self._require(OrderStatus.PENDING, "confirm")
         self.steps[StepName.CONFIRM_ORDER].status = StepStatus.SUCCEEDED
+        self.steps[StepName.CONFIRM_ORDER].outcome_unknown = False
         self.status = OrderStatus.CONFIRMED
         self.confirm_time = now
         self.current_step = StepName.CONFIRM_ORDER
@@ -248,11 +254,12 @@ class Order:
 
     def fail(self, step: StepName, failure: Failure, now: dt.datetime, *, outcome_unknown: bool = False,
              reservation_id: str = "") -> None:
-        """The step failed for good: compensation of the completed steps starts."""
+        """The step failed for good: compensation of the completed steps starts. Its outcome is unknown when the
+        last attempt's is, or an earlier attempt's was (see note_error)."""
         self._require(OrderStatus.PENDING, f"fail {step.value} of")
         s = self.steps[step]
         s.status = StepStatus.FAILED
-        s.outcome_unknown = outcome_unknown
+        s.outcome_unknown = s.outcome_unknown or outcome_unknown
         s.error = f"{failure.reason}: {failure.message}"[:MAX_ERROR]
         self.reservation_id = reservation_id or self.reservation_id
         self.failure = failure

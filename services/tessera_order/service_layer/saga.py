@@ -370,7 +370,8 @@ class SagaCoordinator:
                     delay = self.policy.backoff(order.steps[step].attempts)
                 log.info("saga step will be retried", extra={
                     "order_id": order.id, "step": step.value, "error": err.describe()})
-                order.note_error(step, err.describe(), self.clock())
+                # Noted with the error, so that a later refusal, or a crash, cannot make the saga forget it.
+                order.note_error(step, err.describe(), self.clock(), outcome_unknown=_may_have_acted(err))
                 await self._save(order)
                 execution.retrying.set()
                 await self.sleep(delay)
@@ -461,10 +462,8 @@ class SagaCoordinator:
         metadata = {"service": err.service}
         if err.answered:
             metadata["downstream_reason"] = err.reason
-        # A charge still in progress may yet succeed: compensation must find out and refund it.
-        unknown = err.outcome_unknown or err.reason == _IN_PROGRESS
         return Failure("DEPENDENCY_UNAVAILABLE", f"the {err.service} service could not complete the request",
-                       step, metadata), unknown
+                       step, metadata), _may_have_acted(err)
 
     # Compensation.
 
@@ -649,6 +648,12 @@ class SagaCoordinator:
 
 def _age(order: Order) -> float:
     return max(0.0, (order.update_time - order.create_time).total_seconds())
+
+
+def _may_have_acted(err: DownstreamError) -> bool:
+    """Whether the failed call may have had its effect after all: its answer was lost, or it was a charge still in
+    progress, which may yet succeed. Compensation must find out and undo it."""
+    return err.outcome_unknown or err.reason == _IN_PROGRESS
 
 
 def _reservation_lost(step: StepName, reservation_id: str, status: str) -> Failure:
