@@ -14,7 +14,7 @@ from tessera.order.v1 import order_events_pb2
 from tessera_order import bootstrap
 from tessera_order.adapters.orm import order_sagas, orders, outbox
 from tessera_order.adapters.repository import DuplicateRequestId, Lease, LeaseLost, SagaCaller, _order_row
-from tessera_order.domain.model import Order, OrderItem, OrderStatus, StepName
+from tessera_order.domain.model import Failure, Order, OrderItem, OrderStatus, StepName
 from tessera_order.service_layer.unit_of_work import OrderUnitOfWork
 from tessera_runtime import migrations
 from tessera_runtime.db import Database, utcnow
@@ -279,25 +279,75 @@ async def test_a_one_statement_save_writes_the_order_its_steps_and_its_events_in
 async def test_a_one_statement_save_that_lost_its_fence_writes_nothing_and_commit_raises_lease_lost(db, fence):
     order = await stored_order(db, owner="runner-a")
     stale = await stored_order_copy(db, order.id)
-    if fence == "version":  # another save by the holder came first
+    if fence == "version":  # another save by the holder came first, and moved the saga to its next step
         order.start_step(StepName.RESERVE_STOCK, utcnow())
+        order.complete_step(StepName.RESERVE_STOCK, utcnow(), reservation_id="r-1")
+        order.start_step(order.next_step(), utcnow())
         async with OrderUnitOfWork(db).one_statement() as uow:
             await uow.orders.save(order, lease("runner-a"))
             await uow.commit()
     before = await outbox_events(db)
     async with OrderUnitOfWork(db) as uow:
         stored_before = await uow.orders.get(order.id)
+    # The stale save would move the saga to another step and, ending it, free the lease.
     stale.cancel_reason = "a write that must not land"
     stale.start_step(StepName.RESERVE_STOCK, utcnow())
+    stale.fail(StepName.RESERVE_STOCK, Failure("INSUFFICIENT_STOCK", "stale", StepName.RESERVE_STOCK), utcnow())
+    stale.current_step = StepName.CREATE_ORDER
+    assert stale.current_step is not stored_before.current_step
     with pytest.raises(LeaseLost):
         async with OrderUnitOfWork(db).one_statement() as uow:
-            await uow.orders.save(stale, lease("runner-a" if fence == "version" else "runner-b"))
+            await uow.orders.save(stale, lease("runner-a" if fence == "version" else "runner-b"), release=True)
             uow.add_event("order", order.id, order_events_pb2.OrderCancelled(order_id=order.id))
             await uow.commit()
     assert await outbox_events(db) == before  # no event
     async with OrderUnitOfWork(db) as uow:
         assert await uow.orders.get(order.id) == stored_before  # no change: order, saga and steps as they were
-        assert await uow.orders.acquire_lease(order.id, lease("runner-a"), utcnow())  # still runner-a's
+        assert not await uow.orders.acquire_lease(order.id, lease("runner-b"), utcnow())  # still held ...
+        assert await uow.orders.acquire_lease(order.id, lease("runner-a"), utcnow())  # ... by runner-a
+
+
+async def test_a_stale_save_that_waited_for_the_holder_s_save_writes_nothing_once_that_committed(pg_database):
+    # The same runner saves one version twice at once (two calls in one process): the later statement waits for
+    # the earlier one's lock, then must find the version changed, and write no step and free no lease.
+    _, url = pg_database
+    await upgrade_async(bootstrap.MIGRATIONS, url)
+    db = Database(url)
+    try:
+        order = await stored_order(db, owner="runner-a")
+        stale = await stored_order_copy(db, order.id)
+        stale.start_step(StepName.RESERVE_STOCK, utcnow())
+        stale.fail(StepName.RESERVE_STOCK, Failure("INSUFFICIENT_STOCK", "stale", StepName.RESERVE_STOCK), utcnow())
+        stale.current_step = StepName.CREATE_ORDER
+        order.start_step(StepName.RESERVE_STOCK, utcnow())
+        order.complete_step(StepName.RESERVE_STOCK, utcnow(), reservation_id="r-1")
+        order.start_step(order.next_step(), utcnow())
+
+        async def stale_save() -> None:
+            async with OrderUnitOfWork(db).one_statement() as uow:
+                await uow.orders.save(stale, lease("runner-a"), release=True)
+                await uow.commit()
+
+        async with OrderUnitOfWork(db) as holder:
+            await holder.orders.save(order, lease("runner-a"))  # written, locked, not yet committed
+            waiting = asyncio.create_task(stale_save())
+            async with db.engine.connect() as conn:
+                for _ in range(100):
+                    blocked = (await conn.execute(text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()"))).scalar_one()
+                    if blocked or waiting.done():
+                        break
+                    await asyncio.sleep(0.02)
+            assert blocked, "the stale save did not wait for the holder's"
+            await holder.commit()
+        with pytest.raises(LeaseLost):
+            await waiting
+        async with OrderUnitOfWork(db) as uow:
+            assert await uow.orders.get(order.id) == order
+            assert not await uow.orders.acquire_lease(order.id, lease("runner-b"), utcnow())  # still runner-a's
+    finally:
+        await db.dispose()
 
 
 async def test_a_one_statement_save_after_a_read_in_the_same_block_is_one_transaction(db):

@@ -180,13 +180,22 @@ def _unnest(prefix: str, columns: dict[str, Any], name: str) -> Any:
 
 
 def _build_save_statement(release: bool) -> tuple[Any, tuple[Any, ...]]:
-    """UPDATE of the saga row (the lease fence), then of the order row (the version fence) only if the lease is
-    held, then of the given step rows only if the order row changed: the order row's UPDATE is the guard
-    (tessera_runtime.db.update_guarded), the other two go with it."""
+    """The order row locked if its version is the one read (the version fence), then UPDATE of the saga row only
+    if so and the lease is held (the lease fence), then of the order row only if the saga row changed, then of the
+    given step rows only if the order row changed: the order row's UPDATE is the guard
+    (tessera_runtime.db.update_guarded), the others go with it.
+
+    The saga row is fenced by the version too because a data-modifying CTE runs whether or not the statement reads
+    its rows: fenced by its lease alone, a stale save by the lease's own holder would still write its current step
+    and free the lease. The order row is locked rather than merely read so that a save of the same version
+    committed meanwhile is seen (the lock waits for it, then finds another version) and nothing is written."""
     lease = ({"lease_owner": None, "lease_expires_at": None} if release
              else {"lease_expires_at": bindparam("b_lease_expires_at")})
+    same_version = (select(orders.c.id)
+                    .where(orders.c.id == bindparam("b_order_id"), orders.c.version == bindparam("b_version"))
+                    .with_for_update(key_share=True).cte("same_version"))
     saga = (update(order_sagas)
-            .where(order_sagas.c.order_id == bindparam("b_order_id"),
+            .where(order_sagas.c.order_id == same_version.c.id,
                    order_sagas.c.lease_owner == bindparam("b_lease_owner"))
             .values(current_step=bindparam("b_current_step"), **lease)
             .returning(order_sagas.c.order_id).cte("saga"))
