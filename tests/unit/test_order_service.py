@@ -1019,6 +1019,25 @@ async def test_cancel_with_payment_down_answers_unavailable_and_finishes_in_back
     assert cancelled.steps[StepName.PROCESS_PAYMENT].compensation_attempts == 3
 
 
+async def test_two_identical_cancels_at_once_in_one_process_both_answer_the_cancelled_order(world):
+    order = await world.place()
+    real_get = world.uow.orders.get
+
+    async def get(order_id):
+        found = await real_get(order_id)
+        await asyncio.sleep(0)  # the read's answer arrives a little later, as from a database: the calls interleave
+        return found
+
+    world.uow.orders.get = get
+    cancel = commands.CancelOrder(order.id, "double click")
+    first, second = await asyncio.gather(handlers.cancel_order(cancel, world.uow.factory, world.sagas),
+                                         handlers.cancel_order(cancel, world.uow.factory, world.sagas))
+    assert first.status is second.status is OrderStatus.CANCELLED and first.version == second.version
+    assert world.payments.by_key[payment_key(order.id)].status == "REFUNDED"
+    assert world.payments.count("refund_payment") == 1 and world.inventory.count("release_reservation") == 1
+    assert world.events().count("OrderCancelled") == 1
+
+
 def _rpc_error(code: grpc.StatusCode, status) -> grpc.aio.AioRpcError:
     from grpc_status import rpc_status
 

@@ -8,12 +8,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 from tessera_order import DOMAIN, mapping
-from tessera_order.adapters.repository import DuplicateRequestId, OrderRepository
+from tessera_order.adapters.repository import DuplicateRequestId, LeaseLost, OrderRepository
 from tessera_order.domain import model
 from tessera_order.domain.model import Order, OrderItem, OrderStatus, StepName
 from tessera_order.service_layer import commands
 from tessera_order.service_layer.ports import DownstreamError, Product
-from tessera_order.service_layer.saga import AGGREGATE, SagaCoordinator, current_caller
+from tessera_order.service_layer.saga import AGGREGATE, Execution, SagaCoordinator, current_caller
 from tessera_runtime import metrics, pagination
 from tessera_runtime.context import current_principal, remaining_seconds
 from tessera_runtime.errors import (
@@ -260,6 +260,23 @@ def _check_cancellable(order: Order) -> bool:
     raise _not_cancellable(order)
 
 
+async def _begin_cancel(order: Order, reason: str, uow: UowFactory, sagas: SagaCoordinator) -> Execution:
+    """Starts the compensation of an order read under this process's lease, first saving a CONFIRMED order as
+    being cancelled; returns the execution to wait for."""
+    if order.status is OrderStatus.CONFIRMED:
+        order.begin_cancel(reason, sagas.clock())
+        try:
+            async with uow() as u:
+                await u.orders.save(order, sagas.new_lease())
+                await u.commit()
+        except LeaseLost:
+            # The lease is the process's, not the call's: an identical call of this process read the same
+            # version and saved first. Its cancellation is followed, as a repeat of the call would follow it: run()
+            # returns its execution, or resumes the order from what was committed.
+            return sagas.run(order.id, leased=False)
+    return sagas.run(order.id, leased=True, order=order)
+
+
 _SERVICE_OF_STEP = {
     StepName.CONFIRM_ORDER: "inventory", StepName.RESERVE_STOCK: "inventory", StepName.PROCESS_PAYMENT: "payment",
 }
@@ -277,7 +294,6 @@ async def cancel_order(cmd: commands.CancelOrder, uow: UowFactory, sagas: SagaCo
     if not _check_cancellable(order):
         return order
 
-    budget = _wait_budget()
     execution = sagas.running(order.id)
     if execution is None and await sagas.acquire(order.id):
         async with uow() as u:
@@ -290,16 +306,11 @@ async def cancel_order(cmd: commands.CancelOrder, uow: UowFactory, sagas: SagaCo
         except DomainError:
             await sagas.release(order.id)
             raise
-        if order.status is OrderStatus.CONFIRMED:
-            order.begin_cancel(cmd.reason, sagas.clock())
-            async with uow() as u:
-                await u.orders.save(order, sagas.new_lease())
-                await u.commit()
-        execution = sagas.run(order.id, leased=True, order=order)
+        execution = await _begin_cancel(order, cmd.reason, uow, sagas)
     if execution is not None:
-        await sagas.wait(execution, budget, until_retry=True)
+        await sagas.wait(execution, _wait_budget(), until_retry=True)
     else:  # another process holds the saga: follow it through the database
-        await sagas.poll(order.id, budget)
+        await sagas.poll(order.id, _wait_budget())
 
     async with uow() as u:
         current = await u.orders.get(order.id)
