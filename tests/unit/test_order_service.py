@@ -1038,6 +1038,26 @@ async def test_two_identical_cancels_at_once_in_one_process_both_answer_the_canc
     assert world.events().count("OrderCancelled") == 1
 
 
+async def test_a_cancel_read_while_the_placement_ends_cancels_the_order(world):
+    real_save = world.sagas._save
+    cancelling: list[asyncio.Task] = []
+
+    async def save(order, *events, ending=None):
+        await real_save(order, *events, ending=ending)
+        if ending is not None and order.status is OrderStatus.CONFIRMED:
+            # The call reads the order right after the commit that confirmed it, while the placement still ends.
+            cancelling.append(asyncio.create_task(handlers.cancel_order(
+                commands.CancelOrder(order.id, "changed my mind"), world.uow.factory, world.sagas)))
+
+    world.sagas._save = save
+    order = await world.place()
+    cancelled = await cancelling[0]
+    assert cancelled.status is OrderStatus.CANCELLED and cancelled.cancel_reason == "changed my mind"
+    assert (await world.stored(order.id)).status is OrderStatus.CANCELLED
+    assert world.payments.by_key[payment_key(order.id)].status == "REFUNDED"
+    assert world.inventory.on_hand[world.product] == 10
+
+
 def _rpc_error(code: grpc.StatusCode, status) -> grpc.aio.AioRpcError:
     from grpc_status import rpc_status
 

@@ -295,6 +295,13 @@ async def cancel_order(cmd: commands.CancelOrder, uow: UowFactory, sagas: SagaCo
         return order
 
     execution = sagas.running(order.id)
+    if execution is not None and order.status is OrderStatus.CONFIRMED:
+        # Read CONFIRMED while a saga of this process still runs: most likely the placement, winding down after
+        # the commit that confirmed the order, which cancels nothing. Once it ended the cancellation starts here. A
+        # cancellation begun since the read is followed instead, as below.
+        await sagas.wait(execution, _wait_budget(), until_retry=True)
+        if sagas.running(order.id) is None:
+            execution = None
     if execution is None and await sagas.acquire(order.id):
         async with uow() as u:
             order = await u.orders.get(order.id)
