@@ -78,9 +78,10 @@ def _timestamp(created: float) -> str:
     micros = round((created - whole) * 1_000_000)  # as datetime.fromtimestamp rounds, then drops the microseconds
     if micros >= 1_000_000:
         whole, micros = whole + 1, micros - 1_000_000
-    if whole != _second[0]:
-        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{_second[1]}.{micros // 1000:03d}+00:00"
+    cached = _second  # one read: another thread's formatter may replace it meanwhile
+    if whole != cached[0]:
+        cached = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{cached[1]}.{micros // 1000:03d}+00:00"
 
 
 def _trace_ids() -> tuple[str | None, str | None]:

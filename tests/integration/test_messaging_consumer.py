@@ -261,7 +261,7 @@ async def test_a_message_timestamped_in_milliseconds_is_handled_without_a_publis
     assert consumer.counts["dead_lettered"] == 0 and rabbitmq.queue_depth(url, f"{consumer.queue}.dlq") == 0
 
 
-@pytest.mark.parametrize("where", ["reading its properties", "starting its span"])
+@pytest.mark.parametrize("where", ["reading its properties", "starting its span", "dead-lettering it"])
 async def test_a_message_the_consumer_itself_fails_on_is_dead_lettered_once_not_requeued_forever(
         vhost, effects, consumer, monkeypatch, where):
     """A failure of the consumer's own code for one message, before its handler or around it, would be the same on
@@ -279,10 +279,16 @@ async def test_a_message_the_consumer_itself_fails_on_is_dead_lettered_once_not_
             return real(*args, **kwargs)
         return wrapper
 
-    if where == "reading its properties":
-        monkeypatch.setattr(consumer, "meta", failing(consumer.meta))
-    else:
+    error = "RuntimeError: cannot read this message"
+    if where == "starting its span":
         monkeypatch.setattr(telemetry, "consume_span", failing(telemetry.consume_span))
+    else:
+        monkeypatch.setattr(consumer, "meta", failing(consumer.meta))
+    if where == "dead-lettering it":  # even the dead-letter bookkeeping fails: the message is still settled
+        def unreadable(delivery, exc):
+            raise RuntimeError("the bookkeeping failed too")
+        monkeypatch.setattr(consumer, "_unreadable", unreadable)
+        error = "RuntimeError: the bookkeeping failed too"
     await send(url, ACTIVATED(user_id="poison"), message_id=poison)
     await send(url, ACTIVATED(user_id="behind"))
     await effects.wait_for("behind")
@@ -291,9 +297,10 @@ async def test_a_message_the_consumer_itself_fails_on_is_dead_lettered_once_not_
         assert time.monotonic() < deadline, "expected the message in the dead-letter queue"
         await asyncio.sleep(0.05)
     [letter] = deadletter.browse(url, consumer.queue)
-    assert (letter.message_id, letter.error, letter.attempts) == (poison, "RuntimeError: cannot read this message", 1)
+    assert (letter.message_id, letter.error, letter.attempts) == (poison, error, 1)
     assert tries == [poison]  # once: not requeued
-    assert "poison" not in [user for user, _ in effects.calls] and consumer.counts["dead_lettered"] == 1
+    assert "poison" not in [user for user, _ in effects.calls]
+    assert consumer.counts["dead_lettered"] == (0 if where == "dead-lettering it" else 1)
 
 
 async def test_an_event_type_without_a_handler_is_acknowledged_and_ignored(vhost, effects, consumer):

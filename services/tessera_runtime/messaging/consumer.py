@@ -329,10 +329,17 @@ class Consumer:
                 settle(REQUEUE)
                 return
             exc = f.exception()
+            if exc is None:
+                settle(f.result())
+                return
             # A failure outside the handler's own would fail the same way on every delivery: requeued, the message
             # would come straight back, again and again. It goes to the dead-letter queue, where it can be read and
             # replayed.
-            settle(f.result() if exc is None else self._unreadable(delivery, exc))
+            try:
+                outcome = self._unreadable(delivery, exc)
+            except Exception:  # never leave the message unsettled: it would hold its prefetch slot for good
+                outcome = Outcome("dead", error=_error_text(exc))
+            settle(outcome)
 
         future.add_done_callback(done)
 
@@ -411,32 +418,40 @@ class Consumer:
 
     def _unreadable(self, delivery: Delivery, exc: BaseException) -> Outcome:
         """A message the consumer itself failed on, before or after its handler: dead-lettered at once."""
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         event_type = envelope.event_type_of(delivery.properties, delivery.routing_key)
+        # A type no handler takes is counted as "unknown": whatever a bad message names adds no series.
+        label = event_type if event_type in self._handlers else "unknown"
+        attempt = max(1, envelope.header_int(delivery.properties.headers, envelope.ATTEMPT, 1))
+        return self._dead_letter(
+            "the consumer could not process a message", exc, (self.queue, label), attempt,
+            {"queue": self.queue, "event_id": delivery.properties.message_id, "event_type": event_type,
+             "attempt": attempt}, exc_info=exc)
+
+    def _dead_letter(self, why: str, exc: BaseException, labels: tuple[str, str], attempt: int,
+                     extra: dict[str, Any], exc_info: BaseException | None = None) -> Outcome:
+        error = _error_text(exc)
         self.counts["dead_lettered"] += 1
-        metrics.CONSUMER_DEAD_LETTERED.labels(self.queue, event_type).inc()
-        log.error("the consumer could not process a message; moved to the dead-letter queue %s",
-                  self.link.topology.dead_letter_queue, exc_info=exc,
-                  extra={"queue": self.queue, "event_id": delivery.properties.message_id, "event_type": event_type,
-                         "error": error})
-        return Outcome("dead", error=error,
-                       attempt=max(1, envelope.header_int(delivery.properties.headers, envelope.ATTEMPT, 1)))
+        metrics.CONSUMER_DEAD_LETTERED.labels(*labels).inc()
+        log.error("%s; moved to the dead-letter queue %s", why, self.link.topology.dead_letter_queue,
+                  exc_info=exc_info, extra={**extra, "error": error})
+        return Outcome("dead", error=error, attempt=attempt)
 
     def _failed(self, meta: EventMeta, exc: Exception, labels: tuple[str, str]) -> Outcome:
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        error = _error_text(exc)
         extra = {"queue": self.queue, "event_id": meta.event_id, "event_type": meta.event_type,
-                 "attempt": meta.attempt, "max_attempts": meta.max_attempts, "error": error}
+                 "attempt": meta.attempt, "max_attempts": meta.max_attempts}
         if isinstance(exc, PermanentFailure) or meta.retry_delay is None:
-            self.counts["dead_lettered"] += 1
-            metrics.CONSUMER_DEAD_LETTERED.labels(*labels).inc()
-            log.error("event handling failed for good; moved to the dead-letter queue %s",
-                      self.link.topology.dead_letter_queue, extra=extra)
-            return Outcome("dead", error=error, attempt=meta.attempt)
+            return self._dead_letter("event handling failed for good", exc, labels, meta.attempt, extra)
+        extra["error"] = error
         self.counts["retried"] += 1
         metrics.CONSUMER_RETRIED.labels(*labels).inc()
         log.warning("event handling failed; retrying in %.1fs", meta.retry_delay, extra=extra,
                     exc_info=not isinstance(exc, RetryLater))
         return Outcome("retry", delay=meta.retry_delay, error=error, attempt=meta.attempt)
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _published_at(timestamp: Any) -> dt.datetime | None:

@@ -86,7 +86,7 @@ def header_int(headers: Mapping[str, Any] | None, key: str, default: int) -> int
     value = (headers or {}).get(key)
     try:
         return int(value) if value is not None else default
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an AMQP double or decimal that is infinite
         return default
 
 
