@@ -132,6 +132,14 @@ async def send(url: str, message: object, **options) -> str:
     return await asyncio.to_thread(publish, url, message, **options)
 
 
+async def dead_letters(url: str, queue: str, count: int, what: str, timeout: float = 30.0) -> None:
+    """Waits until the consumer queue's dead-letter queue holds `count` messages; fails with `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    while rabbitmq.queue_depth(url, f"{queue}.dlq") != count:
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
 async def test_topology_is_declared_idempotently_and_binds_only_the_handled_events(vhost, effects, consumer):
     url = rabbitmq.amqp_url(vhost)
     await consumer.stop()
@@ -183,10 +191,7 @@ async def test_a_failing_message_is_retried_then_dead_lettered_while_later_ones_
     for name in ("after-1", "after-2"):
         await send(url, ACTIVATED(user_id=name))
     await effects.wait_for("after-2")
-    deadline = time.monotonic() + 30
-    while rabbitmq.queue_depth(url, f"{consumer.queue}.dlq") != 1:
-        assert time.monotonic() < deadline, "the poison message never reached the dead-letter queue"
-        await asyncio.sleep(0.05)
+    await dead_letters(url, consumer.queue, 1, "the poison message never reached the dead-letter queue")
     attempts = [(m.attempt, m.retry_delay) for user, m in effects.calls if user == "poison"]
     assert attempts == [(1, 0.2), (2, 0.4), (3, None)]
     assert (consumer.counts["retried"], consumer.counts["dead_lettered"]) == (2, 1)
@@ -227,10 +232,7 @@ async def test_messages_that_can_never_succeed_are_dead_lettered_at_once(vhost, 
     await send(url, ACTIVATED(user_id="long"), message_id="x" * 65)
     await send(url, ACTIVATED(user_id="fine"))
     await effects.wait_for("fine")
-    deadline = time.monotonic() + 30
-    while rabbitmq.queue_depth(url, f"{consumer.queue}.dlq") != 5:
-        assert time.monotonic() < deadline, "expected five dead letters"
-        await asyncio.sleep(0.05)
+    await dead_letters(url, consumer.queue, 5, "expected five dead letters")
     letters = deadletter.browse(url, consumer.queue)
     assert all(letter.attempts == 1 for letter in letters)  # no retries for what cannot succeed
     errors = [letter.error for letter in letters]
@@ -240,10 +242,7 @@ async def test_messages_that_can_never_succeed_are_dead_lettered_at_once(vhost, 
     assert [user for user, _ in effects.calls] == ["never", "fine"]  # the handler never saw the others
     assert tessera(["dlq", "--amqp-url", url, "replay", consumer.queue, "--all"]) == 0
     # Replayed, they fail again (once each) and come back, counted as replayed once.
-    deadline = time.monotonic() + 30
-    while rabbitmq.queue_depth(url, f"{consumer.queue}.dlq") != 5:
-        assert time.monotonic() < deadline, "replayed dead letters should fail and return"
-        await asyncio.sleep(0.05)
+    await dead_letters(url, consumer.queue, 5, "replayed dead letters should fail and return")
     assert {letter.replays for letter in deadletter.browse(url, consumer.queue)} == {1}
 
 
@@ -292,10 +291,7 @@ async def test_a_message_the_consumer_itself_fails_on_is_dead_lettered_once_not_
     await send(url, ACTIVATED(user_id="poison"), message_id=poison)
     await send(url, ACTIVATED(user_id="behind"))
     await effects.wait_for("behind")
-    deadline = time.monotonic() + 30
-    while rabbitmq.queue_depth(url, f"{consumer.queue}.dlq") != 1:
-        assert time.monotonic() < deadline, "expected the message in the dead-letter queue"
-        await asyncio.sleep(0.05)
+    await dead_letters(url, consumer.queue, 1, "expected the message in the dead-letter queue")
     [letter] = deadletter.browse(url, consumer.queue)
     assert (letter.message_id, letter.error, letter.attempts) == (poison, error, 1)
     assert tries == [poison]  # once: not requeued

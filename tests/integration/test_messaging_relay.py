@@ -43,41 +43,39 @@ def vhost():
     rabbitmq.delete_vhost(name)
 
 
-@pytest.fixture
-async def outbox(tmp_path):
-    metadata = MetaData()
-    table = outbox_table(metadata)
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")
-    async with db.engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
-    yield db, table
-    await db.dispose()
-
-
-@pytest.fixture
-async def pg_outbox(pg_database):
-    """An outbox table on a throwaway PostgreSQL database (advisory locks, concurrent transactions)."""
-    _, url = pg_database
+@contextlib.asynccontextmanager
+async def outbox_on(url: str):
+    """An outbox table on the database at `url`, as (Database, Table)."""
     metadata = MetaData()
     table = outbox_table(metadata)
     db = Database(url)
     async with db.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
-    yield db, table
-    await db.dispose()
+    try:
+        yield db, table
+    finally:
+        await db.dispose()
+
+
+@pytest.fixture
+async def outbox(tmp_path):
+    async with outbox_on(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}") as made:
+        yield made
+
+
+@pytest.fixture
+async def pg_outbox(pg_database):
+    """An outbox table on a throwaway PostgreSQL database (advisory locks, concurrent transactions)."""
+    async with outbox_on(pg_database[1]) as made:
+        yield made
 
 
 @pytest.fixture
 async def either_outbox(db_url):
     """An outbox table on each backend: on PostgreSQL a pass's last batch is marked in its lock's transaction, on
     SQLite every batch in a transaction of its own."""
-    metadata = MetaData()
-    table = outbox_table(metadata)
-    db = Database(db_url)
-    async with db.engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
-    yield db, table
-    await db.dispose()
+    async with outbox_on(db_url) as made:
+        yield made
 
 
 def activated(user_id: str) -> user_events_pb2.UserActivated:

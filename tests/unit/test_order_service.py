@@ -55,6 +55,22 @@ def refused(service: str) -> DownstreamError:
     return err(service, grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE")
 
 
+def reserve_answering(world: World, *answers: DownstreamError) -> None:
+    """ReserveStock fails with each answer in turn; where the answer was lost, the stock was reserved first. Once
+    the answers are used up, it answers as usual."""
+    real, queued = world.inventory.reserve_stock, list(answers)
+
+    async def reserve_stock(order_id, items, ttl_seconds):
+        if not queued:
+            return await real(order_id, items, ttl_seconds)
+        answer = queued.pop(0)
+        if answer.outcome_unknown:
+            await real(order_id, items, ttl_seconds)
+        raise answer
+
+    world.inventory.reserve_stock = reserve_stock
+
+
 def charge_answering(world: World, *answers: DownstreamError) -> None:
     """ProcessPayment fails with each answer in turn; where the answer was lost, the charge went through first."""
     real, queued = world.payments.process_payment, list(answers)
@@ -583,18 +599,7 @@ async def test_reservation_expired_before_confirmation_refunds_the_payment(world
 
 async def test_reservation_call_of_unknown_outcome_is_found_and_released(world):
     # The reservation is made but every answer is lost: compensation looks it up by order id and releases it.
-    lost = unavailable("inventory")
-    world.inventory.fail_next("reserve_stock", *[lost] * POLICY.step_max_attempts)
-    original = world.inventory._reserve
-
-    def reserve_then_lose(order_id, items):
-        original(order_id, items)
-        raise lost
-
-    world.inventory._reserve = reserve_then_lose  # the first attempts reach the inventory, then answers are lost
-    world.inventory.queued["reserve_stock"] = []
-    world.inventory.fail_next("reserve_stock", lambda: None, lambda: None, lambda: None,
-                              lambda: setattr(world.inventory, "_reserve", original))
+    reserve_answering(world, *[unavailable("inventory")] * POLICY.step_max_attempts)
     error = await world.fail(Unavailable)
     order = await world.stored()
     assert error.reason == "DEPENDENCY_UNAVAILABLE" and error.metadata["service"] == "inventory"
@@ -629,17 +634,10 @@ async def test_a_charge_refused_on_every_attempt_is_not_looked_up(world):
 
 
 async def test_a_reservation_whose_answer_was_lost_is_released_though_the_later_attempts_were_refused(world):
-    original = world.inventory._reserve
-
-    def reserve_then_lose(order_id, items):
-        original(order_id, items)
-        raise err("inventory", grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", answered=False)
-
-    # The first attempt reserves the stock but its answer is lost, the inventory refuses the others, then
-    # answers again when compensation looks the reservation up.
-    world.inventory._reserve = reserve_then_lose
-    world.inventory.fail_next("reserve_stock", lambda: None, *[refused("inventory")] * (POLICY.step_max_attempts - 1),
-                              lambda: setattr(world.inventory, "_reserve", original))
+    # The first attempt reserves the stock but its answer is lost, the inventory refuses the others; compensation
+    # looks the reservation up and releases it.
+    reserve_answering(world, err("inventory", grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", answered=False),
+                      *[refused("inventory")] * (POLICY.step_max_attempts - 1))
     error = await world.fail(Unavailable)
     order = await world.stored()
     assert error.reason == "DEPENDENCY_UNAVAILABLE" and error.metadata["service"] == "inventory"
