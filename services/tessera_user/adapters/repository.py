@@ -37,6 +37,12 @@ class UserRepository(abc.ABC):
     async def get(self, user_id: str) -> User | None: ...
 
     @abc.abstractmethod
+    async def get_for_update(self, user_id: str) -> User | None:
+        """The user, its row locked until the transaction ends (SELECT ... FOR UPDATE on PostgreSQL; a SQLite
+        transaction that writes holds the whole database already): a change read this way cannot be lost to, or
+        overwrite, a concurrent one."""
+
+    @abc.abstractmethod
     async def get_by_request_id(self, request_id: str) -> tuple[User, str | None] | None: ...
 
     @abc.abstractmethod
@@ -47,7 +53,8 @@ class UserRepository(abc.ABC):
                          status: UserStatus | None) -> list[User]: ...
 
     @abc.abstractmethod
-    async def save(self, user: User) -> None: ...
+    async def save(self, user: User) -> bool:
+        """Writes the user's changes; False when its row no longer exists."""
 
     @abc.abstractmethod
     async def delete(self, user_id: str) -> bool: ...
@@ -64,6 +71,7 @@ def _row(user: User) -> dict[str, Any]:
 
 # GetUser's read, built once: tessera_runtime.db.read_first runs it straight on asyncpg in a read session.
 _BY_ID = select(users).where(users.c.id == bindparam("user_id"))
+_BY_ID_LOCKED = _BY_ID.with_for_update()
 
 
 def _user(row: Any) -> User:
@@ -99,6 +107,10 @@ class SqlAlchemyUserRepository(UserRepository):
         row = await read_first(self.session, _BY_ID, {"user_id": user_id})
         return None if row is None else _user(row)
 
+    async def get_for_update(self, user_id: str) -> User | None:
+        row = (await self.session.execute(_BY_ID_LOCKED, {"user_id": user_id})).first()
+        return None if row is None else _user(row)
+
     async def get_by_request_id(self, request_id: str) -> tuple[User, str | None] | None:
         row = (await self.session.execute(
             select(users).where(users.c.create_request_id == request_id))).first()
@@ -117,10 +129,11 @@ class SqlAlchemyUserRepository(UserRepository):
         query = keyset_page(query, users, key, limit)
         return [_user(r) for r in (await self.session.execute(query)).all()]
 
-    async def save(self, user: User) -> None:
+    async def save(self, user: User) -> bool:
         values = _row(user)
         del values["id"], values["email"], values["email_key"], values["create_time"]
-        await self.session.execute(update(users).where(users.c.id == user.id).values(**values))
+        result = await self.session.execute(update(users).where(users.c.id == user.id).values(**values))
+        return result.rowcount == 1
 
     async def delete(self, user_id: str) -> bool:
         result = await self.session.execute(delete(users).where(users.c.id == user_id))
@@ -147,6 +160,9 @@ class InMemoryUserRepository(UserRepository):
         user = self.users.get(user_id)
         return None if user is None else dataclasses.replace(user)
 
+    async def get_for_update(self, user_id: str) -> User | None:
+        return await self.get(user_id)  # one unit of work at a time: nothing to lock
+
     async def get_by_request_id(self, request_id: str) -> tuple[User, str | None] | None:
         entry = self.requests.get(request_id)
         if entry is None or entry[0] not in self.users:
@@ -163,8 +179,11 @@ class InMemoryUserRepository(UserRepository):
                     and (key is None or (u.create_time, u.id) > key)]
         return [dataclasses.replace(u) for u in selected[:limit]]
 
-    async def save(self, user: User) -> None:
+    async def save(self, user: User) -> bool:
+        if user.id not in self.users:
+            return False
         self.users[user.id] = dataclasses.replace(user)
+        return True
 
     async def delete(self, user_id: str) -> bool:
         return self.users.pop(user_id, None) is not None

@@ -164,7 +164,7 @@ async def update_user(cmd: commands.UpdateUser, uow: UnitOfWork) -> User:
     _authorize(cmd.user_id)
 
     async with uow:
-        user = await uow.users.get(cmd.user_id)
+        user = await uow.users.get_for_update(cmd.user_id)
         if user is None:
             raise _not_found(cmd.user_id)
         before = dataclasses.replace(user)
@@ -177,7 +177,8 @@ async def update_user(cmd: commands.UpdateUser, uow: UnitOfWork) -> User:
             return user
         user.update_time = utcnow()
         user.version += 1
-        await uow.users.save(user)
+        if not await uow.users.save(user):
+            raise _not_found(cmd.user_id)
         uow.add_event(AGGREGATE, user.id, mapping.user_updated(user, changed))
         await uow.commit()
     return user
@@ -220,11 +221,12 @@ async def deactivate_user(cmd: commands.DeactivateUser, uow: UnitOfWork) -> User
         v.raise_if_any()
     _require_admin("deactivating an account")
     async with uow:
-        user = await uow.users.get(cmd.user_id)
+        user = await uow.users.get_for_update(cmd.user_id)
         if user is None:
             raise _not_found(cmd.user_id)
         if user.deactivate(utcnow()):
-            await uow.users.save(user)
+            if not await uow.users.save(user):
+                raise _not_found(cmd.user_id)
             uow.add_event(AGGREGATE, user.id, mapping.user_deactivated(user, cmd.reason))
             await uow.commit()
     return user
@@ -234,11 +236,12 @@ async def activate_user(cmd: commands.ActivateUser, uow: UnitOfWork) -> User:
     check_id(cmd.user_id, "id")
     _require_admin("activating an account")
     async with uow:
-        user = await uow.users.get(cmd.user_id)
+        user = await uow.users.get_for_update(cmd.user_id)
         if user is None:
             raise _not_found(cmd.user_id)
         if user.activate(utcnow()):
-            await uow.users.save(user)
+            if not await uow.users.save(user):
+                raise _not_found(cmd.user_id)
             uow.add_event(AGGREGATE, user.id, mapping.user_activated(user))
             await uow.commit()
     return user
