@@ -66,7 +66,10 @@ def decode_time_key(token: str, method: str, filters: dict[str, Any], domain: st
     if key is None:
         return None
     try:
-        return dt.datetime.fromisoformat(str(key[0])), str(key[1])
+        after = dt.datetime.fromisoformat(str(key[0]))
+        if after.tzinfo is None:  # the tokens issued here carry UTC times: this one was made by hand
+            raise ValueError("a time without its offset")
+        return after, str(key[1])
     except (ValueError, IndexError, TypeError):
         raise InvalidArgument([FieldViolation(field, "is malformed")], domain=domain) from None
 

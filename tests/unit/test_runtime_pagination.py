@@ -54,8 +54,11 @@ def test_next_page_and_time_key_round_trip():
     assert pagination.decode_time_key("", "ListRows", {"f": 1}, "x") is None
 
 
-def test_a_token_whose_key_is_not_a_time_cursor_is_malformed():
-    token = pagination.encode("ListRows", {}, ["not a time", "id"])
+@pytest.mark.parametrize("key", [["not a time", "id"], ["2026-01-01T00:00:00", "id"], ["2026-01-01T00:00:00+00:00"]])
+def test_a_token_whose_key_is_not_a_time_cursor_is_malformed(key):
+    """Not a time, a time without its offset (the tokens issued carry UTC; a naive one would fail the query), or no
+    id: a token made by hand is refused as malformed, never sent to the database."""
+    token = pagination.encode("ListRows", {}, key)
     with pytest.raises(InvalidArgument) as err:
         pagination.decode_time_key(token, "ListRows", {}, "x")
     assert err.value.violations[0].field == "page_token" and "malformed" in err.value.violations[0].description
