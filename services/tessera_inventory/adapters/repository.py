@@ -54,8 +54,10 @@ class ProductRepository(abc.ABC):
     async def add(self, product: Product, request_id: str, request_hash: str) -> None: ...
 
     @abc.abstractmethod
-    async def get(self, product_id: str) -> Product | None:
-        """The product, or None when it does not exist or was deleted."""
+    async def get(self, product_id: str, *, lock: bool = False) -> Product | None:
+        """The product, or None when it does not exist or was deleted. With `lock`, its row stays locked until the
+        transaction ends (SELECT ... FOR UPDATE on PostgreSQL; a SQLite transaction that writes holds the whole
+        database already), so that a change made from what was read cannot undo a concurrent one."""
 
     @abc.abstractmethod
     async def get_many(self, product_ids: Iterable[str]) -> dict[str, Product]: ...
@@ -174,9 +176,9 @@ class SqlAlchemyProductRepository(ProductRepository):
         await insert_row(self.session, products, {
             **_product_row(product), "create_request_id": request_id, "create_request_hash": request_hash}, clash)
 
-    async def get(self, product_id: str) -> Product | None:
-        row = (await self.session.execute(
-            select(products).where(products.c.id == product_id, products.c.delete_time.is_(None)))).first()
+    async def get(self, product_id: str, *, lock: bool = False) -> Product | None:
+        query = select(products).where(products.c.id == product_id, products.c.delete_time.is_(None))
+        row = (await self.session.execute(query.with_for_update() if lock else query)).first()
         return None if row is None else _product(row)
 
     async def get_many(self, product_ids: Iterable[str]) -> dict[str, Product]:
@@ -430,8 +432,8 @@ class InMemoryProductRepository(ProductRepository):
         self.state.products[product.id] = dataclasses.replace(product)
         self.state.create_requests[request_id] = (product.id, request_hash)
 
-    async def get(self, product_id: str) -> Product | None:
-        p = self._live(product_id)
+    async def get(self, product_id: str, *, lock: bool = False) -> Product | None:
+        p = self._live(product_id)  # one unit of work at a time: nothing to lock
         return None if p is None else dataclasses.replace(p)
 
     async def get_many(self, product_ids: Iterable[str]) -> dict[str, Product]:

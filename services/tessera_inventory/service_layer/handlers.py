@@ -271,7 +271,8 @@ async def update_product(cmd: commands.UpdateProduct, uow: UnitOfWork) -> Produc
     _require_admin("changing a product")
 
     async with uow:
-        product = await uow.products.get(cmd.product_id)
+        # Locked: the fields the mask leaves alone are written back as read, so a concurrent change must wait.
+        product = await uow.products.get(cmd.product_id, lock=True)
         if product is None:
             raise _product_not_found(cmd.product_id)
         name = cmd.name.strip() if "name" in paths else product.name
