@@ -74,6 +74,7 @@ BAD_PRODUCTS = [
     (product(name=" "), "product.name"),
     (product(name="x" * 201), "product.name"),
     (product(description="x" * 5001), "product.description"),
+    (product(description="line one\nline two\x00"), "product.description"),  # NUL: PostgreSQL cannot store it
     (product(price=None), "product.price"),
     (product(price=Money("EURO", 100)), "product.price.currency_code"),
     (product(price=Money("ABC", 100)), "product.price.currency_code"),
@@ -182,6 +183,7 @@ async def test_adjust_stock_rules_and_idempotency():
     (commands.AdjustStock(str(uuid.uuid4()), -1_000_000_001, "r", "k"), "delta"),
     (commands.AdjustStock(str(uuid.uuid4()), 1, "", "k"), "reason"),
     (commands.AdjustStock(str(uuid.uuid4()), 1, "x" * 501, "k"), "reason"),
+    (commands.AdjustStock(str(uuid.uuid4()), 1, "recount\x00", "k"), "reason"),
     (commands.AdjustStock(str(uuid.uuid4()), 1, "r", ""), "request_id"),
 ])
 async def test_invalid_adjustment(cmd, field):
@@ -247,6 +249,9 @@ async def test_list_pages_filters_and_tokens():
     assert fields(err.value) == ["page_token"]
     with pytest.raises(InvalidArgument):
         await handlers.list_products(commands.ListProducts(-1, ""), uow)
+    with pytest.raises(InvalidArgument) as nul:
+        await handlers.list_products(commands.ListProducts(0, "", sku="P\x00"), uow)
+    assert fields(nul.value) == ["sku"]
 
 
 # Reservations --------------------------------------------------------------------------------------------------

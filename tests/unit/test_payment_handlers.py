@@ -410,4 +410,9 @@ async def test_only_succeeded_payments_are_refundable():
     with pytest.raises(InvalidArgument) as bad:
         await handlers.refund_payment(commands.RefundPayment("x", "", "y" * 501), uow, processing(processor))
     assert fields(bad.value) == ["payment_id", "idempotency_key", "reason"]
+    # NUL, which PostgreSQL's text cannot store, is refused before the processor refunds anything.
+    with pytest.raises(InvalidArgument) as nul:
+        await handlers.refund_payment(commands.RefundPayment(p.id, "k", "Order cancelled\x00"), uow,
+                                      processing(processor))
+    assert fields(nul.value) == ["reason"]
     assert processor.refund_calls == 0

@@ -160,9 +160,15 @@ def check_name(name: str, field: str, v: Violations) -> None:
         v.add(field, "must not contain control characters")
 
 
+# Free text may hold line breaks and tabs, but not NUL, which PostgreSQL's text cannot store.
+NO_NUL = "must not contain the NUL character (U+0000)"
+
+
 def check_description(description: str, field: str, v: Violations) -> None:
     if len(description) > MAX_DESCRIPTION:
         v.add(field, f"must be at most {MAX_DESCRIPTION} characters")
+    elif "\x00" in description:
+        v.add(field, NO_NUL)
 
 
 def check_currency(code: str, field: str, v: Violations) -> None:
@@ -188,5 +194,7 @@ def check_price(price: Money | None, field: str, v: Violations) -> None:
 def check_reason(reason: str, field: str, v: Violations, *, required: bool) -> None:
     if len(reason) > MAX_REASON:
         v.add(field, f"must be at most {MAX_REASON} characters")
+    elif "\x00" in reason:
+        v.add(field, NO_NUL)
     elif required and not reason.strip():
         v.add(field, "is required")

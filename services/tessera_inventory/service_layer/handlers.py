@@ -236,10 +236,12 @@ async def batch_get_products(cmd: commands.BatchGetProducts, uow: UnitOfWork) ->
 
 async def list_products(cmd: commands.ListProducts, uow: UnitOfWork) -> tuple[list[Product], str]:
     size = pagination.page_size(cmd.page_size, DOMAIN)
+    v = model.new_violations()
     if len(cmd.sku) > model.MAX_SKU:
-        v = model.new_violations()
         v.add("sku", f"must be at most {model.MAX_SKU} characters")
-        v.raise_if_any()
+    elif "\x00" in cmd.sku:
+        v.add("sku", model.NO_NUL)
+    v.raise_if_any()
     filters = {"sku": cmd.sku, "in_stock_only": cmd.in_stock_only}
     after = pagination.decode_time_key(cmd.page_token, "ListProducts", filters, DOMAIN)
     async with uow:

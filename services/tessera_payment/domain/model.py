@@ -158,3 +158,5 @@ def check_payment_method(method: str, field: str, v: Violations) -> None:
 def check_reason(reason: str, field: str, v: Violations) -> None:
     if len(reason) > MAX_REASON:
         v.add(field, f"must be at most {MAX_REASON} characters")
+    elif "\x00" in reason:  # free text may hold line breaks, but not NUL, which PostgreSQL's text cannot store
+        v.add(field, "must not contain the NUL character (U+0000)")
