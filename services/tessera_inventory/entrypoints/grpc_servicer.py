@@ -68,7 +68,7 @@ class InventoryServicer(inventory_service_pb2_grpc.InventoryServiceServicer):
         return svc.AdjustStockResponse(product=mapping.product_to_proto(product))
 
     async def ReserveStock(self, request: svc.ReserveStockRequest, context) -> svc.ReserveStockResponse:
-        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else None
+        ttl = _ttl(request.ttl) if request.HasField("ttl") else None
         cmd = commands.ReserveStock(order_id=request.order_id, items=mapping.items_from_proto(request.items),
                                     ttl=ttl or None)
         reservation = await handlers.reserve_stock(cmd, self.uow(), self.default_ttl)
@@ -86,3 +86,12 @@ class InventoryServicer(inventory_service_pb2_grpc.InventoryServiceServicer):
     async def CommitReservation(self, request: svc.CommitReservationRequest, context) -> svc.CommitReservationResponse:
         reservation = await handlers.commit_reservation(commands.CommitReservation(request.id), self.uow())
         return svc.CommitReservationResponse(reservation=mapping.reservation_to_proto(reservation))
+
+
+def _ttl(duration) -> dt.timedelta:
+    """The requested time to live; one too long for a timedelta (about 2.7 million years) reads as the longest,
+    which the handler refuses as out of range, naming `ttl`, like any other too long."""
+    try:
+        return duration.ToTimedelta()
+    except (OverflowError, ValueError):  # ValueError: outside the range protobuf's Duration allows
+        return dt.timedelta.max
