@@ -51,7 +51,8 @@ def money_to_proto(m: Money) -> money_pb2.Money:
 
 
 def items_from_proto(items) -> tuple[ReservationItem, ...]:
-    return tuple(ReservationItem(product_id=i.product_id, quantity=i.quantity) for i in items)
+    # Ids in lower case, as the servicer keeps every id (grpc_servicer._id).
+    return tuple(ReservationItem(product_id=i.product_id.lower(), quantity=i.quantity) for i in items)
 
 
 def product_to_proto(p: Product) -> product_pb2.Product:

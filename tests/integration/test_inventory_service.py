@@ -510,3 +510,20 @@ async def test_a_commit_locks_its_products_in_product_id_order(pg_database):
             if conn is not None:
                 await conn.close()
         await db.dispose()
+
+
+async def test_ids_are_the_same_in_either_case(inventory, db_url):
+    """A UUID's letters may come in either case: an order's repeat in upper case is the same reservation (order_id
+    is the idempotency key), and products and reservations are found by their ids in upper case."""
+    lamp = (await inventory.CreateProduct(new_product("LAMP", stock=10))).product
+    order_id = str(uuid.uuid4())
+    first = (await inventory.ReserveStock(reserve_request((lamp.id, 4), order_id=order_id))).reservation
+    again = (await inventory.ReserveStock(reserve_request((lamp.id.upper(), 4), order_id=order_id.upper()))).reservation
+    assert again.id == first.id and await count_rows(db_url, reservations) == 1
+    assert levels((await inventory.GetProduct(svc.GetProductRequest(id=lamp.id.upper()))).product) == (10, 4, 6)
+    got = (await inventory.BatchGetProducts(svc.BatchGetProductsRequest(ids=[lamp.id.upper()]))).products
+    assert [p.id for p in got] == [lamp.id]
+    assert (await inventory.GetReservation(svc.GetReservationRequest(id=first.id.upper()))).reservation == first
+    committed = (await inventory.CommitReservation(svc.CommitReservationRequest(id=first.id.upper()))).reservation
+    assert committed.id == first.id
+    assert levels((await inventory.GetProduct(svc.GetProductRequest(id=lamp.id))).product) == (6, 0, 6)

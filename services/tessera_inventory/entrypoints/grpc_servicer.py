@@ -34,11 +34,12 @@ class InventoryServicer(inventory_service_pb2_grpc.InventoryServiceServicer):
         return svc.CreateProductResponse(product=mapping.product_to_proto(product))
 
     async def GetProduct(self, request: svc.GetProductRequest, context) -> svc.GetProductResponse:
-        product = await handlers.get_product(commands.GetProduct(request.id), self.uow())
+        product = await handlers.get_product(commands.GetProduct(_id(request.id)), self.uow())
         return svc.GetProductResponse(product=mapping.product_to_proto(product))
 
     async def BatchGetProducts(self, request: svc.BatchGetProductsRequest, context) -> svc.BatchGetProductsResponse:
-        products = await handlers.batch_get_products(commands.BatchGetProducts(tuple(request.ids)), self.uow())
+        cmd = commands.BatchGetProducts(tuple(_id(i) for i in request.ids))
+        products = await handlers.batch_get_products(cmd, self.uow())
         return svc.BatchGetProductsResponse(products=[mapping.product_to_proto(p) for p in products])
 
     async def ListProducts(self, request: svc.ListProductsRequest, context) -> svc.ListProductsResponse:
@@ -51,41 +52,48 @@ class InventoryServicer(inventory_service_pb2_grpc.InventoryServiceServicer):
     async def UpdateProduct(self, request: svc.UpdateProductRequest, context) -> svc.UpdateProductResponse:
         p = request.product
         cmd = commands.UpdateProduct(
-            product_id=p.id, paths=tuple(request.update_mask.paths), name=p.name, description=p.description,
+            product_id=_id(p.id), paths=tuple(request.update_mask.paths), name=p.name, description=p.description,
             price=mapping.money_from_proto(p.price) if p.HasField("price") else None,
         )
         product = await handlers.update_product(cmd, self.uow())
         return svc.UpdateProductResponse(product=mapping.product_to_proto(product))
 
     async def DeleteProduct(self, request: svc.DeleteProductRequest, context) -> svc.DeleteProductResponse:
-        await handlers.delete_product(commands.DeleteProduct(request.id), self.uow())
+        await handlers.delete_product(commands.DeleteProduct(_id(request.id)), self.uow())
         return svc.DeleteProductResponse()
 
     async def AdjustStock(self, request: svc.AdjustStockRequest, context) -> svc.AdjustStockResponse:
-        cmd = commands.AdjustStock(product_id=request.product_id, delta=request.delta, reason=request.reason,
+        cmd = commands.AdjustStock(product_id=_id(request.product_id), delta=request.delta, reason=request.reason,
                                    request_id=request.request_id)
         product = await handlers.adjust_stock(cmd, self.uow())
         return svc.AdjustStockResponse(product=mapping.product_to_proto(product))
 
     async def ReserveStock(self, request: svc.ReserveStockRequest, context) -> svc.ReserveStockResponse:
         ttl = _ttl(request.ttl) if request.HasField("ttl") else None
-        cmd = commands.ReserveStock(order_id=request.order_id, items=mapping.items_from_proto(request.items),
+        cmd = commands.ReserveStock(order_id=_id(request.order_id), items=mapping.items_from_proto(request.items),
                                     ttl=ttl or None)
         reservation = await handlers.reserve_stock(cmd, self.uow(), self.default_ttl)
         return svc.ReserveStockResponse(reservation=mapping.reservation_to_proto(reservation))
 
     async def GetReservation(self, request: svc.GetReservationRequest, context) -> svc.GetReservationResponse:
-        reservation = await handlers.get_reservation(commands.GetReservation(request.id), self.uow())
+        reservation = await handlers.get_reservation(commands.GetReservation(_id(request.id)), self.uow())
         return svc.GetReservationResponse(reservation=mapping.reservation_to_proto(reservation))
 
     async def ReleaseReservation(self, request: svc.ReleaseReservationRequest, context) -> svc.ReleaseReservationResponse:  # noqa: E501
-        cmd = commands.ReleaseReservation(reservation_id=request.id, reason=request.reason)
+        cmd = commands.ReleaseReservation(reservation_id=_id(request.id), reason=request.reason)
         reservation = await handlers.release_reservation(cmd, self.uow())
         return svc.ReleaseReservationResponse(reservation=mapping.reservation_to_proto(reservation))
 
     async def CommitReservation(self, request: svc.CommitReservationRequest, context) -> svc.CommitReservationResponse:
-        reservation = await handlers.commit_reservation(commands.CommitReservation(request.id), self.uow())
+        reservation = await handlers.commit_reservation(commands.CommitReservation(_id(request.id)), self.uow())
         return svc.CommitReservationResponse(reservation=mapping.reservation_to_proto(reservation))
+
+
+def _id(value: str) -> str:
+    """Ids are UUIDs, whose letters may come in either case: stored and compared in lower case, as the other
+    services do, so that an order's reservation (order_id is its idempotency key) or a product is the same
+    whichever case a caller writes it in."""
+    return value.lower()
 
 
 def _ttl(duration) -> dt.timedelta:
