@@ -7,13 +7,12 @@ import pytest
 from tessera.user.v1 import user_service_pb2_grpc
 
 from tessera_runtime.config import ServiceSettings
-from tessera_runtime.db import Database
 from tessera_runtime.messaging import MessagingServiceSettings
 from tessera_runtime.messaging.amqp import running_links
-from tessera_runtime.migrations import upgrade_async
 from tessera_runtime.server import create_server
 from tessera_user import bootstrap
 from tests.support import postgres
+from tests.support.databases import migrated
 from tests.support.smtp import SmtpSink
 
 
@@ -44,10 +43,8 @@ async def db_url(request, tmp_path):
 @pytest.fixture
 async def user_database(db_url):
     """The user service's schema on each backend, as a Database (the tables tests of the runtime write to)."""
-    await upgrade_async(bootstrap.MIGRATIONS, db_url)
-    db = Database(db_url)
-    yield db
-    await db.dispose()
+    async with migrated(bootstrap.MIGRATIONS, db_url) as db:
+        yield db
 
 
 def settings_for(service: str, db_url: str, **overrides) -> ServiceSettings:

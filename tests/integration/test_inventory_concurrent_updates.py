@@ -15,37 +15,21 @@ from tessera_inventory.adapters import repository
 from tessera_inventory.domain.model import Money
 from tessera_inventory.service_layer import commands, handlers
 from tessera_inventory.service_layer.unit_of_work import InventoryUnitOfWork
-from tessera_runtime.db import Database
-from tessera_runtime.migrations import upgrade_async
+from tests.support.concurrency import meet_before
+from tests.support.databases import migrated
 
 
 @pytest.fixture
 async def db(db_url):
-    await upgrade_async(bootstrap.MIGRATIONS, db_url)
-    database = Database(db_url)
-    yield database
-    await database.dispose()
+    async with migrated(bootstrap.MIGRATIONS, db_url) as database:
+        yield database
 
 
 async def test_a_name_and_a_price_changed_at_once_both_stick(db, monkeypatch):
     product = await handlers.create_product(commands.CreateProduct(
         sku="LAMP-1", name="Desk lamp", description="A lamp", price=Money("EUR", 3999), stock_on_hand=5,
         request_id=uuid.uuid4().hex), InventoryUnitOfWork(db))
-    arrived = [asyncio.Event(), asyncio.Event()]
-    turn = iter(range(2))
-    real = repository.SqlAlchemyProductRepository.update_details
-
-    async def update_details(self, *args, **kwargs):
-        mine = next(turn, None)
-        if mine is not None:
-            arrived[mine].set()
-            try:
-                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in arrived)), timeout=1.0)
-            except TimeoutError:
-                pass
-        return await real(self, *args, **kwargs)
-
-    monkeypatch.setattr(repository.SqlAlchemyProductRepository, "update_details", update_details)
+    meet_before(monkeypatch, repository.SqlAlchemyProductRepository, "update_details")
     await asyncio.gather(
         handlers.update_product(commands.UpdateProduct(product.id, ("name",), name="Reading lamp"),
                                 InventoryUnitOfWork(db)),

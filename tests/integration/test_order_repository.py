@@ -19,14 +19,13 @@ from tessera_order.service_layer.unit_of_work import OrderUnitOfWork
 from tessera_runtime import migrations
 from tessera_runtime.db import Database, utcnow
 from tessera_runtime.migrations import upgrade_async
+from tests.support.databases import migrated
 
 
 @pytest.fixture
 async def db(db_url):
-    await upgrade_async(bootstrap.MIGRATIONS, db_url)
-    database = Database(db_url)
-    yield database
-    await database.dispose()
+    async with migrated(bootstrap.MIGRATIONS, db_url) as database:
+        yield database
 
 
 def lease(owner: str, seconds: float = 30) -> Lease:

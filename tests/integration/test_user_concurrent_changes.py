@@ -13,40 +13,24 @@ from sqlalchemy import select
 
 from tessera_runtime.db import Database
 from tessera_runtime.errors import NotFound
-from tessera_runtime.migrations import upgrade_async
 from tessera_user import bootstrap
 from tessera_user.adapters import repository
 from tessera_user.adapters.orm import outbox
 from tessera_user.domain.model import Preferences, Profile, UserStatus
 from tessera_user.service_layer import commands, handlers
 from tessera_user.service_layer.unit_of_work import UserUnitOfWork
+from tests.support.concurrency import meet_before
+from tests.support.databases import migrated
 
 
 @pytest.fixture
 async def db(db_url):
-    await upgrade_async(bootstrap.MIGRATIONS, db_url)
-    database = Database(db_url)
-    yield database
-    await database.dispose()
+    async with migrated(bootstrap.MIGRATIONS, db_url) as database:
+        yield database
 
 
-def writers_meet_before_writing(monkeypatch, count: int = 2) -> None:
-    """Each save waits until `count` saves are under way, or a second has passed."""
-    arrived: list[asyncio.Event] = [asyncio.Event() for _ in range(count)]
-    turn = iter(range(count))
-    real = repository.SqlAlchemyUserRepository.save
-
-    async def save(self, user):
-        mine = next(turn, None)
-        if mine is not None:
-            arrived[mine].set()
-            try:
-                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in arrived)), timeout=1.0)
-            except TimeoutError:
-                pass
-        return await real(self, user)
-
-    monkeypatch.setattr(repository.SqlAlchemyUserRepository, "save", save)
+def writers_meet_before_writing(monkeypatch) -> None:
+    meet_before(monkeypatch, repository.SqlAlchemyUserRepository, "save")
 
 
 async def create(db: Database, email: str = "ada@example.com"):
