@@ -67,7 +67,8 @@ class NotificationRepository(abc.ABC):
 
 class RecipientRepository(abc.ABC):
     @abc.abstractmethod
-    async def get(self, user_id: str) -> Recipient | None: ...
+    async def get(self, user_id: str, *, lock: bool = False) -> Recipient | None:
+        """With `lock`, the row stays locked until the transaction ends (as NotificationRepository.get)."""
 
     @abc.abstractmethod
     async def put(self, recipient: Recipient) -> None: ...
@@ -132,8 +133,9 @@ class SqlAlchemyRecipientRepository(RecipientRepository):
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def get(self, user_id: str) -> Recipient | None:
-        row = (await self.session.execute(select(recipients).where(recipients.c.user_id == user_id))).first()
+    async def get(self, user_id: str, *, lock: bool = False) -> Recipient | None:
+        query = select(recipients).where(recipients.c.user_id == user_id)
+        row = (await self.session.execute(query.with_for_update() if lock else query)).first()
         return None if row is None else Recipient(**row._mapping)
 
     async def put(self, recipient: Recipient) -> None:
@@ -178,8 +180,8 @@ class InMemoryRecipientRepository(RecipientRepository):
     def __init__(self) -> None:
         self.items: dict[str, Recipient] = {}
 
-    async def get(self, user_id: str) -> Recipient | None:
-        found = self.items.get(user_id)
+    async def get(self, user_id: str, *, lock: bool = False) -> Recipient | None:
+        found = self.items.get(user_id)  # one unit of work at a time: nothing to lock
         return None if found is None else dataclasses.replace(found)
 
     async def put(self, recipient: Recipient) -> None:

@@ -78,7 +78,8 @@ async def _record(uow: UnitOfWork, cmd: commands.RecordUser, now: dt.datetime) -
     incoming = Recipient(user_id=cmd.user_id, email=cmd.email, display_name=cmd.display_name, locale=cmd.locale,
                          order_update_emails=cmd.order_update_emails, version=cmd.version, deleted=False,
                          update_time=now)
-    current = await uow.recipients.get(cmd.user_id)
+    # Locked: the copy is replaced only by a newer one, so a concurrent change (a deletion) must be seen first.
+    current = await uow.recipients.get(cmd.user_id, lock=True)
     if current is None or incoming.newer_than(current):
         await uow.recipients.put(incoming)
 
@@ -98,7 +99,7 @@ async def forget_user(cmd: commands.ForgetUser, meta: EventMeta, uow_factory: Ca
     async with uow_factory() as uow:
         if not await uow.claim(meta):
             return DUPLICATE
-        current = await uow.recipients.get(cmd.user_id)
+        current = await uow.recipients.get(cmd.user_id, lock=True)
         if current is None or not current.deleted:
             await uow.recipients.put(Recipient.tombstone(cmd.user_id, clock()))
         await uow.commit()
