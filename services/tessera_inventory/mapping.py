@@ -51,7 +51,7 @@ def money_to_proto(m: Money) -> money_pb2.Money:
 
 
 def items_from_proto(items) -> tuple[ReservationItem, ...]:
-    # Ids in lower case, as the servicer keeps every id (grpc_servicer._id).
+    # Ids in lower case, as the servicer takes every id (entrypoints.grpc_servicer._id).
     return tuple(ReservationItem(product_id=i.product_id.lower(), quantity=i.quantity) for i in items)
 
 

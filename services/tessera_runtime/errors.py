@@ -155,6 +155,15 @@ def is_uuid(value: str) -> bool:
         return False
 
 
+# Free text may hold line breaks and tabs, but not NUL, which PostgreSQL's text cannot store: refused, naming the
+# field, rather than failing the statement that would store it.
+NUL_REFUSED = "must not contain the NUL character (U+0000)"
+
+
+def has_nul(value: str) -> bool:
+    return "\x00" in value
+
+
 def check_uuid(value: str, field: str, v: Violations, *, required: bool = True) -> None:
     """The id check of every service: `field` is required (unless told otherwise) and a UUID."""
     if not value:

@@ -9,7 +9,7 @@ import json
 import zlib
 from typing import Any, TypeVar
 
-from tessera_runtime.errors import FieldViolation, InvalidArgument
+from tessera_runtime.errors import FieldViolation, InvalidArgument, has_nul
 
 T = TypeVar("T")
 
@@ -65,12 +65,16 @@ def decode_time_key(token: str, method: str, filters: dict[str, Any], domain: st
     key = decode(token, method, filters, domain, field)
     if key is None:
         return None
+    # Only a token made by hand gets past the checks above and fails these: the tokens issued here carry a UTC time
+    # and a row's id. Whatever it holds must be refused here, not fail the query.
     try:
+        if len(key) != 2 or not isinstance(key[1], str) or has_nul(key[1]):
+            raise ValueError("not a (time, id) pair")
         after = dt.datetime.fromisoformat(str(key[0]))
-        if after.tzinfo is None:  # the tokens issued here carry UTC times: this one was made by hand
+        if after.tzinfo is None:
             raise ValueError("a time without its offset")
-        return after, str(key[1])
-    except (ValueError, IndexError, TypeError):
+        return after.astimezone(dt.UTC), key[1]
+    except (ValueError, TypeError, OverflowError):
         raise InvalidArgument([FieldViolation(field, "is malformed")], domain=domain) from None
 
 

@@ -54,10 +54,14 @@ def test_next_page_and_time_key_round_trip():
     assert pagination.decode_time_key("", "ListRows", {"f": 1}, "x") is None
 
 
-@pytest.mark.parametrize("key", [["not a time", "id"], ["2026-01-01T00:00:00", "id"], ["2026-01-01T00:00:00+00:00"]])
+@pytest.mark.parametrize("key", [
+    ["not a time", "id"], ["2026-01-01T00:00:00", "id"], ["2026-01-01T00:00:00+00:00"],
+    ["0001-01-01T00:00:00+01:00", "id"], ["2026-01-01T00:00:00+00:00", "a\x00b"], ["2026-01-01T00:00:00+00:00", 7],
+    ["2026-01-01T00:00:00+00:00", "id", "more"],
+])
 def test_a_token_whose_key_is_not_a_time_cursor_is_malformed(key):
-    """Not a time, a time without its offset (the tokens issued carry UTC; a naive one would fail the query), or no
-    id: a token made by hand is refused as malformed, never sent to the database."""
+    """Not a time, a time without its offset or before the year 1 in UTC, no id, an id PostgreSQL cannot compare
+    (NUL) or that is no string: a token made by hand is refused as malformed, never sent to the database."""
     token = pagination.encode("ListRows", {}, key)
     with pytest.raises(InvalidArgument) as err:
         pagination.decode_time_key(token, "ListRows", {}, "x")

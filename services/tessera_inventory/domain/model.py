@@ -8,7 +8,7 @@ import enum
 import re
 
 from tessera_inventory import DOMAIN
-from tessera_runtime.errors import Violations
+from tessera_runtime.errors import NUL_REFUSED, Violations, has_nul
 from tessera_runtime.money import is_iso_currency
 
 MAX_SKU = 64
@@ -160,15 +160,11 @@ def check_name(name: str, field: str, v: Violations) -> None:
         v.add(field, "must not contain control characters")
 
 
-# Free text may hold line breaks and tabs, but not NUL, which PostgreSQL's text cannot store.
-NO_NUL = "must not contain the NUL character (U+0000)"
-
-
 def check_description(description: str, field: str, v: Violations) -> None:
     if len(description) > MAX_DESCRIPTION:
         v.add(field, f"must be at most {MAX_DESCRIPTION} characters")
-    elif "\x00" in description:
-        v.add(field, NO_NUL)
+    elif has_nul(description):
+        v.add(field, NUL_REFUSED)
 
 
 def check_currency(code: str, field: str, v: Violations) -> None:
@@ -194,7 +190,7 @@ def check_price(price: Money | None, field: str, v: Violations) -> None:
 def check_reason(reason: str, field: str, v: Violations, *, required: bool) -> None:
     if len(reason) > MAX_REASON:
         v.add(field, f"must be at most {MAX_REASON} characters")
-    elif "\x00" in reason:
-        v.add(field, NO_NUL)
+    elif has_nul(reason):
+        v.add(field, NUL_REFUSED)
     elif required and not reason.strip():
         v.add(field, "is required")

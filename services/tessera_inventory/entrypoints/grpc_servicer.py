@@ -90,9 +90,10 @@ class InventoryServicer(inventory_service_pb2_grpc.InventoryServiceServicer):
 
 
 def _id(value: str) -> str:
-    """Ids are UUIDs, whose letters may come in either case: stored and compared in lower case, as the other
-    services do, so that an order's reservation (order_id is its idempotency key) or a product is the same
-    whichever case a caller writes it in."""
+    """Ids are UUIDs, whose letters may come in either case: stored and compared in lower case (as payment, order
+    and notification do in their handlers), so that an order's reservation (order_id is its idempotency key) or a
+    product is the same whichever case a caller writes it in. A reservation's items are lower-cased with them
+    (mapping.items_from_proto)."""
     return value.lower()
 
 
@@ -101,5 +102,5 @@ def _ttl(duration) -> dt.timedelta:
     which the handler refuses as out of range, naming `ttl`, like any other too long."""
     try:
         return duration.ToTimedelta()
-    except (OverflowError, ValueError):  # ValueError: outside the range protobuf's Duration allows
+    except (OverflowError, ValueError):
         return dt.timedelta.max

@@ -39,7 +39,15 @@ from tessera_inventory.service_layer import commands
 from tessera_runtime import metrics, pagination
 from tessera_runtime.context import current_principal
 from tessera_runtime.db import utcnow
-from tessera_runtime.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, check_uuid
+from tessera_runtime.errors import (
+    NUL_REFUSED,
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    check_uuid,
+    has_nul,
+)
 from tessera_runtime.fieldmask import check_update_mask
 
 PRODUCT = "product"
@@ -239,8 +247,8 @@ async def list_products(cmd: commands.ListProducts, uow: UnitOfWork) -> tuple[li
     v = model.new_violations()
     if len(cmd.sku) > model.MAX_SKU:
         v.add("sku", f"must be at most {model.MAX_SKU} characters")
-    elif "\x00" in cmd.sku:
-        v.add("sku", model.NO_NUL)
+    elif has_nul(cmd.sku):
+        v.add("sku", NUL_REFUSED)
     v.raise_if_any()
     filters = {"sku": cmd.sku, "in_stock_only": cmd.in_stock_only}
     after = pagination.decode_time_key(cmd.page_token, "ListProducts", filters, DOMAIN)

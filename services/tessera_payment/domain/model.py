@@ -7,7 +7,7 @@ import datetime as dt
 import enum
 
 from tessera_payment import DOMAIN
-from tessera_runtime.errors import Violations
+from tessera_runtime.errors import NUL_REFUSED, Violations, has_nul
 from tessera_runtime.money import ISO_4217_CODES, is_iso_currency
 
 MIN_AMOUNT = 1
@@ -158,5 +158,5 @@ def check_payment_method(method: str, field: str, v: Violations) -> None:
 def check_reason(reason: str, field: str, v: Violations) -> None:
     if len(reason) > MAX_REASON:
         v.add(field, f"must be at most {MAX_REASON} characters")
-    elif "\x00" in reason:  # free text may hold line breaks, but not NUL, which PostgreSQL's text cannot store
-        v.add(field, "must not contain the NUL character (U+0000)")
+    elif has_nul(reason):
+        v.add(field, NUL_REFUSED)
