@@ -28,6 +28,14 @@ def database(user_database):
     return user_database
 
 
+@pytest.fixture
+async def pg_db(pg_database):
+    """A Database on a throwaway PostgreSQL database, disposed at the end."""
+    database = Database(pg_database[1])
+    yield database
+    await database.dispose()
+
+
 async def test_each_read_on_postgresql_is_its_own_transaction_without_begin(pg_database):
     _, url = pg_database
     db = Database(url)
@@ -312,61 +320,53 @@ async def test_the_pools_connections_are_exported_to_prometheus(pg_database):
 
 # Database.relay_connection: the outbox relay's own connection, for its statements and transaction.
 
-async def test_the_relays_connection_keeps_its_session_after_a_statement_error_in_its_transaction(pg_database):
-    _, url = pg_database
-    database = Database(url)
-    try:
-        async with database.relay_connection() as conn:
-            before = await conn.fetchval("SELECT pg_backend_pid()")
-        with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
-            async with database.relay_connection() as conn, conn.transaction():
-                await conn.execute("CREATE TEMPORARY TABLE scratch (n int)")  # rolled back with the transaction
-                await conn.fetchval("SELECT 1 / 0")
-        async with database.relay_connection() as conn:  # one connection: the same server session
-            assert await conn.fetchval("SELECT pg_backend_pid()") == before
-            assert not conn.is_in_transaction()
-            assert await conn.fetchval("SELECT to_regclass('pg_temp.scratch')") is None
-        # So does an error of the caller's own once its transaction ended (the broker did not confirm a batch).
-        with pytest.raises(LookupError):
-            async with database.relay_connection() as conn, conn.transaction():
-                await conn.fetchval("SELECT 1")
-                raise LookupError("not confirmed")
-        async with database.relay_connection() as conn:
-            assert await conn.fetchval("SELECT pg_backend_pid()") == before
-    finally:
-        await database.dispose()
+async def test_the_relays_connection_keeps_its_session_after_a_statement_error_in_its_transaction(pg_db):
+    database = pg_db
+    async with database.relay_connection() as conn:
+        before = await conn.fetchval("SELECT pg_backend_pid()")
+    with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
+        async with database.relay_connection() as conn, conn.transaction():
+            await conn.execute("CREATE TEMPORARY TABLE scratch (n int)")  # rolled back with the transaction
+            await conn.fetchval("SELECT 1 / 0")
+    async with database.relay_connection() as conn:  # one connection: the same server session
+        assert await conn.fetchval("SELECT pg_backend_pid()") == before
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SELECT to_regclass('pg_temp.scratch')") is None
+    # So does an error of the caller's own once its transaction ended (the broker did not confirm a batch).
+    with pytest.raises(LookupError):
+        async with database.relay_connection() as conn, conn.transaction():
+            await conn.fetchval("SELECT 1")
+            raise LookupError("not confirmed")
+    async with database.relay_connection() as conn:
+        assert await conn.fetchval("SELECT pg_backend_pid()") == before
 
 
-async def test_the_relays_connection_handed_back_in_a_transaction_or_cancelled_is_ended(pg_database):
-    _, url = pg_database
-    database = Database(url)
-    try:
+async def test_the_relays_connection_handed_back_in_a_transaction_or_cancelled_is_ended(pg_db):
+    database = pg_db
+    async with database.relay_connection() as conn:
+        first = await conn.fetchval("SELECT pg_backend_pid()")
+    # A block that leaves its transaction open must not hand it to the next one.
+    with pytest.raises(RuntimeError, match="transaction open"):
         async with database.relay_connection() as conn:
-            first = await conn.fetchval("SELECT pg_backend_pid()")
-        # A block that leaves its transaction open must not hand it to the next one.
-        with pytest.raises(RuntimeError, match="transaction open"):
-            async with database.relay_connection() as conn:
-                await conn.execute("BEGIN")
-                await conn.execute("CREATE TEMPORARY TABLE scratch (n int)")
-        async with database.relay_connection() as conn:
-            second = await conn.fetchval("SELECT pg_backend_pid()")
-            assert not conn.is_in_transaction()
-        assert second != first
+            await conn.execute("BEGIN")
+            await conn.execute("CREATE TEMPORARY TABLE scratch (n int)")
+    async with database.relay_connection() as conn:
+        second = await conn.fetchval("SELECT pg_backend_pid()")
+        assert not conn.is_in_transaction()
+    assert second != first
 
-        async def slowly() -> None:
-            async with database.relay_connection() as conn, conn.transaction():
-                await conn.execute("SELECT pg_sleep(5)")
+    async def slowly() -> None:
+        async with database.relay_connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_sleep(5)")
 
-        task = asyncio.ensure_future(slowly())
-        await asyncio.sleep(0.3)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        async with database.relay_connection() as conn:
-            third = await asyncio.wait_for(conn.fetchval("SELECT pg_backend_pid()"), 3)
-        assert third not in (first, second)
-    finally:
-        await database.dispose()
+    task = asyncio.ensure_future(slowly())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with database.relay_connection() as conn:
+        third = await asyncio.wait_for(conn.fetchval("SELECT pg_backend_pid()"), 3)
+    assert third not in (first, second)
 
 
 async def test_the_relay_holding_its_connection_keeps_no_read_waiting(pg_database):
