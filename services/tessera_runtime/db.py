@@ -414,8 +414,8 @@ class _InsertPlan:
                 list(columns), select(*(rows.c[k] for k in columns)).where(exists(select(guard.cte)))
                 .order_by(rows.c.n)))
         if guard is not None:
-            statement = select(func.count()).select_from(guard.cte).add_cte(
-                *guard.others, *(ins.cte(f"g{n}") for n, ins in enumerate(inserts)))
+            statement = _guard_statement(guard.cte, guard.others).add_cte(
+                *(ins.cte(f"g{n}") for n, ins in enumerate(inserts)))
             self.plan = _Plan(statement, engine, "UPDATE")
             return
         statement = inserts[-1].add_cte(*(ins.cte(f"g{n}") for n, ins in enumerate(inserts[:-1])))
@@ -668,10 +668,16 @@ async def update_guarded(session: AsyncSession, guard: Any, params: Mapping[str,
     return True
 
 
+@functools.cache
+def _guard_statement(cte: Any, others: tuple[Any, ...]) -> Any:
+    """How many rows the guarded UPDATE changed, with the statements that go with it: built once per guard (the
+    guards are built once, at import), not on every save."""
+    return select(func.count()).select_from(cte).add_cte(*others)
+
+
 async def _guard_in_session(session: AsyncSession, guard: _Guard) -> None:
-    statement = select(func.count()).select_from(guard.cte).add_cte(*guard.others)
     try:
-        matched = (await session.execute(statement, dict(guard.params))).scalar_one()
+        matched = (await session.execute(_guard_statement(guard.cte, guard.others), dict(guard.params))).scalar_one()
     except IntegrityError as exc:
         _raise_translated(exc, (guard.translate,))
     if not matched:
