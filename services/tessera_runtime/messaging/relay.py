@@ -412,11 +412,10 @@ def _marks(rows: list[Any], confirmed: int) -> list[tuple[str, dict[str, Any]]]:
 class _DirectStatements:
     """The statements of a PostgreSQL pass, compiled once for asyncpg (Database.direct_plan)."""
 
-    def __init__(self, db: Database, table: Table) -> None:
-        marks = _mark_statements(table, postgres=True)
+    def __init__(self, db: Database, table: Table, fetch: Any, marks: dict[str, Any]) -> None:
         self.lock = db.direct_plan(select(func.pg_try_advisory_xact_lock(bindparam("key", type_=BigInteger))),
                                    "SELECT")
-        self.fetch = db.direct_plan(_fetch_statement(table), "SELECT")
+        self.fetch = db.direct_plan(fetch, "SELECT")
         self.mark = db.direct_plan(marks["mark"], "UPDATE")
         self.count = db.direct_plan(marks["count"], "UPDATE")
         self.stats = db.direct_plan(_stats_statement(table), "SELECT")
@@ -443,9 +442,11 @@ class OutboxRelay:
         self.unrouted_total = 0
         self._unrouted_types: set[str] = set()
         self._postgres = db.dialect == "postgresql"
-        self._sql = _DirectStatements(db, table) if self._postgres else None
         self._fetch_query = _fetch_statement(table)
         self._mark_statements = _mark_statements(table, self._postgres)
+        # The same statements compiled for asyncpg, for the lock's transaction on PostgreSQL.
+        self._sql = (_DirectStatements(db, table, self._fetch_query, self._mark_statements) if self._postgres
+                     else None)
         # The last pass published every row it could see and had them all confirmed (see _pass).
         self.caught_up = False
         self._lock_path = _sqlite_lock_path(db)
