@@ -33,6 +33,7 @@ from tessera_runtime.messaging.consumer import ACK, ConsumerLink
 from tessera_runtime.outbox import outbox_table
 from tessera_runtime.unit_of_work import SqlAlchemyUnitOfWork
 from tests.support import rabbitmq
+from tests.support.waiting import eventually
 
 EXCHANGE = "tessera.events"
 SETTINGS = MessagingSettings(consumer_retry_delays=(0.2, 0.4), consumer_max_attempts=3,
@@ -132,12 +133,9 @@ async def send(url: str, message: object, **options) -> str:
     return await asyncio.to_thread(publish, url, message, **options)
 
 
-async def dead_letters(url: str, queue: str, count: int, what: str, timeout: float = 30.0) -> None:
-    """Waits until the consumer queue's dead-letter queue holds `count` messages; fails with `what` after timeout."""
-    deadline = time.monotonic() + timeout
-    while rabbitmq.queue_depth(url, f"{queue}.dlq") != count:
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
+async def dead_letters(url: str, queue: str, count: int, what: str) -> None:
+    """Waits until the consumer queue's dead-letter queue holds `count` messages."""
+    await eventually(lambda: rabbitmq.queue_depth(url, f"{queue}.dlq") == count, what)
 
 
 async def test_topology_is_declared_idempotently_and_binds_only_the_handled_events(vhost, effects, consumer):
