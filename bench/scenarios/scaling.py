@@ -48,10 +48,11 @@ def two_workers_vs_one(run: Run) -> ScenarioResult:
     baseline = [s for s in result.segments if s.role == "baseline"]
     if baseline and subject:
         # Throughput follows the CPU the service gets: what 1.7× would need is 1.7 times one process's cores.
-        one = statistics.fmean(sum(v for k, v in s.cpu_s.items() if k.startswith("user")) / s.wall_s
-                               for s in baseline)
-        two = statistics.fmean(sum(v for k, v in s.cpu_s.items() if k.startswith("user")) / s.wall_s
-                               for s in subject)
+        def service_cores(segments: list) -> float:
+            return statistics.fmean(sum(v for k, v in s.cpu_s.items() if k.startswith("user")) / s.wall_s
+                                    for s in segments)
+
+        one, two = service_cores(baseline), service_cores(subject)
         result.findings.append(Finding("cores the service itself used: 1 process vs 2 workers",
                                        f"{one:.2f} vs {two:.2f} ({two / one:.2f}×)", "—", None))
     result.notes.append(f"h2load with {CLIENTS} connections × {STREAMS} streams on both sides; the kernel "

@@ -55,33 +55,28 @@ def refused(service: str) -> DownstreamError:
     return err(service, grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE")
 
 
-def reserve_answering(world: World, *answers: DownstreamError) -> None:
-    """ReserveStock fails with each answer in turn; where the answer was lost, the stock was reserved first. Once
-    the answers are used up, it answers as usual."""
-    real, queued = world.inventory.reserve_stock, list(answers)
+def answering(fake: object, method: str, *answers: DownstreamError) -> None:
+    """`fake.method` fails with each answer in turn; where the answer was lost, the call did its work first (the
+    stock was reserved, the charge went through). Once the answers are used up, it answers as usual."""
+    real, queued = getattr(fake, method), list(answers)
 
-    async def reserve_stock(order_id, items, ttl_seconds):
+    async def call(*args, **kwargs):
         if not queued:
-            return await real(order_id, items, ttl_seconds)
+            return await real(*args, **kwargs)
         answer = queued.pop(0)
         if answer.outcome_unknown:
-            await real(order_id, items, ttl_seconds)
+            await real(*args, **kwargs)
         raise answer
 
-    world.inventory.reserve_stock = reserve_stock
+    setattr(fake, method, call)
+
+
+def reserve_answering(world: World, *answers: DownstreamError) -> None:
+    answering(world.inventory, "reserve_stock", *answers)
 
 
 def charge_answering(world: World, *answers: DownstreamError) -> None:
-    """ProcessPayment fails with each answer in turn; where the answer was lost, the charge went through first."""
-    real, queued = world.payments.process_payment, list(answers)
-
-    async def process_payment(**kw):
-        answer = queued.pop(0)
-        if answer.outcome_unknown:
-            await real(**kw)
-        raise answer
-
-    world.payments.process_payment = process_payment
+    answering(world.payments, "process_payment", *answers)
 
 
 class Script:
