@@ -85,11 +85,13 @@ def plain_dsn(sqlalchemy_url: str) -> str:
     return sqlalchemy_url.replace("postgresql+asyncpg://", "postgresql://")
 
 
+# The backends connected to a database ($1), not counting the asking one.
+BACKENDS = "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()"
+
+
 def backend_pids(sqlalchemy_url: str) -> list[int]:
     """PIDs of the PostgreSQL backends connected to this URL's database (not counting the asking one)."""
-    database = sqlalchemy_url.rsplit("/", 1)[1]
-    rows = asyncio.run(_fetch(PG_ADMIN_DSN, "SELECT pid FROM pg_stat_activity WHERE datname = $1 "
-                                            "AND pid <> pg_backend_pid()", database))
+    rows = asyncio.run(_fetch(PG_ADMIN_DSN, BACKENDS, sqlalchemy_url.rsplit("/", 1)[1]))
     return [r["pid"] for r in rows]
 
 

@@ -29,6 +29,7 @@ from sqlalchemy import MetaData
 from tessera.user.v1 import user_events_pb2
 
 from bench import infra
+from bench.meter import cpu_seconds
 from tessera_runtime.db import Database
 from tessera_runtime.messaging import MessagingSettings
 from tessera_runtime.messaging.relay import OutboxRelay
@@ -60,13 +61,11 @@ class _Backends:
 
     async def cpu(self) -> float:
         total = 0.0
-        for record in await self.admin.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1 "
-                                             "AND pid <> pg_backend_pid()", self.database):
+        for record in await self.admin.fetch(infra.BACKENDS, self.database):
             try:
-                times = psutil.Process(record["pid"]).cpu_times()
+                total += cpu_seconds(psutil.Process(record["pid"]))
             except psutil.NoSuchProcess:
                 continue
-            total += times.user + times.system
         return total
 
 
