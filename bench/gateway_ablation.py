@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import yaml
 
-from bench.harness import Config, Run
+from bench.harness import Config, Run, Side
 from bench.infra import Databases
 from bench.load import Budget, LoadResult, h2load, paced_h2load
 from bench.scenarios.common import GET_USER, GRPC_HEADERS, check_get_user, get_user_body, seeded_user_id, user_service
@@ -92,13 +92,11 @@ def measure(rounds: int, seconds: float, requests: int = 0, rate: float = 0.0,
                 full = h2load(f"http://{user.address}{GET_USER}", budget=budget, clients=run.config.clients,
                               streams=run.config.streams, body=get_user_body(user_id), headers=GRPC_HEADERS)
                 rate = full.requests / full.seconds / 2
-            loads: dict[str, Callable[[], LoadResult]] = {}
-            meters: dict[str, psutil.Process | None] = {}
             from tessera_gateway import process
 
+            sides = []
             for index, (name, (change, protocol)) in enumerate(PATHS.items()):
-                address = user.address
-                meters[name] = None
+                address, metered = user.address, {}
                 if change is not None:
                     config = run.workdir / f"envoy-{index}.yaml"
                     config.write_text(yaml.safe_dump(change(generated), sort_keys=False))
@@ -107,30 +105,31 @@ def measure(rounds: int, seconds: float, requests: int = 0, rate: float = 0.0,
                     envoy.start().wait_healthy(["user"])
                     address = f"127.0.0.1:{envoy.listener_port()}"
                     assert envoy.proc is not None
-                    meters[name] = psutil.Process(envoy.proc.pid)
+                    metered = {"envoy": psutil.Process(envoy.proc.pid)}
                 # h2load counts HTTP 200s: one real call checks the answer on each path first.
                 if protocol == "grpc":
                     check_get_user(address, user_id)
-                    loads[name] = lambda a=address: paced_h2load(
-                        f"http://{a}{GET_USER}", budget=budget, rate=rate, clients=HALF_LOAD_CLIENTS,
-                        body=get_user_body(user_id), headers=GRPC_HEADERS)
+
+                    def load(b: Budget, _seed: str, a: str = address) -> LoadResult:
+                        return paced_h2load(f"http://{a}{GET_USER}", budget=b, rate=rate, clients=HALF_LOAD_CLIENTS,
+                                            body=get_user_body(user_id), headers=GRPC_HEADERS)
                 else:
                     check_rest(int(address.rsplit(":", 1)[1]), f"/v1/users/{user_id}", token, user_id)
-                    loads[name] = lambda a=address: paced_h2load(
-                        f"http://{a}/v1/users/{user_id}", budget=budget, rate=rate, clients=HALF_LOAD_CLIENTS,
-                        headers=(auth,), http1=True)
+
+                    def load(b: Budget, _seed: str, a: str = address) -> LoadResult:
+                        return paced_h2load(f"http://{a}/v1/users/{user_id}", budget=b, rate=rate,
+                                            clients=HALF_LOAD_CLIENTS, headers=(auth,), http1=True)
+                sides.append(Side("baseline" if change is None else "subject", name, load,
+                                  lambda m=metered: m))
+            run.warm(sides)  # every path once, unmeasured
             results: dict[str, list[tuple[float, float, float | None]]] = {name: [] for name in PATHS}
-            for load in loads.values():  # warm every path once, unmeasured
-                load()
-            for _ in range(rounds):
-                for name, load in loads.items():
-                    meter = meters[name]
-                    before = sum(meter.cpu_times()[:2]) if meter else 0.0
-                    result = load()
-                    if result.errors or not result.requests:
-                        raise RuntimeError(f"{name}: {result.errors} of {result.completed} requests failed")
-                    cpu = (sum(meter.cpu_times()[:2]) - before) / result.completed * 1000 if meter else None
-                    results[name].append((result.p50_ms, result.p99_ms, cpu))
+            for segment in run.alternate(sides):
+                result = segment.load
+                if result.errors or not result.requests:
+                    raise RuntimeError(f"{segment.name}: {result.errors} of {result.completed} requests failed")
+                cpu = segment.cpu_s.get("envoy")
+                results[segment.name].append(
+                    (result.p50_ms, result.p99_ms, None if cpu is None else cpu / result.completed * 1000))
         finally:
             for envoy in envoys:
                 envoy.stop()

@@ -16,10 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.harness import Config, Run
+from bench.harness import Config, Run, Side
 from bench.infra import Databases
-from bench.load import Budget, h2load, paced_h2load
-from bench.meter import Meter
+from bench.load import Budget, LoadResult, h2load, paced_h2load
 from bench.scenarios.common import (
     GET_USER,
     GRPC_HEADERS,
@@ -38,7 +37,7 @@ def measure(rates: tuple[float, ...], rounds: int, seconds: float,
     """Per rate (0: as fast as it goes), over the rounds: (rate, requests/s, service CPU ms per call, PostgreSQL CPU
     ms per call), each the median of the rounds'."""
     with tempfile.TemporaryDirectory(prefix="tessera-rate-cost-") as tmp:
-        run = Run(Config(seconds=seconds, requests=requests, rounds=rounds, profile=False), Path(tmp))
+        run = Run(Config(seconds=seconds, warmup=0.5, requests=requests, rounds=rounds, profile=False), Path(tmp))
         run.dbs = Databases("tessera_rate_cost")
         samples: dict[float, list[tuple[float, float, float]]] = {rate: [] for rate in (*rates, 0)}
         try:
@@ -46,24 +45,25 @@ def measure(rates: tuple[float, ...], rounds: int, seconds: float,
             user_id = seeded_user_id(run)
             check_get_user(user.address, user_id)  # h2load counts HTTP 200s: one answer is checked first
             url, body = f"http://{user.address}{GET_USER}", get_user_body(user_id)
-            budget = Budget(seconds=seconds, warmup=0.5, requests=requests)
-            h2load(url, budget=budget, clients=run.config.clients, streams=run.config.streams, body=body,
-                   headers=GRPC_HEADERS)  # warm the pool and the caches, unmeasured
-            for _ in range(rounds):
-                for rate in samples:
-                    with Meter(lambda: {"user": user.processes(), **postgres_of(user)}) as meter:
-                        if rate:
-                            result = paced_h2load(url, budget=budget, rate=rate, clients=4, body=body,
-                                                  headers=GRPC_HEADERS)
-                        else:
-                            result = h2load(url, budget=budget, clients=run.config.clients,
-                                            streams=run.config.streams, body=body, headers=GRPC_HEADERS)
-                    if result.errors or not result.requests:
-                        raise RuntimeError(f"at {rate or 'full'} rate: {result.errors} requests failed")
-                    # The CPU counts the warm-up too, so it is divided by every request completed.
-                    samples[rate].append((result.requests / result.seconds,
-                                          meter.cpu_s.get("user", 0.0) / result.completed * 1000,
-                                          meter.cpu_s.get("postgres", 0.0) / result.completed * 1000))
+
+            def side(rate: float) -> Side:
+                def load(budget: Budget, _seed: str) -> LoadResult:
+                    if rate:
+                        return paced_h2load(url, budget=budget, rate=rate, clients=4, body=body, headers=GRPC_HEADERS)
+                    return h2load(url, budget=budget, clients=run.config.clients, streams=run.config.streams,
+                                  body=body, headers=GRPC_HEADERS)
+                return Side("subject", str(rate), load, lambda: {"user": user.processes(), **postgres_of(user)})
+
+            sides = [side(rate) for rate in samples]
+            run.warm(sides)  # the pool and the caches, unmeasured
+            for segment in run.alternate(sides):
+                result = segment.load
+                if result.errors or not result.requests:
+                    raise RuntimeError(f"at {segment.name} requests/s: {result.errors} requests failed")
+                # The CPU counts the warm-up too, so it is divided by every request completed.
+                samples[float(segment.name)].append((result.requests / result.seconds,
+                                                     segment.cpu_s.get("user", 0.0) / result.completed * 1000,
+                                                     segment.cpu_s.get("postgres", 0.0) / result.completed * 1000))
         finally:
             run.close()
     return [(f"{rate:,.0f}/s" if rate else "as fast as it goes", *(statistics.median(v[i] for v in values)
