@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import grpc
@@ -26,6 +27,7 @@ from tests.integration.conftest_inventory import (
     new_product,
     reserve_request,
 )
+from tests.support.databases import migrated
 
 ACTIVE = product_pb2.RESERVATION_STATUS_ACTIVE
 COMMITTED = product_pb2.RESERVATION_STATUS_COMMITTED
@@ -354,14 +356,13 @@ async def test_a_customer_cannot_change_the_catalogue(inventory):
 # CommitReservation's write: on PostgreSQL the reservation, its products and its event as one statement, guarded by
 # the reservation's status; elsewhere one transaction.
 
+@contextlib.asynccontextmanager
 async def _handlers_on(db_url: str):
     from tessera_inventory import bootstrap
     from tessera_inventory.service_layer.unit_of_work import InventoryUnitOfWork
-    from tessera_runtime.migrations import upgrade_async
 
-    await upgrade_async(bootstrap.MIGRATIONS, db_url)
-    db = Database(db_url)
-    return db, InventoryUnitOfWork(db)
+    async with migrated(bootstrap.MIGRATIONS, db_url) as db:
+        yield db, InventoryUnitOfWork(db)
 
 
 async def _reserved(uow, *stocks: int):
@@ -392,8 +393,7 @@ async def test_a_commit_takes_its_units_out_of_stock_with_its_event_in_one_state
 
     from tessera_inventory.service_layer import commands, handlers
 
-    db, uow = await _handlers_on(db_url)
-    try:
+    async with _handlers_on(db_url) as (db, uow):
         ids, reservation = await _reserved(uow, 5, 7)
         through_engine: list[str] = []
         sqlalchemy_event.listen(db.engine.sync_engine, "before_cursor_execute",
@@ -412,8 +412,6 @@ async def test_a_commit_takes_its_units_out_of_stock_with_its_event_in_one_state
         assert (await event_types(db_url, outbox))[-1] == "ReservationCommitted"
         again = await handlers.commit_reservation(commands.CommitReservation(reservation.id), uow)
         assert again == committed and await _stock(db, ids) == [(3, 0), (5, 0)]
-    finally:
-        await db.dispose()
 
 
 async def test_a_commit_that_lost_to_a_release_or_whose_stock_disagrees_writes_nothing(db_url):
@@ -423,8 +421,7 @@ async def test_a_commit_that_lost_to_a_release_or_whose_stock_disagrees_writes_n
     from tessera_inventory.service_layer import commands, handlers
     from tessera_runtime.db import utcnow
 
-    db, uow = await _handlers_on(db_url)
-    try:
+    async with _handlers_on(db_url) as (db, uow):
         ids, reservation = await _reserved(uow, 5)
         async with uow:
             stale = await uow.reservations.get(reservation.id)
@@ -460,8 +457,6 @@ async def test_a_commit_that_lost_to_a_release_or_whose_stock_disagrees_writes_n
         async with uow:
             assert (await uow.reservations.get(reservation.id)).status.value == "ACTIVE"
         assert await _stock(db, ids) == [(5, 1)] and await event_types(db_url, outbox) == events
-    finally:
-        await db.dispose()
 
 
 async def failure_of(call):
@@ -481,34 +476,33 @@ async def test_a_commit_locks_its_products_in_product_id_order(pg_database):
     from tessera_inventory.service_layer import commands, handlers
 
     _, url = pg_database
-    db, uow = await _handlers_on(url)
-    blocker = probe = None
-    try:
-        ids = sorted([(await handlers.create_product(commands.CreateProduct(
-            sku=f"SKU-{uuid.uuid4().hex[:8]}", name="Lamp", description="", price=Money("EUR", 1999), stock_on_hand=5,
-            request_id=uuid.uuid4().hex), uow)).id for _ in range(2)])
-        low, high = ids
-        reservation = await handlers.reserve_stock(commands.ReserveStock(order_id=str(uuid.uuid4()), items=(
-            ReservationItem(product_id=high, quantity=2), ReservationItem(product_id=low, quantity=1))), uow)
-        dsn = url.replace("postgresql+asyncpg://", "postgresql://")
-        blocker, probe = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
-        holding = blocker.transaction()
-        await holding.start()
-        await blocker.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", high)
-        commit = asyncio.ensure_future(handlers.commit_reservation(commands.CommitReservation(reservation.id), uow))
-        await asyncio.sleep(0.5)
-        assert not commit.done()  # it waits for the higher id ...
-        with pytest.raises(asyncpg.exceptions.LockNotAvailableError):  # ... holding the lower one already
-            await probe.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE NOWAIT", low)
-        await holding.rollback()
-        committed = await asyncio.wait_for(commit, 10)
-        assert committed.status.value == "COMMITTED"
-        assert await _stock(db, [low, high]) == [(4, 0), (3, 0)]
-    finally:
-        for conn in (blocker, probe):
-            if conn is not None:
-                await conn.close()
-        await db.dispose()
+    async with _handlers_on(url) as (db, uow):
+        blocker = probe = None
+        try:
+            ids = sorted([(await handlers.create_product(commands.CreateProduct(
+                sku=f"SKU-{uuid.uuid4().hex[:8]}", name="Lamp", description="", price=Money("EUR", 1999),
+                stock_on_hand=5, request_id=uuid.uuid4().hex), uow)).id for _ in range(2)])
+            low, high = ids
+            reservation = await handlers.reserve_stock(commands.ReserveStock(order_id=str(uuid.uuid4()), items=(
+                ReservationItem(product_id=high, quantity=2), ReservationItem(product_id=low, quantity=1))), uow)
+            dsn = url.replace("postgresql+asyncpg://", "postgresql://")
+            blocker, probe = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+            holding = blocker.transaction()
+            await holding.start()
+            await blocker.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", high)
+            commit = asyncio.ensure_future(handlers.commit_reservation(commands.CommitReservation(reservation.id), uow))
+            await asyncio.sleep(0.5)
+            assert not commit.done()  # it waits for the higher id ...
+            with pytest.raises(asyncpg.exceptions.LockNotAvailableError):  # ... holding the lower one already
+                await probe.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE NOWAIT", low)
+            await holding.rollback()
+            committed = await asyncio.wait_for(commit, 10)
+            assert committed.status.value == "COMMITTED"
+            assert await _stock(db, [low, high]) == [(4, 0), (3, 0)]
+        finally:
+            for conn in (blocker, probe):
+                if conn is not None:
+                    await conn.close()
 
 
 async def test_ids_are_the_same_in_either_case(inventory, db_url):

@@ -309,10 +309,7 @@ async def test_a_one_statement_save_that_lost_its_fence_writes_nothing_and_commi
 async def test_a_stale_save_that_waited_for_the_holder_s_save_writes_nothing_once_that_committed(pg_database):
     # The same runner saves one version twice at once (two calls in one process): the later statement waits for
     # the earlier one's lock, then must find the version changed, and write no step and free no lease.
-    _, url = pg_database
-    await upgrade_async(bootstrap.MIGRATIONS, url)
-    db = Database(url)
-    try:
+    async with migrated(bootstrap.MIGRATIONS, pg_database[1]) as db:
         order = await stored_order(db, owner="runner-a")
         stale = await stored_order_copy(db, order.id)
         stale.start_step(StepName.RESERVE_STOCK, utcnow())
@@ -345,8 +342,6 @@ async def test_a_stale_save_that_waited_for_the_holder_s_save_writes_nothing_onc
         async with OrderUnitOfWork(db) as uow:
             assert await uow.orders.get(order.id) == order
             assert not await uow.orders.acquire_lease(order.id, lease("runner-b"), utcnow())  # still runner-a's
-    finally:
-        await db.dispose()
 
 
 async def test_a_one_statement_save_after_a_read_in_the_same_block_is_one_transaction(db):

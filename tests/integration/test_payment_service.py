@@ -21,8 +21,6 @@ from tessera_payment.adapters.processor import ChargeRequest
 from tessera_payment.adapters.sandbox_processor import SandboxProcessor
 from tessera_payment.domain.model import Money
 from tessera_runtime.clients import error_details
-from tessera_runtime.db import Database
-from tessera_runtime.migrations import upgrade_async
 from tests.integration.conftest_payment import (
     ReplyHoldingProxy,
     event_types,
@@ -34,6 +32,7 @@ from tests.integration.conftest_payment import (
     query,
     sandbox_charges_of,
 )
+from tests.support.databases import migrated
 
 SUCCEEDED = payment_pb2.PAYMENT_STATUS_SUCCEEDED
 DECLINED = payment_pb2.PAYMENT_STATUS_DECLINED
@@ -361,9 +360,7 @@ async def test_pending_payments_left_by_a_crash_are_resolved(db_url):
 
 
 async def test_the_sandbox_charges_a_key_once_however_often_and_concurrently_it_is_asked(db_url):
-    await upgrade_async(bootstrap.MIGRATIONS, db_url)
-    db = Database(db_url)
-    try:
+    async with migrated(bootstrap.MIGRATIONS, db_url) as db:
         sandbox = SandboxProcessor(db)
         key = str(uuid.uuid4())
 
@@ -378,8 +375,6 @@ async def test_the_sandbox_charges_a_key_once_however_often_and_concurrently_it_
         assert await sandbox.charge(request("pm_sandbox_declined", 3)) == charged[0]
         assert len(await sandbox_charges_of(db_url, key)) == 1
         assert await sandbox.find_charge(str(uuid.uuid4())) is None
-    finally:
-        await db.dispose()
 
 
 async def test_a_settle_that_another_call_beat_returns_that_outcome_and_writes_nothing(db_url):
@@ -392,9 +387,7 @@ async def test_a_settle_that_another_call_beat_returns_that_outcome_and_writes_n
     from tessera_payment.service_layer.unit_of_work import PaymentUnitOfWork
     from tessera_runtime.db import utcnow
 
-    await upgrade_async(bootstrap.MIGRATIONS, db_url)
-    db = Database(db_url)
-    try:
+    async with migrated(bootstrap.MIGRATIONS, db_url) as db:
         uow = PaymentUnitOfWork(db)
         now = utcnow()
         payment = Payment(id=str(uuid.uuid4()), order_id=str(uuid.uuid4()), customer_id=str(uuid.uuid4()),
@@ -421,5 +414,3 @@ async def test_a_settle_that_another_call_beat_returns_that_outcome_and_writes_n
         async with uow:
             stored = await uow.payments.get(payment.id)
         assert stored.status is PaymentStatus.SUCCEEDED and stored.version == first.version
-    finally:
-        await db.dispose()
