@@ -84,10 +84,11 @@ async def test_one_call_yields_client_server_and_database_spans_in_one_trace(tra
 
     database = [s for s in spans if s.scope == "opentelemetry.instrumentation.sqlalchemy"]
     inserts = [s for s in database if s.name.startswith("INSERT")]
-    # The user row and its outbox event: on PostgreSQL one statement (a unit of work's inserting()), on SQLite two.
+    # The user row, the record of the call and the outbox event: on PostgreSQL one statement (a unit of work's
+    # inserting()), on SQLite three.
     statements = " ".join(s.attributes.get("db.statement", "") for s in inserts)
-    assert "INSERT INTO users" in statements and "INSERT INTO outbox" in statements
-    assert len(inserts) == (1 if vendor == "postgresql" else 2)
+    assert all(f"INSERT INTO {t}" in statements for t in ("users", "user_create_requests", "outbox"))
+    assert len(inserts) == (1 if vendor == "postgresql" else 3)
     assert all(s.parent_span_id == server.span_id and s.kind == "CLIENT" for s in database)
     assert {s.attributes.get("db.system") for s in database} == {vendor}
 

@@ -217,5 +217,5 @@ def test_migrate_command_creates_the_schema(tmp_path):
     with sqlite3.connect(data / "user.db") as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         version = conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
-    assert {"users", "outbox", "alembic_version"} <= tables
-    assert version == "0001"
+    assert {"users", "user_create_requests", "outbox", "alembic_version"} <= tables
+    assert version == "0002"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from tessera_runtime import context as callctx
@@ -45,6 +47,52 @@ async def test_same_request_id_with_other_body_is_refused():
     with pytest.raises(AlreadyExists) as err:
         await handlers.create_user(create(name="Someone else"), uow)
     assert err.value.reason == "REQUEST_ID_REUSED"
+
+
+async def test_a_repeat_gets_the_first_answer_not_the_account_as_it_is_now():
+    # The answer tells the caller only what it sent, with the id and time the first call gave: not the name the
+    # customer changed since, nor the status an administrator set (the repeat has no right to read the account).
+    uow = FakeUserUnitOfWork()
+    first = await handlers.create_user(create(profile=Profile(given_name="Ada")), uow)
+    await handlers.update_user(commands.UpdateUser(first.id, ("display_name", "profile.locale"), "Ada L.",
+                                                   Profile(locale="en"), Preferences()), uow)
+    await handlers.deactivate_user(commands.DeactivateUser(first.id, "fraud"), uow)
+    again = await handlers.create_user(create(profile=Profile(given_name="Ada")), uow)
+    assert again == first
+    assert (again.display_name, again.status, again.version, again.profile.locale) == ("Ada", UserStatus.ACTIVE, 1, "")
+    assert [type(e[2]).__name__ for e in uow.published] == ["UserCreated", "UserUpdated", "UserDeactivated"]
+
+
+async def test_a_repeat_after_the_account_was_deleted_creates_no_second_account():
+    uow = FakeUserUnitOfWork()
+    first = await handlers.create_user(create(), uow)
+    await handlers.delete_user(commands.DeleteUser(first.id), uow)
+    again = await handlers.create_user(create(), uow)
+    assert again == first
+    assert uow.users.users == {}
+    assert [type(e[2]).__name__ for e in uow.published] == ["UserCreated", "UserDeleted"]
+
+
+async def test_a_forgotten_request_is_a_new_call():
+    # Past the retention period a repeat is an ordinary create: refused while the account exists (its e-mail is
+    # taken), a new account once it is gone.
+    uow = FakeUserUnitOfWork()
+    first = await handlers.create_user(create(), uow)
+    await handlers.create_user(create(email="bob@example.com", request_id="r-2"), uow)
+    assert await handlers.purge_create_requests(uow, dt.timedelta(0), batch=1) == 1
+    assert set(uow.users.requests) == {"r-2"}, "the oldest record goes first"
+    with pytest.raises(AlreadyExists) as err:
+        await handlers.create_user(create(), uow)
+    assert err.value.reason == "EMAIL_ALREADY_EXISTS"
+    await handlers.delete_user(commands.DeleteUser(first.id), uow)
+    assert (await handlers.create_user(create(), uow)).id != first.id
+
+
+async def test_records_within_the_retention_period_are_kept():
+    uow = FakeUserUnitOfWork()
+    await handlers.create_user(create(), uow)
+    assert await handlers.purge_create_requests(uow, dt.timedelta(hours=1), batch=10) == 0
+    assert set(uow.users.requests) == {"r-1"}
 
 
 async def test_duplicate_email_is_case_insensitive():

@@ -8,12 +8,12 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import Integer, bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tessera_runtime.db import insert_row, keyset_page, read_first
-from tessera_user.adapters.orm import users
+from tessera_user.adapters.orm import create_requests, users
 from tessera_user.domain.model import Preferences, Profile, User, UserStatus
 
 
@@ -25,13 +25,24 @@ class DuplicateRequestId(Exception):
     """Another create with the same request_id committed first."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CreateRequest:
+    """A CreateUser answered: the account it created and when, and a hash of what it asked for."""
+
+    request_id: str
+    request_hash: str
+    user_id: str
+    create_time: dt.datetime
+
+
 def email_key(email: str) -> str:
     return email.lower()
 
 
 class UserRepository(abc.ABC):
     @abc.abstractmethod
-    async def add(self, user: User, request_id: str | None, request_hash: str | None) -> None: ...
+    async def add(self, user: User, request_id: str, request_hash: str) -> None:
+        """Adds the user and the record of the CreateUser that made it, together."""
 
     @abc.abstractmethod
     async def get(self, user_id: str) -> User | None: ...
@@ -43,7 +54,12 @@ class UserRepository(abc.ABC):
         overwrite, a concurrent one."""
 
     @abc.abstractmethod
-    async def get_by_request_id(self, request_id: str) -> tuple[User, str | None] | None: ...
+    async def get_create_request(self, request_id: str) -> CreateRequest | None:
+        """The record of the CreateUser with this request_id, if one is kept (the account may be gone since)."""
+
+    @abc.abstractmethod
+    async def purge_create_requests(self, before: dt.datetime, limit: int) -> int:
+        """Forgets at most `limit` CreateUser records made before `before`, oldest first; returns how many."""
 
     @abc.abstractmethod
     async def email_taken(self, email: str) -> bool: ...
@@ -72,6 +88,11 @@ def _row(user: User) -> dict[str, Any]:
 # GetUser's read, built once: tessera_runtime.db.read_first runs it straight on asyncpg in a read session.
 _BY_ID = select(users).where(users.c.id == bindparam("user_id"))
 _BY_ID_LOCKED = _BY_ID.with_for_update()
+_CREATE_REQUEST = select(create_requests).where(create_requests.c.request_id == bindparam("request_id"))
+# Oldest first, a batch at a time (by the create_time index), so one round never holds a long lock.
+_PURGE_CREATE_REQUESTS = delete(create_requests).where(create_requests.c.request_id.in_(
+    select(create_requests.c.request_id).where(create_requests.c.create_time < bindparam("before"))
+    .order_by(create_requests.c.create_time).limit(bindparam("limit", type_=Integer))))
 
 
 def _user(row: Any) -> User:
@@ -88,7 +109,7 @@ class SqlAlchemyUserRepository(UserRepository):
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def add(self, user: User, request_id: str | None, request_hash: str | None) -> None:
+    async def add(self, user: User, request_id: str, request_hash: str) -> None:
         # No savepoint around the insert (two round trips fewer per create): after a duplicate the caller ends its
         # unit of work (create_user raises or starts a new one), so the spoiled transaction is only rolled back. In
         # an inserting() unit of work the row is written, and a clash raised, at commit.
@@ -100,8 +121,10 @@ class SqlAlchemyUserRepository(UserRepository):
                 return DuplicateEmail(user.email)
             return None
 
-        await insert_row(self.session, users, {
-            **_row(user), "create_request_id": request_id, "create_request_hash": request_hash}, clash)
+        await insert_row(self.session, users, _row(user), clash)
+        await insert_row(self.session, create_requests, {
+            "request_id": request_id, "request_hash": request_hash, "user_id": user.id,
+            "create_time": user.create_time}, clash)
 
     async def get(self, user_id: str) -> User | None:
         row = await read_first(self.session, _BY_ID, {"user_id": user_id})
@@ -111,10 +134,13 @@ class SqlAlchemyUserRepository(UserRepository):
         row = (await self.session.execute(_BY_ID_LOCKED, {"user_id": user_id})).first()
         return None if row is None else _user(row)
 
-    async def get_by_request_id(self, request_id: str) -> tuple[User, str | None] | None:
-        row = (await self.session.execute(
-            select(users).where(users.c.create_request_id == request_id))).first()
-        return None if row is None else (_user(row), row._mapping["create_request_hash"])
+    async def get_create_request(self, request_id: str) -> CreateRequest | None:
+        row = (await self.session.execute(_CREATE_REQUEST, {"request_id": request_id})).first()
+        return None if row is None else CreateRequest(**row._mapping)
+
+    async def purge_create_requests(self, before: dt.datetime, limit: int) -> int:
+        result = await self.session.execute(_PURGE_CREATE_REQUESTS, {"before": before, "limit": limit})
+        return result.rowcount
 
     async def email_taken(self, email: str) -> bool:
         row = (await self.session.execute(
@@ -145,16 +171,15 @@ class InMemoryUserRepository(UserRepository):
 
     def __init__(self) -> None:
         self.users: dict[str, User] = {}
-        self.requests: dict[str, tuple[str, str | None]] = {}
+        self.requests: dict[str, CreateRequest] = {}
 
-    async def add(self, user: User, request_id: str | None, request_hash: str | None) -> None:
-        if request_id is not None and request_id in self.requests:
+    async def add(self, user: User, request_id: str, request_hash: str) -> None:
+        if request_id in self.requests:
             raise DuplicateRequestId(request_id)
         if await self.email_taken(user.email):
             raise DuplicateEmail(user.email)
         self.users[user.id] = dataclasses.replace(user)
-        if request_id is not None:
-            self.requests[request_id] = (user.id, request_hash)
+        self.requests[request_id] = CreateRequest(request_id, request_hash, user.id, user.create_time)
 
     async def get(self, user_id: str) -> User | None:
         user = self.users.get(user_id)
@@ -163,11 +188,14 @@ class InMemoryUserRepository(UserRepository):
     async def get_for_update(self, user_id: str) -> User | None:
         return await self.get(user_id)  # one unit of work at a time: nothing to lock
 
-    async def get_by_request_id(self, request_id: str) -> tuple[User, str | None] | None:
-        entry = self.requests.get(request_id)
-        if entry is None or entry[0] not in self.users:
-            return None
-        return dataclasses.replace(self.users[entry[0]]), entry[1]
+    async def get_create_request(self, request_id: str) -> CreateRequest | None:
+        return self.requests.get(request_id)
+
+    async def purge_create_requests(self, before: dt.datetime, limit: int) -> int:
+        due = sorted((r for r in self.requests.values() if r.create_time < before), key=lambda r: r.create_time)
+        for record in due[:limit]:
+            del self.requests[record.request_id]
+        return len(due[:limit])
 
     async def email_taken(self, email: str) -> bool:
         return any(email_key(u.email) == email_key(email) for u in self.users.values())

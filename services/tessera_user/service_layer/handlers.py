@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import uuid
@@ -14,7 +15,7 @@ from tessera_runtime.db import utcnow
 from tessera_runtime.errors import Aborted, AlreadyExists, NotFound, PermissionDenied, check_uuid
 from tessera_runtime.fieldmask import check_update_mask
 from tessera_user import DOMAIN, mapping
-from tessera_user.adapters.repository import DuplicateEmail, DuplicateRequestId, UserRepository
+from tessera_user.adapters.repository import CreateRequest, DuplicateEmail, DuplicateRequestId, UserRepository
 from tessera_user.domain import model
 from tessera_user.domain.model import User, UserStatus
 from tessera_user.service_layer import commands
@@ -100,22 +101,36 @@ async def create_user(cmd: commands.CreateUser, uow: UnitOfWork) -> User:
         # Which unique index reports a clash depends on the database and on timing, so look the request_id up: the
         # same request_id replays (or is refused if its request differed); otherwise the e-mail is taken.
         async with uow.reading():
-            previous = await uow.users.get_by_request_id(cmd.request_id)
+            previous = await uow.users.get_create_request(cmd.request_id)
             taken = previous is None and await uow.users.email_taken(email)
         if previous is not None:
-            return _replay(previous, request_hash, cmd.request_id)
+            return _replay(previous, cmd, email, request_hash)
         if taken:
             raise _email_taken(email)
     raise Aborted("a concurrent change to an account with this e-mail address or request_id kept clashing; retry",
                   reason="CONCURRENT_CREATE", domain=DOMAIN, metadata={"request_id": cmd.request_id})
 
 
-def _replay(previous: tuple[User, str | None], request_hash: str, request_id: str) -> User:
-    user, stored_hash = previous
-    if stored_hash != request_hash:
+def _replay(previous: CreateRequest, cmd: commands.CreateUser, email: str, request_hash: str) -> User:
+    """The first call's answer, whatever the account has become since (changed, deactivated or deleted): the
+    account as that call created it. Its hash matched, so the repeat asks for exactly what the first call did, and
+    that answer is this request's fields with the id and time the first call gave them; it tells the caller nothing
+    about the account that the caller did not send."""
+    if previous.request_hash != request_hash:
         raise AlreadyExists("request_id was already used with a different request", reason="REQUEST_ID_REUSED",
-                            domain=DOMAIN, metadata={"request_id": request_id})
-    return user
+                            domain=DOMAIN, metadata={"request_id": cmd.request_id})
+    return User(id=previous.user_id, email=email, display_name=cmd.display_name.strip(), status=UserStatus.ACTIVE,
+                profile=cmd.profile, preferences=cmd.preferences, create_time=previous.create_time,
+                update_time=previous.create_time)
+
+
+async def purge_create_requests(uow: UnitOfWork, older_than: dt.timedelta, batch: int) -> int:
+    """Forgets the CreateUser calls answered more than `older_than` ago, at most `batch` of them: a repeat of one of
+    those is a new call (refused with EMAIL_ALREADY_EXISTS while the account exists)."""
+    async with uow:
+        purged = await uow.users.purge_create_requests(utcnow() - older_than, batch)
+        await uow.commit()
+    return purged
 
 
 def _email_taken(email: str) -> AlreadyExists:
