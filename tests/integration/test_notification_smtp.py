@@ -83,3 +83,23 @@ async def test_file_mailer_cannot_write_is_transient(tmp_path):
     blocker.write_text("a file where the folder should be")
     with pytest.raises(TransientMailError):
         await FileMailer(blocker, SENDER).send(MAIL)
+
+
+# A display name the user service accepts (printable, at most 100 characters) that is too long for one header line
+# once quoted, and holds what reads as addresses and a header name when its quotes are lost.
+LONG_NAME = "Ada Lovelace, Bcc: evil@attacker.example, Charles Babbage, the Difference Engine team"
+
+
+async def test_a_long_display_name_stays_the_display_name_of_the_one_recipient(secure_smtp, tmp_path):
+    name = LONG_NAME
+    mail = OutgoingMail(message_id="<n-2@tessera.dev>", to_address="ada@example.com", to_name=name,
+                        subject="Welcome", body="Hello\n")
+    await SmtpMailer(settings(secure_smtp), SENDER).send(mail)
+    folder = tmp_path / "mail"
+    await FileMailer(folder, SENDER).send(mail)
+    [written] = list(folder.iterdir())
+    from_file = email.message_from_bytes(written.read_bytes(), policy=email.policy.default)
+    for message in (secure_smtp.messages[0], from_file):
+        addresses = message["To"].addresses
+        assert [(a.display_name, a.addr_spec) for a in addresses] == [(name, "ada@example.com")]
+        assert message["Bcc"] is None

@@ -6,6 +6,7 @@ import abc
 import asyncio
 import dataclasses
 import datetime as dt
+import email.policy
 import email.utils
 import os
 import smtplib
@@ -38,6 +39,12 @@ class OutgoingMail:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+# Headers are written unfolded (RFC 5322 allows lines of up to 998 characters; ours stay far below): Python's
+# folding of an address header splits a long quoted display name into bare words, so the To header would list
+# whatever addresses the user's display name spells, or be unreadable.
+_HEADERS_POLICY = email.policy.default.clone(max_line_length=998)
+
+
 def build_message(mail: OutgoingMail, sender: str, now: dt.datetime | None = None) -> EmailMessage:
     message = EmailMessage()
     message["From"] = sender
@@ -47,7 +54,8 @@ def build_message(mail: OutgoingMail, sender: str, now: dt.datetime | None = Non
     message["Message-ID"] = mail.message_id
     for name, value in mail.headers:
         message[name] = value
-    message.set_content(mail.body)
+    message.set_content(mail.body)  # the body's encoding is chosen for the default 78-character lines
+    message.policy = _HEADERS_POLICY
     return message
 
 
