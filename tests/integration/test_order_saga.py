@@ -307,6 +307,16 @@ async def test_list_orders_newest_first_in_stable_pages(order_service, neighbour
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_list_orders_refuses_a_status_the_contract_does_not_define(order_service, neighbours):
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    await create(order_service, request(customer, (product, 1)))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await order_service.stub.ListOrders(svc.ListOrdersRequest(customer_id=customer, status=99))
+    info, bad = error_details(caught.value)
+    assert (caught.value.code(), info.domain) == (grpc.StatusCode.INVALID_ARGUMENT, "order.tessera.dev")
+    assert [v.field for v in bad.field_violations] == ["status"]
+
+
 async def test_cancel_refunds_and_restocks(order_service, neighbours, db_url):
     customer, product = await neighbours.customer(), await neighbours.product(5)
     order = await create(order_service, request(customer, (product, 2)))

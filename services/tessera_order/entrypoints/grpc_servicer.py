@@ -30,8 +30,10 @@ class OrderServicer(order_service_pb2_grpc.OrderServiceServicer):
         return svc.GetOrderResponse(order=mapping.order_to_proto(order))
 
     async def ListOrders(self, request: svc.ListOrdersRequest, context) -> svc.ListOrdersResponse:
+        status = mapping.status_from_proto(request.status)
         cmd = commands.ListOrders(page_size=request.page_size, page_token=request.page_token,
-                                  customer_id=request.customer_id, status=mapping.status_from_proto(request.status))
+                                  customer_id=request.customer_id, status=status,
+                                  unknown_status=request.status if status is None and request.status != 0 else None)
         orders, token = await handlers.list_orders(cmd, self.uow)
         return svc.ListOrdersResponse(orders=[mapping.order_to_proto(o) for o in orders], next_page_token=token)
 

@@ -33,6 +33,8 @@ class ListOrders:
     page_token: str
     customer_id: str
     status: OrderStatus | None
+    # A status value the contract does not define; refused rather than read as "every status".
+    unknown_status: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

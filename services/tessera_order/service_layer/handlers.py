@@ -226,6 +226,8 @@ async def get_order(cmd: commands.GetOrder, uow: UowFactory) -> Order:
 async def list_orders(cmd: commands.ListOrders, uow: UowFactory) -> tuple[list[Order], str]:
     v = model.new_violations()
     check_uuid(cmd.customer_id, "customer_id", v, required=False)
+    if cmd.unknown_status is not None:
+        v.add("status", f"{cmd.unknown_status} is not an OrderStatus")
     v.raise_if_any()
     size = pagination.page_size(cmd.page_size, DOMAIN)
     customer_id = cmd.customer_id.lower() or None
