@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import uuid
 
 import grpc
@@ -10,6 +13,9 @@ from tessera.user.v1 import user_pb2
 from tessera.user.v1 import user_service_pb2 as user_api
 
 from tessera_client import RpcFailure, aio_connect, connect
+from tests.support.processes import ROOT
+
+QUICKSTART = ROOT / "clients" / "python" / "examples" / "quickstart.py"
 
 
 def create_request() -> user_api.CreateUserRequest:
@@ -56,3 +62,13 @@ async def test_asyncio_client_sends_its_token_through_the_gateway(gateway):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await anonymous.users.GetUser(user_api.GetUserRequest(id=user.id))
     assert RpcFailure.of(refused.value).code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_python_quickstart_runs_through_the_gateway_with_the_token_its_docstring_names(gateway):
+    # The example's own instructions: the token command it prints, then its gateway form.
+    [scopes] = re.findall(r'--scope "([^"]+)"', QUICKSTART.read_text())
+    run = subprocess.run([sys.executable, str(QUICKSTART), "--target", gateway.address,
+                          "--token", gateway.mint("ops", scopes)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "unknown id: NOT_FOUND USER_NOT_FOUND (user.tessera.dev)" in run.stdout.splitlines()

@@ -3,8 +3,9 @@
     .venv/bin/python clients/python/examples/quickstart.py --target 127.0.0.1:50051
     .venv/bin/python clients/python/examples/quickstart.py --target 127.0.0.1:8080 --token "$TOKEN"   # gateway
 
-The second form goes through the Envoy gateway over native gRPC; the token needs the user:read and user:write
-scopes (`tessera token mint --sub <id> --scope "user:read user:write"`).
+The second form goes through the Envoy gateway over native gRPC. It reads back an account it just created and
+lists every account, which only staff may do: the token needs the admin scope
+(`tessera token mint --sub ops --scope "admin"`).
 """
 
 from __future__ import annotations
