@@ -103,3 +103,24 @@ async def test_a_long_display_name_stays_the_display_name_of_the_one_recipient(s
         addresses = message["To"].addresses
         assert [(a.display_name, a.addr_spec) for a in addresses] == [(name, "ada@example.com")]
         assert message["Bcc"] is None
+
+
+# Printable, so the user service accepts it as a display name; decoded as an RFC 2047 encoded word it is
+# "Ada\r\nBcc: evil@attacker.example".
+ENCODED_BREAK = "=?utf-8?q?Ada=0D=0ABcc=3A_evil=40attacker=2Eexample?="
+
+
+async def test_an_encoded_word_in_a_display_name_or_subject_adds_no_header(secure_smtp, tmp_path):
+    mail = OutgoingMail(message_id="<n-3@tessera.dev>", to_address="ada@example.com", to_name=ENCODED_BREAK,
+                        subject=f"Welcome to Tessera, {ENCODED_BREAK}", body="Hello\n")
+    await SmtpMailer(settings(secure_smtp), SENDER).send(mail)
+    folder = tmp_path / "mail"
+    await FileMailer(folder, SENDER).send(mail)
+    [written] = list(folder.iterdir())
+    from_file = email.message_from_bytes(written.read_bytes(), policy=email.policy.default)
+    for message in (secure_smtp.messages[0], from_file):
+        assert sorted(message.keys()) == ["Content-Transfer-Encoding", "Content-Type", "Date", "From", "MIME-Version",
+                                          "Message-ID", "Subject", "To"]
+        assert [a.addr_spec for a in message["To"].addresses] == ["ada@example.com"]
+        assert message["Subject"].startswith("Welcome to Tessera, ")
+        assert message.get_content() == "Hello\n"

@@ -45,11 +45,19 @@ class OutgoingMail:
 _HEADERS_POLICY = email.policy.default.clone(max_line_length=998)
 
 
+def _literal(text: str) -> str:
+    """Header text that reads back as written: Python decodes RFC 2047 encoded words ("=?utf-8?q?...?=") in the
+    text it is given, and one spelling a line break would write a header of its own (a Bcc, a second body). A
+    zero-width space after every "=" of "=?" leaves the text as it looks, with no encoded word in it."""
+    return text.replace("=?", "=\u200b?")
+
+
 def build_message(mail: OutgoingMail, sender: str, now: dt.datetime | None = None) -> EmailMessage:
     message = EmailMessage()
     message["From"] = sender
-    message["To"] = Address(display_name=mail.to_name, addr_spec=mail.to_address) if mail.to_name else mail.to_address
-    message["Subject"] = mail.subject
+    message["To"] = (Address(display_name=_literal(mail.to_name), addr_spec=mail.to_address) if mail.to_name
+                     else mail.to_address)
+    message["Subject"] = _literal(mail.subject)
     message["Date"] = email.utils.format_datetime(now or dt.datetime.now(dt.UTC))
     message["Message-ID"] = mail.message_id
     for name, value in mail.headers:
