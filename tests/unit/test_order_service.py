@@ -1070,3 +1070,20 @@ def test_a_participant_whose_database_failed_under_the_call_may_have_acted():
     refused = translate("inventory", _rpc_error(grpc.StatusCode.UNAVAILABLE, Unavailable(
         "the payment processor is down", reason="PROCESSOR_UNAVAILABLE", domain="payment.tessera.dev").to_status()))
     assert refused.transient and not refused.outcome_unknown
+
+
+def test_a_call_no_service_answered_is_described_without_grpcs_own_text(caplog):
+    from tessera_order.adapters.downstream import translate
+    from tessera_runtime.errors import Unavailable
+
+    bare = grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                "Deadline Exceeded at ipv4:10.0.0.7:50052")
+    with caplog.at_level("WARNING", logger="tessera.order.downstream"):
+        late = translate("inventory", bare)
+    assert late.describe() == "DEADLINE_EXCEEDED: the inventory service did not answer in time"
+    assert late.outcome_unknown
+    assert any(getattr(r, "detail", "") == "Deadline Exceeded at ipv4:10.0.0.7:50052" for r in caplog.records)
+    # This process's own circuit breaker refused the call: no answer from the service either.
+    opened = translate("payment", _rpc_error(grpc.StatusCode.UNAVAILABLE, Unavailable(
+        "circuit open for 127.0.0.1:50053", reason="CIRCUIT_OPEN", domain="tessera.dev").to_status()))
+    assert opened.describe() == "UNAVAILABLE: the payment service could not be reached" and opened.transient

@@ -7,6 +7,7 @@ Failed calls become DownstreamError with the other service's status, ErrorInfo r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,16 @@ INVENTORY_SERVICE = inventory_pb2.DESCRIPTOR.services_by_name["InventoryService"
 PAYMENT_SERVICE = payment_service_pb2.DESCRIPTOR.services_by_name["PaymentService"]
 # ListPayments' maximum page size: an order has very few payments, so one page nearly always holds them all.
 _PAYMENTS_PAGE = 200
+# What a step's error says when the call got no answer from the service itself: gRPC's own text names addresses
+# and resolver details of the cluster, and the step's error is shown to the customer (GetOrder), so it is logged
+# here instead.
+_NO_ANSWER = {
+    grpc.StatusCode.UNAVAILABLE: "the {} service could not be reached",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the {} service did not answer in time",
+    grpc.StatusCode.CANCELLED: "the call to the {} service was cancelled",
+}
+
+log = logging.getLogger("tessera.order.downstream")
 
 
 def translate(service: str, err: grpc.aio.AioRpcError) -> DownstreamError:
@@ -34,8 +45,13 @@ def translate(service: str, err: grpc.aio.AioRpcError) -> DownstreamError:
     if info is not None and info.reason == "CIRCUIT_OPEN":
         # Refused by this process's own circuit breaker: the service gave no answer, it is simply unavailable.
         info = None
+    if info is None:
+        message = _NO_ANSWER.get(err.code(), "the call to the {} service failed").format(service)
+        log.warning("%s: %s", message, err.code().name, extra={"service": service, "detail": err.details() or ""})
+    else:
+        message = err.details() or ""
     return DownstreamError(
-        service, err.code(), info.reason if info is not None else err.code().name, err.details() or "",
+        service, err.code(), info.reason if info is not None else err.code().name, message,
         dict(info.metadata) if info is not None else {},
         # A service whose database failed under the call answers, but cannot say whether its write was applied.
         answered=info is not None and info.reason != DATABASE_UNAVAILABLE,
