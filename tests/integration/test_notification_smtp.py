@@ -52,10 +52,12 @@ async def test_sends_over_starttls_with_authentication(secure_smtp):
     {"starttls": False},  # this server requires STARTTLS
     {"port": 1},  # nobody listens
 ])
-async def test_configuration_and_connection_problems_are_transient(secure_smtp, change):
-    with pytest.raises(TransientMailError):
+async def test_configuration_and_connection_problems_are_transient(secure_smtp, change, caplog):
+    with pytest.raises(TransientMailError) as err:
         await SmtpMailer(settings(secure_smtp, **change), SENDER).send(MAIL)
     assert secure_smtp.messages == []
+    # The error becomes the notification's last_error, which its recipient reads: no host, port or address in it.
+    assert "127.0.0.1" not in str(err.value) and str(settings(secure_smtp, **change).port) not in str(err.value)
 
 
 async def test_a_refused_recipient_is_permanent_for_5xx_and_transient_for_4xx(secure_smtp):
@@ -78,11 +80,14 @@ async def test_file_mailer_writes_one_eml_per_message(tmp_path):
     assert message["Subject"] == MAIL.subject and message.get_content() == MAIL.body
 
 
-async def test_file_mailer_cannot_write_is_transient(tmp_path):
+async def test_file_mailer_cannot_write_is_transient(tmp_path, caplog):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the folder should be")
-    with pytest.raises(TransientMailError):
+    with pytest.raises(TransientMailError) as err:
         await FileMailer(blocker, SENDER).send(MAIL)
+    # The error becomes the notification's last_error, which its recipient reads: the path is only logged.
+    assert str(err.value).startswith("the mail could not be written (") and str(tmp_path) not in str(err.value)
+    assert any(getattr(r, "folder", None) == str(blocker) for r in caplog.records)
 
 
 # A display name the user service accepts (printable, at most 100 characters) that is too long for one header line

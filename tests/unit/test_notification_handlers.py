@@ -146,10 +146,12 @@ async def test_the_last_failed_attempt_dead_letters_and_a_replay_sends_it(world)
     mailer.failures.extend([TransientMailError("down"), RuntimeError("boom")])
     with pytest.raises(RetryLater):
         await handlers.notify(welcome(), meta(attempt=2), dispatch)
-    with pytest.raises(RetryLater, match="boom"):  # any error of the mailer is one failed attempt
+    with pytest.raises(RetryLater, match="RuntimeError"):  # any error of the mailer is one failed attempt
         await handlers.notify(welcome(), meta(attempt=3), dispatch)
     n = only(uow)
-    assert (n.status, n.attempts, n.last_error) == (NotificationStatus.DEAD_LETTERED, 2, "boom")
+    # An error that is no MailError is named by its type only: its text (which may name hosts or paths) is logged.
+    assert (n.status, n.attempts, n.last_error) == (NotificationStatus.DEAD_LETTERED, 2,
+                                                    "unexpected error (RuntimeError)")
     [(_, _, failed)] = uow.published
     assert isinstance(failed, notification_events_pb2.NotificationFailed)
     assert failed.status == notification_pb2.NOTIFICATION_STATUS_DEAD_LETTERED and failed.attempts == 2

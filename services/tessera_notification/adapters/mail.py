@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import email.policy
 import email.utils
+import logging
 import os
 import smtplib
 import ssl
@@ -15,6 +16,10 @@ import uuid
 from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
+
+# A failure's text is kept on the notification (last_error), which its recipient reads: what names this system's
+# hosts, addresses or paths is logged here instead, and the error says what failed in words of its own.
+log = logging.getLogger("tessera.notification.mail")
 
 
 class MailError(Exception):
@@ -93,7 +98,8 @@ class FileMailer(Mailer):
             temporary.write_bytes(data)
             os.replace(temporary, self.folder / name)  # readers never see half a file
         except OSError as exc:
-            raise TransientMailError(f"cannot write {self.folder}: {exc}") from exc
+            log.warning("cannot write the mail folder", extra={"folder": str(self.folder), "detail": str(exc)})
+            raise TransientMailError(f"the mail could not be written ({type(exc).__name__})") from exc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +153,9 @@ class SmtpMailer(Mailer):
             # dead-lettered, so that nothing is lost while an operator fixes it.
             raise TransientMailError(f"SMTP error {exc.smtp_code} {_text(exc.smtp_error)}") from exc
         except (smtplib.SMTPException, OSError) as exc:
-            raise TransientMailError(f"{type(exc).__name__}: {exc}") from exc
+            log.warning("no session with the mail server", extra={
+                "host": s.host, "port": s.port, "detail": f"{type(exc).__name__}: {exc}"})
+            raise TransientMailError(f"the mail server could not be reached ({type(exc).__name__})") from exc
 
 
 def _text(value: bytes | str) -> str:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from tessera_notification import DOMAIN, mapping
-from tessera_notification.adapters.mail import Mailer, OutgoingMail, PermanentMailError
+from tessera_notification.adapters.mail import Mailer, MailError, OutgoingMail, PermanentMailError
 from tessera_notification.adapters.repository import (
     DuplicateNotification,
     NotificationFilter,
@@ -157,8 +157,11 @@ async def notify(cmd: commands.Notify, meta: EventMeta, d: Dispatch) -> HandlerR
         await d.mailer.send(mail)
     except PermanentMailError as exc:
         error, permanent = str(exc), True
-    except Exception as exc:  # whatever went wrong, this attempt did not send it: record it and retry
+    except MailError as exc:
         error = str(exc) or type(exc).__name__
+    except Exception as exc:  # whatever went wrong, this attempt did not send it: record it and retry
+        log.exception("sending the notification failed unexpectedly", extra={"notification_id": notification.id})
+        error = f"unexpected error ({type(exc).__name__})"
 
     async with d.uow() as uow:
         current = await uow.notifications.get(notification.id, lock=True)
