@@ -194,6 +194,14 @@ async def test_page_token_of_another_filter_is_refused(user_stub):
     assert len(big.users) == 3
 
 
+async def test_list_refuses_a_status_the_contract_does_not_define(user_stub):
+    await user_stub.CreateUser(new_user())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await user_stub.ListUsers(svc.ListUsersRequest(status=99))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in error_details(err.value)[1].field_violations] == ["status"]
+
+
 async def test_unexpected_failure_is_internal_without_internals(user_stub, db_url, caplog):
     created = (await user_stub.CreateUser(new_user())).user
     db = Database(db_url)

@@ -36,8 +36,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         return user_service_pb2.GetUserResponse(user=mapping.user_to_proto(user))
 
     async def ListUsers(self, request: user_service_pb2.ListUsersRequest, context) -> user_service_pb2.ListUsersResponse:  # noqa: E501
-        cmd = commands.ListUsers(page_size=request.page_size, page_token=request.page_token,
-                                 status=mapping.status_from_proto(request.status))
+        status = mapping.status_from_proto(request.status)
+        cmd = commands.ListUsers(page_size=request.page_size, page_token=request.page_token, status=status,
+                                 unknown_status=request.status if status is None and request.status != 0 else None)
         users, token = await handlers.list_users(cmd, self.uow())
         return user_service_pb2.ListUsersResponse(users=[mapping.user_to_proto(u) for u in users],
                                                   next_page_token=token)

@@ -28,6 +28,8 @@ class ListUsers:
     page_size: int
     page_token: str
     status: UserStatus | None
+    # A status value the contract does not define; refused rather than read as "every status".
+    unknown_status: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,6 +152,10 @@ async def list_users(cmd: commands.ListUsers, uow: UnitOfWork) -> tuple[list[Use
     principal = current_principal()
     if principal is not None and not principal.is_admin:
         raise PermissionDenied("listing accounts needs the admin scope", reason="PERMISSION_DENIED", domain=DOMAIN)
+    if cmd.unknown_status is not None:
+        v = model.new_violations()
+        v.add("status", f"{cmd.unknown_status} is not a UserStatus")
+        v.raise_if_any()
     size = pagination.page_size(cmd.page_size, DOMAIN)
     filters = {"status": cmd.status.value if cmd.status else None}
     after = pagination.decode_time_key(cmd.page_token, "ListUsers", filters, DOMAIN)
