@@ -182,6 +182,8 @@ class TesseraServer:
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         await self.readiness.stop()
+        # The /health report says what the gRPC health now says: the process is leaving rotation.
+        self.readiness.report = {**self.readiness.report, "status": "DOWN", "shutting_down": True}
         if self.drain_seconds > 0:
             log.info("draining", extra={"drain_seconds": self.drain_seconds})
             await asyncio.sleep(self.drain_seconds)

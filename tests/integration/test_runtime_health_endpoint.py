@@ -57,3 +57,22 @@ async def test_health_endpoint_reports_each_check():
         assert b"# TYPE grpc_server_handled_total counter" in text
     finally:
         await server.stop()
+
+
+async def test_health_endpoint_reports_down_while_the_server_drains():
+    """After SIGTERM the gRPC health is NOT_SERVING for the drain period; /health says the same (503), so a
+    balancer probing it stops sending work to the draining process."""
+    module = ServiceModule(service_names=("tessera.x.v1.XService",), register=lambda server: None, domain="x",
+                           readiness_checks=(HealthCheck("database", Switch().ping),))
+    server, _ = await create_server(module, readiness_interval=0.05, metrics_port=0, drain_seconds=1.5)
+    port = server.metrics.port
+    status, body = await asyncio.to_thread(fetch, port)
+    assert status == 200 and body["status"] == "UP"
+    stopping = asyncio.ensure_future(server.stop())
+    try:
+        await asyncio.sleep(0.5)  # within the drain period: the gRPC server still answers
+        assert not stopping.done()
+        status, body = await asyncio.to_thread(fetch, port)
+        assert status == 503 and body["status"] == "DOWN", body
+    finally:
+        await stopping
