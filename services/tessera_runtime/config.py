@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +60,8 @@ class Env:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not math.isfinite(value):  # "nan", "inf", "1e999": no amount of seconds, of anything
+            raise ConfigError(f"{name} must be a finite number, got {raw!r}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{name} must be >= {minimum}, got {value}")
         return value
@@ -120,6 +124,25 @@ class ServiceSettings:
                 f"{prefix}DATABASE_URL must start with sqlite+aiosqlite:// or postgresql+asyncpg://, "
                 f"got {database_url.split('://')[0]!r}"
             )
+        try:
+            from sqlalchemy.engine import make_url
+
+            parsed_db = make_url(database_url)
+            parsed_db.port  # noqa: B018  # parses the port
+        except Exception as exc:  # ArgumentError, ValueError: what the engine would fail on at start
+            raise ConfigError(f"{prefix}DATABASE_URL is not a valid URL: {exc}") from None
+        if parsed_db.get_backend_name() == "sqlite" and (parsed_db.host or parsed_db.port):
+            raise ConfigError(f"{prefix}DATABASE_URL must name a file as sqlite+aiosqlite:///path/to/file.db, "
+                              f"got a host {parsed_db.host!r}")
+        amqp_url = env.str(f"{prefix}AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+        try:
+            parsed_amqp = urllib.parse.urlsplit(amqp_url)
+            parsed_amqp.port  # noqa: B018  # raises ValueError for a port that is no number or out of range
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}AMQP_URL is not a valid URL: {exc}") from None
+        if parsed_amqp.scheme not in ("amqp", "amqps") or not parsed_amqp.hostname:
+            raise ConfigError(f"{prefix}AMQP_URL must be amqp://user:password@host:port/vhost (or amqps://), "
+                              f"got scheme {parsed_amqp.scheme!r}")
         return dict(
             service=service,
             environment=environment,
@@ -127,7 +150,7 @@ class ServiceSettings:
             grpc_port=env.int(f"{prefix}GRPC_PORT", default_port, minimum=0, maximum=65535),
             metrics_port=env.int(f"{prefix}METRICS_PORT", 0, minimum=0, maximum=65535),
             database_url=database_url,
-            amqp_url=env.str(f"{prefix}AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+            amqp_url=amqp_url,
             drain_seconds=env.float(f"{prefix}DRAIN_SECONDS", 2.0, minimum=0.0),
             grace_seconds=env.float(f"{prefix}GRACE_SECONDS", 10.0, minimum=0.0),
             readiness_interval_seconds=env.float(f"{prefix}READINESS_INTERVAL_SECONDS", 1.0, minimum=0.05),

@@ -188,6 +188,24 @@ def test_bad_configuration_stops_the_service_naming_the_variable(tmp_path):
     assert "TESSERA_GRPC_PORT" in result.stderr and "fifty" in result.stderr
 
 
+@pytest.mark.parametrize(("name", "value"), [
+    ("TESSERA_DRAIN_SECONDS", "nan"),  # accepted, the process then never ended on SIGTERM
+    ("TESSERA_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:port/tessera"),  # a traceback
+    ("TESSERA_AMQP_URL", "amqp://guest:guest@127.0.0.1:port/"),  # a traceback
+])
+def test_a_value_the_service_cannot_use_stops_it_naming_the_variable(tmp_path, name, value):
+    try:
+        result = subprocess.run([sys.executable, "-m", "tessera_runtime.cli", "serve", "user"], cwd=ROOT,
+                                env={"PATH": "/usr/bin:/bin", "TESSERA_DATA_DIR": str(tmp_path),
+                                     "TESSERA_GRPC_PORT": "0", "TESSERA_OUTBOX_RELAY": "false", name: value},
+                                capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{name}={value} was accepted: the service started")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "configuration error" in result.stderr and name in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 async def test_the_callers_deadline_stops_the_work(user_via_proxy):
     service, proxy, stub = user_via_proxy
     await stub.ListUsers(svc.ListUsersRequest(), timeout=10)  # connections warmed up

@@ -39,6 +39,11 @@ def test_values_are_read_from_the_environment():
     ({"TESSERA_CONSUMER_MAX_ATTEMPTS": "0"}, "TESSERA_CONSUMER_MAX_ATTEMPTS"),
     ({"TESSERA_CONSUMER_CONCURRENCY": "64", "TESSERA_CONSUMER_PREFETCH": "8"}, "TESSERA_CONSUMER_CONCURRENCY"),
     ({"TESSERA_EVENTS_EXCHANGE": "has space"}, "TESSERA_EVENTS_EXCHANGE"),
+    # Not a number of seconds: a retry queue's TTL cannot be made of them.
+    ({"TESSERA_CONSUMER_RETRY_DELAYS": "1,nan"}, "TESSERA_CONSUMER_RETRY_DELAYS"),
+    ({"TESSERA_CONSUMER_RETRY_DELAYS": "inf"}, "TESSERA_CONSUMER_RETRY_DELAYS"),
+    ({"TESSERA_OUTBOX_POLL_SECONDS": "nan"}, "TESSERA_OUTBOX_POLL_SECONDS"),
+    ({"TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS": "inf"}, "TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS"),
 ])
 def test_a_bad_value_stops_the_service_naming_the_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):

@@ -35,6 +35,18 @@ def test_production_requires_identity_by_default():
     ({"TESSERA_LOG_LEVEL": "LOUD"}, "TESSERA_LOG_LEVEL"),
     ({"TESSERA_DATABASE_POOL_SIZE": "0"}, "TESSERA_DATABASE_POOL_SIZE"),
     ({"TESSERA_DATABASE_POOL_SIZE": "many"}, "TESSERA_DATABASE_POOL_SIZE"),
+    # Numbers that are no amount of seconds: a drain of nan or inf seconds never ends, so SIGTERM would never
+    # stop the process; a readiness interval of nan would never check again.
+    ({"TESSERA_DRAIN_SECONDS": "nan"}, "TESSERA_DRAIN_SECONDS"),
+    ({"TESSERA_DRAIN_SECONDS": "inf"}, "TESSERA_DRAIN_SECONDS"),
+    ({"TESSERA_GRACE_SECONDS": "1e999"}, "TESSERA_GRACE_SECONDS"),
+    ({"TESSERA_READINESS_INTERVAL_SECONDS": "NaN"}, "TESSERA_READINESS_INTERVAL_SECONDS"),
+    ({"TESSERA_DEFAULT_DEADLINE_SECONDS": "infinity"}, "TESSERA_DEFAULT_DEADLINE_SECONDS"),
+    # URLs the database and broker clients cannot use.
+    ({"TESSERA_DATABASE_URL": "postgresql+asyncpg://tessera@db:port/tessera"}, "TESSERA_DATABASE_URL"),
+    ({"TESSERA_DATABASE_URL": "sqlite+aiosqlite://relative.db"}, "TESSERA_DATABASE_URL"),
+    ({"TESSERA_AMQP_URL": "amqp://guest:guest@rabbitmq:port/"}, "TESSERA_AMQP_URL"),
+    ({"TESSERA_AMQP_URL": "http://rabbitmq:5672/"}, "TESSERA_AMQP_URL"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigError, match=name):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +22,7 @@ def _delays(env: Env, name: str, default: tuple[float, ...]) -> tuple[float, ...
         values = tuple(float(part) for part in raw.split(","))
     except ValueError:
         raise ConfigError(f"{name} must be comma-separated seconds such as 1,5,30, got {raw!r}") from None
-    if not values or any(v <= 0 for v in values):
+    if not values or any(not 0 < v < math.inf for v in values):  # nan fails the comparison too
         raise ConfigError(f"{name} must list positive seconds, got {raw!r}")
     return values
 
