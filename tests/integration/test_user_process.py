@@ -237,3 +237,16 @@ def test_migrate_command_creates_the_schema(tmp_path):
         version = conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
     assert {"users", "user_create_requests", "outbox", "alembic_version"} <= tables
     assert version == "0002"
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+asyncpg://postgres@127.0.0.1:1/tessera",  # nothing listens there
+    "postgresql+asyncpg://postgres@127.0.0.1:5432/tessera_no_such_database",
+])
+def test_migrate_command_names_a_database_it_cannot_use(url):
+    result = subprocess.run([sys.executable, "-m", "tessera_runtime.cli", "migrate", "user"], cwd=ROOT,
+                            env={"PATH": "/usr/bin:/bin", "TESSERA_DATABASE_URL": url},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "cannot use the database" in result.stderr and url.split("@")[-1] in result.stderr
