@@ -62,6 +62,31 @@ async def _fail(context: grpc.aio.ServicerContext, ids: tuple[tuple[str, str], .
     await context.abort_with_status(_StatusWithIds(rpc_status.to_status(status), ids))
 
 
+class _Undecodable:
+    """What the request deserializer gives for bytes that are no valid message of the request's type (gRPC itself
+    would end the call with UNKNOWN and the parser's exception text, before the interceptor runs)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def read(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError: a string field that is not UTF-8, a message cut short, ...
+            return _Undecodable(exc)
+
+    return read
+
+
+class MalformedRequest(DomainError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "MALFORMED_REQUEST"
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every unary RPC of a Tessera server. Streaming RPCs (health Watch, reflection) pass through."""
 
@@ -86,7 +111,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             return handler
         wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=(None if handler.request_deserializer is None
+                                  else _tolerant(handler.request_deserializer)),
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
@@ -119,6 +145,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 if self.require_identity and principal is None and not exempt:
                     raise Unauthenticated("the call carries no caller identity; call through the gateway",
                                           reason="IDENTITY_MISSING", domain=self.domain)
+                if type(request) is _Undecodable:
+                    raise MalformedRequest("the request is not a valid message of its type: "
+                                           + str(request.error).rsplit(": ", 1)[-1], domain=self.domain)
                 if remaining is None:
                     return await inner(request, context)
                 if remaining <= 0:
