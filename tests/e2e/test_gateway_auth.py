@@ -130,6 +130,16 @@ def test_native_grpc_create_and_read_back(gateway, accounts):
     assert read.returncode == OK and "Grace" in read.stdout
 
 
+def test_reservations_are_the_sagas_not_the_catalogues(gateway):
+    # inventory:read lets a shopper browse products; the reservations an order holds are read by operators only.
+    shopper = gateway.mint(unique("shopper"), "inventory:read inventory:write order:read")
+    for method, path in (("GET", f"/v1/reservations/{uuid.uuid4()}"), ("POST", "/v1/reservations")):
+        response = gateway.call(method, path, body={} if method == "POST" else None, token=shopper)
+        assert response.status == 403, (path, response.body)
+        assert response.json()["details"][0]["reason"] == "MISSING_SCOPE"
+    assert gateway.call("GET", "/v1/products?pageSize=1", token=shopper).status == 200
+
+
 def test_every_rest_route_needs_a_token(gateway):
     # One route per RPC of every service; none of them may answer anything but 401 without a token.
     for rpc in gateway.generated.config.contracts.rpcs:

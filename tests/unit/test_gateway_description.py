@@ -39,6 +39,7 @@ def test_every_rpc_of_every_service_has_a_valid_policy(profile, contracts):
     ("tessera.order.v1.OrderService.CreateOrder", ("order:write",), "saga"),
     ("tessera.inventory.v1.InventoryService.AdjustStock", ("inventory:write",), "write"),
     ("tessera.inventory.v1.InventoryService.ReserveStock", ("admin",), "write"),
+    ("tessera.inventory.v1.InventoryService.GetReservation", ("admin",), "read"),
     ("tessera.payment.v1.PaymentService.GetPayment", ("payment:read",), "read"),
     ("tessera.payment.v1.PaymentService.ProcessPayment", ("admin",), "write"),
     ("tessera.notification.v1.NotificationService.ListNotifications", ("notification:read",), "read"),
