@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -44,7 +45,17 @@ def _principal(metadata: dict[str, str]) -> callctx.Principal | None:
     if not subject:
         return None
     scopes = frozenset(metadata.get(callctx.SCOPES, "").split())
-    return callctx.Principal(subject=subject, scopes=scopes)
+    return callctx.Principal(subject=_canonical_subject(subject), scopes=scopes)
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _canonical_subject(subject: str) -> str:
+    """Accounts are named by lower-case UUIDs everywhere in Tessera, and a UUID reads the same in either case (RFC
+    4122): a token whose subject spells one in upper case is that account, compared and stored as its ids are."""
+    lower = subject.lower()
+    return lower if lower != subject and _UUID.fullmatch(lower) else subject
 
 
 class _StatusWithIds(grpc.Status):

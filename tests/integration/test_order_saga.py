@@ -367,6 +367,19 @@ async def test_customers_act_only_for_themselves_and_the_identity_reaches_the_ot
     assert list(listed.orders) == []
 
 
+async def test_a_token_that_spells_the_customers_id_in_upper_case_is_that_customer(order_service, neighbours):
+    # A UUID reads the same in either case: an identity provider that writes subjects in upper case names the same
+    # account, for its orders and for the services the saga calls on its behalf.
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    as_customer = (("x-user-id", customer.upper()), ("x-user-scopes", "orders"))
+    order = (await order_service.stub.CreateOrder(request(customer, (product, 1)), metadata=as_customer,
+                                                  timeout=20)).order
+    assert order.status == order_pb2.ORDER_STATUS_CONFIRMED
+    assert (await order_service.stub.GetOrder(svc.GetOrderRequest(id=order.id), metadata=as_customer)).order == order
+    listed = await order_service.stub.ListOrders(svc.ListOrdersRequest(), metadata=as_customer)
+    assert [o.id for o in listed.orders] == [order.id]
+
+
 async def test_order_confirmed_event_carries_the_receipt(order_service, neighbours, db_url):
     customer, product = await neighbours.customer(), await neighbours.product(5, price=700)
     order = await create(order_service, request(customer, (product, 3)))
