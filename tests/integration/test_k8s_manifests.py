@@ -17,6 +17,9 @@ from tessera_gateway.bootstrap import TRACING_CLUSTER
 from tests.support.k8s import OVERLAYS, describe, find, gateway_files, manifests, report
 
 GRPC_CONDITIONS = {"unavailable", "cancelled", "deadline-exceeded", "resource-exhausted"}
+# Envoy retries a try cut short by perTryTimeout (a local reset) only on these conditions; without one of them the
+# per-try timeout ends the whole call instead of moving it to another pod (RetryStateImpl::wouldRetryFromReset).
+PER_TRY_TIMEOUT_CONDITIONS = {"reset", "5xx", "gateway-error"}
 # The Istio CRDs the repository carries (k8s/schemas/), as the issue names them: Istio 1.30.3, unmodified.
 ISTIO_CRDS_SHA256 = "dcb43ff6b9af2f629b80b6a82597f5a91db259c757e66cc5353ac007da28351a"
 
@@ -127,6 +130,8 @@ def test_retries_follow_each_methods_idempotency_level():
                 assert retries["attempts"] >= 1, path
                 assert GRPC_CONDITIONS <= set(retries["retryOn"].split(",")), path
                 assert retries["perTryTimeout"], path
+                assert PER_TRY_TIMEOUT_CONDITIONS & set(retries["retryOn"].split(",")), (
+                    f"{path}: a try that exceeds perTryTimeout {retries['perTryTimeout']} would not be retried")
             else:
                 assert retries == {"attempts": 0}, f"{path} is not marked safe to repeat but is retried"
             assert route["timeout"], path
