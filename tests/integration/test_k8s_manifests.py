@@ -257,3 +257,19 @@ def test_gateway_config_map_is_the_generator_output():
         assert find(overlay, "ConfigMap", names[0])["data"] == expected
     hosts = {(host, port) for _, host, port in gateway_config.upstreams(expected[gateway_config.CONFIG_KEY])}
     assert {(w.host, w.grpc_port) for w in workloads()} <= hosts
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_keeps_serving_until_it_is_out_of_rotation(overlay):
+    """Envoy exits at once on SIGTERM (it drains only when told through its admin API, which is loopback-only and
+    has no client in the distroless image): without a preStop pause, every rollout or scale-in of the gateway resets
+    its in-flight calls and refuses new ones until the ingress gateway learns the pod is gone (the edge route does
+    not retry). The pause must end before the grace period and before the sidecar in front of it stops."""
+    deployment = find(overlay, "Deployment", GATEWAY)
+    pod = deployment["spec"]["template"]
+    [envoy] = [c for c in pod["spec"]["containers"] if c["image"].startswith("envoyproxy/envoy")]
+    pause = envoy.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    assert pause >= 10, f"{overlay}: the gateway's Envoy gets SIGTERM with no pause before it (preStop sleep {pause}s)"
+    assert pause < pod["spec"]["terminationGracePeriodSeconds"]
+    proxy = yaml.safe_load(pod["metadata"]["annotations"]["proxy.istio.io/config"])
+    assert pause < float(proxy["terminationDrainDuration"].removesuffix("s"))
