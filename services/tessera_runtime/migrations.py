@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from pathlib import Path
 
@@ -15,6 +16,11 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from tessera_runtime.db import ensure_sqlite_folder
 
 log = logging.getLogger("tessera.migrations")
+
+# The PostgreSQL advisory lock a migration holds for its transaction: replicas that start together against one
+# database migrate one after the other, and the later ones find the schema current and do nothing (without it, both
+# would create the same tables and one would stop on "already exists").
+MIGRATION_LOCK_KEY = int.from_bytes(hashlib.sha256(b"tessera.migrations").digest()[:8], "big", signed=True)
 
 
 def alembic_config(script_location: Path, database_url: str) -> Config:
@@ -48,6 +54,10 @@ def run_env(target_metadata: MetaData) -> None:
         return
 
     def do_run(connection: Connection) -> None:
+        if connection.dialect.name == "postgresql":
+            # Taken before Alembic reads the schema's version, in the transaction the migrations run in (begun
+            # here, so Alembic leaves it to run_async to commit), and released with it.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
         context.configure(connection=connection, target_metadata=target_metadata,
                           render_as_batch=connection.dialect.name == "sqlite")
         with context.begin_transaction():
