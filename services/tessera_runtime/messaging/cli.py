@@ -5,8 +5,9 @@
     tessera dlq show notification.email EVENT_ID   one message: headers, last error, payload as JSON
     tessera dlq replay notification.email EVENT_ID [EVENT_ID...] | --all
 
-The broker is TESSERA_AMQP_URL (or --amqp-url). Exit status: 0 done, 1 a message or queue was not found,
-2 the broker could not be reached.
+The broker is TESSERA_AMQP_URL (or --amqp-url). Exit status: 0 done, 1 a message or queue was not found or a
+replay stopped early (the ids moved until then are printed; the others stay in the dead-letter queue), 2 a usage
+error or the broker could not be reached.
 """
 
 from __future__ import annotations
@@ -81,16 +82,37 @@ def _replay(args: argparse.Namespace) -> int:
         print("name the message ids to replay, or pass --all", file=sys.stderr)
         return 1
     wanted = None if args.all else list(dict.fromkeys(args.message_ids))
-    moved = deadletter.replay(_url(args), args.queue, wanted)
     queue = deadletter.consumer_queue(args.queue)
-    for message_id in moved:
-        print(f"replayed {message_id} to {queue}")
-    missing = [] if wanted is None else [m for m in wanted if m not in moved]
+    dlq = deadletter.dead_letter_queue(queue)
+
+    def moved(message_id: str) -> None:  # printed as each is moved, so that a failure later loses no line
+        print(f"replayed {message_id} to {queue}", flush=True)
+
+    result = deadletter.replay(_url(args), args.queue, wanted, on_moved=moved)
+    if result.stopped is not None:
+        print(f"replay stopped after {len(result.moved)} message(s): {result.stopped}; "
+              f"{result.left} message(s) remain in {dlq}", file=sys.stderr)
+        return 1
+    missing = [] if wanted is None else [m for m in wanted if m not in result.moved]
     for message_id in missing:
         print(f"no message {message_id} in the dead-letter queue of {queue}", file=sys.stderr)
-    if wanted is None and not moved:
-        print(f"{deadletter.dead_letter_queue(queue)} is empty")
+    if wanted is None and not result.moved:
+        print(f"{dlq} is empty")
+    elif wanted is None and result.left:
+        # Messages dead-lettered while the replay ran (a replayed one failing again, perhaps) are not taken by
+        # the same run: replaying until empty could go round forever.
+        print(f"{result.left} message(s) reached {dlq} while the replay ran and were left there", file=sys.stderr)
     return 1 if missing else 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of messages")
+    return value
 
 
 def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -118,7 +140,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     listing = sub.add_parser("list", parents=[url], help="dead-letter queue depths, or the messages of one queue")
     listing.add_argument("queue", nargs="?", help="consumer queue, e.g. notification.email")
-    listing.add_argument("--limit", type=int, default=100, help="at most this many messages (default 100)")
+    listing.add_argument("--limit", type=_positive_int, default=100, help="at most this many messages (default 100)")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=_guarded(_list))
 

@@ -3,7 +3,8 @@
 Browsing takes the messages with basic.get without acknowledging them and then closes the channel, which puts
 them back where they were: the queue is unchanged. Replay republishes a message to its consumer's queue (through
 the default exchange, so that only that consumer sees it again) with its attempt count reset, waits for the
-broker's confirm, and only then removes it from the dead-letter queue.
+broker's confirm, and only then removes it from the dead-letter queue; a copy the broker does not take stops the
+replay with that message and the ones after it still in the dead-letter queue.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import base64
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pika
@@ -118,15 +119,25 @@ def depth(url: str, queues: Iterable[str]) -> dict[str, int | None]:
     return result
 
 
-def _read(channel: Any, queue: str, limit: int) -> Iterator[tuple[int, Any, DeadLetter]]:
+def _open(channel: Any, queue: str) -> int:
+    """Checks that the dead-letter queue of a consumer queue exists; returns how many messages it holds."""
     name = dead_letter_queue(queue)
     try:
-        channel.queue_declare(name, passive=True)
+        return channel.queue_declare(name, passive=True).method.message_count
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code == 404:
             raise QueueMissing(f"{name} does not exist on this broker and vhost") from None
         raise
-    for position in range(1, limit + 1):
+
+
+def _read(channel: Any, queue: str, limit: int | None) -> Iterator[tuple[int, Any, DeadLetter]]:
+    """The dead-letter queue's messages, oldest first, taken without acknowledging them: at most `limit`, or (with
+    None) the messages it held when the reading began, so that messages dead-lettered again meanwhile (a replayed
+    one that failed again) are not read a second time."""
+    name = dead_letter_queue(queue)
+    held = _open(channel, queue)
+    count = held if limit is None else limit
+    for position in range(1, count + 1):
         method, props, body = channel.basic_get(name, auto_ack=False)
         if method is None:
             return
@@ -141,28 +152,49 @@ def _read(channel: Any, queue: str, limit: int) -> Iterator[tuple[int, Any, Dead
 
 def browse(url: str, queue: str, limit: int = 100) -> list[DeadLetter]:
     """The first `limit` dead-lettered messages of a consumer queue, oldest first; the queue is left as it was."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
     with _channel(url) as channel:
         return [letter for _, _, letter in _read(channel, consumer_queue(queue), limit)]
 
 
-def find(url: str, queue: str, message_id: str, limit: int = 10_000) -> DeadLetter | None:
+def find(url: str, queue: str, message_id: str) -> DeadLetter | None:
+    """One dead-lettered message by its id, searched through the whole dead-letter queue."""
     with _channel(url) as channel:
-        for _, _, letter in _read(channel, consumer_queue(queue), limit):
+        for _, _, letter in _read(channel, consumer_queue(queue), None):
             if letter.message_id == message_id:
                 return letter
     return None
 
 
-def replay(url: str, queue: str, message_ids: Iterable[str] | None, limit: int = 10_000) -> list[str]:
-    """Moves dead-lettered messages back to their consumer queue (all of them when message_ids is None);
-    returns the ids moved, in queue order. Each is removed from the dead-letter queue only after the broker
-    confirmed its copy."""
+@dataclasses.dataclass
+class ReplayResult:
+    """What a replay did: the ids moved (in queue order), why it stopped early if it did, and how many messages
+    the dead-letter queue still holds once it ended."""
+
+    moved: list[str] = dataclasses.field(default_factory=list)
+    stopped: str | None = None
+    left: int = 0
+
+
+def replay(url: str, queue: str, message_ids: Iterable[str] | None,
+           on_moved: Callable[[str], None] | None = None) -> ReplayResult:
+    """Moves dead-lettered messages back to their consumer queue: the given ids, or (message_ids None) every
+    message the dead-letter queue held when the replay began. Each is removed from the dead-letter queue only
+    after the broker confirmed its copy, and `on_moved` is called with its id right then.
+
+    The first copy the broker does not take (the consumer queue is gone, or it refuses the message) stops the
+    replay: that message and every one not yet moved stay in the dead-letter queue, in their order, and
+    `stopped` says why. Nothing is lost; a connection lost between a confirm and the removal leaves a message in
+    both queues, which the consumer's deduplication applies once."""
     queue = consumer_queue(queue)
     wanted = None if message_ids is None else set(message_ids)
-    moved: list[str] = []
-    with _channel(url) as channel:
+    result = ReplayResult()
+    connection = pika.BlockingConnection(connection_parameters(url, "tessera-dlq"))
+    try:
+        channel = connection.channel()
         channel.confirm_delivery()
-        for tag, props, letter in list(_read(channel, queue, limit)):
+        for tag, props, letter in _read(channel, queue, None):
             if wanted is not None and letter.message_id not in wanted:
                 continue  # left unacknowledged: back in its place when the channel closes
             headers = {k: v for k, v in (props.headers or {}).items() if k not in _TRIP_HEADERS}
@@ -170,10 +202,30 @@ def replay(url: str, queue: str, message_ids: Iterable[str] | None, limit: int =
             headers[envelope.REPLAYS] = letter.replays + 1
             copy = envelope.forwarded_properties(props, {})
             copy.headers = headers
-            channel.basic_publish("", queue, letter.body, copy, mandatory=True)
+            try:
+                channel.basic_publish("", queue, letter.body, copy, mandatory=True)
+            except pika.exceptions.UnroutableError:
+                result.stopped = (f"{letter.message_id} could not be routed to {queue}: the queue does not exist "
+                                  f"(start its consumer once to declare it)")
+                break
+            except pika.exceptions.NackError:
+                result.stopped = f"{queue} refused {letter.message_id} (is it full?)"
+                break
             channel.basic_ack(tag)
-            moved.append(letter.message_id)
-    return moved
+            result.moved.append(letter.message_id)
+            if on_moved is not None:
+                on_moved(letter.message_id)
+            if wanted is not None:
+                wanted.discard(letter.message_id)
+                if not wanted:
+                    break
+        if channel.is_open:
+            channel.close()  # what was read and not moved goes back to the dead-letter queue, in its place
+        result.left = connection.channel().queue_declare(dead_letter_queue(queue), passive=True).method.message_count
+    finally:
+        if connection.is_open:
+            connection.close()
+    return result
 
 
 def to_json(value: Any) -> str:

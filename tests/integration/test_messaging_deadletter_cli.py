@@ -1,0 +1,114 @@
+"""`tessera dlq` against a real broker: a replay the broker refuses half-way, a dead-letter queue longer than one
+read, and limits that are no number of messages."""
+
+from __future__ import annotations
+
+import pika
+import pytest
+
+from tessera_runtime.cli import main as tessera
+from tests.support import rabbitmq
+from tests.support.waiting import wait_for
+
+QUEUE = "probe.replay"
+DLQ = f"{QUEUE}.dlq"
+
+
+@pytest.fixture
+def url():
+    vhost = rabbitmq.create_vhost()
+    yield rabbitmq.amqp_url(vhost)
+    rabbitmq.delete_vhost(vhost)
+
+
+def declare(url: str, queue_arguments: dict | None = None) -> None:
+    with rabbitmq.blocking_connection(url) as connection:
+        channel = connection.channel()
+        channel.queue_declare(QUEUE, durable=True, arguments=queue_arguments)
+        channel.queue_declare(DLQ, durable=True)
+
+
+def dead_letter(url: str, count: int) -> list[str]:
+    """Puts `count` messages into the dead-letter queue as a consumer's last attempt would; returns their ids."""
+    ids = [f"evt-{i:05d}" for i in range(count)]
+    with rabbitmq.blocking_connection(url) as connection:
+        channel = connection.channel()
+        for message_id in ids:
+            channel.basic_publish("", DLQ, message_id.encode(), pika.BasicProperties(
+                message_id=message_id, type="tessera.user.v1.UserActivated", delivery_mode=2,
+                headers={"x-tessera-attempt": 5, "x-tessera-last-error": "boom"}))
+    wait_for(lambda: rabbitmq.queue_depth(url, DLQ) == count, what=f"{count} messages in {DLQ}")
+    return ids
+
+
+def bodies(url: str, queue: str) -> list[str]:
+    """The messages of a queue, in order, taken off it."""
+    got = []
+    with rabbitmq.blocking_connection(url) as connection:
+        channel = connection.channel()
+        while True:
+            method, _, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return got
+            got.append(body.decode())
+
+
+def test_a_replay_to_a_deleted_consumer_queue_says_so_and_keeps_every_message(url, capsys):
+    declare(url)
+    ids = dead_letter(url, 3)
+    with rabbitmq.blocking_connection(url) as connection:
+        connection.channel().queue_delete(QUEUE)
+
+    assert tessera(["dlq", "--amqp-url", url, "replay", QUEUE, "--all"]) == 1
+    out, err = capsys.readouterr()
+    assert "replayed" not in out
+    assert "Traceback" not in err and f"could not be routed to {QUEUE}" in err
+    assert f"3 message(s) remain in {DLQ}" in err
+    assert bodies(url, DLQ) == ids  # all of them, in their order
+
+
+def test_a_replay_the_broker_refuses_half_way_prints_what_it_moved_and_keeps_the_rest(url, capsys):
+    # The consumer queue takes two more messages, then the broker refuses (nacks) the next copy.
+    declare(url, {"x-max-length": 2, "x-overflow": "reject-publish"})
+    ids = dead_letter(url, 5)
+
+    assert tessera(["dlq", "--amqp-url", url, "replay", QUEUE, "--all"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"replayed {i} to {QUEUE}" for i in ids[:2]]
+    assert "Traceback" not in err and f"refused {ids[2]}" in err and f"3 message(s) remain in {DLQ}" in err
+    assert bodies(url, QUEUE) == ids[:2]
+    assert bodies(url, DLQ) == ids[2:]  # nothing lost, nothing reordered
+
+
+def test_replay_all_moves_a_dead_letter_queue_longer_than_ten_thousand(url, capsys):
+    declare(url)
+    ids = dead_letter(url, 10_007)
+
+    assert tessera(["dlq", "--amqp-url", url, "replay", QUEUE, "--all"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 10_007 and err == ""
+    assert rabbitmq.queue_depth(url, DLQ) == 0
+    assert bodies(url, QUEUE) == ids
+
+
+def test_replay_of_ids_finds_one_past_the_first_ten_thousand(url, capsys):
+    declare(url)
+    ids = dead_letter(url, 10_003)
+
+    assert tessera(["dlq", "--amqp-url", url, "replay", QUEUE, ids[-1]]) == 0
+    assert capsys.readouterr().out == f"replayed {ids[-1]} to {QUEUE}\n"
+    assert bodies(url, QUEUE) == [ids[-1]]
+    assert bodies(url, DLQ) == ids[:-1]
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "ten"])
+def test_list_refuses_a_limit_that_is_no_positive_number(url, capsys, limit):
+    declare(url)
+    dead_letter(url, 2)
+
+    with pytest.raises(SystemExit) as exit_:
+        tessera(["dlq", "--amqp-url", url, "list", QUEUE, "--limit", limit])
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert "--limit" in err and "is empty" not in out + err
+    assert rabbitmq.queue_depth(url, DLQ) == 2
