@@ -92,17 +92,39 @@ class DevStack:
             c.process = subprocess.Popen(c.argv, env={**os.environ, **c.env}, stdout=log, stderr=log,
                                          cwd=ROOT, start_new_session=True)
 
-    def wait_ready(self, timeout: float = 60.0) -> list[str]:
+    def wait_ready(self, timeout: float = 60.0, stopping: Callable[[], bool] = lambda: False) -> list[str]:
+        """Waits until every component is ready; returns what went wrong (nothing when all are ready or when
+        `stopping` turned true, which is checked between every two readiness checks)."""
         deadline = time.monotonic() + timeout
         pending = list(self.components)
         while pending and time.monotonic() < deadline:
             for c in list(pending):
-                if c.process is not None and c.process.poll() is not None:
-                    return [f"{c.name} exited with {c.process.returncode}; see {self.log_dir / (c.name + '.log')}"]
+                if stopping():
+                    return []
+                if self.exited(c):
+                    return [self.death(c)]
                 if c.ready():
                     pending.remove(c)
             time.sleep(0.2)
+        if stopping():
+            return []
         return [f"{c.name} not ready after {timeout:.0f}s" for c in pending]
+
+    @staticmethod
+    def exited(c: Component) -> bool:
+        return c.process is not None and c.process.poll() is not None
+
+    def death(self, c: Component) -> str:
+        assert c.process is not None
+        code = c.process.returncode
+        if code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        return f"{c.name} (pid {c.process.pid}) {how}; see {self.log_dir / (c.name + '.log')}"
 
     def stop(self) -> None:
         for c in reversed(self.components):
@@ -114,12 +136,19 @@ class DevStack:
                     c.process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     c.process.kill()
+                    c.process.wait()
 
 
 def main() -> int:
     stack = DevStack()
     stack.add_services()
     stack.add_extensions()
+    return run(stack)
+
+
+def run(stack: DevStack) -> int:
+    """Starts the stack and supervises it until Ctrl-C / SIGTERM (exit 0) or until a component dies: then it stops
+    the others and exits 1, naming the component and its exit code."""
     stop = False
 
     def on_signal(_signum: int, _frame: object) -> None:
@@ -128,18 +157,21 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    stack.start()
-    problems = stack.wait_ready()
-    if problems:
-        print("Tessera did not start:\n  " + "\n  ".join(problems), file=sys.stderr)
-        stack.stop()
-        return 1
-    user = stack.service_addresses().get("user", "127.0.0.1:50051")
-    print("\nTessera is running (SQLite data and logs under " + str(stack.data_dir) + "):\n")
-    for c in stack.components:
-        for line in c.describe:
-            print("  " + line)
-    print(f"""
+    try:
+        stack.start()
+        problems = [] if stop else stack.wait_ready(stopping=lambda: stop)
+        if problems:
+            print("Tessera did not start:\n  " + "\n  ".join(problems), file=sys.stderr)
+            return 1
+        if stop:
+            print("Stopped while starting.", file=sys.stderr)
+            return 0
+        user = stack.service_addresses().get("user", "127.0.0.1:50051")
+        print("\nTessera is running (SQLite data and logs under " + str(stack.data_dir) + "):\n")
+        for c in stack.components:
+            for line in c.describe:
+                print("  " + line)
+        print(f"""
 Try it:
   {ROOT / '.venv/bin/grpcurl'} -plaintext {user} list
   {ROOT / '.venv/bin/grpcurl'} -plaintext \\
@@ -147,14 +179,16 @@ Try it:
       {user} tessera.user.v1.UserService/CreateUser
 
 Ctrl-C stops everything.""", flush=True)
-    while not stop:
-        for c in stack.components:
-            if c.process is not None and c.process.poll() is not None:
-                print(f"{c.name} exited with {c.process.returncode}; stopping", file=sys.stderr)
-                stop = True
-        time.sleep(0.5)
-    stack.stop()
-    return 0
+        while not stop:
+            dead = [c for c in stack.components if stack.exited(c)]
+            if dead:
+                print("Tessera stopped: " + "; ".join(stack.death(c) for c in dead) + ". Stopping the others.",
+                      file=sys.stderr, flush=True)
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        stack.stop()
 
 
 if __name__ == "__main__":
