@@ -11,11 +11,17 @@ from types import ModuleType
 from typing import Any
 
 from tessera_runtime.config import ConfigError, ServiceSettings
+from tessera_runtime.db import cannot_connect, database_location
 from tessera_runtime.logs import setup_logging
 from tessera_runtime.server import ServiceModule, TesseraServer, serve_until_signalled
 from tessera_runtime.telemetry import setup_telemetry
 
 log = logging.getLogger("tessera.app")
+
+# Exit status of `tessera serve` when the service's database cannot be reached or entered as it starts (down, no
+# such database, login refused): one JSON log line names where, and the orchestrator restarts the process later
+# (Kubernetes with its back-off). 2 is a configuration error; 128 + N a worker killed by signal N.
+EXIT_DATABASE_UNAVAILABLE = 3
 
 # Service name → module of its composition root. A composition root exposes SETTINGS (a ServiceSettings class),
 # DEFAULT_PORT, SERVICE (the short name), `async def build(settings) -> ServiceModule` and MIGRATIONS (a Path).
@@ -78,9 +84,21 @@ def run(service: str) -> int:
         print(f"tessera-{service}: configuration error: {exc}", file=sys.stderr)
         return 2
 
-    async def main() -> None:
-        server = await start_service(root, settings)
+    async def main() -> int:
+        try:
+            server = await start_service(root, settings)
+        except Exception as exc:
+            if not cannot_connect(exc):
+                raise
+            log.error("cannot use the database at start; exiting", extra={
+                "database": database_location(settings.database_url), "error": _first_line(exc),
+                "exit_code": EXIT_DATABASE_UNAVAILABLE})
+            return EXIT_DATABASE_UNAVAILABLE
         await serve_until_signalled(server, _announce(service, settings.grpc_host))
+        return 0
 
-    asyncio.run(main())
-    return 0
+    return asyncio.run(main())
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

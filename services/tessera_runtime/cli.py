@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    from tessera_runtime.db import cannot_connect
     from tessera_runtime.migrations import upgrade
 
     root = app.composition_root(args.service)
@@ -35,7 +36,7 @@ def _migrate(args: argparse.Namespace) -> int:
     try:
         upgrade(root.MIGRATIONS, settings.database_url)
     except Exception as exc:
-        if not _cannot_connect(exc):
+        if not cannot_connect(exc):
             raise  # a migration that fails on a database it reached: its traceback is what helps
         print(f"{args.service}: cannot use the database at {where}: {_first_line(exc)}", file=sys.stderr)
         return 2
@@ -45,26 +46,6 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _cannot_connect(exc: BaseException) -> bool:
-    """The database could not be reached or entered: down, no such database, the login refused."""
-    import asyncpg
-
-    from tessera_runtime.db import database_unavailable
-
-    refused = (asyncpg.exceptions.InvalidCatalogNameError, asyncpg.exceptions.InvalidAuthorizationSpecificationError,
-               OSError)
-    pending, seen = [exc], set()
-    while pending:
-        error = pending.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, refused):
-            return True
-        pending += [getattr(error, "orig", None), error.__cause__, error.__context__]
-    return database_unavailable(exc)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -163,6 +163,35 @@ def database_unavailable(exc: BaseException) -> bool:
     return False
 
 
+def cannot_connect(exc: BaseException) -> bool:
+    """The database could not be reached or entered: down, unreachable, no such database, the login refused (what a
+    process starting against it reports as such, rather than as a failure of its own)."""
+    refused = (asyncpg.exceptions.InvalidCatalogNameError, asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+               OSError)
+    pending, seen = [exc], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, refused):
+            return True
+        pending += [getattr(error, "orig", None), error.__cause__, error.__context__]
+    return database_unavailable(exc)
+
+
+def database_location(url: str) -> str:
+    """Where a database URL points, without user or password: host:port/database, or the SQLite file."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return url.split("@")[-1]
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.database or ":memory:"
+    host = parsed.host or "localhost"
+    return f"{host}:{parsed.port}/{parsed.database or ''}" if parsed.port else f"{host}/{parsed.database or ''}"
+
+
 def ensure_sqlite_folder(url: str) -> None:
     """Creates the folder of a SQLite database file, so that a fresh checkout needs no setup."""
     parsed = make_url(url)
