@@ -64,6 +64,10 @@ class ServiceModule:
     readiness_checks: Sequence[HealthCheck | ReadinessCheck] = ()
     on_start: Sequence[Callable[[], Awaitable[None]]] = ()
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
+    # Run during the grace period, alongside the in-flight calls finishing, and given its length in seconds: work
+    # that must end within the same TESSERA_GRACE_SECONDS (an event consumer letting its handlers finish). They
+    # end before the on_stop hooks run.
+    on_grace: Sequence[Callable[[float], Awaitable[None]]] = ()
     rpc_observers: tuple[RpcObserver, ...] = ()
     extra_interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
 
@@ -187,7 +191,12 @@ class TesseraServer:
         if self.drain_seconds > 0:
             log.info("draining", extra={"drain_seconds": self.drain_seconds})
             await asyncio.sleep(self.drain_seconds)
-        await self.server.stop(self.grace_seconds)
+        outcomes = await asyncio.gather(self.server.stop(self.grace_seconds),
+                                        *(hook(self.grace_seconds) for hook in self.module.on_grace),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                log.error("error while stopping", exc_info=outcome)
         for hook in reversed(self.module.on_stop):
             try:
                 await hook()

@@ -468,13 +468,15 @@ def _published_at(timestamp: Any) -> dt.datetime | None:
 def attach_consumer(module: ServiceModule, settings: Any, subscription: Subscription, *,
                     processed: tuple[Database, Table] | None = None,
                     messaging: MessagingSettings | None = None) -> Consumer:
-    """Runs a consumer with the service: started after the service's own start hooks (its migrations) and
-    stopped before its own stop hooks, and a non-critical `broker` health check for it. With `processed` (the
-    database and its processed_events table) old processed event ids are pruned periodically."""
+    """Runs a consumer with the service: started after the service's own start hooks (its migrations), and
+    stopped in the service's grace period (TESSERA_GRACE_SECONDS), while in-flight calls finish: it takes no more
+    deliveries and its running handlers have what is left of that period, before the service's own stop hooks
+    (its database) run. Also a non-critical `broker` health check for it. With `processed` (the database and its
+    processed_events table) old processed event ids are pruned periodically."""
     messaging = messaging or messaging_settings(settings)
     consumer = Consumer(subscription, amqp_url=settings.amqp_url, settings=messaging, processed=processed)
     module.on_start = (*module.on_start, consumer.start)
-    module.on_stop = (*module.on_stop, consumer.stop)  # stop hooks run in reverse: the consumer stops first
+    module.on_grace = (*module.on_grace, consumer.stop)
     module.readiness_checks = (*module.readiness_checks,
                                HealthCheck(f"broker:{subscription.queue}", consumer.broker_reachable,
                                            critical=False))
