@@ -73,11 +73,12 @@ def run(service: str) -> int:
         print(f"tessera-{service}: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(f"{service}-service", settings.log_level)
-    if settings.workers > 1:
-        from tessera_runtime.workers import supervise
+    from tessera_runtime.workers import die_with_supervisor, supervise
 
+    if settings.workers > 1:
         # The parent only supervises; each worker is this same command with TESSERA_WORKERS=1.
         return supervise(service, settings)
+    die_with_supervisor()  # in a worker: never outlive the parent that supervises it
     try:
         setup_telemetry(f"{service}-service", settings)
     except ConfigError as exc:

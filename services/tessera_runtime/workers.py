@@ -13,10 +13,15 @@ same port with SO_REUSEPORT so that the kernel spreads new connections across th
   (Kubernetes, `make run`) restarts the whole service rather than leaving it serving on fewer workers unseen.
 
 With a metrics port set, worker i (from 0) serves its metrics on that port + i.
+
+On Linux each worker also dies with the parent: should the parent be killed outright (SIGKILL, the OOM killer), the
+kernel sends every worker SIGTERM (PR_SET_PDEATHSIG), and each stops as on any SIGTERM, releasing the port, instead of
+serving on unsupervised.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -34,6 +39,9 @@ log = logging.getLogger("tessera.workers")
 
 _LISTENING = re.compile(rb"listening on \S+:(\d+)")
 _POLL_SECONDS = 0.1
+# Set by the parent in each worker's environment: the pid of the parent the worker must not outlive.
+SUPERVISOR_PID = "TESSERA_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
 
 
 def _failure_code(returncode: int) -> int:
@@ -41,6 +49,23 @@ def _failure_code(returncode: int) -> int:
     if returncode < 0:
         return 128 - returncode
     return returncode or 1
+
+
+def die_with_supervisor(environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    """In a worker (SUPERVISOR_PID set; Linux only): asks the kernel for SIGTERM when the parent dies, then checks
+    that the parent is still the one that started this worker, since it may have died before the request was made;
+    if it did, the worker stops right away."""
+    supervisor = environ.get(SUPERVISOR_PID)
+    if not supervisor or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot ask to be stopped with the supervising process",
+                    extra={"errno": ctypes.get_errno()})
+        return
+    if os.getppid() != int(supervisor):
+        log.error("the supervising process is gone; stopping", extra={"supervisor_pid": int(supervisor)})
+        raise SystemExit(128 + signal.SIGTERM)
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -64,7 +89,7 @@ class Supervisor:
         self.stopping = False
 
     def _spawn(self, index: int, port: int) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "TESSERA_WORKERS": "1", "TESSERA_GRPC_PORT": str(port)}
+        env = {**os.environ, "TESSERA_WORKERS": "1", "TESSERA_GRPC_PORT": str(port), SUPERVISOR_PID: str(os.getpid())}
         if self.settings.metrics_port:
             env["TESSERA_METRICS_PORT"] = str(self.settings.metrics_port + index)
         # A fresh interpreter per worker (not fork): gRPC's core must not be shared across a fork.

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -182,3 +183,30 @@ def test_workers_outside_their_range_stop_the_service_naming_the_variable():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "TESSERA_WORKERS" in result.stderr
+
+
+def test_workers_of_a_parent_killed_outright_stop_and_free_the_port(tmp_path):
+    service = ServiceProcess("user", {"TESSERA_WORKERS": "2", "TESSERA_DATA_DIR": str(tmp_path)},
+                             tmp_path / "user.log").start()
+    pids = [p.pid for p in workers_of(service)]
+    try:
+        assert len(pids) == 2
+        service.proc.send_signal(signal.SIGKILL)  # the supervisor gets no chance to stop them
+        service.proc.wait(timeout=10)
+        wait_for(lambda: all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                             for pid in pids), timeout=30, what="both workers ended")
+        with socket.socket() as probe:  # nothing serves the port any more
+            assert probe.connect_ex(("127.0.0.1", service.port)) != 0
+    finally:
+        kill_leftovers(service, pids)
+
+
+def test_a_worker_whose_parent_is_already_gone_stops_at_once(tmp_path):
+    """The parent died before the worker asked to die with it: the worker sees it is no longer its parent's."""
+    env = {**os.environ, "TESSERA_WORKERS": "1", "TESSERA_GRPC_PORT": "0", "TESSERA_DATA_DIR": str(tmp_path),
+           "TESSERA_OUTBOX_RELAY": "false", "TESSERA_SUPERVISOR_PID": "1"}  # not this worker's parent
+    result = subprocess.run([sys.executable, "-m", "tessera_runtime.cli", "serve", "user"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 128 + signal.SIGTERM
+    assert "listening on" not in result.stdout
+    assert "the supervising process is gone" in result.stderr
