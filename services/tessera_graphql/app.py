@@ -1,0 +1,210 @@
+"""The GraphQL API's HTTP server (aiohttp): POST or GET /graphql behind the Envoy gateway, /health and /metrics.
+
+The gateway authenticates the caller (JWT) and passes the subject and scopes as x-user-id and x-user-scopes,
+replacing any a client sent; a request without them is refused (401). Every request gets a request id and a
+correlation id (the gateway's, or new ones), a server span that continues the caller's W3C trace (each gRPC call
+it makes is a child span), a JSON access line and RED metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from opentelemetry import propagate, trace
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from strawberry.aiohttp.views import GraphQLView
+
+from tessera_graphql.schema import Context, build_schema
+from tessera_graphql.upstream import Scopes, Upstream
+from tessera_runtime import context as callctx
+from tessera_runtime.config import ConfigError, Env
+from tessera_runtime.logs import correlation_id_var, request_id_var, setup_logging
+from tessera_runtime.telemetry import setup_telemetry
+
+log = logging.getLogger("tessera.graphql")
+access = logging.getLogger("tessera.graphql.access")
+tracer = trace.get_tracer("tessera.graphql")
+
+DEFAULT_PORT = 8090
+PRINCIPAL = web.RequestKey("principal", callctx.Principal)
+_MAX_ID_LENGTH = 128
+
+REQUESTS = Counter("tessera_graphql_requests_total", "GraphQL HTTP requests by outcome.", ["outcome"])
+DURATION = Histogram("tessera_graphql_request_duration_seconds", "GraphQL HTTP request latency.", ["outcome"],
+                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphQLSettings:
+    host: str
+    port: int
+    environment: str
+    log_level: str
+    addresses: Mapping[str, str]
+    default_deadline_seconds: float
+    max_depth: int
+    max_aliases: int
+    max_tokens: int
+
+    @property
+    def gateway_profile(self) -> str:
+        return "prod" if self.environment == "production" else "dev"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GraphQLSettings:
+        env = Env(environ)
+        return cls(
+            host=env.str("TESSERA_GRAPHQL_HOST", "127.0.0.1"),
+            port=env.int("TESSERA_GRAPHQL_PORT", DEFAULT_PORT, minimum=0, maximum=65535),
+            environment=env.choice("TESSERA_ENV", "dev", ("dev", "test", "production")),
+            log_level=env.choice("TESSERA_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            addresses={
+                "user": env.str("TESSERA_USER_SERVICE_ADDR", "127.0.0.1:50051"),
+                "inventory": env.str("TESSERA_INVENTORY_SERVICE_ADDR", "127.0.0.1:50052"),
+                "order": env.str("TESSERA_ORDER_SERVICE_ADDR", "127.0.0.1:50054"),
+            },
+            default_deadline_seconds=env.float("TESSERA_DEFAULT_DEADLINE_SECONDS", 5.0, minimum=0.01),
+            max_depth=env.int("TESSERA_GRAPHQL_MAX_DEPTH", 10, minimum=2, maximum=50),
+            max_aliases=env.int("TESSERA_GRAPHQL_MAX_ALIASES", 30, minimum=1, maximum=1000),
+            max_tokens=env.int("TESSERA_GRAPHQL_MAX_TOKENS", 2000, minimum=100, maximum=100_000),
+        )
+
+
+def _clean_id(value: str | None) -> str | None:
+    if not value or len(value) > _MAX_ID_LENGTH or not value.isprintable():
+        return None
+    return value
+
+
+def _principal(request: web.Request) -> callctx.Principal | None:
+    subject = request.headers.get(callctx.SUBJECT)
+    if not subject:
+        return None
+    return callctx.Principal(subject=subject, scopes=frozenset(request.headers.get(callctx.SCOPES, "").split()))
+
+
+class _View(GraphQLView):
+    def __init__(self, upstream: Upstream, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.upstream = upstream
+
+    async def get_context(self, request: web.Request, response: Any) -> dict[str, Any]:
+        return {"request": request, "response": response, "principal": request[PRINCIPAL],
+                "tessera": Context(self.upstream)}
+
+
+def _unauthenticated() -> web.Response:
+    return web.json_response({"errors": [{
+        "message": "the request carries no caller identity; call through the gateway with a token",
+        "extensions": {"code": "UNAUTHENTICATED", "reason": "TOKEN_MISSING"}}]}, status=401)
+
+
+@web.middleware
+async def _per_request(request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    if request.path != "/graphql":
+        return await handler(request)
+    start = time.perf_counter()
+    request_id = _clean_id(request.headers.get(callctx.REQUEST_ID)) or str(uuid.uuid4())
+    correlation_id = _clean_id(request.headers.get(callctx.CORRELATION_ID)) or request_id
+    principal = _principal(request)
+    request[PRINCIPAL] = principal
+    tokens = (request_id_var.set(request_id), correlation_id_var.set(correlation_id),
+              callctx.principal_var.set(principal))
+    status = 500
+    try:
+        with tracer.start_as_current_span(f"{request.method} /graphql", kind=trace.SpanKind.SERVER,
+                                          context=propagate.extract(request.headers)) as span:
+            span.set_attribute("http.request.method", request.method)
+            span.set_attribute("tessera.request_id", request_id)
+            if principal is None:
+                response = _unauthenticated()
+            else:
+                response = await handler(request)
+            status = response.status
+            span.set_attribute("http.response.status_code", status)
+        response.headers[callctx.REQUEST_ID] = request_id
+        response.headers[callctx.CORRELATION_ID] = correlation_id
+        return response
+    finally:
+        elapsed = time.perf_counter() - start
+        outcome = "ok" if status < 400 else ("client_error" if status < 500 else "server_error")
+        REQUESTS.labels(outcome).inc()
+        DURATION.labels(outcome).observe(elapsed)
+        access.info("%s /graphql %d", request.method, status, extra={
+            "http_status": status, "duration_ms": round(elapsed * 1000, 2),
+            "subject": principal.subject if principal else None})
+        callctx.principal_var.reset(tokens[2])
+        correlation_id_var.reset(tokens[1])
+        request_id_var.reset(tokens[0])
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "UP", "service": "graphql"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(settings: GraphQLSettings, scopes: Scopes | None = None) -> web.Application:
+    """The aiohttp application; its channels to the services close with it."""
+    upstream = Upstream(settings.addresses, scopes or Scopes.from_gateway(settings.gateway_profile),
+                        settings.default_deadline_seconds)
+    schema = build_schema(max_depth=settings.max_depth, max_aliases=settings.max_aliases,
+                          max_tokens=settings.max_tokens)
+    app = web.Application(middlewares=[_per_request], client_max_size=1024 * 1024)
+    view = _View(upstream, schema=schema, graphql_ide=None)
+    app.router.add_route("GET", "/graphql", view)
+    app.router.add_route("POST", "/graphql", view)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+
+    async def close(_: web.Application) -> None:
+        await upstream.close()
+
+    app.on_cleanup.append(close)
+    return app
+
+
+async def serve(settings: GraphQLSettings) -> None:
+    """Serves until SIGTERM or SIGINT, then stops taking requests and lets those in flight finish."""
+    app = build_app(settings)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=10)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else settings.port
+    log.info("listening on %s:%d", settings.host, port, extra={"port": port})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    await runner.cleanup()
+
+
+def main() -> int:
+    try:
+        settings = GraphQLSettings.from_env()
+    except ConfigError as exc:
+        print(f"tessera-graphql: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("graphql", settings.log_level)
+    try:
+        setup_telemetry("graphql", settings)
+    except ConfigError as exc:
+        print(f"tessera-graphql: configuration error: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(settings))
+    return 0

@@ -1,0 +1,138 @@
+"""The gRPC services behind the GraphQL API, called for the caller: with their identity, ids and deadline, and
+only with the scopes the edge would ask of the same RPC over REST.
+
+Which scope an RPC needs comes from the gateway's own description (gateway-envoy/gateway.yaml and the contracts'
+descriptor set): the convention `<context>:read` / `<context>:write` and its overrides (reservations and payments
+need `admin`). So a GraphQL query can read and change nothing the caller's token could not over REST or native
+gRPC through the gateway, and the services still decide whose data it is (a customer reads only their own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import grpc
+from tessera.inventory.v1 import inventory_service_pb2, inventory_service_pb2_grpc
+from tessera.order.v1 import order_service_pb2, order_service_pb2_grpc
+from tessera.user.v1 import user_service_pb2, user_service_pb2_grpc
+
+from tessera_runtime import context as callctx
+from tessera_runtime.clients import error_details, open_channel
+
+USER = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
+INVENTORY = inventory_service_pb2.DESCRIPTOR.services_by_name["InventoryService"]
+ORDER = order_service_pb2.DESCRIPTOR.services_by_name["OrderService"]
+
+
+class UpstreamError(Exception):
+    """A call the GraphQL API made failed, or was not made: its gRPC status and the ErrorInfo and BadRequest the
+    service (or this layer) gave, for the `extensions` of the GraphQL error."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, reason: str = "", domain: str = "",
+                 metadata: Mapping[str, str] | None = None,
+                 violations: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.domain = domain
+        self.metadata = dict(metadata or {})
+        self.violations = violations
+
+    @classmethod
+    def from_rpc(cls, err: grpc.aio.AioRpcError) -> UpstreamError:
+        info, bad = error_details(err)
+        if info is None:  # no service answered (unreachable, timed out): gRPC's own text names cluster addresses
+            return cls(err.code(), _NO_ANSWER.get(err.code(), "the service could not be used"))
+        return cls(err.code(), err.details() or "", reason=info.reason, domain=info.domain,
+                   metadata=info.metadata,
+                   violations=tuple((v.field, v.description) for v in bad.field_violations) if bad else ())
+
+    def extensions(self) -> dict[str, object]:
+        data: dict[str, object] = {"code": self.code.name}
+        if self.reason:
+            data["reason"] = self.reason
+        if self.domain:
+            data["domain"] = self.domain
+        if self.metadata:
+            data["metadata"] = self.metadata
+        if self.violations:
+            data["fieldViolations"] = [{"field": f, "description": d} for f, d in self.violations]
+        return data
+
+
+_NO_ANSWER = {
+    grpc.StatusCode.UNAVAILABLE: "the service could not be reached; retry later",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the service did not answer in time",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scopes:
+    """The scopes each RPC needs (any one grants it), and the scope that grants every RPC."""
+
+    needed: Mapping[str, tuple[str, ...]]  # "/package.Service/Method" → scopes
+    admin: str
+
+    @classmethod
+    def from_gateway(cls, profile: str) -> Scopes:
+        from tessera_gateway import DESCRIPTOR_SET
+        from tessera_gateway import description as gd
+        from tessera_gateway.descriptors import Contracts
+
+        described = gd.load(profile)
+        contracts = Contracts.load(DESCRIPTOR_SET)
+        return cls({f"/{s.full_name}/{r.name}": described.policy(r, s).scopes
+                    for s in contracts.services for r in s.rpcs}, described.admin_scope)
+
+    def check(self, method: str) -> None:
+        principal = callctx.current_principal()
+        needed = self.needed.get(method)
+        if needed is None:
+            raise UpstreamError(grpc.StatusCode.INTERNAL, f"{method} is not a method of the contracts")
+        if principal is None:
+            raise UpstreamError(grpc.StatusCode.UNAUTHENTICATED, "the request carries no caller identity",
+                                reason="TOKEN_MISSING")
+        if self.admin in principal.scopes or any(s in principal.scopes for s in needed):
+            return
+        raise UpstreamError(grpc.StatusCode.PERMISSION_DENIED,
+                            f"the token lacks the scope {' or '.join(needed)} this field needs",
+                            reason="MISSING_SCOPE", metadata={"scopes": " ".join(needed), "method": method})
+
+
+class _ScopeInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Refuses, before it leaves, a call the caller's token has no scope for."""
+
+    def __init__(self, scopes: Scopes) -> None:
+        self.scopes = scopes
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        method = client_call_details.method
+        self.scopes.check(method.decode() if isinstance(method, bytes) else method)
+        return await continuation(client_call_details, request)
+
+
+class Upstream:
+    """One channel per service, shared by every request; stubs whose failures are UpstreamError."""
+
+    def __init__(self, addresses: Mapping[str, str], scopes: Scopes, default_deadline: float) -> None:
+        guard = _ScopeInterceptor(scopes)
+        self.channels = {
+            name: open_channel(addresses[name], [service], default_deadline=default_deadline,
+                               extra_interceptors=(guard,))
+            for name, service in (("user", USER), ("inventory", INVENTORY), ("order", ORDER))
+        }
+        self.users = user_service_pb2_grpc.UserServiceStub(self.channels["user"])
+        self.inventory = inventory_service_pb2_grpc.InventoryServiceStub(self.channels["inventory"])
+        self.orders = order_service_pb2_grpc.OrderServiceStub(self.channels["order"])
+
+    async def call(self, method, request):
+        try:
+            return await method(request)
+        except grpc.aio.AioRpcError as err:
+            raise UpstreamError.from_rpc(err) from None
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
