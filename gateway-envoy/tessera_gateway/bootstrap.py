@@ -60,6 +60,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValueOptionHeaderAppendAction,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
+    HealthCheckHttpHealthCheck,
     Http2ProtocolOptions,
     HttpProtocolOptions,
     HttpProtocolOptionsHeadersWithUnderscoresAction,
@@ -204,6 +205,7 @@ JWT_PROVIDER = "tessera"
 JWT_PAYLOAD = "jwt_payload"
 JWKS_CLUSTER = "jwks"
 TRACING_CLUSTER = "otel_collector"
+GRAPHQL_CLUSTER = "graphql"
 # Route metadata namespace read by the rate limit actions.
 ROUTE_NS = "tessera"
 SUBJECT_HEADER = "x-user-id"
@@ -337,12 +339,30 @@ class GatewayConfig:
             typed_per_filter_config={RBAC_FILTER: Any.pack(self._scope_policy(policy.scopes))},
         )
 
+    def _graphql_route(self) -> Route:
+        g = self.d.graphql
+        assert g is not None
+        info = RouteInfo(service="graphql", route_class=g.route_class, scopes=())
+        # A valid token is all this route asks (jwt_authn requires one on every route); the API checks each field's
+        # scope itself, so RBAC lets every authenticated caller through here.
+        anyone = RbacPerRoute(rbac=RbacFilter(rules=Rbac(action=RbacAction.ALLOW, policies={
+            "authenticated": Policy(permissions=[Permission(any=True)], principals=[Principal(any=True)])})))
+        return Route(
+            name="graphql",
+            match=RouteMatch(path=g.path),
+            route=RouteAction(cluster=GRAPHQL_CLUSTER, timeout=_seconds(g.route_class.timeout_seconds)),
+            metadata=info.metadata(),
+            typed_per_filter_config={RBAC_FILTER: Any.pack(anyone)},
+        )
+
     def _anonymous(self) -> dict[str, Any]:
         return {JWT_FILTER: Any.pack(PerRouteConfig(disabled=True)), RBAC_FILTER: Any.pack(RbacPerRoute())}
 
     def routes(self) -> list[Route]:
         public = RouteInfo(service="gateway", route_class=self.d.public_class, scopes=())
         routes = [self._rpc_route(s, r) for s in self.contracts.services for r in s.rpcs]
+        if self.d.graphql is not None:
+            routes.append(self._graphql_route())
         routes.append(Route(
             name="openapi",
             match=RouteMatch(path=OPENAPI_PATH, headers=[HeaderMatcher(
@@ -719,6 +739,33 @@ class GatewayConfig:
             )]),
         )
 
+    def graphql_cluster(self) -> Cluster:
+        """The GraphQL API: HTTP/1.1 (aiohttp), checked on its /health, ejected like a service on failures."""
+        g = self.d.graphql
+        assert g is not None
+        up = self.d.upstream
+        hc, od = up.health_check, up.outlier_detection
+        return Cluster(
+            name=GRAPHQL_CLUSTER,
+            type=self._discovery(g.address.host),
+            dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+            connect_timeout=_seconds(up.connect_timeout_seconds),
+            load_assignment=ClusterLoadAssignment(cluster_name=GRAPHQL_CLUSTER, endpoints=[LocalityLbEndpoints(
+                lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket(g.address)))])]),
+            health_checks=[HealthCheck(
+                timeout=_seconds(hc.timeout_seconds), interval=_seconds(hc.interval_seconds),
+                unhealthy_threshold=hc.unhealthy_threshold, healthy_threshold=hc.healthy_threshold,
+                no_traffic_interval=_seconds(hc.interval_seconds), unhealthy_interval=_seconds(hc.interval_seconds),
+                http_health_check=HealthCheckHttpHealthCheck(path="/health"),
+            )],
+            outlier_detection=OutlierDetection(
+                consecutive_5xx=od.consecutive_5xx, consecutive_gateway_failure=od.consecutive_gateway_failure,
+                enforcing_consecutive_gateway_failure=100, interval=_seconds(od.interval_seconds),
+                base_ejection_time=_seconds(od.base_ejection_time_seconds),
+                max_ejection_percent=od.max_ejection_percent,
+            ),
+        )
+
     def jwks_cluster(self) -> Cluster | None:
         uri = self.d.jwt.jwks_uri
         if uri is None:
@@ -742,6 +789,8 @@ class GatewayConfig:
 
     def bootstrap(self) -> Bootstrap:
         clusters = [self.service_cluster(s) for s in self.contracts.services]
+        if self.d.graphql is not None:
+            clusters.append(self.graphql_cluster())
         jwks = self.jwks_cluster()
         if jwks is not None:
             clusters.append(jwks)

@@ -210,6 +210,16 @@ class Tracing:
 
 
 @dataclasses.dataclass(frozen=True)
+class GraphQLRoute:
+    """The GraphQL API (tessera_graphql) behind one path: the gateway asks only for a valid token there, and the
+    API asks each field's RPC for the scope `policy` gives it."""
+
+    path: str
+    route_class: RouteClass
+    address: Address
+
+
+@dataclasses.dataclass(frozen=True)
 class RpcPolicy:
     scopes: tuple[str, ...]  # any one of them grants the call; the admin scope always does
     route_class: RouteClass
@@ -237,6 +247,7 @@ class Description:
     upstream_addresses: Mapping[str, Address]
     tls: Tls | None
     tracing: Tracing = Tracing(otlp_endpoint=None, service_name="tessera-gateway", sampling_percent=100.0)
+    graphql: GraphQLRoute | None = None
 
     def policy(self, rpc: Rpc, service: Service) -> RpcPolicy:
         """Scopes and route class of one RPC: the convention unless `rpcs` overrides it."""
@@ -415,6 +426,19 @@ def from_mapping(data: Mapping[str, Any], profile: str) -> Description:
         service_name=tr.str("service_name", "tessera-gateway"), sampling_percent=float(sampling))
     tr.done()
 
+    route_classes = _route_classes(values.section("route_classes"))
+    graphql = None
+    if (gq_raw := values.raw("graphql", None)) is not None:
+        gq = _Section(gq_raw, "graphql")
+        path, class_name = gq.str("path"), gq.str("route_class")
+        if not re.fullmatch(r"/[a-z0-9/_-]*", path):
+            raise DescriptionError(f"graphql.path must be a lower-case absolute path such as /graphql, got {path!r}")
+        if class_name not in route_classes or route_classes[class_name].anonymous:
+            raise DescriptionError(f"graphql.route_class must name a class that needs a token, got {class_name!r}")
+        graphql = GraphQLRoute(path=path, route_class=route_classes[class_name],
+                               address=Address.parse(gq.str("address"), "graphql.address"))
+        gq.done()
+
     def address(key: str) -> Address:
         a = values.section(key)
         result = Address(a.str("address"), a.int("port"))
@@ -429,7 +453,7 @@ def from_mapping(data: Mapping[str, Any], profile: str) -> Description:
         scopes=scopes,
         admin_scope=admin_scope,
         rpc_overrides=_rpc_overrides(values.section("rpcs", {})),
-        route_classes=_route_classes(values.section("route_classes")),
+        route_classes=route_classes,
         limits=limits,
         upstream=upstream,
         cors=cors,
@@ -444,6 +468,7 @@ def from_mapping(data: Mapping[str, Any], profile: str) -> Description:
         upstream_addresses=addresses,
         tls=tls,
         tracing=tracing,
+        graphql=graphql,
     )
     values.done()
     return description

@@ -185,6 +185,8 @@ async def serve(settings: GraphQLSettings) -> None:
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else settings.port
     log.info("listening on %s:%d", settings.host, port, extra={"port": port})
+    # One plain line on stdout, like the services', for scripts and humans that want the address.
+    print(f"tessera-graphql listening on {settings.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

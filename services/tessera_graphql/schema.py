@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import uuid
 from typing import Any
 
 import grpc
@@ -86,7 +87,7 @@ class User:
 
     @strawberry.field(description="The customer's orders, newest first (ListOrders; order:read).")
     async def orders(self, info: Info, page_size: int = 20, page_token: str = "",
-                     status: OrderStatus | None = None) -> OrderPage:  # type: ignore[valid-type]
+                     status: OrderStatus | None = None) -> OrderPage | None:  # type: ignore[valid-type]
         return await _list_orders(info, page_size, page_token, str(self.id), status)
 
 
@@ -286,10 +287,15 @@ async def _list_orders(info: Info, page_size: int, page_token: str, customer_id:
 
 @strawberry.type
 class Query:
-    @strawberry.field(description="The caller's own account (GetUser; user:read).")
+    @strawberry.field(description="The caller's own account (GetUser; user:read); null for a token whose subject is "
+                                  "no account (staff, services).")
     async def me(self, info: Info) -> User | None:
-        principal = info.context["principal"]
-        return await _context(info).users.load(principal.subject)
+        subject = info.context["principal"].subject
+        try:
+            uuid.UUID(subject)
+        except ValueError:
+            return None
+        return await _context(info).users.load(subject)
 
     @strawberry.field(description="An account by id (GetUser; user:read): a customer may read only their own.")
     async def user(self, info: Info, id: strawberry.ID) -> User | None:
@@ -298,7 +304,7 @@ class Query:
 
     @strawberry.field(description="Accounts, oldest first (ListUsers; admin).")
     async def users(self, info: Info, page_size: int = 20, page_token: str = "",
-                    status: UserStatus | None = None) -> UserPage:  # type: ignore[valid-type]
+                    status: UserStatus | None = None) -> UserPage | None:  # type: ignore[valid-type]
         reply = await _call(info, lambda u: u.users.ListUsers, user_api.ListUsersRequest(
             page_size=page_size, page_token=page_token,
             status=user_pb2.UserStatus.Value(f"USER_STATUS_{status.name}") if status is not None else 0))
@@ -311,7 +317,7 @@ class Query:
 
     @strawberry.field(description="The catalogue (ListProducts; inventory:read).")
     async def products(self, info: Info, page_size: int = 20, page_token: str = "", sku: str = "",
-                       in_stock_only: bool = False) -> ProductPage:
+                       in_stock_only: bool = False) -> ProductPage | None:
         reply = await _call(info, lambda u: u.inventory.ListProducts, inventory_api.ListProductsRequest(
             page_size=page_size, page_token=page_token, sku=sku, in_stock_only=in_stock_only))
         return ProductPage(products=[Product.of(p) for p in reply.products], next_page_token=reply.next_page_token)
@@ -323,7 +329,7 @@ class Query:
 
     @strawberry.field(description="Orders, newest first (ListOrders; order:read): a customer's are their own.")
     async def orders(self, info: Info, page_size: int = 20, page_token: str = "", customer_id: str = "",
-                     status: OrderStatus | None = None) -> OrderPage:  # type: ignore[valid-type]
+                     status: OrderStatus | None = None) -> OrderPage | None:  # type: ignore[valid-type]
         return await _list_orders(info, page_size, page_token, customer_id, status)
 
 

@@ -25,7 +25,7 @@ PORTS = {
 METRICS_PORTS = {name: 9100 + i for i, name in enumerate(PORTS, start=1)}
 
 # Modules that add components (the gateway, ...): each exposes `components(stack: DevStack) -> list[Component]`.
-EXTENSIONS = ("tessera_gateway.devstack",)
+EXTENSIONS = ("tessera_graphql.devstack", "tessera_gateway.devstack")
 
 
 @dataclasses.dataclass

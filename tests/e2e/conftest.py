@@ -5,6 +5,7 @@ from tests.support.gateway import (  # noqa: F401 - fixtures
     gateway,
     gateway_services,
     gateway_workdir,
+    graphql_api,
     slow_user_link,
     strict_gateway,
 )

@@ -158,8 +158,10 @@ async def test_the_services_still_decide_whose_data_it_is(graphql, neighbours):
     _, body, _ = await graphql.post("{ users(pageSize: 1) { users { id } } }", subject=stranger)
     assert (body["errors"][0]["extensions"]["code"], body["errors"][0]["extensions"]["domain"]) == (
         "PERMISSION_DENIED", "user.tessera.dev")
-    _, body, _ = await graphql.post("{ users(pageSize: 1) { users { id } } }", subject="ops", scopes="admin")
+    _, body, _ = await graphql.post("{ users(pageSize: 1) { users { id } } me { id } }", subject="ops",
+                                    scopes="admin")
     assert "errors" not in body and len(body["data"]["users"]["users"]) == 1
+    assert body["data"]["me"] is None, "a staff token's subject is no account"
 
 
 async def test_bad_input_names_the_field_and_changes_nothing(graphql, neighbours):

@@ -245,11 +245,24 @@ def dead_port():
 
 
 @pytest.fixture(scope="session")
-def gateway(gateway_workdir, gateway_services, dead_port):
-    """The dev profile's gateway with its real limits, in front of the running services."""
+def graphql_api(gateway_workdir, gateway_services):
+    """The GraphQL API process (python -m tessera_graphql) over the suite's services, in production mode."""
+    addresses = gateway_services.addresses()
+    process = ServiceProcess("graphql", {
+        "TESSERA_ENV": "production", "TESSERA_GRAPHQL_PORT": "0", "TESSERA_LOG_LEVEL": "INFO",
+        **{f"TESSERA_{name.upper()}_SERVICE_ADDR": address for name, address in addresses.items()},
+    }, gateway_workdir / "graphql.log", argv=[sys.executable, "-m", "tessera_graphql"]).start(timeout=60)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(gateway_workdir, gateway_services, graphql_api, dead_port):
+    """The dev profile's gateway with its real limits, in front of the running services and the GraphQL API."""
     addresses = {name: f"127.0.0.1:{dead_port}" for name in SERVICES}
     addresses.update(gateway_services.addresses())
-    gw = Gateway(gateway_workdir, "main", addresses).start(sorted(gateway_services.addresses()))
+    gw = Gateway(gateway_workdir, "main", addresses, {"graphql": {"address": graphql_api.address}}).start(
+        sorted(gateway_services.addresses()))
     yield gw
     gw.stop()
 
@@ -281,7 +294,8 @@ def strict_gateway(gateway_workdir, slow_user_link, dead_port):
     proxy the tests can slow down; every other service is down."""
     addresses = {name: f"127.0.0.1:{dead_port}" for name in SERVICES}
     addresses["user"] = f"127.0.0.1:{slow_user_link.port}"
-    gw = Gateway(gateway_workdir, "strict", addresses, STRICT_VALUES).start(["user"])
+    values = gateway_description.deep_merge(STRICT_VALUES, {"graphql": {"address": f"127.0.0.1:{dead_port}"}})
+    gw = Gateway(gateway_workdir, "strict", addresses, values).start(["user"])
     yield gw
     gw.stop()
 

@@ -18,8 +18,9 @@ _LISTENING = re.compile(rb"listening on [^:]+:(\d+)")
 class ServiceProcess:
     """One `tessera serve <service>` process on an ephemeral port."""
 
-    def __init__(self, service: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, service: str, env: dict[str, str], log_path: Path, argv: list[str] | None = None) -> None:
         self.service = service
+        self.argv = argv or [sys.executable, "-m", "tessera_runtime.cli", "serve", service]
         self.log_path = log_path
         # Tests never publish to the machine's default vhost: a test that wants events passes its own
         # TESSERA_AMQP_URL (a private vhost) or turns the relay on explicitly.
@@ -36,7 +37,7 @@ class ServiceProcess:
     def start(self, timeout: float = 30.0) -> ServiceProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tessera_runtime.cli", "serve", self.service],
+            self.argv,
             env=self.env, stdout=subprocess.PIPE, stderr=self._log, cwd=ROOT,
         )
         assert self.proc.stdout is not None

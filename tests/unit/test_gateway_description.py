@@ -94,6 +94,11 @@ def test_deep_merge_merges_mappings_and_replaces_the_rest():
     ({"route_classes": {"public": {"anonymous": False}}}, "one class with anonymous: true"),
     ({"security_headers": {"X-Bad": "1"}}, "is not a lower-case header name"),
     ({"tls": {"cert_file": "/c.crt"}}, "tls.key_file is required"),
+    ({"graphql": {"path": "graphql"}}, "graphql.path must be a lower-case absolute path"),
+    ({"graphql": {"route_class": "public"}}, "graphql.route_class must name a class that needs a token"),
+    ({"graphql": {"route_class": "bulk"}}, "graphql.route_class must name a class that needs a token"),
+    ({"graphql": {"address": "nowhere"}}, "graphql.address must be HOST:PORT"),
+    ({"graphql": {"depth": 3}}, "unknown key graphql.depth"),
 ])
 def test_bad_values_are_refused_with_the_key_named(contracts, overrides, message):
     with pytest.raises(gd.DescriptionError, match=re.escape(message)):

@@ -54,7 +54,18 @@ def test_every_rpc_in_the_descriptor_set_has_one_grpc_route(dev, dev_config):
         assert route["route"]["cluster"] == rpc.service.split(".")[1]
         assert route["metadata"]["filterMetadata"]["tessera"] == {"client_class": "read" if rpc.read_only else (
             "saga" if rpc.name == "CreateOrder" else "write")}
-    assert [name for name in routes if "." not in name] == ["openapi", "not_found"]
+    assert [name for name in routes if "." not in name] == ["graphql", "openapi", "not_found"]
+
+
+def test_the_graphql_route_needs_a_token_and_no_scope(dev_config):
+    route = routes_of(dev_config)["graphql"]
+    assert route["match"] == {"path": "/graphql"} and route["route"]["cluster"] == "graphql"
+    assert route["route"]["timeout"] == "35s"
+    assert route["metadata"]["filterMetadata"]["tessera"] == {"client_class": "graphql"}
+    # jwt_authn stays on (no per-route override disables it); RBAC lets any authenticated caller through.
+    assert "envoy.filters.http.jwt_authn" not in route.get("typedPerFilterConfig", {})
+    rbac = route["typedPerFilterConfig"]["envoy.filters.http.rbac"]["rbac"]["rules"]["policies"]
+    assert rbac == {"authenticated": {"permissions": [{"any": True}], "principals": [{"any": True}]}}
 
 
 def test_routes_require_whole_scopes_through_rbac(dev_config):
