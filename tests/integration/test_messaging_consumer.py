@@ -12,6 +12,7 @@ import uuid
 
 import pika
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import Column, MetaData, String, Table, insert, select
 from tessera.user.v1 import user_events_pb2
 
@@ -133,6 +134,12 @@ async def send(url: str, message: object, **options) -> str:
     return await asyncio.to_thread(publish, url, message, **options)
 
 
+def consumed(name: str, queue: str, event_type: str = ACTIVATED.DESCRIPTOR.full_name) -> float:
+    """A consumer counter's value for this queue and event type (each test's consumer has a queue of its own)."""
+    labels = {"consumer": queue, "event_type": event_type}
+    return REGISTRY.get_sample_value(f"tessera_consumer_{name}_total", labels) or 0
+
+
 async def dead_letters(url: str, queue: str, count: int, what: str) -> None:
     """Waits until the consumer queue's dead-letter queue holds `count` messages."""
     await eventually(lambda: rabbitmq.queue_depth(url, f"{queue}.dlq") == count, what)
@@ -161,6 +168,7 @@ async def test_an_event_has_one_effect_however_often_it_is_delivered(vhost, effe
     headers = {"x-aggregate-type": "user", "x-aggregate-id": "u-1", "x-correlation-id": "corr-c1",
                "x-request-id": "req-c1", "x-producer": "user"}
     event_id = str(uuid.uuid4())
+    before = {name: consumed(name, consumer.queue) for name in ("processed", "duplicates")}
     for _ in range(3):
         await send(url, ACTIVATED(user_id="once"), message_id=event_id, headers=headers)
     await send(url, ACTIVATED(user_id="sentinel"))
@@ -171,6 +179,9 @@ async def test_an_event_has_one_effect_however_often_it_is_delivered(vhost, effe
         await asyncio.sleep(0.05)
     assert sorted(await effects.rows()) == ["once", "sentinel"]
     assert consumer.counts["duplicates"] == 2 and consumer.counts["processed"] == 2
+    assert consumed("duplicates", consumer.queue) == before["duplicates"] + 2
+    assert consumed("processed", consumer.queue) == before["processed"] + 2
+    assert consumed("duplicates", consumer.queue, DEACTIVATED.DESCRIPTOR.full_name) == 0
     meta = effects.calls[0][1]
     assert (meta.event_id, meta.event_type, meta.consumer, meta.attempt) == (
         event_id, "tessera.user.v1.UserActivated", consumer.queue, 1)
@@ -185,6 +196,7 @@ async def test_a_failing_message_is_retried_then_dead_lettered_while_later_ones_
         vhost, effects, consumer, capsys):
     url = rabbitmq.amqp_url(vhost)
     effects.failing.add("poison")
+    before = {name: consumed(name, consumer.queue) for name in ("retried", "dead_lettered", "processed")}
     poison_id = await send(url, ACTIVATED(user_id="poison"), headers={"x-correlation-id": "corr-poison"})
     for name in ("after-1", "after-2"):
         await send(url, ACTIVATED(user_id=name))
@@ -193,6 +205,11 @@ async def test_a_failing_message_is_retried_then_dead_lettered_while_later_ones_
     attempts = [(m.attempt, m.retry_delay) for user, m in effects.calls if user == "poison"]
     assert attempts == [(1, 0.2), (2, 0.4), (3, None)]
     assert (consumer.counts["retried"], consumer.counts["dead_lettered"]) == (2, 1)
+    # Two delayed retries, then one dead letter, each counted once with the queue and event type as labels.
+    assert consumed("retried", consumer.queue) == before["retried"] + 2
+    assert consumed("dead_lettered", consumer.queue) == before["dead_lettered"] + 1
+    await eventually(lambda: consumed("processed", consumer.queue) == before["processed"] + 2,
+                     "the two later messages to be counted as processed")
     assert sorted(await effects.rows()) == ["after-1", "after-2"]
 
     [letter] = deadletter.browse(url, consumer.queue)
@@ -214,6 +231,7 @@ async def test_a_failing_message_is_retried_then_dead_lettered_while_later_ones_
     assert f"replayed {poison_id}" in capsys.readouterr().out
     await effects.wait_for("poison")
     assert rabbitmq.queue_depth(url, f"{consumer.queue}.dlq") == 0
+    assert consumed("dead_lettered", consumer.queue) == before["dead_lettered"] + 1  # the replay succeeded
     replayed = [m for user, m in effects.calls if user == "poison"][-1]
     assert replayed.attempt == 1 and replayed.correlation_id == "corr-poison"
     assert tessera(["dlq", "--amqp-url", url, "replay", consumer.queue, poison_id]) == 1  # nothing left to replay
@@ -223,6 +241,8 @@ async def test_a_failing_message_is_retried_then_dead_lettered_while_later_ones_
 async def test_messages_that_can_never_succeed_are_dead_lettered_at_once(vhost, effects, consumer):
     url = rabbitmq.amqp_url(vhost)
     effects.permanent.add("never")
+    before = {name: consumed(name, consumer.queue) for name in ("retried", "dead_lettered")}
+    unknown = consumed("dead_lettered", consumer.queue, "unknown")
     await send(url, ACTIVATED(user_id="never"))
     await send(url, ACTIVATED(), body=b"\xff\xff\xff")
     await send(url, ACTIVATED(user_id="no-id"), message_id="")
@@ -238,6 +258,9 @@ async def test_messages_that_can_never_succeed_are_dead_lettered_at_once(vhost, 
     assert "is not a valid tessera.user.v1.UserActivated" in errors[1]
     assert "no message_id" in errors[2] and "'application/json'" in errors[3] and "longer than 64" in errors[4]
     assert [user for user, _ in effects.calls] == ["never", "fine"]  # the handler never saw the others
+    assert consumed("retried", consumer.queue) == before["retried"]
+    assert consumed("dead_lettered", consumer.queue) == before["dead_lettered"] + 5
+    assert consumed("dead_lettered", consumer.queue, "unknown") == unknown
     assert tessera(["dlq", "--amqp-url", url, "replay", consumer.queue, "--all"]) == 0
     # Replayed, they fail again (once each) and come back, counted as replayed once.
     await dead_letters(url, consumer.queue, 5, "replayed dead letters should fail and return")

@@ -104,6 +104,18 @@ def sample(name: str, service: str) -> float | None:
     return REGISTRY.get_sample_value(name, {"service": service})
 
 
+ACTIVATED_TYPE = user_events_pb2.UserActivated.DESCRIPTOR.full_name
+
+
+def published(service: str, event_type: str = ACTIVATED_TYPE) -> float:
+    return REGISTRY.get_sample_value("tessera_outbox_published_total",
+                                     {"service": service, "event_type": event_type}) or 0
+
+
+def publish_failures(service: str) -> float:
+    return sample("tessera_outbox_publish_failures_total", service) or 0
+
+
 async def test_publishes_every_row_in_order_with_its_properties_and_marks_it_after_the_confirm(vhost, outbox):
     db, table = outbox
     url = rabbitmq.amqp_url(vhost)
@@ -145,6 +157,10 @@ async def test_publishes_every_row_in_order_with_its_properties_and_marks_it_aft
     assert len(rows) == 1000 and all(r.published_at is not None and r.attempts == 1 for r in rows)
     assert sample("tessera_outbox_oldest_unpublished_seconds", service) == 0
     assert relay.status()["published_total"] == 1000
+    # Counted by service and event type once the broker confirmed them; nothing failed.
+    assert published(service) == 1000
+    assert published(service, "tessera.user.v1.UserCreated") == 0
+    assert publish_failures(service) == 0
 
 
 async def test_two_replicas_on_postgresql_publish_each_event_once_in_order(vhost, pg_outbox):
@@ -237,9 +253,14 @@ async def test_confirms_that_never_arrive_make_the_relay_reconnect_and_publish_t
     tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
     caplog.set_level(logging.WARNING, logger="tessera.outbox")
     async with relay_on_a_broker_that_freezes(vhost, db, table, "silent",
-                                              settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=3.0)):
+                                              settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=3.0)
+                                              ) as relay:
         await write(db, table, [PendingEvent("user", "a", activated(str(i))) for i in range(20)])
         delivered = await tap.wait_for(20)
+        await eventually(lambda: relay.status()["published_total"] == 20, "every row to be marked")
+    # The batch whose confirms never came is one failed publish; the events count as published once, when confirmed.
+    assert publish_failures(relay.service) == 1
+    assert published(relay.service) == 20
     # Nothing sent on the frozen connection reached the broker; the new connection published each event once.
     ids = [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered]
     assert ids == [str(i) for i in range(20)]
@@ -464,18 +485,21 @@ async def test_a_nack_in_a_passs_only_batch_keeps_the_confirmed_rows_before_it_m
     await write(db, table, events)
     refused = events[5].event_id
     publisher = ScriptedPublisher(lambda e: NACK if e.event_id == refused else ACK)
-    relay = OutboxRelay(db, table, service="nack-quiet", amqp_url="amqp://unused", settings=FAST)
+    service = f"nack-quiet-{uuid.uuid4().hex[:6]}"
+    relay = OutboxRelay(db, table, service=service, amqp_url="amqp://unused", settings=FAST)
     relay.publisher = publisher
 
     with pytest.raises(PublishIncomplete, match="nack"):
         await run_pass(relay, publisher, db, table)
     assert len(publisher.sent) == 1  # one batch
     assert await published_ids(db, table) == {e.event_id for e in events[:5]}
+    assert (publish_failures(service), published(service)) == (1, 5)  # the refused batch failed; its prefix counts
 
     publisher.verdict = lambda e: ACK
     publisher.sent.clear()
     assert await run_pass(relay, publisher, db, table) == 5
     assert publisher.sent == [[e.event_id for e in events[5:]]]
+    assert (publish_failures(service), published(service)) == (1, 10)
     async with db.engine.connect() as conn:
         attempts = (await conn.execute(select(table.c.attempts).order_by(table.c.seq))).scalars().all()
     assert attempts == [1] * 5 + [2] * 5

@@ -70,6 +70,26 @@ def saga(order: order_pb2.Order) -> dict[str, str]:
             for s in order.saga}
 
 
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class Moved:
+    """The saga outcome counters now, to assert by how much an order moved them."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.before = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        return (metric("tessera_orders_failed_total", reason=self.reason), metric("tessera_orders_compensated_total"),
+                metric("tessera_orders_confirmed_total"))
+
+    def since(self) -> tuple[float, float, float]:
+        """(failed with this reason, compensated, confirmed) since construction."""
+        return tuple(now - then for now, then in zip(self._read(), self.before, strict=True))
+
+
 async def events(db_url: str) -> list[str]:
     db = Database(db_url)
     try:
@@ -103,10 +123,12 @@ async def test_happy_path_confirms_charges_and_sells_the_stock(order_service, ne
 
 async def test_unknown_customer(order_service, neighbours, db_url):
     product = await neighbours.product(5)
+    moved = Moved("CUSTOMER_NOT_FOUND")
     info, _ = await create_fails(order_service, request(str(uuid.uuid4()), (product, 1)),
                                  grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND")
     assert "order_id" not in info.metadata
     assert await count_rows(db_url, orders) == 0
+    assert moved.since() == (1, 0, 0)  # failed up front: nothing to compensate
 
 
 async def test_inactive_customer(order_service, neighbours, db_url):
@@ -129,6 +151,7 @@ async def test_unknown_product(order_service, neighbours, db_url):
 
 async def test_insufficient_stock(order_service, neighbours, db_url):
     customer, product = await neighbours.customer(), await neighbours.product(2)
+    moved = Moved("INSUFFICIENT_STOCK")
     info, _ = await create_fails(order_service, request(customer, (product, 3)),
                                  grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_STOCK")
     assert (info.metadata["product_id"], info.metadata["requested"], info.metadata["available"]) == (product, "3", "2")
@@ -140,10 +163,13 @@ async def test_insufficient_stock(order_service, neighbours, db_url):
     stock = await neighbours.stock(product)
     assert (stock.stock_on_hand, stock.stock_reserved) == (2, 0)
     assert await events(db_url) == ["OrderCreated", "OrderFailed"]
+    assert moved.since() == (1, 1, 0)
 
 
 async def test_declined_payment_releases_the_stock(order_service, neighbours):
     customer, product = await neighbours.customer(), await neighbours.product(5)
+    moved = Moved("PAYMENT_DECLINED")
+    compensated_sagas = metric("tessera_saga_duration_seconds_count", outcome="compensated")
     info, _ = await create_fails(order_service, request(customer, (product, 2), method="pm_sandbox_declined"),
                                  grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_DECLINED")
     assert info.metadata["decline_code"] == "card_declined"
@@ -155,6 +181,9 @@ async def test_declined_payment_releases_the_stock(order_service, neighbours):
     assert payment.status == payment_pb2.PAYMENT_STATUS_DECLINED and payment.id == info.metadata["payment_id"]
     stock = await neighbours.stock(product)
     assert (stock.stock_on_hand, stock.stock_reserved) == (5, 0)
+    # One failed order, by the reason the customer was told, whose compensations all completed.
+    assert moved.since() == (1, 1, 0)
+    assert metric("tessera_saga_duration_seconds_count", outcome="compensated") == compensated_sagas + 1
 
 
 async def test_transient_payment_failure_is_retried_then_succeeds(order_service, neighbours):
@@ -456,6 +485,7 @@ async def test_cancel_while_payment_is_unreachable_continues_when_it_returns(nei
 
 async def test_refund_that_keeps_failing_leaves_the_order_compensation_failed(neighbours, db_url, payment_proxy):
     before = REGISTRY.get_sample_value("tessera_saga_compensation_failures_total", {"step": "PROCESS_PAYMENT"}) or 0
+    compensated = metric("tessera_orders_compensated_total")
     service = await service_behind(neighbours, db_url, payment_proxy, TESSERA_ORDER_COMPENSATION_MAX_ATTEMPTS="3")
     try:
         customer, product = await neighbours.customer(), await neighbours.product(5)
@@ -477,6 +507,7 @@ async def test_refund_that_keeps_failing_leaves_the_order_compensation_failed(ne
     assert saga(stuck)["CONFIRM_ORDER"] == "COMPENSATED" and saga(stuck)["RESERVE_STOCK"] == "COMPENSATED"
     assert REGISTRY.get_sample_value("tessera_saga_compensation_failures_total", {"step": "PROCESS_PAYMENT"}) == (
         before + 1)
+    assert metric("tessera_orders_compensated_total") == compensated  # a compensation was given up on
     assert (await events(db_url))[-1] == "OrderCompensationFailed"
     # The money is still taken, for an operator to resolve; the stock came back.
     assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_SUCCEEDED]
