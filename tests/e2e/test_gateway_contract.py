@@ -31,7 +31,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
 # Operations of the services the gateway suite starts (tests/support/gateway.py: SUITE_SERVICES) and the
 # gateway's own. The notification service is kept away from the suite (it needs a broker): its two operations
-# would answer 503 by design.
+# would answer 503 by design (test_gateway_notifications.py runs them on a stack with a broker of its own).
 TAGS = ("UserService", "InventoryService", "PaymentService", "OrderService", "Gateway")
 MAX_EXAMPLES = 15
 

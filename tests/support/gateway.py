@@ -163,10 +163,12 @@ class Gateway:
 
 
 class ServiceStack:
-    """Service processes in production mode, each on its own SQLite database in workdir."""
+    """Service processes in production mode, each on its own SQLite database in workdir. They reach no broker
+    unless given `amqp_url` (a private vhost: tests never publish into a broker someone else is using)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, amqp_url: str = NO_BROKER) -> None:
         self.workdir = workdir
+        self.amqp_url = amqp_url
         self.processes: dict[str, ServiceProcess] = {}
 
     def start(self, names: list[str]) -> ServiceStack:
@@ -183,7 +185,7 @@ class ServiceStack:
         env = {
             "TESSERA_ENV": "production",
             "TESSERA_DATA_DIR": str(self.workdir),
-            "TESSERA_AMQP_URL": NO_BROKER,
+            "TESSERA_AMQP_URL": self.amqp_url,
             "TESSERA_LOG_LEVEL": "INFO",
             **{f"TESSERA_{other.upper()}_SERVICE_ADDR": p.address for other, p in list(self.processes.items())
                if p.port},
@@ -219,7 +221,8 @@ def gateway_workdir(tmp_path_factory) -> Path:
 
 
 # Services the gateway suite runs: the user service (covered fully) and those the order saga needs. The
-# notification service consumes from a broker; these tests keep every service away from one.
+# notification service consumes from a broker; these tests keep every service away from one (its routes are
+# tested in test_gateway_notifications.py, on a stack of its own with a private vhost).
 SUITE_SERVICES = ("user", "inventory", "payment", "order")
 
 
