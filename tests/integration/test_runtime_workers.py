@@ -93,7 +93,10 @@ async def test_two_workers_share_one_port_and_both_serve(tmp_path):
     assert code == 0
 
 
-async def test_sigterm_lets_every_worker_finish_its_calls_then_exits_zero(pg_via_proxy, tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_sigterm_or_sigint_lets_every_worker_finish_its_calls_then_exits_zero(pg_via_proxy, tmp_path,
+                                                                                   stop_signal):
+    """The parent forwards the signal it got (a terminal's Ctrl-C is SIGINT) to every worker, which drains."""
     url, proxy = pg_via_proxy
     service = ServiceProcess("user", {"TESSERA_WORKERS": "2", "TESSERA_DATABASE_URL": url,
                                       "TESSERA_DRAIN_SECONDS": "0.5", "TESSERA_GRACE_SECONDS": "20"},
@@ -109,7 +112,7 @@ async def test_sigterm_lets_every_worker_finish_its_calls_then_exits_zero(pg_via
             calls = [asyncio.ensure_future(s.CreateUser(new_user(i, "flight"), timeout=30))
                      for i, s in enumerate(stubs)]
             await asyncio.sleep(0.3)
-            service.proc.send_signal(signal.SIGTERM)
+            service.proc.send_signal(stop_signal)
             replies = await asyncio.gather(*calls)
             assert len({r.user.id for r in replies}) == len(stubs)
             proxy.delay = 0
@@ -121,6 +124,7 @@ async def test_sigterm_lets_every_worker_finish_its_calls_then_exits_zero(pg_via
                        for pid in pids)
         log = service.log_text()
         assert log.count('"message": "draining"') == 2 and log.count('"message": "stopped"') == 2
+        assert "Traceback" not in log  # SIGINT is a stop, not a KeyboardInterrupt
     finally:
         kill_leftovers(service, pids)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -139,7 +140,9 @@ async def test_calls_while_the_database_is_unreachable_are_unavailable_and_chang
     assert "the database could not be used in /tessera.user.v1.UserService/GetUser" in service.log_text()
 
 
-async def test_sigterm_finishes_in_flight_calls_refuses_new_ones_and_exits_zero(pg_via_proxy, tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_sigterm_or_sigint_finishes_in_flight_calls_refuses_new_ones_and_exits_zero(pg_via_proxy, tmp_path,
+                                                                                          stop_signal):
     url, proxy = pg_via_proxy
     service = ServiceProcess("user", {"TESSERA_DATABASE_URL": url, "TESSERA_DRAIN_SECONDS": "0.5",
                                       "TESSERA_GRACE_SECONDS": "20"}, tmp_path / "user.log").start()
@@ -153,7 +156,7 @@ async def test_sigterm_finishes_in_flight_calls_refuses_new_ones_and_exits_zero(
                 user=user_pb2.User(email=f"f{i}@example.com", display_name="F"), request_id=f"f{i}"),
                 timeout=30)) for i in range(6)]
             await asyncio.sleep(0.3)
-            service.proc.send_signal(15)
+            service.proc.send_signal(stop_signal)
             replies = await asyncio.gather(*calls)
             assert len({r.user.id for r in replies}) == 6
             proxy.delay = 0
@@ -176,6 +179,7 @@ async def test_sigterm_finishes_in_flight_calls_refuses_new_ones_and_exits_zero(
                         svc.GetUserRequest(id=str(uuid.uuid4())), timeout=2)
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert '"draining"' in service.log_text() or "draining" in service.log_text()
+        assert "Traceback" not in service.log_text()  # SIGINT is a stop, not a KeyboardInterrupt
     finally:
         service.kill()
 
