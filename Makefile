@@ -63,7 +63,7 @@ clean: ## Remove generated code, build output and local data
 	rm -rf gen build data .pytest_cache clients/ts/gen
 
 .PHONY: k8s-mesh k8s-render k8s-validate
-k8s-mesh: gen ## Regenerate istio/ routes, subsets and policies from the contracts' idempotency marks
+k8s-mesh: gen ## Regenerate istio/ routes, subsets and policies and the canary components from the contracts
 	$(PY) -m tessera_deploy.mesh
 
 k8s-render: gen ## Render every k8s overlay (with the generated gateway config) into build/k8s/<overlay>.yaml

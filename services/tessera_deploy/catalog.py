@@ -99,7 +99,9 @@ SERVICE_CALLS: dict[str, tuple[str, ...]] = {
         "/tessera.payment.v1.PaymentService/ListPayments",
     ),
 }
-CANARIES = ("user",)  # services with a v2 canary component under k8s/components/
+# Every service can run a v2 canary beside v1: k8s/components/canary-<name>-v2 (Deployment, v2 subset, canary
+# routes) and the overlay k8s/overlays/canary-<name> that adds it to prod; `tessera traffic` moves its weights.
+CANARIES: tuple[str, ...] = tuple(PORTS)
 
 
 def read_descriptor_set(path: Path = DESCRIPTOR_SET) -> descriptor_pb2.FileDescriptorSet:

@@ -44,7 +44,9 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "traffic", help="shift traffic between a service's v1 and its canary v2 (Istio weights)",
-        description="Rewrites the canary VirtualService in k8s/components/canary-<service>-v2/ and prints it.")
+        description="Rewrites the canary VirtualService in k8s/components/canary-<service>-v2/ and prints it. "
+                    "Every service has one: user-service, inventory-service, payment-service, order-service, "
+                    "notification-service.")
     parser.add_argument("--root", type=Path, default=ROOT,
                         help="the Tessera checkout whose manifests to change (default: this one)")
     actions = parser.add_subparsers(dest="action", required=True)

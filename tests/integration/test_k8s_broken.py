@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from tessera_deploy.checks import Problem
-from tests.support.k8s import copy_tree, describe, edit_yaml, validate_copy
+from tests.support.k8s import SERVICES, canary_overlay, copy_tree, describe, edit_yaml, validate_copy
 
 CANARY_VS = "k8s/components/canary-user-v2/virtual-service.yaml"
 PATCHED_VS = f"istio/virtual-services.yaml (patched by {CANARY_VS})"
@@ -28,7 +28,7 @@ def _canary_routes(tree, change) -> None:
 
 
 def test_the_unbroken_copy_passes(tree):
-    assert validate_copy(tree, "canary") == []
+    assert validate_copy(tree, "canary-user") == []
 
 
 def test_wrong_subset_is_reported(tree):
@@ -36,7 +36,7 @@ def test_wrong_subset_is_reported(tree):
         routes[0]["route"][0]["destination"]["subset"] = "v3"
 
     _canary_routes(tree, change)
-    problems = validate_copy(tree, "canary")
+    problems = validate_copy(tree, "canary-user")
     problem = _one(problems, PATCHED_VS, "spec.http[0].route[0].destination.subset", "subset 'v3'")
     assert "is not defined in any DestinationRule" in problem.message and "'v1', 'v2'" in problem.message
 
@@ -47,7 +47,7 @@ def test_weights_that_do_not_sum_to_100_are_reported(tree):
         split["route"][0]["weight"], split["route"][1]["weight"] = 90, 20
 
     _canary_routes(tree, change)
-    problems = validate_copy(tree, "canary")
+    problems = validate_copy(tree, "canary-user")
     index = next(i for i, r in enumerate(yaml.safe_load((tree / CANARY_VS).read_text())["spec"]["http"])
                  if r["name"] == "read")
     _one(problems, PATCHED_VS, f"spec.http[{index}].route[*].weight", "sum to 110, not 100")
@@ -93,12 +93,14 @@ def test_misspelt_field_is_reported(tree):
     _one(problems, "istio/virtual-services.yaml", "spec.http[0].retries", "'attemps' was unexpected")
 
 
-def test_subset_selecting_no_pods_is_reported(tree):
-    # The canary's v2 subset without the v2 Deployment: routes to pods that do not exist.
-    kustomization = tree / "k8s/components/canary-user-v2/kustomization.yaml"
+@pytest.mark.parametrize("service", SERVICES)
+def test_subset_selecting_no_pods_is_reported(tree, service):
+    # A canary's v2 subset without the v2 Deployment: routes to pods that do not exist.
+    component = f"k8s/components/canary-{service}-v2"
+    kustomization = tree / component / "kustomization.yaml"
     kustomization.write_text(kustomization.read_text().replace("resources:\n  - deployment.yaml\n", ""))
-    problems = validate_copy(tree, "canary")
-    where = "istio/destination-rules.yaml (patched by k8s/components/canary-user-v2/destination-rule.yaml)"
+    problems = validate_copy(tree, canary_overlay(service))
+    where = f"istio/destination-rules.yaml (patched by {component}/destination-rule.yaml)"
     _one(problems, where, "spec.subsets[1].labels", "subset 'v2' ({'version': 'v2'}) selects no pod template")
 
 

@@ -11,10 +11,30 @@ import yaml
 from google.protobuf import descriptor_pb2
 
 from tessera_deploy import ROOT, gateway_config, mesh, schemas
-from tessera_deploy.catalog import GATEWAY, INGRESS_PRINCIPAL, NAMESPACE, SERVICE_CALLS, principal, workloads
+from tessera_deploy.catalog import (
+    CANARIES,
+    GATEWAY,
+    INGRESS_PRINCIPAL,
+    NAMESPACE,
+    SERVICE_CALLS,
+    principal,
+    workloads,
+)
 from tessera_deploy.render import load_all
+from tessera_deploy.validate import validate_overlay
 from tessera_gateway.bootstrap import TRACING_CLUSTER
-from tests.support.k8s import OVERLAYS, describe, find, gateway_files, manifests, report
+from tests.support.k8s import (
+    CANARY_OVERLAYS,
+    OVERLAYS,
+    SERVICES,
+    canary_overlay,
+    copy_tree,
+    describe,
+    find,
+    gateway_files,
+    manifests,
+    report,
+)
 
 GRPC_CONDITIONS = {"unavailable", "cancelled", "deadline-exceeded", "resource-exhausted"}
 # Envoy retries a try cut short by perTryTimeout (a local reset) only on these conditions; without one of them the
@@ -115,7 +135,7 @@ def test_retries_follow_each_methods_idempotency_level():
     assert levels, "no methods found"
     safe = (descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.MethodOptions.IDEMPOTENT)
     routed = {}
-    for overlay in ("prod", "canary"):
+    for overlay in ("prod", *CANARY_OVERLAYS):
         for w in workloads():
             for route in find(overlay, "VirtualService", w.k8s_name)["spec"]["http"]:
                 for match in route.get("match", []):
@@ -137,27 +157,108 @@ def test_retries_follow_each_methods_idempotency_level():
             assert route["timeout"], path
 
 
-def test_canary_routes_send_the_header_to_v2_and_split_the_rest():
-    vs = find("canary", "VirtualService", "user-service")
-    weight = mesh.current_canary_weight("user")
+def test_every_service_has_a_canary():
+    """Each service of the catalog has its canary: a v2 component, an overlay and `tessera traffic` support."""
+    assert set(CANARIES) == {w.name for w in workloads()} == set(SERVICES)
+    generated = mesh.files()
+    for w in workloads():
+        component = mesh.canary_dir(w.name)
+        assert {component / f for f in ("deployment.yaml", "destination-rule.yaml", "virtual-service.yaml")} <= set(
+            generated), w.name
+        assert (component / "kustomization.yaml").is_file(), w.name
+        assert (ROOT / "k8s" / "overlays" / canary_overlay(w.name) / "kustomization.yaml").is_file(), w.name
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_canary_routes_send_the_header_to_v2_and_split_the_rest(service):
+    overlay = canary_overlay(service)
+    w = next(w for w in workloads() if w.name == service)
+    vs = find(overlay, "VirtualService", w.k8s_name)
+    weight = mesh.current_canary_weight(service)
+    assert 0 <= weight <= 100
+    names = [r["name"] for r in vs["spec"]["http"]]
+    # A header route for every route class the service has, and the catch-all, all before the weighted split.
+    split = [n for n in names if not n.startswith("canary-")]
+    assert names == [f"canary-{n}" for n in split] + split and split[-1] == "other", names
     for route in vs["spec"]["http"]:
         subsets = {d["destination"]["subset"]: d.get("weight") for d in route["route"]}
+        assert {d["destination"]["host"] for d in route["route"]} == {w.host}
         if route["name"].startswith("canary-"):
-            assert all(m["headers"]["canary"] == {"exact": "true"} for m in route["match"])
+            assert route["match"] and all(m["headers"]["canary"] == {"exact": "true"} for m in route["match"])
             assert subsets == {"v2": None}
         else:
+            assert all("headers" not in m for m in route.get("match", []))
             assert subsets == {"v1": 100 - weight, "v2": weight}
-    names = [r["name"] for r in vs["spec"]["http"]]
-    assert names.index("canary-other") < names.index("read"), "header routes must come before the split"
-    prod = find("prod", "VirtualService", "user-service")
+    # Header routes carry the same timeouts and retries as the split route of their methods.
+    by_name = {r["name"]: r for r in vs["spec"]["http"]}
+    for name in split:
+        canary, plain = by_name[f"canary-{name}"], by_name[name]
+        assert (canary["timeout"], canary["retries"]) == (plain["timeout"], plain["retries"]), name
+        if name != "other":
+            assert [m["uri"] for m in canary["match"]] == [m["uri"] for m in plain["match"]], name
+    prod = find("prod", "VirtualService", w.k8s_name)
     assert {d["destination"]["subset"] for r in prod["spec"]["http"] for d in r["route"]} == {"v1"}
-    v2 = find("canary", "Deployment", "user-service-v2")
+    # Only this service is in canary in its overlay: the others route as in prod.
+    for other in workloads():
+        if other.name != service:
+            assert find(overlay, "VirtualService", other.k8s_name) == find("prod", "VirtualService", other.k8s_name)
+            assert not any(m.name == f"{other.k8s_name}-v2" for m in manifests(overlay))
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_canary_v2_is_the_v1_pod_with_its_own_version_and_image(service):
+    overlay = canary_overlay(service)
+    name = f"{service}-service"
+    v1 = find(overlay, "Deployment", name)
+    v2 = find(overlay, "Deployment", f"{name}-v2")
+    assert v2["spec"]["selector"]["matchLabels"] == {"app": name, "version": "v2"}
     assert v2["spec"]["template"]["metadata"]["labels"] == {**v2["spec"]["selector"]["matchLabels"],
                                                             "app.kubernetes.io/part-of": "tessera"}
-    assert v2["spec"]["template"]["metadata"]["labels"]["version"] == "v2"
-    v1_image = find("canary", "Deployment", "user-service")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert v2["metadata"]["labels"] == {**v1["metadata"]["labels"], "version": "v2"}
+    assert v2["spec"]["replicas"] == 1
+    v1_image = v1["spec"]["template"]["spec"]["containers"][0]["image"]
     v2_image = v2["spec"]["template"]["spec"]["containers"][0]["image"]
     assert v1_image.rsplit(":", 1)[0] == v2_image.rsplit(":", 1)[0] and v1_image != v2_image
+
+    def pod(deployment: dict) -> dict:
+        spec = dict(deployment["spec"]["template"]["spec"])
+        spec["containers"] = [{k: v for k, v in c.items() if k != "image"} for c in spec["containers"]]
+        return spec
+
+    # The same pod otherwise: arguments, ports, variables, probes, resources, security, grace period.
+    assert pod(v2) == pod(v1)
+    assert v2["spec"]["template"]["metadata"]["annotations"] == v1["spec"]["template"]["metadata"]["annotations"]
+    # No autoscaler takes the canary; the PDB, NetworkPolicy and AuthorizationPolicy of the service cover it.
+    assert [h["spec"]["scaleTargetRef"]["name"] for h in (m.obj for m in manifests(overlay))
+            if h["kind"] == "HorizontalPodAutoscaler" and h["metadata"]["name"] == name] == [name]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_canary_destination_rule_adds_v2_and_keeps_the_traffic_policy(service):
+    overlay = canary_overlay(service)
+    name = f"{service}-service"
+    rule = find(overlay, "DestinationRule", name)["spec"]
+    assert rule["subsets"] == [{"name": "v1", "labels": {"version": "v1"}},
+                               {"name": "v2", "labels": {"version": "v2"}}]
+    assert rule["trafficPolicy"] == find("prod", "DestinationRule", name)["spec"]["trafficPolicy"]
+    assert find("prod", "DestinationRule", name)["spec"]["subsets"] == [{"name": "v1", "labels": {"version": "v1"}}]
+
+
+def test_every_canary_at_once_renders_and_validates(tmp_path):
+    """The components compose: an overlay that canaries every service together is valid too."""
+    tree = copy_tree(tmp_path)
+    overlay = tree / "k8s" / "overlays" / "canary-every"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../prod\ncomponents:\n"
+        + "".join(f"  - ../../components/canary-{s}-v2\n" for s in SERVICES))
+    result = validate_overlay(overlay, root=tree, gateway_files=dict(gateway_files()))
+    assert result.manifests and result.problems == [], describe(result.problems)
+    refs = {m.ref for m in result.manifests}
+    assert {f"Deployment/{s}-service-v2" for s in SERVICES} <= refs
+    for w in workloads():
+        vs = next(m.obj for m in result.manifests if m.ref == f"VirtualService/{w.k8s_name}")
+        assert {d["destination"]["subset"] for r in vs["spec"]["http"] for d in r["route"]} == {"v1", "v2"}
 
 
 def test_destination_rules_balance_bound_and_eject():
@@ -166,8 +267,6 @@ def test_destination_rules_balance_bound_and_eject():
         assert policy["loadBalancer"]["simple"] == "LEAST_REQUEST"
         assert policy["connectionPool"]["tcp"]["maxConnections"] > 0
         assert policy["outlierDetection"]["consecutiveGatewayErrors"] > 0
-    subsets = find("canary", "DestinationRule", "user-service")["spec"]["subsets"]
-    assert subsets == [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]
 
 
 def test_authorization_allows_exactly_the_callers_on_their_grpc_paths():

@@ -11,9 +11,13 @@ import yaml
 from tessera_deploy import ROOT, traffic
 from tessera_deploy.render import render
 from tessera_runtime import cli
-from tests.support.k8s import copy_tree, describe, validate_copy
+from tests.support.k8s import SERVICES, canary_overlay, copy_tree, describe, validate_copy
 
 CANARY_VS = "k8s/components/canary-user-v2/virtual-service.yaml"
+
+
+def canary_vs(service: str) -> str:
+    return f"k8s/components/canary-{service}-v2/virtual-service.yaml"
 
 
 def tessera(*args: str) -> subprocess.CompletedProcess[str]:
@@ -38,37 +42,51 @@ def tree(tmp_path):
     return copy_tree(tmp_path)
 
 
-def test_shift_rewrites_the_weights_and_prints_what_the_overlay_renders(tree):
-    result = tessera("traffic", "--root", str(tree), "shift", "user-service", "--canary", "25")
+@pytest.mark.parametrize("service", SERVICES)
+def test_shift_rewrites_the_weights_and_prints_what_the_overlay_renders(tree, capsys, service):
+    name = f"{service}-service"
+    result = tessera("traffic", "--root", str(tree), "shift", name, "--canary", "25")
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
-    assert printed["kind"] == "VirtualService" and printed["metadata"] == {"name": "user-service",
-                                                                           "namespace": "tessera"}
-    for name, subsets in _weights(printed).items():
-        assert subsets == ({"v2": None} if name.startswith("canary-") else {"v1": 75, "v2": 25}), name
-    assert "v2 10% -> 25% (v1 75%)" in result.stderr and CANARY_VS in result.stderr
-    # What was printed is what the canary overlay of the checkout now renders, and it still validates.
-    rendered = next(m.obj for m in render(tree / "k8s/overlays/canary", tree)
-                    if m.ref == "VirtualService/user-service")
+    assert printed["kind"] == "VirtualService" and printed["metadata"] == {"name": name, "namespace": "tessera"}
+    weights = _weights(printed)
+    assert "canary-other" in weights and "other" in weights
+    for route, subsets in weights.items():
+        assert subsets == ({"v2": None} if route.startswith("canary-") else {"v1": 75, "v2": 25}), route
+    assert "v2 10% -> 25% (v1 75%)" in result.stderr and canary_vs(service) in result.stderr
+    # What was printed is what the service's canary overlay of the checkout now renders, and it still validates.
+    overlay = canary_overlay(service)
+    rendered = next(m.obj for m in render(tree / "k8s/overlays" / overlay, tree)
+                    if m.ref == f"VirtualService/{name}")
     assert rendered["spec"] == printed["spec"]
-    assert validate_copy(tree, "canary") == [], describe(validate_copy(tree, "canary"))
-    status = tessera("traffic", "--root", str(tree), "status", "user-service")
+    problems = validate_copy(tree, overlay)
+    assert problems == [], describe(problems)
+    status = tessera_here(capsys, "traffic", "--root", str(tree), "status", name)
     assert status.returncode == 0, status.stderr
-    assert status.stdout.strip() == "user-service: v1 75%, v2 25%"
+    assert status.stdout.strip() == f"{name}: v1 75%, v2 25%"
 
 
-def test_promote_and_rollback(tree, capsys):
-    promoted = traffic.promote("user-service", root=tree)
+@pytest.mark.parametrize("service", SERVICES)
+def test_promote_and_rollback(tree, capsys, service):
+    name = f"{service}-service"
+    promoted = traffic.promote(name, root=tree)
     assert (promoted.before, promoted.after) == (10, 100)
-    assert traffic.weight("user-service", root=tree) == 100
-    assert _weights(yaml.safe_load(promoted.manifest))["read"] == {"v1": 0, "v2": 100}
-    rolled = tessera_here(capsys, "traffic", "--root", str(tree), "rollback", "user-service")
+    assert traffic.weight(name, root=tree) == 100
+    assert _weights(yaml.safe_load(promoted.manifest))["other"] == {"v1": 0, "v2": 100}
+    rolled = tessera_here(capsys, "traffic", "--root", str(tree), "rollback", name)
     assert rolled.returncode == 0, rolled.stderr
     weights = _weights(yaml.safe_load(rolled.stdout))
-    assert weights["read"] == {"v1": 100, "v2": 0}
-    assert weights["canary-read"] == {"v2": None}, "testers still reach v2 with the canary header"
-    assert traffic.weight("user-service", root=tree) == 0
-    assert validate_copy(tree, "canary") == []
+    assert weights["other"] == {"v1": 100, "v2": 0}
+    assert weights["canary-other"] == {"v2": None}, "testers still reach v2 with the canary header"
+    assert all(subsets == {"v1": 100, "v2": 0} for route, subsets in weights.items() if not route.startswith("canary-"))
+    assert traffic.weight(name, root=tree) == 0
+    status = tessera_here(capsys, "traffic", "--root", str(tree), "status", name)
+    assert status.returncode == 0 and status.stdout.strip() == f"{name}: v1 100%, v2 0%"
+    # Each service's weights are its own: the other canaries keep theirs.
+    for other in SERVICES:
+        if other != service:
+            assert traffic.weight(f"{other}-service", root=tree) == 10
+    assert validate_copy(tree, canary_overlay(service)) == []
 
 
 def test_dry_run_prints_without_writing(tree, capsys):
@@ -83,14 +101,15 @@ def test_dry_run_prints_without_writing(tree, capsys):
 @pytest.mark.parametrize(("args", "message"), [
     (["shift", "user-service", "--canary", "101"], "--canary must be between 0 and 100, got 101"),
     (["shift", "user-service", "--canary", "-1"], "--canary must be between 0 and 100, got -1"),
-    (["shift", "inventory-service", "--canary", "5"], "inventory-service has no canary"),
+    (["shift", "inventory-service", "--canary", "101"], "--canary must be between 0 and 100, got 101"),
+    (["status", "billing-service"], "unknown service 'billing-service'"),
     (["promote", "billing-service"], "unknown service 'billing-service'"),
 ])
 def test_refused_requests_change_nothing(tree, capsys, args, message):
-    before = (tree / CANARY_VS).read_text()
+    before = {s: (tree / canary_vs(s)).read_text() for s in SERVICES}
     result = tessera_here(capsys, "traffic", "--root", str(tree), *args)
     assert result.returncode == 2 and message in result.stderr and result.stdout == ""
-    assert (tree / CANARY_VS).read_text() == before
+    assert {s: (tree / canary_vs(s)).read_text() for s in SERVICES} == before
 
 
 def test_a_folder_that_is_not_a_checkout_is_refused(tmp_path, capsys):

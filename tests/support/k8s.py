@@ -14,8 +14,17 @@ import yaml
 from tessera_deploy import ROOT, gateway_config, render
 from tessera_deploy.checks import Problem
 from tessera_deploy.validate import OverlayReport, validate_overlay
+from tessera_runtime.devstack import PORTS
 
-OVERLAYS = ("dev", "prod", "canary", "chaos")
+# Every service has a canary overlay: prod plus that service's v2 component.
+SERVICES = tuple(PORTS)
+CANARY_OVERLAYS = tuple(f"canary-{name}" for name in SERVICES)
+OVERLAYS = ("dev", "prod", *CANARY_OVERLAYS, "chaos")
+
+
+def canary_overlay(service: str) -> str:
+    """The overlay that runs a service's v2 beside v1 (service: user or user-service)."""
+    return f"canary-{service.removesuffix('-service')}"
 
 
 @cache
