@@ -71,9 +71,7 @@ async def build(settings: OrderSettings, *, migrate: bool = True,
     db = Database(settings.database_url, pool_size=settings.database_pool_size)
     channels = None
     if downstream is None:
-        channels = DownstreamChannels(settings.user_service_addr, settings.inventory_service_addr,
-                                      settings.payment_service_addr,
-                                      default_deadline=settings.default_deadline_seconds)
+        channels = DownstreamChannels.from_settings(settings)
         downstream = Downstream(users=GrpcCustomerDirectory(channels.user),
                                 inventory=GrpcInventory(channels.inventory),
                                 payments=GrpcPayments(channels.payment, settings.payment_deadline_seconds))

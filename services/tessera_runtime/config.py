@@ -86,6 +86,10 @@ class Env:
 
 # On PostgreSQL, the connections of a service's engine pool (TESSERA_DATABASE_POOL_SIZE; tessera_runtime.db).
 POOL_SIZE = 10
+# The circuit breaker of each channel to another service (tessera_runtime.resilience, tessera_runtime.clients):
+# consecutive UNAVAILABLE / DEADLINE_EXCEEDED calls that open it, and how long it stays open before a trial call.
+CIRCUIT_FAILURE_THRESHOLD = 5
+CIRCUIT_OPEN_SECONDS = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +109,8 @@ class ServiceSettings:
     log_level: str
     require_identity: bool
     default_deadline_seconds: float
+    circuit_failure_threshold: int
+    circuit_open_seconds: float
     workers: int
     database_pool_size: int
 
@@ -157,6 +163,9 @@ class ServiceSettings:
             log_level=env.choice(f"{prefix}LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             require_identity=env.bool(f"{prefix}REQUIRE_IDENTITY", environment == "production"),
             default_deadline_seconds=env.float(f"{prefix}DEFAULT_DEADLINE_SECONDS", 5.0, minimum=0.01),
+            circuit_failure_threshold=env.int(f"{prefix}CIRCUIT_FAILURE_THRESHOLD", CIRCUIT_FAILURE_THRESHOLD,
+                                              minimum=1, maximum=1000),
+            circuit_open_seconds=env.float(f"{prefix}CIRCUIT_OPEN_SECONDS", CIRCUIT_OPEN_SECONDS, minimum=0.01),
             workers=env.int(f"{prefix}WORKERS", 1, minimum=1, maximum=64),
             database_pool_size=env.int(f"{prefix}DATABASE_POOL_SIZE", POOL_SIZE, minimum=1, maximum=100),
         )

@@ -5,7 +5,8 @@ bad pods in the mesh. The breaker covers what neither does: a dependency that is
 for each call's deadline would tie up the caller. After `failure_threshold` consecutive transport-level failures
 the circuit opens and calls fail at once with UNAVAILABLE (ErrorInfo reason CIRCUIT_OPEN); after `reset_seconds`
 one trial call is let through (half-open) and its outcome closes or re-opens the circuit. Business errors
-(NOT_FOUND, FAILED_PRECONDITION, ...) are answers, not failures, and never open it.
+(NOT_FOUND, FAILED_PRECONDITION, ...) are answers, not failures, and never open it. A service's channels take
+both from TESSERA_CIRCUIT_FAILURE_THRESHOLD and TESSERA_CIRCUIT_OPEN_SECONDS (5 and 10 s by default).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Callable
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from tessera_runtime.config import CIRCUIT_FAILURE_THRESHOLD, CIRCUIT_OPEN_SECONDS
 
 log = logging.getLogger("tessera.resilience")
 
@@ -33,7 +36,8 @@ class State(enum.Enum):
 class CircuitBreaker:
     """Consecutive-failure breaker for one dependency. Not thread-safe: one event loop uses it."""
 
-    def __init__(self, name: str, *, failure_threshold: int = 5, reset_seconds: float = 10.0,
+    def __init__(self, name: str, *, failure_threshold: int = CIRCUIT_FAILURE_THRESHOLD,
+                 reset_seconds: float = CIRCUIT_OPEN_SECONDS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.failure_threshold = failure_threshold

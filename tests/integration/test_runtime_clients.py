@@ -110,3 +110,58 @@ async def test_circuit_opens_while_the_dependency_is_down_and_closes_when_it_ret
     finally:
         await channel.close()
         await restarted.stop()
+
+
+async def _refusal(stub: user_service_pb2_grpc.UserServiceStub, **kw) -> str | None:
+    """Calls GetUser on a channel whose server is down: None when the wire refused it, else the ErrorInfo reason
+    (CIRCUIT_OPEN when the breaker refused it without trying)."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetUser(svc.GetUserRequest(id=str(uuid.uuid4())), **kw)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    info, _ = error_details(err.value)
+    return info.reason if info is not None else None
+
+
+async def test_the_configured_circuit_settings_govern_the_order_services_channels(sqlite_user):
+    """TESSERA_CIRCUIT_FAILURE_THRESHOLD / _OPEN_SECONDS, read by the order service's settings, shape the breakers
+    of the channels its composition root opens: a threshold of 2 opens after 2 refused calls (the default after 5),
+    and an open time of 1 s lets a trial call through after 1 s (the default after 10)."""
+    from tessera_order.adapters.downstream import DownstreamChannels
+    from tessera_runtime import app
+    from tessera_user import bootstrap
+
+    server, port, url = sqlite_user
+    root = app.composition_root("order")
+
+    def channels(**env: str) -> DownstreamChannels:
+        return DownstreamChannels.from_settings(app.load_settings(root, {
+            "TESSERA_USER_SERVICE_ADDR": f"127.0.0.1:{port}", "TESSERA_DEFAULT_DEADLINE_SECONDS": "2", **env}))
+
+    configured = channels(TESSERA_CIRCUIT_FAILURE_THRESHOLD="2", TESSERA_CIRCUIT_OPEN_SECONDS="1")
+    default = channels()
+    configured_users = user_service_pb2_grpc.UserServiceStub(configured.user)
+    default_users = user_service_pb2_grpc.UserServiceStub(default.user)
+    restarted = None
+    try:
+        await server.stop()
+        assert [await _refusal(configured_users) for _ in range(3)] == [None, None, "CIRCUIT_OPEN"]
+        opened = time.monotonic()
+        assert [await _refusal(default_users) for _ in range(6)] == [None] * 5 + ["CIRCUIT_OPEN"]
+
+        restarted, _ = await create_server(await bootstrap.build(settings_for("user", url)), f"127.0.0.1:{port}")
+        while True:  # the configured breaker lets a trial call through once it has been open 1 s
+            try:
+                await configured_users.GetUser(svc.GetUserRequest(id=str(uuid.uuid4())), wait_for_ready=True)
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:  # an answer from the server: the circuit closed
+                    break
+                assert time.monotonic() - opened < 8, f"the 1 s circuit still refuses: {err}"
+                await asyncio.sleep(0.1)
+        assert time.monotonic() - opened >= 1.0, "a call got through before the circuit had been open 1 s"
+        # The default breaker opened after the configured one and stays open 10 s: it still refuses.
+        assert await _refusal(default_users, wait_for_ready=True) == "CIRCUIT_OPEN"
+    finally:
+        await configured.close()
+        await default.close()
+        if restarted is not None:
+            await restarted.stop()

@@ -42,6 +42,17 @@ def test_production_requires_identity_by_default():
     ({"TESSERA_GRACE_SECONDS": "1e999"}, "TESSERA_GRACE_SECONDS"),
     ({"TESSERA_READINESS_INTERVAL_SECONDS": "NaN"}, "TESSERA_READINESS_INTERVAL_SECONDS"),
     ({"TESSERA_DEFAULT_DEADLINE_SECONDS": "infinity"}, "TESSERA_DEFAULT_DEADLINE_SECONDS"),
+    # A breaker that opens after no failure, or stays open for no time (or for ever), is no breaker.
+    ({"TESSERA_CIRCUIT_FAILURE_THRESHOLD": "0"}, "TESSERA_CIRCUIT_FAILURE_THRESHOLD"),
+    ({"TESSERA_CIRCUIT_FAILURE_THRESHOLD": "-3"}, "TESSERA_CIRCUIT_FAILURE_THRESHOLD"),
+    ({"TESSERA_CIRCUIT_FAILURE_THRESHOLD": "five"}, "TESSERA_CIRCUIT_FAILURE_THRESHOLD"),
+    ({"TESSERA_CIRCUIT_FAILURE_THRESHOLD": "2.5"}, "TESSERA_CIRCUIT_FAILURE_THRESHOLD"),
+    ({"TESSERA_CIRCUIT_FAILURE_THRESHOLD": "1001"}, "TESSERA_CIRCUIT_FAILURE_THRESHOLD"),
+    ({"TESSERA_CIRCUIT_OPEN_SECONDS": "0"}, "TESSERA_CIRCUIT_OPEN_SECONDS"),
+    ({"TESSERA_CIRCUIT_OPEN_SECONDS": "-1"}, "TESSERA_CIRCUIT_OPEN_SECONDS"),
+    ({"TESSERA_CIRCUIT_OPEN_SECONDS": "10s"}, "TESSERA_CIRCUIT_OPEN_SECONDS"),
+    ({"TESSERA_CIRCUIT_OPEN_SECONDS": "nan"}, "TESSERA_CIRCUIT_OPEN_SECONDS"),
+    ({"TESSERA_CIRCUIT_OPEN_SECONDS": "inf"}, "TESSERA_CIRCUIT_OPEN_SECONDS"),
     # URLs the database and broker clients cannot use.
     ({"TESSERA_DATABASE_URL": "postgresql+asyncpg://tessera@db:port/tessera"}, "TESSERA_DATABASE_URL"),
     ({"TESSERA_DATABASE_URL": "sqlite+aiosqlite://relative.db"}, "TESSERA_DATABASE_URL"),
@@ -61,3 +72,15 @@ def test_the_database_pool_size_is_read_and_bounds_the_connections_of_a_process(
     s = ServiceSettings.from_env("user", 1, {"TESSERA_DATABASE_POOL_SIZE": "4"})
     assert s.database_pool_size == 4 and max_connections(s.database_pool_size) == 11
     assert max_connections(1) == 4  # the direct statements and the relay keep one each however small the pool
+
+
+def test_the_circuit_breaker_settings_are_read_with_the_documented_defaults():
+    s = ServiceSettings.from_env("order", 1, {})
+    assert (s.circuit_failure_threshold, s.circuit_open_seconds) == (5, 10.0)
+    s = ServiceSettings.from_env("order", 1, {"TESSERA_CIRCUIT_FAILURE_THRESHOLD": "2",
+                                              "TESSERA_CIRCUIT_OPEN_SECONDS": "0.5"})
+    assert (s.circuit_failure_threshold, s.circuit_open_seconds) == (2, 0.5)
+    # Empty means unset, as for every variable.
+    s = ServiceSettings.from_env("order", 1, {"TESSERA_CIRCUIT_FAILURE_THRESHOLD": "",
+                                              "TESSERA_CIRCUIT_OPEN_SECONDS": ""})
+    assert (s.circuit_failure_threshold, s.circuit_open_seconds) == (5, 10.0)

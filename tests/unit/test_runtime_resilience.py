@@ -49,6 +49,11 @@ def test_business_errors_are_answers_not_failures():
     assert breaker.state is State.CLOSED
 
 
+def test_a_breaker_without_settings_has_the_documented_defaults():
+    breaker = CircuitBreaker("dep")
+    assert (breaker.failure_threshold, breaker.reset_seconds) == (5, 10.0)
+
+
 def test_open_error_carries_error_info():
     err = CircuitBreaker("inventory:50052").open_error()
     assert err.code() == grpc.StatusCode.UNAVAILABLE
