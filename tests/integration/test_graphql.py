@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 
@@ -13,6 +17,7 @@ from prometheus_client import REGISTRY
 
 from tessera_graphql.app import GraphQLSettings, build_app
 from tests.support.order_stack import InProcessOrder, Neighbours
+from tests.support.processes import ServiceProcess
 
 CUSTOMER = "user:read user:write order:read order:write inventory:read"
 
@@ -199,3 +204,23 @@ async def test_ids_reach_the_services_and_come_back(graphql, neighbours):
                                           headers={"x-request-id": "req-graphql-1", "x-correlation-id": "corr-7"})
     assert body["data"]["me"]["id"] == customer
     assert (headers["x-request-id"], headers["x-correlation-id"]) == ("req-graphql-1", "corr-7")
+
+
+def test_the_process_refuses_a_bad_setting_naming_it():
+    result = subprocess.run([sys.executable, "-m", "tessera_graphql"], capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "TESSERA_GRAPHQL_MAX_DEPTH": "deep"})
+    assert result.returncode == 2 and "TESSERA_GRAPHQL_MAX_DEPTH" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_process_serves_and_stops_on_sigterm(tmp_path):
+    process = ServiceProcess("graphql", {"TESSERA_GRAPHQL_PORT": "0"}, tmp_path / "graphql.log",
+                             argv=[sys.executable, "-m", "tessera_graphql"]).start(timeout=60)
+    try:
+        with urllib.request.urlopen(f"http://{process.address}/health", timeout=5) as response:
+            assert response.status == 200
+        assert process.proc is not None
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.proc.wait(timeout=30) == 0
+    finally:
+        process.stop()

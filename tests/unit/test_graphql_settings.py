@@ -1,0 +1,43 @@
+"""The GraphQL API's settings and the scopes it asks each RPC for."""
+
+from __future__ import annotations
+
+import pytest
+
+from tessera_graphql.app import GraphQLSettings
+from tessera_graphql.upstream import Scopes
+from tessera_runtime.config import ConfigError
+
+
+def test_defaults_and_the_environment():
+    default = GraphQLSettings.from_env({})
+    assert (default.host, default.port, default.max_depth, default.gateway_profile) == ("127.0.0.1", 8090, 10, "dev")
+    assert default.addresses == {"user": "127.0.0.1:50051", "inventory": "127.0.0.1:50052",
+                                 "order": "127.0.0.1:50054"}
+    tuned = GraphQLSettings.from_env({"TESSERA_ENV": "production", "TESSERA_GRAPHQL_PORT": "9000",
+                                      "TESSERA_ORDER_SERVICE_ADDR": "order:50054", "TESSERA_GRAPHQL_MAX_DEPTH": "4"})
+    assert (tuned.port, tuned.addresses["order"], tuned.max_depth, tuned.gateway_profile) == (
+        9000, "order:50054", 4, "prod")
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("TESSERA_GRAPHQL_PORT", "http"),
+    ("TESSERA_GRAPHQL_PORT", "70000"),
+    ("TESSERA_GRAPHQL_MAX_DEPTH", "1"),
+    ("TESSERA_GRAPHQL_MAX_ALIASES", "0"),
+    ("TESSERA_GRAPHQL_MAX_TOKENS", "10"),
+    ("TESSERA_ENV", "staging"),
+    ("TESSERA_DEFAULT_DEADLINE_SECONDS", "0"),
+])
+def test_a_bad_value_is_refused_naming_the_variable(name, value):
+    with pytest.raises(ConfigError, match=name):
+        GraphQLSettings.from_env({name: value})
+
+
+def test_each_rpc_asks_the_scope_the_gateway_asks_over_rest():
+    scopes = Scopes.from_gateway("dev")
+    assert scopes.needed["/tessera.user.v1.UserService/GetUser"] == ("user:read",)
+    assert scopes.needed["/tessera.order.v1.OrderService/CreateOrder"] == ("order:write",)
+    assert scopes.needed["/tessera.inventory.v1.InventoryService/BatchGetProducts"] == ("inventory:read",)
+    assert scopes.needed["/tessera.inventory.v1.InventoryService/ReserveStock"] == ("admin",)
+    assert scopes.admin == "admin"
