@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import types
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,16 +139,25 @@ _UNREACHABLE = (
 _SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the write lock stayed taken for the whole busy timeout
 
 
-def database_unavailable(exc: BaseException) -> bool:
-    """True when `exc` (or what it wraps) says the database could not be used just then, so that the call may
-    succeed later: the interceptor answers UNAVAILABLE instead of INTERNAL. A wrong statement, a missing table or a
-    constraint is not that."""
-    pending, seen = [exc], set()
+def _chain(exc: BaseException, *, context: bool) -> Iterator[BaseException]:
+    """`exc` and what it wraps: the DBAPI error SQLAlchemy keeps in `orig`, the cause, and with `context` the
+    exception being handled when it was raised; each once."""
+    pending: list[BaseException | None] = [exc]
+    seen: set[int] = set()
     while pending:
         error = pending.pop()
         if error is None or id(error) in seen:
             continue
         seen.add(id(error))
+        yield error
+        pending += [getattr(error, "orig", None), error.__cause__, *((error.__context__,) if context else ())]
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when `exc` (or what it wraps) says the database could not be used just then, so that the call may
+    succeed later: the interceptor answers UNAVAILABLE instead of INTERNAL. A wrong statement, a missing table or a
+    constraint is not that."""
+    for error in _chain(exc, context=False):
         if isinstance(error, DBAPIError) and error.connection_invalidated:
             return True
         if isinstance(error, _UNREACHABLE):
@@ -159,7 +168,6 @@ def database_unavailable(exc: BaseException) -> bool:
             return True
         if isinstance(error, sqlite3.OperationalError) and getattr(error, "sqlite_errorcode", None) in _SQLITE_BUSY:
             return True
-        pending += [getattr(error, "orig", None), error.__cause__]
     return False
 
 
@@ -168,16 +176,7 @@ def cannot_connect(exc: BaseException) -> bool:
     process starting against it reports as such, rather than as a failure of its own)."""
     refused = (asyncpg.exceptions.InvalidCatalogNameError, asyncpg.exceptions.InvalidAuthorizationSpecificationError,
                OSError)
-    pending, seen = [exc], set()
-    while pending:
-        error = pending.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, refused):
-            return True
-        pending += [getattr(error, "orig", None), error.__cause__, error.__context__]
-    return database_unavailable(exc)
+    return any(isinstance(error, refused) for error in _chain(exc, context=True)) or database_unavailable(exc)
 
 
 def database_location(url: str) -> str:
