@@ -17,7 +17,8 @@ error filter. The HTTP filters, in order:
                              GET/DELETE and gRPC calls never start a Lua coroutine for it
   grpc_json_transcoder       REST/JSON -> gRPC per google.api.http; gRPC status -> HTTP status + JSON body
   jwt_authn         RS256 token: signature, issuer, audience, expiry; subject and scopes -> x-user-id/x-user-scopes
-  local_ratelimit   token bucket per (route class, subject), or per (route class, address) on anonymous routes
+  local_ratelimit   token bucket per (route class, subject), or per (route class, address) on anonymous routes;
+                    x-ratelimit-limit/-remaining/-reset of that bucket on the response (429 included)
   rbac              the route's scopes, matched as whole words of the space-delimited scope claim
   router
 """
@@ -108,7 +109,11 @@ from envoy_data_plane.envoy.config.route.v3 import (
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.access_loggers.file.v3 import FileAccessLog
 from envoy_data_plane.envoy.extensions.common.matching.v3 import ExtensionWithMatcher
-from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import LocalRateLimitDescriptor, RateLimitDescriptorEntry
+from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (
+    LocalRateLimitDescriptor,
+    RateLimitDescriptorEntry,
+    XRateLimitHeadersRfcVersion,
+)
 from envoy_data_plane.envoy.extensions.filters.common.matcher.action.v3 import SkipFilter
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
 from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
@@ -494,6 +499,10 @@ class GatewayConfig:
             ],
             always_consume_default_token_bucket=False,
             rate_limited_as_resource_exhausted=True,
+            # x-ratelimit-limit / -remaining / -reset (draft RFC 03) of the client's bucket on every response of
+            # a rate-limited request, the 429 included: limit is the bucket's burst, remaining its tokens left,
+            # reset the seconds until its next refill.
+            enable_x_ratelimit_headers=XRateLimitHeadersRfcVersion.DRAFT_VERSION_03,
             max_dynamic_descriptors=self.d.limits.max_tracked_clients,
         )
 

@@ -37,6 +37,13 @@ _WRAPPERS = {
 ERROR_DETAILS = ("google.rpc.ErrorInfo", "google.rpc.BadRequest", "google.rpc.PreconditionFailure",
                  "google.rpc.RetryInfo", "google.rpc.ResourceInfo")
 # Error responses every operation documents (the mapping of gRPC codes and the gateway's own errors).
+# On every response of a request that reached the rate limiter (successes and 429s; refusals made earlier, such
+# as a missing token, never counted against a bucket and carry none).
+RATE_LIMIT_HEADERS = {
+    "x-ratelimit-limit": {"$ref": "#/components/headers/RateLimitLimit"},
+    "x-ratelimit-remaining": {"$ref": "#/components/headers/RateLimitRemaining"},
+    "x-ratelimit-reset": {"$ref": "#/components/headers/RateLimitReset"},
+}
 ERROR_RESPONSES = {
     "400": "Invalid request: a field is invalid (BadRequest names it), the body is not JSON of the message, a "
            "field or query parameter is unknown, or a precondition failed (FAILED_PRECONDITION, OUT_OF_RANGE).",
@@ -286,7 +293,8 @@ class _Builder:
         responses: dict[str, Any] = {}
         if output is not None:
             responses["200"] = {"description": "OK",
-                                "headers": {"x-request-id": {"$ref": "#/components/headers/RequestId"}},
+                                "headers": {"x-request-id": {"$ref": "#/components/headers/RequestId"},
+                                            **RATE_LIMIT_HEADERS},
                                 "content": {"application/json": {"schema": self.message_ref(output)}}}
         for status in ERROR_RESPONSES:
             responses[status] = {"$ref": f"#/components/responses/Error{status}"}
@@ -300,6 +308,7 @@ class _Builder:
             headers = {"x-request-id": {"$ref": "#/components/headers/RequestId"}}
             if status == "429":
                 headers["retry-after"] = {"$ref": "#/components/headers/RetryAfter"}
+                headers.update(RATE_LIMIT_HEADERS)
             out[f"Error{status}"] = {"description": text, "headers": headers, "content": content}
         out["ErrorDefault"] = {"description": "Any other error, in the same shape.", "content": content,
                                "headers": {"x-request-id": {"$ref": "#/components/headers/RequestId"}}}
@@ -317,7 +326,8 @@ class _Builder:
             "operationId": "Gateway_GetOpenApi", "summary": "This document", "tags": ["Gateway"],
             "security": [],
             "responses": {"200": {"description": "The OpenAPI document of the REST API.",
-                                  "headers": {"x-request-id": {"$ref": "#/components/headers/RequestId"}},
+                                  "headers": {"x-request-id": {"$ref": "#/components/headers/RequestId"},
+                                              **RATE_LIMIT_HEADERS},
                                   "content": {"application/json": {"schema": {"type": "object"}}}},
                           "429": {"$ref": "#/components/responses/Error429"},
                           "default": {"$ref": "#/components/responses/ErrorDefault"}},
@@ -332,7 +342,9 @@ class _Builder:
             "are refused with 400.\n\n"
             "Authentication: `Authorization: Bearer <JWT>` (RS256) from the configured issuer and audience; "
             "each operation lists the scopes that grant it (one suffices). Rate limits apply per token subject "
-            "and route class; 429 responses say when to retry in `retry-after`.\n\n"
+            "and route class; successful and 429 responses carry the client's bucket in `x-ratelimit-limit`, "
+            "`x-ratelimit-remaining` and `x-ratelimit-reset` (draft RFC 03), and 429 responses say when to "
+            "retry in `retry-after`.\n\n"
             "Errors: every error body is a google.rpc.Status (`code`, `message`, `details`). Errors the "
             "gateway produces itself carry an ErrorInfo in domain "
             f"`{self.d.error_domain}` with one of these reasons:\n\n{errors.markdown_table()}\n"
@@ -353,6 +365,13 @@ class _Builder:
                                   "required": True, "schema": {"type": "string"}},
                     "RetryAfter": {"description": "Seconds to wait before retrying.", "required": True,
                                    "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                    "RateLimitLimit": {"description": "The size of the client's token bucket for this route class "
+                                                       "(requests at once).", "required": True,
+                                       "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                    "RateLimitRemaining": {"description": "Requests left in the client's bucket after this one.",
+                                           "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                    "RateLimitReset": {"description": "Seconds until the bucket is next refilled.", "required": True,
+                                       "schema": {"type": "string", "pattern": "^[0-9]+$"}},
                 },
                 "securitySchemes": {"bearerAuth": {
                     "type": "http", "scheme": "bearer", "bearerFormat": "JWT",

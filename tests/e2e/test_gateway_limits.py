@@ -106,3 +106,64 @@ def test_request_body_limit_over_rest_and_grpc(strict_gateway):
     small = {"email": "big@example.com", "display_name": "x" * 1000}
     reached = strict_gateway.call("POST", f"/v1/users?requestId={unique('ok')}", token=token, body=small)
     assert reached.status == 400 and reached.json()["details"][0]["domain"] == "user.tessera.dev"
+
+
+def rate_limit_headers(response) -> tuple[int, int, int]:
+    """The draft RFC 03 rate limit headers of a response: (limit, remaining, reset seconds)."""
+    values = [response.header(f"x-ratelimit-{h}") for h in ("limit", "remaining", "reset")]
+    assert None not in values, response.headers
+    return int(values[0]), int(values[1]), int(values[2])
+
+
+def test_rate_limit_headers_count_down_the_clients_bucket_to_the_429(strict_gateway):
+    token = strict_gateway.mint(unique("counted"), "admin")
+    seen = []
+    for _ in range(READ_BURST):
+        response = strict_gateway.call("GET", LIST, token=token)
+        assert response.status == 200, response.body
+        seen.append(rate_limit_headers(response))
+    assert [(limit, remaining) for limit, remaining, _ in seen] == [(4, 3), (4, 2), (4, 1), (4, 0)]
+    assert all(0 <= reset <= 60 for _, _, reset in seen)
+    refused = strict_gateway.call("GET", LIST, token=token)
+    assert refused.status == 429 and refused.header("retry-after") == "60"
+    limit, remaining, reset = rate_limit_headers(refused)
+    assert (limit, remaining) == (4, 0) and 0 <= reset <= 60
+    # The error filter's rewrite of the 429 and the stripping of grpc-* headers leave them in place.
+    assert refused.json()["details"][0]["reason"] == "RATE_LIMITED"
+    assert refused.grpc_headers == []
+
+
+def test_rate_limit_headers_on_a_services_error_and_on_anonymous_routes(strict_gateway):
+    token = strict_gateway.mint(unique("missing"), "admin")
+    missing = strict_gateway.call("GET", f"/v1/users/{uuid.uuid4()}", token=token)
+    assert missing.status == 404 and missing.json()["details"][0]["domain"] == "user.tessera.dev"
+    assert rate_limit_headers(missing)[:2] == (4, 3)
+    # The write bucket is the same subject's other bucket, with its own limit (the dev profile's 40).
+    created = strict_gateway.call("POST", f"/v1/users?requestId={unique('w')}", token=token,
+                                  body={"email": f"{unique('w')}@example.com", "displayName": "Counted"})
+    assert created.status == 200, created.body
+    assert rate_limit_headers(created)[:2] == (40, 39)
+    # RBAC refuses after the limiter: the refusal took a token and says so.
+    unscoped = strict_gateway.mint(unique("unscoped"), "order:read")
+    forbidden = strict_gateway.call("GET", LIST, token=unscoped)
+    assert forbidden.status == 403 and rate_limit_headers(forbidden)[:2] == (4, 3)
+    # Anonymous routes count per client address; earlier tests may have used the address's bucket already.
+    document = strict_gateway.call("GET", "/openapi.json")
+    assert rate_limit_headers(document)[0] == 3
+
+
+def test_rate_limit_headers_on_native_grpc(strict_gateway):
+    token = strict_gateway.mint(unique("grpc-counted"), "admin")
+    first = strict_gateway.grpcurl("tessera.user.v1.UserService/ListUsers", {"page_size": 1}, token=token,
+                                   verbose=True)
+    assert first.returncode == 0, first.stderr
+    headers = first.stdout.split("Response headers received:")[1].split("Response contents:")[0]
+    assert "x-ratelimit-limit: 4" in headers and "x-ratelimit-remaining: 3" in headers
+    assert "x-ratelimit-reset: " in headers
+    for _ in range(READ_BURST - 1):
+        assert strict_gateway.call("GET", LIST, token=token).status == 200
+    refused = strict_gateway.grpcurl("tessera.user.v1.UserService/ListUsers", {"page_size": 1}, token=token,
+                                     verbose=True)
+    assert refused.returncode == 64 + 8, refused.stderr  # RESOURCE_EXHAUSTED
+    assert "retry-after: 60" in refused.stdout
+    assert "x-ratelimit-limit: 4" in refused.stdout and "x-ratelimit-remaining: 0" in refused.stdout

@@ -203,7 +203,11 @@ def test_cors_preflight_for_allowed_origins_only(gateway):
     admin = gateway.mint(unique("admin"), "admin")
     actual = gateway.call("GET", "/v1/users?pageSize=1", token=admin, headers={"origin": "http://localhost:3000"})
     assert actual.header("access-control-allow-origin") == "http://localhost:3000"
-    assert "x-request-id" in actual.header("access-control-expose-headers")
+    exposed = {h.strip() for h in actual.header("access-control-expose-headers").split(",")}
+    assert {"x-request-id", "retry-after", "x-ratelimit-limit", "x-ratelimit-remaining",
+            "x-ratelimit-reset"} <= exposed
+    # What the browser may then read: this client's bucket of the read class (the dev profile's 100).
+    assert actual.header("x-ratelimit-limit") == "100"
 
 
 def test_openapi_document_is_served_without_a_token(gateway):

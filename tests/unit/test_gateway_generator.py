@@ -228,6 +228,19 @@ def test_rate_limits_are_per_subject_or_address_and_per_class(dev, dev_config):
     assert config["filterEnforced"]["defaultValue"]["numerator"] == 100
 
 
+RATE_LIMIT_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
+
+
+@pytest.mark.parametrize("profile", ["dev", "prod"])
+def test_rate_limit_headers_are_sent_and_exposed_to_browsers(profile, dev_config, prod_config):
+    config = dev_config if profile == "dev" else prod_config
+    rl = next(f for f in hcm_of(config)["httpFilters"] if f["name"] == "envoy.filters.http.local_ratelimit")
+    assert rl["typedConfig"]["enableXRatelimitHeaders"] == "DRAFT_VERSION_03"
+    cors = hcm_of(config)["routeConfig"]["virtualHosts"][0]["typedPerFilterConfig"]["envoy.filters.http.cors"]
+    exposed = [h.strip() for h in cors["exposeHeaders"].split(",")]
+    assert set(RATE_LIMIT_HEADERS) | {"retry-after", "x-request-id"} <= set(exposed)
+
+
 def test_only_idempotent_rpcs_are_retried(dev_config):
     routes = routes_of(dev_config)
     assert "retryPolicy" in routes["tessera.user.v1.UserService.GetUser"]["route"]

@@ -79,6 +79,9 @@ def test_errors_share_one_documented_shape(doc):
     responses = doc["paths"]["/v1/orders"]["post"]["responses"]
     assert {"200", "400", "401", "403", "404", "409", "413", "429", "503", "504", "default"} <= set(responses)
     assert "retry-after" in doc["components"]["responses"]["Error429"]["headers"]
+    rate_limit = {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"}
+    assert rate_limit <= set(doc["components"]["responses"]["Error429"]["headers"])
+    assert rate_limit <= set(responses["200"]["headers"])
     for e in errors.GATEWAY_ERRORS:
         assert f"`{e.reason}`" in doc["info"]["description"]
 
