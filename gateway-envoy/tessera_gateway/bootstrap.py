@@ -5,7 +5,8 @@ through, and both then meet the same route per RPC, so authentication, scopes, r
 applied once, on the gRPC method. Every local reply is marked with its HTTP status (local_reply_config) for the
 error filter. The HTTP filters, in order:
 
-  header_mutation   strips client-sent identity headers; adds the security headers to every response
+  header_mutation   strips client-sent identity headers; sets x-correlation-id (the client's, else the request
+                    id) for the services; returns it and adds the security headers on every response
   cors              answers preflights of allowed origins
   tessera.rest_errors (Lua)  turns every REST error into google.rpc.Status JSON, strips grpc-*; gives the
                              gateway's own gRPC refusals the same Status in grpc-status-details-bin; its response
@@ -216,6 +217,9 @@ ROUTE_NS = "tessera"
 SUBJECT_HEADER = "x-user-id"
 SCOPES_HEADER = "x-user-scopes"
 IDENTITY_HEADERS = (SUBJECT_HEADER, SCOPES_HEADER)
+REQUEST_ID_HEADER = "x-request-id"
+# The services read it (tessera_runtime.context.CORRELATION_ID), log it and pass it on to calls and events.
+CORRELATION_HEADER = "x-correlation-id"
 # Never set on a request that reaches the router: the catch-all route looks for a cluster by it and finds none.
 UNROUTED_HEADER = "x-tessera-unrouted"
 RETRYABLE = ("NO_SIDE_EFFECTS", "IDEMPOTENT")
@@ -409,10 +413,19 @@ class GatewayConfig:
     # -- HTTP filters ------------------------------------------------------------------------------------------
 
     def _header_mutation(self) -> HeaderMutation:
+        """Runs first on the way in and last on the way out, so every response gets its headers, the gateway's
+        own refusals included. The correlation id is the client's x-correlation-id, kept as sent like its
+        x-request-id, or else the request id (which the connection manager has made by now); the services read it
+        from the request and every response returns the one the services were given."""
         add_if_absent = HeaderValueOptionHeaderAppendAction.ADD_IF_ABSENT
+        overwrite = HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
         return HeaderMutation(mutations=Mutations(
-            request_mutations=[HeaderMutationRule(remove=h) for h in (*IDENTITY_HEADERS, UNROUTED_HEADER)],
+            request_mutations=[
+                *(HeaderMutationRule(remove=h) for h in (*IDENTITY_HEADERS, UNROUTED_HEADER)),
+                HeaderMutationRule(append=_header(CORRELATION_HEADER, f"%REQ({REQUEST_ID_HEADER})%", add_if_absent)),
+            ],
             response_mutations=[
+                HeaderMutationRule(append=_header(CORRELATION_HEADER, f"%REQ({CORRELATION_HEADER})%", overwrite)),
                 *(HeaderMutationRule(append=_header(k, v, add_if_absent)) for k, v in self.d.security_headers),
                 HeaderMutationRule(remove="server"),
                 HeaderMutationRule(remove="x-powered-by"),
@@ -589,6 +602,7 @@ class GatewayConfig:
         fields = {
             "time": "%START_TIME%",
             "request_id": "%REQ(X-REQUEST-ID)%",
+            "correlation_id": "%REQ(X-CORRELATION-ID)%",
             "protocol": "%DYNAMIC_METADATA(tessera.gateway:protocol)%",
             "rest_method": "%DYNAMIC_METADATA(tessera.gateway:method)%",
             "rest_path": "%DYNAMIC_METADATA(tessera.gateway:path)%",

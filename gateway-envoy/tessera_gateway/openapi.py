@@ -37,6 +37,11 @@ _WRAPPERS = {
 ERROR_DETAILS = ("google.rpc.ErrorInfo", "google.rpc.BadRequest", "google.rpc.PreconditionFailure",
                  "google.rpc.RetryInfo", "google.rpc.ResourceInfo")
 # Error responses every operation documents (the mapping of gRPC codes and the gateway's own errors).
+# On every response: the request id and the correlation id (the client's, or the request id).
+ID_HEADERS = {
+    "x-request-id": {"$ref": "#/components/headers/RequestId"},
+    "x-correlation-id": {"$ref": "#/components/headers/CorrelationId"},
+}
 # On every response of a request that reached the rate limiter (successes and 429s; refusals made earlier, such
 # as a missing token, never counted against a bucket and carry none).
 RATE_LIMIT_HEADERS = {
@@ -293,8 +298,7 @@ class _Builder:
         responses: dict[str, Any] = {}
         if output is not None:
             responses["200"] = {"description": "OK",
-                                "headers": {"x-request-id": {"$ref": "#/components/headers/RequestId"},
-                                            **RATE_LIMIT_HEADERS},
+                                "headers": {**ID_HEADERS, **RATE_LIMIT_HEADERS},
                                 "content": {"application/json": {"schema": self.message_ref(output)}}}
         for status in ERROR_RESPONSES:
             responses[status] = {"$ref": f"#/components/responses/Error{status}"}
@@ -305,13 +309,13 @@ class _Builder:
         content = {"application/json": {"schema": {"$ref": SCHEMA_REF + "google.rpc.Status"}}}
         out = {}
         for status, text in ERROR_RESPONSES.items():
-            headers = {"x-request-id": {"$ref": "#/components/headers/RequestId"}}
+            headers = dict(ID_HEADERS)
             if status == "429":
                 headers["retry-after"] = {"$ref": "#/components/headers/RetryAfter"}
                 headers.update(RATE_LIMIT_HEADERS)
             out[f"Error{status}"] = {"description": text, "headers": headers, "content": content}
         out["ErrorDefault"] = {"description": "Any other error, in the same shape.", "content": content,
-                               "headers": {"x-request-id": {"$ref": "#/components/headers/RequestId"}}}
+                               "headers": dict(ID_HEADERS)}
         return out
 
     def document(self) -> dict[str, Any]:
@@ -326,8 +330,7 @@ class _Builder:
             "operationId": "Gateway_GetOpenApi", "summary": "This document", "tags": ["Gateway"],
             "security": [],
             "responses": {"200": {"description": "The OpenAPI document of the REST API.",
-                                  "headers": {"x-request-id": {"$ref": "#/components/headers/RequestId"},
-                                              **RATE_LIMIT_HEADERS},
+                                  "headers": {**ID_HEADERS, **RATE_LIMIT_HEADERS},
                                   "content": {"application/json": {"schema": {"type": "object"}}}},
                           "429": {"$ref": "#/components/responses/Error429"},
                           "default": {"$ref": "#/components/responses/ErrorDefault"}},
@@ -363,6 +366,10 @@ class _Builder:
                     "RequestId": {"description": "The request id: the client's x-request-id, or one the gateway "
                                                  "made. Quote it when reporting a problem.",
                                   "required": True, "schema": {"type": "string"}},
+                    "CorrelationId": {"description": "The correlation id: the client's x-correlation-id, or the "
+                                                     "request id. The services log it and pass it on to the calls "
+                                                     "and events the request causes.",
+                                      "required": True, "schema": {"type": "string"}},
                     "RetryAfter": {"description": "Seconds to wait before retrying.", "required": True,
                                    "schema": {"type": "string", "pattern": "^[0-9]+$"}},
                     "RateLimitLimit": {"description": "The size of the client's token bucket for this route class "

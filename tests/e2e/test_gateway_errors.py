@@ -197,6 +197,8 @@ def test_error_golden_table(case: Case, gateway, strict_gateway, golden_context)
     assert request_id
     assert (response.status, response.json()) == (case.status, _with_request_id(case.body(golden_context),
                                                                                  request_id))
+    # No correlation id was sent: the gateway's own error returns the one it made, the request id.
+    assert response.header("x-correlation-id") == request_id
     assert response.header("content-type") == "application/json"
     assert response.grpc_headers == []
     for name, value in SECURITY_HEADERS.items():

@@ -116,6 +116,8 @@ def assert_gateway_refusal(refusal: Refusal, code: grpc.StatusCode, reason: str,
     info = refusal.error_info
     assert (info.reason, info.domain) == (reason, GATEWAY)
     assert dict(info.metadata) == {"request_id": refusal.trailers["x-request-id"], **extra}
+    # No correlation id was sent: the gateway's refusal returns the one it made, the request id.
+    assert refusal.trailers.get("x-correlation-id") == refusal.trailers["x-request-id"]
     assert len(refusal.status.details) == 1
     assert lua.LOCAL_REPLY_HEADER not in refusal.trailers
 

@@ -157,6 +157,44 @@ def test_request_id_is_generated_returned_and_reaches_the_service(gateway, gatew
     wait_for(logged)
 
 
+def test_correlation_id_is_kept_or_made_returned_and_reaches_the_service(gateway, gateway_services):
+    admin = gateway.mint(unique("admin"), "admin")
+    made = gateway.call("GET", "/v1/users?pageSize=1", token=admin)
+    assert made.status == 200
+    request_id = made.header("x-request-id")
+    assert made.header("x-correlation-id") == request_id
+    given = unique("corr")
+    kept = gateway.call("GET", "/v1/users?pageSize=1", token=admin, headers={"x-correlation-id": given})
+    assert kept.status == 200
+    assert kept.header("x-correlation-id") == given and kept.header("x-request-id") != given
+    # The gateway's own refusals and the services' errors return it too.
+    refused = gateway.call("GET", "/v1/users?pageSize=1", headers={"x-correlation-id": given})
+    assert refused.status == 401 and refused.header("x-correlation-id") == given
+    missing = gateway.call("GET", f"/v1/users/{uuid.uuid4()}", token=admin, headers={"x-correlation-id": given})
+    assert missing.status == 404 and missing.header("x-correlation-id") == given
+    assert gateway.call("GET", "/v9/nothing", headers={"x-correlation-id": given}).header("x-correlation-id") == given
+
+    def logged() -> bool:
+        pairs = {(line.get("request_id"), line.get("correlation_id")) for line in gateway_services.log_lines("user")}
+        return (request_id, request_id) in pairs and (kept.header("x-request-id"), given) in pairs
+
+    wait_for(logged)
+
+
+def test_correlation_id_over_native_grpc(gateway):
+    admin = gateway.mint(unique("admin"), "admin")
+    given = unique("grpc-corr")
+    answered = gateway.grpcurl("tessera.user.v1.UserService/ListUsers", {"page_size": 1}, token=admin,
+                               headers={"x-correlation-id": given}, verbose=True)
+    assert answered.returncode == 0, answered.stderr
+    headers = answered.stdout.split("Response headers received:")[1].split("Response contents:")[0]
+    assert f"x-correlation-id: {given}" in headers
+    refused = gateway.grpcurl("tessera.user.v1.UserService/ListUsers", {"page_size": 1},
+                              headers={"x-correlation-id": given}, verbose=True)
+    assert refused.returncode == 64 + 16, refused.stderr  # UNAUTHENTICATED, by the gateway itself
+    assert f"x-correlation-id: {given}" in refused.stdout
+
+
 def test_traceparent_is_propagated_to_the_service(gateway, gateway_services):
     admin = gateway.mint(unique("admin"), "admin")
     trace_id = secrets.token_hex(16)
@@ -183,6 +221,7 @@ def test_access_log_is_json_with_the_subject_and_the_rest_path(gateway):
 
     entry = wait_for(line)
     assert entry["subject"] == subject
+    assert entry["correlation_id"] == request_id  # none was sent: the request id
     assert entry["rest_method"] == "GET" and entry["rest_path"] == "/v1/users?pageSize=1"
     assert entry["route"] == "tessera.user.v1.UserService.ListUsers"
     assert entry["status"] == 200 and entry["grpc_status"] == 0
@@ -192,10 +231,11 @@ def test_access_log_is_json_with_the_subject_and_the_rest_path(gateway):
 def test_cors_preflight_for_allowed_origins_only(gateway):
     allowed = gateway.call("OPTIONS", "/v1/users", headers={
         "origin": "http://localhost:3000", "access-control-request-method": "POST",
-        "access-control-request-headers": "authorization, content-type"})
+        "access-control-request-headers": "authorization, content-type, x-correlation-id"})
     assert allowed.status == 200
     assert allowed.header("access-control-allow-origin") == "http://localhost:3000"
-    assert "authorization" in allowed.header("access-control-allow-headers")
+    allowed_headers = {h.strip() for h in allowed.header("access-control-allow-headers").split(",")}
+    assert {"authorization", "content-type", "x-request-id", "x-correlation-id"} <= allowed_headers
     assert "PATCH" in allowed.header("access-control-allow-methods")
     refused = gateway.call("OPTIONS", "/v1/users", headers={
         "origin": "https://elsewhere.example", "access-control-request-method": "POST"})
@@ -204,7 +244,7 @@ def test_cors_preflight_for_allowed_origins_only(gateway):
     actual = gateway.call("GET", "/v1/users?pageSize=1", token=admin, headers={"origin": "http://localhost:3000"})
     assert actual.header("access-control-allow-origin") == "http://localhost:3000"
     exposed = {h.strip() for h in actual.header("access-control-expose-headers").split(",")}
-    assert {"x-request-id", "retry-after", "x-ratelimit-limit", "x-ratelimit-remaining",
+    assert {"x-request-id", "x-correlation-id", "retry-after", "x-ratelimit-limit", "x-ratelimit-remaining",
             "x-ratelimit-reset"} <= exposed
     # What the browser may then read: this client's bucket of the read class (the dev profile's 100).
     assert actual.header("x-ratelimit-limit") == "100"

@@ -208,7 +208,7 @@ def test_identity_headers_are_stripped_and_security_headers_added(dev, dev_confi
     assert {"remove": "x-user-scopes"} in mutation["requestMutations"]
     added = {m["append"]["header"]["key"]: m["append"]["header"]["value"]
              for m in mutation["responseMutations"] if "append" in m}
-    assert added == dict(dev.description.security_headers)
+    assert added == {"x-correlation-id": "%REQ(x-correlation-id)%", **dict(dev.description.security_headers)}
     jwt = next(f for f in hcm_of(dev_config)["httpFilters"] if f["name"] == "envoy.filters.http.jwt_authn")
     assert jwt["typedConfig"]["providers"]["tessera"]["claimToHeaders"] == [
         {"headerName": "x-user-id", "claimName": "sub"}, {"headerName": "x-user-scopes", "claimName": "scope"}]
@@ -226,6 +226,21 @@ def test_rate_limits_are_per_subject_or_address_and_per_class(dev, dev_config):
     assert subject_action == {"requestHeaders": {"headerName": "x-user-id", "descriptorKey": "client"}}
     assert config["rateLimitedAsResourceExhausted"] is True
     assert config["filterEnforced"]["defaultValue"]["numerator"] == 100
+
+
+def test_correlation_id_is_the_clients_or_the_request_id_and_is_returned(dev_config):
+    mutation = hcm_of(dev_config)["httpFilters"][0]["typedConfig"]["mutations"]
+    # On the way in, after the client's identity headers are gone: the client's, else the request id.
+    assert mutation["requestMutations"][-1] == {"append": {
+        "header": {"key": "x-correlation-id", "value": "%REQ(x-request-id)%"}, "appendAction": "ADD_IF_ABSENT"}}
+    # On the way out, over whatever a service or a filter set: the one the services were given.
+    assert {"append": {"header": {"key": "x-correlation-id", "value": "%REQ(x-correlation-id)%"},
+                       "appendAction": "OVERWRITE_IF_EXISTS_OR_ADD"}} in mutation["responseMutations"]
+    cors = hcm_of(dev_config)["routeConfig"]["virtualHosts"][0]["typedPerFilterConfig"]["envoy.filters.http.cors"]
+    assert "x-correlation-id" in [h.strip() for h in cors["allowHeaders"].split(",")]
+    assert "x-correlation-id" in [h.strip() for h in cors["exposeHeaders"].split(",")]
+    log = hcm_of(dev_config)["accessLog"][0]["typedConfig"]["logFormat"]["jsonFormat"]
+    assert log["correlation_id"] == "%REQ(X-CORRELATION-ID)%"
 
 
 RATE_LIMIT_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")

@@ -82,6 +82,8 @@ def test_errors_share_one_documented_shape(doc):
     rate_limit = {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"}
     assert rate_limit <= set(doc["components"]["responses"]["Error429"]["headers"])
     assert rate_limit <= set(responses["200"]["headers"])
+    for response in (responses["200"], *doc["components"]["responses"].values()):
+        assert {"x-request-id", "x-correlation-id"} <= set(response["headers"])
     for e in errors.GATEWAY_ERRORS:
         assert f"`{e.reason}`" in doc["info"]["description"]
 
