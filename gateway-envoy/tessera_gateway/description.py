@@ -17,6 +17,7 @@ from tessera_gateway.descriptors import Contracts, Rpc, Service
 PROFILES = ("dev", "prod")
 _SCOPE = re.compile(r"^[a-z][a-z0-9_.-]*(:[a-z][a-z0-9_.-]*)?$")
 _HEADER = re.compile(r"^[a-z0-9-]+$")
+HSTS = "strict-transport-security"
 
 
 class DescriptionError(Exception):
@@ -384,6 +385,10 @@ def from_mapping(data: Mapping[str, Any], profile: str) -> Description:
             raise DescriptionError(f"security_headers: {name!r} is not a lower-case header name")
         headers.append((name, sh.str(name)))
     sh.done()
+    public_url = values.str("public_url")
+    if HSTS in dict(headers) and not public_url.startswith("https://"):
+        # Over plain http a browser ignores it; on a name later served over https it would lock out plain http.
+        raise DescriptionError(f"security_headers.{HSTS} needs an https:// public_url, got {public_url!r}")
 
     jw = values.section("jwt")
     jwks_file = jw.optional_str("jwks_file")
@@ -463,7 +468,7 @@ def from_mapping(data: Mapping[str, Any], profile: str) -> Description:
         trusted_proxy_hops=values.int("trusted_proxy_hops", 0),
         listener=address("listener"),
         admin=address("admin"),
-        public_url=values.str("public_url"),
+        public_url=public_url,
         upstream_template=template,
         upstream_addresses=addresses,
         tls=tls,

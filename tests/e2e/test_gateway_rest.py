@@ -6,7 +6,9 @@ import re
 import secrets
 import uuid
 
-from tests.support.gateway import SECURITY_HEADERS, unique, wait_for
+import pytest
+
+from tests.support.gateway import SECURITY_HEADERS, SERVICES, Gateway, unique, wait_for
 
 UUID = re.compile(r"^[0-9a-f-]{36}$")
 
@@ -108,6 +110,37 @@ def test_native_grpc_responses_keep_their_grpc_headers_and_get_security_headers(
     assert "content-type: application/grpc" in headers
     assert "x-content-type-options: nosniff" in headers
     assert '"users"' in result.stdout  # the call completed: grpcurl exits 0 only on grpc-status 0
+
+
+@pytest.fixture(scope="module")
+def prod_gateway(gateway_workdir, gateway_services, dead_port):
+    """The prod profile's gateway (its values, HSTS among them) in front of the running user service."""
+    addresses = {name: f"127.0.0.1:{dead_port}" for name in SERVICES}
+    addresses["user"] = gateway_services.addresses()["user"]
+    gw = Gateway(gateway_workdir, "prod", addresses, profile="prod").start(["user"])
+    yield gw
+    gw.stop()
+
+
+def test_hsts_on_every_prod_response_and_never_in_dev(prod_gateway, gateway):
+    for gw in (prod_gateway, gateway):
+        admin = gw.mint(unique("admin"), "admin")
+        user = create_user(gw, admin)
+        responses = {
+            "success": gw.call("GET", f"/v1/users/{user['id']}", token=admin),
+            "service error": gw.call("GET", f"/v1/users/{uuid.uuid4()}", token=admin),
+            "gateway error": gw.call("GET", f"/v1/users/{user['id']}"),
+            "unknown path": gw.call("GET", "/v9/nothing"),
+            "openapi": gw.call("GET", "/openapi.json"),
+        }
+        assert [r.status for r in responses.values()] == [200, 404, 401, 404, 200]
+        expected = "max-age=63072000; includeSubDomains" if gw is prod_gateway else None
+        for what, response in responses.items():
+            assert response.headers.get("strict-transport-security", [None]) == [expected], (gw.name, what)
+        native = gw.grpcurl("tessera.user.v1.UserService/GetUser", {"id": user["id"]}, token=admin, verbose=True)
+        assert native.returncode == 0, native.stderr
+        assert ("strict-transport-security: max-age=63072000; includeSubDomains" in native.stdout) == (
+            gw is prod_gateway)
 
 
 def test_successful_calls_run_only_the_error_filters_request_half_in_lua(gateway):

@@ -98,21 +98,27 @@ def available_services() -> list[str]:
 
 
 class Gateway:
-    """One Envoy of the dev profile on ephemeral ports, with overridden values and a private signing key."""
+    """One Envoy of a profile (dev unless named) on ephemeral ports, with overridden values and a private signing
+    key. The prod profile reads the same local JWKS file and exports no spans, so it runs on this machine too."""
 
-    def __init__(self, workdir: Path, name: str, addresses: dict[str, str], values: dict[str, Any] | None = None):
+    def __init__(self, workdir: Path, name: str, addresses: dict[str, str], values: dict[str, Any] | None = None,
+                 profile: str = "dev"):
         self.workdir = workdir
         self.name = name
         self.keys_dir = workdir / f"{name}-keys"
         self.access_log = workdir / f"{name}-access.log"
-        overrides = gateway_description.deep_merge({
+        local = {
             "upstreams": {"addresses": addresses},
             "listener": {"address": "127.0.0.1", "port": 0},
             "admin": {"address": "127.0.0.1", "port": 0},
             "jwt": {"jwks_file": str(self.keys_dir / tokens.JWKS_FILE)},
             "access_log": str(self.access_log),
-        }, values or {})
-        self.generated = generate.generate("dev", overrides)
+        }
+        if profile != "dev":
+            local["jwt"]["jwks_uri"] = None
+            local["tracing"] = {"otlp_endpoint": None}
+        overrides = gateway_description.deep_merge(local, values or {})
+        self.generated = generate.generate(profile, overrides)
         self.description = self.generated.description
         self.config = generate.write(self.generated, workdir / f"{name}.yaml")
         self.key = tokens.ensure_keys(self.keys_dir)

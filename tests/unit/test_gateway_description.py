@@ -62,6 +62,14 @@ def test_profiles_differ_only_in_values():
     assert str(prod.upstream_address("order")) == "order-service.tessera.svc.cluster.local:50054"
 
 
+def test_only_the_https_profile_sends_hsts():
+    dev, prod = dict(gd.load("dev").security_headers), dict(gd.load("prod").security_headers)
+    assert "strict-transport-security" not in dev
+    hsts = [p.strip() for p in prod.pop("strict-transport-security").split(";")]
+    assert int(hsts[0].removeprefix("max-age=")) >= 365 * 24 * 3600 and "includeSubDomains" in hsts
+    assert prod == dev  # the other security headers are the same in both
+
+
 def test_overrides_replace_values_only():
     d = gd.load("dev", overrides={"upstreams": {"addresses": {"user": "127.0.0.1:6001"}},
                                   "route_classes": {"read": {"burst": 3}}})
@@ -93,6 +101,8 @@ def test_deep_merge_merges_mappings_and_replaces_the_rest():
     ({"listener": {"port": 70000}}, "listener.port must be at most 65535"),
     ({"route_classes": {"public": {"anonymous": False}}}, "one class with anonymous: true"),
     ({"security_headers": {"X-Bad": "1"}}, "is not a lower-case header name"),
+    ({"security_headers": {"strict-transport-security": "max-age=31536000"}},
+     "security_headers.strict-transport-security needs an https:// public_url"),
     ({"tls": {"cert_file": "/c.crt"}}, "tls.key_file is required"),
     ({"graphql": {"path": "graphql"}}, "graphql.path must be a lower-case absolute path"),
     ({"graphql": {"route_class": "public"}}, "graphql.route_class must name a class that needs a token"),

@@ -228,6 +228,16 @@ def test_rate_limits_are_per_subject_or_address_and_per_class(dev, dev_config):
     assert config["filterEnforced"]["defaultValue"]["numerator"] == 100
 
 
+def test_prod_responses_carry_hsts_and_dev_responses_do_not(dev_config, prod_config):
+    def added(config: dict) -> dict[str, str]:
+        mutation = hcm_of(config)["httpFilters"][0]["typedConfig"]["mutations"]
+        return {m["append"]["header"]["key"]: m["append"]["header"]["value"]
+                for m in mutation["responseMutations"] if "append" in m}
+
+    assert "strict-transport-security" not in added(dev_config)
+    assert added(prod_config)["strict-transport-security"] == "max-age=63072000; includeSubDomains"
+
+
 def test_correlation_id_is_the_clients_or_the_request_id_and_is_returned(dev_config):
     mutation = hcm_of(dev_config)["httpFilters"][0]["typedConfig"]["mutations"]
     # On the way in, after the client's identity headers are gone: the client's, else the request id.
