@@ -15,11 +15,12 @@ import logging
 import time
 import uuid
 
+import grpc
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import MetaData, insert, select, update
 from sqlalchemy import event as sqlalchemy_event
-from tessera.user.v1 import user_events_pb2
+from tessera.user.v1 import user_events_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
 
 from tessera_runtime.config import ServiceSettings
 from tessera_runtime.db import Database, utcnow
@@ -27,7 +28,9 @@ from tessera_runtime.logs import correlation_id_var, request_id_var
 from tessera_runtime.messaging import MessagingSettings, attach_outbox_relay
 from tessera_runtime.messaging.relay import ACK, NACK, OutboxRelay, PublishIncomplete, PublishStream
 from tessera_runtime.outbox import PendingEvent, notify_committed, outbox_table, write_events
-from tessera_runtime.server import HealthCheck, ServiceModule
+from tessera_runtime.server import HealthCheck, ServiceModule, create_server
+from tessera_user import bootstrap
+from tests.integration.conftest import settings_for
 from tests.support import rabbitmq
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -702,3 +705,38 @@ async def test_messaging_settings_come_from_the_service_settings_or_the_environm
     monkeypatch.setenv("TESSERA_OUTBOX_BATCH_SIZE", "42")
     assert messaging_settings(ServiceSettings.from_env("svc", 0, {})).outbox_batch_size == 42
     assert json.dumps(messaging_settings(settings).consumer_retry_delays) == "[1.0, 5.0, 30.0, 120.0]"
+
+
+async def test_a_broker_that_stops_answering_never_holds_up_the_services_calls(vhost, db_url):
+    """The relay runs beside the gRPC server on its event loop: with the broker connection frozen (connected, silent)
+    and events piling up, every call still answers well within its deadline, and the events go out once a new
+    connection confirms them."""
+    proxy = TcpProxy(rabbitmq.HOST, rabbitmq.PORT).start()
+    tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
+    settings = settings_for("user", db_url, TESSERA_OUTBOX_RELAY="true",
+                            TESSERA_AMQP_URL=silent_broker_url(vhost, proxy),
+                            TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS="3", TESSERA_OUTBOX_POLL_SECONDS="0.2")
+    server, port = await create_server(await bootstrap.build(settings), readiness_interval=0.2)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+
+            async def create(i: int) -> str:
+                reply = await users.CreateUser(user_service_pb2.CreateUserRequest(
+                    user=user_pb2.User(email=f"frozen-{i}@example.com", display_name="F"), request_id=f"f-{i}"),
+                    timeout=2)
+                return reply.user.id
+
+            first = await create(0)
+            await tap.wait_for(1)  # the relay is connected and has published
+            proxy.freeze()
+            ids = [first]
+            for i in range(1, 31):
+                ids.append(await create(i))
+                assert (await users.GetUser(user_service_pb2.GetUserRequest(id=ids[-1]), timeout=2)).user.id == ids[-1]
+            delivered = await tap.wait_for(31)
+    finally:
+        await server.stop()
+        proxy.close()
+    created = {user_events_pb2.UserCreated.FromString(body).user.id for _, _, body in delivered}
+    assert created == set(ids)
