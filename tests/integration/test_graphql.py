@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 
 from tessera_graphql.app import GraphQLSettings, build_app
 from tests.support.order_stack import InProcessOrder, Neighbours
+from tests.support.otlp_receiver import in_process_tracing
 from tests.support.processes import ServiceProcess
 
 CUSTOMER = "user:read user:write order:read order:write inventory:read"
@@ -224,3 +225,30 @@ def test_the_process_serves_and_stops_on_sigterm(tmp_path):
         assert process.proc.wait(timeout=30) == 0
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def tracing():
+    harness = in_process_tracing()
+    yield harness
+    harness.drain()
+
+
+async def test_one_request_is_one_trace_through_the_api_and_the_services(tracing, graphql, neighbours):
+    customer = await neighbours.customer()
+    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    _, body, _ = await graphql.post("{ me { id } }", subject=customer,
+                                    headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+    assert body["data"]["me"]["id"] == customer
+    get_user = "/tessera.user.v1.UserService/GetUser"
+
+    def complete(r) -> bool:
+        return any(s.kind == "SERVER" and s.name == get_user for s in r.trace(trace_id))
+
+    await tracing.wait(complete)
+    spans = tracing.receiver.trace(trace_id)
+    [api] = [s for s in spans if s.scope == "tessera.graphql"]
+    assert (api.kind, api.name, api.parent_span_id) == ("SERVER", "POST /graphql", parent)
+    [client] = [s for s in spans if s.kind == "CLIENT" and s.name == get_user]
+    [server] = [s for s in spans if s.kind == "SERVER" and s.name == get_user]
+    assert client.parent_span_id == api.span_id and server.parent_span_id == client.span_id
