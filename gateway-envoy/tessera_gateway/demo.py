@@ -19,7 +19,10 @@ from typing import Any
 
 from tessera_gateway import description, tokens
 
-CUSTOMER_SCOPES = ["user:read", "order:read", "order:write", "payment:read", "notification:read"]
+CUSTOMER_SCOPES = ["user:read", "order:read", "order:write", "payment:read", "notification:read", "inventory:read"]
+# Step 5: the customer's account, orders and their products as one graph (the GraphQL API at /graphql).
+GRAPH = """{ me { displayName orders { orders { status total { currencyCode amountMinor }
+  items { quantity product { name stockAvailable } } } } } }"""
 
 
 class DemoError(Exception):
@@ -126,6 +129,17 @@ def scenario(api: Api, mint) -> None:
     payments = api.expect(200, "GET", f"/v1/payments?customerId={customer['id']}", token)["payments"]
     print("     payments: " + ", ".join(f"{money(p['amount'])} {p['status'].removeprefix('PAYMENT_STATUS_')}"
                                         for p in payments))
+
+    print("\n5. The same, as one GraphQL query: the account, its orders and their products")
+    answer = api.expect(200, "POST", "/graphql", token, {"query": GRAPH})
+    if answer.get("errors"):
+        raise DemoError(f"the GraphQL query failed: {json.dumps(answer['errors'])}")
+    me = answer["data"]["me"]
+    for o in me["orders"]["orders"]:
+        lines = ", ".join(f"{i['quantity']} x {i['product']['name']}" for i in o["items"])
+        print(f"     {me['displayName']}: {o['status']} {money(o['total'])}: {lines}")
+    if sorted(o["status"] for o in me["orders"]["orders"]) != ["CONFIRMED", "FAILED"]:
+        raise DemoError(f"GraphQL should show one CONFIRMED and one FAILED order: {json.dumps(me)}")
     print("\nThe demo ran to the end.")
 
 

@@ -26,6 +26,7 @@ def test_the_demo_scenario_runs_through_the_gateway(saga_gateway, capsys):
     out = capsys.readouterr().out
     assert "ORDER_STATUS_CONFIRMED" in out and "PAYMENT_DECLINED" in out
     assert "RESERVE_STOCK=COMPENSATED" in out
+    assert "5. The same, as one GraphQL query" in out and ": CONFIRMED " in out and ": FAILED " in out
 
 
 @pytest.fixture(scope="module")
