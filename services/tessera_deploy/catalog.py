@@ -20,6 +20,11 @@ GATEWAY = "tessera-gateway"
 GATEWAY_PORT = 8080
 # The Istio ingress gateway forwards edge traffic to the Envoy gateway; its identity is Istio's, not ours.
 INGRESS_PRINCIPAL = f"{TRUST_DOMAIN}/ns/istio-system/sa/istio-ingressgateway-service-account"
+# The GraphQL API (services/tessera_graphql): HTTP/1.1 on its own port, behind the gateway's /graphql route. Its
+# name is its Service, Deployment, ServiceAccount and app label alike (the gateway's prod profile routes /graphql
+# to graphql.tessera.svc.cluster.local:8090; tests/integration/test_k8s_manifests.py holds the two equal).
+GRAPHQL = "graphql"
+GRAPHQL_PORT = 8090
 
 
 class Retry(enum.Enum):
@@ -49,6 +54,7 @@ class Grant:
 
     caller: str  # the caller's workload name, which is also its ServiceAccount (its mesh identity)
     paths: tuple[str, ...]
+    health: bool = True  # whether it may also ask /grpc.health.v1.Health/* (it checks what it calls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +89,49 @@ def principal(service_account: str, namespace: str = NAMESPACE) -> str:
     return f"{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"
 
 
+@dataclasses.dataclass(frozen=True)
+class HttpOperation:
+    """HTTP requests a caller may send to an HTTP workload: these methods on this exact path."""
+
+    path: str
+    methods: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpWorkload:
+    """A Tessera workload that serves HTTP rather than gRPC (the GraphQL API): its port, callers and operations."""
+
+    name: str  # Kubernetes name of its Service, Deployment and ServiceAccount, and its app label
+    port: int
+    callers: tuple[str, ...]  # ServiceAccounts (mesh identities) allowed to call it
+    operations: tuple[HttpOperation, ...]
+    health_path: str
+
+    @property
+    def k8s_name(self) -> str:
+        return self.name
+
+    @property
+    def host(self) -> str:
+        return f"{self.name}.{NAMESPACE}.svc.cluster.local"
+
+
+# The gateway alone calls the GraphQL API: POST (and GET) /graphql for its callers, GET /health for its active
+# health checks. Kubelet probes never pass the policy (the sidecar rewrites them and calls the app on localhost),
+# nor does Prometheus (the sidecar agent merges the app's /metrics into its own on :15020).
+GRAPHQL_API = HttpWorkload(
+    name=GRAPHQL,
+    port=GRAPHQL_PORT,
+    callers=(GATEWAY,),
+    operations=(HttpOperation("/graphql", ("GET", "POST")), HttpOperation("/health", ("GET",))),
+    health_path="/health",
+)
+
 # Who calls whom, method by method. The gateway fronts the public API of every service (REST and gRPC), so it may
-# call any method of their contract services; a service that calls another may call exactly the methods it uses.
-# Only the order saga calls other services; notification only consumes events. The list is what the code calls:
-# tests/integration/test_k8s_authorization.py holds it equal to the stub methods each service's code calls.
+# call any method of their contract services; a caller of a service may call exactly the methods it uses. The
+# order saga calls user, inventory and payment, the GraphQL API (for its callers) user, inventory and order;
+# notification only consumes events. The list is what the code calls: tests/integration/test_k8s_authorization.py
+# holds it equal to the stub methods each caller's code calls (for graphql, those services/tessera_graphql calls).
 SERVICE_CALLS: dict[str, tuple[str, ...]] = {
     "order-service": (
         "/tessera.user.v1.UserService/GetUser",
@@ -98,7 +143,22 @@ SERVICE_CALLS: dict[str, tuple[str, ...]] = {
         "/tessera.payment.v1.PaymentService/RefundPayment",
         "/tessera.payment.v1.PaymentService/ListPayments",
     ),
+    GRAPHQL: (
+        "/tessera.user.v1.UserService/GetUser",
+        "/tessera.user.v1.UserService/ListUsers",
+        "/tessera.user.v1.UserService/UpdateUser",
+        "/tessera.inventory.v1.InventoryService/GetProduct",
+        "/tessera.inventory.v1.InventoryService/ListProducts",
+        "/tessera.inventory.v1.InventoryService/BatchGetProducts",
+        "/tessera.order.v1.OrderService/GetOrder",
+        "/tessera.order.v1.OrderService/ListOrders",
+        "/tessera.order.v1.OrderService/CreateOrder",
+        "/tessera.order.v1.OrderService/CancelOrder",
+    ),
 }
+# Callers that ask the health service of what they call (order-service's readiness checks its downstreams); the
+# gateway's active health checks always may. The GraphQL API checks nothing: it gets no Health grant.
+HEALTH_CHECKERS: tuple[str, ...] = ("order-service",)
 # Every service can run a v2 canary beside v1: k8s/components/canary-<name>-v2 (Deployment, v2 subset, canary
 # routes) and the overlay k8s/overlays/canary-<name> that adds it to prod; `tessera traffic` moves its weights.
 CANARIES: tuple[str, ...] = tuple(PORTS)
@@ -142,7 +202,7 @@ def workloads(descriptor_set: Path = DESCRIPTOR_SET) -> tuple[Workload, ...]:
         for caller, paths in SERVICE_CALLS.items():
             mine = tuple(p for p in paths if p.split("/")[1] in grpc_services)
             if mine:
-                grants.append(Grant(caller, mine))
+                grants.append(Grant(caller, mine, health=caller in HEALTH_CHECKERS))
         result.append(Workload(name=name, grpc_port=port, grants=tuple(grants), grpc_services=grpc_services,
                                methods=tuple(methods[package])))
     return tuple(result)

@@ -12,7 +12,15 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from tessera_deploy.catalog import GATEWAY, INGRESS_PRINCIPAL, TRUST_DOMAIN, Workload
+from tessera_deploy.catalog import (
+    GATEWAY,
+    GRAPHQL_API,
+    INGRESS_PRINCIPAL,
+    SERVICE_CALLS,
+    TRUST_DOMAIN,
+    HttpWorkload,
+    Workload,
+)
 from tessera_deploy.render import Manifest
 from tessera_runtime.config import ConfigError, ServiceSettings
 from tessera_runtime.db import max_connections
@@ -212,6 +220,8 @@ def check_services(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[
                 if not _container_port_exists(pod, target):
                     yield _problem(svc, f"spec.ports[{i}].targetPort",
                                    f"{target!r} is not a container port of {pod.ref}")
+        if svc.name == GRAPHQL_API.k8s_name:
+            yield from _http_service_problems(svc, ports, GRAPHQL_API)
         workload = by_name.get(svc.name)
         if workload is None:
             continue
@@ -225,6 +235,19 @@ def check_services(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[
         if grpc[0].get("port") != workload.grpc_port:
             yield _problem(svc, f"spec.ports[{ports.index(grpc[0])}].port",
                            f"is {grpc[0].get('port')}, but {workload.k8s_name} serves gRPC on {workload.grpc_port}")
+
+
+def _http_service_problems(svc: Manifest, ports: list[dict[str, Any]], h: HttpWorkload) -> Iterator[Problem]:
+    http = [p for p in ports if p.get("name") == "http"]
+    if not http:
+        yield _problem(svc, "spec.ports", "has no port named 'http'")
+        return
+    i = ports.index(http[0])
+    if http[0].get("appProtocol") != "http":
+        yield _problem(svc, f"spec.ports[{i}].appProtocol",
+                       "must be 'http': Istio authorises and routes the API by path only when it knows it is HTTP")
+    if http[0].get("port") != h.port:
+        yield _problem(svc, f"spec.ports[{i}].port", f"is {http[0].get('port')}, but {h.k8s_name} serves on {h.port}")
 
 
 def _containers(pod: Manifest) -> list[dict[str, Any]]:
@@ -329,13 +352,61 @@ def _security_problems(pod: Manifest, ci: int, c: dict[str, Any]) -> Iterator[Pr
 
 def check_pod_templates(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:
     """Every pod template behind a Service of the catalog (and the gateway) meets the production bar."""
+    workloads = list(workloads)
     by_name = {w.k8s_name: w for w in workloads}
     for svc in overlay.of("Service"):
-        if svc.name not in by_name and svc.name != GATEWAY:
+        if svc.name not in by_name and svc.name not in (GATEWAY, GRAPHQL_API.k8s_name):
             continue
         workload = by_name.get(svc.name)
         for pod in overlay.pods_of(svc):
             yield from _check_pod(overlay, pod, workload)
+            if svc.name == GRAPHQL_API.k8s_name:
+                yield from _check_http_pod(overlay, pod, GRAPHQL_API)
+            yield from _address_problems(overlay, pod, workloads)
+
+
+def _check_http_pod(overlay: Overlay, pod: Manifest, h: HttpWorkload) -> Iterator[Problem]:
+    """The GraphQL API's pod: listens on all interfaces on its port, probes its health path there, exports spans."""
+    for ci, c in enumerate(_containers(pod)):
+        base = f"spec.template.spec.containers[{ci}]"
+        port_env = _env_value(overlay, pod, c, "TESSERA_GRAPHQL_PORT")
+        if port_env != str(h.port) or not _container_port_exists(pod, h.port, c):
+            yield _problem(pod, f"{base}.env[TESSERA_GRAPHQL_PORT]",
+                           f"is {port_env!r}; the API listens on {h.port}, its container port")
+        if _env_value(overlay, pod, c, "TESSERA_GRAPHQL_HOST") != "0.0.0.0":
+            yield _problem(pod, f"{base}.env[TESSERA_GRAPHQL_HOST]",
+                           "must be 0.0.0.0 so the sidecar and probes reach it")
+        if _env_value(overlay, pod, c, "TESSERA_ENV") != "production":
+            yield _problem(pod, f"{base}.env[TESSERA_ENV]",
+                           "must be production: the API then asks each RPC for the scope the gateway's prod profile "
+                           "gives it")
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            probe = c.get(kind) or {}
+            get = probe.get("httpGet") or {}
+            if probe and (get.get("path") != h.health_path or get.get("port") not in (h.port, "http")):
+                yield _problem(pod, f"{base}.{kind}",
+                               f"must be an HTTP GET of {h.health_path} on port {h.port}")
+        try:
+            if exported_collector(overlay, pod, c) is None:
+                yield _problem(pod, f"{base}.env[{OTLP_ENDPOINT}]",
+                               "is not set: the API would export no spans (set it in the shared ConfigMap)")
+        except ConfigError as exc:
+            yield _problem(pod, f"{base}.env[{OTLP_ENDPOINT}]", str(exc))
+
+
+def _address_problems(overlay: Overlay, pod: Manifest, workloads: list[Workload]) -> Iterator[Problem]:
+    """A caller of other services (SERVICE_CALLS) finds each at its Service: TESSERA_<NAME>_SERVICE_ADDR is the
+    service's cluster host and gRPC port."""
+    app = _get(pod.obj, "spec", "template", "metadata", "labels", "app")
+    calls = SERVICE_CALLS.get(str(app), ())
+    called = [w for w in workloads if any(p.split("/")[1] in w.grpc_services for p in calls)]
+    for ci, c in enumerate(_containers(pod)):
+        for w in called:
+            variable = f"TESSERA_{w.name.upper()}_SERVICE_ADDR"
+            value = _env_value(overlay, pod, c, variable)
+            if value != f"{w.host}:{w.grpc_port}":
+                yield _problem(pod, f"spec.template.spec.containers[{ci}].env[{variable}]",
+                               f"is {value!r}; {app} calls {w.k8s_name} at {w.host}:{w.grpc_port}")
 
 
 def _check_pod(overlay: Overlay, pod: Manifest, workload: Workload | None) -> Iterator[Problem]:
@@ -401,7 +472,7 @@ def check_images(overlay: Overlay) -> Iterator[Problem]:
 
 def check_companions(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:
     """Each service has a ServiceAccount, HPA, PDB, NetworkPolicy, ServiceMonitor and AuthorizationPolicy."""
-    for name in [w.k8s_name for w in workloads] + [GATEWAY]:
+    for name in [w.k8s_name for w in workloads] + [GRAPHQL_API.k8s_name, GATEWAY]:
         svc = overlay.get("Service", name)
         if svc is None:
             yield Problem("k8s/", f"Service/{name}", "metadata.name", "the service has no Service in this overlay")
@@ -494,34 +565,102 @@ def check_authorization(overlay: Overlay, workloads: Iterable[Workload]) -> Iter
                         yield _problem(ap, f"spec.rules[{r}].to[{t}].operation.paths[{p}]", problem)
 
 
+def _principal_pods(overlay: Overlay, principal: str) -> list[Manifest]:
+    """The pod templates that run as the ServiceAccount a principal names."""
+    match = _PRINCIPAL.match(principal)
+    if match is None:
+        return []
+    return [pod for pod in overlay.pod_templates() if pod.namespace == match["ns"]
+            and _get(pod.obj, "spec", "template", "spec", "serviceAccountName") == match["sa"]]
+
+
+def _authorised_callers(overlay: Overlay, name: str) -> set[str]:
+    """App labels of the pods whose identity the AuthorizationPolicy `name` admits."""
+    callers = set()
+    ap = overlay.get("AuthorizationPolicy", name)
+    for rule in _get(ap.obj, "spec", "rules", default=[]) if ap else []:
+        for source in rule.get("from") or []:
+            for principal in _get(source, "source", "principals", default=[]):
+                for pod in _principal_pods(overlay, principal):
+                    callers.add(_get(pod.obj, "spec", "template", "metadata", "labels", "app"))
+    return {c for c in callers if c}
+
+
 def check_network_policies(overlay: Overlay, workloads: Iterable[Workload]) -> Iterator[Problem]:
-    """The pods a NetworkPolicy lets reach a service's gRPC port are exactly its authorised callers."""
-    for w in workloads:
-        policy = overlay.get("NetworkPolicy", w.k8s_name)
+    """The pods a NetworkPolicy lets reach a service's gRPC port (the GraphQL API's HTTP port) are exactly its
+    authorised callers, and each caller's NetworkPolicy lets it out to exactly what it is authorised to call."""
+    targets = [(w.k8s_name, w.grpc_port, "grpc") for w in workloads]
+    targets.append((GRAPHQL_API.k8s_name, GRAPHQL_API.port, "http"))
+    for name, port, port_name in targets:
+        policy = overlay.get("NetworkPolicy", name)
         if policy is None:
             continue  # reported by check_companions
         allowed: set[str] = set()
         for rule in _get(policy.obj, "spec", "ingress", default=[]):
             ports = {p.get("port") for p in rule.get("ports") or []}
-            if w.grpc_port in ports or "grpc" in ports:
+            if port in ports or port_name in ports:
                 for peer in rule.get("from") or []:
                     app = _get(peer, "podSelector", "matchLabels", "app")
                     if app:
                         allowed.add(app)
-        callers = set()
-        ap = overlay.get("AuthorizationPolicy", w.k8s_name)
-        for rule in _get(ap.obj, "spec", "rules", default=[]) if ap else []:
-            for source in rule.get("from") or []:
-                for principal in _get(source, "source", "principals", default=[]):
-                    match = _PRINCIPAL.match(principal)
-                    sa = match["sa"] if match else None
-                    for pod in overlay.pod_templates():
-                        if _get(pod.obj, "spec", "template", "spec", "serviceAccountName") == sa:
-                            callers.add(_get(pod.obj, "spec", "template", "metadata", "labels", "app"))
+        callers = _authorised_callers(overlay, name)
         if allowed != callers:
             yield _problem(policy, "spec.ingress[*].from",
-                           f"lets {sorted(allowed)} reach port {w.grpc_port}, but the AuthorizationPolicy "
-                           f"authorises {sorted(c for c in callers if c)}")
+                           f"lets {sorted(allowed)} reach port {port}, but the AuthorizationPolicy "
+                           f"authorises {sorted(callers)}")
+    yield from _egress_problems(overlay, targets)
+
+
+def _egress_reach(policy: Manifest, labels: dict[str, str], port: int, port_name: str) -> tuple[bool, bool]:
+    """Whether a NetworkPolicy's egress lets its pods reach pods with these labels on the port at all, and whether
+    it names them (a podSelector of this namespace) for that port."""
+    allows = named = False
+    for rule in _get(policy.obj, "spec", "egress", default=[]):
+        ports = [p.get("port") for p in rule.get("ports") or []]
+        if ports and port not in ports and port_name not in ports:
+            continue
+        peers = rule.get("to") or []
+        if not peers:
+            allows = True
+        for peer in peers:
+            if "namespaceSelector" in peer or "ipBlock" in peer:
+                continue  # other namespaces or addresses: not a pod of this one
+            if selects(_match_labels(peer.get("podSelector")), labels):
+                allows = named = True
+    return allows, named
+
+
+def _egress_policies(overlay: Overlay, pod: Manifest) -> list[Manifest]:
+    labels = _get(pod.obj, "spec", "template", "metadata", "labels", default={})
+    return [np for np in overlay.of("NetworkPolicy") if np.namespace == pod.namespace
+            and "Egress" in (_get(np.obj, "spec", "policyTypes", default=[]) or [])
+            and selects(_match_labels(_get(np.obj, "spec", "podSelector")), labels)]
+
+
+def _egress_problems(overlay: Overlay, targets: list[tuple[str, int, str]]) -> Iterator[Problem]:
+    for name, port, port_name in targets:
+        service = overlay.get("Service", name)
+        if service is None:
+            continue
+        callees = overlay.pods_of(service)
+        labels = _get(callees[0].obj, "spec", "template", "metadata", "labels", default={}) if callees else {}
+        callers = _authorised_callers(overlay, name)
+        for pod in overlay.pod_templates():
+            app = _get(pod.obj, "spec", "template", "metadata", "labels", "app")
+            if not app or app == name or pod.namespace != service.namespace:
+                continue
+            policies = _egress_policies(overlay, pod)
+            if not policies:
+                continue  # its egress is not restricted
+            reach = [_egress_reach(np, labels, port, port_name) for np in policies]
+            if app in callers and not any(allows for allows, _ in reach):
+                yield _problem(policies[0], "spec.egress[*].to",
+                               f"does not let {app} reach {name} on port {port}, which the AuthorizationPolicy "
+                               "authorises it to call")
+            elif app not in callers and any(named for _, named in reach):
+                yield _problem(policies[0], "spec.egress[*].to",
+                               f"lets {app} reach {name} on port {port}, but the AuthorizationPolicy does not "
+                               "authorise it")
 
 
 def check_mtls(overlay: Overlay, namespace: str) -> Iterator[Problem]:

@@ -21,9 +21,11 @@ from tessera_deploy.catalog import (
     CANARIES,
     GATEWAY,
     GATEWAY_PORT,
+    GRAPHQL_API,
     INGRESS_PRINCIPAL,
     METRICS_PORT,
     NAMESPACE,
+    HttpWorkload,
     Retry,
     Workload,
     principal,
@@ -251,12 +253,13 @@ def gateway_destination_rule() -> dict[str, Any]:
 
 def authorization_policy(w: Workload) -> dict[str, Any]:
     # One rule per caller: the gateway gets the service's contract services whole (never reflection), another
-    # service only the methods the catalog grants it. Every caller may ask the health service: the gateway's
-    # active health checks and order-service's readiness check what they call.
+    # caller only the methods the catalog grants it. Callers that check what they call may ask the health service:
+    # the gateway's active health checks and order-service's readiness (not the GraphQL API, which checks nothing).
     rules: list[dict[str, Any]] = [
         {
             "from": [{"source": {"principals": [principal(grant.caller)]}}],
-            "to": [{"operation": {"ports": [str(w.grpc_port)], "paths": [*grant.paths, HEALTH_PATH]}}],
+            "to": [{"operation": {"ports": [str(w.grpc_port)],
+                                  "paths": [*grant.paths, *([HEALTH_PATH] if grant.health else [])]}}],
         }
         for grant in w.grants
     ]
@@ -282,6 +285,83 @@ def gateway_authorization_policy() -> dict[str, Any]:
                 {"from": [{"source": {"principals": [INGRESS_PRINCIPAL]}}],
                  "to": [{"operation": {"ports": [str(GATEWAY_PORT)]}}]},
             ],
+        },
+    }
+
+
+def graphql_timeout() -> str:
+    """The mesh's timeout for the GraphQL API: the gateway's own for its /graphql route (the prod profile's route
+    class in gateway-envoy/gateway.yaml), so that neither cuts a request the other still allows."""
+    from tessera_gateway import description
+
+    route = description.load("prod").graphql
+    if route is None:
+        raise LookupError("gateway-envoy/gateway.yaml's prod profile has no graphql route")
+    return f"{route.route_class.timeout_seconds:g}s"
+
+
+def http_destination_rule(h: HttpWorkload) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": h.k8s_name, "namespace": NAMESPACE},
+        "spec": {
+            "host": h.host,
+            "trafficPolicy": {
+                "loadBalancer": {"simple": "LEAST_REQUEST"},
+                # HTTP/1.1 (aiohttp): one request per connection at a time, so the pool bounds requests in flight.
+                "connectionPool": {
+                    "tcp": {"maxConnections": 200, "connectTimeout": "2s"},
+                    "http": {"http1MaxPendingRequests": 256, "idleTimeout": "60s"},
+                },
+                "outlierDetection": {
+                    "consecutiveGatewayErrors": 5,
+                    "consecutive5xxErrors": 10,
+                    "interval": "10s",
+                    "baseEjectionTime": "30s",
+                    "maxEjectionPercent": 50,
+                },
+                "tls": {"mode": "ISTIO_MUTUAL"},
+            },
+            "subsets": [_subset("v1")],
+        },
+    }
+
+
+def http_virtual_service(h: HttpWorkload, timeout: str) -> dict[str, Any]:
+    # One route and no mesh retries: a POST /graphql may carry a mutation (createOrder, cancelOrder, ...), which
+    # the mesh cannot tell from a query and must never repeat; the client repeats with the same request id.
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": h.k8s_name, "namespace": NAMESPACE},
+        "spec": {
+            "hosts": [h.host],
+            "http": [{
+                "name": "unsafe",
+                "route": [{"destination": {"host": h.host, "subset": "v1", "port": {"number": h.port}}}],
+                "timeout": timeout,
+                "retries": {"attempts": 0},
+            }],
+        },
+    }
+
+
+def http_authorization_policy(h: HttpWorkload) -> dict[str, Any]:
+    # Only its callers' mesh identities, only on its port, only the operations the catalog lists. Kubelet probes
+    # and the metrics scrape never reach the policy: the sidecar answers them and calls the app on localhost.
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": h.k8s_name, "namespace": NAMESPACE},
+        "spec": {
+            "selector": {"matchLabels": {"app": h.k8s_name}},
+            "action": "ALLOW",
+            "rules": [{
+                "from": [{"source": {"principals": [principal(c) for c in h.callers]}}],
+                "to": [{"operation": {"ports": [str(h.port)], "methods": list(op.methods), "paths": [op.path]}}
+                       for op in h.operations],
+            }],
         },
     }
 
@@ -316,6 +396,13 @@ def peer_authentications() -> list[dict[str, Any]]:
                 "portLevelMtls": {str(METRICS_PORT): {"mode": "PERMISSIVE"}},
             },
         })
+    # The GraphQL API has no plain-text port at all: its metrics leave through the sidecar agent's :15020.
+    docs.append({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": GRAPHQL_API.k8s_name, "namespace": NAMESPACE},
+        "spec": {"selector": {"matchLabels": {"app": GRAPHQL_API.k8s_name}}, "mtls": {"mode": "STRICT"}},
+    })
     return docs
 
 
@@ -353,10 +440,13 @@ def files(canary_weights: dict[str, int] | None = None) -> dict[Path, str]:
     weights.update(canary_weights or {})
     ws = workloads()
     out = {
-        ISTIO_DIR / "destination-rules.yaml": dump([destination_rule(w) for w in ws] + [gateway_destination_rule()]),
-        ISTIO_DIR / "virtual-services.yaml": dump([virtual_service(w) for w in ws]),
+        ISTIO_DIR / "destination-rules.yaml": dump(
+            [destination_rule(w) for w in ws] + [http_destination_rule(GRAPHQL_API), gateway_destination_rule()]),
+        ISTIO_DIR / "virtual-services.yaml": dump(
+            [virtual_service(w) for w in ws] + [http_virtual_service(GRAPHQL_API, graphql_timeout())]),
         ISTIO_DIR / "authorization-policies.yaml": dump(
-            [deny_by_default()] + [authorization_policy(w) for w in ws] + [gateway_authorization_policy()]),
+            [deny_by_default()] + [authorization_policy(w) for w in ws]
+            + [http_authorization_policy(GRAPHQL_API), gateway_authorization_policy()]),
         ISTIO_DIR / "peer-authentications.yaml": dump(peer_authentications()),
     }
     for name in CANARIES:

@@ -13,9 +13,17 @@ import pytest
 
 from tessera_deploy import ROOT, catalog
 from tessera_deploy.catalog import SERVICE_CALLS, workloads
-from tests.support.k8s import StubUseError, call_problems, package_stub_calls, stub_calls
+from tests.support.k8s import (
+    StubUseError,
+    call_problems,
+    exposed_stub_calls,
+    package_stub_calls,
+    stub_attributes,
+    stub_calls,
+)
 
 DOWNSTREAM = ROOT / "services" / "tessera_order" / "adapters" / "downstream.py"
+GRAPHQL_PACKAGE = ROOT / "services" / "tessera_graphql"
 
 
 def _contract_methods() -> set[str]:
@@ -29,7 +37,8 @@ def _contract_methods() -> set[str]:
 
 
 def test_each_service_is_granted_exactly_the_methods_its_code_calls():
-    assert set(SERVICE_CALLS) <= {w.k8s_name for w in workloads()}, "SERVICE_CALLS names an unknown caller"
+    assert set(SERVICE_CALLS) <= {w.k8s_name for w in workloads()} | {catalog.GRAPHQL}, (
+        "SERVICE_CALLS names an unknown caller")
     problems = []
     for w in workloads():
         package = ROOT / "services" / f"tessera_{w.name}"
@@ -40,6 +49,45 @@ def test_each_service_is_granted_exactly_the_methods_its_code_calls():
     called = package_stub_calls(ROOT / "services" / "tessera_order")
     assert {p.split("/")[1] for p in called} == {
         "tessera.user.v1.UserService", "tessera.inventory.v1.InventoryService", "tessera.payment.v1.PaymentService"}
+
+
+def graphql_calls(folder=GRAPHQL_PACKAGE) -> set[str]:
+    """What the GraphQL API's package calls: through stubs it uses where it builds them, and through those its
+    Upstream class holds for the schema."""
+    direct = {p for path in sorted(folder.rglob("*.py")) for p in stub_calls(path.read_text(), path.name)}
+    return direct | exposed_stub_calls(folder)
+
+
+def test_the_graphql_api_is_granted_exactly_the_methods_its_schema_calls():
+    """The stubs live in upstream.py (`self.users = UserServiceStub(...)`); the schema's resolvers call their
+    methods (`u.orders.CreateOrder`): together they are what SERVICE_CALLS must grant graphql, no more."""
+    assert stub_attributes((GRAPHQL_PACKAGE / "upstream.py").read_text()) == {
+        "users": "tessera.user.v1.UserService", "inventory": "tessera.inventory.v1.InventoryService",
+        "orders": "tessera.order.v1.OrderService"}
+    called = graphql_calls()
+    assert call_problems(catalog.GRAPHQL, called, SERVICE_CALLS[catalog.GRAPHQL]) == []
+    assert len(SERVICE_CALLS[catalog.GRAPHQL]) == len(set(SERVICE_CALLS[catalog.GRAPHQL])) == 10
+    # Its grants on each service are those methods, one by one; no health checks (it makes none), no payment.
+    for w in workloads():
+        [grant] = [g for g in w.grants if g.caller == catalog.GRAPHQL] or [None]
+        mine = sorted(p for p in called if p.split("/")[1] in w.grpc_services)
+        if w.name in ("user", "inventory", "order"):
+            assert grant is not None and sorted(grant.paths) == mine and not grant.health, w.name
+        else:
+            assert grant is None and mine == [], w.name
+
+
+def test_a_schema_field_calling_an_ungranted_method_is_refused(tmp_path):
+    package = tmp_path / "tessera_graphql"
+    package.mkdir()
+    for path in GRAPHQL_PACKAGE.glob("*.py"):
+        (package / path.name).write_text(path.read_text())
+    schema = package / "schema.py"
+    schema.write_text(schema.read_text().replace("lambda u: u.orders.CancelOrder", "lambda u: u.orders.DeleteOrder"))
+    assert call_problems(catalog.GRAPHQL, graphql_calls(package), SERVICE_CALLS[catalog.GRAPHQL]) == [
+        "graphql calls /tessera.order.v1.OrderService/DeleteOrder, which services/tessera_deploy/catalog.py "
+        "SERVICE_CALLS does not grant it",
+        "SERVICE_CALLS grants graphql /tessera.order.v1.OrderService/CancelOrder, which its code never calls"]
 
 
 def test_every_granted_method_is_in_the_contracts():

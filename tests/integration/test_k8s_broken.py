@@ -182,10 +182,12 @@ def test_services_exporting_no_spans_are_reported(tree):
     for service in ("user", "inventory", "payment", "order", "notification"):
         _one(problems, f"k8s/base/services/{service}.yaml", "spec.template.spec.containers[0].env["
              "OTEL_EXPORTER_OTLP_ENDPOINT]", "is not set: the service would export no spans")
+    _one(problems, "k8s/base/services/graphql.yaml", "spec.template.spec.containers[0].env["
+         "OTEL_EXPORTER_OTLP_ENDPOINT]", "is not set: the API would export no spans")
     _one(problems, "k8s/base/kustomization.yaml", "data[envoy.yaml].staticResources.clusters[otel_collector]",
          "the gateway exports spans to opentelemetry-collector.observability.svc.cluster.local:4317 but the "
          "services export none")
-    assert len(problems) == 6, describe(problems)
+    assert len(problems) == 7, describe(problems)
 
 
 def test_gateway_and_services_exporting_to_different_collectors_are_reported(tree):
@@ -218,7 +220,7 @@ def test_network_policy_admitting_a_caller_the_mesh_refuses_is_reported(tree):
 
     edit_yaml(tree / "k8s/base/services/user.yaml", "NetworkPolicy", "user-service", change)
     _one(validate_copy(tree, "prod"), "k8s/base/services/user.yaml", "spec.ingress[*].from",
-         "lets ['order-service', 'payment-service', 'tessera-gateway'] reach port 50051")
+         "lets ['graphql', 'order-service', 'payment-service', 'tessera-gateway'] reach port 50051")
 
 
 def test_latest_and_untagged_images_are_reported(tree):
@@ -330,3 +332,110 @@ def test_more_pods_or_workers_than_the_dev_postgresql_can_take_are_reported(tree
               lambda doc: doc["data"].update(TESSERA_WORKERS="2"))
     problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 297 connections")
     assert "may open 520 at once" in problem.message and "order-service 104" in problem.message
+
+
+# --- the GraphQL API ---------------------------------------------------------------------------------------------
+
+GRAPHQL_YAML = "k8s/base/services/graphql.yaml"
+GATEWAY_YAML = "k8s/base/gateway/gateway.yaml"
+
+
+def _drop_egress_to(app: str):
+    def change(doc):
+        rules = doc["spec"]["egress"]
+        doc["spec"]["egress"] = [r for r in rules if not any(
+            p.get("podSelector", {}).get("matchLabels", {}).get("app") == app for p in r.get("to", []))]
+        assert len(doc["spec"]["egress"]) == len(rules) - 1
+
+    return change
+
+
+def test_graphql_without_its_egress_to_a_service_it_calls_is_reported(tree):
+    edit_yaml(tree / GRAPHQL_YAML, "NetworkPolicy", "graphql", _drop_egress_to("order-service"))
+    problems = validate_copy(tree, "prod")
+    _one(problems, GRAPHQL_YAML, "spec.egress[*].to", "does not let graphql reach order-service on port 50054, which "
+         "the AuthorizationPolicy authorises it to call")
+    assert len(problems) == 1, describe(problems)
+
+
+def test_gateway_without_its_egress_to_graphql_is_reported(tree):
+    edit_yaml(tree / GATEWAY_YAML, "NetworkPolicy", "tessera-gateway", _drop_egress_to("graphql"))
+    problems = validate_copy(tree, "prod")
+    _one(problems, GATEWAY_YAML, "spec.egress[*].to", "does not let tessera-gateway reach graphql on port 8090")
+    assert len(problems) == 1, describe(problems)
+
+
+def test_graphql_egress_to_a_service_it_is_not_granted_is_reported(tree):
+    def change(doc):
+        doc["spec"]["egress"].append({"to": [{"podSelector": {"matchLabels": {"app": "payment-service"}}}],
+                                      "ports": [{"port": 50053, "protocol": "TCP"}]})
+
+    edit_yaml(tree / GRAPHQL_YAML, "NetworkPolicy", "graphql", change)
+    problems = validate_copy(tree, "prod")
+    _one(problems, GRAPHQL_YAML, "spec.egress[*].to", "lets graphql reach payment-service on port 50053, but the "
+         "AuthorizationPolicy does not authorise it")
+    assert len(problems) == 1, describe(problems)
+
+
+def test_graphql_admitting_a_caller_other_than_the_gateway_is_reported(tree):
+    def change(doc):
+        doc["spec"]["ingress"][0]["from"].append({"podSelector": {"matchLabels": {"app": "order-service"}}})
+
+    edit_yaml(tree / GRAPHQL_YAML, "NetworkPolicy", "graphql", change)
+    _one(validate_copy(tree, "prod"), GRAPHQL_YAML, "spec.ingress[*].from",
+         "lets ['order-service', 'tessera-gateway'] reach port 8090, but the AuthorizationPolicy authorises "
+         "['tessera-gateway']")
+
+
+def test_a_service_admitting_graphql_without_its_grant_is_reported(tree):
+    def change(doc):
+        rules = doc["spec"]["rules"]
+        doc["spec"]["rules"] = [r for r in rules if r.get("from", [{}])[0].get("source", {}).get("principals") != [
+            "cluster.local/ns/tessera/sa/graphql"]]
+        assert len(doc["spec"]["rules"]) == len(rules) - 1
+
+    edit_yaml(tree / "istio/authorization-policies.yaml", "AuthorizationPolicy", "inventory-service", change)
+    problems = validate_copy(tree, "prod")
+    _one(problems, "k8s/base/services/inventory.yaml", "spec.ingress[*].from",
+         "lets ['graphql', 'order-service', 'tessera-gateway'] reach port 50052, but the AuthorizationPolicy "
+         "authorises ['order-service', 'tessera-gateway']")
+    _one(problems, GRAPHQL_YAML, "spec.egress[*].to", "lets graphql reach inventory-service on port 50052, but the "
+         "AuthorizationPolicy does not authorise it")
+
+
+def test_graphql_service_missing_is_reported(tree):
+    path = tree / GRAPHQL_YAML
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d["kind"] != "Service"]
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    problems = validate_copy(tree, "prod")
+    _one(problems, "k8s/base/kustomization.yaml", "data[envoy.yaml].staticResources.clusters[graphql]",
+         "upstream graphql.tessera.svc.cluster.local is not a Service in this overlay")
+    _one(problems, "k8s/", "metadata.name", "the service has no Service in this overlay")
+    _one(problems, "istio/virtual-services.yaml", "spec.hosts[0]", "is not a Service in this overlay")
+
+
+@pytest.mark.parametrize(("change", "field", "text"), [
+    (lambda c: c["env"].__setitem__(0, {"name": "TESSERA_GRAPHQL_HOST", "value": "127.0.0.1"}),
+     "env[TESSERA_GRAPHQL_HOST]", "must be 0.0.0.0"),
+    (lambda c: c["env"].__setitem__(1, {"name": "TESSERA_GRAPHQL_PORT", "value": "8091"}),
+     "env[TESSERA_GRAPHQL_PORT]", "the API listens on 8090"),
+    (lambda c: c["readinessProbe"]["httpGet"].__setitem__("path", "/graphql"),
+     "readinessProbe", "must be an HTTP GET of /health on port 8090"),
+    (lambda c: c["env"].append({"name": "TESSERA_ENV", "value": "dev"}), "env[TESSERA_ENV]", "must be production"),
+    (lambda c: c["env"].append({"name": "TESSERA_ORDER_SERVICE_ADDR", "value": "order:50054"}),
+     "env[TESSERA_ORDER_SERVICE_ADDR]", "graphql calls order-service at order-service.tessera.svc.cluster.local:50054"),
+])
+def test_graphql_container_mistakes_are_reported(tree, change, field, text):
+    edit_yaml(tree / GRAPHQL_YAML, "Deployment", "graphql",
+              lambda doc: change(doc["spec"]["template"]["spec"]["containers"][0]))
+    problems = validate_copy(tree, "prod")
+    _one(problems, GRAPHQL_YAML, f"spec.template.spec.containers[0].{field}", text)
+    assert len(problems) == 1, describe(problems)
+
+
+def test_graphql_service_port_that_istio_would_not_treat_as_http_is_reported(tree):
+    def change(doc):
+        doc["spec"]["ports"][0]["appProtocol"] = "tcp"
+
+    edit_yaml(tree / GRAPHQL_YAML, "Service", "graphql", change)
+    _one(validate_copy(tree, "prod"), GRAPHQL_YAML, "spec.ports[0].appProtocol", "must be 'http'")

@@ -14,6 +14,9 @@ from tessera_deploy import ROOT, gateway_config, mesh, schemas
 from tessera_deploy.catalog import (
     CANARIES,
     GATEWAY,
+    GRAPHQL,
+    GRAPHQL_API,
+    GRAPHQL_PORT,
     INGRESS_PRINCIPAL,
     NAMESPACE,
     SERVICE_CALLS,
@@ -22,7 +25,8 @@ from tessera_deploy.catalog import (
 )
 from tessera_deploy.render import load_all
 from tessera_deploy.validate import validate_overlay
-from tessera_gateway.bootstrap import TRACING_CLUSTER
+from tessera_gateway import description
+from tessera_gateway.bootstrap import GRAPHQL_CLUSTER, TRACING_CLUSTER
 from tests.support.k8s import (
     CANARY_OVERLAYS,
     OVERLAYS,
@@ -66,6 +70,10 @@ def test_overlay_has_everything_each_service_needs(overlay):
                      "NetworkPolicy", "ServiceMonitor", "DestinationRule", "VirtualService",
                      "AuthorizationPolicy", "PeerAuthentication"):
             assert w.k8s_name in kinds.get(kind, set()), f"{overlay}: {kind}/{w.k8s_name} is missing"
+    for kind in ("ServiceAccount", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                 "NetworkPolicy", "ServiceMonitor", "DestinationRule", "VirtualService", "AuthorizationPolicy",
+                 "PeerAuthentication"):
+        assert GRAPHQL in kinds.get(kind, set()), f"{overlay}: {kind}/{GRAPHQL} is missing"
     for kind in ("ServiceAccount", "Deployment", "Service", "DestinationRule", "AuthorizationPolicy"):
         assert GATEWAY in kinds[kind], f"{overlay}: {kind}/{GATEWAY} is missing"
     assert kinds["Gateway"] == {"tessera-edge"}
@@ -292,6 +300,13 @@ def test_authorization_allows_exactly_the_callers_on_their_grpc_paths():
             assert all(not p.endswith("*") for p in granted)
         else:
             assert principal("order-service") not in by_caller and granted == []
+        # The GraphQL API gets the methods its schema calls on user, inventory and order, one by one, and no health.
+        granted = [p for p in SERVICE_CALLS[GRAPHQL] if p.split("/")[1] in w.grpc_services]
+        if w.name in ("user", "inventory", "order"):
+            assert granted and by_caller[principal(GRAPHQL)] == granted
+            assert all(not p.endswith("*") for p in granted)
+        else:
+            assert principal(GRAPHQL) not in by_caller and granted == []
         assert metrics_rule == {"to": [{"operation": {"ports": ["9090"], "methods": ["GET"], "paths": ["/metrics"]}}]}
     gateway_rule = find("prod", "AuthorizationPolicy", GATEWAY)["spec"]["rules"][0]
     assert gateway_rule["from"][0]["source"]["principals"] == [INGRESS_PRINCIPAL]
@@ -356,6 +371,8 @@ def test_gateway_config_map_is_the_generator_output():
         assert find(overlay, "ConfigMap", names[0])["data"] == expected
     hosts = {(host, port) for _, host, port in gateway_config.upstreams(expected[gateway_config.CONFIG_KEY])}
     assert {(w.host, w.grpc_port) for w in workloads()} <= hosts
+    assert (GRAPHQL_CLUSTER, GRAPHQL_API.host, GRAPHQL_PORT) in gateway_config.upstreams(
+        expected[gateway_config.CONFIG_KEY])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -372,3 +389,110 @@ def test_gateway_keeps_serving_until_it_is_out_of_rotation(overlay):
     assert pause < pod["spec"]["terminationGracePeriodSeconds"]
     proxy = yaml.safe_load(pod["metadata"]["annotations"]["proxy.istio.io/config"])
     assert pause < float(proxy["terminationDrainDuration"].removesuffix("s"))
+
+
+# --- the GraphQL API ---------------------------------------------------------------------------------------------
+
+
+def _ports(rule: dict) -> set:
+    return {p["port"] for p in rule.get("ports", [])}
+
+
+def _apps(peers: list[dict]) -> set[str]:
+    return {p["podSelector"]["matchLabels"]["app"] for p in peers
+            if "podSelector" in p and "namespaceSelector" not in p}
+
+
+def test_the_gateways_graphql_upstream_is_the_graphql_service():
+    """The prod profile's /graphql upstream is the catalog's Service: its name, namespace and HTTP port."""
+    route = description.load("prod").graphql
+    assert route is not None and (route.address.host, route.address.port) == (GRAPHQL_API.host, GRAPHQL_PORT)
+    from tessera_graphql.app import DEFAULT_PORT
+
+    assert GRAPHQL_PORT == DEFAULT_PORT
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_graphql_deployment_runs_the_api_as_production_needs(overlay):
+    deployment = find(overlay, "Deployment", GRAPHQL)
+    pod = deployment["spec"]["template"]
+    assert pod["metadata"]["labels"]["app"] == GRAPHQL and pod["spec"]["serviceAccountName"] == GRAPHQL
+    assert find(overlay, "ServiceAccount", GRAPHQL)["automountServiceAccountToken"] is False
+    [container] = pod["spec"]["containers"]
+    image = container["image"]
+    assert image.rsplit(":", 1)[0].endswith("/graphql") and ":" in image.rsplit("/", 1)[-1], image
+    assert "args" not in container and "command" not in container  # the image's entrypoint: python -m tessera_graphql
+    assert container["ports"] == [{"name": "http", "containerPort": GRAPHQL_PORT, "protocol": "TCP"}]
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[kind]["httpGet"] == {"path": "/health", "port": GRAPHQL_PORT}, kind
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {"TESSERA_GRAPHQL_HOST": "0.0.0.0", "TESSERA_GRAPHQL_PORT": str(GRAPHQL_PORT)}
+    assert container["envFrom"] == [{"configMapRef": {"name": "tessera-config"}}]
+    config = find(overlay, "ConfigMap", "tessera-config")["data"]
+    assert config["TESSERA_ENV"] == "production" and config["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    for w in workloads():
+        if w.name in ("user", "inventory", "order"):
+            assert config[f"TESSERA_{w.name.upper()}_SERVICE_ADDR"] == f"{w.host}:{w.grpc_port}"
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    annotations = pod["metadata"]["annotations"]
+    assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (str(GRAPHQL_PORT), "/metrics")
+    pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pause + 10 < pod["spec"]["terminationGracePeriodSeconds"]  # aiohttp's shutdown_timeout is 10 s
+    service = find(overlay, "Service", GRAPHQL)["spec"]
+    assert service["selector"] == {"app": GRAPHQL}
+    assert service["ports"][0] == {"name": "http", "port": GRAPHQL_PORT, "targetPort": "http", "protocol": "TCP",
+                                   "appProtocol": "http"}
+    assert find(overlay, "HorizontalPodAutoscaler", GRAPHQL)["spec"]["scaleTargetRef"]["name"] == GRAPHQL
+    assert find(overlay, "PodDisruptionBudget", GRAPHQL)["spec"]["selector"]["matchLabels"] == {"app": GRAPHQL}
+    [endpoint] = find(overlay, "ServiceMonitor", GRAPHQL)["spec"]["endpoints"]
+    assert {p["name"]: p["port"] for p in service["ports"]}[endpoint["port"]] == 15020
+
+
+def test_graphql_is_reached_only_by_the_gateway_and_never_retried_by_the_mesh():
+    policy = find("prod", "AuthorizationPolicy", GRAPHQL)["spec"]
+    assert policy["selector"] == {"matchLabels": {"app": GRAPHQL}} and policy["action"] == "ALLOW"
+    [rule] = policy["rules"]
+    assert rule["from"] == [{"source": {"principals": [principal(GATEWAY)]}}]
+    assert rule["to"] == [
+        {"operation": {"ports": [str(GRAPHQL_PORT)], "methods": ["GET", "POST"], "paths": ["/graphql"]}},
+        {"operation": {"ports": [str(GRAPHQL_PORT)], "methods": ["GET"], "paths": ["/health"]}}]
+    # mTLS only: no port of the API is PERMISSIVE (its metrics leave through the sidecar agent).
+    assert find("prod", "PeerAuthentication", GRAPHQL)["spec"] == {
+        "selector": {"matchLabels": {"app": GRAPHQL}}, "mtls": {"mode": "STRICT"}}
+    vs = find("prod", "VirtualService", GRAPHQL)["spec"]
+    assert vs["hosts"] == [GRAPHQL_API.host]
+    [route] = vs["http"]
+    assert "match" not in route and route["retries"] == {"attempts": 0}, "a POST /graphql may be a mutation"
+    assert route["route"] == [{"destination": {"host": GRAPHQL_API.host, "subset": "v1",
+                                               "port": {"number": GRAPHQL_PORT}}}]
+    assert route["timeout"] == f"{description.load('prod').graphql.route_class.timeout_seconds}s"
+    rule = find("prod", "DestinationRule", GRAPHQL)["spec"]
+    assert rule["host"] == GRAPHQL_API.host and rule["trafficPolicy"]["tls"] == {"mode": "ISTIO_MUTUAL"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_graphql_network_policies_admit_the_gateway_and_let_it_out_to_what_it_calls(overlay):
+    spec = find(overlay, "NetworkPolicy", GRAPHQL)["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"app": GRAPHQL}} and spec["policyTypes"] == ["Ingress", "Egress"]
+    ingress = {(frozenset(_apps(r["from"])), frozenset(_ports(r))) for r in spec["ingress"]}
+    assert (frozenset({GATEWAY}), frozenset({GRAPHQL_PORT})) in ingress
+    assert {p for r in spec["ingress"] if _apps(r["from"]) for p in _ports(r)} == {GRAPHQL_PORT}
+    assert all(_ports(r) == {15020} for r in spec["ingress"] if not _apps(r["from"]))
+    # Egress to exactly the services the schema calls, on their gRPC ports.
+    called = {p.split("/")[1] for p in SERVICE_CALLS[GRAPHQL]}
+    expected = {(w.k8s_name, w.grpc_port) for w in workloads() if set(w.grpc_services) & called}
+    assert {(app, port) for r in spec["egress"] for app in _apps(r.get("to", [])) for port in _ports(r)} == expected
+    assert len(expected) == 3
+    # The gateway may go out to it; the services it calls let it in.
+    gateway = find(overlay, "NetworkPolicy", GATEWAY)["spec"]
+    assert any(_apps(r.get("to", [])) == {GRAPHQL} and _ports(r) == {GRAPHQL_PORT} for r in gateway["egress"])
+    for name, port in expected:
+        rules = find(overlay, "NetworkPolicy", name)["spec"]["ingress"]
+        assert any(GRAPHQL in _apps(r["from"]) and port in _ports(r) for r in rules), name
+    for w in workloads():
+        if (w.k8s_name, w.grpc_port) not in expected:
+            rules = find(overlay, "NetworkPolicy", w.k8s_name)["spec"]["ingress"]
+            assert not any(GRAPHQL in _apps(r["from"]) for r in rules), w.k8s_name

@@ -180,6 +180,43 @@ def package_stub_calls(folder: Path) -> set[str]:
     return called
 
 
+def stub_attributes(source: str) -> dict[str, str]:
+    """Stubs a class keeps on self for other modules to call (`self.users = UserServiceStub(channel)` in
+    services/tessera_graphql/upstream.py): attribute name → the stub's service."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            child.parent = node  # type: ignore[attr-defined]
+    modules, classes = _stub_constructors(tree)
+    found = {}
+    for call in [n for n in ast.walk(tree) if isinstance(n, ast.Call)]:
+        service = _stub_service(call, modules, classes)
+        parent = getattr(call, "parent", None)
+        if service and isinstance(parent, ast.Assign) and len(parent.targets) == 1:
+            target = parent.targets[0]
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self":
+                found[target.attr] = service
+    return found
+
+
+def exposed_stub_calls(folder: Path) -> set[str]:
+    """The gRPC paths a package calls through stubs another of its classes holds: every `<x>.<stub attribute>.<Method>`
+    (`self.upstream.inventory.BatchGetProducts`, `lambda u: u.orders.CreateOrder`) in any of its modules. gRPC
+    method names are capitalised, which tells a stub's method from an attribute of another object of the same name
+    (a DataLoader `users.load`)."""
+    attributes: dict[str, str] = {}
+    paths = sorted(folder.rglob("*.py"))
+    for path in paths:
+        attributes.update(stub_attributes(path.read_text()))
+    called: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                    and node.value.attr in attributes and node.attr[:1].isupper()):
+                called.add(f"/{attributes[node.value.attr]}/{node.attr}")
+    return called
+
+
 def call_problems(caller: str, called: Iterable[str], declared: Iterable[str]) -> list[str]:
     """How the methods a caller's code calls and those the catalog grants it differ (empty when they agree)."""
     called, declared = set(called), set(declared)
