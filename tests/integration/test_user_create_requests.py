@@ -115,3 +115,21 @@ async def test_revision_0002_moves_the_records_of_0001_and_back(db_url):
         assert "user_create_requests" not in tables
     finally:
         await database.dispose()
+
+
+async def test_a_repeat_that_spells_the_email_in_another_case_never_answers_with_its_spelling(user_stub):
+    # The local part of an address keeps its case: a repeat spelled otherwise asks for another account than the
+    # one the first call created, and must not be answered with an e-mail address the account never had.
+    first = new_user()
+    first.user.email = f"Ada.{uuid.uuid4().hex[:8]}@example.com"
+    created = (await user_stub.CreateUser(first)).user
+    repeat = svc.CreateUserRequest()
+    repeat.CopyFrom(first)
+    repeat.user.email = first.user.email.lower()
+    try:
+        answer = (await user_stub.CreateUser(repeat)).user
+    except grpc.aio.AioRpcError as err:
+        assert (err.code(), error_details(err)[0].reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    else:
+        assert answer == created, "a replay is the first answer, with the e-mail address the account was given"
+    assert (await user_stub.GetUser(svc.GetUserRequest(id=created.id))).user.email == first.user.email

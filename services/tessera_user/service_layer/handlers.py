@@ -60,7 +60,9 @@ def _not_found(user_id: str) -> NotFound:
 
 
 def _request_hash(cmd: commands.CreateUser, email: str) -> str:
-    body = json.dumps([email.lower(), cmd.display_name, dataclasses.asdict(cmd.profile),
+    # The address as the account is given it (normalise_email: the local part keeps its case): a repeat spelled
+    # in another case asks for another account, and a replay answers with the address of the request it repeats.
+    body = json.dumps([email, cmd.display_name, dataclasses.asdict(cmd.profile),
                        dataclasses.asdict(cmd.preferences)], sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
