@@ -45,6 +45,10 @@ class UpstreamError(Exception):
         info, bad = error_details(err)
         if info is None:  # no service answered (unreachable, timed out): gRPC's own text names cluster addresses
             return cls(err.code(), _NO_ANSWER.get(err.code(), "the service could not be used"))
+        if info.reason == "CIRCUIT_OPEN":
+            # Refused by this process's own circuit breaker: no service answered, and its text and metadata name
+            # the service's address. The reason stays; the rest is the words of any unreachable service.
+            return cls(err.code(), _NO_ANSWER[grpc.StatusCode.UNAVAILABLE], reason=info.reason, domain=info.domain)
         return cls(err.code(), err.details() or "", reason=info.reason, domain=info.domain,
                    metadata=info.metadata,
                    violations=tuple((v.field, v.description) for v in bad.field_violations) if bad else ())

@@ -252,3 +252,29 @@ async def test_one_request_is_one_trace_through_the_api_and_the_services(tracing
     [client] = [s for s in spans if s.kind == "CLIENT" and s.name == get_user]
     [server] = [s for s in spans if s.kind == "SERVER" and s.name == get_user]
     assert client.parent_span_id == api.span_id and server.parent_span_id == client.span_id
+
+
+async def test_a_service_down_is_unavailable_without_naming_its_address(unused_tcp_port):
+    # Nothing listens on the user service's address: every call fails until this process's circuit breaker opens,
+    # and then fails at once. Neither answer names the address, which is the cluster's, not the caller's business.
+    address = f"127.0.0.1:{unused_tcp_port}"
+    settings = GraphQLSettings.from_env({"TESSERA_GRAPHQL_PORT": "0", "TESSERA_USER_SERVICE_ADDR": address,
+                                         "TESSERA_DEFAULT_DEADLINE_SECONDS": "2"})
+    runner = web.AppRunner(build_app(settings))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = GraphQL(f"http://127.0.0.1:{runner.addresses[0][1]}/graphql", session)
+            reasons = set()
+            for _ in range(8):
+                status, body, _ = await client.post("{ me { id } }", subject=str(uuid.uuid4()))
+                assert status == 200 and body["data"] == {"me": None}, body
+                [error] = body["errors"]
+                assert error["extensions"]["code"] == "UNAVAILABLE"
+                assert str(unused_tcp_port) not in repr(error), error
+                reasons.add(error["extensions"].get("reason"))
+            assert "CIRCUIT_OPEN" in reasons, "the breaker opened (the case that named the address)"
+    finally:
+        await runner.cleanup()
