@@ -32,6 +32,9 @@ from tessera.user.v1 import user_service_pb2 as user_api
 from tessera_graphql.upstream import Upstream, UpstreamError
 
 MAX_BATCH = 100  # BatchGetProducts takes at most 100 ids
+# The calls one request may make to the services. Depth and alias limits bound a query's shape, not its fan-out: a
+# list nested in a list (orders → customer → orders ...) makes a call per item of the list above it.
+MAX_CALLS = 200
 
 
 def _enum(name: str, proto_enum: Any, prefix: str, description: str) -> Any:
@@ -224,6 +227,8 @@ class Context:
     """What every resolver of one request shares: the services, and loaders that read each product and user once."""
 
     upstream: Upstream
+    max_calls: int = MAX_CALLS
+    calls: int = dataclasses.field(default=0, init=False)
     products: DataLoader[str, Product | None] = dataclasses.field(init=False)
     users: DataLoader[str, User | None] = dataclasses.field(init=False)
 
@@ -231,10 +236,19 @@ class Context:
         self.products = DataLoader(load_fn=self._load_products, max_batch_size=MAX_BATCH)
         self.users = DataLoader(load_fn=self._load_users)
 
+    async def call(self, method, request):
+        """One call to a service for this request, refused once the request has made max_calls."""
+        if self.calls >= self.max_calls:
+            raise UpstreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the query needs more than {self.max_calls} calls to the services; ask for less",
+                                reason="TOO_MANY_CALLS", metadata={"max_calls": str(self.max_calls)})
+        self.calls += 1
+        return await self.upstream.call(method, request)
+
     async def _load_products(self, ids: list[str]) -> list[Product | Exception | None]:
         try:
-            reply = await self.upstream.call(self.upstream.inventory.BatchGetProducts,
-                                             inventory_api.BatchGetProductsRequest(ids=ids))
+            reply = await self.call(self.upstream.inventory.BatchGetProducts,
+                                    inventory_api.BatchGetProductsRequest(ids=ids))
             return [Product.of(p) for p in reply.products]
         except UpstreamError as err:
             if err.code != grpc.StatusCode.NOT_FOUND:
@@ -244,8 +258,8 @@ class Context:
 
     async def _product(self, product_id: str) -> Product | Exception | None:
         try:
-            reply = await self.upstream.call(self.upstream.inventory.GetProduct,
-                                             inventory_api.GetProductRequest(id=product_id))
+            reply = await self.call(self.upstream.inventory.GetProduct,
+                                    inventory_api.GetProductRequest(id=product_id))
         except UpstreamError as err:
             return None if err.code == grpc.StatusCode.NOT_FOUND else _graphql_error(err)
         return Product.of(reply.product)
@@ -254,7 +268,7 @@ class Context:
         out: list[User | Exception | None] = []
         for user_id in ids:  # UserService has no batch read; the loader still reads each user once per request
             try:
-                reply = await self.upstream.call(self.upstream.users.GetUser, user_api.GetUserRequest(id=user_id))
+                reply = await self.call(self.upstream.users.GetUser, user_api.GetUserRequest(id=user_id))
                 out.append(User.of(reply.user))
             except UpstreamError as err:
                 out.append(None if err.code == grpc.StatusCode.NOT_FOUND else _graphql_error(err))
@@ -270,9 +284,9 @@ def _graphql_error(err: UpstreamError) -> GraphQLError:
 
 
 async def _call(info: Info, method_of, request):
-    upstream = _context(info).upstream
+    context = _context(info)
     try:
-        return await upstream.call(method_of(upstream), request)
+        return await context.call(method_of(context.upstream), request)
     except UpstreamError as err:
         raise _graphql_error(err) from None
 

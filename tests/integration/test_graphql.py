@@ -278,3 +278,35 @@ async def test_a_service_down_is_unavailable_without_naming_its_address(unused_t
             assert "CIRCUIT_OPEN" in reasons, "the breaker opened (the case that named the address)"
     finally:
         await runner.cleanup()
+
+
+async def test_nested_lists_cannot_multiply_one_request_into_thousands_of_calls(neighbours, tmp_path):
+    # Each level of `customer { orders }` lists the customer's orders again for every order above it: with n orders,
+    # three levels (within the default depth limit) are 1 + n + n² ListOrders and n³ orders in the answer (8 million
+    # for a customer with 200 orders). One request's calls are bounded: past the bound, the fields left are refused.
+    order = await InProcessOrder.start(neighbours.order_env(f"sqlite+aiosqlite:///{tmp_path / 'order.db'}"))
+    settings = GraphQLSettings.from_env({
+        "TESSERA_GRAPHQL_PORT": "0", "TESSERA_USER_SERVICE_ADDR": neighbours.address("user"),
+        "TESSERA_INVENTORY_SERVICE_ADDR": neighbours.address("inventory"),
+        "TESSERA_ORDER_SERVICE_ADDR": f"127.0.0.1:{order.port}"})
+    runner = web.AppRunner(build_app(settings))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = GraphQL(f"http://127.0.0.1:{runner.addresses[0][1]}/graphql", session)
+            customer, product = await neighbours.customer(), await neighbours.product(100, price=10)
+            for _ in range(18):
+                _, body, _ = await client.post(PLACE, place_input(customer, (product, 1)), subject=customer)
+                assert "errors" not in body, body
+            before = client_calls("ListOrders")
+            nested = ("{ me { orders(pageSize: 200) { orders { customer { orders(pageSize: 200) { orders { customer {"
+                      " orders(pageSize: 200) { orders { id } } } } } } } } } }")
+            status, body, _ = await client.post(nested, subject=customer)
+            calls = client_calls("ListOrders") - before
+            assert status == 200 and calls <= 250, f"{calls} ListOrders for one request"
+            assert {e["extensions"]["code"] for e in body["errors"]} == {"RESOURCE_EXHAUSTED"}
+            assert body["errors"][0]["extensions"]["reason"] == "TOO_MANY_CALLS"
+    finally:
+        await runner.cleanup()
+        await order.stop()
