@@ -17,9 +17,18 @@ from typing import Any
 import grpc
 import strawberry
 from google.protobuf import field_mask_pb2
-from graphql import GraphQLError
+from graphql import (
+    FieldNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    InlineFragmentNode,
+    OperationDefinitionNode,
+    OperationType,
+    SelectionSetNode,
+    ValidationRule,
+)
 from strawberry.dataloader import DataLoader
-from strawberry.extensions import MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
+from strawberry.extensions import AddValidationRules, MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
 from strawberry.types import Info
 from tessera.common.v1 import money_pb2
 from tessera.inventory.v1 import inventory_service_pb2 as inventory_api
@@ -372,12 +381,37 @@ class Mutation:
         return User.of(reply.user)
 
 
+class _OneMutation(ValidationRule):
+    """A mutation operation changes one thing: the gateway's rate limit counts HTTP requests, so aliased mutations
+    in one request would run that many sagas (or writes) for one token of the caller's bucket."""
+
+    def enter_operation_definition(self, node: OperationDefinitionNode, *_: Any) -> None:
+        if node.operation is OperationType.MUTATION and self._fields(node.selection_set, set()) > 1:
+            self.report_error(GraphQLError("a request may make at most one mutation; send each in a request of its "
+                                           "own", [node]))
+
+    def _fields(self, selection_set: SelectionSetNode, seen: set[str]) -> int:
+        count = 0
+        for selection in selection_set.selections:
+            if isinstance(selection, FieldNode):
+                count += 0 if selection.name.value == "__typename" else 1
+            elif isinstance(selection, InlineFragmentNode):
+                count += self._fields(selection.selection_set, seen)
+            elif isinstance(selection, FragmentSpreadNode) and selection.name.value not in seen:
+                seen.add(selection.name.value)
+                fragment = self.context.get_fragment(selection.name.value)
+                if fragment is not None:
+                    count += self._fields(fragment.selection_set, seen)
+        return count
+
+
 def build_schema(*, max_depth: int = 10, max_aliases: int = 30, max_tokens: int = 2000) -> strawberry.Schema:
     """The schema with the limits that keep one request's work bounded: nesting depth, aliases (each alias is
-    another call), and the document's size."""
+    another call), the document's size, and one mutation per request."""
     return strawberry.Schema(
         query=Query, mutation=Mutation,
         extensions=[lambda: QueryDepthLimiter(max_depth=max_depth),
                     lambda: MaxAliasesLimiter(max_alias_count=max_aliases),
-                    lambda: MaxTokensLimiter(max_token_count=max_tokens)],
+                    lambda: MaxTokensLimiter(max_token_count=max_tokens),
+                    lambda: AddValidationRules([_OneMutation])],
     )

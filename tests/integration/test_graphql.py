@@ -310,3 +310,18 @@ async def test_nested_lists_cannot_multiply_one_request_into_thousands_of_calls(
     finally:
         await runner.cleanup()
         await order.stop()
+
+
+async def test_one_request_places_at_most_one_order(graphql, neighbours):
+    # The gateway's rate limit counts HTTP requests: aliased mutations in one request would run that many sagas
+    # (up to the alias limit, 30) for one token of the bucket, past the saga class's own limit over REST. A
+    # request with more than one mutation field is refused before anything is called.
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    before = client_calls("CreateOrder")
+    two = """mutation($a: CreateOrderInput!, $b: CreateOrderInput!) {
+      a: createOrder(input: $a) { id } ... on Mutation { b: createOrder(input: $b) { id } } }"""
+    status, body, _ = await graphql.post(two, {"a": place_input(customer, (product, 1))["input"],
+                                               "b": place_input(customer, (product, 1))["input"]}, subject=customer)
+    assert status == 200 and body.get("data") is None, body
+    assert "at most one" in body["errors"][0]["message"]
+    assert client_calls("CreateOrder") == before, "nothing was called"
