@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+import logging
 import time
 import uuid
 
@@ -42,6 +43,8 @@ SETTINGS = MessagingSettings(consumer_retry_delays=(0.2, 0.4), consumer_max_atte
 ACTIVATED = user_events_pb2.UserActivated
 DEACTIVATED = user_events_pb2.UserDeactivated
 
+
+CONSUMER_LOGGER = "tessera.consumer"
 
 @pytest.fixture(scope="module")
 def vhost():
@@ -163,7 +166,8 @@ async def test_topology_is_declared_idempotently_and_binds_only_the_handled_even
     assert sorted(await effects.rows()) == ["a", "d"] and again.counts["ignored"] == 0
 
 
-async def test_an_event_has_one_effect_however_often_it_is_delivered(vhost, effects, consumer):
+async def test_an_event_has_one_effect_however_often_it_is_delivered(vhost, effects, consumer, caplog):
+    caplog.set_level(logging.INFO, logger=CONSUMER_LOGGER)
     url = rabbitmq.amqp_url(vhost)
     headers = {"x-aggregate-type": "user", "x-aggregate-id": "u-1", "x-correlation-id": "corr-c1",
                "x-request-id": "req-c1", "x-producer": "user"}
@@ -190,6 +194,11 @@ async def test_an_event_has_one_effect_however_often_it_is_delivered(vhost, effe
     # The producer's ids are current while the handler runs, and only then.
     assert effects.seen_ids[0] == ("req-c1", "corr-c1")
     assert callctx.current_correlation_id() is None
+    # One access line per event applied, none for the duplicates.
+    lines = [r for r in caplog.records if r.getMessage() == "event processed" and r.event_id == event_id]
+    assert [(r.queue, r.event_type, r.attempt, r.correlation_id) for r in lines] == [
+        (consumer.queue, "tessera.user.v1.UserActivated", 1, "corr-c1")]
+    assert lines[0].duration_ms >= 0
 
 
 async def test_a_failing_message_is_retried_then_dead_lettered_while_later_ones_are_processed_then_replayed(

@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -382,6 +383,7 @@ class Consumer:
                         extra={"queue": self.queue, "event_id": meta.event_id})
             return ACK
         cls, handler = entry
+        started = time.perf_counter()
         with telemetry.consume_span(meta.event_type, delivery.properties.headers, consumer=self.queue,
                                     queue=self.queue, event_id=meta.event_id,
                                     delivery_count=meta.attempt) as span:
@@ -400,6 +402,11 @@ class Consumer:
         else:
             self.counts["processed"] += 1
             metrics.CONSUMER_PROCESSED.labels(*labels).inc()
+            # The consumer's access line: one per event applied, as the server writes one per RPC.
+            log.info("event processed", extra={
+                "queue": self.queue, "event_id": meta.event_id, "event_type": meta.event_type,
+                "attempt": meta.attempt, "correlation_id": meta.correlation_id,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
         return ACK
 
     @staticmethod
