@@ -214,6 +214,30 @@ def test_correlation_id_is_kept_or_made_returned_and_reaches_the_service(gateway
     wait_for(logged)
 
 
+def test_a_correlation_id_the_services_would_not_keep_is_replaced_by_the_request_id(gateway, gateway_services):
+    """The gateway keeps the client's x-correlation-id only where the services keep it too (at most 128 visible
+    characters): else the response, the gateway's access log and the services would name different ids."""
+    admin = gateway.mint(unique("admin"), "admin")
+    sent = []
+    for odd in ("c" * 129 + unique("long"), f"{unique('tab')}\tx", "x" * 8000):
+        response = gateway.call("GET", "/v1/users?pageSize=1", token=admin, headers={"x-correlation-id": odd})
+        assert response.status == 200, response.body
+        request_id = response.header("x-request-id")
+        assert response.header("x-correlation-id") == request_id
+        sent.append(request_id)
+    refused = gateway.call("GET", "/v1/users?pageSize=1", headers={"x-correlation-id": "y" * 200})
+    assert refused.status == 401 and refused.header("x-correlation-id") == refused.header("x-request-id")
+    kept = "a" * 128
+    response = gateway.call("GET", "/v1/users?pageSize=1", token=admin, headers={"x-correlation-id": kept})
+    assert response.header("x-correlation-id") == kept
+
+    def logged() -> bool:
+        pairs = {(line.get("request_id"), line.get("correlation_id")) for line in gateway_services.log_lines("user")}
+        return all((r, r) in pairs for r in sent)
+
+    wait_for(logged)
+
+
 def test_correlation_id_over_native_grpc(gateway):
     admin = gateway.mint(unique("admin"), "admin")
     given = unique("grpc-corr")

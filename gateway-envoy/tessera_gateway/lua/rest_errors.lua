@@ -197,9 +197,23 @@ local function strip_grpc_headers(headers)
   for _, name in ipairs(grpc_headers) do headers:remove(name) end
 end
 
+-- The services keep a caller's x-correlation-id only if it is 1 to 128 printable characters (else they use the
+-- request id): the gateway keeps no other, so the response, its access log and the services name one id.
+local MAX_CORRELATION_ID = 128
+
+local function keep_correlation_id(headers)
+  local given = headers:get("x-correlation-id")
+  if given ~= nil and #given >= 1 and #given <= MAX_CORRELATION_ID and not find(given, "[^ -~]")
+      and headers:getNumValues("x-correlation-id") == 1 then
+    return
+  end
+  headers:replace("x-correlation-id", headers:get("x-request-id") or "")
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local info = handle:streamInfo():dynamicMetadata()
+  keep_correlation_id(headers)
   if sub(headers:get("content-type") or "", 1, 16) == "application/grpc" then
     info:set(NS, "protocol", "grpc")
     info:set(NS, "grpc_method", headers:get(":path") or "")
