@@ -28,7 +28,13 @@ from graphql import (
     ValidationRule,
 )
 from strawberry.dataloader import DataLoader
-from strawberry.extensions import AddValidationRules, MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
+from strawberry.extensions import (
+    AddValidationRules,
+    MaskErrors,
+    MaxAliasesLimiter,
+    MaxTokensLimiter,
+    QueryDepthLimiter,
+)
 from strawberry.types import Info
 from tessera.common.v1 import money_pb2
 from tessera.inventory.v1 import inventory_service_pb2 as inventory_api
@@ -405,6 +411,10 @@ class _OneMutation(ValidationRule):
         return count
 
 
+def _unexpected(error: GraphQLError) -> bool:
+    return error.original_error is not None and not isinstance(error.original_error, GraphQLError)
+
+
 def build_schema(*, max_depth: int = 10, max_aliases: int = 30, max_tokens: int = 2000) -> strawberry.Schema:
     """The schema with the limits that keep one request's work bounded: nesting depth, aliases (each alias is
     another call), the document's size, and one mutation per request."""
@@ -413,5 +423,9 @@ def build_schema(*, max_depth: int = 10, max_aliases: int = 30, max_tokens: int 
         extensions=[lambda: QueryDepthLimiter(max_depth=max_depth),
                     lambda: MaxAliasesLimiter(max_alias_count=max_aliases),
                     lambda: MaxTokensLimiter(max_token_count=max_tokens),
-                    lambda: AddValidationRules([_OneMutation])],
+                    lambda: AddValidationRules([_OneMutation]),
+                    # An error no resolver meant to show (a bug, an unexpected reply) answers "Unexpected error."
+                    # and is logged with its traceback; the errors built from the services' answers, and GraphQL's
+                    # own validation errors, are shown as they are.
+                    lambda: MaskErrors(should_mask_error=_unexpected)],
     )

@@ -1,0 +1,42 @@
+"""The GraphQL schema's own rules, with a fake of the services (the integration tests use the real ones)."""
+
+from __future__ import annotations
+
+import grpc
+
+from tessera_graphql.schema import Context, build_schema
+from tessera_graphql.upstream import UpstreamError
+from tessera_runtime import context as callctx
+
+
+class _Stubs:
+    """Stands in for the service stubs: each attribute is a method the resolvers pass to Upstream.call."""
+
+    def __getattr__(self, name: str):
+        return name
+
+
+class _Upstream:
+    def __init__(self, fail: Exception) -> None:
+        self.fail = fail
+        self.users = self.inventory = self.orders = _Stubs()
+
+    async def call(self, method, request):
+        raise self.fail
+
+
+async def _run(query: str, fail: Exception):
+    principal = callctx.Principal("0b6f7d2c-3c1e-4d1a-9a59-6f1d1b9f1e2a", frozenset({"admin"}))
+    return await build_schema().execute(query, context_value={
+        "principal": principal, "tessera": Context(_Upstream(fail))})  # type: ignore[arg-type]
+
+
+async def test_an_unexpected_error_is_masked_and_the_services_answers_are_not():
+    hidden = await _run('{ product(id: "p") { name } }', RuntimeError("connection pool of 10.0.0.7 exhausted"))
+    assert [e.message for e in hidden.errors] == ["Unexpected error."]
+    shown = await _run('{ product(id: "p") { name } }', UpstreamError(
+        grpc.StatusCode.NOT_FOUND, "product p not found", reason="PRODUCT_NOT_FOUND"))
+    assert [(e.message, e.extensions["reason"]) for e in shown.errors] == [("product p not found",
+                                                                             "PRODUCT_NOT_FOUND")]
+    invalid = await _run("{ product { name } }", RuntimeError("never called"))
+    assert "Query.product(id:)" in invalid.errors[0].message  # GraphQL's own validation, shown as it is
