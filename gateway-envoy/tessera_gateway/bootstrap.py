@@ -723,23 +723,18 @@ class GatewayConfig:
             return ClusterDiscoveryType.STRICT_DNS
         return ClusterDiscoveryType.STATIC
 
-    def service_cluster(self, service: Service) -> Cluster:
+    def _checked_cluster(self, name: str, address: DescriptionAddress, **check: Any) -> Cluster:
+        """A cluster of one upstream the gateway routes requests to: health-checked (`check` names the kind of
+        check) and ejected on failures, with the description's upstream policy."""
         up = self.d.upstream
-        address = self.d.upstream_address(service.context)
-        hc, od, cb = up.health_check, up.outlier_detection, up.circuit_breakers
+        hc, od = up.health_check, up.outlier_detection
         return Cluster(
-            name=service.context,
+            name=name,
             type=self._discovery(address.host),
             dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
             connect_timeout=_seconds(up.connect_timeout_seconds),
-            load_assignment=ClusterLoadAssignment(cluster_name=service.context, endpoints=[LocalityLbEndpoints(
+            load_assignment=ClusterLoadAssignment(cluster_name=name, endpoints=[LocalityLbEndpoints(
                 lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket(address)))])]),
-            typed_extension_protocol_options={
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(UpstreamHttpProtocolOptions(
-                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                        http2_protocol_options=Http2ProtocolOptions(max_concurrent_streams=1000)),
-                )),
-            },
             health_checks=[HealthCheck(
                 timeout=_seconds(hc.timeout_seconds), interval=_seconds(hc.interval_seconds),
                 unhealthy_threshold=hc.unhealthy_threshold, healthy_threshold=hc.healthy_threshold,
@@ -747,7 +742,7 @@ class GatewayConfig:
                 # next to its services would then answer 503 for up to a minute after they became ready.
                 no_traffic_interval=_seconds(hc.interval_seconds),
                 unhealthy_interval=_seconds(hc.interval_seconds),
-                grpc_health_check=HealthCheckGrpcHealthCheck(service_name=service.full_name),
+                **check,
             )],
             outlier_detection=OutlierDetection(
                 consecutive_5xx=od.consecutive_5xx, consecutive_gateway_failure=od.consecutive_gateway_failure,
@@ -755,39 +750,33 @@ class GatewayConfig:
                 base_ejection_time=_seconds(od.base_ejection_time_seconds),
                 max_ejection_percent=od.max_ejection_percent,
             ),
-            circuit_breakers=CircuitBreakers(thresholds=[CircuitBreakersThresholds(
-                priority=RoutingPriority.DEFAULT, max_connections=cb.max_connections,
-                max_pending_requests=cb.max_pending_requests, max_requests=cb.max_requests,
-                max_retries=cb.max_retries,
-            )]),
         )
+
+    def service_cluster(self, service: Service) -> Cluster:
+        """A service: HTTP/2, gRPC health checks against the service's own name, circuit-breaker thresholds."""
+        cb = self.d.upstream.circuit_breakers
+        cluster = self._checked_cluster(
+            service.context, self.d.upstream_address(service.context),
+            grpc_health_check=HealthCheckGrpcHealthCheck(service_name=service.full_name))
+        cluster.typed_extension_protocol_options = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(UpstreamHttpProtocolOptions(
+                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                    http2_protocol_options=Http2ProtocolOptions(max_concurrent_streams=1000)),
+            )),
+        }
+        cluster.circuit_breakers = CircuitBreakers(thresholds=[CircuitBreakersThresholds(
+            priority=RoutingPriority.DEFAULT, max_connections=cb.max_connections,
+            max_pending_requests=cb.max_pending_requests, max_requests=cb.max_requests,
+            max_retries=cb.max_retries,
+        )])
+        return cluster
 
     def graphql_cluster(self) -> Cluster:
         """The GraphQL API: HTTP/1.1 (aiohttp), checked on its /health, ejected like a service on failures."""
         g = self.d.graphql
         assert g is not None
-        up = self.d.upstream
-        hc, od = up.health_check, up.outlier_detection
-        return Cluster(
-            name=GRAPHQL_CLUSTER,
-            type=self._discovery(g.address.host),
-            dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
-            connect_timeout=_seconds(up.connect_timeout_seconds),
-            load_assignment=ClusterLoadAssignment(cluster_name=GRAPHQL_CLUSTER, endpoints=[LocalityLbEndpoints(
-                lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket(g.address)))])]),
-            health_checks=[HealthCheck(
-                timeout=_seconds(hc.timeout_seconds), interval=_seconds(hc.interval_seconds),
-                unhealthy_threshold=hc.unhealthy_threshold, healthy_threshold=hc.healthy_threshold,
-                no_traffic_interval=_seconds(hc.interval_seconds), unhealthy_interval=_seconds(hc.interval_seconds),
-                http_health_check=HealthCheckHttpHealthCheck(path="/health"),
-            )],
-            outlier_detection=OutlierDetection(
-                consecutive_5xx=od.consecutive_5xx, consecutive_gateway_failure=od.consecutive_gateway_failure,
-                enforcing_consecutive_gateway_failure=100, interval=_seconds(od.interval_seconds),
-                base_ejection_time=_seconds(od.base_ejection_time_seconds),
-                max_ejection_percent=od.max_ejection_percent,
-            ),
-        )
+        return self._checked_cluster(GRAPHQL_CLUSTER, g.address,
+                                     http_health_check=HealthCheckHttpHealthCheck(path="/health"))
 
     def jwks_cluster(self) -> Cluster | None:
         uri = self.d.jwt.jwks_uri

@@ -386,12 +386,18 @@ def _check_http_pod(overlay: Overlay, pod: Manifest, h: HttpWorkload) -> Iterato
             if probe and (get.get("path") != h.health_path or get.get("port") not in (h.port, "http")):
                 yield _problem(pod, f"{base}.{kind}",
                                f"must be an HTTP GET of {h.health_path} on port {h.port}")
-        try:
-            if exported_collector(overlay, pod, c) is None:
-                yield _problem(pod, f"{base}.env[{OTLP_ENDPOINT}]",
-                               "is not set: the API would export no spans (set it in the shared ConfigMap)")
-        except ConfigError as exc:
-            yield _problem(pod, f"{base}.env[{OTLP_ENDPOINT}]", str(exc))
+        yield from _collector_problems(overlay, pod, c, base, "the API")
+
+
+def _collector_problems(overlay: Overlay, pod: Manifest, c: dict[str, Any], base: str,
+                        who: str) -> Iterator[Problem]:
+    """The container exports its spans to the cluster's collector: OTEL_EXPORTER_OTLP_ENDPOINT is set and valid."""
+    try:
+        if exported_collector(overlay, pod, c) is None:
+            yield _problem(pod, f"{base}.env[{OTLP_ENDPOINT}]",
+                           f"is not set: {who} would export no spans (set it in the shared ConfigMap)")
+    except ConfigError as exc:
+        yield _problem(pod, f"{base}.env[{OTLP_ENDPOINT}]", str(exc))
 
 
 def _address_problems(overlay: Overlay, pod: Manifest, workloads: list[Workload]) -> Iterator[Problem]:
@@ -441,12 +447,7 @@ def _check_pod(overlay: Overlay, pod: Manifest, workload: Workload | None) -> It
                            f"is {port_env!r}; the service listens on {workload.grpc_port}, its container port")
         if _env_value(overlay, pod, c, "TESSERA_GRPC_HOST") != "0.0.0.0":
             yield _problem(pod, f"{base}.env[TESSERA_GRPC_HOST]", "must be 0.0.0.0 so the sidecar and probes reach it")
-        try:
-            if exported_collector(overlay, pod, c) is None:
-                yield _problem(pod, f"{base}.env[{OTLP_ENDPOINT}]",
-                               "is not set: the service would export no spans (set it in the shared ConfigMap)")
-        except ConfigError as exc:
-            yield _problem(pod, f"{base}.env[{OTLP_ENDPOINT}]", str(exc))
+        yield from _collector_problems(overlay, pod, c, base, "the service")
         try:
             drain = float(_env_value(overlay, pod, c, "TESSERA_DRAIN_SECONDS") or 2)
             grace = float(_env_value(overlay, pod, c, "TESSERA_GRACE_SECONDS") or 10)

@@ -196,28 +196,17 @@ def _subset(version: str) -> dict[str, Any]:
     return {"name": version, "labels": {"version": version}}
 
 
-def destination_rule(w: Workload, *, canary: bool = False) -> dict[str, Any]:
-    subsets = [_subset("v1"), _subset("v2")] if canary else [_subset("v1")]
-    if canary:
-        # A patch: the component adds the v2 subset and keeps the traffic policy of the base.
-        return {
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "DestinationRule",
-            "metadata": {"name": w.k8s_name, "namespace": NAMESPACE},
-            "spec": {"subsets": subsets},
-        }
+def _destination_rule(name: str, host: str, http_pool: dict[str, Any], subsets: list[dict[str, Any]]) -> dict[str, Any]:
+    """A workload's DestinationRule: least-request balancing, its connection pool, outlier ejection, mesh mTLS."""
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "DestinationRule",
-        "metadata": {"name": w.k8s_name, "namespace": NAMESPACE},
+        "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {
-            "host": w.host,
+            "host": host,
             "trafficPolicy": {
                 "loadBalancer": {"simple": "LEAST_REQUEST"},
-                "connectionPool": {
-                    "tcp": {"maxConnections": 200, "connectTimeout": "2s"},
-                    "http": {"http2MaxRequests": 1000, "maxConcurrentStreams": 100, "http1MaxPendingRequests": 256},
-                },
+                "connectionPool": {"tcp": {"maxConnections": 200, "connectTimeout": "2s"}, "http": http_pool},
                 "outlierDetection": {
                     "consecutiveGatewayErrors": 5,
                     "consecutive5xxErrors": 10,
@@ -230,6 +219,19 @@ def destination_rule(w: Workload, *, canary: bool = False) -> dict[str, Any]:
             "subsets": subsets,
         },
     }
+
+
+def destination_rule(w: Workload, *, canary: bool = False) -> dict[str, Any]:
+    if canary:
+        # A patch: the component adds the v2 subset and keeps the traffic policy of the base.
+        return {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": {"name": w.k8s_name, "namespace": NAMESPACE},
+            "spec": {"subsets": [_subset("v1"), _subset("v2")]},
+        }
+    return _destination_rule(w.k8s_name, w.host, {
+        "http2MaxRequests": 1000, "maxConcurrentStreams": 100, "http1MaxPendingRequests": 256}, [_subset("v1")])
 
 
 def gateway_destination_rule() -> dict[str, Any]:
@@ -301,31 +303,9 @@ def graphql_timeout() -> str:
 
 
 def http_destination_rule(h: HttpWorkload) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "DestinationRule",
-        "metadata": {"name": h.k8s_name, "namespace": NAMESPACE},
-        "spec": {
-            "host": h.host,
-            "trafficPolicy": {
-                "loadBalancer": {"simple": "LEAST_REQUEST"},
-                # HTTP/1.1 (aiohttp): one request per connection at a time, so the pool bounds requests in flight.
-                "connectionPool": {
-                    "tcp": {"maxConnections": 200, "connectTimeout": "2s"},
-                    "http": {"http1MaxPendingRequests": 256, "idleTimeout": "60s"},
-                },
-                "outlierDetection": {
-                    "consecutiveGatewayErrors": 5,
-                    "consecutive5xxErrors": 10,
-                    "interval": "10s",
-                    "baseEjectionTime": "30s",
-                    "maxEjectionPercent": 50,
-                },
-                "tls": {"mode": "ISTIO_MUTUAL"},
-            },
-            "subsets": [_subset("v1")],
-        },
-    }
+    # HTTP/1.1 (aiohttp): one request per connection at a time, so the pool bounds requests in flight.
+    return _destination_rule(h.k8s_name, h.host, {"http1MaxPendingRequests": 256, "idleTimeout": "60s"},
+                             [_subset("v1")])
 
 
 def http_virtual_service(h: HttpWorkload, timeout: str) -> dict[str, Any]:

@@ -36,7 +36,6 @@ tracer = trace.get_tracer("tessera.graphql")
 
 DEFAULT_PORT = 8090
 PRINCIPAL = web.RequestKey("principal", callctx.Principal)
-_MAX_ID_LENGTH = 128
 
 REQUESTS = Counter("tessera_graphql_requests_total", "GraphQL HTTP requests by outcome.", ["outcome"])
 DURATION = Histogram("tessera_graphql_request_duration_seconds", "GraphQL HTTP request latency.", ["outcome"],
@@ -79,19 +78,6 @@ class GraphQLSettings:
         )
 
 
-def _clean_id(value: str | None) -> str | None:
-    if not value or len(value) > _MAX_ID_LENGTH or not value.isprintable():
-        return None
-    return value
-
-
-def _principal(request: web.Request) -> callctx.Principal | None:
-    subject = request.headers.get(callctx.SUBJECT)
-    if not subject:
-        return None
-    return callctx.Principal(subject=subject, scopes=frozenset(request.headers.get(callctx.SCOPES, "").split()))
-
-
 class _View(GraphQLView):
     def __init__(self, upstream: Upstream, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -114,9 +100,9 @@ async def _per_request(request: web.Request,
     if request.path != "/graphql":
         return await handler(request)
     start = time.perf_counter()
-    request_id = _clean_id(request.headers.get(callctx.REQUEST_ID)) or str(uuid.uuid4())
-    correlation_id = _clean_id(request.headers.get(callctx.CORRELATION_ID)) or request_id
-    principal = _principal(request)
+    request_id = callctx.clean_id(request.headers.get(callctx.REQUEST_ID)) or str(uuid.uuid4())
+    correlation_id = callctx.clean_id(request.headers.get(callctx.CORRELATION_ID)) or request_id
+    principal = callctx.principal_from(request.headers)
     request[PRINCIPAL] = principal
     tokens = (request_id_var.set(request_id), correlation_id_var.set(correlation_id),
               callctx.principal_var.set(principal))

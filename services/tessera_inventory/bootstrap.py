@@ -18,7 +18,6 @@ from tessera_inventory.service_layer.unit_of_work import InventoryUnitOfWork
 from tessera_runtime.config import ConfigError, Env, ServiceSettings
 from tessera_runtime.db import Database
 from tessera_runtime.messaging import MessagingServiceSettings, attach_outbox_relay
-from tessera_runtime.messaging.settings import messaging_settings
 from tessera_runtime.migrations import upgrade_async
 from tessera_runtime.server import ServiceModule
 
@@ -57,9 +56,7 @@ SETTINGS = InventorySettings
 
 
 async def build(settings: ServiceSettings, *, migrate: bool = True) -> ServiceModule:
-    if not isinstance(settings, InventorySettings):  # plain ServiceSettings: the inventory defaults apply
-        common = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ServiceSettings)}
-        settings = InventorySettings(**common, messaging=messaging_settings(settings))
+    settings = InventorySettings.of(settings)  # plain ServiceSettings: the inventory defaults apply
     db = Database(settings.database_url, pool_size=settings.database_pool_size)
 
     def unit_of_work() -> InventoryUnitOfWork:

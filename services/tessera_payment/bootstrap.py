@@ -19,7 +19,6 @@ from tessera_payment.service_layer.unit_of_work import PaymentUnitOfWork
 from tessera_runtime.config import Env, ServiceSettings
 from tessera_runtime.db import Database
 from tessera_runtime.messaging import MessagingServiceSettings, attach_outbox_relay
-from tessera_runtime.messaging.settings import messaging_settings
 from tessera_runtime.migrations import upgrade_async
 from tessera_runtime.server import ServiceModule
 
@@ -71,9 +70,7 @@ SETTINGS = PaymentSettings
 
 
 async def build(settings: ServiceSettings, *, migrate: bool = True) -> ServiceModule:
-    if not isinstance(settings, PaymentSettings):  # plain ServiceSettings: the payment defaults apply
-        common = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ServiceSettings)}
-        settings = PaymentSettings(**common, messaging=messaging_settings(settings))
+    settings = PaymentSettings.of(settings)  # plain ServiceSettings: the payment defaults apply
     db = Database(settings.database_url, pool_size=settings.database_pool_size)
 
     def unit_of_work() -> PaymentUnitOfWork:

@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from tessera_runtime.config import ConfigError, ServiceSettings
-from tessera_runtime.db import cannot_connect, database_location
+from tessera_runtime.db import cannot_connect, database_location, first_line
 from tessera_runtime.logs import setup_logging
 from tessera_runtime.server import ServiceModule, TesseraServer, serve_until_signalled
 from tessera_runtime.telemetry import setup_telemetry
@@ -92,14 +92,10 @@ def run(service: str) -> int:
             if not cannot_connect(exc):
                 raise
             log.error("cannot use the database at start; exiting", extra={
-                "database": database_location(settings.database_url), "error": _first_line(exc),
+                "database": database_location(settings.database_url), "error": first_line(exc),
                 "exit_code": EXIT_DATABASE_UNAVAILABLE})
             return EXIT_DATABASE_UNAVAILABLE
         await serve_until_signalled(server, _announce(service, settings.grpc_host))
         return 0
 
     return asyncio.run(main())
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -23,7 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from tessera_runtime.db import cannot_connect
+    from tessera_runtime.db import cannot_connect, first_line
     from tessera_runtime.migrations import upgrade
 
     root = app.composition_root(args.service)
@@ -38,14 +38,10 @@ def _migrate(args: argparse.Namespace) -> int:
     except Exception as exc:
         if not cannot_connect(exc):
             raise  # a migration that fails on a database it reached: its traceback is what helps
-        print(f"{args.service}: cannot use the database at {where}: {_first_line(exc)}", file=sys.stderr)
+        print(f"{args.service}: cannot use the database at {where}: {first_line(exc)}", file=sys.stderr)
         return 2
     print(f"{args.service}: migrations applied to {where}")
     return 0
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import re
 import time
+from collections.abc import Mapping
 
 from tessera_runtime.logs import correlation_id_var, request_id_var
 
@@ -29,6 +31,32 @@ class Principal:
 
     def may_act_for(self, customer_id: str) -> bool:
         return self.is_admin or self.subject == customer_id
+
+
+_MAX_ID_LENGTH = 128
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def clean_id(value: str | None) -> str | None:
+    """A caller's request or correlation id as it may be kept: 1 to 128 printable characters, else None."""
+    if not value or len(value) > _MAX_ID_LENGTH or not value.isprintable():
+        return None
+    return value
+
+
+def principal_from(headers: Mapping[str, str]) -> Principal | None:
+    """The caller the gateway named in a call's metadata or an HTTP request's headers (lower-case keys)."""
+    subject = headers.get(SUBJECT)
+    if not subject:
+        return None
+    return Principal(subject=_canonical_subject(subject), scopes=frozenset(headers.get(SCOPES, "").split()))
+
+
+def _canonical_subject(subject: str) -> str:
+    """Accounts are named by lower-case UUIDs everywhere in Tessera, and a UUID reads the same in either case (RFC
+    4122): a token whose subject spells one in upper case is that account, compared and stored as its ids are."""
+    lower = subject.lower()
+    return lower if lower != subject and _UUID.fullmatch(lower) else subject
 
 
 principal_var: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)

@@ -179,6 +179,11 @@ def cannot_connect(exc: BaseException) -> bool:
     return any(isinstance(error, refused) for error in _chain(exc, context=True)) or database_unavailable(exc)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (its type when it has none): what a one-line report of it shows."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def database_location(url: str) -> str:
     """Where a database URL points, without user or password: host:port/database, or the SQLite file."""
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,33 +28,8 @@ log = logging.getLogger("tessera.rpc")
 
 # Infrastructure services answer without a caller identity: probes and tooling must always reach them.
 _IDENTITY_EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-_MAX_ID_LENGTH = 128
 
 RpcObserver = Callable[[str, grpc.StatusCode, float], None]
-
-
-def _clean_id(value: str | None) -> str | None:
-    if not value or len(value) > _MAX_ID_LENGTH or not value.isprintable():
-        return None
-    return value
-
-
-def _principal(metadata: dict[str, str]) -> callctx.Principal | None:
-    subject = metadata.get(callctx.SUBJECT)
-    if not subject:
-        return None
-    scopes = frozenset(metadata.get(callctx.SCOPES, "").split())
-    return callctx.Principal(subject=_canonical_subject(subject), scopes=scopes)
-
-
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def _canonical_subject(subject: str) -> str:
-    """Accounts are named by lower-case UUIDs everywhere in Tessera, and a UUID reads the same in either case (RFC
-    4122): a token whose subject spells one in upper case is that account, compared and stored as its ids are."""
-    lower = subject.lower()
-    return lower if lower != subject and _UUID.fullmatch(lower) else subject
 
 
 class _StatusWithIds(grpc.Status):
@@ -134,9 +108,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-            request_id = _clean_id(metadata.get(callctx.REQUEST_ID)) or uuid.uuid4().hex
-            correlation_id = _clean_id(metadata.get(callctx.CORRELATION_ID)) or request_id
-            principal = _principal(metadata)
+            request_id = callctx.clean_id(metadata.get(callctx.REQUEST_ID)) or uuid.uuid4().hex
+            correlation_id = callctx.clean_id(metadata.get(callctx.CORRELATION_ID)) or request_id
+            principal = callctx.principal_from(metadata)
             remaining = context.time_remaining()
             tokens = (
                 request_id_var.set(request_id),

@@ -12,7 +12,6 @@ from tessera.user.v1 import user_service_pb2, user_service_pb2_grpc
 from tessera_runtime.config import Env, ServiceSettings
 from tessera_runtime.db import Database
 from tessera_runtime.messaging import MessagingServiceSettings, attach_outbox_relay
-from tessera_runtime.messaging.settings import messaging_settings
 from tessera_runtime.migrations import upgrade_async
 from tessera_runtime.server import ServiceModule
 from tessera_user import DOMAIN
@@ -52,9 +51,7 @@ SETTINGS = UserSettings
 
 
 async def build(settings: ServiceSettings, *, migrate: bool = True) -> ServiceModule:
-    if not isinstance(settings, UserSettings):  # plain ServiceSettings: the user service's defaults apply
-        common = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ServiceSettings)}
-        settings = UserSettings(**common, messaging=messaging_settings(settings))
+    settings = UserSettings.of(settings)  # plain ServiceSettings: the user service's defaults apply
     db = Database(settings.database_url, pool_size=settings.database_pool_size)
 
     def unit_of_work() -> UserUnitOfWork:

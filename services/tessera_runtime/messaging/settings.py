@@ -6,7 +6,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from tessera_runtime.config import ConfigError, Env, ServiceSettings
 
@@ -85,6 +85,9 @@ class MessagingSettings:
         return self.consumer_retry_delays[min(attempt, len(self.consumer_retry_delays)) - 1]
 
 
+S = TypeVar("S", bound="MessagingServiceSettings")
+
+
 @dataclasses.dataclass(frozen=True)
 class MessagingServiceSettings(ServiceSettings):
     """ServiceSettings plus `messaging`: the settings class of services that publish or consume events."""
@@ -94,6 +97,15 @@ class MessagingServiceSettings(ServiceSettings):
     @classmethod
     def extra_from_env(cls, env: Env) -> dict[str, Any]:
         return {"messaging": MessagingSettings.from_env(env)}
+
+    @classmethod
+    def of(cls: type[S], settings: ServiceSettings) -> S:
+        """`settings` as this class: as they are when they already are, else their common values with the
+        messaging settings they carry (or the environment's) and this class's defaults for the rest."""
+        if isinstance(settings, cls):
+            return settings
+        common = {f.name: getattr(settings, f.name) for f in dataclasses.fields(ServiceSettings)}
+        return cls(**common, messaging=messaging_settings(settings))
 
 
 def messaging_settings(settings: object) -> MessagingSettings:
