@@ -190,9 +190,7 @@ def replay(url: str, queue: str, message_ids: Iterable[str] | None,
     queue = consumer_queue(queue)
     wanted = None if message_ids is None else set(message_ids)
     result = ReplayResult()
-    connection = pika.BlockingConnection(connection_parameters(url, "tessera-dlq"))
-    try:
-        channel = connection.channel()
+    with _channel(url) as channel:  # what was read and not moved goes back to the dead-letter queue, in its place
         channel.confirm_delivery()
         for tag, props, letter in _read(channel, queue, None):
             if wanted is not None and letter.message_id not in wanted:
@@ -219,12 +217,7 @@ def replay(url: str, queue: str, message_ids: Iterable[str] | None,
                 wanted.discard(letter.message_id)
                 if not wanted:
                     break
-        if channel.is_open:
-            channel.close()  # what was read and not moved goes back to the dead-letter queue, in its place
-        result.left = connection.channel().queue_declare(dead_letter_queue(queue), passive=True).method.message_count
-    finally:
-        if connection.is_open:
-            connection.close()
+    result.left = depth(url, [queue])[queue] or 0
     return result
 
 
