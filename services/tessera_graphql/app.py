@@ -26,7 +26,7 @@ from strawberry.aiohttp.views import GraphQLView
 from tessera_graphql.schema import Context, build_schema
 from tessera_graphql.upstream import Scopes, Upstream
 from tessera_runtime import context as callctx
-from tessera_runtime.config import ConfigError, Env
+from tessera_runtime.config import CircuitSettings, ConfigError, Env
 from tessera_runtime.logs import correlation_id_var, request_id_var, setup_logging
 from tessera_runtime.telemetry import setup_telemetry
 
@@ -50,6 +50,7 @@ class GraphQLSettings:
     log_level: str
     addresses: Mapping[str, str]
     default_deadline_seconds: float
+    circuit: CircuitSettings
     max_depth: int
     max_aliases: int
     max_tokens: int
@@ -72,6 +73,7 @@ class GraphQLSettings:
                 "order": env.str("TESSERA_ORDER_SERVICE_ADDR", "127.0.0.1:50054"),
             },
             default_deadline_seconds=env.float("TESSERA_DEFAULT_DEADLINE_SECONDS", 5.0, minimum=0.01),
+            circuit=CircuitSettings.from_env(env),
             max_depth=env.int("TESSERA_GRAPHQL_MAX_DEPTH", 10, minimum=2, maximum=50),
             max_aliases=env.int("TESSERA_GRAPHQL_MAX_ALIASES", 30, minimum=1, maximum=1000),
             max_tokens=env.int("TESSERA_GRAPHQL_MAX_TOKENS", 2000, minimum=100, maximum=100_000),
@@ -145,7 +147,7 @@ async def _metrics(request: web.Request) -> web.Response:
 def build_app(settings: GraphQLSettings, scopes: Scopes | None = None) -> web.Application:
     """The aiohttp application; its channels to the services close with it."""
     upstream = Upstream(settings.addresses, scopes or Scopes.from_gateway(settings.gateway_profile),
-                        settings.default_deadline_seconds)
+                        settings.default_deadline_seconds, settings.circuit)
     schema = build_schema(max_depth=settings.max_depth, max_aliases=settings.max_aliases,
                           max_tokens=settings.max_tokens)
     app = web.Application(middlewares=[_per_request], client_max_size=1024 * 1024)

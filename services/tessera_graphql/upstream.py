@@ -19,6 +19,7 @@ from tessera.user.v1 import user_service_pb2, user_service_pb2_grpc
 
 from tessera_runtime import context as callctx
 from tessera_runtime.clients import error_details, open_channel
+from tessera_runtime.config import CircuitSettings
 
 USER = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
 INVENTORY = inventory_service_pb2.DESCRIPTOR.services_by_name["InventoryService"]
@@ -120,11 +121,12 @@ class _ScopeInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
 class Upstream:
     """One channel per service, shared by every request; stubs whose failures are UpstreamError."""
 
-    def __init__(self, addresses: Mapping[str, str], scopes: Scopes, default_deadline: float) -> None:
+    def __init__(self, addresses: Mapping[str, str], scopes: Scopes, default_deadline: float,
+                 circuit: CircuitSettings = CircuitSettings()) -> None:
         guard = _ScopeInterceptor(scopes)
         self.channels = {
             name: open_channel(addresses[name], [service], default_deadline=default_deadline,
-                               extra_interceptors=(guard,))
+                               extra_interceptors=(guard,), circuit=circuit)
             for name, service in (("user", USER), ("inventory", INVENTORY), ("order", ORDER))
         }
         self.users = user_service_pb2_grpc.UserServiceStub(self.channels["user"])

@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from tessera_runtime import context as callctx
 from tessera_runtime import telemetry
-from tessera_runtime.config import CIRCUIT_FAILURE_THRESHOLD, CIRCUIT_OPEN_SECONDS
+from tessera_runtime.config import CircuitSettings
 from tessera_runtime.errors import DeadlineExceeded
 from tessera_runtime.metrics import ClientMetricsInterceptor
 from tessera_runtime.resilience import CircuitBreaker, CircuitBreakerInterceptor
@@ -81,13 +81,10 @@ class _CallContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
 def open_channel(address: str, services: Iterable[ServiceDescriptor], *, default_deadline: float = 5.0,
                  extra_interceptors: Iterable[grpc.aio.ClientInterceptor] = (),
                  breaker: CircuitBreaker | None = None,
-                 circuit_failure_threshold: int = CIRCUIT_FAILURE_THRESHOLD,
-                 circuit_open_seconds: float = CIRCUIT_OPEN_SECONDS) -> grpc.aio.Channel:
+                 circuit: CircuitSettings = CircuitSettings()) -> grpc.aio.Channel:
     """An insecure (mesh-encrypted in production) channel to another Tessera service, with a circuit breaker
-    that opens after circuit_failure_threshold consecutive failures for circuit_open_seconds (a service passes
-    its settings' circuit_failure_threshold and circuit_open_seconds), unless `breaker` is given."""
-    breaker = breaker or CircuitBreaker(address, failure_threshold=circuit_failure_threshold,
-                                        reset_seconds=circuit_open_seconds)
+    as `circuit` describes (a process passes its settings' `circuit`), unless `breaker` is given."""
+    breaker = breaker or CircuitBreaker.configured(address, circuit)
     options = [
         ("grpc.service_config", service_config(services)),
         ("grpc.enable_retries", 1),

@@ -52,7 +52,8 @@ class Env:
             raise ConfigError(f"{name} must be <= {maximum}, got {value}")
         return value
 
-    def float(self, name: str, default: float, *, minimum: float | None = None) -> float:
+    def float(self, name: str, default: float, *, minimum: float | None = None,
+              maximum: float | None = None) -> float:
         raw = self._environ.get(name)
         if raw is None or raw == "":
             return default
@@ -64,6 +65,8 @@ class Env:
             raise ConfigError(f"{name} must be a finite number, got {raw!r}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name} must be <= {maximum}, got {value}")
         return value
 
     def bool(self, name: str, default: bool) -> bool:
@@ -87,9 +90,42 @@ class Env:
 # On PostgreSQL, the connections of a service's engine pool (TESSERA_DATABASE_POOL_SIZE; tessera_runtime.db).
 POOL_SIZE = 10
 # The circuit breaker of each channel to another service (tessera_runtime.resilience, tessera_runtime.clients):
-# consecutive UNAVAILABLE / DEADLINE_EXCEEDED calls that open it, and how long it stays open before a trial call.
+# consecutive UNAVAILABLE / DEADLINE_EXCEEDED calls that open it, and how long it stays open before a trial call;
+# the share of failed calls (percent) over a rolling window that opens it too, once the window holds enough calls.
 CIRCUIT_FAILURE_THRESHOLD = 5
 CIRCUIT_OPEN_SECONDS = 10.0
+CIRCUIT_ERROR_PERCENT = 50
+CIRCUIT_WINDOW_SECONDS = 10.0
+# Fewer calls than this in the window say too little for a percentage: 2 failures of 3 would be 67 %. Twenty in
+# ten seconds (two calls a second) is Hystrix's default volume; a dependency called less than that which is down
+# altogether still opens its circuit after CIRCUIT_FAILURE_THRESHOLD consecutive failures.
+CIRCUIT_MIN_CALLS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class CircuitSettings:
+    """The circuit breaker of every channel a process opens to another service (tessera_runtime.resilience).
+    Read from the same TESSERA_CIRCUIT_* variables by every service and by the GraphQL API."""
+
+    failure_threshold: int = CIRCUIT_FAILURE_THRESHOLD
+    open_seconds: float = CIRCUIT_OPEN_SECONDS
+    error_percent: int = CIRCUIT_ERROR_PERCENT
+    window_seconds: float = CIRCUIT_WINDOW_SECONDS
+    min_calls: int = CIRCUIT_MIN_CALLS
+
+    @classmethod
+    def from_env(cls, env: Env) -> CircuitSettings:
+        # A breaker that opens after no failure, stays open for no time (or for ever), or judges a rate over no
+        # time or no calls is no breaker.
+        return cls(
+            failure_threshold=env.int("TESSERA_CIRCUIT_FAILURE_THRESHOLD", CIRCUIT_FAILURE_THRESHOLD,
+                                      minimum=1, maximum=1000),
+            open_seconds=env.float("TESSERA_CIRCUIT_OPEN_SECONDS", CIRCUIT_OPEN_SECONDS, minimum=0.01),
+            error_percent=env.int("TESSERA_CIRCUIT_ERROR_PERCENT", CIRCUIT_ERROR_PERCENT, minimum=1, maximum=100),
+            window_seconds=env.float("TESSERA_CIRCUIT_WINDOW_SECONDS", CIRCUIT_WINDOW_SECONDS,
+                                     minimum=1.0, maximum=3600.0),
+            min_calls=env.int("TESSERA_CIRCUIT_MIN_CALLS", CIRCUIT_MIN_CALLS, minimum=1, maximum=100_000),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +145,7 @@ class ServiceSettings:
     log_level: str
     require_identity: bool
     default_deadline_seconds: float
-    circuit_failure_threshold: int
-    circuit_open_seconds: float
+    circuit: CircuitSettings
     workers: int
     database_pool_size: int
 
@@ -163,9 +198,7 @@ class ServiceSettings:
             log_level=env.choice(f"{prefix}LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             require_identity=env.bool(f"{prefix}REQUIRE_IDENTITY", environment == "production"),
             default_deadline_seconds=env.float(f"{prefix}DEFAULT_DEADLINE_SECONDS", 5.0, minimum=0.01),
-            circuit_failure_threshold=env.int(f"{prefix}CIRCUIT_FAILURE_THRESHOLD", CIRCUIT_FAILURE_THRESHOLD,
-                                              minimum=1, maximum=1000),
-            circuit_open_seconds=env.float(f"{prefix}CIRCUIT_OPEN_SECONDS", CIRCUIT_OPEN_SECONDS, minimum=0.01),
+            circuit=CircuitSettings.from_env(env),
             workers=env.int(f"{prefix}WORKERS", 1, minimum=1, maximum=64),
             database_pool_size=env.int(f"{prefix}DATABASE_POOL_SIZE", POOL_SIZE, minimum=1, maximum=100),
         )

@@ -32,6 +32,8 @@ service. The others are defined here, once, and incremented where the thing happ
 | tessera_inventory_reservation_expiries_total | counter | | stock reservations released because they expired |
 | tessera_db_connections | gauge | pool (units_of_work, direct, relay), state (in_use, idle) | PostgreSQL connections |
 | tessera_db_connections_max | gauge | pool | the most connections each pool opens (TESSERA_DATABASE_POOL_SIZE) |
+| tessera_circuit_state | gauge | dependency (the address called) | its circuit: 0 closed, 1 half-open, 2 open |
+| tessera_circuit_transitions_total | counter | dependency, state (closed, half_open, open) | circuit transitions |
 
 Label values are short, bounded strings (an ErrorReason name, a step name, a message's full type name): never ids.
 """
@@ -129,6 +131,14 @@ CONSUMER_DEAD_LETTERED = Counter(
 
 RESERVATION_EXPIRIES = Counter(
     "tessera_inventory_reservation_expiries_total", "Stock reservations released because they expired.")
+
+# Set by tessera_runtime.resilience.CircuitBreaker; `dependency` is the address its channel calls.
+CIRCUIT_STATE = Gauge(
+    "tessera_circuit_state",
+    "State of the circuit breaker of a channel to another service: 0 closed, 1 half-open, 2 open.", ("dependency",))
+CIRCUIT_TRANSITIONS = Counter(
+    "tessera_circuit_transitions_total", "Circuit breaker transitions, by dependency and the state entered.",
+    ("dependency", "state"))
 
 
 def split_method(method: str) -> tuple[str, str]:

@@ -1,12 +1,34 @@
-"""Client-side circuit breaking for calls to other services: fail fast while a dependency is down.
+"""Client-side circuit breaking for calls to other services: fail fast while a dependency is down or failing.
 
 gRPC's own retries (service config, idempotent methods only) cover short blips; Istio's outlier detection ejects
-bad pods in the mesh. The breaker covers what neither does: a dependency that is down for everyone, where waiting
-for each call's deadline would tie up the caller. After `failure_threshold` consecutive transport-level failures
-the circuit opens and calls fail at once with UNAVAILABLE (ErrorInfo reason CIRCUIT_OPEN); after `reset_seconds`
-one trial call is let through (half-open) and its outcome closes or re-opens the circuit. Business errors
-(NOT_FOUND, FAILED_PRECONDITION, ...) are answers, not failures, and never open it. A service's channels take
-both from TESSERA_CIRCUIT_FAILURE_THRESHOLD and TESSERA_CIRCUIT_OPEN_SECONDS (5 and 10 s by default).
+bad pods in the mesh. The breaker covers what neither does: a dependency that is down for everyone, or failing a
+large share of its calls (one of two pods down where no mesh ejects it), where waiting for each call's deadline
+would tie up the caller. Either of two conditions opens the circuit:
+
+- `failure_threshold` consecutive transport-level failures (UNAVAILABLE, DEADLINE_EXCEEDED): a dependency that is
+  simply down opens it within a few calls, however rarely it is called;
+- over a rolling window of `window_seconds` (kept in 10 buckets, so a bucket's calls leave it all at once a tenth
+  of the window after their bucket ended), at least `min_calls` calls of which at least `error_percent` % failed,
+  checked as each failure is recorded: a dependency that answers only half its calls never fails five in a row.
+
+While open, calls fail at once with UNAVAILABLE (ErrorInfo reason CIRCUIT_OPEN, metadata `dependency`); after
+`reset_seconds` one trial call is let through (half-open) and its outcome closes the circuit, with an empty window,
+or re-opens it. Business errors (NOT_FOUND, FAILED_PRECONDITION, ...) are answers, not failures: they count as
+calls in the window and never open it. Calls still in flight when the circuit opened change nothing when they end.
+
+A service's channels, and the GraphQL API's, take the five from tessera_runtime.config.CircuitSettings:
+
+| variable | default | setting |
+|---|---|---|
+| TESSERA_CIRCUIT_FAILURE_THRESHOLD | 5 | failure_threshold (1-1000) |
+| TESSERA_CIRCUIT_OPEN_SECONDS | 10 | reset_seconds (more than 0) |
+| TESSERA_CIRCUIT_ERROR_PERCENT | 50 | error_percent (1-100) |
+| TESSERA_CIRCUIT_WINDOW_SECONDS | 10 | window_seconds (1-3600) |
+| TESSERA_CIRCUIT_MIN_CALLS | 20 | min_calls (1-100000) |
+
+Every transition is logged (a warning naming the dependency, both states, and the window's counts) and counted:
+`tessera_circuit_state{dependency}` is 0 closed, 1 half-open, 2 open, and
+`tessera_circuit_transitions_total{dependency, state}` counts the transitions into each state (tessera_runtime.metrics).
 """
 
 from __future__ import annotations
@@ -20,11 +42,21 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from tessera_runtime.config import CIRCUIT_FAILURE_THRESHOLD, CIRCUIT_OPEN_SECONDS
+from tessera_runtime import metrics
+from tessera_runtime.config import (
+    CIRCUIT_ERROR_PERCENT,
+    CIRCUIT_FAILURE_THRESHOLD,
+    CIRCUIT_MIN_CALLS,
+    CIRCUIT_OPEN_SECONDS,
+    CIRCUIT_WINDOW_SECONDS,
+    CircuitSettings,
+)
 
 log = logging.getLogger("tessera.resilience")
 
 FAILURE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# The rolling window is kept in this many buckets, like opossum's rollingCountBuckets default.
+WINDOW_BUCKETS = 10
 
 
 class State(enum.Enum):
@@ -33,20 +65,76 @@ class State(enum.Enum):
     HALF_OPEN = "half_open"
 
 
+# The value of tessera_circuit_state for each state.
+STATE_VALUES = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
+
+
+class RollingWindow:
+    """Calls and failures over the last `seconds`, in WINDOW_BUCKETS buckets of seconds / WINDOW_BUCKETS each.
+
+    A bucket is the interval [n * width, (n + 1) * width) of the clock; the window is the current bucket and the
+    WINDOW_BUCKETS - 1 before it, so it spans between 9/10 of `seconds` and `seconds`."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+        self.width = seconds / WINDOW_BUCKETS
+        self.clock = clock
+        # Per slot: the bucket number it holds, its calls and its failures.
+        self._numbers = [-1] * WINDOW_BUCKETS
+        self._calls = [0] * WINDOW_BUCKETS
+        self._failures = [0] * WINDOW_BUCKETS
+
+    def add(self, failed: bool) -> None:
+        number = int(self.clock() // self.width)
+        slot = number % WINDOW_BUCKETS
+        if self._numbers[slot] != number:  # the slot holds a bucket that left the window: reuse it
+            self._numbers[slot], self._calls[slot], self._failures[slot] = number, 0, 0
+        self._calls[slot] += 1
+        self._failures[slot] += failed
+
+    def totals(self) -> tuple[int, int]:
+        """(calls, failures) in the window."""
+        oldest = int(self.clock() // self.width) - WINDOW_BUCKETS + 1
+        calls = failures = 0
+        for number, c, f in zip(self._numbers, self._calls, self._failures, strict=True):
+            if number >= oldest:
+                calls += c
+                failures += f
+        return calls, failures
+
+    def clear(self) -> None:
+        self._numbers = [-1] * WINDOW_BUCKETS
+        self._calls = [0] * WINDOW_BUCKETS
+        self._failures = [0] * WINDOW_BUCKETS
+
+
 class CircuitBreaker:
-    """Consecutive-failure breaker for one dependency. Not thread-safe: one event loop uses it."""
+    """Consecutive-failure and error-rate breaker for one dependency. Not thread-safe: one event loop uses it."""
 
     def __init__(self, name: str, *, failure_threshold: int = CIRCUIT_FAILURE_THRESHOLD,
-                 reset_seconds: float = CIRCUIT_OPEN_SECONDS,
+                 reset_seconds: float = CIRCUIT_OPEN_SECONDS, error_percent: float = CIRCUIT_ERROR_PERCENT,
+                 window_seconds: float = CIRCUIT_WINDOW_SECONDS, min_calls: int = CIRCUIT_MIN_CALLS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.failure_threshold = failure_threshold
         self.reset_seconds = reset_seconds
+        self.error_percent = error_percent
+        self.window_seconds = window_seconds
+        self.min_calls = min_calls
         self.clock = clock
         self.state = State.CLOSED
         self.failures = 0
+        self.window = RollingWindow(window_seconds, clock)
         self.opened_at = 0.0
         self._trial_in_flight = False
+        self._state_gauge = metrics.CIRCUIT_STATE.labels(name)
+        self._state_gauge.set(STATE_VALUES[self.state])
+
+    @classmethod
+    def configured(cls, name: str, settings: CircuitSettings) -> CircuitBreaker:
+        """The breaker a process's settings describe (TESSERA_CIRCUIT_*)."""
+        return cls(name, failure_threshold=settings.failure_threshold, reset_seconds=settings.open_seconds,
+                   error_percent=settings.error_percent, window_seconds=settings.window_seconds,
+                   min_calls=settings.min_calls)
 
     def allow(self) -> bool:
         if self.state is State.CLOSED:
@@ -60,21 +148,44 @@ class CircuitBreaker:
 
     def record(self, code: grpc.StatusCode) -> None:
         self._trial_in_flight = False
-        if code in FAILURE_CODES:
-            self.failures += 1
-            if self.state is State.HALF_OPEN or self.failures >= self.failure_threshold:
-                self.opened_at = self.clock()
-                self._transition(State.OPEN)
-        else:
-            self.failures = 0
-            if self.state is not State.CLOSED:
+        failed = code in FAILURE_CODES
+        if self.state is State.OPEN:
+            # A call let through before the circuit opened: its outcome says nothing the opening did not.
+            return
+        if self.state is State.HALF_OPEN:  # the trial call
+            if failed:
+                self._open()
+            else:
+                self.failures = 0
                 self._transition(State.CLOSED)
+                self.window.clear()  # the calls before the circuit opened are no evidence about the dependency now
+            return
+        self.window.add(failed)
+        if not failed:
+            self.failures = 0
+            return
+        self.failures += 1
+        if self.failures >= self.failure_threshold or self._error_rate_reached():
+            self._open()
+
+    def _error_rate_reached(self) -> bool:
+        calls, failures = self.window.totals()
+        return calls >= self.min_calls and failures * 100 >= self.error_percent * calls
+
+    def _open(self) -> None:
+        self.opened_at = self.clock()
+        self._transition(State.OPEN)
 
     def _transition(self, state: State) -> None:
         if state is not self.state:
+            calls, failures = self.window.totals()
             log.warning("circuit %s: %s -> %s", self.name, self.state.value, state.value,
-                        extra={"dependency": self.name, "circuit_state": state.value})
+                        extra={"dependency": self.name, "circuit_state": state.value,
+                               "consecutive_failures": self.failures, "window_calls": calls,
+                               "window_failures": failures})
             self.state = state
+            self._state_gauge.set(STATE_VALUES[state])
+            metrics.CIRCUIT_TRANSITIONS.labels(self.name, state.value).inc()
 
     def open_error(self) -> grpc.aio.AioRpcError:
         """The error a call gets while the circuit is open: shaped like any other UNAVAILABLE from the wire."""

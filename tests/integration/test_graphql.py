@@ -280,6 +280,36 @@ async def test_a_service_down_is_unavailable_without_naming_its_address(unused_t
         await runner.cleanup()
 
 
+async def test_the_circuit_settings_of_the_apis_environment_govern_its_channels(unused_tcp_port):
+    # The TESSERA_CIRCUIT_* of the GraphQL process shape its breakers as they shape a service's: here only the rate
+    # condition over at least 3 calls can open the circuit (the default would open it after 5 failures in a row).
+    address = f"127.0.0.1:{unused_tcp_port}"
+    settings = GraphQLSettings.from_env({"TESSERA_GRAPHQL_PORT": "0", "TESSERA_USER_SERVICE_ADDR": address,
+                                         "TESSERA_DEFAULT_DEADLINE_SECONDS": "2",
+                                         "TESSERA_CIRCUIT_FAILURE_THRESHOLD": "1000", "TESSERA_CIRCUIT_MIN_CALLS": "3",
+                                         "TESSERA_CIRCUIT_ERROR_PERCENT": "100"})
+    runner = web.AppRunner(build_app(settings))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = GraphQL(f"{base}/graphql", session)
+            reasons = []
+            for _ in range(4):
+                _, body, _ = await client.post("{ me { id } }", subject=str(uuid.uuid4()))
+                [error] = body["errors"]
+                assert error["extensions"]["code"] == "UNAVAILABLE", error
+                reasons.append(error["extensions"].get("reason"))
+            assert reasons == [None, None, None, "CIRCUIT_OPEN"]
+            async with session.get(f"{base}/metrics") as response:
+                scraped = await response.text()
+            assert f'tessera_circuit_state{{dependency="{address}"}} 2.0' in scraped
+    finally:
+        await runner.cleanup()
+
+
 async def test_nested_lists_cannot_multiply_one_request_into_thousands_of_calls(neighbours, tmp_path):
     # Each level of `customer { orders }` lists the customer's orders again for every order above it: with n orders,
     # three levels (within the default depth limit) are 1 + n + n² ListOrders and n³ orders in the answer (8 million

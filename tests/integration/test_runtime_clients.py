@@ -165,3 +165,23 @@ async def test_the_configured_circuit_settings_govern_the_order_services_channel
         await default.close()
         if restarted is not None:
             await restarted.stop()
+
+
+async def test_the_rate_condition_settings_govern_the_order_services_channels(sqlite_user):
+    """TESSERA_CIRCUIT_ERROR_PERCENT / _MIN_CALLS / _WINDOW_SECONDS reach the order service's breakers too: with
+    consecutive failures out of the way (1000), a user service that is down opens the circuit once the window holds
+    3 calls, all failed."""
+    from tessera_order.adapters.downstream import DownstreamChannels
+    from tessera_runtime import app
+
+    server, port, _ = sqlite_user
+    await server.stop()
+    channels = DownstreamChannels.from_settings(app.load_settings(app.composition_root("order"), {
+        "TESSERA_USER_SERVICE_ADDR": f"127.0.0.1:{port}", "TESSERA_DEFAULT_DEADLINE_SECONDS": "2",
+        "TESSERA_CIRCUIT_FAILURE_THRESHOLD": "1000", "TESSERA_CIRCUIT_MIN_CALLS": "3",
+        "TESSERA_CIRCUIT_ERROR_PERCENT": "100", "TESSERA_CIRCUIT_WINDOW_SECONDS": "60"}))
+    try:
+        users = user_service_pb2_grpc.UserServiceStub(channels.user)
+        assert [await _refusal(users) for _ in range(4)] == [None, None, None, "CIRCUIT_OPEN"]
+    finally:
+        await channels.close()

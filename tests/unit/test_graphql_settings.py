@@ -6,7 +6,7 @@ import pytest
 
 from tessera_graphql.app import GraphQLSettings
 from tessera_graphql.upstream import Scopes
-from tessera_runtime.config import ConfigError
+from tessera_runtime.config import CircuitSettings, ConfigError
 
 
 def test_defaults_and_the_environment():
@@ -20,6 +20,15 @@ def test_defaults_and_the_environment():
         9000, "order:50054", 4, "prod")
 
 
+def test_the_circuit_breakers_take_the_same_settings_as_the_services():
+    assert GraphQLSettings.from_env({}).circuit == CircuitSettings()
+    tuned = GraphQLSettings.from_env({"TESSERA_CIRCUIT_FAILURE_THRESHOLD": "3", "TESSERA_CIRCUIT_OPEN_SECONDS": "2",
+                                      "TESSERA_CIRCUIT_ERROR_PERCENT": "40", "TESSERA_CIRCUIT_WINDOW_SECONDS": "20",
+                                      "TESSERA_CIRCUIT_MIN_CALLS": "10"})
+    assert tuned.circuit == CircuitSettings(failure_threshold=3, open_seconds=2.0, error_percent=40,
+                                            window_seconds=20.0, min_calls=10)
+
+
 @pytest.mark.parametrize(("name", "value"), [
     ("TESSERA_GRAPHQL_PORT", "http"),
     ("TESSERA_GRAPHQL_PORT", "70000"),
@@ -28,6 +37,11 @@ def test_defaults_and_the_environment():
     ("TESSERA_GRAPHQL_MAX_TOKENS", "10"),
     ("TESSERA_ENV", "staging"),
     ("TESSERA_DEFAULT_DEADLINE_SECONDS", "0"),
+    ("TESSERA_CIRCUIT_FAILURE_THRESHOLD", "0"),
+    ("TESSERA_CIRCUIT_OPEN_SECONDS", "nan"),
+    ("TESSERA_CIRCUIT_ERROR_PERCENT", "101"),
+    ("TESSERA_CIRCUIT_WINDOW_SECONDS", "inf"),
+    ("TESSERA_CIRCUIT_MIN_CALLS", "0"),
 ])
 def test_a_bad_value_is_refused_naming_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):

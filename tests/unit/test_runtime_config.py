@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from tessera_runtime.config import ConfigError, ServiceSettings
+from tessera_runtime.config import CircuitSettings, ConfigError, ServiceSettings
 
 
 def test_defaults_are_embedded_sqlite_and_dev():
@@ -53,6 +53,23 @@ def test_production_requires_identity_by_default():
     ({"TESSERA_CIRCUIT_OPEN_SECONDS": "10s"}, "TESSERA_CIRCUIT_OPEN_SECONDS"),
     ({"TESSERA_CIRCUIT_OPEN_SECONDS": "nan"}, "TESSERA_CIRCUIT_OPEN_SECONDS"),
     ({"TESSERA_CIRCUIT_OPEN_SECONDS": "inf"}, "TESSERA_CIRCUIT_OPEN_SECONDS"),
+    # A rate over no calls or no time, or a share of failures no window can reach, is no condition.
+    ({"TESSERA_CIRCUIT_ERROR_PERCENT": "0"}, "TESSERA_CIRCUIT_ERROR_PERCENT"),
+    ({"TESSERA_CIRCUIT_ERROR_PERCENT": "101"}, "TESSERA_CIRCUIT_ERROR_PERCENT"),
+    ({"TESSERA_CIRCUIT_ERROR_PERCENT": "50%"}, "TESSERA_CIRCUIT_ERROR_PERCENT"),
+    ({"TESSERA_CIRCUIT_ERROR_PERCENT": "nan"}, "TESSERA_CIRCUIT_ERROR_PERCENT"),
+    ({"TESSERA_CIRCUIT_ERROR_PERCENT": "inf"}, "TESSERA_CIRCUIT_ERROR_PERCENT"),
+    ({"TESSERA_CIRCUIT_WINDOW_SECONDS": "0"}, "TESSERA_CIRCUIT_WINDOW_SECONDS"),
+    ({"TESSERA_CIRCUIT_WINDOW_SECONDS": "0.5"}, "TESSERA_CIRCUIT_WINDOW_SECONDS"),
+    ({"TESSERA_CIRCUIT_WINDOW_SECONDS": "3601"}, "TESSERA_CIRCUIT_WINDOW_SECONDS"),
+    ({"TESSERA_CIRCUIT_WINDOW_SECONDS": "nan"}, "TESSERA_CIRCUIT_WINDOW_SECONDS"),
+    ({"TESSERA_CIRCUIT_WINDOW_SECONDS": "inf"}, "TESSERA_CIRCUIT_WINDOW_SECONDS"),
+    ({"TESSERA_CIRCUIT_WINDOW_SECONDS": "10s"}, "TESSERA_CIRCUIT_WINDOW_SECONDS"),
+    ({"TESSERA_CIRCUIT_MIN_CALLS": "0"}, "TESSERA_CIRCUIT_MIN_CALLS"),
+    ({"TESSERA_CIRCUIT_MIN_CALLS": "-1"}, "TESSERA_CIRCUIT_MIN_CALLS"),
+    ({"TESSERA_CIRCUIT_MIN_CALLS": "100001"}, "TESSERA_CIRCUIT_MIN_CALLS"),
+    ({"TESSERA_CIRCUIT_MIN_CALLS": "2.5"}, "TESSERA_CIRCUIT_MIN_CALLS"),
+    ({"TESSERA_CIRCUIT_MIN_CALLS": "nan"}, "TESSERA_CIRCUIT_MIN_CALLS"),
     # URLs the database and broker clients cannot use.
     ({"TESSERA_DATABASE_URL": "postgresql+asyncpg://tessera@db:port/tessera"}, "TESSERA_DATABASE_URL"),
     ({"TESSERA_DATABASE_URL": "sqlite+aiosqlite://relative.db"}, "TESSERA_DATABASE_URL"),
@@ -76,11 +93,24 @@ def test_the_database_pool_size_is_read_and_bounds_the_connections_of_a_process(
 
 def test_the_circuit_breaker_settings_are_read_with_the_documented_defaults():
     s = ServiceSettings.from_env("order", 1, {})
-    assert (s.circuit_failure_threshold, s.circuit_open_seconds) == (5, 10.0)
+    assert (s.circuit.failure_threshold, s.circuit.open_seconds) == (5, 10.0)
+    assert (s.circuit.error_percent, s.circuit.window_seconds, s.circuit.min_calls) == (50, 10.0, 20)
     s = ServiceSettings.from_env("order", 1, {"TESSERA_CIRCUIT_FAILURE_THRESHOLD": "2",
-                                              "TESSERA_CIRCUIT_OPEN_SECONDS": "0.5"})
-    assert (s.circuit_failure_threshold, s.circuit_open_seconds) == (2, 0.5)
+                                              "TESSERA_CIRCUIT_OPEN_SECONDS": "0.5",
+                                              "TESSERA_CIRCUIT_ERROR_PERCENT": "25",
+                                              "TESSERA_CIRCUIT_WINDOW_SECONDS": "30",
+                                              "TESSERA_CIRCUIT_MIN_CALLS": "5"})
+    assert s.circuit == CircuitSettings(failure_threshold=2, open_seconds=0.5, error_percent=25,
+                                        window_seconds=30.0, min_calls=5)
     # Empty means unset, as for every variable.
-    s = ServiceSettings.from_env("order", 1, {"TESSERA_CIRCUIT_FAILURE_THRESHOLD": "",
-                                              "TESSERA_CIRCUIT_OPEN_SECONDS": ""})
-    assert (s.circuit_failure_threshold, s.circuit_open_seconds) == (5, 10.0)
+    s = ServiceSettings.from_env("order", 1, {name: "" for name in (
+        "TESSERA_CIRCUIT_FAILURE_THRESHOLD", "TESSERA_CIRCUIT_OPEN_SECONDS", "TESSERA_CIRCUIT_ERROR_PERCENT",
+        "TESSERA_CIRCUIT_WINDOW_SECONDS", "TESSERA_CIRCUIT_MIN_CALLS")})
+    assert s.circuit == CircuitSettings() == CircuitSettings(5, 10.0, 50, 10.0, 20)
+
+
+def test_the_order_services_settings_carry_the_circuit_settings():
+    from tessera_order.settings import OrderSettings
+
+    s = OrderSettings.from_env("order", 1, {"TESSERA_CIRCUIT_ERROR_PERCENT": "30", "TESSERA_CIRCUIT_MIN_CALLS": "8"})
+    assert (s.circuit.error_percent, s.circuit.min_calls) == (30, 8)

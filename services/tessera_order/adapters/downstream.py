@@ -23,7 +23,7 @@ from tessera.user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 from tessera_order.service_layer.ports import Customer, DownstreamError, Payment, Product, Reservation
 from tessera_order.settings import OrderSettings
 from tessera_runtime.clients import error_details, open_channel
-from tessera_runtime.config import CIRCUIT_FAILURE_THRESHOLD, CIRCUIT_OPEN_SECONDS
+from tessera_runtime.config import CircuitSettings
 from tessera_runtime.errors import DATABASE_UNAVAILABLE
 
 USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
@@ -153,12 +153,9 @@ class DownstreamChannels:
     """The three channels of the order service; closed when the service stops."""
 
     def __init__(self, user_addr: str, inventory_addr: str, payment_addr: str, *, default_deadline: float,
-                 circuit_failure_threshold: int = CIRCUIT_FAILURE_THRESHOLD,
-                 circuit_open_seconds: float = CIRCUIT_OPEN_SECONDS) -> None:
+                 circuit: CircuitSettings = CircuitSettings()) -> None:
         def channel(address: str, service: ServiceDescriptor) -> grpc.aio.Channel:
-            return open_channel(address, [service], default_deadline=default_deadline,
-                                circuit_failure_threshold=circuit_failure_threshold,
-                                circuit_open_seconds=circuit_open_seconds)
+            return open_channel(address, [service], default_deadline=default_deadline, circuit=circuit)
 
         self.user = channel(user_addr, USER_SERVICE)
         self.inventory = channel(inventory_addr, INVENTORY_SERVICE)
@@ -168,9 +165,7 @@ class DownstreamChannels:
     def from_settings(cls, settings: OrderSettings) -> DownstreamChannels:
         """The channels as the service's settings configure them: addresses, deadline, circuit breakers."""
         return cls(settings.user_service_addr, settings.inventory_service_addr, settings.payment_service_addr,
-                   default_deadline=settings.default_deadline_seconds,
-                   circuit_failure_threshold=settings.circuit_failure_threshold,
-                   circuit_open_seconds=settings.circuit_open_seconds)
+                   default_deadline=settings.default_deadline_seconds, circuit=settings.circuit)
 
     async def close(self) -> None:
         for channel in (self.user, self.inventory, self.payment):

@@ -1,0 +1,137 @@
+"""The circuit breaker of tessera_runtime.clients channels against real gRPC servers that fail part of their calls,
+and its state as a real /metrics endpoint shows it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from tessera.user.v1 import user_pb2, user_service_pb2_grpc
+from tessera.user.v1 import user_service_pb2 as svc
+
+from tessera_runtime.clients import error_details, open_channel
+from tessera_runtime.config import CircuitSettings
+from tessera_runtime.metrics import MetricsServer
+
+USER_SERVICE = svc.DESCRIPTOR.services_by_name["UserService"]
+
+
+class EveryOtherCallFails(user_service_pb2_grpc.UserServiceServicer):
+    """A user service of which one pod in two is down, with nothing in front to eject it: every second CreateUser
+    is refused UNAVAILABLE. (CreateUser has side effects, so the channel does not retry it.)"""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.healthy = False
+
+    async def CreateUser(self, request, context):
+        self.calls += 1
+        if not self.healthy and self.calls % 2 == 0:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the pod behind this call is down")
+        return svc.CreateUserResponse(user=user_pb2.User(id=f"u-{self.calls}", email=request.user.email))
+
+
+@pytest.fixture
+async def flaky() -> AsyncIterator[Callable[[], Awaitable[tuple[EveryOtherCallFails, str]]]]:
+    """Starts real grpc.aio servers on port 0 whose servicer fails every other call: each gives its servicer and
+    address."""
+    servers: list[grpc.aio.Server] = []
+
+    async def start() -> tuple[EveryOtherCallFails, str]:
+        servicer = EveryOtherCallFails()
+        server = grpc.aio.server()
+        user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        return servicer, f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        await server.stop(None)
+
+
+@pytest.fixture
+def metrics_port() -> Iterator[int]:
+    server = MetricsServer("127.0.0.1", 0)
+    port = server.start()
+    yield port
+    server.stop()
+
+
+async def circuit_metrics(port: int, dependency: str) -> dict[str, float]:
+    """tessera_circuit_state and the transitions into each state of one dependency, from a real scrape."""
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            return reply.read().decode()
+
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(await asyncio.to_thread(fetch)):
+        for sample in family.samples:
+            if sample.labels.get("dependency") != dependency:
+                continue
+            if sample.name == "tessera_circuit_state":
+                found["state"] = sample.value
+            elif sample.name == "tessera_circuit_transitions_total":
+                found[sample.labels["state"]] = sample.value
+    return found
+
+
+async def outcome(stub: user_service_pb2_grpc.UserServiceStub) -> str:
+    """One CreateUser: OK, UNAVAILABLE from the server, or the ErrorInfo reason of a refusal."""
+    try:
+        await stub.CreateUser(svc.CreateUserRequest(user=user_pb2.User(email="a@example.com", display_name="A")))
+    except grpc.aio.AioRpcError as err:
+        info, _ = error_details(err)
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        return info.reason if info is not None else "UNAVAILABLE"
+    return "OK"
+
+
+async def test_a_dependency_failing_every_other_call_opens_the_circuit_on_its_error_rate(flaky, metrics_port):
+    servicer, address = await flaky()
+    # The defaults: 5 failures in a row, or at least 50 % of at least 20 calls in 10 s; an open time long enough
+    # for the refusals below, short enough to wait for the trial.
+    rate = open_channel(address, [USER_SERVICE], default_deadline=5, circuit=CircuitSettings(open_seconds=2.0))
+    # The same dependency behind a breaker with only the consecutive condition (no window ever holds enough calls).
+    control_servicer, control_address = await flaky()
+    control = open_channel(control_address, [USER_SERVICE], default_deadline=5,
+                           circuit=CircuitSettings(min_calls=100_000))
+    try:
+        assert await circuit_metrics(metrics_port, address) == {"state": 0.0}
+        stub = user_service_pb2_grpc.UserServiceStub(rate)
+        outcomes = [await outcome(stub) for _ in range(20)]
+        assert outcomes == ["OK", "UNAVAILABLE"] * 10  # the 20th call makes 10 failures of 20: 50 %
+        assert servicer.calls == 20
+        started = time.monotonic()
+        refused = [await outcome(stub) for _ in range(5)]
+        assert refused == ["CIRCUIT_OPEN"] * 5
+        assert servicer.calls == 20, "a refused call reached the server"
+        assert time.monotonic() - started < 1.5, "the refusals waited for something"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateUser(svc.CreateUserRequest())
+        assert err.value.details() == f"{address} is unavailable (circuit open)"
+        assert error_details(err.value)[0].metadata["dependency"] == address
+        assert await circuit_metrics(metrics_port, address) == {"state": 2.0, "open": 1.0}
+
+        control_stub = user_service_pb2_grpc.UserServiceStub(control)
+        assert [await outcome(control_stub) for _ in range(40)] == ["OK", "UNAVAILABLE"] * 20
+        assert control_servicer.calls == 40, "the consecutive condition alone never opens on this dependency"
+        assert await circuit_metrics(metrics_port, control_address) == {"state": 0.0}
+
+        servicer.healthy = True  # the pod is back: the trial call after the open time closes the circuit
+        deadline = time.monotonic() + 10
+        while (result := await outcome(stub)) == "CIRCUIT_OPEN":
+            assert time.monotonic() < deadline, "no trial call was let through"
+            await asyncio.sleep(0.1)
+        assert result == "OK" and time.monotonic() - started >= 2.0
+        assert await circuit_metrics(metrics_port, address) == {"state": 0.0, "open": 1.0, "half_open": 1.0,
+                                                                "closed": 1.0}
+    finally:
+        await rate.close()
+        await control.close()
