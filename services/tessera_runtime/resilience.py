@@ -14,7 +14,8 @@ would tie up the caller. Either of two conditions opens the circuit:
 While open, calls fail at once with UNAVAILABLE (ErrorInfo reason CIRCUIT_OPEN, metadata `dependency`); after
 `reset_seconds` one trial call is let through (half-open) and its outcome closes the circuit, with an empty window,
 or re-opens it. Business errors (NOT_FOUND, FAILED_PRECONDITION, ...) are answers, not failures: they count as
-calls in the window and never open it. Calls still in flight when the circuit opened change nothing when they end.
+calls in the window and never open it. A call's outcome counts only if the circuit is still in the state that let
+the call through: calls in flight when it opened neither close nor prolong it when they end, nor pass for the trial.
 
 A service's channels, and the GraphQL API's, take the five from tessera_runtime.config.CircuitSettings:
 
@@ -125,6 +126,9 @@ class CircuitBreaker:
         self.failures = 0
         self.window = RollingWindow(window_seconds, clock)
         self.opened_at = 0.0
+        # Transitions so far: a call's outcome counts only while the breaker is still in the state that let it
+        # through (see `admitted`).
+        self.epoch = 0
         self._trial_in_flight = False
         self._state_gauge = metrics.CIRCUIT_STATE.labels(name)
         self._state_gauge.set(STATE_VALUES[self.state])
@@ -146,12 +150,16 @@ class CircuitBreaker:
             return True
         return False
 
-    def record(self, code: grpc.StatusCode) -> None:
+    def record(self, code: grpc.StatusCode, epoch: int | None = None) -> None:
+        """The outcome of a call `allow()` let through when the breaker's epoch was `epoch` (None: the current one).
+        A call let through before the last transition (in flight when the circuit opened, or past the trial)
+        changes nothing: its outcome is no evidence about the dependency now, and it is not the trial."""
+        if epoch is not None and epoch != self.epoch:
+            return
+        if self.state is State.OPEN:  # only a call recorded without its epoch gets here
+            return
         self._trial_in_flight = False
         failed = code in FAILURE_CODES
-        if self.state is State.OPEN:
-            # A call let through before the circuit opened: its outcome says nothing the opening did not.
-            return
         if self.state is State.HALF_OPEN:  # the trial call
             if failed:
                 self._open()
@@ -167,6 +175,11 @@ class CircuitBreaker:
         self.failures += 1
         if self.failures >= self.failure_threshold or self._error_rate_reached():
             self._open()
+
+    def abandon(self, epoch: int) -> None:
+        """A call let through at `epoch` ended with no status (cancelled): if it was the trial, another may go."""
+        if epoch == self.epoch:
+            self._trial_in_flight = False
 
     def _error_rate_reached(self) -> bool:
         calls, failures = self.window.totals()
@@ -184,6 +197,7 @@ class CircuitBreaker:
                                "consecutive_failures": self.failures, "window_calls": calls,
                                "window_failures": failures})
             self.state = state
+            self.epoch += 1
             self._state_gauge.set(STATE_VALUES[state])
             metrics.CIRCUIT_TRANSITIONS.labels(self.name, state.value).inc()
 
@@ -211,14 +225,15 @@ class CircuitBreakerInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         if not self.breaker.allow():
             raise self.breaker.open_error()
+        epoch = self.breaker.epoch
         try:
             call = await continuation(client_call_details, request)
             await call
         except grpc.aio.AioRpcError as err:
-            self.breaker.record(err.code())
+            self.breaker.record(err.code(), epoch)
             raise
         except BaseException:
-            self.breaker._trial_in_flight = False
+            self.breaker.abandon(epoch)
             raise
-        self.breaker.record(grpc.StatusCode.OK)
+        self.breaker.record(grpc.StatusCode.OK, epoch)
         return call

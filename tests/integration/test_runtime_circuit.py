@@ -135,3 +135,46 @@ async def test_a_dependency_failing_every_other_call_opens_the_circuit_on_its_er
     finally:
         await rate.close()
         await control.close()
+
+
+class SlowOrDown(user_service_pb2_grpc.UserServiceServicer):
+    """CreateUser for "slow@..." answers once `release` is set; for anyone else it is refused UNAVAILABLE at once."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.release = asyncio.Event()
+
+    async def CreateUser(self, request, context):
+        if request.user.email != "slow@example.com":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "down")
+        self.waiting += 1
+        await self.release.wait()
+        return svc.CreateUserResponse(user=user_pb2.User(id="u", email=request.user.email))
+
+
+async def test_answers_in_flight_when_the_circuit_opened_do_not_close_it():
+    servicer = SlowOrDown()
+    server = grpc.aio.server()
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = open_channel(f"127.0.0.1:{port}", [USER_SERVICE], default_deadline=10,
+                           circuit=CircuitSettings(failure_threshold=2, open_seconds=60))
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+    try:
+        async def slow_call() -> svc.CreateUserResponse:
+            return await stub.CreateUser(svc.CreateUserRequest(user=user_pb2.User(email="slow@example.com")))
+
+        slow = [asyncio.create_task(slow_call()) for _ in range(3)]
+        deadline = time.monotonic() + 10
+        while servicer.waiting < 3:
+            assert time.monotonic() < deadline, "the slow calls never arrived"
+            await asyncio.sleep(0.02)
+        assert [await outcome(stub) for _ in range(3)] == ["UNAVAILABLE", "UNAVAILABLE", "CIRCUIT_OPEN"]
+        servicer.release.set()
+        assert all(reply.user.id == "u" for reply in await asyncio.gather(*slow))
+        # Three answers from calls let through before the circuit opened: it stays open for its 60 s.
+        assert await outcome(stub) == "CIRCUIT_OPEN"
+    finally:
+        await channel.close()
+        await server.stop(None)

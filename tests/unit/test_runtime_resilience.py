@@ -208,13 +208,37 @@ def test_a_trial_that_fails_opens_the_circuit_again_for_the_whole_open_time():
 
 def test_calls_in_flight_when_the_circuit_opened_change_nothing_when_they_end():
     # Under concurrency, a dependency failing half its calls has answers in flight when the rate opens the circuit:
-    # they must neither close it again nor prolong it.
+    # they must neither close it again nor prolong it, nor pass for the trial once it is half-open.
+    clock = Clock()
+    breaker = CircuitBreaker("dep", failure_threshold=100, reset_seconds=1, min_calls=4, clock=clock)
+    in_flight = []
+    for _ in range(6):  # six calls let through at once
+        assert breaker.allow()
+        in_flight.append(breaker.epoch)
+    for code in (OK, FAIL, OK, FAIL):
+        breaker.record(code, in_flight.pop())
+    assert breaker.state is State.OPEN
+    clock.now = 0.5
+    breaker.record(OK, in_flight.pop())
+    assert breaker.state is State.OPEN and breaker.opened_at == 0.0 and not breaker.allow()
+    clock.now = 1.0
+    assert breaker.allow() and breaker.state is State.HALF_OPEN
+    trial = breaker.epoch
+    breaker.record(FAIL, in_flight.pop())  # the last of the six ends during the trial
+    assert breaker.state is State.HALF_OPEN and not breaker.allow(), "a second trial was let through"
+    breaker.abandon(0)  # one let through while closed, cancelled now: it frees no second trial either
+    assert not breaker.allow()
+    breaker.record(OK, trial)
+    assert breaker.state is State.CLOSED
+
+
+def test_a_cancelled_trial_lets_another_trial_through():
     clock = Clock()
     breaker = _opened_on_the_rate(clock)
-    clock.now = 0.5
-    breaker.record(OK)
-    breaker.record(FAIL)
-    assert breaker.state is State.OPEN and breaker.opened_at == 0.0 and not breaker.allow()
+    clock.now = 1.0
+    assert breaker.allow()
+    breaker.abandon(breaker.epoch)
+    assert breaker.state is State.HALF_OPEN and breaker.allow()
 
 
 def _sample(name: str, **labels: str) -> float | None:
