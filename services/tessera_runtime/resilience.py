@@ -7,8 +7,8 @@ would tie up the caller. Either of two conditions opens the circuit:
 
 - `failure_threshold` consecutive transport-level failures (UNAVAILABLE, DEADLINE_EXCEEDED): a dependency that is
   simply down opens it within a few calls, however rarely it is called;
-- over a rolling window of `window_seconds` (kept in 10 buckets, so a bucket's calls leave it all at once a tenth
-  of the window after their bucket ended), at least `min_calls` calls of which at least `error_percent` % failed,
+- over a rolling window of `window_seconds` (kept in 10 buckets: the calls of a bucket leave the window together
+  once ten buckets have begun since), at least `min_calls` calls of which at least `error_percent` % failed,
   checked as each failure is recorded: a dependency that answers only half its calls never fails five in a row.
 
 While open, calls fail at once with UNAVAILABLE (ErrorInfo reason CIRCUIT_OPEN, metadata `dependency`); after
@@ -152,8 +152,8 @@ class CircuitBreaker:
 
     def record(self, code: grpc.StatusCode, epoch: int | None = None) -> None:
         """The outcome of a call `allow()` let through when the breaker's epoch was `epoch` (None: the current one).
-        A call let through before the last transition (in flight when the circuit opened, or past the trial)
-        changes nothing: its outcome is no evidence about the dependency now, and it is not the trial."""
+        A call let through before the last transition (in flight when the circuit opened, or when the trial
+        closed it) changes nothing: its outcome is no evidence about the dependency now, and it is not the trial."""
         if epoch is not None and epoch != self.epoch:
             return
         if self.state is State.OPEN:  # only a call recorded without its epoch gets here
