@@ -138,6 +138,8 @@ def _invalid_cases(existing: str) -> list[tuple[str, object, str]]:
         ("ListProducts", svc.ListProductsRequest(page_size=-1), "page_size"),
         ("ListProducts", svc.ListProductsRequest(page_token="garbage"), "page_token"),
         ("ListProducts", svc.ListProductsRequest(sku="s" * 65), "sku"),
+        # A line break at the end would pass a pattern's "$"; a SKU never has one.
+        ("CreateProduct", new_product("LAMP-2\n", name="Lamp"), "product.sku"),
         ("UpdateProduct", svc.UpdateProductRequest(product=product_pb2.Product(id=existing, name="x"),
                                                    update_mask=mask()), "update_mask"),
         ("UpdateProduct", svc.UpdateProductRequest(product=product_pb2.Product(id=existing, sku="x"),

@@ -101,6 +101,8 @@ async def test_request_and_correlation_ids_are_returned(user_stub):
 BAD_CREATES = [
     (new_user(email="not-an-email"), "user.email"),
     (new_user(email=""), "user.email"),
+    # A line break before the end of a part would pass a pattern's "$"; no address, phone or locale has one.
+    (new_user(email="ada\n@example.com"), "user.email"),
     (new_user(name=""), "user.display_name"),
     (new_user(request_id="x" * 65), "request_id"),
     (new_user(profile=user_pb2.Profile(phone_number="0301234")), "user.profile.phone_number"),
@@ -218,4 +220,5 @@ async def test_unexpected_failure_is_internal_without_internals(user_stub, db_ur
     assert info.reason == "INTERNAL"
     assert "users" not in err.value.details().lower()
     assert any(r.exc_info and "unexpected error" in r.getMessage() for r in caplog.records)
+
 

@@ -27,7 +27,8 @@ DEFAULT_TTL = dt.timedelta(minutes=15)
 MIN_TTL = dt.timedelta(minutes=1)
 MAX_TTL = dt.timedelta(hours=24)
 
-_SKU = re.compile(r"^[A-Za-z0-9._-]+$")
+# Applied with fullmatch: with match, "$" also matches before a final line break.
+_SKU = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +148,7 @@ def check_key(value: str, field: str, v: Violations, limit: int = MAX_REQUEST_ID
 def check_sku(sku: str, field: str, v: Violations) -> None:
     if not sku:
         v.add(field, "is required")
-    elif len(sku) > MAX_SKU or not _SKU.match(sku):
+    elif len(sku) > MAX_SKU or not _SKU.fullmatch(sku):
         v.add(field, f"must be 1 to {MAX_SKU} characters from A-Z, a-z, 0-9, '-', '_' and '.'")
 
 

@@ -20,12 +20,13 @@ MAX_TIME_ZONE = 64
 MAX_REQUEST_ID = 64
 MAX_REASON = 500
 
-# Pragmatic address syntax: one @, a dot-atom local part, and a domain of LDH labels with a TLD of letters.
-_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
-_DOMAIN = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$")
-_PHONE = re.compile(r"^\+[1-9][0-9]{6,14}$")
-_LOCALE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
-_TIME_ZONE = re.compile(r"^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$")
+# Pragmatic address syntax: one @, a dot-atom local part, and a domain of LDH labels with a TLD of letters. The
+# patterns are applied with fullmatch: with match, "$" also matches before a final line break.
+_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_DOMAIN = re.compile(r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}")
+_PHONE = re.compile(r"\+[1-9][0-9]{6,14}")
+_LOCALE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+_TIME_ZONE = re.compile(r"[A-Za-z_]+(/[A-Za-z0-9_+-]+)*")
 
 
 class UserStatus(enum.Enum):
@@ -104,7 +105,7 @@ def check_email(email: str, field: str, v: Violations) -> None:
         v.add(field, f"must be at most {MAX_EMAIL} characters")
         return
     local, sep, domain = email.rpartition("@")
-    if not sep or not local or len(local) > 64 or not _LOCAL.match(local) or not _DOMAIN.match(domain):
+    if not sep or not local or len(local) > 64 or not _LOCAL.fullmatch(local) or not _DOMAIN.fullmatch(domain):
         v.add(field, "is not a valid e-mail address")
 
 
@@ -130,7 +131,7 @@ def check_profile_field(name: str, value: str, field: str, v: Violations) -> Non
     limit, pattern, what = rules[name]
     if len(value) > limit:
         v.add(field, f"must be at most {limit} characters")
-    elif not value.isprintable() or (pattern is not None and not pattern.match(value)):
+    elif not value.isprintable() or (pattern is not None and not pattern.fullmatch(value)):
         v.add(field, f"must be {what}")
 
 
