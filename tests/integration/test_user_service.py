@@ -222,3 +222,22 @@ async def test_unexpected_failure_is_internal_without_internals(user_stub, db_ur
     assert any(r.exc_info and "unexpected error" in r.getMessage() for r in caplog.records)
 
 
+
+async def test_ids_are_the_same_in_either_case(user_stub, db_url):
+    """A UUID's letters may come in either case (RFC 4122): an account is found, changed and deleted by its id in
+    upper case, as products, reservations and payments are."""
+    created = (await user_stub.CreateUser(new_user())).user
+    upper = created.id.upper()
+    assert (await user_stub.GetUser(svc.GetUserRequest(id=upper))).user == created
+    own = (("x-user-id", created.id), ("x-user-scopes", "user:read"))  # the customer, as the gateway names them
+    assert (await user_stub.GetUser(svc.GetUserRequest(id=upper), metadata=own)).user == created
+    updated = (await user_stub.UpdateUser(svc.UpdateUserRequest(
+        user=user_pb2.User(id=upper, display_name="Ada L."),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"])))).user
+    assert (updated.id, updated.display_name) == (created.id, "Ada L.")
+    assert (await user_stub.DeactivateUser(svc.DeactivateUserRequest(id=upper))).user.id == created.id
+    assert (await user_stub.ActivateUser(svc.ActivateUserRequest(id=upper))).user.id == created.id
+    await user_stub.DeleteUser(svc.DeleteUserRequest(id=upper))
+    assert await count_rows(db_url, users) == 0
+    assert await _event_types(db_url) == ["UserCreated", "UserUpdated", "UserDeactivated", "UserActivated",
+                                          "UserDeleted"]

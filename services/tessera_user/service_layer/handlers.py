@@ -41,10 +41,13 @@ class UnitOfWork(Protocol):
     async def commit(self) -> None: ...
 
 
-def check_id(value: str, field: str) -> None:
+def check_id(value: str, field: str) -> str:
+    """The account id a request names, in lower case: a UUID reads the same in either case, and accounts are stored
+    (and callers named) by their lower-case ids."""
     v = model.new_violations()
     check_uuid(value, field, v)
     v.raise_if_any()
+    return value.lower()
 
 
 def _authorize(user_id: str) -> None:
@@ -141,12 +144,12 @@ def _email_taken(email: str) -> AlreadyExists:
 
 
 async def get_user(cmd: commands.GetUser, uow: UnitOfWork) -> User:
-    check_id(cmd.user_id, "id")
-    _authorize(cmd.user_id)
+    user_id = check_id(cmd.user_id, "id")
+    _authorize(user_id)
     async with uow.reading():
-        user = await uow.users.get(cmd.user_id)
+        user = await uow.users.get(user_id)
     if user is None:
-        raise _not_found(cmd.user_id)
+        raise _not_found(user_id)
     return user
 
 
@@ -168,7 +171,7 @@ async def list_users(cmd: commands.ListUsers, uow: UnitOfWork) -> tuple[list[Use
 
 
 async def update_user(cmd: commands.UpdateUser, uow: UnitOfWork) -> User:
-    check_id(cmd.user_id, "user.id")
+    user_id = check_id(cmd.user_id, "user.id")
     v = model.new_violations()
     paths = check_update_mask(cmd.paths, mutable=MUTABLE_PATHS, immutable=IMMUTABLE_PATHS, resource="User",
                               violations=v)
@@ -182,12 +185,12 @@ async def update_user(cmd: commands.UpdateUser, uow: UnitOfWork) -> User:
         model.check_currency(cmd.preferences.preferred_currency_code,
                              "user.preferences.preferred_currency_code", v)
     v.raise_if_any()
-    _authorize(cmd.user_id)
+    _authorize(user_id)
 
     async with uow:
-        user = await uow.users.get_for_update(cmd.user_id)
+        user = await uow.users.get_for_update(user_id)
         if user is None:
-            raise _not_found(cmd.user_id)
+            raise _not_found(user_id)
         before = dataclasses.replace(user)
         if "display_name" in paths:
             user.display_name = cmd.display_name.strip()
@@ -199,7 +202,7 @@ async def update_user(cmd: commands.UpdateUser, uow: UnitOfWork) -> User:
         user.update_time = utcnow()
         user.version += 1
         if not await uow.users.save(user):
-            raise _not_found(cmd.user_id)
+            raise _not_found(user_id)
         uow.add_event(AGGREGATE, user.id, mapping.user_updated(user, changed))
         await uow.commit()
     return user
@@ -225,44 +228,44 @@ def _changed_paths(before: User, after: User) -> list[str]:
 
 
 async def delete_user(cmd: commands.DeleteUser, uow: UnitOfWork) -> None:
-    check_id(cmd.user_id, "id")
-    _authorize(cmd.user_id)
+    user_id = check_id(cmd.user_id, "id")
+    _authorize(user_id)
     async with uow:
-        if not await uow.users.delete(cmd.user_id):
-            raise _not_found(cmd.user_id)
-        uow.add_event(AGGREGATE, cmd.user_id, mapping.user_deleted(cmd.user_id, utcnow()))
+        if not await uow.users.delete(user_id):
+            raise _not_found(user_id)
+        uow.add_event(AGGREGATE, user_id, mapping.user_deleted(user_id, utcnow()))
         await uow.commit()
 
 
 async def deactivate_user(cmd: commands.DeactivateUser, uow: UnitOfWork) -> User:
-    check_id(cmd.user_id, "id")
+    user_id = check_id(cmd.user_id, "id")
     if len(cmd.reason) > model.MAX_REASON:
         v = model.new_violations()
         v.add("reason", f"must be at most {model.MAX_REASON} characters")
         v.raise_if_any()
     _require_admin("deactivating an account")
     async with uow:
-        user = await uow.users.get_for_update(cmd.user_id)
+        user = await uow.users.get_for_update(user_id)
         if user is None:
-            raise _not_found(cmd.user_id)
+            raise _not_found(user_id)
         if user.deactivate(utcnow()):
             if not await uow.users.save(user):
-                raise _not_found(cmd.user_id)
+                raise _not_found(user_id)
             uow.add_event(AGGREGATE, user.id, mapping.user_deactivated(user, cmd.reason))
             await uow.commit()
     return user
 
 
 async def activate_user(cmd: commands.ActivateUser, uow: UnitOfWork) -> User:
-    check_id(cmd.user_id, "id")
+    user_id = check_id(cmd.user_id, "id")
     _require_admin("activating an account")
     async with uow:
-        user = await uow.users.get_for_update(cmd.user_id)
+        user = await uow.users.get_for_update(user_id)
         if user is None:
-            raise _not_found(cmd.user_id)
+            raise _not_found(user_id)
         if user.activate(utcnow()):
             if not await uow.users.save(user):
-                raise _not_found(cmd.user_id)
+                raise _not_found(user_id)
             uow.add_event(AGGREGATE, user.id, mapping.user_activated(user))
             await uow.commit()
     return user
