@@ -261,6 +261,16 @@ async def test_customers_see_only_their_own_payments(payment):
     assert len((await payment.ListPayments(svc.ListPaymentsRequest(), metadata=as_admin)).payments) == 2
 
 
+async def test_a_customer_pays_for_themselves_with_their_id_in_either_case(payment, db_url):
+    """A UUID reads the same in either case: a customer naming themselves in upper case pays for themselves, and
+    the payment is theirs (stored, listed and shown by the lower-case id)."""
+    alice = str(uuid.uuid4())
+    as_alice = (("x-user-id", alice), ("x-user-scopes", "order:write"))
+    paid = (await payment.ProcessPayment(payment_request(customer_id=alice.upper()), metadata=as_alice)).payment
+    assert (paid.status, paid.customer_id) == (payment_pb2.PAYMENT_STATUS_SUCCEEDED, alice)
+    listed = await payment.ListPayments(svc.ListPaymentsRequest(), metadata=as_alice)
+    assert [p.id for p in listed.payments] == [paid.id]
+
 def _invalid_cases() -> list[tuple[str, object, str]]:
     money = money_pb2.Money
     good = payment_request()

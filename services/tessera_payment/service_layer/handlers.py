@@ -189,7 +189,8 @@ async def process_payment(cmd: commands.ProcessPayment, uow: UnitOfWork, process
     model.check_key(cmd.idempotency_key, "idempotency_key", v)
     v.raise_if_any()
     principal = current_principal()
-    if principal is not None and not principal.may_act_for(cmd.customer_id):
+    # Compared as the payment stores it (and the caller's subject is read): in lower case.
+    if principal is not None and not principal.may_act_for(cmd.customer_id.lower()):
         raise PermissionDenied("you may only pay for yourself", reason="PERMISSION_DENIED", domain=DOMAIN,
                                metadata={"customer_id": cmd.customer_id})
     assert cmd.amount is not None
