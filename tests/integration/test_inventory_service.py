@@ -169,6 +169,12 @@ def _invalid_cases(existing: str) -> list[tuple[str, object, str]]:
         # Too long, either way, for any time span Python has.
         ("ReserveStock", reserve_request((existing, 1), ttl=duration_pb2.Duration(seconds=10**15)), "ttl"),
         ("ReserveStock", reserve_request((existing, 1), ttl=duration_pb2.Duration(seconds=-10**15)), "ttl"),
+        # Not zero, so not the default: shorter than a microsecond, and Durations the protobuf rules make invalid
+        # (nanos out of range, nanos against the sign of seconds).
+        ("ReserveStock", reserve_request((existing, 1), ttl=duration_pb2.Duration(nanos=500)), "ttl"),
+        ("ReserveStock", reserve_request((existing, 1), ttl=duration_pb2.Duration(seconds=120, nanos=-5)), "ttl"),
+        ("ReserveStock", reserve_request((existing, 1), ttl=duration_pb2.Duration(seconds=120, nanos=10**9)),
+         "ttl"),
         ("CreateProduct", svc.CreateProductRequest(product=product_pb2.Product(
             sku="NUL-1", name="n", description="has\x00nul", stock_on_hand=1,
             price=money(currency_code="EUR", amount_minor=100)), request_id="nul-1"), "product.description"),

@@ -69,9 +69,8 @@ class InventoryServicer(inventory_service_pb2_grpc.InventoryServiceServicer):
         return svc.AdjustStockResponse(product=mapping.product_to_proto(product))
 
     async def ReserveStock(self, request: svc.ReserveStockRequest, context) -> svc.ReserveStockResponse:
-        ttl = _ttl(request.ttl) if request.HasField("ttl") else None
         cmd = commands.ReserveStock(order_id=_id(request.order_id), items=mapping.items_from_proto(request.items),
-                                    ttl=ttl or None)
+                                    ttl=_ttl(request.ttl) if request.HasField("ttl") else None)
         reservation = await handlers.reserve_stock(cmd, self.uow(), self.default_ttl)
         return svc.ReserveStockResponse(reservation=mapping.reservation_to_proto(reservation))
 
@@ -97,10 +96,15 @@ def _id(value: str) -> str:
     return value.lower()
 
 
-def _ttl(duration) -> dt.timedelta:
-    """The requested time to live; one too long for a timedelta (about 2.7 million years) reads as the longest,
-    which the handler refuses as out of range, naming `ttl`, like any other too long."""
+def _ttl(duration) -> dt.timedelta | None:
+    """The requested time to live, or None for zero (the default). One too long for a timedelta (about 2.7 million
+    years), or a Duration the protobuf rules make invalid (nanos outside +-999,999,999 or against the sign of
+    seconds), reads as the longest, which the handler refuses as out of range, naming `ttl`, like any other too
+    long. One shorter than a microsecond reads as zero length, which the handler refuses as too short."""
+    if duration.seconds == 0 and duration.nanos == 0:
+        return None
     try:
+        duration.ToJsonString()  # checks the Duration's own rules
         return duration.ToTimedelta()
     except (OverflowError, ValueError):
         return dt.timedelta.max
