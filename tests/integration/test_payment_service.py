@@ -295,6 +295,9 @@ def _invalid_cases() -> list[tuple[str, object, str]]:
         ("ProcessPayment", pay(amount=money(currency_code="ANG", amount_minor=1)), "amount.currency_code"),
         ("ProcessPayment", pay(amount=money(currency_code="EUR", amount_minor=0)), "amount.amount_minor"),
         ("ProcessPayment", pay(amount=money(currency_code="EUR", amount_minor=-100)), "amount.amount_minor"),
+        # The contract's maximum is 1,000,000,000,000,000 minor units.
+        ("ProcessPayment", pay(amount=money(currency_code="EUR", amount_minor=10**15 + 1)),
+         "amount.amount_minor"),
         ("ProcessPayment", pay(amount=money(currency_code="EUR", amount_minor=10**18 + 1)),
          "amount.amount_minor"),
         ("ProcessPayment", pay(payment_method=""), "payment_method"),

@@ -138,6 +138,7 @@ BAD_PAYMENTS = [
     (pay(amount=Money("XXX", 100)), "amount.currency_code"),
     (pay(amount=Money("EUR", 0)), "amount.amount_minor"),
     (pay(amount=Money("EUR", -5)), "amount.amount_minor"),
+    (pay(amount=Money("EUR", 1_000_000_000_000_001)), "amount.amount_minor"),
     (pay(amount=Money("EUR", 1_000_000_000_000_000_001)), "amount.amount_minor"),
     (pay(method=""), "payment_method"),
     (pay(method="m" * 256), "payment_method"),

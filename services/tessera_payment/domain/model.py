@@ -11,7 +11,7 @@ from tessera_runtime.errors import NUL_REFUSED, Violations, has_nul
 from tessera_runtime.money import ISO_4217_CODES, is_iso_currency
 
 MIN_AMOUNT = 1
-MAX_AMOUNT = 1_000_000_000_000_000_000
+MAX_AMOUNT = 1_000_000_000_000_000  # the contract's maximum (payment.proto, Payment.amount)
 MAX_PAYMENT_METHOD = 255
 MAX_KEY = 64
 MAX_REASON = 500
