@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping
 
@@ -162,6 +163,18 @@ NUL_REFUSED = "must not contain the NUL character (U+0000)"
 
 def has_nul(value: str) -> bool:
     return "\x00" in value
+
+
+# The zero-width non-joiner and joiner: Persian and Indic names and emoji sequences need them.
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def is_one_line_text(value: str) -> bool:
+    """Text shown to people on one line, such as a name: printable characters and spaces of any script (the
+    ideographic space of Japanese names, no-break spaces) and the zero-width joiners, which str.isprintable() counts
+    out; never control characters, line breaks or direction overrides."""
+    return value.isprintable() or all(
+        c.isprintable() or c in _JOINERS or unicodedata.category(c) == "Zs" for c in value)
 
 
 def check_uuid(value: str, field: str, v: Violations, *, required: bool = True) -> None:

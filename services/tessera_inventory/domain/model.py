@@ -8,7 +8,7 @@ import enum
 import re
 
 from tessera_inventory import DOMAIN
-from tessera_runtime.errors import NUL_REFUSED, Violations, has_nul
+from tessera_runtime.errors import NUL_REFUSED, Violations, has_nul, is_one_line_text
 from tessera_runtime.money import is_iso_currency
 
 MAX_SKU = 64
@@ -157,8 +157,8 @@ def check_name(name: str, field: str, v: Violations) -> None:
         v.add(field, "is required")
     elif len(name) > MAX_NAME:
         v.add(field, f"must be at most {MAX_NAME} characters")
-    elif not name.isprintable():
-        v.add(field, "must not contain control characters")
+    elif not is_one_line_text(name):
+        v.add(field, "must not contain control characters or line breaks")
 
 
 def check_description(description: str, field: str, v: Violations) -> None:

@@ -7,7 +7,7 @@ import datetime as dt
 import enum
 import re
 
-from tessera_runtime.errors import Violations
+from tessera_runtime.errors import Violations, is_one_line_text
 from tessera_runtime.money import is_iso_currency
 from tessera_user import DOMAIN
 
@@ -114,8 +114,8 @@ def check_display_name(name: str, field: str, v: Violations) -> None:
         v.add(field, "is required")
     elif len(name) > MAX_DISPLAY_NAME:
         v.add(field, f"must be at most {MAX_DISPLAY_NAME} characters")
-    elif not name.isprintable():
-        v.add(field, "must not contain control characters")
+    elif not is_one_line_text(name):
+        v.add(field, "must not contain control characters or line breaks")
 
 
 def check_profile_field(name: str, value: str, field: str, v: Violations) -> None:
@@ -131,7 +131,7 @@ def check_profile_field(name: str, value: str, field: str, v: Violations) -> Non
     limit, pattern, what = rules[name]
     if len(value) > limit:
         v.add(field, f"must be at most {limit} characters")
-    elif not value.isprintable() or (pattern is not None and not pattern.fullmatch(value)):
+    elif not is_one_line_text(value) or (pattern is not None and not pattern.fullmatch(value)):
         v.add(field, f"must be {what}")
 
 
