@@ -260,3 +260,14 @@ async def test_names_may_hold_the_spaces_and_joiners_of_any_script(user_stub, db
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
         assert [v.field for v in error_details(err.value)[1].field_violations] == ["user.display_name"]
     assert await count_rows(db_url, users) == 1
+
+
+async def test_an_address_under_an_internationalised_top_level_domain_is_accepted(user_stub):
+    """Top-level domains such as .рф and .中国 are written xn--p1ai and xn--fiqs8s in an address's ASCII form."""
+    created = (await user_stub.CreateUser(new_user(email="ivan@xn--e1afmkfd.xn--p1ai"))).user
+    assert created.email == "ivan@xn--e1afmkfd.xn--p1ai"
+    assert (await user_stub.CreateUser(new_user(email="li@example.XN--FIQS8S"))).user.email == "li@example.xn--fiqs8s"
+    for email in ("ivan@example.xn--", "ivan@example.c0m"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await user_stub.CreateUser(new_user(email=email))
+        assert [v.field for v in error_details(err.value)[1].field_violations] == ["user.email"], email

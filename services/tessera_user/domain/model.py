@@ -20,10 +20,12 @@ MAX_TIME_ZONE = 64
 MAX_REQUEST_ID = 64
 MAX_REASON = 500
 
-# Pragmatic address syntax: one @, a dot-atom local part, and a domain of LDH labels with a TLD of letters. The
-# patterns are applied with fullmatch: with match, "$" also matches before a final line break.
+# Pragmatic address syntax: one @, a dot-atom local part, and a domain of LDH labels with a TLD of letters, or an
+# internationalised TLD in its ASCII form (xn--p1ai for .рф). The patterns are applied with fullmatch: with match,
+# "$" also matches before a final line break.
 _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
-_DOMAIN = re.compile(r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}")
+_DOMAIN = re.compile(r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+                     r"([A-Za-z]{2,63}|xn--[A-Za-z0-9-]{0,58}[A-Za-z0-9])")
 _PHONE = re.compile(r"\+[1-9][0-9]{6,14}")
 _LOCALE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*")
 _TIME_ZONE = re.compile(r"[A-Za-z_]+(/[A-Za-z0-9_+-]+)*")
