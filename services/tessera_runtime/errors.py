@@ -49,8 +49,23 @@ class DomainError(Exception):
         return status_pb2.Status(code=self.code.value[0], message=self.message, details=self.details())
 
 
+# A status travels in trailers (its message percent-encoded, and again inside grpc-status-details-bin with the
+# details), which gRPC clients refuse above 8 KiB by default (grpc.max_metadata_size): the call then fails
+# RESOURCE_EXHAUSTED and the caller never sees the error. So an InvalidArgument's message lists its violations up to
+# _MAX_MESSAGE bytes and its BadRequest up to _MAX_VIOLATION_BYTES, each then saying how many it left out, and a
+# field path or description (which may quote the request, an update_mask path) is cut at _MAX_VIOLATION_TEXT
+# characters.
+_MAX_MESSAGE = 600
+_MAX_VIOLATION_BYTES = 2500
+_MAX_VIOLATION_TEXT = 100
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_VIOLATION_TEXT else text[:_MAX_VIOLATION_TEXT - 1] + "…"
+
+
 class InvalidArgument(DomainError):
-    """The request is malformed; carries one violation per invalid field."""
+    """The request is malformed; carries one violation per invalid field (as many as a status can carry)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"
@@ -60,16 +75,38 @@ class InvalidArgument(DomainError):
         self.violations = list(violations)
         if not self.violations:
             raise ValueError("InvalidArgument needs at least one field violation")
-        text = message or "invalid request: " + "; ".join(f"{v.field}: {v.description}" for v in self.violations)
-        super().__init__(text, reason=reason, domain=domain)
+        super().__init__(message or _violations_text(self.violations), reason=reason, domain=domain)
 
     def details(self) -> list[any_pb2.Any]:
+        listed: list[error_details_pb2.BadRequest.FieldViolation] = []
+        size = 0
+        for v in self.violations:
+            item = error_details_pb2.BadRequest.FieldViolation(field=_clip(v.field), description=_clip(v.description))
+            size += item.ByteSize() + 3  # with its tag and length
+            left = len(self.violations) - len(listed) - 1
+            if size > _MAX_VIOLATION_BYTES and left:
+                item.description += f" (and {left} more violations not listed)"
+                listed.append(item)
+                break
+            listed.append(item)
         bad = any_pb2.Any()
-        bad.Pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in self.violations
-        ]))
+        bad.Pack(error_details_pb2.BadRequest(field_violations=listed))
         return [*super().details(), bad]
+
+
+def _violations_text(violations: list[FieldViolation]) -> str:
+    shown: list[str] = []
+    size = 0
+    for i, v in enumerate(violations):
+        part = f"{_clip(v.field)}: {_clip(v.description)}"
+        size += len(part.encode()) + 2
+        if size > _MAX_MESSAGE - 40 and shown:  # room for the start and the count of the rest
+            return "invalid request: " + "; ".join(shown) + f"; and {len(violations) - i} more"
+        shown.append(part)
+    text = "invalid request: " + "; ".join(shown)
+    if len(text.encode()) <= _MAX_MESSAGE:
+        return text
+    return text.encode()[:_MAX_MESSAGE - 3].decode(errors="ignore") + "…"
 
 
 class NotFound(DomainError):

@@ -544,3 +544,26 @@ async def test_product_names_may_hold_the_spaces_and_joiners_of_any_script(inven
         assert (code, info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), name
         assert [v.field for v in error_details(err)[1].field_violations] == ["product.name"]
     assert await count_rows(db_url, products) == 1
+
+
+async def test_a_request_with_many_invalid_fields_gets_its_error(inventory, db_url):
+    """The status details travel in a trailer, which a gRPC client refuses above 8 KiB (and then reports
+    RESOURCE_EXHAUSTED, without the error): however many fields are invalid, the caller gets INVALID_ARGUMENT with
+    the first invalid fields named and the count of those left out."""
+    existing = (await inventory.CreateProduct(new_product("KEEP", stock=5))).product
+    calls = [
+        (inventory.BatchGetProducts(svc.BatchGetProductsRequest(ids=["not-a-product-id"] * 100)), "ids[0]"),
+        (inventory.ReserveStock(reserve_request(*[("not-a-product-id", 0)] * 100, order_id="not-an-order-id")),
+         "order_id"),
+        (inventory.UpdateProduct(svc.UpdateProductRequest(
+            product=product_pb2.Product(id=existing.id, name="n"),
+            update_mask=field_mask_pb2.FieldMask(paths=[f"no_such_field_{i}" for i in range(2000)]))), "update_mask"),
+    ]
+    for call, first in calls:
+        code, info, err = await failure(call)
+        assert (code, info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), err.details()
+        violations = error_details(err)[1].field_violations
+        assert violations[0].field == first
+        assert "more" in violations[-1].description and len(err.details()) < 1000
+    assert (await inventory.GetProduct(svc.GetProductRequest(id=existing.id))).product == existing
+    assert await count_rows(db_url, reservations) == 0

@@ -271,3 +271,17 @@ async def test_an_address_under_an_internationalised_top_level_domain_is_accepte
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await user_stub.CreateUser(new_user(email=email))
         assert [v.field for v in error_details(err.value)[1].field_violations] == ["user.email"], email
+
+
+async def test_an_update_mask_too_large_to_quote_gets_its_error(user_stub):
+    """An update_mask path is quoted in its violation: one path of 20,000 characters, or 2,000 unknown paths, still
+    give INVALID_ARGUMENT naming update_mask (not RESOURCE_EXHAUSTED from a trailer the client refuses)."""
+    created = (await user_stub.CreateUser(new_user())).user
+    for paths in (["\U0001f4a5" * 20_000], [f"no_such_field_{i}" for i in range(2000)]):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await user_stub.UpdateUser(svc.UpdateUserRequest(user=user_pb2.User(id=created.id, display_name="B"),
+                                                             update_mask=field_mask_pb2.FieldMask(paths=paths)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        info, bad = error_details(err.value)
+        assert info.reason == "INVALID_ARGUMENT" and {v.field for v in bad.field_violations} == {"update_mask"}
+    assert (await user_stub.GetUser(svc.GetUserRequest(id=created.id))).user == created
