@@ -21,15 +21,17 @@ QUIET = {"TESSERA_OUTBOX_RELAY": "false"}
 
 
 @contextlib.asynccontextmanager
-async def inventory_service(db_url: str, **env: str) -> AsyncIterator[
+async def inventory_service(db_url: str, channel_options: tuple[tuple[str, int], ...] = (),
+                            **env: str) -> AsyncIterator[
         tuple[inventory_service_pb2_grpc.InventoryServiceStub, TesseraServer]]:
-    """Starts the inventory service (migrations, sweeper) on port 0 and yields a stub on a real channel."""
+    """Starts the inventory service (migrations, sweeper) on port 0 and yields a stub on a real channel (made with
+    `channel_options`)."""
     settings = bootstrap.SETTINGS.from_env("inventory", 0, {"TESSERA_DATABASE_URL": db_url,
                                                             "TESSERA_GRPC_PORT": "0", **QUIET, **env})
     module = await bootstrap.build(settings)
     server, port = await create_server(module, readiness_interval=0.2)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options) as channel:
             yield inventory_service_pb2_grpc.InventoryServiceStub(channel), server
     finally:
         await server.stop()

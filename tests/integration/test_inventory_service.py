@@ -546,24 +546,48 @@ async def test_product_names_may_hold_the_spaces_and_joiners_of_any_script(inven
     assert await count_rows(db_url, products) == 1
 
 
-async def test_a_request_with_many_invalid_fields_gets_its_error(inventory, db_url):
+# gRPC's default limit on the metadata a client accepts (grpc.max_metadata_size), made strict: above it a client
+# refuses a reply's trailers, the status details among them, at random up to twice the limit and always beyond.
+STRICT_METADATA_LIMIT = (("grpc.max_metadata_size", 8192), ("grpc.absolute_max_metadata_size", 8192))
+
+
+async def test_a_request_with_many_invalid_fields_gets_its_error(db_url):
     """The status details travel in a trailer, which a gRPC client refuses above 8 KiB (and then reports
     RESOURCE_EXHAUSTED, without the error): however many fields are invalid, the caller gets INVALID_ARGUMENT with
     the first invalid fields named and the count of those left out."""
-    existing = (await inventory.CreateProduct(new_product("KEEP", stock=5))).product
-    calls = [
-        (inventory.BatchGetProducts(svc.BatchGetProductsRequest(ids=["not-a-product-id"] * 100)), "ids[0]"),
-        (inventory.ReserveStock(reserve_request(*[("not-a-product-id", 0)] * 100, order_id="not-an-order-id")),
-         "order_id"),
-        (inventory.UpdateProduct(svc.UpdateProductRequest(
-            product=product_pb2.Product(id=existing.id, name="n"),
-            update_mask=field_mask_pb2.FieldMask(paths=[f"no_such_field_{i}" for i in range(2000)]))), "update_mask"),
-    ]
-    for call, first in calls:
-        code, info, err = await failure(call)
-        assert (code, info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), err.details()
-        violations = error_details(err)[1].field_violations
-        assert violations[0].field == first
-        assert "more" in violations[-1].description and len(err.details()) < 1000
-    assert (await inventory.GetProduct(svc.GetProductRequest(id=existing.id))).product == existing
+    async with inventory_service(db_url, channel_options=STRICT_METADATA_LIMIT) as (inventory, _):
+        existing = (await inventory.CreateProduct(new_product("KEEP", stock=5))).product
+        calls = [
+            (inventory.BatchGetProducts(svc.BatchGetProductsRequest(ids=["not-a-product-id"] * 100)), "ids[0]"),
+            (inventory.ReserveStock(reserve_request(*[("not-a-product-id", 0)] * 100, order_id="not-an-order-id")),
+             "order_id"),
+            (inventory.UpdateProduct(svc.UpdateProductRequest(
+                product=product_pb2.Product(id=existing.id, name="n"),
+                update_mask=field_mask_pb2.FieldMask(paths=[f"no_such_field_{i}" for i in range(2000)]))),
+             "update_mask"),
+        ]
+        for call, first in calls:
+            code, info, err = await failure(call)
+            assert (code, info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), err.details()
+            violations = error_details(err)[1].field_violations
+            assert violations[0].field == first
+            assert "more" in violations[-1].description and len(err.details()) < 1000
+        assert (await inventory.GetProduct(svc.GetProductRequest(id=existing.id))).product == existing
     assert await count_rows(db_url, reservations) == 0
+
+
+async def test_a_reservation_short_of_every_product_names_them_all_within_the_metadata_limit(db_url):
+    """A ReserveStock of 100 products none of which has the units: the PreconditionFailure lists every product (its
+    description only while there is room), and the whole error fits the trailers every client accepts."""
+    async with inventory_service(db_url, channel_options=STRICT_METADATA_LIMIT) as (inventory, _):
+        created = await asyncio.gather(*(inventory.CreateProduct(new_product(f"SHORT-{i}", stock=1))
+                                         for i in range(100)))
+        ids = [c.product.id for c in created]
+        code, info, err = await failure(inventory.ReserveStock(reserve_request(*[(i, 2) for i in ids])))
+        assert (code, info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_STOCK"), err.details()
+        status = status_pb2.Status.FromString(dict(err.trailing_metadata())["grpc-status-details-bin"])
+        (failure_any,) = [d for d in status.details if d.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR)]
+        shortages = error_details_pb2.PreconditionFailure()
+        failure_any.Unpack(shortages)
+        assert [(v.type, v.subject) for v in shortages.violations] == [("STOCK", i) for i in ids]
+        assert shortages.violations[0].description == "2 units requested, 1 available"

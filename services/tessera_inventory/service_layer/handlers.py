@@ -76,6 +76,9 @@ class UnitOfWork(Protocol):
     async def commit(self) -> None: ...
 
 
+_MAX_SHORTAGE_DESCRIPTIONS = 2000
+
+
 class InsufficientStock(FailedPrecondition):
     """FAILED_PRECONDITION (INSUFFICIENT_STOCK) with a PreconditionFailure listing every short product."""
 
@@ -91,13 +94,18 @@ class InsufficientStock(FailedPrecondition):
         self.shortages = shortages
 
     def details(self) -> list[any_pb2.Any]:
+        # Every product is listed, but the descriptions only up to _MAX_SHORTAGE_DESCRIPTIONS bytes: the status
+        # travels in trailers, which a client refuses above 8 KiB, and 100 products described would take 8.
+        violations, size = [], 0
+        for s in self.shortages:
+            violation = error_details_pb2.PreconditionFailure.Violation(type="STOCK", subject=s.product_id)
+            description = f"{s.requested} units requested, {s.available} available"
+            size += len(description) + 2
+            if size <= _MAX_SHORTAGE_DESCRIPTIONS:
+                violation.description = description
+            violations.append(violation)
         failure = any_pb2.Any()
-        failure.Pack(error_details_pb2.PreconditionFailure(violations=[
-            error_details_pb2.PreconditionFailure.Violation(
-                type="STOCK", subject=s.product_id,
-                description=f"{s.requested} units requested, {s.available} available")
-            for s in self.shortages
-        ]))
+        failure.Pack(error_details_pb2.PreconditionFailure(violations=violations))
         return [*super().details(), failure]
 
 
