@@ -177,6 +177,26 @@ async def test_adjust_stock_rules_and_idempotency():
     assert [e[2].delta for e in uow.published if isinstance(e[2], events_pb2.StockAdjusted)] == [10, -12]
 
 
+async def test_a_removal_refused_is_below_reserved_even_when_a_delivery_lands_before_the_levels_are_read():
+    """On PostgreSQL the levels an error reports are read after the refused update, in a statement of their own: a
+    delivery committed in between must not turn a removal refused for the reserved units into STOCK_LIMIT_EXCEEDED
+    ("adding -10 units would take stock on hand above 1,000,000,000")."""
+    uow = FakeInventoryUnitOfWork()
+    p = await handlers.create_product(product(stock=5), uow)
+    await reserve(uow, (p.id, 3))
+    refuse = uow.products.adjust
+
+    async def refused_then_delivered(product_id, delta, now):
+        applied = await refuse(product_id, delta, now)
+        uow.state.products[product_id].stock_on_hand += 100  # another transaction's delivery commits just then
+        return applied
+
+    uow.products.adjust = refused_then_delivered
+    with pytest.raises(FailedPrecondition) as below:
+        await handlers.adjust_stock(commands.AdjustStock(p.id, -10, "damaged", "adj-1"), uow)
+    assert below.value.reason == "STOCK_BELOW_RESERVED"
+    assert below.value.metadata == {"product_id": p.id, "stock_on_hand": "105", "stock_reserved": "3"}
+
 @pytest.mark.parametrize(("cmd", "field"), [
     (commands.AdjustStock("nope", 1, "r", "k"), "product_id"),
     (commands.AdjustStock(str(uuid.uuid4()), 0, "r", "k"), "delta"),

@@ -381,13 +381,16 @@ async def _replay_adjustment(uow: UnitOfWork, previous: tuple[str, str], request
 
 
 async def _adjustment_refused(uow: UnitOfWork, cmd: commands.AdjustStock) -> Exception:
+    """Why the adjustment of a product that exists was refused. The sign of delta says which bound it crossed: the
+    levels read here may already include a change committed after the refused update (on PostgreSQL each statement
+    sees the latest commits), so they report the current levels but cannot tell which bound it was."""
     product = await uow.products.get(cmd.product_id)
     if product is None:
         return _product_not_found(cmd.product_id)
-    if product.stock_on_hand + cmd.delta < product.stock_reserved:
+    if cmd.delta < 0:
         return FailedPrecondition(
-            f"removing {-cmd.delta} units would leave {product.stock_on_hand + cmd.delta} on hand, below the "
-            f"{product.stock_reserved} reserved", reason="STOCK_BELOW_RESERVED", domain=DOMAIN,
+            f"removing {-cmd.delta} units would leave fewer on hand than the {product.stock_reserved} reserved "
+            f"({product.stock_on_hand} on hand)", reason="STOCK_BELOW_RESERVED", domain=DOMAIN,
             metadata={"product_id": product.id, "stock_on_hand": str(product.stock_on_hand),
                       "stock_reserved": str(product.stock_reserved)})
     return FailedPrecondition(
