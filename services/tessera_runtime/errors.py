@@ -206,6 +206,11 @@ def has_nul(value: str) -> bool:
 _JOINERS = frozenset("\u200c\u200d")
 
 
+def is_blank(value: str) -> bool:
+    """Nothing a reader would see: only spaces of any script and zero-width joiners, or nothing at all."""
+    return all(c.isspace() or c in _JOINERS for c in value)
+
+
 def is_one_line_text(value: str) -> bool:
     """Text shown to people on one line, such as a name: printable characters and spaces of any script (the
     ideographic space of Japanese names, no-break spaces) and the zero-width joiners, which str.isprintable() counts

@@ -532,14 +532,15 @@ async def test_ids_are_the_same_in_either_case(inventory, db_url):
 
 async def test_product_names_may_hold_the_spaces_and_joiners_of_any_script(inventory, db_url):
     """A name may hold a space of any script (an ideographic space, a narrow no-break space before a colon) and
-    zero-width joiners; control characters, line breaks and direction overrides stay refused."""
+    zero-width joiners; control characters, line breaks, direction overrides and a name of nothing else than
+    spaces and joiners stay refused."""
     tower = (await inventory.CreateProduct(new_product("TOWER", name="東京\u3000タワー"))).product
     assert tower.name == "東京\u3000タワー"
     renamed = (await inventory.UpdateProduct(svc.UpdateProductRequest(
         product=product_pb2.Product(id=tower.id, name="Tour\u202f: modèle réduit"),
         update_mask=field_mask_pb2.FieldMask(paths=["name"])))).product
     assert renamed.name == "Tour\u202f: modèle réduit"
-    for i, name in enumerate(("Lamp\nShade", "Lamp\u2029", "Lamp\u202eedahS", "Lamp\x1b[31m")):
+    for i, name in enumerate(("Lamp\nShade", "Lamp\u2029", "Lamp\u202eedahS", "Lamp\x1b[31m", "\u200d\u3000")):
         code, info, err = await failure(inventory.CreateProduct(new_product(f"BAD-{i}", name=name)))
         assert (code, info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), name
         assert [v.field for v in error_details(err)[1].field_violations] == ["product.name"]

@@ -245,8 +245,8 @@ async def test_ids_are_the_same_in_either_case(user_stub, db_url):
 
 async def test_names_may_hold_the_spaces_and_joiners_of_any_script(user_stub, db_url):
     """A name may hold a space of any script (the ideographic space of Japanese names, a no-break space) and the
-    zero-width joiners scripts and emoji need; control characters, line breaks and direction overrides stay
-    refused."""
+    zero-width joiners scripts and emoji need; control characters, line breaks, direction overrides and a name of
+    nothing else than spaces and joiners stay refused."""
     created = (await user_stub.CreateUser(new_user(
         name="山田\u3000太郎", profile=user_pb2.Profile(given_name="Anne\u00a0Marie", family_name="O\u200dNeil")))).user
     assert (created.display_name, created.profile.given_name) == ("山田\u3000太郎", "Anne\u00a0Marie")
@@ -254,7 +254,7 @@ async def test_names_may_hold_the_spaces_and_joiners_of_any_script(user_stub, db
         user=user_pb2.User(id=created.id, display_name="\U0001f468\u200d\U0001f469\u200d\U0001f467 Yamada"),
         update_mask=field_mask_pb2.FieldMask(paths=["display_name"])))).user
     assert renamed.display_name == "\U0001f468\u200d\U0001f469\u200d\U0001f467 Yamada"
-    for name in ("Ada\nLovelace", "Ada\u2028Lovelace", "Ada\u202eecalevoL", "Ada\x07"):
+    for name in ("Ada\nLovelace", "Ada\u2028Lovelace", "Ada\u202eecalevoL", "Ada\x07", "\u3000\u200d"):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await user_stub.CreateUser(new_user(email="other@example.com", name=name))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name

@@ -8,7 +8,7 @@ import enum
 import re
 
 from tessera_inventory import DOMAIN
-from tessera_runtime.errors import NUL_REFUSED, Violations, has_nul, is_one_line_text
+from tessera_runtime.errors import NUL_REFUSED, Violations, has_nul, is_blank, is_one_line_text
 from tessera_runtime.money import is_iso_currency
 
 MAX_SKU = 64
@@ -153,7 +153,7 @@ def check_sku(sku: str, field: str, v: Violations) -> None:
 
 
 def check_name(name: str, field: str, v: Violations) -> None:
-    if not name.strip():
+    if is_blank(name):
         v.add(field, "is required")
     elif len(name) > MAX_NAME:
         v.add(field, f"must be at most {MAX_NAME} characters")

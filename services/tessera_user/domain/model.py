@@ -7,7 +7,7 @@ import datetime as dt
 import enum
 import re
 
-from tessera_runtime.errors import Violations, is_one_line_text
+from tessera_runtime.errors import Violations, is_blank, is_one_line_text
 from tessera_runtime.money import is_iso_currency
 from tessera_user import DOMAIN
 
@@ -112,7 +112,7 @@ def check_email(email: str, field: str, v: Violations) -> None:
 
 
 def check_display_name(name: str, field: str, v: Violations) -> None:
-    if not name.strip():
+    if is_blank(name):
         v.add(field, "is required")
     elif len(name) > MAX_DISPLAY_NAME:
         v.add(field, f"must be at most {MAX_DISPLAY_NAME} characters")
