@@ -592,3 +592,27 @@ async def test_a_reservation_short_of_every_product_names_them_all_within_the_me
         failure_any.Unpack(shortages)
         assert [(v.type, v.subject) for v in shortages.violations] == [("STOCK", i) for i in ids]
         assert shortages.violations[0].description == "2 units requested, 1 available"
+
+
+async def test_reads_on_sqlite_never_wait_for_a_writer(tmp_path):
+    """In WAL mode SQLite readers do not wait for the writer: GetProduct, GetReservation and ListProducts answer
+    while another connection holds the write lock (a long write, the sweeper's), instead of queueing behind it for
+    up to the busy timeout of 10 s."""
+    import sqlite3
+
+    path = tmp_path / "inventory.db"
+    async with inventory_service(f"sqlite+aiosqlite:///{path}") as (inventory, _):
+        lamp = (await inventory.CreateProduct(new_product("LAMP", stock=10))).product
+        held = (await inventory.ReserveStock(reserve_request((lamp.id, 4)))).reservation
+        writer = sqlite3.connect(path, isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            got = await inventory.GetProduct(svc.GetProductRequest(id=lamp.id), timeout=2)
+            assert levels(got.product) == (10, 4, 6)
+            got = await inventory.GetReservation(svc.GetReservationRequest(id=held.id), timeout=2)
+            assert got.reservation == held
+            listed = await inventory.ListProducts(svc.ListProductsRequest(), timeout=2)
+            assert [p.id for p in listed.products] == [lamp.id]
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()

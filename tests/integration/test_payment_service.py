@@ -427,3 +427,22 @@ async def test_a_settle_that_another_call_beat_returns_that_outcome_and_writes_n
         async with uow:
             stored = await uow.payments.get(payment.id)
         assert stored.status is PaymentStatus.SUCCEEDED and stored.version == first.version
+
+
+async def test_reads_on_sqlite_never_wait_for_a_writer(tmp_path):
+    """In WAL mode SQLite readers do not wait for the writer: GetPayment and ListPayments answer while another
+    connection holds the write lock, instead of queueing behind it for up to the busy timeout of 10 s."""
+    import sqlite3
+
+    path = tmp_path / "payment.db"
+    async with payment_service(f"sqlite+aiosqlite:///{path}") as (payment, _, _port):
+        paid = (await payment.ProcessPayment(payment_request())).payment
+        writer = sqlite3.connect(path, isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            assert (await payment.GetPayment(svc.GetPaymentRequest(id=paid.id), timeout=2)).payment == paid
+            listed = await payment.ListPayments(svc.ListPaymentsRequest(), timeout=2)
+            assert [p.id for p in listed.payments] == [paid.id]
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()

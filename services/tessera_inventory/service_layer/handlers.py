@@ -226,7 +226,7 @@ async def _replay_create(uow: UnitOfWork, previous: tuple[str, str], request_has
 
 async def get_product(cmd: commands.GetProduct, uow: UnitOfWork) -> Product:
     _check_id(cmd.product_id, "id")
-    async with uow:
+    async with uow.reading():
         product = await uow.products.get(cmd.product_id)
     if product is None:
         raise _product_not_found(cmd.product_id)
@@ -260,7 +260,7 @@ async def list_products(cmd: commands.ListProducts, uow: UnitOfWork) -> tuple[li
     v.raise_if_any()
     filters = {"sku": cmd.sku, "in_stock_only": cmd.in_stock_only}
     after = pagination.decode_time_key(cmd.page_token, "ListProducts", filters, DOMAIN)
-    async with uow:
+    async with uow.reading():
         page = await uow.products.list_after(after, size + 1, cmd.sku, cmd.in_stock_only)
     page, token = pagination.next_page(page, size, "ListProducts", filters)
     return page, token
@@ -502,7 +502,7 @@ async def _commit_expiry(uow: UnitOfWork) -> None:
 
 async def get_reservation(cmd: commands.GetReservation, uow: UnitOfWork) -> Reservation:
     _check_id(cmd.reservation_id, "id")
-    async with uow:
+    async with uow.reading():
         reservation = await uow.reservations.get(cmd.reservation_id)
     if reservation is None:
         raise _reservation_not_found(cmd.reservation_id)

@@ -65,6 +65,7 @@ T = TypeVar("T")
 class UnitOfWork(Protocol):
     payments: PaymentRepository
 
+    def reading(self) -> UnitOfWork: ...
     def inserting(self) -> UnitOfWork: ...
     def one_statement(self) -> UnitOfWork: ...
     async def __aenter__(self) -> UnitOfWork: ...
@@ -398,7 +399,7 @@ async def get_payment(cmd: commands.GetPayment, uow: UnitOfWork) -> Payment:
     v = model.new_violations()
     check_uuid(cmd.payment_id, "id", v)
     v.raise_if_any()
-    async with uow:
+    async with uow.reading():
         payment = await uow.payments.get(cmd.payment_id.lower())
     _may_see(payment.customer_id if payment else None)
     if payment is None:
@@ -425,7 +426,7 @@ async def list_payments(cmd: commands.ListPayments, uow: UnitOfWork) -> tuple[li
     filters = {"order_id": where.order_id, "customer_id": where.customer_id,
                "status": where.status.value if where.status else None}
     before = pagination.decode_time_key(cmd.page_token, "ListPayments", filters, DOMAIN)
-    async with uow:
+    async with uow.reading():
         page = await uow.payments.list_before(before, size + 1, where)
     page, token = pagination.next_page(page, size, "ListPayments", filters)
     return page, token
@@ -439,7 +440,7 @@ async def refund_payment(cmd: commands.RefundPayment, uow: UnitOfWork, processin
     model.check_key(cmd.idempotency_key, "idempotency_key", v)
     model.check_reason(cmd.reason, "reason", v)
     v.raise_if_any()
-    async with uow:
+    async with uow.reading():
         payment = await uow.payments.get(cmd.payment_id.lower())
     _may_see(payment.customer_id if payment else None)
     if payment is None:
