@@ -4,6 +4,7 @@ with the order database on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 import uuid
 
@@ -19,7 +20,7 @@ from tessera_order.adapters.downstream import GrpcCustomerDirectory, GrpcInvento
 from tessera_order.adapters.orm import order_items, order_saga_steps, order_sagas, orders, outbox
 from tessera_order.service_layer.ports import Downstream
 from tessera_runtime.clients import error_details, open_channel
-from tessera_runtime.db import Database
+from tessera_runtime.db import Database, utcnow
 from tests.support.order_stack import InProcessOrder, Neighbours, count_rows
 from tests.support.tcp_proxy import TcpProxy
 
@@ -512,3 +513,29 @@ async def test_refund_that_keeps_failing_leaves_the_order_compensation_failed(ne
     # The money is still taken, for an operator to resolve; the stock came back.
     assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_SUCCEEDED]
     assert (await neighbours.stock(product)).stock_on_hand == 5
+
+
+async def hold_lease(db_url: str, order_id: str, owner: str, seconds: float) -> None:
+    """Takes the order's saga lease for `owner`, as a process that began a cancellation would before writing it."""
+    db = Database(db_url)
+    try:
+        async with db.engine.begin() as conn:
+            await conn.execute(order_sagas.update().where(order_sagas.c.order_id == order_id).values(
+                lease_owner=owner, lease_expires_at=utcnow() + dt.timedelta(seconds=seconds)))
+    finally:
+        await db.dispose()
+
+
+async def test_cancel_of_an_order_another_runner_holds_waits_for_it_and_cancels(order_service, neighbours, db_url):
+    # Another process took the lease of a CONFIRMED order to cancel it and died before writing anything (or is about
+    # to write its cancellation): nothing is under way that a customer could wait for, so the call must not answer
+    # that a dependency failed and the cancellation continues. It waits for the lease and cancels the order itself.
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    order = await create(order_service, request(customer, (product, 2)))
+    await hold_lease(db_url, order.id, "another-process:1:dead", 1.0)
+    cancelled = (await order_service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id, reason="Double click"),
+                                                      timeout=20)).order
+    assert cancelled.status == order_pb2.ORDER_STATUS_CANCELLED and cancelled.cancel_reason == "Double click"
+    assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_REFUNDED]
+    assert (await neighbours.stock(product)).stock_on_hand == 5
+    assert (await events(db_url))[-1] == "OrderCancelled"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Callable
@@ -279,6 +280,24 @@ async def _begin_cancel(order: Order, reason: str, uow: UowFactory, sagas: SagaC
     return sagas.run(order.id, leased=True, order=order)
 
 
+# How long a cancellation waits before trying again the lease of a CONFIRMED order another process holds.
+_LEASE_RETRY_SECONDS = 0.2
+
+
+async def _follow_other_runner(order_id: str, sagas: SagaCoordinator) -> bool:
+    """Follows the saga another process holds through the database until it ends or the call's time runs out.
+    True when the lease is worth trying again: the order is still CONFIRMED, so its holder has not begun cancelling
+    it (it is about to, or it died first and nothing is under way)."""
+    current = await sagas.poll(order_id, _wait_budget())
+    if current is None or current.status is not OrderStatus.CONFIRMED:
+        return False
+    budget = _wait_budget()
+    if budget is not None and budget <= _LEASE_RETRY_SECONDS:
+        return False
+    await asyncio.sleep(_LEASE_RETRY_SECONDS)
+    return True
+
+
 _SERVICE_OF_STEP = {
     StepName.CONFIRM_ORDER: "inventory", StepName.RESERVE_STOCK: "inventory", StepName.PROCESS_PAYMENT: "payment",
 }
@@ -304,22 +323,23 @@ async def cancel_order(cmd: commands.CancelOrder, uow: UowFactory, sagas: SagaCo
         await sagas.wait(execution, _wait_budget(), until_retry=True)
         if sagas.running(order.id) is None:
             execution = None
-    if execution is None and await sagas.acquire(order.id):
-        async with uow() as u:
-            order = await u.orders.get(order.id)
-        assert order is not None
-        try:
-            if not _check_cancellable(order):
+    while execution is None:
+        if await sagas.acquire(order.id):
+            async with uow() as u:
+                order = await u.orders.get(order.id)
+            assert order is not None
+            try:
+                if not _check_cancellable(order):
+                    await sagas.release(order.id)
+                    return order
+            except DomainError:
                 await sagas.release(order.id)
-                return order
-        except DomainError:
-            await sagas.release(order.id)
-            raise
-        execution = await _begin_cancel(order, cmd.reason, uow, sagas)
+                raise
+            execution = await _begin_cancel(order, cmd.reason, uow, sagas)
+        elif not await _follow_other_runner(order.id, sagas):
+            break
     if execution is not None:
         await sagas.wait(execution, _wait_budget(), until_retry=True)
-    else:  # another process holds the saga: follow it through the database
-        await sagas.poll(order.id, _wait_budget())
 
     async with uow() as u:
         current = await u.orders.get(order.id)

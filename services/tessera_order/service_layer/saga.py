@@ -635,15 +635,18 @@ class SagaCoordinator:
             if retry_waiter is not None:
                 retry_waiter.cancel()
 
-    async def poll(self, order_id: str, timeout: float | None, interval: float = 0.2) -> None:
-        """Waits until a saga run by another process ends, reading its order, or timeout."""
+    async def poll(self, order_id: str, timeout: float | None, interval: float = 0.2) -> Order | None:
+        """Waits until a saga run by another process ends, reading its order, or timeout; returns the order as last
+        read (None if it was not read)."""
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        order = None
         while deadline is None or asyncio.get_running_loop().time() < deadline:
             async with self.uow() as uow:
                 order = await uow.orders.get(order_id)
             if order is None or order.finished:
-                return
+                return order
             await asyncio.sleep(interval)
+        return order
 
 
 def _age(order: Order) -> float:
