@@ -13,7 +13,14 @@ from tessera.order.v1 import order_events_pb2
 
 from tessera_order import bootstrap
 from tessera_order.adapters.orm import order_sagas, orders, outbox
-from tessera_order.adapters.repository import DuplicateRequestId, Lease, LeaseLost, SagaCaller, _order_row
+from tessera_order.adapters.repository import (
+    DuplicateRequestId,
+    Lease,
+    LeaseLost,
+    SagaCaller,
+    SqlAlchemyOrderRepository,
+    _order_row,
+)
 from tessera_order.domain.model import Failure, Order, OrderItem, OrderStatus, StepName
 from tessera_order.service_layer.unit_of_work import OrderUnitOfWork
 from tessera_runtime import migrations
@@ -376,3 +383,47 @@ async def stored_order_copy(db: Database, order_id: str) -> Order:
         order = await uow.orders.get(order_id)
     assert order is not None
     return order
+
+
+@pytest.mark.parametrize("read", ["get", "list"])
+async def test_a_read_while_the_saga_saves_shows_the_order_as_one_save_left_it(pg_database, monkeypatch, read):
+    # GetOrder and ListOrders read the order row, then its items, steps and saga row, each statement seeing the
+    # saves committed before it (READ COMMITTED): a save committed between those reads (the saga moving on) must
+    # not give an order in a state the saga never had, such as PENDING with every step done. (On SQLite a
+    # transaction reads one snapshot.)
+    async with migrated(bootstrap.MIGRATIONS, pg_database[1]) as db:
+        await _read_while_the_saga_saves(db, monkeypatch, read)
+
+
+async def _read_while_the_saga_saves(db: Database, monkeypatch, read: str) -> None:
+    order = await stored_order(db, owner="runner-a")
+    for step in (StepName.RESERVE_STOCK, StepName.PROCESS_PAYMENT, StepName.CONFIRM_ORDER):
+        order.start_step(step, utcnow())
+        if step is StepName.CONFIRM_ORDER:
+            break
+        order.complete_step(step, utcnow(), reservation_id="r-1", payment_id="p-1")
+    async with OrderUnitOfWork(db) as uow:
+        await uow.orders.save(order, lease("runner-a"))
+        await uow.commit()
+    before = await stored_order_copy(db, order.id)
+    order.confirm(utcnow())
+    real_load = SqlAlchemyOrderRepository._load
+    saved = []
+
+    async def load_after_the_saga_moved_on(self, rows):
+        if not saved:  # the saga confirms the order between the read of its row and the rest
+            saved.append(True)
+            async with OrderUnitOfWork(db).one_statement() as uow:
+                await uow.orders.save(order, lease("runner-a"), release=True)
+                await uow.commit()
+        return await real_load(self, rows)
+
+    monkeypatch.setattr(SqlAlchemyOrderRepository, "_load", load_after_the_saga_moved_on)
+    async with OrderUnitOfWork(db) as uow:
+        if read == "get":
+            seen = await uow.orders.get(order.id)
+        else:
+            [seen] = await uow.orders.list(customer_id=order.customer_id, status=None, after=None, limit=10)
+    assert saved
+    assert seen in (before, order), (seen.status, seen.version, {s.name.value: s.status.value
+                                                                 for s in seen.steps.values()})

@@ -226,6 +226,9 @@ def _step_params(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return _array_params("s", _STEP_COLUMNS, [{**row, "step": row["b_step"]} for row in rows])
 
 
+# How often a read of orders is made when saves keep coming between its statements; the last one is returned.
+_READ_ATTEMPTS = 5
+
 # CreateOrder's first read, built once: in a read session on PostgreSQL it runs straight on asyncpg (read_first).
 _ID_BY_REQUEST_ID = select(orders.c.id).where(orders.c.request_id == bindparam("request_id"))
 
@@ -285,14 +288,28 @@ class SqlAlchemyOrderRepository(OrderRepository):
             _stored(order)
         return loaded
 
+    async def _read(self, query: Any) -> list[Order]:
+        """The orders `query` selects, whole. Their items, steps and saga rows are read by statements of their own,
+        and on PostgreSQL (READ COMMITTED) each statement sees every save committed before it started: a save
+        committed between them would give the order row of one version with the steps of the next (PENDING with
+        every step done, a state the saga never had). So the versions are read again last, and a read that a save
+        came between is made again. A transaction on SQLite reads one snapshot: nothing to check there."""
+        for _ in range(_READ_ATTEMPTS):
+            loaded = await self._load(list((await self.session.execute(query)).all()))
+            if not loaded or self.session.bind.dialect.name == "sqlite":
+                return loaded
+            versions = dict((await self.session.execute(
+                select(orders.c.id, orders.c.version).where(orders.c.id.in_([o.id for o in loaded])))).all())
+            if all(versions.get(o.id) == o.version for o in loaded):
+                return loaded
+        return loaded
+
     async def get(self, order_id: str) -> Order | None:
-        rows = (await self.session.execute(select(orders).where(orders.c.id == order_id))).all()
-        loaded = await self._load(list(rows))
+        loaded = await self._read(select(orders).where(orders.c.id == order_id))
         return loaded[0] if loaded else None
 
     async def get_by_request_id(self, request_id: str) -> Order | None:
-        rows = (await self.session.execute(select(orders).where(orders.c.request_id == request_id))).all()
-        loaded = await self._load(list(rows))
+        loaded = await self._read(select(orders).where(orders.c.request_id == request_id))
         return loaded[0] if loaded else None
 
     async def id_by_request_id(self, request_id: str) -> str | None:
@@ -306,8 +323,7 @@ class SqlAlchemyOrderRepository(OrderRepository):
             query = query.where(orders.c.customer_id == customer_id)
         if status is not None:
             query = query.where(orders.c.status == status.value)
-        query = keyset_page(query, orders, after, limit, newest_first=True)
-        return await self._load(list((await self.session.execute(query)).all()))
+        return await self._read(keyset_page(query, orders, after, limit, newest_first=True))
 
     async def save(self, order: Order, lease: Lease, *, release: bool = False) -> None:
         """See OrderRepository.save. In a one_statement() unit of work LeaseLost is raised by its commit, and the
