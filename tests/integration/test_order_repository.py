@@ -387,10 +387,10 @@ async def stored_order_copy(db: Database, order_id: str) -> Order:
 
 @pytest.mark.parametrize("read", ["get", "list"])
 async def test_a_read_while_the_saga_saves_shows_the_order_as_one_save_left_it(pg_database, monkeypatch, read):
-    # GetOrder and ListOrders read the order row, then its items, steps and saga row, each statement seeing the
-    # saves committed before it (READ COMMITTED): a save committed between those reads (the saga moving on) must
-    # not give an order in a state the saga never had, such as PENDING with every step done. (On SQLite a
-    # transaction reads one snapshot.)
+    # GetOrder and ListOrders read the order row, then its items, steps and saga row, by statements of their own,
+    # each seeing the saves committed before it (READ COMMITTED): a save committed between those reads (the saga
+    # moving on) must not give an order in a state the saga never had, such as PENDING with every step done. (On
+    # SQLite a transaction reads one snapshot.)
     async with migrated(bootstrap.MIGRATIONS, pg_database[1]) as db:
         await _read_while_the_saga_saves(db, monkeypatch, read)
 
@@ -410,13 +410,13 @@ async def _read_while_the_saga_saves(db: Database, monkeypatch, read: str) -> No
     real_load = SqlAlchemyOrderRepository._load
     saved = []
 
-    async def load_after_the_saga_moved_on(self, rows):
+    async def load_after_the_saga_moved_on(self, rows, **kw):
         if not saved:  # the saga confirms the order between the read of its row and the rest
             saved.append(True)
             async with OrderUnitOfWork(db).one_statement() as uow:
                 await uow.orders.save(order, lease("runner-a"), release=True)
                 await uow.commit()
-        return await real_load(self, rows)
+        return await real_load(self, rows, **kw)
 
     monkeypatch.setattr(SqlAlchemyOrderRepository, "_load", load_after_the_saga_moved_on)
     async with OrderUnitOfWork(db) as uow:

@@ -226,7 +226,8 @@ def _step_params(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return _array_params("s", _STEP_COLUMNS, [{**row, "step": row["b_step"]} for row in rows])
 
 
-# How often a read of orders is made when saves keep coming between its statements; the last one is returned.
+# How often a read of orders is made when saves keep coming between its statements; the last one is returned as
+# read.
 _READ_ATTEMPTS = 5
 
 # CreateOrder's first read, built once: in a read session on PostgreSQL it runs straight on asyncpg (read_first).
@@ -259,10 +260,13 @@ class SqlAlchemyOrderRepository(OrderRepository):
                           [{k.removeprefix("b_"): v for k, v in row.items()} for row in _step_rows(order)])
         _stored(order)
 
-    async def _load(self, rows: list[Any]) -> list[Order]:
+    async def _load(self, rows: list[Any], *, check: bool = True) -> list[Order] | None:
+        """The orders of `rows` (read from `orders`) with their items, steps and saga rows; with `check`, None when a
+        save of one of them was committed since `rows` were read (see _read)."""
         if not rows:
             return []
-        ids = [r._mapping["id"] for r in rows]
+        versions = {r._mapping["id"]: r._mapping["version"] for r in rows}
+        ids = list(versions)
         items: dict[str, list[OrderItem]] = {i: [] for i in ids}
         for r in (await self.session.execute(select(order_items).where(order_items.c.order_id.in_(ids))
                                              .order_by(order_items.c.order_id, order_items.c.position))).all():
@@ -279,9 +283,16 @@ class SqlAlchemyOrderRepository(OrderRepository):
                 name=name, status=StepStatus(m["status"]), attempts=m["attempts"],
                 compensation_attempts=m["compensation_attempts"], error=m["error"],
                 outcome_unknown=m["outcome_unknown"], update_time=m["update_time"])
-        current = {order_id: step for order_id, step in (await self.session.execute(
-            select(order_sagas.c.order_id, order_sagas.c.current_step)
-            .where(order_sagas.c.order_id.in_(ids)))).all()}
+        # Read last, with each order's version as it is now: every save moves the version on with the order's steps
+        # and current step, so an unchanged version means that no save came between this statement and the first.
+        current: dict[str, str] = {}
+        for order_id, step, version in (await self.session.execute(
+                select(order_sagas.c.order_id, order_sagas.c.current_step, orders.c.version)
+                .join(orders, orders.c.id == order_sagas.c.order_id)
+                .where(order_sagas.c.order_id.in_(ids)))).all():
+            if check and version != versions[order_id]:
+                return None
+            current[order_id] = step
         loaded = [_order(r, items[r._mapping["id"]], {n: steps[r._mapping["id"]][n] for n in STEPS},
                          current[r._mapping["id"]]) for r in rows]
         for order in loaded:
@@ -292,17 +303,14 @@ class SqlAlchemyOrderRepository(OrderRepository):
         """The orders `query` selects, whole. Their items, steps and saga rows are read by statements of their own,
         and on PostgreSQL (READ COMMITTED) each statement sees every save committed before it started: a save
         committed between them would give the order row of one version with the steps of the next (PENDING with
-        every step done, a state the saga never had). So the versions are read again last, and a read that a save
-        came between is made again. A transaction on SQLite reads one snapshot: nothing to check there."""
-        for _ in range(_READ_ATTEMPTS):
-            loaded = await self._load(list((await self.session.execute(query)).all()))
-            if not loaded or self.session.bind.dialect.name == "sqlite":
+        every step done, a state the saga never had). The last statement reads the versions again, and a read that
+        a save came between is made again. A transaction on SQLite reads one snapshot: its check always holds."""
+        for attempt in range(_READ_ATTEMPTS):
+            rows = list((await self.session.execute(query)).all())
+            loaded = await self._load(rows, check=attempt < _READ_ATTEMPTS - 1)
+            if loaded is not None:
                 return loaded
-            versions = dict((await self.session.execute(
-                select(orders.c.id, orders.c.version).where(orders.c.id.in_([o.id for o in loaded])))).all())
-            if all(versions.get(o.id) == o.version for o in loaded):
-                return loaded
-        return loaded
+        raise AssertionError("the last read is returned unchecked")
 
     async def get(self, order_id: str) -> Order | None:
         loaded = await self._read(select(orders).where(orders.c.id == order_id))
