@@ -539,3 +539,24 @@ async def test_cancel_of_an_order_another_runner_holds_waits_for_it_and_cancels(
     assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_REFUNDED]
     assert (await neighbours.stock(product)).stock_on_hand == 5
     assert (await events(db_url))[-1] == "OrderCancelled"
+
+
+async def test_the_same_cancel_sent_to_two_replicas_at_once_answers_the_cancelled_order_from_both(neighbours, db_url):
+    # A customer's double click that the load balancer spreads over two replicas: one takes the lease and cancels,
+    # the other must follow that cancellation, not answer that a dependency failed.
+    replicas = [await InProcessOrder.start(neighbours.order_env(db_url)) for _ in range(2)]
+    answers = []
+    try:
+        customer, product = await neighbours.customer(), await neighbours.product(10)
+        for _ in range(5):
+            order = await create(replicas[0], request(customer, (product, 1)))
+            replies = await asyncio.gather(*(r.stub.CancelOrder(svc.CancelOrderRequest(id=order.id, reason="Oops"),
+                                                                timeout=20) for r in replicas),
+                                           return_exceptions=True)
+            answers.append([reply.code().name if isinstance(reply, grpc.aio.AioRpcError)
+                            else order_pb2.OrderStatus.Name(reply.order.status) for reply in replies])
+    finally:
+        for replica in replicas:
+            await replica.stop()
+    assert answers == [["ORDER_STATUS_CANCELLED"] * 2] * 5
+    assert (await neighbours.stock(product)).stock_on_hand == 10
