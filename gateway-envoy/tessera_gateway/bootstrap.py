@@ -178,6 +178,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
     StringMatcher,
     ValueMatcher,
 )
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher as EnvoyRegexMatcher
 from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPathSegment
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType, Percent, TokenBucket
 from envoy_data_plane.google.protobuf import Any, Struct
@@ -451,6 +452,10 @@ class GatewayConfig:
         j = self.d.jwt
         provider = JwtProvider(
             issuer=j.issuer, audiences=list(j.audiences),
+            # The subject is who the call acts for (x-user-id) and whose bucket the rate limit takes from: a token
+            # without one (absent or empty) is refused here, not passed on as a caller without identity whose
+            # requests no bucket counts.
+            subjects=StringMatcher(safe_regex=EnvoyRegexMatcher(regex=".+")),
             from_headers=[JwtHeader(name="authorization", value_prefix="Bearer ")],
             forward=False, payload_in_metadata=JWT_PAYLOAD,
             normalize_payload_in_metadata=JwtProviderNormalizePayload(space_delimited_claims=["scope"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import jwt
 import pytest
 
 from tessera_gateway import tokens
@@ -163,3 +164,29 @@ def test_a_cached_token_is_refused_once_it_expires(gateway, accounts):
     refused = gateway.call("GET", f"/v1/users/{accounts['alice']}", token=token)
     assert refused.status == 401
     assert refused.json()["details"][0]["reason"] == "TOKEN_EXPIRED"
+
+
+def _without_subject(gateway, subject: str | None) -> str:
+    """A token the gateway's key signed, valid in every other way, whose sub is absent (None) or the given value."""
+    now = int(time.time())
+    jwt_config = gateway.description.jwt
+    claims = {"iss": jwt_config.issuer, "aud": jwt_config.audiences[0], "scope": "user:read inventory:read",
+              "iat": now, "nbf": now, "exp": now + 600}
+    if subject is not None:
+        claims["sub"] = subject
+    return jwt.encode(claims, gateway.key.private_pem, algorithm="RS256", headers={"kid": gateway.key.kid})
+
+
+@pytest.mark.parametrize("subject", [None, ""], ids=["absent", "empty"])
+def test_a_token_without_a_subject_is_refused_at_the_edge(gateway, accounts, subject):
+    """The subject is who the call acts for and whose bucket it takes from: a token without one is invalid, not a
+    caller the services see as anonymous with a rate limit nobody shares."""
+    token = _without_subject(gateway, subject)
+    rest = gateway.call("GET", f"/v1/users/{accounts['alice']}", token=token)
+    assert rest.status == 401, rest.body
+    info = rest.json()["details"][0]
+    assert (info["domain"], info["reason"]) == ("gateway.tessera.dev", "TOKEN_INVALID"), rest.body
+    assert rest.header("x-ratelimit-limit") is None  # refused before the limiter: it took no token
+    native = gateway.grpcurl(GET_USER, {"id": accounts["alice"]}, token=token)
+    assert native.returncode == UNAUTHENTICATED, native.stderr
+    assert "TOKEN_INVALID" in native.stdout + native.stderr
