@@ -61,10 +61,33 @@ def test_token_mint_command(tmp_path, capsys):
     (["--scope", "user:readx"], "unknown scope 'user:readx'"),
     (["--ttl", "forever"], "ttl must be"),
     (["--profile", "prod"], "remote JWKS"),
+    # The dev gateway refuses a token that lives longer than jwt.max_lifetime_seconds (1 day): none is minted.
+    (["--ttl", "2d"], "--ttl 2d is longer than the dev gateway accepts (jwt.max_lifetime_seconds: 86400 s)"),
+    (["--ttl", "86401"], "longer than the dev gateway accepts"),
+    # The subject is the caller's identity: the gateway refuses a token without one.
+    (["--sub", ""], "--sub must name the user the token acts for"),
+    (["--sub", "  "], "--sub must name the user the token acts for"),
 ])
 def test_token_mint_refuses_bad_input(tmp_path, capsys, argv, message):
     assert cli.main(["token", "mint", "--sub", "abc", "--keys", str(tmp_path), *argv]) == 2
-    assert message in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert captured.out == ""
+
+
+def test_token_mint_accepts_the_longest_lifetime_the_gateway_does(tmp_path, capsys):
+    assert cli.main(["token", "mint", "--sub", "abc", "--ttl", "1d", "--keys", str(tmp_path)]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 86400
+
+
+def test_token_mint_names_a_keys_folder_it_cannot_use(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(["token", "mint", "--sub", "abc", "--keys", str(blocker / "keys")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tessera token: cannot use the key folder {blocker / 'keys'}: ")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_error_catalogue_maps_every_reason_to_a_code_and_status():
