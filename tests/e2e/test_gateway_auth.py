@@ -190,3 +190,17 @@ def test_a_token_without_a_subject_is_refused_at_the_edge(gateway, accounts, sub
     native = gateway.grpcurl(GET_USER, {"id": accounts["alice"]}, token=token)
     assert native.returncode == UNAUTHENTICATED, native.stderr
     assert "TOKEN_INVALID" in native.stdout + native.stderr
+
+
+@pytest.mark.parametrize("scope", ["user:read admin\tx", "user:read x\tadmin"])
+def test_the_services_read_the_scopes_the_gateway_checked(gateway, accounts, scope):
+    """The gateway splits the scope claim at spaces (RFC 6749): "admin\\tx" is one scope, not admin. The services
+    must read x-user-scopes the same way, or a token the gateway admitted for user:read acts as admin there."""
+    token = gateway.mint(str(uuid.uuid4()), [scope])
+    other = gateway.call("GET", f"/v1/users/{accounts['alice']}", token=token)
+    assert other.status == 403, other.body
+    assert other.json()["details"][0]["domain"] == "user.tessera.dev"
+    listing = gateway.call("GET", "/v1/users?pageSize=1", token=token)
+    assert listing.status == 403, listing.body
+    native = gateway.grpcurl(GET_USER, {"id": accounts["alice"]}, token=token)
+    assert native.returncode == PERMISSION_DENIED, native.stdout

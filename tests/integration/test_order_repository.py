@@ -132,6 +132,17 @@ async def test_released_leases_make_unfinished_sagas_claimable_with_their_caller
         assert (await uow.orders.get(second.id)).status is OrderStatus.CONFIRMED
 
 
+async def test_a_resumed_saga_acts_with_the_scopes_its_caller_had(db):
+    """A scope is what lies between spaces (as the gateway and the services read x-user-scopes): a caller's
+    "admin\tx" is stored and read back as that one scope, so a resumed saga never acts as admin for it."""
+    caller = SagaCaller(subject="customer-1", scopes=("admin\tx", "order:write"))
+    order = await stored_order(db, caller=caller)
+    async with OrderUnitOfWork(db) as uow:
+        stored = await uow.orders.caller(order.id)
+    assert stored.scopes == ("admin\tx", "order:write")
+    assert "admin" not in stored.scopes
+
+
 async def test_a_saga_stored_before_migration_0002_resumes_without_a_trace_context(db_url):
     """Rows written by revision 0001 get NULL trace columns and read back as a caller without a trace context
     (the saga resumes in a new trace); the migration also goes down again on both databases."""

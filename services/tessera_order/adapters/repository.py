@@ -31,6 +31,7 @@ from tessera_order.domain.model import (
     StepName,
     StepStatus,
 )
+from tessera_runtime.context import split_scopes
 from tessera_runtime.db import UtcDateTime, insert_row, insert_rows, keyset_page, read_first, update_guarded
 
 
@@ -408,7 +409,7 @@ class SqlAlchemyOrderRepository(OrderRepository):
         if row is None:
             return SagaCaller()
         m = row._mapping
-        return SagaCaller(subject=m["principal_subject"], scopes=tuple(m["principal_scopes"].split()),
+        return SagaCaller(subject=m["principal_subject"], scopes=tuple(sorted(split_scopes(m["principal_scopes"]))),
                           correlation_id=m["correlation_id"], traceparent=m["traceparent"],
                           tracestate=m["tracestate"])
 
