@@ -20,6 +20,23 @@ class ConfigError(Exception):
     """A configuration variable is missing or malformed; the message names it."""
 
 
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+def check_amqp_url(url: str, name: str) -> str:
+    """url when it is a broker URL (amqp:// or amqps:// with a host and a valid port); else a ConfigError naming
+    the variable or option it came from."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port  # noqa: B018  # raises ValueError for a port that is no number or out of range
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not a valid URL: {exc}") from None
+    if parsed.scheme not in ("amqp", "amqps") or not parsed.hostname:
+        raise ConfigError(f"{name} must be amqp://user:password@host:port/vhost (or amqps://), "
+                          f"got scheme {parsed.scheme!r}")
+    return url
+
+
 class Env:
     """Typed access to one environment mapping; every error names the variable."""
 
@@ -175,15 +192,7 @@ class ServiceSettings:
         if parsed_db.get_backend_name() == "sqlite" and (parsed_db.host or parsed_db.port):
             raise ConfigError(f"{prefix}DATABASE_URL must name a file as sqlite+aiosqlite:///path/to/file.db, "
                               f"got a host {parsed_db.host!r}")
-        amqp_url = env.str(f"{prefix}AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-        try:
-            parsed_amqp = urllib.parse.urlsplit(amqp_url)
-            parsed_amqp.port  # noqa: B018  # raises ValueError for a port that is no number or out of range
-        except ValueError as exc:
-            raise ConfigError(f"{prefix}AMQP_URL is not a valid URL: {exc}") from None
-        if parsed_amqp.scheme not in ("amqp", "amqps") or not parsed_amqp.hostname:
-            raise ConfigError(f"{prefix}AMQP_URL must be amqp://user:password@host:port/vhost (or amqps://), "
-                              f"got scheme {parsed_amqp.scheme!r}")
+        amqp_url = check_amqp_url(env.str(f"{prefix}AMQP_URL", DEFAULT_AMQP_URL), f"{prefix}AMQP_URL")
         return dict(
             service=service,
             environment=environment,

@@ -112,3 +112,28 @@ def test_list_refuses_a_limit_that_is_no_positive_number(url, capsys, limit):
     out, err = capsys.readouterr()
     assert "--limit" in err and "is empty" not in out + err
     assert rabbitmq.queue_depth(url, DLQ) == 2
+
+
+@pytest.mark.parametrize(("broker", "said"), [
+    ("garbage", "got scheme ''"),
+    ("http://127.0.0.1:5672/", "got scheme 'http'"),
+    ("amqp://guest:guest@127.0.0.1:99999/%2F", "is not a valid URL"),
+])
+@pytest.mark.parametrize("command", [["list"], ["list", QUEUE], ["show", QUEUE, "evt-1"], ["replay", QUEUE, "--all"]])
+def test_a_broker_url_that_is_no_amqp_url_is_refused_in_one_line(capsys, monkeypatch, broker, said, command):
+    monkeypatch.setenv("TESSERA_AMQP_URL", broker)
+    assert tessera(["dlq", *command]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("tessera dlq: TESSERA_AMQP_URL ")
+    assert said in err and len(err.strip().splitlines()) == 1
+    assert tessera(["dlq", "--amqp-url", broker, *command]) == 2
+    assert "--amqp-url" in capsys.readouterr().err
+
+
+def test_a_replay_that_names_nothing_to_replay_is_a_usage_error(url, capsys):
+    declare(url)
+    dead_letter(url, 1)
+    assert tessera(["dlq", "--amqp-url", url, "replay", QUEUE]) == 2  # the module's doc: 2 is a usage error
+    assert "name the message ids to replay, or pass --all" in capsys.readouterr().err
+    assert rabbitmq.queue_depth(url, DLQ) == 1

@@ -21,9 +21,8 @@ from collections.abc import Callable
 import pika.exceptions
 
 from tessera_runtime import app
+from tessera_runtime.config import DEFAULT_AMQP_URL, ConfigError, check_amqp_url
 from tessera_runtime.messaging import deadletter
-
-DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
 def known_queues() -> list[str]:
@@ -41,7 +40,9 @@ def known_queues() -> list[str]:
 
 
 def _url(args: argparse.Namespace) -> str:
-    return args.amqp_url or os.environ.get("TESSERA_AMQP_URL") or DEFAULT_AMQP_URL
+    if args.amqp_url:
+        return check_amqp_url(args.amqp_url, "--amqp-url")
+    return check_amqp_url(os.environ.get("TESSERA_AMQP_URL") or DEFAULT_AMQP_URL, "TESSERA_AMQP_URL")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -80,7 +81,7 @@ def _show(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     if not args.all and not args.message_ids:
         print("name the message ids to replay, or pass --all", file=sys.stderr)
-        return 1
+        return 2
     wanted = None if args.all else list(dict.fromkeys(args.message_ids))
     queue = deadletter.consumer_queue(args.queue)
     dlq = deadletter.dead_letter_queue(queue)
@@ -118,7 +119,11 @@ def _positive_int(text: str) -> int:
 def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
+            _url(args)  # a URL that is none is a usage error, before any broker is asked
             return command(args)
+        except ConfigError as exc:
+            print(f"tessera dlq: {exc}", file=sys.stderr)
+            return 2
         except deadletter.QueueMissing as exc:
             print(str(exc), file=sys.stderr)
             return 1
