@@ -38,8 +38,9 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 
 def clean_id(value: str | None) -> str | None:
-    """A caller's request or correlation id as it may be kept: 1 to 128 printable characters, else None."""
-    if not value or len(value) > _MAX_ID_LENGTH or not value.isprintable():
+    """A caller's request or correlation id as it may be kept: 1 to 128 printable ASCII characters (what gRPC
+    metadata can carry back to the caller), else None."""
+    if not value or len(value) > _MAX_ID_LENGTH or not value.isascii() or not value.isprintable():
         return None
     return value
 

@@ -190,6 +190,47 @@ def test_request_id_is_generated_returned_and_reaches_the_service(gateway, gatew
     wait_for(logged)
 
 
+# A UTF-8 x-request-id as it goes over the wire (http.client sends str header values as Latin-1 bytes).
+NOT_ASCII = "café-".encode().decode("latin-1")
+
+
+def test_a_request_id_that_is_not_ascii_is_no_internal_error(gateway):
+    """gRPC metadata is ASCII: a service that kept such an id could not send it back and failed the call."""
+    admin = gateway.mint(unique("admin"), "admin")
+    response = gateway.call("GET", "/v1/users?pageSize=1", token=admin,
+                            headers={"x-request-id": NOT_ASCII + unique("req")})
+    assert response.status == 200, response.body
+
+
+def test_a_request_id_the_services_would_not_keep_is_replaced(gateway, gateway_services):
+    """The gateway keeps the client's x-request-id only where the services keep it too (1 to 128 printable ASCII
+    characters, sent once): else it makes a new one, so the response, the access log and the services name one id
+    (and the correlation id made from it)."""
+    admin = gateway.mint(unique("admin"), "admin")
+    made = []
+    for odd in ("r" * 129 + unique("long"), f"{unique('tab')}\tx", NOT_ASCII + unique("utf8"), "x" * 8000):
+        response = gateway.call("GET", "/v1/users?pageSize=1", token=admin, headers={"x-request-id": odd})
+        assert response.status == 200, response.body
+        request_id = response.header("x-request-id")
+        assert UUID.match(request_id), request_id
+        assert response.header("x-correlation-id") == request_id
+        made.append(request_id)
+    refused = gateway.call("GET", "/v1/users?pageSize=1", headers={"x-request-id": "y" * 200})
+    assert refused.status == 401 and UUID.match(refused.header("x-request-id"))
+    assert refused.json()["details"][0]["metadata"]["request_id"] == refused.header("x-request-id")
+    assert len(set(made)) == len(made)
+    kept = "a" * 127 + "~"
+    assert gateway.call("GET", "/v1/users?pageSize=1", token=admin,
+                        headers={"x-request-id": kept}).header("x-request-id") == kept
+
+    def logged() -> bool:
+        pairs = {(line.get("request_id"), line.get("correlation_id")) for line in gateway_services.log_lines("user")}
+        in_access_log = {line.get("request_id") for line in gateway.access_log_lines()}
+        return all((r, r) in pairs for r in made) and set(made) <= in_access_log
+
+    wait_for(logged)
+
+
 def test_correlation_id_is_kept_or_made_returned_and_reaches_the_service(gateway, gateway_services):
     admin = gateway.mint(unique("admin"), "admin")
     made = gateway.call("GET", "/v1/users?pageSize=1", token=admin)

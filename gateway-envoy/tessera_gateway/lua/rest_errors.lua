@@ -197,23 +197,39 @@ local function strip_grpc_headers(headers)
   for _, name in ipairs(grpc_headers) do headers:remove(name) end
 end
 
--- The services keep a caller's x-correlation-id only if it is 1 to 128 printable characters (else they use the
--- request id): the gateway keeps no other, so the response, its access log and the services name one id.
-local MAX_CORRELATION_ID = 128
+-- The services keep a caller's x-request-id and x-correlation-id only if each is 1 to 128 printable ASCII
+-- characters (else they make their own): the gateway keeps no other, so the response, its access log and the
+-- services name one id.
+local MAX_ID = 128
 
-local function keep_correlation_id(headers)
-  local given = headers:get("x-correlation-id")
-  if given ~= nil and #given >= 1 and #given <= MAX_CORRELATION_ID and not find(given, "[^ -~]")
-      and headers:getNumValues("x-correlation-id") == 1 then
-    return
+local function keepable(headers, name)
+  local given = headers:get(name)
+  return given ~= nil and #given >= 1 and #given <= MAX_ID and not find(given, "[^ -~]")
+    and headers:getNumValues(name) == 1
+end
+
+-- Each worker's generator starts from the time and an address of this Lua state (which differ between workers,
+-- processes and restarts), so two gateways never make the same sequence of ids.
+math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "0", 16) % 2147483647 + os.clock() * 1e6)
+
+-- A new version 4 UUID, as Envoy makes for a request that comes without an id.
+local function new_request_id()
+  local r = math.random
+  return string.format("%04x%04x-%04x-4%03x-%04x-%04x%04x%04x", r(0, 0xffff), r(0, 0xffff), r(0, 0xffff),
+    r(0, 0xfff), 0x8000 + r(0, 0x3fff), r(0, 0xffff), r(0, 0xffff), r(0, 0xffff))
+end
+
+local function keep_ids(headers)
+  if not keepable(headers, "x-request-id") then headers:replace("x-request-id", new_request_id()) end
+  if not keepable(headers, "x-correlation-id") then
+    headers:replace("x-correlation-id", headers:get("x-request-id"))
   end
-  headers:replace("x-correlation-id", headers:get("x-request-id") or "")
 end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
   local info = handle:streamInfo():dynamicMetadata()
-  keep_correlation_id(headers)
+  keep_ids(headers)
   if sub(headers:get("content-type") or "", 1, 16) == "application/grpc" then
     info:set(NS, "protocol", "grpc")
     info:set(NS, "grpc_method", headers:get(":path") or "")
