@@ -406,11 +406,23 @@ def current_canary_weight(name: str, root: Path = ROOT) -> int:
     path = canary_dir(name, root) / "virtual-service.yaml"
     if not path.exists():
         return DEFAULT_CANARY_WEIGHT
-    doc = yaml.safe_load(path.read_text())
-    for route in doc["spec"]["http"]:
-        if "match" not in route:
-            weights = {d["destination"]["subset"]: d.get("weight", 100) for d in route["route"]}
-            return int(weights.get("v2", 0))
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ValueError(f"{path}: is not YAML: {getattr(exc, 'problem', None) or exc}{where}") from None
+    routes = doc.get("spec", {}).get("http") if isinstance(doc, dict) and isinstance(doc.get("spec"), dict) else None
+    if not isinstance(routes, list):
+        raise ValueError(f"{path}: is no VirtualService with routes (spec.http)")
+    for route in routes:
+        if isinstance(route, dict) and "match" not in route:
+            try:
+                weights = {d["destination"]["subset"]: d.get("weight", 100) for d in route["route"]}
+                return int(weights.get("v2", 0))
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: route {route.get('name')!r} has no destinations with a subset and a "
+                                 "weight") from None
     raise ValueError(f"{path}: spec.http has no route without a match, so the canary weight is unknown")
 
 

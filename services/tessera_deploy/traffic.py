@@ -40,11 +40,19 @@ def _file(name: str, root: Path) -> Path:
     return path
 
 
+def _current(name: str, root: Path) -> int:
+    """The canary weight the committed file holds; a file it cannot be read from is the caller's to repair."""
+    try:
+        return mesh.current_canary_weight(name, root)
+    except ValueError as exc:
+        raise TrafficError(f"{exc}; restore it from git") from None
+
+
 def weight(service: str, root: Path = ROOT) -> int:
     """The share of traffic (percent) the canary v2 of a service gets now."""
     name = _canary(service)
     _file(name, root)
-    return mesh.current_canary_weight(name, root)
+    return _current(name, root)
 
 
 def shift(service: str, canary_percent: int, *, write: bool = True, root: Path = ROOT) -> Shift:
@@ -54,7 +62,7 @@ def shift(service: str, canary_percent: int, *, write: bool = True, root: Path =
     name = _canary(service)
     w = workload(name)
     path = _file(name, root)
-    before = mesh.current_canary_weight(name, root)
+    before = _current(name, root)
     doc = mesh.virtual_service(w, canary_percent)
     if write:
         path.write_text(mesh.dump([doc]))

@@ -115,3 +115,22 @@ def test_refused_requests_change_nothing(tree, capsys, args, message):
 def test_a_folder_that_is_not_a_checkout_is_refused(tmp_path, capsys):
     result = tessera_here(capsys, "traffic", "--root", str(tmp_path), "status", "user-service")
     assert result.returncode == 2 and "is " + str(tmp_path) + " a Tessera checkout?" in result.stderr
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("<<<<<<< HEAD\nspec: [\n=======\n>>>>>>> canary\n", "is not YAML"),
+    ("", "is no VirtualService with routes"),
+    ("kind: VirtualService\nmetadata: {name: user-service}\n", "is no VirtualService with routes"),
+    ("kind: VirtualService\nspec: {http: [{name: read, match: [{}], route: []}]}\n", "no route without a match"),
+])
+@pytest.mark.parametrize("args", [["status", "user-service"], ["shift", "user-service", "--canary", "30"],
+                                  ["promote", "user-service"]])
+def test_a_canary_file_it_cannot_read_is_named_in_one_line(tree, capsys, text, why, args):
+    """A conflicted or hand-broken canary VirtualService: the command says which file and why, and writes nothing."""
+    (tree / CANARY_VS).write_text(text)
+    result = tessera_here(capsys, "traffic", "--root", str(tree), *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"tessera traffic: {tree / CANARY_VS}: ") and why in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (tree / CANARY_VS).read_text() == text
