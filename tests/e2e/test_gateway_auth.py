@@ -204,3 +204,16 @@ def test_the_services_read_the_scopes_the_gateway_checked(gateway, accounts, sco
     assert listing.status == 403, listing.body
     native = gateway.grpcurl(GET_USER, {"id": accounts["alice"]}, token=token)
     assert native.returncode == PERMISSION_DENIED, native.stdout
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
+def test_the_authorization_scheme_is_case_insensitive(gateway, accounts, scheme):
+    """RFC 7235 section 2.1: the scheme is a case-insensitive token; "bearer <JWT>" is a bearer token too."""
+    token = gateway.mint(accounts["alice"], "user:read")
+    rest = gateway.call("GET", f"/v1/users/{accounts['alice']}", headers={"authorization": f"{scheme} {token}"})
+    assert rest.status == 200, rest.body
+    native = gateway.grpcurl(GET_USER, {"id": accounts["alice"]}, headers={"authorization": f"{scheme} {token}"})
+    assert native.returncode == OK, native.stdout
+    # A scheme that only starts like it is still no bearer token.
+    other = gateway.call("GET", f"/v1/users/{accounts['alice']}", headers={"authorization": f"{scheme}x {token}"})
+    assert other.status == 401 and other.json()["details"][0]["reason"] == "TOKEN_MISSING"

@@ -226,10 +226,21 @@ local function keep_ids(headers)
   end
 end
 
+-- The authentication scheme is case-insensitive (RFC 7235): jwt_authn looks for "Bearer " only, so any other
+-- spelling of it is written that way.
+local function canonical_scheme(headers)
+  local authorization = headers:get("authorization")
+  if authorization ~= nil and sub(authorization, 1, 7) ~= "Bearer "
+      and string.lower(sub(authorization, 1, 7)) == "bearer " then
+    headers:replace("authorization", "Bearer " .. sub(authorization, 8))
+  end
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local info = handle:streamInfo():dynamicMetadata()
   keep_ids(headers)
+  canonical_scheme(headers)
   if sub(headers:get("content-type") or "", 1, 16) == "application/grpc" then
     info:set(NS, "protocol", "grpc")
     info:set(NS, "grpc_method", headers:get(":path") or "")
