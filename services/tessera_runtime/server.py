@@ -46,9 +46,16 @@ def _as_health_check(item: HealthCheck | ReadinessCheck) -> HealthCheck:
     name = (owner.__name__ if owner is not None else getattr(item, "__name__", "check")).lower()
     return HealthCheck(name=name, check=item)
 
+# Request metadata a server takes: what the gateway admits (request headers up to 60 KiB, gateway.yaml's
+# limits.max_request_headers_kb) plus the headers it adds, with room for gRPC's count of 32 bytes per entry. gRPC's
+# own limits (8 KiB, refused at random up to 16 KiB) would answer RESOURCE_EXHAUSTED to calls the gateway let through.
+MAX_METADATA_BYTES = 96 * 1024
+
 _SERVER_OPTIONS = (
     ("grpc.so_reuseport", 1),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 )

@@ -167,3 +167,17 @@ def test_rate_limit_headers_on_native_grpc(strict_gateway):
     assert refused.returncode == 64 + 8, refused.stderr  # RESOURCE_EXHAUSTED
     assert "retry-after: 60" in refused.stdout
     assert "x-ratelimit-limit: 4" in refused.stdout and "x-ratelimit-remaining: 0" in refused.stdout
+
+
+def test_request_headers_the_gateway_accepts_reach_the_service(gateway):
+    """The gateway admits request headers up to limits.max_request_headers_kb (60 KiB); the services must take what
+    it forwards, not refuse it as RESOURCE_EXHAUSTED (a 429 without details that tells the client to slow down)."""
+    token = gateway.mint(unique("headers"), "admin")
+    limit = gateway.description.limits.max_request_headers_kb * 1024
+    for size in (9 * 1024, 20 * 1024, limit - 4096):
+        for _ in range(3):  # above gRPC's soft limit a call used to fail at random
+            response = gateway.call("GET", "/v1/users?pageSize=1", token=token, headers={"x-client-notes": "n" * size})
+            assert response.status == 200, (size, response.body)
+    grpc = gateway.grpcurl("tessera.user.v1.UserService/ListUsers", {"page_size": 1}, token=token,
+                           headers={"x-client-notes": "n" * (limit - 4096)})
+    assert grpc.returncode == 0, grpc.stderr
