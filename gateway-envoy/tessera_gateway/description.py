@@ -294,6 +294,11 @@ class Description:
         for name in self.rpc_overrides:
             if name not in known:
                 raise DescriptionError(f"rpcs.{name} names no RPC in the descriptor set")
+        contexts = sorted({service.context for service in contracts.services})
+        for name in self.upstream_addresses:
+            if name not in contexts:
+                raise DescriptionError(f"upstreams.addresses.{name} names no service of the contracts "
+                                       f"({', '.join(contexts)})")
         for service in contracts.services:
             self.upstream_address(service.context)
             for rpc in service.rpcs:
@@ -479,12 +484,19 @@ def from_mapping(data: Mapping[str, Any], profile: str) -> Description:
     return description
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong with a YAML text, in one line: the parser's problem and its line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1})" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"
+
+
 def load(profile: str = "dev", path: Path = DESCRIPTION, overrides: Mapping[str, Any] | None = None) -> Description:
     """Reads gateway.yaml and builds one profile; overrides are merged over the profile's values."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise DescriptionError(f"{path}: {exc}") from None
+        raise DescriptionError(f"{path}: is not YAML: {yaml_problem(exc)}") from None
     if overrides:
         data = deep_merge(data, {"profiles": {profile: dict(overrides)}})
     return from_mapping(data, profile)

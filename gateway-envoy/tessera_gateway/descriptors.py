@@ -9,6 +9,7 @@ from pathlib import Path
 
 from google.api import annotations_pb2, http_pb2  # noqa: F401 - registers the google.api.http extension
 from google.protobuf import descriptor_pb2
+from google.protobuf.message import DecodeError
 
 # Leading comments that mark a field as set by the server only; the contracts say so in words.
 _OUTPUT_ONLY = re.compile(r"\bOutput only\b")
@@ -184,7 +185,11 @@ class Contracts:
     def load(cls, path: Path) -> Contracts:
         if not path.exists():
             raise ContractError(f"descriptor set {path} not found; run `make gen`")
-        return cls(descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes()))
+        try:
+            fds = descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes())
+        except DecodeError:
+            raise ContractError(f"descriptor set {path} is not a FileDescriptorSet; run `make gen`") from None
+        return cls(fds)
 
     @cached_property
     def rpcs(self) -> tuple[Rpc, ...]:

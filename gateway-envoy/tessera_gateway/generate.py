@@ -55,7 +55,13 @@ def write(generated: Generated, out: Path, fmt: str = "yaml") -> Path:
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if args.values:
-        loaded = yaml.safe_load(Path(args.values).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(args.values).read_text()) or {}
+        except OSError as exc:
+            raise DescriptionError(f"--values {args.values}: cannot be read: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise DescriptionError(f"--values {args.values}: is not YAML: "
+                                   f"{description_module.yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise DescriptionError(f"{args.values} must hold a mapping of values")
         values = description_module.deep_merge(values, loaded)

@@ -409,9 +409,9 @@ def current_canary_weight(name: str, root: Path = ROOT) -> int:
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ValueError(f"{path}: is not YAML: {getattr(exc, 'problem', None) or exc}{where}") from None
+        from tessera_gateway.description import yaml_problem
+
+        raise ValueError(f"{path}: is not YAML: {yaml_problem(exc)}") from None
     routes = doc.get("spec", {}).get("http") if isinstance(doc, dict) and isinstance(doc.get("spec"), dict) else None
     if not isinstance(routes, list):
         raise ValueError(f"{path}: is no VirtualService with routes (spec.http)")

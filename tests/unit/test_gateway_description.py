@@ -98,6 +98,9 @@ def test_deep_merge_merges_mappings_and_replaces_the_rest():
     ({"jwt": {"jwks_uri": "https://idp.example/jwks"}}, "exactly one of jwks_file and jwks_uri"),
     ({"jwt": {"audiences": []}}, "jwt.audiences must name at least one audience"),
     ({"upstreams": {"addresses": {"user": "no-port"}}}, "upstreams.addresses.user must be HOST:PORT"),
+    # A misspelt service would leave the real one at its default address without a word.
+    ({"upstreams": {"addresses": {"usr": "127.0.0.1:6000"}}},
+     "upstreams.addresses.usr names no service of the contracts (inventory, notification, order, payment, user)"),
     ({"listener": {"port": 70000}}, "listener.port must be at most 65535"),
     ({"route_classes": {"public": {"anonymous": False}}}, "one class with anonymous: true"),
     ({"security_headers": {"X-Bad": "1"}}, "is not a lower-case header name"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 from google.api import annotations_pb2
@@ -389,3 +391,20 @@ def test_an_rpc_without_an_http_rule_is_refused():
     fds.file[-1].service[0].method[0].options.ClearExtension(annotations_pb2.http)
     with pytest.raises(ContractError, match=r"has no google\.api\.http rule"):
         Contracts(fds)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--upstream", "usr=127.0.0.1:6000"], "gateway: upstreams.addresses.usr names no service of the contracts"),
+    (["--values", "{tmp}/missing.yaml"], "gateway: --values {tmp}/missing.yaml: cannot be read: "),
+    (["--values", "{tmp}/broken.yaml"], "gateway: --values {tmp}/broken.yaml: is not YAML: "),
+    (["--descriptors", "{tmp}/broken.yaml"], "gateway: descriptor set {tmp}/broken.yaml is not a FileDescriptorSet"),
+])
+def test_the_generator_refuses_bad_arguments_in_one_line(tmp_path, argv, message):
+    (tmp_path / "broken.yaml").write_text("route_classes: [\n")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    result = subprocess.run([sys.executable, "-m", "tessera_gateway.generate", "--profile", "dev", "--out",
+                             str(tmp_path / "envoy.yaml"), *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(message.replace("{tmp}", str(tmp_path))), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "envoy.yaml").exists()
