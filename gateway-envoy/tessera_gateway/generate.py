@@ -100,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DescriptionError, ContractError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    write(generated, out, fmt)
+    try:
+        write(generated, out, fmt)
+    except OSError as exc:
+        print(f"gateway: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     contracts = generated.config.contracts
     print(f"gateway: {args.profile} profile, {len(contracts.services)} services, {len(contracts.rpcs)} RPCs -> {out}")
     return 0

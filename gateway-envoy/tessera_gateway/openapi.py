@@ -411,8 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     except (description_module.DescriptionError, ContractError) as exc:
         print(f"openapi: {exc}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(doc))
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(doc))
+    except OSError as exc:
+        print(f"openapi: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(f"openapi: {len(doc['paths'])} paths -> {args.out}")
     return 0
 

@@ -408,3 +408,15 @@ def test_the_generator_refuses_bad_arguments_in_one_line(tmp_path, argv, message
     assert result.stderr.startswith(message.replace("{tmp}", str(tmp_path))), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "envoy.yaml").exists()
+
+
+@pytest.mark.parametrize("module", ["tessera_gateway.generate", "tessera_gateway.openapi"])
+def test_an_output_file_that_cannot_be_written_is_named_in_one_line(tmp_path, module):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "gateway" / "out.yaml"
+    result = subprocess.run([sys.executable, "-m", module, "--profile", "dev", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"{module.rsplit('.', 1)[-1].replace('generate', 'gateway')}: cannot write {out}: ")
+    assert len(result.stderr.strip().splitlines()) == 1
