@@ -225,6 +225,8 @@ CORRELATION_HEADER = "x-correlation-id"
 UNROUTED_HEADER = "x-tessera-unrouted"
 RETRYABLE = ("NO_SIDE_EFFECTS", "IDEMPOTENT")
 OPENAPI_PATH = "/openapi.json"
+# A gRPC request's content-type, as Envoy and the transcoder tell one (application/grpc-web is not: it is transcoded).
+GRPC_CONTENT_TYPE = r"^application/grpc([+;].*)?$"
 # Never set in the runtime: the local reply mapper's status filter keeps its default, 0, and matches every reply.
 LOCAL_REPLY_RUNTIME_KEY = "tessera.local_reply.min_status"
 
@@ -564,7 +566,8 @@ class GatewayConfig:
         method_regex = RegexMatcher(google_re2=RegexMatcherGoogleRe2(),
                                     regex="^(?:" + "|".join(re.escape(m) for m in methods) + ")$")
         matcher = _skip_when(
-            _request_header("content-type", XdsStringMatcher(prefix="application/grpc")),
+            _request_header("content-type", XdsStringMatcher(safe_regex=RegexMatcher(
+                google_re2=RegexMatcherGoogleRe2(), regex=GRPC_CONTENT_TYPE))),
             MatcherMatcherListPredicate(not_matcher=_request_header(":method",
                                                                     XdsStringMatcher(safe_regex=method_regex))),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import uuid
@@ -353,3 +354,19 @@ def test_openapi_document_is_served_without_a_token(gateway):
     assert response.status == 200
     assert response.json() == gateway.generated.openapi
     assert response.json()["openapi"] == "3.1.0"
+
+
+@pytest.mark.parametrize("content_type", ["application/grpc-web", "application/grpcx", "application/grpc-web-text"])
+def test_a_content_type_that_only_starts_like_grpc_is_rest(gateway, content_type):
+    """Envoy (and the transcoder) take a request for gRPC only when its content-type is application/grpc, +proto,
+    +json, ...: anything else is transcoded as REST, so it gets REST's checks and REST's JSON errors."""
+    body = {"email": f"{unique('ct')}@example.com", "displayName": "C"}
+    refused = gateway.call("POST", f"/v1/users?requestId={unique('ct')}", raw_body=json.dumps(body).encode(),
+                           headers={"content-type": content_type})
+    assert refused.status == 401 and refused.header("content-type") == "application/json", refused.body
+    assert refused.json()["details"][0]["reason"] == "TOKEN_MISSING"
+    unknown = gateway.call("POST", f"/v1/users?requestId={unique('ct')}", token=gateway.mint(unique("ct"), "admin"),
+                           raw_body=json.dumps({**body, "nickname": "c"}).encode(),
+                           headers={"content-type": content_type})
+    assert unknown.status == 400, unknown.body
+    assert unknown.json()["details"][0]["reason"] == "UNKNOWN_FIELD"

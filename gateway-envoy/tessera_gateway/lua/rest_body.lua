@@ -175,6 +175,12 @@ local function unknown_fields(text, root, prefix)
   return found
 end
 
+-- gRPC as Envoy and the transcoder tell it: application/grpc, or application/grpc+<codec> or ;<parameters>. Any
+-- other type (application/grpc-web, ...) is transcoded as REST, so it is REST here too.
+local function is_grpc(content_type)
+  return sub(content_type, 1, 16) == "application/grpc" and find(sub(content_type, 17, 17), "^[+;]?$") ~= nil
+end
+
 local function find_rule(method, path)
   local q = find(path, "?", 1, true)
   if q then path = sub(path, 1, q - 1) end
@@ -187,7 +193,7 @@ end
 function envoy_on_request(handle)
   local headers = handle:headers()
   local content_type = headers:get("content-type") or ""
-  if sub(content_type, 1, 16) == "application/grpc" then return end
+  if is_grpc(content_type) then return end
   local rule = find_rule(headers:get(":method"), headers:get(":path") or "")
   if rule == nil then return end
   local request_id = headers:get("x-request-id") or ""

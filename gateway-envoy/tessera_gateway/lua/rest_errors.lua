@@ -226,6 +226,12 @@ local function keep_ids(headers)
   end
 end
 
+-- gRPC as Envoy and the transcoder tell it: application/grpc, or application/grpc+<codec> or ;<parameters>. Any
+-- other type (application/grpc-web, ...) is transcoded as REST, so it is REST here too.
+local function is_grpc(content_type)
+  return sub(content_type, 1, 16) == "application/grpc" and find(sub(content_type, 17, 17), "^[+;]?$") ~= nil
+end
+
 -- The authentication scheme is case-insensitive (RFC 7235): jwt_authn looks for "Bearer " only, so any other
 -- spelling of it is written that way.
 local function canonical_scheme(headers)
@@ -241,7 +247,7 @@ function envoy_on_request(handle)
   local info = handle:streamInfo():dynamicMetadata()
   keep_ids(headers)
   canonical_scheme(headers)
-  if sub(headers:get("content-type") or "", 1, 16) == "application/grpc" then
+  if is_grpc(headers:get("content-type") or "") then
     info:set(NS, "protocol", "grpc")
     info:set(NS, "grpc_method", headers:get(":path") or "")
     info:set(NS, "request_id", headers:get("x-request-id") or "")
