@@ -237,7 +237,7 @@ end
 local function canonical_scheme(headers)
   local authorization = headers:get("authorization")
   if authorization ~= nil and sub(authorization, 1, 7) ~= "Bearer "
-      and string.lower(sub(authorization, 1, 7)) == "bearer " then
+      and string.lower(sub(authorization, 1, 7)) == "bearer " and headers:getNumValues("authorization") == 1 then
     headers:replace("authorization", "Bearer " .. sub(authorization, 8))
   end
 end
