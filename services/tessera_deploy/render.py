@@ -164,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     except gateway_config.GatewayConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"k8s-render: cannot write {args.out}/: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     for overlay in overlays():
         try:
             text = render_text(overlay)
@@ -172,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             print(exc, file=sys.stderr)
             return 1
         target = args.out / f"{overlay.name}.yaml"
-        target.write_text(text)
+        try:
+            target.write_text(text)
+        except OSError as exc:
+            print(f"k8s-render: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         count = sum(1 for doc in load_all(text) if doc)
         print(f"{overlay.relative_to(ROOT)} -> {_relative(target, ROOT)} ({count} objects)")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import subprocess
+import sys
 import urllib.parse
 
 import pytest
@@ -496,3 +498,13 @@ def test_graphql_network_policies_admit_the_gateway_and_let_it_out_to_what_it_ca
         if (w.k8s_name, w.grpc_port) not in expected:
             rules = find(overlay, "NetworkPolicy", w.k8s_name)["spec"]["ingress"]
             assert not any(GRAPHQL in _apps(r["from"]) for r in rules), w.k8s_name
+
+
+def test_render_names_an_output_folder_it_cannot_write(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = subprocess.run([sys.executable, "-m", "tessera_deploy.render", "--out", str(blocker / "k8s")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"k8s-render: cannot write {blocker / 'k8s'}/"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
