@@ -1,4 +1,5 @@
-"""Server interceptor: ids, caller identity, deadline, domain errors → rich statuses, one log line per RPC."""
+"""Server interceptor: the server span, ids, caller identity, deadline, domain errors → rich statuses, one log line
+per RPC, in-flight and RED metrics."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from tessera_runtime import context as callctx
+from tessera_runtime import metrics
 from tessera_runtime.db import database_unavailable
 from tessera_runtime.errors import (
     DATABASE_UNAVAILABLE,
@@ -23,6 +25,7 @@ from tessera_runtime.errors import (
     internal_status,
 )
 from tessera_runtime.logs import correlation_id_var, request_id_var
+from tessera_runtime.telemetry import ServerSpans
 
 log = logging.getLogger("tessera.rpc")
 
@@ -73,7 +76,11 @@ class MalformedRequest(DomainError):
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary RPC of a Tessera server. Streaming RPCs (health Watch, reflection) pass through."""
+    """Wraps every unary RPC of a Tessera server. Streaming RPCs (health Watch, reflection) pass through.
+
+    It is the server's one interceptor for all of this, tracing included: grpc.aio runs every interceptor's
+    `intercept_service` for every call, and this one returns the handler it built for the method the first time.
+    The observers are called with each finished call's method, status code and duration, inside its span."""
 
     def __init__(self, *, domain: str, require_identity: bool = False,
                  observers: tuple[RpcObserver, ...] = ()) -> None:
@@ -81,6 +88,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self.require_identity = require_identity
         self.observers = observers
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._spans = ServerSpans()
 
     async def intercept_service(
         self,
@@ -105,6 +113,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]):
         exempt = method.startswith(_IDENTITY_EXEMPT_PREFIXES)
+        spans = self._spans
+        span_attributes = spans.attributes_for(method)
+        in_flight = metrics.server_rpcs_in_flight(method)
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
@@ -125,6 +136,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             # as initial metadata they would cost a batch (a round through gRPC's completion queue) of their own.
             ids = ((callctx.REQUEST_ID, request_id), (callctx.CORRELATION_ID, correlation_id))
             context.set_trailing_metadata(ids)
+            span = otel_token = None
+            if span_attributes is not None:
+                span, otel_token = spans.start(method, span_attributes, metadata, context)
+            in_flight.inc()
 
             try:
                 if self.require_identity and principal is None and not exempt:
@@ -172,12 +187,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     log.exception("unexpected error in %s", method, extra={"rpc_method": method})
                     await _fail(context, ids, internal_status(self.domain))
             finally:
+                in_flight.dec()
                 duration = time.perf_counter() - start
                 log.info("rpc %s %s", method, code.name, extra={
                     "rpc_method": method, "grpc_code": code.name, "duration_ms": round(duration * 1000, 3),
                 })
                 for observe in self.observers:
                     observe(method, code, duration)
+                if span is not None:
+                    spans.finish(span, otel_token, code, request_id, correlation_id)
                 context_vars = (request_id_var, correlation_id_var, callctx.principal_var, callctx.deadline_var)
                 for var, token in zip(context_vars, tokens, strict=True):
                     var.reset(token)

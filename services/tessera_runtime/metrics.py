@@ -13,6 +13,7 @@ service. The others are defined here, once, and incremented where the thing happ
 |---|---|---|---|
 | grpc_server_handled_total | counter | grpc_service, grpc_method, grpc_code | RPCs this server finished |
 | grpc_server_handling_seconds | histogram | grpc_service, grpc_method | server-side latency |
+| grpc_server_rpcs_in_flight | gauge | grpc_service, grpc_method | RPCs this server has started and not yet answered |
 | grpc_client_handled_total | counter | grpc_service, grpc_method, grpc_code | calls this process made to others |
 | grpc_client_handling_seconds | histogram | grpc_service, grpc_method | client-side latency (retries included) |
 | tessera_orders_confirmed_total | counter | | sagas that ended CONFIRMED |
@@ -78,6 +79,8 @@ GRPC_SERVER_HANDLED = Counter(
     (*_RPC_LABELS, "grpc_code"))
 GRPC_SERVER_HANDLING_SECONDS = Histogram(
     "grpc_server_handling_seconds", "Time the server took to answer an RPC.", _RPC_LABELS, buckets=RPC_BUCKETS)
+GRPC_SERVER_IN_FLIGHT = Gauge(
+    "grpc_server_rpcs_in_flight", "RPCs the server has started and not yet answered, by method.", _RPC_LABELS)
 GRPC_CLIENT_HANDLED = Counter(
     "grpc_client_handled_total", "Calls to other services completed, by method and status code.",
     (*_RPC_LABELS, "grpc_code"))
@@ -173,6 +176,12 @@ _CLIENT_SERIES = _RpcSeries(GRPC_CLIENT_HANDLED, GRPC_CLIENT_HANDLING_SECONDS)
 def observe_server_rpc(method: str, code: grpc.StatusCode, duration: float) -> None:
     """RPC observer of every TesseraServer (see ServerInterceptor.observers)."""
     _SERVER_SERIES.observe(method, code, duration)
+
+
+def server_rpcs_in_flight(method: str) -> Any:
+    """The in-flight gauge's child for `method`, which ServerInterceptor looks up once per method and raises while
+    each call runs."""
+    return GRPC_SERVER_IN_FLIGHT.labels(*split_method(method))
 
 
 def observe_client_rpc(method: str, code: grpc.StatusCode, duration: float) -> None:

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from tessera_runtime import metrics, telemetry
+from tessera_runtime import metrics
 from tessera_runtime.interceptors import RpcObserver, ServerInterceptor
 
 log = logging.getLogger("tessera.server")
@@ -146,12 +146,9 @@ class TesseraServer:
         self.drain_seconds = drain_seconds
         self.grace_seconds = grace_seconds
         self.health = HealthServicer()
-        # Tracing first, so that the RPC's log line and observers run inside its server span.
         interceptors = (
-            *telemetry.server_interceptors(),
             ServerInterceptor(domain=module.domain, require_identity=require_identity,
-                              observers=(telemetry.record_rpc_outcome, metrics.observe_server_rpc,
-                                         *module.rpc_observers)),
+                              observers=(metrics.observe_server_rpc, *module.rpc_observers)),
             *module.extra_interceptors,
         )
         self.server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)

@@ -49,6 +49,10 @@ log = logging.getLogger("tessera.telemetry")
 
 INSTRUMENTATION_SCOPE = "tessera_runtime"
 SQLALCHEMY_SCOPE = "opentelemetry.instrumentation.sqlalchemy"
+# The scope (and schema) of the gRPC spans: OpenTelemetry's gRPC instrumentation makes the client spans, and the
+# server spans Tessera makes keep its scope, so that both sides of a call are found under one scope as before.
+GRPC_SCOPE = "opentelemetry.instrumentation.grpc"
+_GRPC_SCHEMA_URL = "https://opentelemetry.io/schemas/1.11.0"
 EXPORTERS = ("otlp", "console", "none")
 SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
             "parentbased_traceidratio")
@@ -243,13 +247,72 @@ def _method_of(details: Any) -> str:
     return method.decode() if isinstance(method, bytes) else method
 
 
-def server_interceptors() -> tuple[grpc.aio.ServerInterceptor, ...]:
-    """The OpenTelemetry aio server interceptor (one SERVER span per RPC, continuing the caller's traceparent).
+class ServerSpans:
+    """The SERVER span of each traced RPC, made by Tessera's ServerInterceptor (the server's one interceptor, its
+    handler built once per method) like the spans of OpenTelemetry's gRPC server instrumentation: named after the
+    full method, in that instrumentation's scope, with its rpc.* and net.peer.* attributes, a child of the context
+    the caller propagated in its metadata (current while the handler runs, baggage included).
 
-    It must come before Tessera's ServerInterceptor so that the RPC's log line and observers run inside the span."""
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    Its status is the code the call ended with, however it ended (errors leave by `abort_with_status`): only codes
+    that mean the server failed are errors, as OpenTelemetry's gRPC conventions say; a NOT_FOUND or
+    INVALID_ARGUMENT is the server doing its job. It carries the call's request and correlation ids. It records
+    no exception: the one that leaves the handler is gRPC's AbortError, which says nothing (the log line of the
+    call, which has the span's ids, holds the cause)."""
 
-    return (aio_server_interceptor(filter_=lambda details: _traced(_method_of(details))),)
+    def __init__(self) -> None:
+        from opentelemetry.instrumentation.grpc.version import __version__
+
+        # Got now, before setup_telemetry may have run: the API's proxy follows the provider set later.
+        self._tracer = trace.get_tracer(GRPC_SCOPE, __version__, schema_url=_GRPC_SCHEMA_URL)
+
+    @staticmethod
+    def attributes_for(method: str) -> dict[str, Any] | None:
+        """The attributes every span of `method` starts with; None for a method that is not traced."""
+        if not _traced(method):
+            return None
+        service, _, name = method.lstrip("/").partition("/")
+        return {"rpc.system": "grpc", "rpc.grpc.status_code": 0, "rpc.method": name, "rpc.service": service}
+
+    def start(self, method: str, attributes: dict[str, Any], metadata: Mapping[str, str],
+              servicer_context: grpc.aio.ServicerContext) -> tuple[trace.Span, object]:
+        """Starts the span of one call and makes it current; returns it with the token `finish` detaches."""
+        parent = propagate.extract(metadata)
+        span = self._tracer.start_span(method, parent, SpanKind.SERVER, attributes)
+        if span.is_recording():  # the caller's address and agent are of no use on a span that is not kept
+            span.set_attributes(_caller_attributes(metadata, servicer_context.peer()))
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+    @staticmethod
+    def finish(span: trace.Span, token: object, code: grpc.StatusCode, request_id: str,
+               correlation_id: str) -> None:
+        """Ends the span started by `start` with the status the call ended with, and restores the context."""
+        if span.is_recording():
+            span.set_attributes({"rpc.grpc.status_code": code.value[0], "tessera.request_id": request_id,
+                                 "tessera.correlation_id": correlation_id})
+            if code in _SERVER_ERROR_CODES:
+                span.set_status(Status(StatusCode.ERROR, code.name))
+        span.end()
+        otel_context.detach(token)
+
+
+def _caller_attributes(metadata: Mapping[str, str], peer: str) -> dict[str, str]:
+    """rpc.user_agent and net.peer.* from the call's metadata and its peer (`ipv4:127.0.0.1:57284`,
+    `ipv6:[::1]:57284`, `ipv4:10.2.1.1:57284,127.0.0.1:57284`, `unix:...`)."""
+    attributes = {}
+    if (agent := metadata.get("user-agent")) is not None:
+        attributes["rpc.user_agent"] = agent
+    if not peer.startswith("unix:"):
+        try:
+            ip, port = peer.split(",")[0].split(":", 1)[1].rsplit(":", 1)
+        except (IndexError, ValueError):
+            log.debug("peer address not understood: %r", peer)
+            return attributes
+        ip = urllib.parse.unquote(ip)
+        attributes["net.peer.ip"] = ip
+        attributes["net.peer.port"] = port
+        if ip in ("[::1]", "127.0.0.1"):
+            attributes["net.peer.name"] = "localhost"
+    return attributes
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
@@ -257,23 +320,6 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
     return aio_client_interceptors(filter_=lambda details: _traced(_method_of(details)))
-
-
-def record_rpc_outcome(method: str, code: grpc.StatusCode, _duration: float) -> None:
-    """RPC observer: gives the server span the status the call really ended with, and the call's ids.
-
-    Tessera's interceptor answers errors with `abort_with_status`, which the instrumentation does not see, so
-    without this every server span would say OK."""
-    span = trace.get_current_span()
-    if not span.is_recording() or not _traced(method):
-        return
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if (request_id := request_id_var.get()) is not None:
-        span.set_attribute("tessera.request_id", request_id)
-    if (correlation_id := correlation_id_var.get()) is not None:
-        span.set_attribute("tessera.correlation_id", correlation_id)
-    if code in _SERVER_ERROR_CODES:
-        span.set_status(Status(StatusCode.ERROR, f"{code.name}"))
 
 
 def instrument_engine(engine: Any) -> None:

@@ -18,9 +18,10 @@ from tessera.user.v1 import user_service_pb2 as svc
 
 from tessera_runtime import context as callctx
 from tessera_runtime.clients import open_channel
-from tessera_runtime.errors import DeadlineExceeded
-from tessera_runtime.server import create_server
+from tessera_runtime.errors import DeadlineExceeded, NotFound
+from tessera_runtime.server import ServiceModule, create_server
 from tests.integration.conftest import settings_for
+from tests.support.waiting import eventually
 
 USER_SERVICE = svc.DESCRIPTOR.services_by_name["UserService"]
 SERVICE = USER_SERVICE.full_name
@@ -111,6 +112,57 @@ async def test_server_and_client_red_metrics_move_by_the_calls_made(user_with_me
         assert len(buckets) == 14 and buckets[float("inf")] == after.value(
             f"{seconds}_count", grpc_service=SERVICE, grpc_method="CreateUser")
         assert list(buckets.values()) == sorted(buckets.values())  # cumulative
+
+
+class _HeldUserServicer(user_service_pb2_grpc.UserServiceServicer):
+    """Holds every GetUser until released; then answers it, or fails it when its id says so."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+        self.release = asyncio.Event()
+
+    async def GetUser(self, request, context):
+        self.entered += 1
+        await self.release.wait()
+        if request.id == "missing":
+            raise NotFound("no such user", reason="USER_NOT_FOUND", domain="test.tessera.dev")
+        return svc.GetUserResponse(user=user_pb2.User(id=request.id))
+
+
+async def test_rpcs_in_flight_are_counted_while_they_run():
+    servicer = _HeldUserServicer()
+    module = ServiceModule(
+        service_names=(SERVICE,), domain="test.tessera.dev",
+        register=lambda s: user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, s))
+    server, port = await create_server(module, metrics_port=0)
+    channel = open_channel(f"127.0.0.1:{port}", [USER_SERVICE])
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+    labels = {"grpc_service": SERVICE, "grpc_method": "GetUser"}
+    try:
+        before = (await scrape(server.metrics.port)).value("grpc_server_rpcs_in_flight", **labels)
+        ok = asyncio.ensure_future(stub.GetUser(svc.GetUserRequest(id="held")))
+        await eventually(lambda: servicer.entered == 1, "the call to reach the servicer")
+        assert (await scrape(server.metrics.port)).value("grpc_server_rpcs_in_flight", **labels) == before + 1
+        # A call that will fail, and one whose deadline passes while it is held: each counts while it runs.
+        missing = asyncio.ensure_future(stub.GetUser(svc.GetUserRequest(id="missing")))
+        late = asyncio.ensure_future(stub.GetUser(svc.GetUserRequest(id="late"), timeout=0.5))
+        await eventually(lambda: servicer.entered == 3, "the calls to reach the servicer")
+        assert (await scrape(server.metrics.port)).value("grpc_server_rpcs_in_flight", **labels) == before + 3
+        with pytest.raises(grpc.aio.AioRpcError) as late_err:
+            await late
+        assert late_err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        servicer.release.set()
+        assert (await ok).user.id == "held"
+        with pytest.raises(grpc.aio.AioRpcError) as missing_err:
+            await missing
+        assert missing_err.value.code() == grpc.StatusCode.NOT_FOUND
+        after = await scrape(server.metrics.port)
+    finally:
+        servicer.release.set()
+        await channel.close()
+        await server.stop()
+    assert after.families["grpc_server_rpcs_in_flight"].type == "gauge"
+    assert after.value("grpc_server_rpcs_in_flight", **labels) == before
 
 
 async def test_client_metrics_count_calls_that_fail_before_or_without_a_server():
