@@ -7,7 +7,7 @@ import uuid
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from opentelemetry import trace
+from opentelemetry import baggage, trace
 from tessera.user.v1 import user_pb2, user_service_pb2_grpc
 from tessera.user.v1 import user_service_pb2 as svc
 
@@ -102,6 +102,46 @@ async def test_server_continues_an_incoming_w3c_traceparent(tracing, user_addres
     await tracing.wait(lambda r: any(s.kind == "SERVER" for s in r.trace(trace_id)))
     server = only(tracing.receiver.trace(trace_id), kind="SERVER")
     assert server.parent_span_id == parent_id
+
+
+class _BaggageUserServicer(user_service_pb2_grpc.UserServiceServicer):
+    """Answers every GetUser and keeps the baggage that was current while it did."""
+
+    def __init__(self) -> None:
+        self.baggage: list[dict[str, object]] = []
+
+    async def GetUser(self, request, context):
+        self.baggage.append(dict(baggage.get_all()))
+        return svc.GetUserResponse(user=user_pb2.User(id=request.id))
+
+
+async def test_server_spans_carry_the_grpc_attributes_and_the_callers_context(tracing):
+    servicer = _BaggageUserServicer()
+    module = ServiceModule(
+        service_names=(USER_SERVICE.full_name,),
+        register=lambda s: user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, s),
+        domain="test.tessera.dev",
+    )
+    server, port = await create_server(module)
+    trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await user_service_pb2_grpc.UserServiceStub(channel).GetUser(
+                svc.GetUserRequest(id="x"),
+                metadata=(("traceparent", f"00-{trace_id}-{parent_id}-01"), ("baggage", "tenant=acme")))
+    finally:
+        await server.stop()
+    await tracing.wait(lambda r: any(s.kind == "SERVER" for s in r.trace(trace_id)))
+    span = only(tracing.receiver.trace(trace_id), kind="SERVER")
+    assert (span.name, span.scope, span.parent_span_id) == (GET_USER, "opentelemetry.instrumentation.grpc", parent_id)
+    attributes = dict(span.attributes)
+    assert attributes.pop("net.peer.port").isdigit()
+    assert attributes.pop("rpc.user_agent").startswith("grpc-python-asyncio/")
+    assert attributes.pop("tessera.request_id") == attributes.pop("tessera.correlation_id")
+    assert attributes == {"rpc.system": "grpc", "rpc.service": USER_SERVICE.full_name, "rpc.method": "GetUser",
+                          "rpc.grpc.status_code": 0, "net.peer.ip": "127.0.0.1", "net.peer.name": "localhost"}
+    assert not span.is_error
+    assert servicer.baggage == [{"tenant": "acme"}]  # the caller's baggage is current in the handler
 
 
 async def test_error_codes_on_spans_follow_the_grpc_conventions(tracing, user_client):
