@@ -24,7 +24,7 @@ from tessera.user.v1 import user_events_pb2, user_pb2, user_service_pb2, user_se
 
 from tessera_runtime.config import ServiceSettings
 from tessera_runtime.db import Database, utcnow
-from tessera_runtime.logs import correlation_id_var, request_id_var
+from tessera_runtime.logs import JsonFormatter, correlation_id_var, request_id_var
 from tessera_runtime.messaging import MessagingSettings, attach_outbox_relay
 from tessera_runtime.messaging.relay import ACK, NACK, OutboxRelay, PublishIncomplete, PublishStream
 from tessera_runtime.outbox import PendingEvent, notify_committed, outbox_table, write_events
@@ -631,7 +631,7 @@ async def test_a_consumer_queue_declared_differently_does_not_stop_publishing(ou
 
 async def test_an_event_nobody_consumes_is_marked_published_counted_and_logged(vhost, outbox, caplog):
     db, table = outbox
-    caplog.set_level(logging.WARNING, logger="tessera.outbox")
+    caplog.set_level(logging.INFO, logger="tessera.outbox")
     url = rabbitmq.amqp_url(vhost)
     await asyncio.to_thread(_declare_exchange, url, "nobody.events")  # no queue is bound to it
     await write(db, table, [PendingEvent("user", "a", activated("nobody")) for _ in range(3)])
@@ -643,8 +643,13 @@ async def test_an_event_nobody_consumes_is_marked_published_counted_and_logged(v
     finally:
         await relay.stop()
     assert relay.status()["unrouted_total"] == 3
-    warned = [r for r in caplog.records if "no queue is bound" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].event_type == "tessera.user.v1.UserActivated"  # once per event type
+    # One line per event, none of them "event published": the first of its type a warning, the others at INFO.
+    unrouted = [r for r in caplog.records if "no queue is bound" in r.getMessage()]
+    assert [(r.levelname, r.event_type, r.exchange) for r in unrouted] == [
+        ("WARNING", ACTIVATED_TYPE, "nobody.events"), ("INFO", ACTIVATED_TYPE, "nobody.events"),
+        ("INFO", ACTIVATED_TYPE, "nobody.events")]
+    assert len({r.event_id for r in unrouted}) == 3
+    assert not [r for r in caplog.records if r.getMessage() == "event published"]
 
 
 async def test_published_rows_are_pruned_after_the_retention_and_unpublished_ones_never(outbox):
@@ -740,3 +745,124 @@ async def test_a_broker_that_stops_answering_never_holds_up_the_services_calls(v
         proxy.close()
     created = {user_events_pb2.UserCreated.FromString(body).user.id for _, _, body in delivered}
     assert created == set(ids)
+
+
+class JsonLines(logging.Handler):
+    """The relay's log lines as the service writes them (tessera_runtime.logs' JSON), parsed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter("user-service"))
+        self.lines: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+    def published(self) -> list[dict]:
+        return [line for line in self.lines if line["message"] == "event published"]
+
+
+@contextlib.contextmanager
+def relay_log_lines():
+    logger = logging.getLogger("tessera.outbox")
+    handler, level = JsonLines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # a service's default level
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+async def test_each_confirmed_event_has_one_published_line_with_its_ids(vhost, outbox):
+    db, table = outbox
+    tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
+    trace_id, writer_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    tokens = request_id_var.set("req-line-1"), correlation_id_var.set("corr-line-1")
+    try:
+        traced = [PendingEvent("user", f"user-{i}", activated(str(i))) for i in range(3)]
+    finally:
+        request_id_var.reset(tokens[0])
+        correlation_id_var.reset(tokens[1])
+    for e in traced:
+        e.headers["traceparent"] = f"00-{trace_id}-{writer_span}-01"
+    bare = PendingEvent("order", "order-9", activated("bare"))  # written outside any request
+    await write(db, table, [*traced, bare])
+    async with db.engine.connect() as conn:
+        seqs = dict((await conn.execute(select(table.c.event_id, table.c.seq))).all())
+    relay = OutboxRelay(db, table, service=f"lines-{uuid.uuid4().hex[:6]}", amqp_url=rabbitmq.amqp_url(vhost),
+                        settings=FAST)
+    with relay_log_lines() as logged:
+        await relay.start()
+        try:
+            await tap.wait_for(4)
+            await eventually(lambda: relay.status()["published_total"] == 4, "every row to be marked")
+        finally:
+            await relay.stop()
+    lines = logged.published()
+    assert [line["event_id"] for line in lines] == [e.event_id for e in [*traced, bare]]  # in seq order, once each
+    first = lines[0]
+    assert (first["level"], first["logger"]) == ("INFO", "tessera.outbox")
+    assert {k: first[k] for k in ("event_type", "exchange", "routing_key", "aggregate_type", "aggregate_id",
+                                  "outbox_seq", "correlation_id", "request_id")} == {
+        "event_type": ACTIVATED_TYPE, "exchange": EXCHANGE, "routing_key": ACTIVATED_TYPE,
+        "aggregate_type": "user", "aggregate_id": "user-0", "outbox_seq": seqs[traced[0].event_id],
+        "correlation_id": "corr-line-1", "request_id": "req-line-1"}
+    assert first["lag_ms"] >= 0
+    # The publish span's ids: the trace of the request that wrote the event, and the span whose traceparent the
+    # message carries to the consumer.
+    delivered = {props.message_id: props for _, props, _ in tap.messages}
+    for line in lines[:3]:
+        assert line["trace_id"] == trace_id
+        assert delivered[line["event_id"]].headers["traceparent"] == f"00-{trace_id}-{line['span_id']}-01"
+    last = lines[3]
+    assert (last["aggregate_type"], last["aggregate_id"], last["correlation_id"], last["request_id"]) == (
+        "order", "order-9", None, None)
+
+
+async def test_an_event_published_on_a_connection_that_never_confirms_has_no_line_until_a_confirm(vhost, outbox):
+    db, table = outbox
+    tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
+    events = [PendingEvent("user", "a", activated(str(i))) for i in range(5)]
+    with relay_log_lines() as logged:
+        async with relay_on_a_broker_that_freezes(vhost, db, table, "unconfirmed",
+                                                  settings=dataclasses.replace(FAST, outbox_confirm_timeout_seconds=3.0)
+                                                  ) as relay:
+            await write(db, table, events)
+            await eventually(lambda: relay.status()["in_flight"] == 5, "the batch to wait for its confirms")
+            assert logged.published() == []  # sent, but the broker confirmed nothing
+            await tap.wait_for(5)
+            await eventually(lambda: relay.status()["published_total"] == 5, "every row to be marked")
+    # Published twice, confirmed once (on the new connection): one line each.
+    assert [line["event_id"] for line in logged.published()] == [e.event_id for e in events]
+    [failed] = [line for line in logged.lines if line["message"].startswith("outbox relay pass failed")]
+    assert failed["level"] == "WARNING" and failed["event_id"] == events[0].event_id
+    assert f"lost before it confirmed event {events[0].event_id}" in failed["message"]
+    assert failed["outbox_seq"] == 1
+
+
+async def test_an_event_the_broker_refuses_has_no_published_line_and_the_failure_names_it(outbox, empty_broker):
+    """A queue that is full and rejects publishes makes the real broker nack: the events it confirmed before the
+    refused one have their line, the refused one and those after it none."""
+    db, table = outbox
+    with rabbitmq.blocking_connection(empty_broker) as connection:
+        channel = connection.channel()
+        channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
+        channel.queue_declare("full", durable=True, arguments={"x-max-length": 3, "x-overflow": "reject-publish"})
+        channel.queue_bind("full", EXCHANGE, routing_key="#")
+    events = [PendingEvent("user", "a", activated(str(i))) for i in range(6)]
+    await write(db, table, events)
+    relay = OutboxRelay(db, table, service=f"refused-{uuid.uuid4().hex[:6]}", amqp_url=empty_broker, settings=FAST)
+    with relay_log_lines() as logged:
+        await relay.start()
+        try:
+            await eventually(lambda: any(line["message"].startswith("outbox relay pass failed")
+                                         for line in logged.lines), "the refused publish")
+        finally:
+            await relay.stop()
+    assert [line["event_id"] for line in logged.published()] == [e.event_id for e in events[:3]]
+    assert await published_ids(db, table) == {e.event_id for e in events[:3]}
+    failed = next(line for line in logged.lines if line["message"].startswith("outbox relay pass failed"))
+    assert f"the broker refused (nack) event {events[3].event_id}" in failed["message"]
+    assert (failed["event_id"], failed["outbox_seq"]) == (events[3].event_id, 4)

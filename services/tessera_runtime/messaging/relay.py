@@ -37,6 +37,9 @@ Design. Each service process runs one relay next to its gRPC server:
   consumer ever started waits in that consumer's durable queue.
 - Unroutable events (mandatory publish, no queue bound) are returned by the broker; the relay counts and logs them
   and marks them published: nobody consumes that event type, and retrying would block the events behind it.
+- Each confirmed row has one log line as it is marked: "event published" (its ids, type, exchange, outbox seq, and
+  the correlation, request and trace ids of the request that wrote it), or "event not routed". A row the broker
+  did not confirm has none until it is published again; the failed pass's warning names the first of them.
 - Every wait is bounded. Confirms that do not arrive within TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS of a batch's
   publish (a broker or a network path that stopped answering) make the relay give up the connection: the
   unconfirmed rows stay in the outbox and are published again on a new one. `stop()` always returns, whatever the
@@ -75,7 +78,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from tessera_runtime import metrics, telemetry
 from tessera_runtime.db import Database, utcnow
 from tessera_runtime.messaging.amqp import AmqpLink
-from tessera_runtime.messaging.envelope import OutgoingEvent, outgoing_event
+from tessera_runtime.messaging.envelope import REQUEST_ID, OutgoingEvent, outgoing_event
 from tessera_runtime.messaging.settings import MessagingSettings, messaging_settings
 from tessera_runtime.messaging.topology import (
     declare_async,
@@ -559,7 +562,8 @@ class OutboxRelay:
                 failures += 1
                 delay = min(self.settings.reconnect_max_seconds, 0.2 * 2 ** min(failures, 8))
                 log.warning("outbox relay pass failed; events stay in the outbox, retrying in %.1fs: %s",
-                            delay, exc, extra={"error_type": type(exc).__name__})
+                            delay, exc, extra={"error_type": type(exc).__name__,
+                                               **(exc.fields if isinstance(exc, PublishIncomplete) else {})})
                 await asyncio.sleep(delay)  # not cut short by new commits: this is a backoff
 
     async def _sleep(self, seconds: float) -> None:
@@ -694,6 +698,7 @@ class OutboxRelay:
         caught_up = False
         batches = marked = not_marked = 0
         gap: str | None = None  # the status of the first message that was not confirmed
+        gap_event: OutgoingEvent | None = None  # and that message
         try:
             while True:
                 while (gap is None and not caught_up and not self._stopping and len(window) < self.window_batches
@@ -714,7 +719,7 @@ class OutboxRelay:
                     while confirmed < len(statuses) and statuses[confirmed] in _CONFIRMED:
                         confirmed += 1
                     if confirmed < len(statuses):
-                        gap = statuses[confirmed] or "lost"
+                        gap, gap_event = statuses[confirmed] or "lost", item.events[confirmed]
                 else:  # behind a gap nothing is marked: its confirms are not worth waiting for
                     done = item.future.done() and not item.future.cancelled()
                     statuses = item.future.result() if done else [None] * len(item.rows)
@@ -738,9 +743,12 @@ class OutboxRelay:
             self.caught_up = caught_up and not self._stopping
             return marked
         metrics.OUTBOX_PUBLISH_FAILURES.labels(self.service).inc()
-        reason = "the broker refused (nack) an event" if gap == NACK else (
-            f"the broker connection was lost before it confirmed: {self.publisher.last_error}")
-        raise PublishIncomplete(f"{reason}; {not_marked} events stay in the outbox")
+        assert gap_event is not None
+        which = f"event {gap_event.event_id} (outbox seq {gap_event.seq})"
+        reason = f"the broker refused (nack) {which}" if gap == NACK else (
+            f"the broker connection was lost before it confirmed {which}: {self.publisher.last_error}")
+        raise PublishIncomplete(f"{reason}; {not_marked} events stay in the outbox",
+                                {"event_id": gap_event.event_id, "outbox_seq": gap_event.seq})
 
     def _send(self, rows: list[Any], stream: PublishStream) -> _InFlight:
         events = [outgoing_event(row, self.service) for row in rows]
@@ -768,26 +776,50 @@ class OutboxRelay:
         return future.result() if future.done() else [None] * len(item.events)
 
     def _settle(self, item: _InFlight, statuses: list[str | None], confirmed: int) -> None:
-        """Ends the batch's publish spans; counts and logs the `confirmed` rows, which were just marked."""
+        """Ends the batch's publish spans; counts and logs the `confirmed` rows, which were just marked: one line per
+        event, "event published" once the broker took it into a queue, "event not routed" when no queue is bound
+        for its type. Rows not confirmed get no line of their own: the pass's failure names the first of them, and
+        they have theirs when they are published again."""
         for span, status in zip(item.spans, statuses, strict=True):
             telemetry.finish_publish_span(span, None if status in _CONFIRMED else f"not confirmed: {status}")
         if not confirmed:
             return
         now = utcnow()
+        lag = metrics.OUTBOX_PUBLISH_LAG.labels(self.service)
         by_type: dict[str, int] = {}
-        for event, row, status in zip(item.events[:confirmed], item.rows, statuses, strict=False):
+        logged = log.isEnabledFor(logging.INFO)  # asked once per batch: a drain writes a line per event
+        for event, row, span, status in zip(item.events[:confirmed], item.rows, item.spans, statuses, strict=False):
             by_type[event.routing_key] = by_type.get(event.routing_key, 0) + 1
             created = row["created_at"] if row["created_at"].tzinfo else row["created_at"].replace(tzinfo=dt.UTC)
-            metrics.OUTBOX_PUBLISH_LAG.labels(self.service).observe(max(0.0, (now - created).total_seconds()))
+            lag_seconds = max(0.0, (now - created).total_seconds())
+            lag.observe(lag_seconds)
             if status == RETURNED:
                 self.unrouted_total += 1
-                # Once per event type at WARNING (a missing consumer, or a type nobody needs yet), then quietly.
-                level = logging.DEBUG if event.routing_key in self._unrouted_types else logging.WARNING
+                # The first of a type at WARNING (a missing consumer, or a type nobody needs yet), then at INFO.
+                first = event.routing_key not in self._unrouted_types
                 self._unrouted_types.add(event.routing_key)
-                log.log(level, "event published but no queue is bound for it; nobody consumes %s",
-                        event.routing_key, extra={"event_id": event.event_id, "event_type": event.routing_key})
+                if first or logged:
+                    log.log(logging.WARNING if first else logging.INFO,
+                            "event not routed: no queue is bound for %s; marked published, nobody consumes it",
+                            event.routing_key, extra=self._publication(event, row, span, lag_seconds))
+            elif logged:
+                # The relay's access line, as the consumer writes "event processed": the event is on the broker.
+                log.info("event published", extra=self._publication(event, row, span, lag_seconds))
         for event_type, count in by_type.items():
             metrics.OUTBOX_PUBLISHED.labels(self.service, event_type).inc(count)
+
+    def _publication(self, event: OutgoingEvent, row: Any, span: Span, lag_seconds: float) -> dict[str, Any]:
+        """The fields of an event's publication line. trace_id and span_id are its publish span's, a child of the
+        request that wrote the event; correlation_id and request_id are that request's, carried in the headers."""
+        context = span.get_span_context()
+        headers = event.properties.headers
+        return {"event_id": event.event_id, "event_type": event.routing_key,
+                "exchange": self.settings.events_exchange, "routing_key": event.routing_key,
+                "aggregate_type": row["aggregate_type"], "aggregate_id": row["aggregate_id"], "outbox_seq": event.seq,
+                "correlation_id": event.properties.correlation_id, "request_id": headers.get(REQUEST_ID),
+                "trace_id": format(context.trace_id, "032x") if context.is_valid else None,
+                "span_id": format(context.span_id, "016x") if context.is_valid else None,
+                "lag_ms": round(lag_seconds * 1000, 2)}
 
     async def _fetch(self, conn: AsyncConnection, after: int | None) -> list[Any]:
         rows = await conn.execute(self._fetch_query, {"after": after or 0, "size": self.settings.outbox_batch_size})
@@ -850,7 +882,12 @@ class OutboxRelay:
 
 
 class PublishIncomplete(Exception):
-    """Part of a batch was not confirmed; it stays in the outbox and is published again."""
+    """Part of a batch was not confirmed; it stays in the outbox and is published again. `fields` name the first
+    event not confirmed, for the log line of the failed pass."""
+
+    def __init__(self, message: str, fields: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.fields = fields or {}
 
 
 def attach_outbox_relay(module: ServiceModule, db: Database, outbox: Table, settings: Any, *,
