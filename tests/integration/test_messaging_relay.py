@@ -866,3 +866,30 @@ async def test_an_event_the_broker_refuses_has_no_published_line_and_the_failure
     failed = next(line for line in logged.lines if line["message"].startswith("outbox relay pass failed"))
     assert f"the broker refused (nack) event {events[3].event_id}" in failed["message"]
     assert (failed["event_id"], failed["outbox_seq"]) == (events[3].event_id, 4)
+
+
+async def test_a_correlation_id_too_long_for_the_amqp_property_does_not_block_the_outbox(vhost, outbox):
+    """A consumer restores the correlation id an incoming message carries, whatever its length, and the events its
+    handler writes carry it on. AMQP's correlation_id property holds at most 255 bytes: the event goes out with the
+    id in its x-correlation-id header only, and the events behind it go out too."""
+    db, table = outbox
+    tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
+    long_id = "é" * 200  # 400 bytes in UTF-8
+    token = correlation_id_var.set(long_id)
+    try:
+        carried = PendingEvent("notification", "n-1", activated("long"))
+    finally:
+        correlation_id_var.reset(token)
+    behind = PendingEvent("notification", "n-2", activated("behind"))
+    await write(db, table, [carried, behind])
+    relay = OutboxRelay(db, table, service=f"long-id-{uuid.uuid4().hex[:6]}", amqp_url=rabbitmq.amqp_url(vhost),
+                        settings=FAST)
+    await relay.start()
+    try:
+        delivered = await tap.wait_for(2, timeout=15)
+        await until_all_marked(db, table, "rows left unmarked", timeout=15)
+    finally:
+        await relay.stop()
+    (_, first, _), (_, second, _) = delivered
+    assert (first.message_id, second.message_id) == (carried.event_id, behind.event_id)
+    assert first.headers["x-correlation-id"] == long_id and first.correlation_id is None

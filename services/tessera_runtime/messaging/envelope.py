@@ -35,6 +35,8 @@ FORWARD_ID = "x-tessera-forward-id"
 
 PERSISTENT = pika.DeliveryMode.Persistent.value
 MAX_ERROR_LENGTH = 1000
+# AMQP's short strings (the correlation_id property among them) hold at most 255 bytes.
+_SHORT_STRING_BYTES = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +69,19 @@ def outgoing_event(row: Mapping[str, Any], producer: str) -> OutgoingEvent:
         type=row["event_type"],
         message_id=row["event_id"],
         timestamp=int(created_at.timestamp()),
-        correlation_id=headers.get(CORRELATION_ID),
+        correlation_id=_short_string(headers.get(CORRELATION_ID)),
         app_id=producer,
         headers=headers,
     )
     return OutgoingEvent(seq=row["seq"], event_id=row["event_id"], routing_key=row["event_type"],
                          body=bytes(row["payload"]), properties=properties)
+
+
+def _short_string(value: str | None) -> str | None:
+    """`value` when it fits an AMQP short string, else None: the x-correlation-id header carries it whole. A consumer
+    restores whatever correlation id a message came with, and a property too long for its frame would make the
+    event, and every event behind it, unpublishable."""
+    return value if value is None or len(value.encode()) <= _SHORT_STRING_BYTES else None
 
 
 def header_str(headers: Mapping[str, Any] | None, key: str) -> str | None:

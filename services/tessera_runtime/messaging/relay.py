@@ -78,7 +78,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from tessera_runtime import metrics, telemetry
 from tessera_runtime.db import Database, utcnow
 from tessera_runtime.messaging.amqp import AmqpLink
-from tessera_runtime.messaging.envelope import REQUEST_ID, OutgoingEvent, outgoing_event
+from tessera_runtime.messaging.envelope import CORRELATION_ID, REQUEST_ID, OutgoingEvent, outgoing_event
 from tessera_runtime.messaging.settings import MessagingSettings, messaging_settings
 from tessera_runtime.messaging.topology import (
     declare_async,
@@ -816,7 +816,7 @@ class OutboxRelay:
         return {"event_id": event.event_id, "event_type": event.routing_key,
                 "exchange": self.settings.events_exchange, "routing_key": event.routing_key,
                 "aggregate_type": row["aggregate_type"], "aggregate_id": row["aggregate_id"], "outbox_seq": event.seq,
-                "correlation_id": event.properties.correlation_id, "request_id": headers.get(REQUEST_ID),
+                "correlation_id": headers.get(CORRELATION_ID), "request_id": headers.get(REQUEST_ID),
                 "trace_id": format(context.trace_id, "032x") if context.is_valid else None,
                 "span_id": format(context.span_id, "016x") if context.is_valid else None,
                 "lag_ms": round(lag_seconds * 1000, 2)}
