@@ -13,8 +13,18 @@ from tessera.user.v1 import user_events_pb2
 
 from tessera_runtime import telemetry
 from tessera_runtime.logs import JsonFormatter, correlation_id_var, request_id_var
+from tessera_runtime.messaging import (
+    DUPLICATE,
+    Consumer,
+    EventMeta,
+    HandlerResult,
+    MessagingSettings,
+    Subscription,
+)
 from tessera_runtime.outbox import PendingEvent
+from tests.support import rabbitmq
 from tests.support.otlp_receiver import in_process_tracing
+from tests.support.waiting import eventually
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 EVENT_TYPE = user_events_pb2.UserCreated.DESCRIPTOR.full_name
@@ -121,3 +131,52 @@ async def test_a_message_without_trace_context_still_gets_a_consumer_span(tracin
     await tracing.wait(lambda r: bool(r.trace(trace_id)))
     [received] = tracing.receiver.trace(trace_id)
     assert received.links == () and received.kind == "CONSUMER"
+
+
+async def test_a_consumers_event_lines_carry_the_ids_of_the_work_they_describe(tracing):
+    """The consumer's "event processed" and "duplicate event skipped" lines name the consumer span's trace and the
+    request and correlation ids the message came with, as every line written while the handler ran does."""
+    vhost = rabbitmq.create_vhost()
+    url = rabbitmq.amqp_url(vhost)
+    handled: list[tuple[str | None, str | None]] = []
+
+    async def handle(_event, _meta: EventMeta) -> HandlerResult:
+        span = trace.get_current_span()
+        handled.append(hex_ids(span))
+        return DUPLICATE if len(handled) > 1 else None
+
+    consumer = Consumer(Subscription("obs", "lines", {user_events_pb2.UserCreated: handle}), amqp_url=url,
+                        settings=MessagingSettings(reconnect_max_seconds=0.5))
+    capture = _Capture()
+    logger = logging.getLogger("tessera.consumer")
+    level = logger.level
+    logger.addHandler(capture)
+    logger.setLevel(logging.INFO)
+    try:
+        await consumer.start()
+        try:
+            await rabbitmq.wait_for_consumer(url, consumer.queue)
+            producer_trace = uuid.uuid4().hex
+            headers = {"x-request-id": "req-obs-2", "x-correlation-id": "corr-obs-2",
+                       "traceparent": f"00-{producer_trace}-{uuid.uuid4().hex[:16]}-01"}
+            event_id = str(uuid.uuid4())
+            body = user_events_pb2.UserCreated().SerializeToString()
+            with rabbitmq.blocking_connection(url) as connection:
+                channel = connection.channel()
+                for _ in range(2):  # the second delivery of the same event is a duplicate
+                    channel.basic_publish("tessera.events", EVENT_TYPE, body,
+                                          pika.BasicProperties(type=EVENT_TYPE, message_id=event_id, headers=headers))
+            await eventually(lambda: consumer.counts["processed"] + consumer.counts["duplicates"] == 2,
+                             "both deliveries to be handled")
+        finally:
+            await consumer.stop()
+    finally:
+        logger.removeHandler(capture)
+        logger.setLevel(level)
+        rabbitmq.delete_vhost(vhost)
+    lines = [line for line in capture.lines if line["message"] in ("event processed", "duplicate event skipped")]
+    assert [line["message"] for line in lines] == ["event processed", "duplicate event skipped"]
+    for line, (trace_id, span_id) in zip(lines, handled, strict=True):
+        assert (line["trace_id"], line["span_id"]) == (trace_id, span_id)  # the consumer span the handler ran in
+        assert line["trace_id"] != producer_trace
+        assert (line["request_id"], line["correlation_id"], line["event_id"]) == ("req-obs-2", "corr-obs-2", event_id)

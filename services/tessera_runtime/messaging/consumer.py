@@ -394,19 +394,20 @@ class Consumer:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 return self._failed(meta, exc, labels)
-        if result == DUPLICATE:
-            self.counts["duplicates"] += 1
-            metrics.CONSUMER_DUPLICATES.labels(*labels).inc()
-            log.info("duplicate event skipped", extra={"queue": self.queue, "event_id": meta.event_id,
-                                                       "event_type": meta.event_type})
-        else:
-            self.counts["processed"] += 1
-            metrics.CONSUMER_PROCESSED.labels(*labels).inc()
-            # The consumer's access line: one per event applied, as the server writes one per RPC.
-            log.info("event processed", extra={
-                "queue": self.queue, "event_id": meta.event_id, "event_type": meta.event_type,
-                "attempt": meta.attempt, "correlation_id": meta.correlation_id,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+            # Written inside the span, as the handler's own lines are: with its trace and the message's request id.
+            if result == DUPLICATE:
+                self.counts["duplicates"] += 1
+                metrics.CONSUMER_DUPLICATES.labels(*labels).inc()
+                log.info("duplicate event skipped", extra={"queue": self.queue, "event_id": meta.event_id,
+                                                           "event_type": meta.event_type})
+            else:
+                self.counts["processed"] += 1
+                metrics.CONSUMER_PROCESSED.labels(*labels).inc()
+                # The consumer's access line: one per event applied, as the server writes one per RPC.
+                log.info("event processed", extra={
+                    "queue": self.queue, "event_id": meta.event_id, "event_type": meta.event_type,
+                    "attempt": meta.attempt, "correlation_id": meta.correlation_id,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
         return ACK
 
     @staticmethod
