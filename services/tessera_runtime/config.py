@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pika
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = ROOT / "data"
 
@@ -34,6 +36,10 @@ def check_amqp_url(url: str, name: str) -> str:
     if parsed.scheme not in ("amqp", "amqps") or not parsed.hostname:
         raise ConfigError(f"{name} must be amqp://user:password@host:port/vhost (or amqps://), "
                           f"got scheme {parsed.scheme!r}")
+    try:
+        pika.URLParameters(url)  # its query options (heartbeat=, socket_timeout=...), as the relay reads them
+    except Exception as exc:  # ValueError, mostly: what the relay and consumers would fail on when they start
+        raise ConfigError(f"{name} has an option the broker client refuses: {exc}") from None
     return url
 
 

@@ -75,10 +75,22 @@ def test_production_requires_identity_by_default():
     ({"TESSERA_DATABASE_URL": "sqlite+aiosqlite://relative.db"}, "TESSERA_DATABASE_URL"),
     ({"TESSERA_AMQP_URL": "amqp://guest:guest@rabbitmq:port/"}, "TESSERA_AMQP_URL"),
     ({"TESSERA_AMQP_URL": "http://rabbitmq:5672/"}, "TESSERA_AMQP_URL"),
+    # Query parameters the broker client refuses: the service would only fail when its relay or consumer starts.
+    ({"TESSERA_AMQP_URL": "amqp://guest:guest@rabbitmq:5672/%2F?heartbeat=soon"}, "TESSERA_AMQP_URL"),
+    ({"TESSERA_AMQP_URL": "amqp://guest:guest@rabbitmq:5672/%2F?heartbeat_interval=30"}, "TESSERA_AMQP_URL"),
+    ({"TESSERA_AMQP_URL": "amqp://guest:guest@rabbitmq:5672/%2F?socket_timeout=0"}, "TESSERA_AMQP_URL"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigError, match=name):
         ServiceSettings.from_env("user", 50051, env)
+
+
+def test_a_broker_url_the_client_refuses_is_named_without_its_password():
+    with pytest.raises(ConfigError, match="TESSERA_AMQP_URL.*heartbeat") as raised:
+        ServiceSettings.from_env("user", 50051, {"TESSERA_AMQP_URL": "amqp://app:s3cret@mq:5672/%2F?heartbeat=x"})
+    assert "s3cret" not in str(raised.value)
+    settings = ServiceSettings.from_env("user", 50051, {"TESSERA_AMQP_URL": "amqp://app:s3cret@mq/%2F?heartbeat=10"})
+    assert settings.amqp_url.endswith("?heartbeat=10")  # what the client accepts is kept as it is
 
 
 def test_the_database_pool_size_is_read_and_bounds_the_connections_of_a_process():
