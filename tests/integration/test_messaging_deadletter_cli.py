@@ -137,3 +137,14 @@ def test_a_replay_that_names_nothing_to_replay_is_a_usage_error(url, capsys):
     assert tessera(["dlq", "--amqp-url", url, "replay", QUEUE]) == 2  # the module's doc: 2 is a usage error
     assert "name the message ids to replay, or pass --all" in capsys.readouterr().err
     assert rabbitmq.queue_depth(url, DLQ) == 1
+
+
+def test_a_broker_url_the_client_refuses_is_a_usage_error_without_its_password(url, capsys):
+    declare(url)
+    dead_letter(url, 1)
+    refused = url.replace("guest:guest@", "guest:s3cret@") + "?heartbeat=soon"
+
+    assert tessera(["dlq", "--amqp-url", refused, "list", QUEUE]) == 2
+    _, err = capsys.readouterr()
+    assert "Traceback" not in err and "heartbeat" in err and "s3cret" not in err
+    assert rabbitmq.queue_depth(url, DLQ) == 1
