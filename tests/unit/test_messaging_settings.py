@@ -28,6 +28,8 @@ def test_values_are_read_from_the_environment():
     assert (s.consumer_retry_delays, s.consumer_max_attempts, s.consumer_prefetch) == ((0.5, 2.0), 4, 8)
     # The delay after attempt n; the last one repeats.
     assert [s.retry_delay(n) for n in (1, 2, 3)] == [0.5, 2.0, 2.0]
+    longest = MessagingSettings.from_env({"TESSERA_CONSUMER_RETRY_DELAYS": "1,315360000"})
+    assert longest.consumer_retry_delays == (1.0, 315360000.0)  # ten years: the longest a retry waits
 
 
 @pytest.mark.parametrize(("env", "variable"), [
@@ -42,6 +44,10 @@ def test_values_are_read_from_the_environment():
     # Not a number of seconds: a retry queue's TTL cannot be made of them.
     ({"TESSERA_CONSUMER_RETRY_DELAYS": "1,nan"}, "TESSERA_CONSUMER_RETRY_DELAYS"),
     ({"TESSERA_CONSUMER_RETRY_DELAYS": "inf"}, "TESSERA_CONSUMER_RETRY_DELAYS"),
+    # Longer than the per-message TTL RabbitMQ takes (315360000000 ms; it closes the channel of a publish asking for
+    # more): every retry would close the consumer's channel and the message come back at once, for ever.
+    ({"TESSERA_CONSUMER_RETRY_DELAYS": "1,5,1e11"}, "TESSERA_CONSUMER_RETRY_DELAYS"),
+    ({"TESSERA_CONSUMER_RETRY_DELAYS": "315360000.001"}, "TESSERA_CONSUMER_RETRY_DELAYS"),
     ({"TESSERA_OUTBOX_POLL_SECONDS": "nan"}, "TESSERA_OUTBOX_POLL_SECONDS"),
     ({"TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS": "inf"}, "TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS"),
 ])

@@ -86,7 +86,7 @@ def test_bad_values_name_the_variable(env, name):
 
 
 def test_a_broker_url_the_client_refuses_is_named_without_its_password():
-    with pytest.raises(ConfigError, match="TESSERA_AMQP_URL.*heartbeat") as raised:
+    with pytest.raises(ConfigError, match=r"TESSERA_AMQP_URL.*heartbeat") as raised:
         ServiceSettings.from_env("user", 50051, {"TESSERA_AMQP_URL": "amqp://app:s3cret@mq:5672/%2F?heartbeat=x"})
     assert "s3cret" not in str(raised.value)
     settings = ServiceSettings.from_env("user", 50051, {"TESSERA_AMQP_URL": "amqp://app:s3cret@mq/%2F?heartbeat=10"})

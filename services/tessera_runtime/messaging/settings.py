@@ -12,6 +12,10 @@ from tessera_runtime.config import ConfigError, Env, ServiceSettings
 
 DEFAULT_EXCHANGE = "tessera.events"
 DEFAULT_RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0)
+# A retry waits in its queue as a per-message TTL in milliseconds. RabbitMQ takes at most ten years of them and
+# closes the channel of a publish asking for more, so a longer delay would send the failed message straight back,
+# again and again.
+MAX_RETRY_DELAY_SECONDS = 315_360_000  # 3650 days
 
 
 def _delays(env: Env, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
@@ -24,6 +28,9 @@ def _delays(env: Env, name: str, default: tuple[float, ...]) -> tuple[float, ...
         raise ConfigError(f"{name} must be comma-separated seconds such as 1,5,30, got {raw!r}") from None
     if not values or any(not 0 < v < math.inf for v in values):  # nan fails the comparison too
         raise ConfigError(f"{name} must list positive seconds, got {raw!r}")
+    if max(values) > MAX_RETRY_DELAY_SECONDS:
+        raise ConfigError(f"{name} must list at most {MAX_RETRY_DELAY_SECONDS} seconds (ten years) per delay, "
+                          f"got {raw!r}")
     return values
 
 
