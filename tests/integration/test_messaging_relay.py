@@ -893,3 +893,25 @@ async def test_a_correlation_id_too_long_for_the_amqp_property_does_not_block_th
     (_, first, _), (_, second, _) = delivered
     assert (first.message_id, second.message_id) == (carried.event_id, behind.event_id)
     assert first.headers["x-correlation-id"] == long_id and first.correlation_id is None
+
+
+async def test_with_batch_lines_each_confirmed_batch_has_one_line_listing_its_event_ids(vhost, outbox):
+    db, table = outbox
+    tap = rabbitmq.Tap(rabbitmq.amqp_url(vhost), EXCHANGE)
+    events = [PendingEvent("user", f"u{i % 3}", activated(str(i))) for i in range(250)]
+    await write(db, table, events)
+    relay = OutboxRelay(db, table, service=f"batch-lines-{uuid.uuid4().hex[:6]}", amqp_url=rabbitmq.amqp_url(vhost),
+                        settings=dataclasses.replace(FAST, outbox_published_log="batch"))  # batches of 100
+    with relay_log_lines() as logged:
+        await relay.start()
+        try:
+            await tap.wait_for(250)
+            await eventually(lambda: relay.status()["published_total"] == 250, "every row to be marked")
+        finally:
+            await relay.stop()
+    assert logged.published() == []
+    lines = [line for line in logged.lines if line["message"] == "events published"]
+    assert [(line["count"], line["first_outbox_seq"], line["last_outbox_seq"]) for line in lines] == [
+        (100, 1, 100), (100, 101, 200), (50, 201, 250)]
+    assert [event_id for line in lines for event_id in line["event_ids"]] == [e.event_id for e in events]
+    assert {(line["level"], line["exchange"]) for line in lines} == {("INFO", EXCHANGE)}

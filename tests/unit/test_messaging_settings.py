@@ -101,3 +101,10 @@ def test_event_classes_are_found_by_full_name():
     refunded = event_class("tessera.payment.v1.PaymentRefunded")
     assert refunded is not None and refunded.DESCRIPTOR.full_name == "tessera.payment.v1.PaymentRefunded"
     assert event_class("tessera.nothing.v1.Nope") is None
+
+
+def test_the_published_log_is_each_event_unless_set_to_batch():
+    assert MessagingSettings.from_env({}).outbox_published_log == "each"
+    assert MessagingSettings.from_env({"TESSERA_OUTBOX_PUBLISHED_LOG": "batch"}).outbox_published_log == "batch"
+    with pytest.raises(ConfigError, match="TESSERA_OUTBOX_PUBLISHED_LOG"):
+        MessagingSettings.from_env({"TESSERA_OUTBOX_PUBLISHED_LOG": "none"})

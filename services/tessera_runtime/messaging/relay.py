@@ -777,9 +777,10 @@ class OutboxRelay:
 
     def _settle(self, item: _InFlight, statuses: list[str | None], confirmed: int) -> None:
         """Ends the batch's publish spans; counts and logs the `confirmed` rows, which were just marked: one line per
-        event, "event published" once the broker took it into a queue, "event not routed" when no queue is bound
-        for its type. Rows not confirmed get no line of their own: the pass's failure names the first of them, and
-        they have theirs when they are published again."""
+        event, "event published" once the broker took it into a queue (or, with TESSERA_OUTBOX_PUBLISHED_LOG=batch,
+        one "events published" line listing their ids), "event not routed" when no queue is bound for its type.
+        Rows not confirmed get no line of their own: the pass's failure names the first of them, and they have
+        theirs when they are published again."""
         for span, status in zip(item.spans, statuses, strict=True):
             telemetry.finish_publish_span(span, None if status in _CONFIRMED else f"not confirmed: {status}")
         if not confirmed:
@@ -788,6 +789,8 @@ class OutboxRelay:
         lag = metrics.OUTBOX_PUBLISH_LAG.labels(self.service)
         by_type: dict[str, int] = {}
         logged = log.isEnabledFor(logging.INFO)  # asked once per batch: a drain writes a line per event
+        each = self.settings.outbox_published_log == "each"
+        routed: list[OutgoingEvent] = []
         for event, row, span, status in zip(item.events[:confirmed], item.rows, item.spans, statuses, strict=False):
             by_type[event.routing_key] = by_type.get(event.routing_key, 0) + 1
             created = row["created_at"] if row["created_at"].tzinfo else row["created_at"].replace(tzinfo=dt.UTC)
@@ -802,9 +805,16 @@ class OutboxRelay:
                     log.log(logging.WARNING if first else logging.INFO,
                             "event not routed: no queue is bound for %s; marked published, nobody consumes it",
                             event.routing_key, extra=self._publication(event, row, span, lag_seconds))
-            elif logged:
+            elif logged and each:
                 # The relay's access line, as the consumer writes "event processed": the event is on the broker.
                 log.info("event published", extra=self._publication(event, row, span, lag_seconds))
+            elif logged:
+                routed.append(event)
+        if routed:  # TESSERA_OUTBOX_PUBLISHED_LOG=batch: the ids still lead to each event's publication
+            log.info("events published", extra={
+                "exchange": self.settings.events_exchange, "count": len(routed),
+                "first_outbox_seq": routed[0].seq, "last_outbox_seq": routed[-1].seq,
+                "event_ids": [event.event_id for event in routed]})
         for event_type, count in by_type.items():
             metrics.OUTBOX_PUBLISHED.labels(self.service, event_type).inc(count)
 

@@ -55,6 +55,9 @@ class MessagingSettings:
     outbox_confirm_timeout_seconds: float = 30.0
     # Published rows are deleted after this long; 0 keeps them forever.
     outbox_retention_hours: float = 168.0
+    # The relay's log of what it published: "each" event on a line of its own, or one line per confirmed "batch"
+    # listing the event ids (a backlog drains faster: a line costs about as much CPU as publishing its event).
+    outbox_published_log: str = "each"
     consumer_prefetch: int = 32
     consumer_concurrency: int = 4
     consumer_max_attempts: int = 5
@@ -74,6 +77,7 @@ class MessagingSettings:
             outbox_gather_seconds=env.float("TESSERA_OUTBOX_GATHER_MS", 5.0, minimum=0.0) / 1000,
             outbox_confirm_timeout_seconds=env.float("TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS", 30.0, minimum=0.1),
             outbox_retention_hours=env.float("TESSERA_OUTBOX_RETENTION_HOURS", 168.0, minimum=0.0),
+            outbox_published_log=env.choice("TESSERA_OUTBOX_PUBLISHED_LOG", "each", ("each", "batch")),
             consumer_prefetch=env.int("TESSERA_CONSUMER_PREFETCH", 32, minimum=1, maximum=10_000),
             consumer_concurrency=env.int("TESSERA_CONSUMER_CONCURRENCY", 4, minimum=1, maximum=256),
             consumer_max_attempts=env.int("TESSERA_CONSUMER_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
