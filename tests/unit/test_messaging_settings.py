@@ -41,6 +41,10 @@ def test_values_are_read_from_the_environment():
     ({"TESSERA_CONSUMER_MAX_ATTEMPTS": "0"}, "TESSERA_CONSUMER_MAX_ATTEMPTS"),
     ({"TESSERA_CONSUMER_CONCURRENCY": "64", "TESSERA_CONSUMER_PREFETCH": "8"}, "TESSERA_CONSUMER_CONCURRENCY"),
     ({"TESSERA_EVENTS_EXCHANGE": "has space"}, "TESSERA_EVENTS_EXCHANGE"),
+    # Names RabbitMQ refuses to declare (403 for its reserved prefix; a name over 255 bytes does not fit the frame):
+    # the relay and the consumers would reconnect for ever and publish nothing.
+    ({"TESSERA_EVENTS_EXCHANGE": "amq.tessera"}, "TESSERA_EVENTS_EXCHANGE"),
+    ({"TESSERA_EVENTS_EXCHANGE": "é" * 150}, "TESSERA_EVENTS_EXCHANGE"),
     # Not a number of seconds: a retry queue's TTL cannot be made of them.
     ({"TESSERA_CONSUMER_RETRY_DELAYS": "1,nan"}, "TESSERA_CONSUMER_RETRY_DELAYS"),
     ({"TESSERA_CONSUMER_RETRY_DELAYS": "inf"}, "TESSERA_CONSUMER_RETRY_DELAYS"),

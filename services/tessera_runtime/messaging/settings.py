@@ -36,8 +36,11 @@ def _delays(env: Env, name: str, default: tuple[float, ...]) -> tuple[float, ...
 
 def _exchange(env: Env, name: str) -> str:
     value = env.str(name, DEFAULT_EXCHANGE)
-    if len(value) > 200 or not value.isprintable() or " " in value:
-        raise ConfigError(f"{name} must be an exchange name without spaces, at most 200 characters, got {value!r}")
+    # 200 bytes leave room for the ".dead-letter" of its dead-letter exchange in AMQP's 255-byte names.
+    if len(value.encode()) > 200 or not value.isprintable() or " " in value:
+        raise ConfigError(f"{name} must be an exchange name without spaces, at most 200 bytes, got {value!r}")
+    if value.startswith("amq."):  # RabbitMQ refuses to declare those (403)
+        raise ConfigError(f"{name} must not start with amq., which the broker reserves, got {value!r}")
     return value
 
 
