@@ -390,3 +390,21 @@ async def test_dlq_command_errors(vhost, capsys):
     assert "cannot reach the broker" in capsys.readouterr().err
     assert tessera(["dlq", "list", "--amqp-url", unreachable]) == 2  # the option after the subcommand too
     assert tessera(["dlq", "--amqp-url", url, "list", "--amqp-url", unreachable]) == 2
+
+
+async def test_a_dead_letters_error_keeps_no_password_or_address_the_failure_named(vhost, effects, consumer, capsys):
+    """The last error travels with the message in its x-tessera-last-error header, where `tessera dlq` shows it to
+    whoever reads the queue: it is masked as the log line of the same failure is."""
+    url = rabbitmq.amqp_url(vhost)
+    secret = "amqp://app:hunter2@mq.internal:5672/ for ann.smith@example.com"
+    effects.permanent.add(secret)
+    message_id = await send(url, ACTIVATED(user_id=secret))
+    await dead_letters(url, consumer.queue, 1, "the failing message never reached the dead-letter queue")
+
+    [letter] = deadletter.browse(url, consumer.queue)
+    assert letter.message_id == message_id
+    assert letter.error == ("PermanentFailure: amqp://app:***@mq.internal:5672/ for a***@example.com "
+                            "can never be applied")
+    assert tessera(["dlq", "--amqp-url", url, "show", consumer.queue, message_id]) == 0
+    shown = json.loads(capsys.readouterr().out)  # its payload is the event's own, shown as it is
+    assert shown["error"] == shown["properties"]["headers"]["x-tessera-last-error"] == letter.error

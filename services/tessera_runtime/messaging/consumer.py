@@ -49,6 +49,7 @@ from sqlalchemy import Table
 
 from tessera_runtime import metrics, telemetry
 from tessera_runtime.db import Database
+from tessera_runtime.logs import mask
 from tessera_runtime.messaging import envelope
 from tessera_runtime.messaging.amqp import AmqpLink
 from tessera_runtime.messaging.handling import (
@@ -459,7 +460,9 @@ class Consumer:
 
 
 def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    """The failure as the message carries it on (x-tessera-last-error, shown by `tessera dlq`): masked as a log line
+    is, since whoever reads the dead-letter queue reads it."""
+    return mask(f"{type(exc).__name__}: {exc}") if str(exc) else type(exc).__name__
 
 
 def _published_at(timestamp: Any) -> dt.datetime | None:
