@@ -43,6 +43,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from tessera_runtime.config import ConfigError, Env
+from tessera_runtime.context import clean_id
 from tessera_runtime.logs import correlation_id_var, request_id_var
 
 log = logging.getLogger("tessera.telemetry")
@@ -417,7 +418,9 @@ def consume_span(event_type: str, headers: Mapping[str, Any] | None, *, consumer
     if delivery_count is not None:
         attributes["messaging.rabbitmq.delivery_count"] = delivery_count
     text = _text_headers(headers)
-    request_id, correlation_id = text.get("x-request-id"), text.get("x-correlation-id")
+    # Kept as a call's ids are (context.clean_id): a foreign producer's id of any length is not copied into every
+    # line the handler writes and every event it records.
+    request_id, correlation_id = clean_id(text.get("x-request-id")), clean_id(text.get("x-correlation-id"))
     if request_id is not None:
         attributes["tessera.request_id"] = request_id
     if correlation_id is not None:

@@ -408,3 +408,25 @@ async def test_a_dead_letters_error_keeps_no_password_or_address_the_failure_nam
     assert tessera(["dlq", "--amqp-url", url, "show", consumer.queue, message_id]) == 0
     shown = json.loads(capsys.readouterr().out)  # its payload is the event's own, shown as it is
     assert shown["error"] == shown["properties"]["headers"]["x-tessera-last-error"] == letter.error
+
+
+async def test_ids_a_message_carries_are_kept_only_as_a_call_would_keep_them(vhost, effects, consumer, caplog):
+    """A message's x-request-id and x-correlation-id become the ids of its handling (its log lines, the events its
+    handler writes) only when a gRPC call could have sent them: 1 to 128 printable characters. A foreign or broken
+    producer's id of any length is not copied into every line and event."""
+    caplog.set_level(logging.INFO, logger=CONSUMER_LOGGER)
+    url = rabbitmq.amqp_url(vhost)
+    await send(url, ACTIVATED(user_id="long-ids"), headers={"x-request-id": "r" * 5000,
+                                                             "x-correlation-id": "line\nbreak"})
+    await send(url, ACTIVATED(user_id="good-request-id"), headers={"x-request-id": "req-ok",
+                                                                    "x-correlation-id": "c" * 129})
+    await effects.wait_for("good-request-id")
+    await eventually(lambda: consumer.counts["processed"] >= 2, "both events to be counted")
+    seen = {user: ids for (user, _), ids in zip(effects.calls, effects.seen_ids, strict=True)}
+    assert seen["long-ids"] == (None, None)
+    assert seen["good-request-id"] == ("req-ok", "req-ok")  # the request id stands in, as for a call
+    metas = {user: meta for user, meta in effects.calls}
+    assert (metas["long-ids"].request_id, metas["long-ids"].correlation_id) == (None, None)
+    assert metas["good-request-id"].correlation_id is None
+    lines = {r.event_id: r for r in caplog.records if r.getMessage() == "event processed"}
+    assert lines[metas["long-ids"].event_id].correlation_id is None

@@ -48,6 +48,7 @@ from pika.spec import Basic
 from sqlalchemy import Table
 
 from tessera_runtime import metrics, telemetry
+from tessera_runtime.context import clean_id
 from tessera_runtime.db import Database
 from tessera_runtime.logs import mask
 from tessera_runtime.messaging import envelope
@@ -358,8 +359,9 @@ class Consumer:
             retry_delay=None if final else self.settings.retry_delay(attempt),
             aggregate_type=envelope.header_str(headers, envelope.AGGREGATE_TYPE),
             aggregate_id=envelope.header_str(headers, envelope.AGGREGATE_ID),
-            correlation_id=envelope.header_str(headers, envelope.CORRELATION_ID) or props.correlation_id,
-            request_id=envelope.header_str(headers, envelope.REQUEST_ID),
+            correlation_id=(clean_id(envelope.header_str(headers, envelope.CORRELATION_ID))
+                            or clean_id(props.correlation_id)),
+            request_id=clean_id(envelope.header_str(headers, envelope.REQUEST_ID)),
             producer=envelope.header_str(headers, envelope.PRODUCER) or props.app_id,
             published_at=_published_at(props.timestamp), redelivered=delivery.redelivered,
         )
