@@ -38,8 +38,10 @@ Design. Each service process runs one relay next to its gRPC server:
 - Unroutable events (mandatory publish, no queue bound) are returned by the broker; the relay counts and logs them
   and marks them published: nobody consumes that event type, and retrying would block the events behind it.
 - Each confirmed row has one log line as it is marked: "event published" (its ids, type, exchange, outbox seq, and
-  the correlation, request and trace ids of the request that wrote it), or "event not routed". A row the broker
-  did not confirm has none until it is published again; the failed pass's warning names the first of them.
+  the correlation, request and trace ids of the request that wrote it), or "event not routed"; with
+  TESSERA_OUTBOX_PUBLISHED_LOG=batch the published rows of a batch share one "events published" line listing their
+  ids. A row the broker did not confirm has none until it is published again; the failed pass's warning names the
+  first of them.
 - Every wait is bounded. Confirms that do not arrive within TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS of a batch's
   publish (a broker or a network path that stopped answering) make the relay give up the connection: the
   unconfirmed rows stay in the outbox and are published again on a new one. `stop()` always returns, whatever the
