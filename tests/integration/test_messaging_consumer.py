@@ -430,3 +430,19 @@ async def test_ids_a_message_carries_are_kept_only_as_a_call_would_keep_them(vho
     assert metas["good-request-id"].correlation_id is None
     lines = {r.event_id: r for r in caplog.records if r.getMessage() == "event processed"}
     assert lines[metas["long-ids"].event_id].correlation_id is None
+
+
+async def test_a_dead_letter_queue_deleted_under_a_running_consumer_is_declared_again(vhost, effects, consumer):
+    """An operator deletes the dead-letter queue to empty it. The next message given up on must not come back at
+    once, again and again (its copy returned, the original requeued): the consumer declares its queues again and
+    the message reaches the new dead-letter queue."""
+    url = rabbitmq.amqp_url(vhost)
+    with rabbitmq.blocking_connection(url) as connection:
+        connection.channel().queue_delete(f"{consumer.queue}.dlq")
+    effects.permanent.add("given-up")
+    await send(url, ACTIVATED(user_id="given-up"))
+    await eventually(lambda: rabbitmq.consumers(url, f"{consumer.queue}.dlq") is not None,
+                     "the dead-letter queue to be declared again", timeout=20)
+    await dead_letters(url, consumer.queue, 1, "the message never reached the dead-letter queue")
+    attempts = [user for user, _ in effects.calls if user == "given-up"]
+    assert len(attempts) <= 3, f"handled {len(attempts)} times"

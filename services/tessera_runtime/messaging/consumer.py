@@ -218,8 +218,8 @@ class ConsumerLink(AmqpLink):
         forward_id = envelope.header_str(properties.headers, envelope.FORWARD_ID)
         if forward_id is not None:
             self._returned.add(forward_id)
-            log.error("retry or dead-letter queue missing; the message stays in its queue",
-                      extra={"queue": self.topology.queue, "routing_key": method.routing_key})
+            log.error("retry or dead-letter queue missing; the message stays in its queue, and the queues are "
+                      "declared again", extra={"queue": self.topology.queue, "routing_key": method.routing_key})
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -227,6 +227,7 @@ class ConsumerLink(AmqpLink):
         if method.multiple:
             tags = [tag for tag in self._forwards if tag <= method.delivery_tag]
         channel = self.channel
+        missing = False
         for tag in tags:
             entry = self._forwards.pop(tag, None)
             if entry is None or channel is None:
@@ -239,7 +240,13 @@ class ConsumerLink(AmqpLink):
             else:
                 # The copy was not taken: keep the original, which comes back for another attempt.
                 channel.basic_nack(key[1], requeue=True)
+                missing = missing or returned
             self._discard(key)
+        if missing:
+            # A retry or dead-letter queue was deleted under the consumer (emptied by an operator): the requeued
+            # message would come straight back and be returned again, for ever. A new connection declares the
+            # queues again (setup_channel) before it takes the message once more.
+            self.close_connection(320, "retry or dead-letter queue missing; declaring the queues again")
 
 
 class Consumer:
