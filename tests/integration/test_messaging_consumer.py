@@ -446,3 +446,15 @@ async def test_a_dead_letter_queue_deleted_under_a_running_consumer_is_declared_
     await dead_letters(url, consumer.queue, 1, "the message never reached the dead-letter queue")
     attempts = [user for user, _ in effects.calls if user == "given-up"]
     assert len(attempts) <= 3, f"handled {len(attempts)} times"
+
+
+async def test_a_consumer_queue_deleted_under_its_consumer_is_declared_again_and_consumed(vhost, effects, consumer):
+    """The broker cancels a consumer whose queue is deleted. The consumer must not stay connected and idle for
+    good (healthy in its checks, while the events published for it find no queue): it declares its queue and
+    bindings again and goes on consuming."""
+    url = rabbitmq.amqp_url(vhost)
+    with rabbitmq.blocking_connection(url) as connection:
+        connection.channel().queue_delete(consumer.queue)
+    await eventually(lambda: rabbitmq.consumers(url, consumer.queue), "the queue to be consumed again", timeout=20)
+    await send(url, ACTIVATED(user_id="after-the-delete"))
+    await effects.wait_for("after-the-delete", timeout=20)

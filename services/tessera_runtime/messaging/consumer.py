@@ -146,6 +146,7 @@ class ConsumerLink(AmqpLink):
 
     def setup_channel(self, channel: Channel, done: Callable[[], None]) -> None:
         channel.add_on_return_callback(self._on_return)
+        channel.add_on_cancel_callback(self._on_cancelled)
 
         def consume(_frame: object = None) -> None:
             self._consumer_tag = channel.basic_consume(self.topology.queue, self._on_message, auto_ack=False,
@@ -157,6 +158,16 @@ class ConsumerLink(AmqpLink):
 
         declare_async(channel, self.topology.declarations(),
                       lambda: channel.basic_qos(prefetch_count=self.prefetch, callback=confirm_mode))
+
+    def _on_cancelled(self, _frame: object) -> None:
+        """The broker cancelled the consumer: its queue was deleted. Connected and idle, the consumer would look
+        healthy while the events meant for it found no queue; a new connection declares the queues again."""
+        if self._stopping:
+            return
+        log.warning("the broker cancelled the consumer (its queue was deleted); declaring the queues again",
+                    extra={"queue": self.topology.queue})
+        self._consumer_tag = None
+        self.close_connection(320, "consumer cancelled by the broker; declaring the queues again")
 
     def on_channel_lost(self, error: BaseException | str) -> None:
         # The broker puts every unacknowledged delivery of the lost channel back in the queue.
