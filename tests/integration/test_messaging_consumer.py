@@ -383,7 +383,7 @@ async def test_dlq_command_errors(vhost, capsys):
     assert tessera(["dlq", "--amqp-url", url, "list", "missing.queue"]) == 1
     assert "missing.queue.dlq does not exist" in capsys.readouterr().err
     assert tessera(["dlq", "--amqp-url", url, "show", "missing.queue", "x"]) == 1
-    assert tessera(["dlq", "--amqp-url", url, "replay", "missing.queue"]) == 1
+    assert tessera(["dlq", "--amqp-url", url, "replay", "missing.queue"]) == 2  # no ids, no --all: usage
     assert "--all" in capsys.readouterr().err
     unreachable = rabbitmq.amqp_url(vhost, port=1)
     assert tessera(["dlq", "--amqp-url", unreachable, "list"]) == 2
