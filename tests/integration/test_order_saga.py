@@ -239,6 +239,10 @@ async def test_failure_at_confirmation_refunds_the_payment(neighbours, db_url):
         await service.stop()
         for channel in channels:
             await channel.close()
+    assert dict(info.metadata) == {"order_id": order.id, "reservation_id": order.reservation_id,
+                                   "reservation_status": "RESERVATION_STATUS_RELEASED"}
+    assert dict(order.failure.metadata) == {"reservation_id": order.reservation_id,
+                                            "reservation_status": "RESERVATION_STATUS_RELEASED"}
     assert order.status == order_pb2.ORDER_STATUS_FAILED and order.failure.step == STEP.SAGA_STEP_NAME_CONFIRM_ORDER
     assert saga(order) == {"VALIDATE_CUSTOMER": "SUCCEEDED", "CREATE_ORDER": "COMPENSATED",
                            "RESERVE_STOCK": "COMPENSATED", "PROCESS_PAYMENT": "COMPENSATED",
@@ -249,6 +253,40 @@ async def test_failure_at_confirmation_refunds_the_payment(neighbours, db_url):
     assert (stock.stock_on_hand, stock.stock_reserved) == (5, 0)
     failed = [e for e in await events(db_url) if e == "OrderFailed"]
     assert failed == ["OrderFailed"]
+
+
+class ReleasedOnReserveInventory(GrpcInventory):
+    """The real inventory client, except that the reservation is released (as if it expired) as soon as it is made,
+    so that the saga's ReserveStock finds it no longer holding the stock."""
+
+    async def reserve_stock(self, order_id, items, ttl_seconds):
+        made = await super().reserve_stock(order_id, items, ttl_seconds)
+        await super().release_reservation(made.id, "released before the saga saw it")
+        return await super().reserve_stock(order_id, items, ttl_seconds)
+
+
+async def test_a_reservation_lost_at_reserve_stock_reports_it_as_one_lost_at_confirmation_does(neighbours, db_url):
+    """RESERVATION_EXPIRED has one metadata form on every path: "reservation_id" and "reservation_status", the
+    inventory's ReservationStatus name."""
+    channels = [open_channel(neighbours.address(s), []) for s in ("user", "inventory", "payment")]
+    downstream = Downstream(GrpcCustomerDirectory(channels[0]), ReleasedOnReserveInventory(channels[1]),
+                            GrpcPayments(channels[2], 5.0))
+    service = await InProcessOrder.start(neighbours.order_env(db_url), downstream=downstream)
+    try:
+        customer, product = await neighbours.customer(), await neighbours.product(5)
+        info, _ = await create_fails(service, request(customer, (product, 2)),
+                                     grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_EXPIRED")
+        order = await get(service, info.metadata["order_id"])
+    finally:
+        await service.stop()
+        for channel in channels:
+            await channel.close()
+    assert order.status == order_pb2.ORDER_STATUS_FAILED and order.failure.step == STEP.SAGA_STEP_NAME_RESERVE_STOCK
+    assert dict(info.metadata) == {"order_id": order.id, "reservation_id": order.reservation_id,
+                                   "reservation_status": "RESERVATION_STATUS_RELEASED"}
+    assert dict(order.failure.metadata) == {"reservation_id": order.reservation_id,
+                                            "reservation_status": "RESERVATION_STATUS_RELEASED"}
+    assert not await neighbours.order_payments(order.id)
 
 
 # Idempotency, bad input, concurrency.

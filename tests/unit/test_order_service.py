@@ -585,6 +585,7 @@ async def test_reservation_expired_before_confirmation_refunds_the_payment(world
     error = await world.fail(FailedPrecondition)
     order = await world.stored()
     assert error.reason == "RESERVATION_EXPIRED" and error.metadata["reservation_id"] == order.reservation_id
+    assert error.metadata["reservation_status"] == "RESERVATION_STATUS_EXPIRED"
     assert world.payments.by_key[payment_key(order.id)].status == "REFUNDED"
     assert steps(order) == {"VALIDATE_CUSTOMER": "SUCCEEDED", "CREATE_ORDER": "COMPENSATED",
                             "RESERVE_STOCK": "COMPENSATED", "PROCESS_PAYMENT": "COMPENSATED",

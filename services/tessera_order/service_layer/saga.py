@@ -65,6 +65,8 @@ RESUME_SPAN = "resume order saga"
 _W3C = TraceContextTextMapPropagator()
 # The payment service's answer while another call with the same idempotency key is still charging.
 _IN_PROGRESS = "PAYMENT_IN_PROGRESS"
+# The prefix of the inventory's ReservationStatus names, as RESERVATION_EXPIRED's metadata gives them.
+RESERVATION_STATUS = "RESERVATION_STATUS_"
 MAX_RELEASE_REASON = 500
 
 
@@ -409,8 +411,7 @@ class SagaCoordinator:
                 order.id, [(i.product_id, i.quantity) for i in order.items], self.policy.reservation_ttl_seconds)
             if reservation.status != "ACTIVE":
                 # A repeat after a long pause found the reservation no longer holding the stock.
-                raise StepFailed(Failure("RESERVATION_EXPIRED", "the stock reservation is no longer active",
-                                         step, {"reservation_id": reservation.id, "status": reservation.status}),
+                raise StepFailed(_reservation_lost(step, reservation.id, reservation.status),
                                  reservation_id=reservation.id)
             return {"reservation_id": reservation.id}
         if step is StepName.PROCESS_PAYMENT:
@@ -660,9 +661,17 @@ def _may_have_acted(err: DownstreamError) -> bool:
 
 
 def _reservation_lost(step: StepName, reservation_id: str, status: str) -> Failure:
-    what = "expired" if status in ("EXPIRED", "RESERVATION_STATUS_EXPIRED") else "was released"
-    return Failure("RESERVATION_EXPIRED", f"the stock reservation {what} before the order could be confirmed",
-                   step, {"reservation_id": reservation_id, "reservation_status": status})
+    """RESERVATION_EXPIRED, as the order contract describes its metadata on every path: "reservation_id" and
+    "reservation_status", the inventory's ReservationStatus name (`status` in either the short form the inventory
+    client gives a reservation's status in, or the full name an inventory error's metadata gives)."""
+    status = status if status.startswith(RESERVATION_STATUS) else RESERVATION_STATUS + status
+    if step is StepName.CONFIRM_ORDER:
+        what = "expired" if status == RESERVATION_STATUS + "EXPIRED" else "was released"
+        message = f"the stock reservation {what} before the order could be confirmed"
+    else:
+        message = "the stock reservation is no longer active"
+    return Failure("RESERVATION_EXPIRED", message, step, {"reservation_id": reservation_id,
+                                                          "reservation_status": status})
 
 
 async def _release_reservation(inventory: Inventory, reservation_id: str, reason: str) -> None:
