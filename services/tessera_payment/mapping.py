@@ -52,7 +52,9 @@ def payment_to_proto(p: Payment) -> payment_pb2.Payment:
         refunded_amount=money_pb2.Money(currency_code=p.amount.currency_code,
                                         amount_minor=p.refunded_amount_minor),
         processor_reference=p.processor_reference, idempotency_key=p.idempotency_key, attempts=p.attempts,
-        refund_reason=p.refund_reason, create_time=timestamp(p.create_time), update_time=timestamp(p.update_time),
+        # A refund under way keeps its reason in the record; the payment shows it once REFUNDED.
+        refund_reason=p.refund_reason if p.status is PaymentStatus.REFUNDED else "",
+        create_time=timestamp(p.create_time), update_time=timestamp(p.update_time),
         version=p.version,
     )
     if p.refund_time is not None:

@@ -17,7 +17,7 @@ from tessera.payment.v1 import payment_service_pb2 as svc
 
 from tessera_payment import bootstrap
 from tessera_payment.adapters.orm import outbox, payments, sandbox_charges
-from tessera_payment.adapters.processor import ChargeRequest
+from tessera_payment.adapters.processor import ChargeRequest, Refunded, RefundRequest
 from tessera_payment.adapters.sandbox_processor import SandboxProcessor
 from tessera_payment.domain.model import Money
 from tessera_runtime.clients import error_details
@@ -196,7 +196,7 @@ async def test_refund_is_full_once_and_idempotent(payment, db_url):
         payment_id=paid.id, idempotency_key="refund-1", reason="Order cancelled by customer"))).payment
     assert (refunded.status, refunded.refunded_amount.amount_minor, refunded.refunded_amount.currency_code,
             refunded.refund_reason, refunded.version) == (REFUNDED, 1999, "JPY", "Order cancelled by customer",
-                                                          paid.version + 1)
+                                                          paid.version + 2)  # the refund's claim, then the refund
     assert refunded.HasField("refund_time")
     again = (await payment.RefundPayment(svc.RefundPaymentRequest(payment_id=paid.id,
                                                                   idempotency_key="refund-2"))).payment
@@ -446,3 +446,103 @@ async def test_reads_on_sqlite_never_wait_for_a_writer(tmp_path):
         finally:
             writer.execute("ROLLBACK")
             writer.close()
+
+
+class PaysOutEveryRefund(SandboxProcessor):
+    """The sandbox, except that its refunds behave as those of a processor that does not deduplicate them: every
+    refund call pays out again, whatever was paid out before. Payouts are kept in `payouts`, by charge."""
+
+    payouts: dict[str, list[str]] = {}
+
+    async def refund(self, request: RefundRequest) -> Refunded:
+        await asyncio.sleep(0.3)  # long enough for a concurrent refund to reach the processor too, if let through
+        reference = f"sbx_re_{uuid.uuid4().hex}"
+        self.payouts.setdefault(request.charge_reference, []).append(reference)
+        return Refunded(reference)
+
+    async def find_refund(self, charge_reference: str) -> Refunded | None:
+        paid = self.payouts.get(charge_reference)
+        return Refunded(paid[0]) if paid else None
+
+
+async def test_concurrent_refunds_with_different_keys_pay_out_once_with_a_processor_that_does_not_check(
+        db_url, monkeypatch):
+    """A manual refund and an order's cancellation refund the same payment at once, each with its own key. The
+    service itself lets only one of them reach the processor: the other answers with the refunded payment or
+    ABORTED (REFUND_IN_PROGRESS) naming the payment, never with a second payout."""
+    monkeypatch.setattr(PaysOutEveryRefund, "payouts", {})
+    monkeypatch.setattr(bootstrap, "SandboxProcessor", PaysOutEveryRefund)
+    async with payment_service(db_url) as (stub, _, _):
+        paid = (await stub.ProcessPayment(payment_request("pm_sandbox_ok"))).payment
+
+        async def refund(key: str) -> str:
+            try:
+                reply = await stub.RefundPayment(svc.RefundPaymentRequest(payment_id=paid.id, idempotency_key=key,
+                                                                          reason=key))
+            except grpc.aio.AioRpcError as err:
+                info, _ = error_details(err)
+                assert (err.code(), info.reason, dict(info.metadata)) == (
+                    grpc.StatusCode.ABORTED, "REFUND_IN_PROGRESS", {"payment_id": paid.id}), err
+                return "in progress"
+            assert reply.payment.status == REFUNDED
+            return "refunded"
+
+        answers = await asyncio.gather(*(refund(key) for key in ("admin-refund", f"order:{paid.order_id}:refund",
+                                                                 "another-admin-refund")))
+        assert "refunded" in answers, answers
+        print("answers:", answers, "payouts:", PaysOutEveryRefund.payouts)
+        assert [len(p) for p in PaysOutEveryRefund.payouts.values()] == [1]
+        final = (await stub.GetPayment(svc.GetPaymentRequest(id=paid.id))).payment
+        assert final.status == REFUNDED
+        again = (await stub.RefundPayment(svc.RefundPaymentRequest(payment_id=paid.id, idempotency_key="late"))).payment
+        assert again == final
+        assert [len(p) for p in PaysOutEveryRefund.payouts.values()] == [1]
+    assert (await event_types(db_url)).count("PaymentRefunded") == 1
+
+
+async def test_refunds_left_claimed_by_a_crash_are_resolved_without_paying_out_again(db_url):
+    # Recovery runs at start only here, so that the repeat call is what resolves the first claim.
+    async with payment_service(db_url, TESSERA_PAYMENT_RECOVERY_SECONDS="600") as (stub, _, _):
+        # 1. Crashed after the processor paid out, before REFUNDED was written. The payment is set back to the
+        # state such a crash leaves: SUCCEEDED with the refund claimed, its lease still running. A repeat, even with
+        # another key, is told to wait.
+        paid = (await stub.ProcessPayment(payment_request("pm_sandbox_ok"))).payment
+        await stub.RefundPayment(svc.RefundPaymentRequest(payment_id=paid.id, idempotency_key="first", reason="why"))
+        running = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+        await execute(db_url, update(payments).where(payments.c.id == paid.id).values(
+            status="SUCCEEDED", refund_reference="", refund_time=None, refunded_amount_minor=0,
+            lease_expire_time=running))
+        status, info = await failure(stub.RefundPayment(svc.RefundPaymentRequest(payment_id=paid.id,
+                                                                                 idempotency_key="second")))
+        assert (status, info.reason, dict(info.metadata)) == (grpc.StatusCode.ABORTED, "REFUND_IN_PROGRESS",
+                                                              {"payment_id": paid.id})
+        # Once the lease has run out, the repeat asks the processor, which remembers the payout.
+        gone = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+        await execute(db_url, update(payments).where(payments.c.id == paid.id).values(lease_expire_time=gone))
+        resolved = (await stub.RefundPayment(svc.RefundPaymentRequest(payment_id=paid.id,
+                                                                      idempotency_key="second"))).payment
+        (ledger,) = await sandbox_charges_of(db_url, paid.id)
+        assert (resolved.status, resolved.refund_reason) == (REFUNDED, "why")
+        assert ledger._mapping["refund_idempotency_key"] == "first"
+
+        # 2. Crashed before the processor was asked: nobody repeats the call. Left as such a crash leaves it...
+        lost = (await stub.ProcessPayment(payment_request("pm_sandbox_ok"))).payment
+        await execute(db_url, update(payments).where(payments.c.id == lost.id).values(
+            refund_key="lost", refund_reason="lost", lease_expire_time=gone))
+
+    # ... it is found by the recovery loop of the service started again, which learns from the processor that
+    # nothing was paid out and gives the claim up without refunding: a later refund pays out once.
+    async with payment_service(db_url, TESSERA_PAYMENT_RECOVERY_SECONDS="0.1") as (stub, _, _):
+        async def released() -> bool | None:
+            (row,) = await query(db_url, select(payments.c.refund_key).where(payments.c.id == lost.id))
+            return True if row[0] is None else None
+
+        await eventually(released)
+        assert (await stub.GetPayment(svc.GetPaymentRequest(id=lost.id))).payment.status == SUCCEEDED
+        (ledger,) = await sandbox_charges_of(db_url, lost.id)
+        assert ledger._mapping["refund_reference"] is None
+        refunded = (await stub.RefundPayment(svc.RefundPaymentRequest(payment_id=lost.id, idempotency_key="later",
+                                                                      reason="later"))).payment
+        assert (refunded.status, refunded.refund_reason) == (REFUNDED, "later")
+        (ledger,) = await sandbox_charges_of(db_url, lost.id)
+        assert ledger._mapping["refund_idempotency_key"] == "later"

@@ -81,6 +81,10 @@ class ScriptedProcessor(PaymentProcessor):
             raise ProcessorUnavailable("refunds are down")
         return Refunded(self.refunds.setdefault(request.charge_reference, f"re_{len(self.refunds) + 1}"))
 
+    async def find_refund(self, charge_reference: str) -> Refunded | None:
+        reference = self.refunds.get(charge_reference)
+        return None if reference is None else Refunded(reference)
+
 
 def processing(processor: PaymentProcessor, **policy) -> handlers.Processing:
     policy = {"timeout_seconds": 0.3, "retry_backoff_seconds": 0.0, "lookup_timeout_seconds": 0.2, **policy}

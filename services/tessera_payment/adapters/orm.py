@@ -28,6 +28,9 @@ payments = Table(
     Column("refund_reason", Text, nullable=False),
     Column("refund_time", UtcDateTime(), nullable=True),
     Column("refund_reference", String(255), nullable=False),
+    # The idempotency key of the refund claimed (a call is asking the processor to refund, or did and its outcome is
+    # not recorded yet), kept once REFUNDED; NULL while no refund was claimed.
+    Column("refund_key", String(64), nullable=True),
     Column("lease_expire_time", UtcDateTime(), nullable=True),
     Column("create_time", UtcDateTime(), nullable=False),
     Column("update_time", UtcDateTime(), nullable=False),

@@ -10,7 +10,11 @@ which the service relies on to never charge twice:
   overcome (no money was taken). A call that does not return in time is cancelled by the service; whether it
   charged is then learnt from `find_charge`.
 - `find_charge` reports the charge made with a key, if any, without charging.
-- `refund` refunds a charge in full and is idempotent per charge: it never pays out twice.
+- `refund` refunds a charge in full, passing the request's idempotency key on. The service does not rely on the
+  processor to refuse a second refund of a charge: it claims the refund in the payment record first, so only one
+  refund at a time is asked for, and one whose call did not learn the answer is looked up with `find_refund`
+  before the payment is refunded again.
+- `find_refund` reports the refund of a charge, if any, without refunding.
 """
 
 from __future__ import annotations
@@ -72,3 +76,6 @@ class PaymentProcessor(abc.ABC):
 
     @abc.abstractmethod
     async def refund(self, request: RefundRequest) -> Refunded: ...
+
+    @abc.abstractmethod
+    async def find_refund(self, charge_reference: str) -> Refunded | None: ...

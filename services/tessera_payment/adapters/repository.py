@@ -62,9 +62,14 @@ class PaymentRepository(abc.ABC):
     async def abandoned(self, now: dt.datetime, limit: int) -> list[str]:
         """Ids of PENDING payments whose lease ran out: the call charging them is gone."""
 
+    @abc.abstractmethod
+    async def abandoned_refunds(self, now: dt.datetime, limit: int) -> list[str]:
+        """Ids of SUCCEEDED payments with a refund claimed whose lease ran out: the call refunding them is gone."""
+
 
 _MUTABLE = ("status", "decline_code", "failure_message", "refunded_amount_minor", "processor_reference", "attempts",
-            "refund_reason", "refund_time", "refund_reference", "lease_expire_time", "update_time", "version")
+            "refund_reason", "refund_time", "refund_reference", "refund_key", "lease_expire_time", "update_time",
+            "version")
 
 
 # A save: the version-fenced UPDATE, built once; on PostgreSQL it is the guard of tessera_runtime.db.update_guarded.
@@ -147,6 +152,13 @@ class SqlAlchemyPaymentRepository(PaymentRepository):
             .order_by(c.lease_expire_time).limit(limit))).all()
         return [r[0] for r in rows]
 
+    async def abandoned_refunds(self, now: dt.datetime, limit: int) -> list[str]:
+        c = payments.c  # a SUCCEEDED payment has a lease only while a refund is claimed
+        rows = (await self.session.execute(
+            select(c.id).where(c.status == PaymentStatus.SUCCEEDED.value, c.lease_expire_time <= now)
+            .order_by(c.lease_expire_time).limit(limit))).all()
+        return [r[0] for r in rows]
+
 
 class InMemoryPaymentRepository(PaymentRepository):
     """Keeps payments in a dict; shared across units of work of one FakePaymentUnitOfWork."""
@@ -189,6 +201,12 @@ class InMemoryPaymentRepository(PaymentRepository):
 
     async def abandoned(self, now: dt.datetime, limit: int) -> list[str]:
         due = sorted((p for p in self.payments.values() if p.status is PaymentStatus.PENDING
+                      and p.lease_expire_time is not None and p.lease_expire_time <= now),
+                     key=lambda p: p.lease_expire_time or now)
+        return [p.id for p in due[:limit]]
+
+    async def abandoned_refunds(self, now: dt.datetime, limit: int) -> list[str]:
+        due = sorted((p for p in self.payments.values() if p.status is PaymentStatus.SUCCEEDED
                       and p.lease_expire_time is not None and p.lease_expire_time <= now),
                      key=lambda p: p.lease_expire_time or now)
         return [p.id for p in due[:limit]]

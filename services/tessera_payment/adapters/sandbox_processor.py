@@ -104,3 +104,9 @@ class SandboxProcessor(PaymentProcessor):
         if row is None:
             raise ProcessorUnavailable(f"The payment processor has no charge {request.charge_reference}.")
         return Refunded(row[0])
+
+    async def find_refund(self, charge_reference: str) -> Refunded | None:
+        c = sandbox_charges.c
+        async with self.single.connect() as conn:
+            row = (await conn.execute(select(c.refund_reference).where(c.reference == charge_reference))).first()
+        return None if row is None or row[0] is None else Refunded(row[0])

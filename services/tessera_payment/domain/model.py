@@ -56,8 +56,13 @@ class Payment:
     refund_reason: str = ""
     refund_time: dt.datetime | None = None
     refund_reference: str = ""
-    # While PENDING: until when the call that is charging owns the payment. A PENDING payment past this time was
-    # left by a call that crashed or lost its database, and may be taken over.
+    # The idempotency key the processor is (or was) asked to refund with: set when a call claims the refund, before
+    # it asks the processor, and kept once REFUNDED. While the payment is still SUCCEEDED it marks a refund under way
+    # (or one whose outcome is not recorded yet): no other call may ask the processor until it is settled.
+    refund_key: str | None = None
+    # While PENDING: until when the call that is charging owns the payment; while SUCCEEDED with a refund claimed:
+    # until when the call that is refunding owns it. Past this time the call crashed or lost its database, and the
+    # payment may be taken over.
     lease_expire_time: dt.datetime | None = None
     version: int = 1
 
@@ -103,9 +108,38 @@ class Payment:
         """Keeps the message of a failed attempt that a later attempt may still overcome."""
         self.failure_message = message[:MAX_FAILURE_MESSAGE]
 
+    @property
+    def refund_claimed(self) -> bool:
+        """A call claimed the refund of this SUCCEEDED payment and its outcome is not recorded yet."""
+        return self.status is PaymentStatus.SUCCEEDED and self.refund_key is not None
+
+    def refund_owned_until(self, now: dt.datetime) -> bool:
+        """True while a live call is refunding this payment."""
+        return self.refund_claimed and self.lease_expire_time is not None and self.lease_expire_time > now
+
+    def claim_refund(self, key: str, reason: str, lease: dt.datetime, now: dt.datetime) -> None:
+        """A call is about to ask the processor to refund, for `reason`. A claim taken over from a call that is gone
+        keeps that call's key and reason: a processor that deduplicates refunds by key then recognises the same
+        refund."""
+        self._require(PaymentStatus.SUCCEEDED)
+        if self.refund_key is None:
+            self.refund_key = key
+            self.refund_reason = reason
+        self.lease_expire_time = lease
+        self._touch(now)
+
+    def release_refund(self, now: dt.datetime) -> None:
+        """The claimed refund was not paid out: the payment is refundable again, by any call."""
+        self._require(PaymentStatus.SUCCEEDED)
+        self.refund_key = None
+        self.refund_reason = ""
+        self.lease_expire_time = None
+        self._touch(now)
+
     def refund(self, reason: str, refund_reference: str, now: dt.datetime) -> None:
         self._require(PaymentStatus.SUCCEEDED)
         self.status = PaymentStatus.REFUNDED
+        self.lease_expire_time = None
         self.refunded_amount_minor = self.amount.amount_minor
         self.refund_reason = reason
         self.refund_reference = refund_reference[:MAX_PROCESSOR_REFERENCE]

@@ -1,4 +1,5 @@
-"""Background recovery: settles PENDING payments left behind by calls that crashed, from the processor's books."""
+"""Background recovery: settles PENDING payments and claimed refunds left behind by calls that crashed, from the
+processor's books."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from tessera_runtime.periodic import BatchJob
 
 
 class PaymentRecovery(BatchJob):
-    """Runs recover_abandoned_payments at start and then every `interval` seconds. Several processes may run it
-    on one database: taking a payment over is a compare-and-set on its version, so each is settled once."""
+    """Runs recover_abandoned_payments and recover_abandoned_refunds at start and then every `interval` seconds.
+    Several processes may run it on one database: taking a payment over is a compare-and-set on its version, so each
+    is settled once."""
 
     name = "payment.recovery"
 
@@ -21,4 +23,5 @@ class PaymentRecovery(BatchJob):
         self.processing = processing
 
     async def run_once(self) -> int:
-        return await handlers.recover_abandoned_payments(self.uow_factory(), self.processing, self.batch)
+        charges = await handlers.recover_abandoned_payments(self.uow_factory(), self.processing, self.batch)
+        return charges + await handlers.recover_abandoned_refunds(self.uow_factory(), self.processing, self.batch)

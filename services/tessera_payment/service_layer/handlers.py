@@ -10,6 +10,9 @@ How a charge never happens twice:
    still completes and is recorded, and the caller's repeat returns the recorded outcome.
 4. A PENDING payment whose lease ran out (its call crashed) is resolved by asking the processor what happened: on
    a repeat call (then charged if it never was), or by the recovery loop (never charges, only records).
+
+A refund is made the same way (see RefundPayment below): claimed in the payment record before the processor is
+asked, so that one call at a time can pay it out, whatever idempotency key each call brings.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tessera_payment.adapters.processor import (
     Declined,
     PaymentProcessor,
     ProcessorUnavailable,
+    Refunded,
     RefundRequest,
 )
 from tessera_payment.adapters.repository import DuplicateIdempotencyKey, PaymentFilter, PaymentRepository, StalePayment
@@ -433,6 +437,22 @@ async def list_payments(cmd: commands.ListPayments, uow: UnitOfWork) -> tuple[li
 
 
 # RefundPayment -------------------------------------------------------------------------------------------------
+#
+# How a refund never pays out twice, whatever the processor does with a second refund of a charge: the refund is
+# claimed in the payment record (its key and a lease, a version-fenced save committed) before the processor is
+# asked, the way a charge is claimed PENDING. While a live call holds the claim, every other refund of the payment
+# answers ABORTED (REFUND_IN_PROGRESS); a claim whose call is gone (lease run out) is taken over by a repeat call,
+# or by the recovery loop, which first asks the processor whether the refund was paid out and records it if so.
+
+def _refund_in_progress(p: Payment) -> Aborted:
+    return Aborted("another call is refunding the payment; retry shortly", reason="REFUND_IN_PROGRESS",
+                   domain=DOMAIN, metadata={"payment_id": p.id})
+
+
+def _refund_failed(p: Payment) -> Unavailable:
+    return Unavailable("the payment processor could not refund the payment; it stays SUCCEEDED, retry later",
+                       reason="REFUND_FAILED", domain=DOMAIN, metadata={"payment_id": p.id})
+
 
 async def refund_payment(cmd: commands.RefundPayment, uow: UnitOfWork, processing: Processing) -> Payment:
     v = model.new_violations()
@@ -440,43 +460,150 @@ async def refund_payment(cmd: commands.RefundPayment, uow: UnitOfWork, processin
     model.check_key(cmd.idempotency_key, "idempotency_key", v)
     model.check_reason(cmd.reason, "reason", v)
     v.raise_if_any()
-    async with uow.reading():
-        payment = await uow.payments.get(cmd.payment_id.lower())
-    _may_see(payment.customer_id if payment else None)
-    if payment is None:
-        raise _not_found(cmd.payment_id)
+    budget = processing.policy.budget(remaining_seconds())
+    payment, resumed = await _claim_refund(cmd, budget, uow, processing.policy)
     if payment.status is PaymentStatus.REFUNDED:
         return payment
-    if payment.status is not PaymentStatus.SUCCEEDED:
-        raise FailedPrecondition(
-            f"only a SUCCEEDED payment can be refunded; this one is {payment.status.value}",
-            reason="PAYMENT_NOT_REFUNDABLE", domain=DOMAIN,
-            metadata={"payment_id": payment.id, "status": mapping.status_name(payment.status)})
-    budget = processing.policy.budget(remaining_seconds())
-    return await processing.inflight.run(_refund(payment, cmd, budget, uow, processing))
+    return await processing.inflight.run(_refund(payment, resumed, budget, uow, processing))
 
 
-async def _refund(payment: Payment, cmd: commands.RefundPayment, budget: float, uow: UnitOfWork,
+async def _claim_refund(cmd: commands.RefundPayment, budget: float, uow: UnitOfWork,
+                        policy: ChargePolicy) -> tuple[Payment, bool]:
+    """The payment this call is to refund, its refund now claimed by this call (committed), with whether a call
+    that is gone may have been paid out already; or the REFUNDED payment to return. Raises when the payment is not
+    refundable or another live call is refunding it."""
+    payment_id = cmd.payment_id.lower()
+    for _ in range(3):  # a save that lost a race reads again what the winner did
+        async with uow:
+            now = utcnow()
+            payment = await uow.payments.get(payment_id)
+            _may_see(payment.customer_id if payment else None)
+            if payment is None:
+                raise _not_found(cmd.payment_id)
+            if payment.status is PaymentStatus.REFUNDED:
+                return payment, False
+            if payment.status is not PaymentStatus.SUCCEEDED:
+                raise FailedPrecondition(
+                    f"only a SUCCEEDED payment can be refunded; this one is {payment.status.value}",
+                    reason="PAYMENT_NOT_REFUNDABLE", domain=DOMAIN,
+                    metadata={"payment_id": payment.id, "status": mapping.status_name(payment.status)})
+            if payment.refund_owned_until(now):
+                raise _refund_in_progress(payment)
+            resumed = payment.refund_claimed  # its call is gone, perhaps after the processor paid out
+            expected = payment.version
+            payment.claim_refund(cmd.idempotency_key, cmd.reason, policy.lease(now, budget), now)
+            if not await uow.payments.save(payment, expected):
+                continue
+            await uow.commit()
+            return payment, resumed
+    raise _refund_in_progress(payment)
+
+
+async def _refund(payment: Payment, resumed: bool, budget: float, uow: UnitOfWork,
                   processing: Processing) -> Payment:
+    """Asks the processor to refund the payment whose refund this call claimed, and records the answer. A claim
+    taken over from a call that is gone is first looked up at the processor, which may have paid it out."""
+    processor, policy = processing.processor, processing.policy
+    if resumed:
+        refunded = await _find_refund(processor, payment, policy)
+        if refunded is not None:
+            return await _record_refund(uow, payment, refunded)
+    assert payment.refund_key is not None
     request = RefundRequest(charge_reference=payment.processor_reference, amount=payment.amount,
-                            idempotency_key=cmd.idempotency_key)
+                            idempotency_key=payment.refund_key)
     try:
         async with asyncio.timeout(budget):
-            refunded = await processing.processor.refund(request)
-    except (TimeoutError, ProcessorUnavailable) as exc:
+            refunded = await processor.refund(request)
+    except TimeoutError:
+        found = await _find_refund(processor, payment, policy)
+        if found is None:
+            await _release_refund(uow, payment)
+            raise _refund_failed(payment) from None
+        refunded = found  # it answered too late, but it did pay out
+    except ProcessorUnavailable:
         log.warning("refund failed at the payment processor", extra={"payment_id": payment.id})
-        raise Unavailable("the payment processor could not refund the payment; it stays SUCCEEDED, retry later",
-                          reason="REFUND_FAILED", domain=DOMAIN, metadata={"payment_id": payment.id}) from exc
-    while True:
-        async with uow:
-            current = await uow.payments.get(payment.id)
-            assert current is not None
-            if current.status is PaymentStatus.REFUNDED:
-                return current  # a concurrent refund recorded it; the processor paid out once
-            expected = current.version
-            current.refund(cmd.reason, refunded.reference, utcnow())
-            if not await uow.payments.save(current, expected):
-                continue
-            uow.add_event(AGGREGATE, current.id, mapping.payment_refunded(current))
+        await _release_refund(uow, payment)
+        raise _refund_failed(payment) from None
+    return await _record_refund(uow, payment, refunded)
+
+
+async def _find_refund(processor: PaymentProcessor, payment: Payment, policy: ChargePolicy) -> Refunded | None:
+    """Whether the processor refunded this payment, when a call that was refunding it did not learn the answer."""
+    try:
+        async with asyncio.timeout(policy.lookup_timeout_seconds):
+            return await processor.find_refund(payment.processor_reference)
+    except (TimeoutError, ProcessorUnavailable):
+        # The outcome is unknown: the claim stays and its lease runs out, then the recovery loop (or a repeat call)
+        # asks again. Releasing it here could let a second refund pay out.
+        log.warning("payment processor could not say whether it refunded", extra={"payment_id": payment.id})
+        raise _refund_failed(payment) from None
+
+
+async def _release_refund(uow: UnitOfWork, payment: Payment) -> None:
+    """The claimed refund was not paid out: the claim is given up, so that a repeat may refund. If another call
+    took the claim over meanwhile, it is left to that call."""
+    async with uow:
+        expected = payment.version
+        payment.release_refund(utcnow())
+        if await uow.payments.save(payment, expected):
             await uow.commit()
+
+
+async def _record_refund(uow: UnitOfWork, payment: Payment, refunded: Refunded) -> Payment:
+    """Records the refund the processor made and its event, and returns the payment; if another call that took the
+    claim over recorded it first, returns that call's outcome (which found this same refund at the processor)."""
+    expected = payment.version
+    payment.refund(payment.refund_reason, refunded.reference, utcnow())
+    try:
+        async with uow.one_statement():  # on PostgreSQL the save and its event are one statement
+            if not await uow.payments.save(payment, expected):
+                raise StalePayment(payment.id)
+            uow.add_event(AGGREGATE, payment.id, mapping.payment_refunded(payment))
+            await uow.commit()
+    except StalePayment:
+        async with uow.reading():
+            current = await uow.payments.get(payment.id)
+        assert current is not None
+        if current.status is PaymentStatus.REFUNDED:
             return current
+        raise _refund_in_progress(current) from None
+    return payment
+
+
+async def recover_abandoned_refunds(uow: UnitOfWork, processing: Processing, limit: int = 100) -> int:
+    """Settles refunds claimed by calls that are gone (lease run out) by asking the processor whether it refunded:
+    REFUNDED if it did; if not, the claim is released and the payment is SUCCEEDED, refundable again by a repeat.
+    Never refunds. Returns how many it settled."""
+    policy = processing.policy
+    async with uow:
+        ids = await uow.payments.abandoned_refunds(utcnow(), limit)
+    settled = 0
+    for payment_id in ids:
+        async with uow:
+            now = utcnow()
+            payment = await uow.payments.get(payment_id)
+            if payment is None or not payment.refund_claimed or payment.refund_owned_until(now):
+                continue
+            assert payment.refund_key is not None
+            expected = payment.version
+            payment.claim_refund(payment.refund_key, payment.refund_reason, policy.lease(now, 0.0), now)
+            if not await uow.payments.save(payment, expected):
+                continue
+            await uow.commit()
+        try:
+            async with asyncio.timeout(policy.lookup_timeout_seconds):
+                refunded = await processing.processor.find_refund(payment.processor_reference)
+        except (TimeoutError, ProcessorUnavailable):
+            log.warning("payment processor could not say whether it refunded; will ask again",
+                        extra={"payment_id": payment.id})
+            continue
+        try:
+            if refunded is not None:
+                await _record_refund(uow, payment, refunded)
+            else:
+                await _release_refund(uow, payment)
+        except DomainError:  # a repeat call took the claim over meanwhile; its outcome stands
+            continue
+        log.info("abandoned refund settled", extra={"payment_id": payment.id, "status": payment.status.value})
+        settled += 1
+    return settled
