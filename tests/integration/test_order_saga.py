@@ -4,6 +4,7 @@ with the order database on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
 import uuid
@@ -11,16 +12,19 @@ import uuid
 import grpc
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy import update
 from tessera.inventory.v1 import product_pb2
 from tessera.order.v1 import order_events_pb2, order_pb2
 from tessera.order.v1 import order_service_pb2 as svc
-from tessera.payment.v1 import payment_pb2
+from tessera.payment.v1 import payment_pb2, payment_service_pb2, payment_service_pb2_grpc
 
 from tessera_order.adapters.downstream import GrpcCustomerDirectory, GrpcInventory, GrpcPayments
 from tessera_order.adapters.orm import order_items, order_saga_steps, order_sagas, orders, outbox
-from tessera_order.service_layer.ports import Downstream
+from tessera_order.service_layer.ports import Downstream, DownstreamError
+from tessera_payment.adapters.orm import payments
 from tessera_runtime.clients import error_details, open_channel
 from tessera_runtime.db import Database, utcnow
+from tests.integration.conftest_payment import execute, payment_service
 from tests.support.order_stack import InProcessOrder, Neighbours, count_rows
 from tests.support.tcp_proxy import TcpProxy
 
@@ -287,6 +291,82 @@ async def test_a_reservation_lost_at_reserve_stock_reports_it_as_one_lost_at_con
     assert dict(order.failure.metadata) == {"reservation_id": order.reservation_id,
                                             "reservation_status": "RESERVATION_STATUS_RELEASED"}
     assert not await neighbours.order_payments(order.id)
+
+
+class HeldPayments(GrpcPayments):
+    """The real payments client of the order service, on a real payment service whose processor fails an attempt
+    at pm_sandbox_transient once (one processor attempt per call). For its first calls the order's charge is held
+    PENDING in the payment database, leased to another call (as a charge a crashed order process started is), so
+    the payment service answers PAYMENT_IN_PROGRESS; then that charge ends FAILED without having charged, and the
+    order service "crashes" while waiting (an unexpected error interrupts the saga, which recovery resumes)."""
+
+    def __init__(self, channel: grpc.aio.Channel, payment_db_url: str) -> None:
+        super().__init__(channel, 5.0)
+        self.payment_db_url = payment_db_url
+        self.calls = 0
+
+    async def _set(self, key: str, **values) -> None:
+        await execute(self.payment_db_url, update(payments).where(payments.c.idempotency_key == key).values(**values))
+
+    async def process_payment(self, **kw):
+        self.calls += 1
+        key = kw["idempotency_key"]
+        if self.calls == 1:
+            with contextlib.suppress(DownstreamError):
+                await super().process_payment(**kw)  # makes the payment (its processor attempt fails)
+            await self._set(key, status="PENDING", attempts=0,
+                            lease_expire_time=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5))
+        elif self.calls == 4:
+            await self._set(key, status="FAILED", attempts=0, lease_expire_time=None)
+            raise RuntimeError("the order process died while its saga waited for the charge")
+        return await super().process_payment(**kw)
+
+
+async def test_waiting_for_a_charge_in_progress_uses_no_attempt_even_across_a_crash(neighbours, db_url, tmp_path):
+    """PAYMENT_IN_PROGRESS answers are waited for without counting as attempts of PROCESS_PAYMENT: the saga resumed
+    after a crash during the wait still has its attempts for real failures (here: one transient processor failure,
+    then the charge)."""
+    payment_db = f"sqlite+aiosqlite:///{tmp_path / 'payment.db'}"
+    async with payment_service(payment_db, TESSERA_PAYMENT_PROCESSOR_MAX_ATTEMPTS="1") as (_, _, payment_port):
+        channels = [open_channel(neighbours.address(s), []) for s in ("user", "inventory")]
+        payment_channel = open_channel(f"127.0.0.1:{payment_port}", [])
+        held = HeldPayments(payment_channel, payment_db)
+        downstream = Downstream(GrpcCustomerDirectory(channels[0]), GrpcInventory(channels[1]), held)
+        service = await InProcessOrder.start(neighbours.order_env(db_url, TESSERA_ORDER_STEP_MAX_ATTEMPTS="3"),
+                                             downstream=downstream)
+        try:
+            customer, product = await neighbours.customer(), await neighbours.product(5)
+            req = request(customer, (product, 1), method="pm_sandbox_transient")
+            order = None
+            deadline = time.monotonic() + 30
+            while order is None or order.status not in (order_pb2.ORDER_STATUS_CONFIRMED,
+                                                         order_pb2.ORDER_STATUS_FAILED):
+                assert time.monotonic() < deadline, order
+                try:
+                    order = await create(service, req, timeout=5)
+                except grpc.aio.AioRpcError as err:
+                    info, _ = error_details(err)
+                    if info is not None and "order_id" in info.metadata:
+                        order = await get(service, info.metadata["order_id"])
+                await asyncio.sleep(0.1)
+            (payment,) = await neighbours_payments(payment_port, order.id)
+        finally:
+            await service.stop()
+            for channel in (*channels, payment_channel):
+                await channel.close()
+    pay_step = next(s for s in order.saga if s.name == STEP.SAGA_STEP_NAME_PROCESS_PAYMENT)
+    print("order:", order_pb2.OrderStatus.Name(order.status), order.failure.reason, "payment step attempts:",
+          pay_step.attempts, "payment calls:", held.calls)
+    assert order.status == order_pb2.ORDER_STATUS_CONFIRMED, order.failure
+    assert (pay_step.attempts, held.calls) == (3, 6)  # the first call, then one per real failure; three waits
+    assert (payment.status, payment.attempts, payment.id) == (payment_pb2.PAYMENT_STATUS_SUCCEEDED, 2,
+                                                              order.payment_id)
+
+
+async def neighbours_payments(port: int, order_id: str) -> list[payment_pb2.Payment]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
+        return list((await stub.ListPayments(payment_service_pb2.ListPaymentsRequest(order_id=order_id))).payments)
 
 
 # Idempotency, bad input, concurrency.

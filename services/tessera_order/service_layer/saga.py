@@ -359,10 +359,14 @@ class SagaCoordinator:
                 return
             except DownstreamError as err:
                 if err.reason == _IN_PROGRESS and waits < self.policy.compensation_max_attempts:
-                    # The same charge is still running (for example started before a restart): waiting for
-                    # it is not a failed attempt. It is bounded like a compensation.
+                    # The same charge is still running (for example started before a restart): waiting for it
+                    # is not an attempt. The next call asks for the outcome of the attempt already counted, so it
+                    # is not counted (nor stored) either: a saga resumed after a crash during the wait still has
+                    # its attempts for real failures. The wait is bounded like a compensation, per run; a crash
+                    # starts a new run with a counted call.
                     waits += 1
                     delay = self.policy.backoff(waits)
+                    started = True
                 else:
                     attempts_left -= 1
                     if attempts_left <= 0 or not self._retryable(step, err):
