@@ -348,10 +348,11 @@ def utcnow() -> dt.datetime:
 
 
 def keyset_page(query: Select, table: Table, key: tuple[dt.datetime, str] | None, limit: int, *,
-                newest_first: bool = False) -> Select:
+                newest_first: bool = False, time_column: str = "create_time") -> Select:
     """Adds the keyset cursor of tessera_runtime.pagination to a list query: rows after `key` (create_time, id)
-    in (create_time, id) order, oldest or newest first, at most `limit` of them."""
-    t_col, id_col = table.c.create_time, table.c.id
+    in (create_time, id) order, oldest or newest first, at most `limit` of them. `time_column` names another
+    time to order by (a backlog's deadline)."""
+    t_col, id_col = table.c[time_column], table.c.id
     if key is not None:
         t, last_id = key
         if newest_first:

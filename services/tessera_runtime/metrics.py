@@ -135,6 +135,13 @@ CONSUMER_DEAD_LETTERED = Counter(
 RESERVATION_EXPIRIES = Counter(
     "tessera_inventory_reservation_expiries_total", "Stock reservations released because they expired.")
 
+# Set by tessera_runtime.periodic.BacklogJob: a row that failed for a reason other than the database being away
+# (a row edited by hand, a defect) is passed over until the job's next round; `job` is the job's name. A rate that
+# never falls back to 0 means a row that needs a person; the job logs its id each time.
+BATCH_JOB_ITEMS_PASSED_OVER = Counter(
+    "tessera_batch_job_items_passed_over_total",
+    "Rows a background job failed on and passed over until its next round, by job.", ("job",))
+
 # Set by tessera_runtime.resilience.CircuitBreaker; `dependency` is the address its channel calls.
 CIRCUIT_STATE = Gauge(
     "tessera_circuit_state",

@@ -5,7 +5,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import datetime as dt
 import logging
+
+from tessera_runtime import metrics
+from tessera_runtime.db import database_unavailable
+
+# Where a row stands in a backlog: its deadline, then its id (unique, so that the order is total).
+BacklogKey = tuple[dt.datetime, str]
 
 
 class BatchJob(abc.ABC):
@@ -42,3 +49,45 @@ class BatchJob(abc.ABC):
             except Exception:
                 self.log.exception("%s round failed", self.name)
             await asyncio.sleep(self.interval)
+
+
+class BacklogJob(BatchJob):
+    """A BatchJob that handles the rows of its backlog one at a time, in the order of their BacklogKey.
+
+    A round walks the backlog from its front to its end, a batch at a time. A row whose handling fails for a
+    reason other than the database being unavailable (a row edited by hand that the handling cannot apply, a
+    defect) is logged at ERROR with its id (`item_id`), counted in tessera_batch_job_items_passed_over_total{job},
+    and passed over: the round goes on with the rows behind it, and the next round, which starts again at the
+    front, tries it again. So one bad row never holds up the others and nothing is dropped: the row stays due
+    until it is handled. The database being unavailable ends the round instead, as every row would fail."""
+
+    def __init__(self, interval: float, batch: int) -> None:
+        super().__init__(interval, batch)
+        self._after: BacklogKey | None = None
+
+    @abc.abstractmethod
+    async def due(self, after: BacklogKey | None, limit: int) -> list[BacklogKey]:
+        """The keys of at most `limit` rows due, in order, from the one after `after` (from the front if None)."""
+
+    @abc.abstractmethod
+    async def handle(self, item_id: str) -> bool:
+        """Handles one due row (or finds that another process did); True if this call changed it."""
+
+    async def run_once(self) -> int:
+        keys = await self.due(self._after, self.batch)
+        handled = 0
+        for key in keys:
+            try:
+                handled += await self.handle(key[1])
+            except Exception as exc:
+                if database_unavailable(exc):
+                    raise
+                metrics.BATCH_JOB_ITEMS_PASSED_OVER.labels(self.name).inc()
+                self.log.exception("%s passed over %s until its next round", self.name, key[1],
+                                   extra={"item_id": key[1]})
+            self._after = key
+        if len(keys) < self.batch:
+            self._after = None  # the end of the backlog: the next round starts at its front
+        if handled:
+            self.log.info("%s handled %d rows", self.name, handled, extra={"handled": handled})
+        return len(keys)

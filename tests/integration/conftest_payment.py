@@ -59,15 +59,6 @@ async def query(db_url: str, statement: Any) -> list[Any]:
         await db.dispose()
 
 
-async def execute(db_url: str, statement: Any) -> None:
-    db = Database(db_url)
-    try:
-        async with db.engine.begin() as conn:
-            await conn.execute(statement)
-    finally:
-        await db.dispose()
-
-
 async def sandbox_charges_of(db_url: str, payment_id: str) -> list[Any]:
     """The sandbox processor's ledger rows for a payment: more than one would be a double charge."""
     return await query(db_url, select(sandbox_charges).where(sandbox_charges.c.charge_key == payment_id))

@@ -25,14 +25,13 @@ from tests.integration.conftest_payment import (
     ReplyHoldingProxy,
     event_types,
     eventually,
-    execute,
     outbox_count,
     payment_request,
     payment_service,
     query,
     sandbox_charges_of,
 )
-from tests.support.databases import migrated
+from tests.support.databases import execute, migrated
 
 SUCCEEDED = payment_pb2.PAYMENT_STATUS_SUCCEEDED
 DECLINED = payment_pb2.PAYMENT_STATUS_DECLINED
@@ -370,6 +369,36 @@ async def test_pending_payments_left_by_a_crash_are_resolved(db_url):
         recovered = await eventually(settled)
         assert recovered.status == FAILED and "interrupted" in recovered.failure_message
         assert recovered.attempts == lost.attempts and not await sandbox_charges_of(db_url, lost.id)
+
+
+async def test_a_payment_recovery_cannot_settle_does_not_hold_up_the_others(db_url, caplog):
+    """An abandoned payment whose row was edited by hand so that it cannot be taken over (its version at the
+    largest integer the column holds) is logged with its id and passed over; the payments behind it are settled."""
+    env = {"TESSERA_PAYMENT_RECOVERY_SECONDS": "600", "TESSERA_PAYMENT_PROCESSOR_TIMEOUT_SECONDS": "0.3"}
+    async with payment_service(db_url, **env) as (stub, _, _):
+        lost = []
+        for _ in range(3):
+            request = payment_request("pm_sandbox_timeout")
+            await failure(stub.ProcessPayment(request))
+            lost.append(await only_payment_of(stub, request.order_id))
+    gone = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=10)
+    for i, p in enumerate(lost):
+        await execute(db_url, update(payments).where(payments.c.id == p.id).values(
+            status="PENDING", lease_expire_time=gone + dt.timedelta(seconds=i)))
+    bad = lost[0]
+    await execute(db_url, update(payments).where(payments.c.id == bad.id).values(version=2**63 - 1))
+
+    async with payment_service(db_url, TESSERA_PAYMENT_RECOVERY_SECONDS="0.1") as (stub, _, _):
+        async def status(payment_id: str) -> int:
+            return (await stub.GetPayment(svc.GetPaymentRequest(id=payment_id))).payment.status
+
+        async def others_settled() -> bool | None:
+            return True if [await status(p.id) for p in lost[1:]] == [FAILED, FAILED] else None
+
+        await eventually(others_settled)
+        assert await status(bad.id) == PENDING
+    passed_over = [r for r in caplog.records if r.name == "tessera.payment.recovery" and r.levelname == "ERROR"]
+    assert passed_over and {getattr(r, "item_id", None) for r in passed_over} == {bad.id}
 
 
 async def test_the_sandbox_charges_a_key_once_however_often_and_concurrently_it_is_asked(db_url):

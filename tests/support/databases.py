@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from tessera_runtime.db import Database
 from tessera_runtime.migrations import upgrade_async
@@ -17,5 +18,15 @@ async def migrated(migrations: Path, url: str) -> AsyncIterator[Database]:
     db = Database(url)
     try:
         yield db
+    finally:
+        await db.dispose()
+
+
+async def execute(url: str, statement: Any) -> None:
+    """Runs one statement in a transaction of its own: a row edited by hand, as an operator might."""
+    db = Database(url)
+    try:
+        async with db.engine.begin() as conn:
+            await conn.execute(statement)
     finally:
         await db.dispose()

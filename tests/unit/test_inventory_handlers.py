@@ -435,8 +435,12 @@ async def test_sweeper_expires_only_due_reservations_once():
     fresh = await reserve(uow, (p.id, 3))
     make_due(uow, due.id)
     counted = REGISTRY.get_sample_value("tessera_inventory_reservation_expiries_total") or 0
-    assert await handlers.expire_due_reservations(uow, limit=10) == 1
-    assert await handlers.expire_due_reservations(uow, limit=10) == 0
+    keys = await handlers.due_reservations(uow, None, limit=10)
+    assert [key[1] for key in keys] == [due.id]
+    assert await handlers.expire_due_reservation(uow, due.id) is True
+    assert await handlers.expire_due_reservation(uow, due.id) is False
+    assert await handlers.expire_due_reservation(uow, fresh.id) is False
+    assert await handlers.due_reservations(uow, None, limit=10) == []
     assert REGISTRY.get_sample_value("tessera_inventory_reservation_expiries_total") == counted + 1
     assert uow.state.reservations[due.id].status is ReservationStatus.EXPIRED
     assert uow.state.reservations[fresh.id].status is ReservationStatus.ACTIVE

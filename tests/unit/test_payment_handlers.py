@@ -307,7 +307,10 @@ async def test_recovery_settles_abandoned_payments_from_the_processors_books_wit
         uow.payments.payments[live.id], status=PaymentStatus.PENDING,
         lease_expire_time=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1))
     calls = len(processor.charge_calls)
-    assert await handlers.recover_abandoned_payments(uow, processing(processor)) == 2
+    keys = await handlers.abandoned_payments(uow, None, 100)
+    assert {key[1] for key in keys} == {charged.id, never.id}
+    assert [await handlers.recover_abandoned_payment(uow, processing(processor), key[1]) for key in keys] == [True] * 2
+    assert await handlers.recover_abandoned_payment(uow, processing(processor), live.id) is False
     assert uow.payments.payments[charged.id].status is PaymentStatus.SUCCEEDED
     assert uow.payments.payments[never.id].status is PaymentStatus.FAILED
     assert uow.payments.payments[never.id].failure_message == handlers.INTERRUPTED_MESSAGE

@@ -130,8 +130,9 @@ class ReservationRepository(abc.ABC):
         instead (the write and the reservation's events are then one statement, the events only if it applied)."""
 
     @abc.abstractmethod
-    async def due(self, now: dt.datetime, limit: int) -> list[str]:
-        """Ids of ACTIVE reservations whose expire_time has passed, oldest deadline first."""
+    async def due(self, now: dt.datetime, limit: int, after: Key | None = None) -> list[Key]:
+        """(expire_time, id) of ACTIVE reservations whose expire_time has passed, oldest deadline first, from the
+        one after `after`."""
 
 
 def _product_row(p: Product) -> dict[str, Any]:
@@ -393,12 +394,12 @@ class SqlAlchemyReservationRepository(ReservationRepository):
             .values(**_status_values(reservation)))
         return result.rowcount == 1
 
-    async def due(self, now: dt.datetime, limit: int) -> list[str]:
-        rows = (await self.session.execute(
-            select(reservations.c.id)
-            .where(reservations.c.status == ReservationStatus.ACTIVE.value, reservations.c.expire_time <= now)
-            .order_by(reservations.c.expire_time, reservations.c.id).limit(limit))).all()
-        return [r[0] for r in rows]
+    async def due(self, now: dt.datetime, limit: int, after: Key | None = None) -> list[Key]:
+        c = reservations.c
+        rows = (await self.session.execute(keyset_page(
+            select(c.expire_time, c.id).where(c.status == ReservationStatus.ACTIVE.value, c.expire_time <= now),
+            reservations, after, limit, time_column="expire_time"))).all()
+        return [(r[0], r[1]) for r in rows]
 
 
 @dataclasses.dataclass
@@ -543,7 +544,6 @@ class InMemoryReservationRepository(ReservationRepository):
     async def commit_sold(self, reservation: Reservation, now: dt.datetime) -> bool:
         return await _commit_then_sell(self, InMemoryProductRepository(self.state), reservation, now)
 
-    async def due(self, now: dt.datetime, limit: int) -> list[str]:
-        due = sorted((r for r in self.state.reservations.values() if r.is_due(now)),
-                     key=lambda r: (r.expire_time, r.id))
-        return [r.id for r in due[:limit]]
+    async def due(self, now: dt.datetime, limit: int, after: Key | None = None) -> list[Key]:
+        due = sorted((r.expire_time, r.id) for r in self.state.reservations.values() if r.is_due(now))
+        return [key for key in due if after is None or key > after][:limit]

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tessera_inventory.service_layer import handlers
-from tessera_runtime.periodic import BatchJob
+from tessera_runtime.periodic import BacklogJob, BacklogKey
 
 
-class ReservationSweeper(BatchJob):
-    """Runs expire_due_reservations every `interval` seconds, sooner while a full batch keeps coming back.
-    Several processes may sweep one database: each expiry is a conditional status change, so it happens once."""
+class ReservationSweeper(BacklogJob):
+    """Expires the reservations due every `interval` seconds, sooner while a full batch keeps coming back; one that
+    cannot be expired (its product edited by hand, say) is logged and passed over until the next round (see
+    BacklogJob). Several processes may sweep one database: each expiry is a conditional status change, so it
+    happens once."""
 
     name = "inventory.sweeper"
 
@@ -18,8 +20,8 @@ class ReservationSweeper(BatchJob):
         super().__init__(interval, batch)
         self.uow_factory = uow_factory
 
-    async def run_once(self) -> int:
-        expired = await handlers.expire_due_reservations(self.uow_factory(), self.batch)
-        if expired:
-            self.log.info("expired reservations", extra={"expired": expired})
-        return expired
+    async def due(self, after: BacklogKey | None, limit: int) -> list[BacklogKey]:
+        return await handlers.due_reservations(self.uow_factory(), after, limit)
+
+    async def handle(self, item_id: str) -> bool:
+        return await handlers.expire_due_reservation(self.uow_factory(), item_id)

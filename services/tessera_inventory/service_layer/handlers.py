@@ -49,6 +49,7 @@ from tessera_runtime.errors import (
     has_nul,
 )
 from tessera_runtime.fieldmask import check_update_mask
+from tessera_runtime.periodic import BacklogKey
 
 PRODUCT = "product"
 RESERVATION = "reservation"
@@ -581,20 +582,22 @@ async def commit_reservation(cmd: commands.CommitReservation, uow: UnitOfWork) -
     return await _until_settled(attempt)
 
 
-async def expire_due_reservations(uow: UnitOfWork, limit: int, now: dt.datetime | None = None) -> int:
-    """The sweeper's work: expires up to `limit` ACTIVE reservations past expire_time, one transaction each.
-    Returns how many it expired."""
+async def due_reservations(uow: UnitOfWork, after: BacklogKey | None, limit: int,
+                           now: dt.datetime | None = None) -> list[BacklogKey]:
+    """The sweeper's backlog: (expire_time, id) of up to `limit` ACTIVE reservations past expire_time, soonest
+    deadline first, from the one after `after`."""
+    async with uow.reading():
+        return await uow.reservations.due(now or utcnow(), limit, after)
+
+
+async def expire_due_reservation(uow: UnitOfWork, reservation_id: str, now: dt.datetime | None = None) -> bool:
+    """The sweeper's work on one reservation: expires it, in a transaction of its own, if it is still ACTIVE past
+    its expire_time. False if a commit or release came first."""
     now = now or utcnow()
     async with uow:
-        due = await uow.reservations.due(now, limit)
-    expired = 0
-    for reservation_id in due:
-        async with uow:
-            r = await uow.reservations.get(reservation_id)
-            # A commit or release may have come first; the status check inside _expire settles any race.
-            if r is None or not r.is_due(now) or not await _expire(uow, r, now):
-                continue
-            await _commit_expiry(uow)
-            expired += 1
-    return expired
-
+        r = await uow.reservations.get(reservation_id)
+        # A commit or release may have come first; the status check inside _expire settles any race.
+        if r is None or not r.is_due(now) or not await _expire(uow, r, now):
+            return False
+        await _commit_expiry(uow)
+    return True

@@ -59,12 +59,10 @@ class PaymentRepository(abc.ABC):
         """Payments newest first, after the one whose (create_time, id) is `key`."""
 
     @abc.abstractmethod
-    async def abandoned(self, now: dt.datetime, limit: int) -> list[str]:
-        """Ids of PENDING payments whose lease ran out: the call charging them is gone."""
-
-    @abc.abstractmethod
-    async def abandoned_refunds(self, now: dt.datetime, limit: int) -> list[str]:
-        """Ids of SUCCEEDED payments with a refund claimed whose lease ran out: the call refunding them is gone."""
+    async def abandoned(self, now: dt.datetime, limit: int, after: Key | None = None) -> list[Key]:
+        """(lease_expire_time, id) of payments whose lease ran out, the longest gone first, from the one after
+        `after`: PENDING ones (the call charging them is gone) and SUCCEEDED ones, which have a lease only while a
+        refund is claimed (the call refunding them is gone)."""
 
 
 _MUTABLE = ("status", "decline_code", "failure_message", "refunded_amount_minor", "processor_reference", "attempts",
@@ -145,19 +143,14 @@ class SqlAlchemyPaymentRepository(PaymentRepository):
         query = keyset_page(query, payments, key, limit, newest_first=True)
         return [_payment(r) for r in (await self.session.execute(query)).all()]
 
-    async def abandoned(self, now: dt.datetime, limit: int) -> list[str]:
+    async def abandoned(self, now: dt.datetime, limit: int, after: Key | None = None) -> list[Key]:
         c = payments.c
-        rows = (await self.session.execute(
-            select(c.id).where(c.status == PaymentStatus.PENDING.value, c.lease_expire_time <= now)
-            .order_by(c.lease_expire_time).limit(limit))).all()
-        return [r[0] for r in rows]
-
-    async def abandoned_refunds(self, now: dt.datetime, limit: int) -> list[str]:
-        c = payments.c  # a SUCCEEDED payment has a lease only while a refund is claimed
-        rows = (await self.session.execute(
-            select(c.id).where(c.status == PaymentStatus.SUCCEEDED.value, c.lease_expire_time <= now)
-            .order_by(c.lease_expire_time).limit(limit))).all()
-        return [r[0] for r in rows]
+        rows = (await self.session.execute(keyset_page(
+            select(c.lease_expire_time, c.id).where(
+                c.status.in_((PaymentStatus.PENDING.value, PaymentStatus.SUCCEEDED.value)),
+                c.lease_expire_time <= now),
+            payments, after, limit, time_column="lease_expire_time"))).all()
+        return [(r[0], r[1]) for r in rows]
 
 
 class InMemoryPaymentRepository(PaymentRepository):
@@ -199,14 +192,8 @@ class InMemoryPaymentRepository(PaymentRepository):
                     and (key is None or (p.create_time, p.id) < key)]
         return [dataclasses.replace(p) for p in selected[:limit]]
 
-    async def abandoned(self, now: dt.datetime, limit: int) -> list[str]:
-        due = sorted((p for p in self.payments.values() if p.status is PaymentStatus.PENDING
-                      and p.lease_expire_time is not None and p.lease_expire_time <= now),
-                     key=lambda p: p.lease_expire_time or now)
-        return [p.id for p in due[:limit]]
-
-    async def abandoned_refunds(self, now: dt.datetime, limit: int) -> list[str]:
-        due = sorted((p for p in self.payments.values() if p.status is PaymentStatus.SUCCEEDED
-                      and p.lease_expire_time is not None and p.lease_expire_time <= now),
-                     key=lambda p: p.lease_expire_time or now)
-        return [p.id for p in due[:limit]]
+    async def abandoned(self, now: dt.datetime, limit: int, after: Key | None = None) -> list[Key]:
+        due = sorted((p.lease_expire_time, p.id) for p in self.payments.values()
+                     if p.status in (PaymentStatus.PENDING, PaymentStatus.SUCCEEDED)
+                     and p.lease_expire_time is not None and p.lease_expire_time <= now)
+        return [key for key in due if after is None or key > after][:limit]

@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tessera_payment.service_layer import handlers
-from tessera_runtime.periodic import BatchJob
+from tessera_runtime.periodic import BacklogJob, BacklogKey
 
 
-class PaymentRecovery(BatchJob):
-    """Runs recover_abandoned_payments and recover_abandoned_refunds at start and then every `interval` seconds.
-    Several processes may run it on one database: taking a payment over is a compare-and-set on its version, so each
-    is settled once."""
+class PaymentRecovery(BacklogJob):
+    """Settles the abandoned charges and refunds at start and then every `interval` seconds; one it fails on for a
+    reason it does not expect (its row edited by hand, say) is logged and passed over until the next round (see
+    BacklogJob). Several processes may run it on one database: taking a payment over is a compare-and-set on its
+    version, so each is settled once."""
 
     name = "payment.recovery"
 
@@ -22,6 +23,8 @@ class PaymentRecovery(BatchJob):
         self.uow_factory = uow_factory
         self.processing = processing
 
-    async def run_once(self) -> int:
-        charges = await handlers.recover_abandoned_payments(self.uow_factory(), self.processing, self.batch)
-        return charges + await handlers.recover_abandoned_refunds(self.uow_factory(), self.processing, self.batch)
+    async def due(self, after: BacklogKey | None, limit: int) -> list[BacklogKey]:
+        return await handlers.abandoned_payments(self.uow_factory(), after, limit)
+
+    async def handle(self, item_id: str) -> bool:
+        return await handlers.recover_abandoned(self.uow_factory(), self.processing, item_id)

@@ -55,6 +55,7 @@ from tessera_runtime.errors import (
     Unavailable,
     check_uuid,
 )
+from tessera_runtime.periodic import BacklogKey
 
 log = logging.getLogger("tessera.payment")
 
@@ -360,41 +361,44 @@ def _event(p: Payment, timed_out: bool):
 
 # Recovery ------------------------------------------------------------------------------------------------------
 
-async def recover_abandoned_payments(uow: UnitOfWork, processing: Processing, limit: int = 100) -> int:
-    """Settles PENDING payments whose call is gone (lease run out) by asking the processor whether it charged:
-    SUCCEEDED if it did, FAILED (tried again on a repeat) if not. Never charges. Returns how many it settled."""
+async def abandoned_payments(uow: UnitOfWork, after: BacklogKey | None, limit: int) -> list[BacklogKey]:
+    """The recovery's backlog: (lease_expire_time, id) of up to `limit` payments whose call is gone (lease run out:
+    a PENDING charge, or a SUCCEEDED payment's claimed refund), the longest gone first, from the one after `after`."""
+    async with uow.reading():
+        return await uow.payments.abandoned(utcnow(), limit, after)
+
+
+async def recover_abandoned_payment(uow: UnitOfWork, processing: Processing, payment_id: str) -> bool:
+    """Settles a PENDING payment whose call is gone by asking the processor whether it charged: SUCCEEDED if it
+    did, FAILED (tried again on a repeat) if not. Never charges. True if this call settled it; False if it is no
+    longer abandoned, another call settled it first, or the processor could not say (it is asked again later)."""
     policy = processing.policy
     async with uow:
-        ids = await uow.payments.abandoned(utcnow(), limit)
-    settled = 0
-    for payment_id in ids:
-        async with uow:
-            now = utcnow()
-            payment = await uow.payments.get(payment_id)
-            if payment is None or payment.status is not PaymentStatus.PENDING or payment.owned_until(now):
-                continue
-            expected = payment.version
-            payment.take_over(policy.lease(now, 0.0), now)
-            if not await uow.payments.save(payment, expected):
-                continue
-            await uow.commit()
-        try:
-            async with asyncio.timeout(policy.lookup_timeout_seconds):
-                charged = await processing.processor.find_charge(payment.id)
-        except (TimeoutError, ProcessorUnavailable):
-            log.warning("payment processor could not say whether it charged; will ask again",
-                        extra={"payment_id": payment.id})
-            continue
-        try:
-            if charged is not None:
-                await _settle(uow, payment, charged)
-            else:
-                await _settle(uow, payment, INTERRUPTED_MESSAGE)
-        except DomainError:  # a repeat call took the payment over meanwhile; its outcome stands
-            continue
-        log.info("abandoned payment settled", extra={"payment_id": payment.id, "status": payment.status.value})
-        settled += 1
-    return settled
+        now = utcnow()
+        payment = await uow.payments.get(payment_id)
+        if payment is None or payment.status is not PaymentStatus.PENDING or payment.owned_until(now):
+            return False
+        expected = payment.version
+        payment.take_over(policy.lease(now, 0.0), now)
+        if not await uow.payments.save(payment, expected):
+            return False
+        await uow.commit()
+    try:
+        async with asyncio.timeout(policy.lookup_timeout_seconds):
+            charged = await processing.processor.find_charge(payment.id)
+    except (TimeoutError, ProcessorUnavailable):
+        log.warning("payment processor could not say whether it charged; will ask again",
+                    extra={"payment_id": payment.id})
+        return False
+    try:
+        if charged is not None:
+            await _settle(uow, payment, charged)
+        else:
+            await _settle(uow, payment, INTERRUPTED_MESSAGE)
+    except DomainError:  # a repeat call took the payment over meanwhile; its outcome stands
+        return False
+    log.info("abandoned payment settled", extra={"payment_id": payment.id, "status": payment.status.value})
+    return True
 
 
 # Reads ---------------------------------------------------------------------------------------------------------
@@ -570,40 +574,43 @@ async def _record_refund(uow: UnitOfWork, payment: Payment, refunded: Refunded) 
     return payment
 
 
-async def recover_abandoned_refunds(uow: UnitOfWork, processing: Processing, limit: int = 100) -> int:
-    """Settles refunds claimed by calls that are gone (lease run out) by asking the processor whether it refunded:
+async def recover_abandoned_refund(uow: UnitOfWork, processing: Processing, payment_id: str) -> bool:
+    """Settles a refund claimed by a call that is gone (lease run out) by asking the processor whether it refunded:
     REFUNDED if it did; if not, the claim is released and the payment is SUCCEEDED, refundable again by a repeat.
-    Never refunds. Returns how many it settled."""
+    Never refunds. True if this call settled it; False if it is no longer abandoned, another call settled it first,
+    or the processor could not say (it is asked again later)."""
     policy = processing.policy
     async with uow:
-        ids = await uow.payments.abandoned_refunds(utcnow(), limit)
-    settled = 0
-    for payment_id in ids:
-        async with uow:
-            now = utcnow()
-            payment = await uow.payments.get(payment_id)
-            if payment is None or not payment.refund_claimed or payment.refund_owned_until(now):
-                continue
-            assert payment.refund_key is not None
-            expected = payment.version
-            payment.claim_refund(payment.refund_key, payment.refund_reason, policy.lease(now, 0.0), now)
-            if not await uow.payments.save(payment, expected):
-                continue
-            await uow.commit()
-        try:
-            async with asyncio.timeout(policy.lookup_timeout_seconds):
-                refunded = await processing.processor.find_refund(payment.processor_reference)
-        except (TimeoutError, ProcessorUnavailable):
-            log.warning("payment processor could not say whether it refunded; will ask again",
-                        extra={"payment_id": payment.id})
-            continue
-        try:
-            if refunded is not None:
-                await _record_refund(uow, payment, refunded)
-            else:
-                await _release_refund(uow, payment)
-        except DomainError:  # a repeat call took the claim over meanwhile; its outcome stands
-            continue
-        log.info("abandoned refund settled", extra={"payment_id": payment.id, "status": payment.status.value})
-        settled += 1
-    return settled
+        now = utcnow()
+        payment = await uow.payments.get(payment_id)
+        if payment is None or not payment.refund_claimed or payment.refund_owned_until(now):
+            return False
+        assert payment.refund_key is not None
+        expected = payment.version
+        payment.claim_refund(payment.refund_key, payment.refund_reason, policy.lease(now, 0.0), now)
+        if not await uow.payments.save(payment, expected):
+            return False
+        await uow.commit()
+    try:
+        async with asyncio.timeout(policy.lookup_timeout_seconds):
+            refunded = await processing.processor.find_refund(payment.processor_reference)
+    except (TimeoutError, ProcessorUnavailable):
+        log.warning("payment processor could not say whether it refunded; will ask again",
+                    extra={"payment_id": payment.id})
+        return False
+    try:
+        if refunded is not None:
+            await _record_refund(uow, payment, refunded)
+        else:
+            await _release_refund(uow, payment)
+    except DomainError:  # a repeat call took the claim over meanwhile; its outcome stands
+        return False
+    log.info("abandoned refund settled", extra={"payment_id": payment.id, "status": payment.status.value})
+    return True
+
+
+async def recover_abandoned(uow: UnitOfWork, processing: Processing, payment_id: str) -> bool:
+    """Settles one row of the recovery's backlog (abandoned_payments): a charge or a refund whose call is gone."""
+    if await recover_abandoned_payment(uow, processing, payment_id):
+        return True
+    return await recover_abandoned_refund(uow, processing, payment_id)
