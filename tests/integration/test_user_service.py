@@ -109,6 +109,17 @@ BAD_CREATES = [
     (new_user(preferences=user_pb2.Preferences(preferred_currency_code="ABC")),
      "user.preferences.preferred_currency_code"),
     (new_user(id="0b6f7d2c-3c1e-4d1a-9a59-6f1d1b9f1e2a"), "user.id"),
+    # Not BCP 47: a singleton with no subtag after it, an empty subtag, a subtag of nine characters, no language.
+    (new_user(profile=user_pb2.Profile(locale="en-u")), "user.profile.locale"),
+    (new_user(profile=user_pb2.Profile(locale="en--US")), "user.profile.locale"),
+    (new_user(profile=user_pb2.Profile(locale="de-abcdefghi")), "user.profile.locale"),
+    (new_user(profile=user_pb2.Profile(locale="1-DE")), "user.profile.locale"),
+    (new_user(profile=user_pb2.Profile(locale="en_US")), "user.profile.locale"),
+    # Not in the IANA time zone database: shaped like a name, a path, a file of the system's zoneinfo folder.
+    (new_user(profile=user_pb2.Profile(time_zone="Europe/Atlantis")), "user.profile.time_zone"),
+    (new_user(profile=user_pb2.Profile(time_zone="Europe/../Europe/Berlin")), "user.profile.time_zone"),
+    (new_user(profile=user_pb2.Profile(time_zone="europe/berlin")), "user.profile.time_zone"),
+    (new_user(profile=user_pb2.Profile(time_zone="localtime")), "user.profile.time_zone"),
     (new_user(status=user_pb2.USER_STATUS_INACTIVE), "user.status"),
 ]
 
@@ -123,6 +134,23 @@ async def test_invalid_field_is_named_and_nothing_is_written(user_stub, db_url, 
     assert bad is not None and [v.field for v in bad.field_violations] == [field]
     assert await count_rows(db_url, users) == 0
     assert await count_rows(db_url, outbox) == 0
+
+
+# BCP 47 tags beyond language-region (script, variant, extension, private use, grandfathered) and IANA zone names
+# outside Area/Location (the POSIX-style and Etc zones the database keeps).
+GOOD_PROFILES = [
+    ("en-u-ca-gregory", "EST5EDT"), ("zh-Hant-TW", "GMT0"), ("de-CH-1996", "Etc/GMT+5"),
+    ("sl-rozaj-biske", "America/Argentina/Buenos_Aires"), ("en-US-x-twain", "UTC"), ("i-klingon", "Etc/UTC"),
+    ("x-whatever", "America/Port-au-Prince"), ("es-419", "CST6CDT"), ("sr-Latn-RS-u-nu-latn-t-en", "Asia/Kolkata"),
+]
+
+
+@pytest.mark.parametrize(("locale", "time_zone"), GOOD_PROFILES, ids=[f"{a}|{b}" for a, b in GOOD_PROFILES])
+async def test_any_bcp47_locale_and_iana_time_zone_is_kept(user_stub, locale, time_zone):
+    created = (await user_stub.CreateUser(new_user(profile=user_pb2.Profile(locale=locale, time_zone=time_zone))))
+    assert (created.user.profile.locale, created.user.profile.time_zone) == (locale, time_zone)
+    got = (await user_stub.GetUser(svc.GetUserRequest(id=created.user.id))).user
+    assert (got.profile.locale, got.profile.time_zone) == (locale, time_zone)
 
 
 async def test_update_refuses_immutable_paths_and_changes_nothing(user_stub):

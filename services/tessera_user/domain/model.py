@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import re
+import zoneinfo
 
 from tessera_runtime.errors import Violations, is_blank, is_one_line_text
 from tessera_runtime.money import is_iso_currency
@@ -27,8 +29,16 @@ _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`
 _DOMAIN = re.compile(r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
                      r"([A-Za-z]{2,63}|xn--[A-Za-z0-9-]{0,58}[A-Za-z0-9])")
 _PHONE = re.compile(r"\+[1-9][0-9]{6,14}")
-_LOCALE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*")
-_TIME_ZONE = re.compile(r"[A-Za-z_]+(/[A-Za-z0-9_+-]+)*")
+# A well-formed BCP 47 language tag (RFC 5646, section 2.1): language (with up to three extlang subtags), script,
+# region, variants, extensions (a singleton other than x and subtags of 2 to 8 characters), private use; or a tag of
+# private use only, or one of the irregular grandfathered tags (the regular ones have the langtag form already).
+_LOCALE = re.compile(
+    r"(?:(?:[a-z]{2,3}(?:-[a-z]{3}){0,3}|[a-z]{4,8})"
+    r"(?:-[a-z]{4})?(?:-(?:[a-z]{2}|[0-9]{3}))?(?:-(?:[a-z0-9]{5,8}|[0-9][a-z0-9]{3}))*"
+    r"(?:-[0-9a-wyz](?:-[a-z0-9]{2,8})+)*(?:-x(?:-[a-z0-9]{1,8})+)?"
+    r"|x(?:-[a-z0-9]{1,8})+"
+    r"|en-gb-oed|i-(?:ami|bnn|default|enochian|hak|klingon|lux|mingo|navajo|pwn|tao|tay|tsu)"
+    r"|sgn-(?:be-fr|be-nl|ch-de))", re.IGNORECASE | re.ASCII)
 
 
 class UserStatus(enum.Enum):
@@ -120,20 +130,32 @@ def check_display_name(name: str, field: str, v: Violations) -> None:
         v.add(field, "must not contain control characters or line breaks")
 
 
+@functools.cache
+def iana_time_zones() -> frozenset[str]:
+    """The names of the IANA time zone database (the tzdata package, or the system's), read once. "localtime" is a
+    file some systems keep beside the zones (a link to the machine's own zone), not a zone name."""
+    return frozenset(zoneinfo.available_timezones() - {"localtime"})
+
+
+def _is_time_zone(value: str) -> bool:
+    return value in iana_time_zones()
+
+
 def check_profile_field(name: str, value: str, field: str, v: Violations) -> None:
     if not value:
         return
     rules = {
         "given_name": (MAX_NAME, None, "a name"),
         "family_name": (MAX_NAME, None, "a name"),
-        "phone_number": (MAX_PHONE, _PHONE, "an E.164 phone number such as +4930123456"),
-        "locale": (MAX_LOCALE, _LOCALE, "a BCP 47 language tag such as en or de-DE"),
-        "time_zone": (MAX_TIME_ZONE, _TIME_ZONE, "an IANA time zone name such as Europe/Berlin"),
+        "phone_number": (MAX_PHONE, _PHONE.fullmatch, "an E.164 phone number such as +4930123456"),
+        "locale": (MAX_LOCALE, _LOCALE.fullmatch, "a BCP 47 language tag such as en, de-DE or en-u-ca-gregory"),
+        "time_zone": (MAX_TIME_ZONE, _is_time_zone,
+                      "a time zone name of the IANA database such as Europe/Berlin, Etc/GMT+5 or EST5EDT"),
     }
-    limit, pattern, what = rules[name]
+    limit, valid, what = rules[name]
     if len(value) > limit:
         v.add(field, f"must be at most {limit} characters")
-    elif not is_one_line_text(value) or (pattern is not None and not pattern.fullmatch(value)):
+    elif not is_one_line_text(value) or (valid is not None and not valid(value)):
         v.add(field, f"must be {what}")
 
 
