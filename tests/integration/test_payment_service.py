@@ -303,6 +303,10 @@ def _invalid_cases() -> list[tuple[str, object, str]]:
         ("ProcessPayment", pay(payment_method="p" * 256), "payment_method"),
         ("ProcessPayment", pay(idempotency_key=""), "idempotency_key"),
         ("ProcessPayment", pay(idempotency_key="k" * 65), "idempotency_key"),
+        # Required means more than spaces: " " is no processor token and no key a client chose.
+        ("ProcessPayment", pay(payment_method=" "), "payment_method"),
+        ("ProcessPayment", pay(payment_method="\t \u3000"), "payment_method"),
+        ("ProcessPayment", pay(idempotency_key=" "), "idempotency_key"),
         ("GetPayment", svc.GetPaymentRequest(id="p-1"), "id"),
         ("ListPayments", svc.ListPaymentsRequest(page_size=-1), "page_size"),
         ("ListPayments", svc.ListPaymentsRequest(order_id="o"), "order_id"),
@@ -311,6 +315,8 @@ def _invalid_cases() -> list[tuple[str, object, str]]:
         ("ListPayments", svc.ListPaymentsRequest(page_token="nope"), "page_token"),
         ("RefundPayment", svc.RefundPaymentRequest(payment_id="x", idempotency_key="k"), "payment_id"),
         ("RefundPayment", svc.RefundPaymentRequest(payment_id=str(uuid.uuid4())), "idempotency_key"),
+        ("RefundPayment", svc.RefundPaymentRequest(payment_id=str(uuid.uuid4()), idempotency_key="  "),
+         "idempotency_key"),
         ("RefundPayment", svc.RefundPaymentRequest(payment_id=str(uuid.uuid4()), idempotency_key="k",
                                                    reason="r" * 501), "reason"),
     ]

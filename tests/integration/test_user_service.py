@@ -109,6 +109,9 @@ BAD_CREATES = [
     (new_user(preferences=user_pb2.Preferences(preferred_currency_code="ABC")),
      "user.preferences.preferred_currency_code"),
     (new_user(id="0b6f7d2c-3c1e-4d1a-9a59-6f1d1b9f1e2a"), "user.id"),
+    # A name may be left empty, but a name of nothing but spaces (of any script) names nobody.
+    (new_user(profile=user_pb2.Profile(given_name="   ")), "user.profile.given_name"),
+    (new_user(profile=user_pb2.Profile(family_name="\u3000\u00a0")), "user.profile.family_name"),
     # Not BCP 47: a singleton with no subtag after it, an empty subtag, a subtag of nine characters, no language.
     (new_user(profile=user_pb2.Profile(locale="en-u")), "user.profile.locale"),
     (new_user(profile=user_pb2.Profile(locale="en--US")), "user.profile.locale"),
@@ -151,6 +154,18 @@ async def test_any_bcp47_locale_and_iana_time_zone_is_kept(user_stub, locale, ti
     assert (created.user.profile.locale, created.user.profile.time_zone) == (locale, time_zone)
     got = (await user_stub.GetUser(svc.GetUserRequest(id=created.user.id))).user
     assert (got.profile.locale, got.profile.time_zone) == (locale, time_zone)
+
+
+async def test_update_refuses_a_name_of_only_spaces_and_changes_nothing(user_stub):
+    created = (await user_stub.CreateUser(new_user(profile=user_pb2.Profile(given_name="Ada")))).user
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await user_stub.UpdateUser(svc.UpdateUserRequest(
+            user=user_pb2.User(id=created.id, profile=user_pb2.Profile(given_name=" ", family_name="Lovelace")),
+            update_mask=field_mask_pb2.FieldMask(paths=["profile.given_name", "profile.family_name"])))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, bad = error_details(err.value)
+    assert [v.field for v in bad.field_violations] == ["user.profile.given_name"]
+    assert (await user_stub.GetUser(svc.GetUserRequest(id=created.id))).user == created
 
 
 async def test_update_refuses_immutable_paths_and_changes_nothing(user_stub):

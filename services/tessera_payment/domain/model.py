@@ -7,7 +7,7 @@ import datetime as dt
 import enum
 
 from tessera_payment import DOMAIN
-from tessera_runtime.errors import NUL_REFUSED, Violations, has_nul
+from tessera_runtime.errors import NUL_REFUSED, Violations, has_nul, is_blank
 from tessera_runtime.money import ISO_4217_CODES, is_iso_currency
 
 MIN_AMOUNT = 1
@@ -164,7 +164,7 @@ def new_violations() -> Violations:
 
 
 def check_key(value: str, field: str, v: Violations) -> None:
-    if not value:
+    if is_blank(value):  # a key of spaces is as good as none: no client chose it to tell its calls apart
         v.add(field, "is required")
     elif len(value) > MAX_KEY or not value.isprintable():
         v.add(field, f"must be 1 to {MAX_KEY} printable characters")
@@ -183,7 +183,7 @@ def check_amount(amount: Money | None, field: str, v: Violations) -> None:
 
 
 def check_payment_method(method: str, field: str, v: Violations) -> None:
-    if not method:
+    if is_blank(method):
         v.add(field, "is required")
     elif len(method) > MAX_PAYMENT_METHOD or not method.isprintable():
         v.add(field, f"must be 1 to {MAX_PAYMENT_METHOD} printable characters")

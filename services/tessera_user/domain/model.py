@@ -153,7 +153,9 @@ def check_profile_field(name: str, value: str, field: str, v: Violations) -> Non
                       "a time zone name of the IANA database such as Europe/Berlin, Etc/GMT+5 or EST5EDT"),
     }
     limit, valid, what = rules[name]
-    if len(value) > limit:
+    if is_blank(value):
+        v.add(field, "must not be only spaces; leave it empty to give none")
+    elif len(value) > limit:
         v.add(field, f"must be at most {limit} characters")
     elif not is_one_line_text(value) or (valid is not None and not valid(value)):
         v.add(field, f"must be {what}")
