@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import zlib
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from tessera_runtime.errors import FieldViolation, InvalidArgument, has_nul
@@ -15,6 +16,9 @@ T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+# What the rows of one page may weigh: a gRPC client refuses a message above 4 MiB by default, and the rest of the
+# response, its JSON form through the gateway and the estimate's slack need room.
+MAX_PAGE_BYTES = 3 * 1024 * 1024
 
 
 def page_size(requested: int, domain: str, field: str = "page_size") -> int:
@@ -78,8 +82,18 @@ def decode_time_key(token: str, method: str, filters: dict[str, Any], domain: st
         raise InvalidArgument([FieldViolation(field, "is malformed")], domain=domain) from None
 
 
-def next_page(rows: list[T], size: int, method: str, filters: dict[str, Any]) -> tuple[list[T], str]:
-    """Given up to size + 1 rows (each with create_time and id), the page and the token of the next one."""
+def next_page(rows: list[T], size: int, method: str, filters: dict[str, Any],
+              weight: Callable[[T], int] | None = None) -> tuple[list[T], str]:
+    """Given up to size + 1 rows (each with create_time and id), the page and the token of the next one. With
+    `weight` (at least the bytes a row takes in the response), the page also ends before the row that would take it
+    over MAX_PAGE_BYTES, after one row at least: page_size is a maximum, and the token continues where it ended."""
+    if weight is not None:
+        total = 0
+        for i, row in enumerate(rows[:size]):
+            total += weight(row)
+            if total > MAX_PAGE_BYTES and i > 0:
+                size = i
+                break
     if len(rows) <= size:
         return rows, ""
     page = rows[:size]

@@ -387,6 +387,31 @@ async def test_a_reservation_the_sweeper_cannot_expire_does_not_hold_up_the_othe
         assert levels((await inventory.GetProduct(svc.GetProductRequest(id=lamp.id))).product) == (4, 0, 4)
 
 
+async def test_a_page_of_the_largest_products_fits_a_default_grpc_message(inventory):
+    """200 products (the largest page) with the longest name and description in characters of 4 UTF-8 bytes each,
+    the largest stock and price, and a million units of each reserved, weigh more than the 4 MiB a gRPC client
+    accepts by default: the page ends early with a next_page_token, and following the tokens lists every product
+    once."""
+    heavy = "\U0001F9F1"
+    created = await asyncio.gather(*(inventory.CreateProduct(new_product(
+        f"SKU-{i:03}-" + "X" * 56, stock=1_000_000_000, amount=10_000_000_000, name=heavy * 200,
+        description=heavy * 5000)) for i in range(200)))
+    ids = [c.product.id for c in created]
+    for part in (ids[:100], ids[100:]):
+        await inventory.ReserveStock(reserve_request(*((pid, 1_000_000) for pid in part)))
+    seen, token, pages = [], "", 0
+    while True:
+        page = await inventory.ListProducts(svc.ListProductsRequest(page_size=200, page_token=token))
+        assert page.ByteSize() < 4 * 1024 * 1024
+        assert {p.stock_reserved for p in page.products} == {1_000_000}
+        seen += [p.id for p in page.products]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == sorted(ids) and pages == 2
+
+
 async def test_a_customer_cannot_change_the_catalogue(inventory):
     customer = (("x-user-id", str(uuid.uuid4())), ("x-user-scopes", "order:write"))
     code, info, _ = await failure(inventory.CreateProduct(new_product("X"), metadata=customer))

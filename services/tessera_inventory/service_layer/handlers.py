@@ -263,8 +263,19 @@ async def list_products(cmd: commands.ListProducts, uow: UnitOfWork) -> tuple[li
     after = pagination.decode_time_key(cmd.page_token, "ListProducts", filters, DOMAIN)
     async with uow.reading():
         page = await uow.products.list_after(after, size + 1, cmd.sku, cmd.in_stock_only)
-    page, token = pagination.next_page(page, size, "ListProducts", filters)
+    page, token = pagination.next_page(page, size, "ListProducts", filters, weight=_encoded_bytes)
     return page, token
+
+
+# What a Product takes in a response besides its name, description and SKU, at most: its id, price, three stock
+# levels, two timestamps, its version, and the tags and lengths of all of them and of itself.
+_PRODUCT_FIXED_BYTES = 200
+
+
+def _encoded_bytes(p: Product) -> int:
+    """At least the bytes a product takes in a ListProductsResponse: 200 products with the longest name and
+    description in characters of 4 UTF-8 bytes take more than the 4 MiB a gRPC client accepts by default."""
+    return len(p.name.encode()) + len(p.description.encode()) + len(p.sku.encode()) + _PRODUCT_FIXED_BYTES
 
 
 async def update_product(cmd: commands.UpdateProduct, uow: UnitOfWork) -> Product:
