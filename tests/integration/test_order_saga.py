@@ -24,7 +24,8 @@ from tessera_order.service_layer.ports import Downstream, DownstreamError
 from tessera_payment.adapters.orm import payments
 from tessera_runtime.clients import error_details, open_channel
 from tessera_runtime.db import Database, utcnow
-from tests.integration.conftest_payment import execute, payment_service
+from tests.integration.conftest_payment import payment_service
+from tests.support.databases import execute
 from tests.support.order_stack import InProcessOrder, Neighbours, count_rows
 from tests.support.tcp_proxy import TcpProxy
 
