@@ -17,7 +17,9 @@ error filter. The HTTP filters, in order:
                              matcher that skips it for native gRPC and for methods no REST body rule uses, so
                              GET/DELETE and gRPC calls never start a Lua coroutine for it
   grpc_json_transcoder       REST/JSON -> gRPC per google.api.http; gRPC status -> HTTP status + JSON body
-  jwt_authn         RS256 token: signature, issuer, audience, expiry; subject and scopes -> x-user-id/x-user-scopes
+  jwt_authn         RS256 token: signature, issuer, audience, expiry, a subject without control characters;
+                    subject and scopes -> x-user-id/x-user-scopes
+  tessera.token_claims (rbac)  refuses a scope claim with a control character (the error filter makes it a 401)
   local_ratelimit   token bucket per (route class, subject), or per (route class, address) on anonymous routes;
                     x-ratelimit-limit/-remaining/-reset of that bucket on the response (429 included)
   rbac              the route's scopes, matched as whole words of the space-delimited scope claim
@@ -208,6 +210,7 @@ CORS_FILTER = "envoy.filters.http.cors"
 REST_ERRORS_FILTER = "tessera.rest_errors"
 REST_BODY_FILTER = "tessera.rest_body"
 REST_GRPC_HEADERS_FILTER = "tessera.rest_grpc_headers"
+TOKEN_CLAIMS_FILTER = "tessera.token_claims"
 JWT_PROVIDER = "tessera"
 JWT_PAYLOAD = "jwt_payload"
 JWKS_CLUSTER = "jwks"
@@ -227,6 +230,9 @@ RETRYABLE = ("NO_SIDE_EFFECTS", "IDEMPOTENT")
 OPENAPI_PATH = "/openapi.json"
 # A gRPC request's content-type, as Envoy and the transcoder tell one (application/grpc-web is not: it is transcoded).
 GRPC_CONTENT_TYPE = r"^application/grpc([+;].*)?$"
+# Control characters other than the tab (a regex class's contents): no header value may hold one (HTTP/2 and the
+# services refuse it), so a token whose sub or scope holds one is refused before they become x-user-id/-scopes.
+CONTROL_CHARACTERS = r"\x00-\x08\x0a-\x1f\x7f"
 # Never set in the runtime: the local reply mapper's status filter keeps its default, 0, and matches every reply.
 LOCAL_REPLY_RUNTIME_KEY = "tessera.local_reply.min_status"
 
@@ -457,7 +463,9 @@ class GatewayConfig:
             # The subject is who the call acts for (x-user-id) and whose bucket the rate limit takes from: a token
             # without one (absent or empty) is refused here, not passed on as a caller without identity whose
             # requests no bucket counts.
-            subjects=StringMatcher(safe_regex=EnvoyRegexMatcher(regex=".+")),
+            # A subject with a control character is refused here as well: copied into x-user-id, it would fail the
+            # call upstream (a 503 that counts toward ejecting a healthy service).
+            subjects=StringMatcher(safe_regex=EnvoyRegexMatcher(regex=f"[^{CONTROL_CHARACTERS}]+")),
             from_headers=[JwtHeader(name="authorization", value_prefix="Bearer ")],
             forward=False, payload_in_metadata=JWT_PAYLOAD,
             normalize_payload_in_metadata=JwtProviderNormalizePayload(space_delimited_claims=["scope"]),
@@ -484,6 +492,19 @@ class GatewayConfig:
             # thought for authentication fails closed.
             rules=[RequirementRule(match=RouteMatch(prefix="/"), requires=JwtRequirement(provider_name=JWT_PROVIDER))],
         )
+
+    def _token_claims(self) -> HttpFilter:
+        """Refuses a token whose scope claim holds a control character (jwt_authn checks the subject itself):
+        copied into x-user-scopes it would fail the call upstream, a 503 counted toward ejecting the service. It
+        runs before the rate limiter, so such a token takes nobody's bucket; the error filter makes its refusal a
+        401 TOKEN_INVALID by the engine result it records."""
+        control = HeaderMatcher(name=SCOPES_HEADER, string_match=StringMatcher(safe_regex=EnvoyRegexMatcher(
+            regex=f"(?s).*[{CONTROL_CHARACTERS}].*")))
+        return _filter(TOKEN_CLAIMS_FILTER, RbacFilter(
+            rules=Rbac(action=RbacAction.DENY, policies={"control_characters": Policy(
+                permissions=[Permission(any=True)], principals=[Principal(header=control)])}),
+            rules_stat_prefix=lua.TOKEN_CLAIMS_PREFIX,
+        ))
 
     def _rate_limit(self) -> LocalRateLimit:
         classes = list(self.d.route_classes.values())
@@ -586,6 +607,7 @@ class GatewayConfig:
             self._rest_body(),
             _filter("envoy.filters.http.grpc_json_transcoder", self._transcoder()),
             _filter(JWT_FILTER, self._jwt()),
+            self._token_claims(),
             _filter("envoy.filters.http.local_ratelimit", self._rate_limit()),
             _filter(RBAC_FILTER, RbacFilter(rules=Rbac(action=RbacAction.ALLOW, policies={}))),
             _filter("envoy.filters.http.router", Router(suppress_envoy_headers=True)),

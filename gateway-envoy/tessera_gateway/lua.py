@@ -13,6 +13,9 @@ LUA_DIR = PACKAGE_DIR / "lua"
 # Added by the connection manager's local_reply_config to every local reply (value: its HTTP status), so the
 # error filter tells the gateway's own gRPC refusals from the services' replies; the filter removes it.
 LOCAL_REPLY_HEADER = "x-tessera-local-reply"
+# The token claims check (an RBAC filter) records its result in the RBAC filters' dynamic metadata under this
+# prefix, so the error filter tells its refusals (invalid tokens, 401) from the scope check's (403).
+TOKEN_CLAIMS_PREFIX = "token_claims_"
 
 # Well-known types whose JSON form is a scalar (a string or a number), so their keys are never checked.
 SCALAR_WELL_KNOWN = frozenset({
@@ -138,5 +141,6 @@ def rest_errors_source(description: Description) -> str:
         f"local CODE_BY_STATUS = {_table(statuses)}\n"
         f"local MAX_BODY_BYTES = {description.limits.max_request_body_bytes}\n"
         f"local LOCAL_REPLY_HEADER = {lua_string(LOCAL_REPLY_HEADER)}\n"
+        f"local CLAIMS_REFUSED_KEY = {lua_string(TOKEN_CLAIMS_PREFIX + 'enforced_engine_result')}\n"
     )
     return header + (LUA_DIR / "rest_errors.lua").read_text()

@@ -9,7 +9,7 @@ import jwt
 import pytest
 
 from tessera_gateway import tokens
-from tests.support.gateway import unique
+from tests.support.gateway import SERVICES, Gateway, unique
 
 GET_USER = "tessera.user.v1.UserService/GetUser"
 LIST_USERS = "tessera.user.v1.UserService/ListUsers"
@@ -217,3 +217,52 @@ def test_the_authorization_scheme_is_case_insensitive(gateway, accounts, scheme)
     # A scheme that only starts like it is still no bearer token.
     other = gateway.call("GET", f"/v1/users/{accounts['alice']}", headers={"authorization": f"{scheme}x {token}"})
     assert other.status == 401 and other.json()["details"][0]["reason"] == "TOKEN_MISSING"
+
+
+# Control characters a claim may hold (JSON escapes them) but no header value may: the tab is a header's whitespace.
+CONTROL_CHARACTERS = ["\v", "\f", "\r", "\n", "\x00", "\x01", "\x1b", "\x7f"]
+
+
+@pytest.fixture(scope="module")
+def own_gateway(gateway_workdir, gateway_services, dead_port):
+    """A gateway of this module's own in front of the user service: a test that fails by making a gateway eject
+    the service must not take it away from every other test."""
+    addresses = {name: f"127.0.0.1:{dead_port}" for name in SERVICES}
+    addresses["user"] = gateway_services.addresses()["user"]
+    gw = Gateway(gateway_workdir, "claims", addresses, {"graphql": {"address": f"127.0.0.1:{dead_port}"}}).start(
+        ["user"])
+    yield gw
+    gw.stop()
+
+
+def _upstream_counters(gw) -> dict[str, int | None]:
+    names = ("upstream_rq_total", "outlier_detection.ejections_detected_consecutive_5xx",
+             "outlier_detection.ejections_detected_consecutive_gateway_failure",
+             "outlier_detection.ejections_enforced_total")
+    return {name: gw.envoy.stat(f"cluster.user.{name}") for name in names}
+
+
+@pytest.mark.parametrize("claim", ["sub", "scope"])
+def test_a_claim_with_a_control_character_is_refused_at_the_edge(own_gateway, claim):
+    """Copied into x-user-id or x-user-scopes, such a claim made the call fail upstream: a 503 that counted toward
+    ejecting the healthy service. The token is invalid: 401 at the edge, and nothing reaches the service."""
+    gw = own_gateway
+    subject = unique("claims")
+    good = gw.mint(subject, "user:read")
+    assert gw.call("GET", "/v1/users?pageSize=1", token=gw.mint(subject, "admin")).status == 200
+    before = _upstream_counters(gw)
+    for character in CONTROL_CHARACTERS:
+        value = f"a{character}b"
+        token = (gw.mint(value, "admin") if claim == "sub" else gw.mint(subject, ["admin", value]))
+        rest = gw.call("GET", "/v1/users?pageSize=1", token=token)
+        assert rest.status == 401, (repr(character), rest.body)
+        info = rest.json()["details"][0]
+        assert (info["domain"], info["reason"]) == ("gateway.tessera.dev", "TOKEN_INVALID"), rest.body
+        assert rest.header("x-ratelimit-limit") is None  # refused before the limiter: it took no token
+        native = gw.grpcurl(LIST_USERS, {"page_size": 1}, token=token)
+        assert native.returncode == UNAUTHENTICATED, (repr(character), native.stderr)
+        assert "TOKEN_INVALID" in native.stdout + native.stderr
+    assert _upstream_counters(gw) == before
+    # The service was never ejected: the caller's valid tokens still reach it.
+    assert gw.call("GET", "/v1/users?pageSize=1", token=gw.mint(subject, "admin")).status == 200
+    assert gw.call("GET", f"/v1/users/{uuid.uuid4()}", token=good).status == 403

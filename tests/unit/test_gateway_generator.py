@@ -92,8 +92,8 @@ def test_filter_order_authenticates_before_rate_limiting_and_authorising(dev_con
         "envoy.filters.http.header_mutation", "envoy.filters.http.cors", "tessera.rest_errors",
         "tessera.rest_grpc_headers", "envoy.filters.http.buffer", "tessera.rest_body",
         "envoy.filters.http.grpc_json_transcoder",
-        "envoy.filters.http.jwt_authn", "envoy.filters.http.local_ratelimit", "envoy.filters.http.rbac",
-        "envoy.filters.http.router",
+        "envoy.filters.http.jwt_authn", "tessera.token_claims", "envoy.filters.http.local_ratelimit",
+        "envoy.filters.http.rbac", "envoy.filters.http.router",
     ]
 
 

@@ -14,6 +14,7 @@
 --   CODE_BY_STATUS      [HTTP status] = google.rpc.Code number for local replies without a better reason
 --   MAX_BODY_BYTES      the request body limit
 --   LOCAL_REPLY_HEADER  the header local_reply_config adds to every local reply (value: its HTTP status)
+--   CLAIMS_REFUSED_KEY  the key of the RBAC filters' dynamic metadata that says the token claims check refused
 -- Routes carry metadata under this filter's name: service, route_class, scopes, retry_after, timeout.
 
 local byte, char, sub, find, concat = string.byte, string.char, string.sub, string.find, table.concat
@@ -174,12 +175,29 @@ local function audience_refused(status, text)
   return status == 403 and text == AUDIENCE_REFUSED
 end
 
+-- The token claims check (an RBAC filter after jwt_authn) refuses with 403 a token whose scope claim holds a
+-- control character; like any invalid token it is a 401, whose text says why.
+local CLAIMS_REFUSED = "its scope claim holds a control character"
+
+local function claims_refused(handle, status)
+  if status ~= 403 then return false end
+  local rbac = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.rbac")
+  return rbac ~= nil and rbac[CLAIMS_REFUSED_KEY] == "denied"
+end
+
+local function invalid_token(headers)
+  headers:replace("www-authenticate", 'Bearer realm="tessera", error="invalid_token"')
+end
+
 -- A native gRPC call the gateway refused itself: the same code, message and details as over REST.
 local function answer_grpc(handle, headers, status, info, route)
   local text = percent_decode(headers:get("grpc-message") or "")
-  if audience_refused(status, text) then
+  if claims_refused(handle, status) then
+    status, text = 401, CLAIMS_REFUSED
+    invalid_token(headers)
+  elseif audience_refused(status, text) then
     status = 401
-    headers:replace("www-authenticate", 'Bearer realm="tessera", error="invalid_token"')
+    invalid_token(headers)
   end
   local e = describe(status, text, info, route)
   headers:replace("grpc-status", tostring(e.code))
@@ -296,11 +314,16 @@ function envoy_on_response(handle)
     end
     return
   end
-  if status == 403 and sub(headers:get("content-type") or "", 1, 10) == "text/plain" then
+  local refused_text = nil
+  if local_status ~= nil and claims_refused(handle, status) then
+    headers:replace(":status", "401")
+    invalid_token(headers)
+    status, refused_text = 401, CLAIMS_REFUSED
+  elseif status == 403 and sub(headers:get("content-type") or "", 1, 10) == "text/plain" then
     local body = handle:body(true)
     if body:length() > 0 and audience_refused(status, body:getBytes(0, body:length())) then
       handle:headers():replace(":status", "401")
-      handle:headers():replace("www-authenticate", 'Bearer realm="tessera", error="invalid_token"')
+      invalid_token(handle:headers())
       status = 401
     end
     headers = handle:headers()
@@ -309,8 +332,8 @@ function envoy_on_response(handle)
   strip_grpc_headers(headers)
   if status < 400 or sub(headers:get("content-type") or "", 1, 16) == "application/json" then return end
   local body = handle:body(true)
-  local text = ""
-  if body:length() > 0 then text = body:getBytes(0, body:length()) end
+  local text = refused_text or ""
+  if refused_text == nil and body:length() > 0 then text = body:getBytes(0, body:length()) end
   body:setBytes(status_json(describe(status, text, info, route)))
   handle:headers():replace("content-type", "application/json")
 end
