@@ -13,7 +13,8 @@ error filter. The HTTP filters, in order:
                              half is skipped (matcher) on a service's successful reply, which it would not change
   tessera.rest_grpc_headers  (header_mutation) strips grpc-* from every REST response; skipped for gRPC replies
   buffer            caps the request body (413)
-  tessera.rest_body (Lua)    refuses unknown JSON fields (400) before the transcoder drops them; wrapped in a
+  tessera.rest_body (Lua)    refuses unknown JSON fields (400) before the transcoder drops them, and a body
+                             giving a path-bound field another value in either spelling; wrapped in a
                              matcher that skips it for native gRPC and for methods no REST body rule uses, so
                              GET/DELETE and gRPC calls never start a Lua coroutine for it
   grpc_json_transcoder       REST/JSON -> gRPC per google.api.http; gRPC status -> HTTP status + JSON body

@@ -54,8 +54,9 @@ class GatewayError:
 
 GATEWAY_ERRORS = (
     GatewayError("MALFORMED_REQUEST", 400, "INVALID_ARGUMENT",
-                 "the body is not JSON of the request message, or a value has the wrong type; over gRPC, a request "
-                 "Envoy cannot accept (an escaped slash in the path)"),
+                 "the body is not JSON of the request message, or a value has the wrong type, or the body gives a "
+                 "field the path binds another value (BadRequest names it, in either spelling); over gRPC, a "
+                 "request Envoy cannot accept (an escaped slash in the path)"),
     GatewayError("UNKNOWN_FIELD", 400, "INVALID_ARGUMENT",
                  "the JSON body names a field its message does not have (BadRequest lists each)", ("field",),
                  rest_only=True),

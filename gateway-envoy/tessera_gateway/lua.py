@@ -38,12 +38,13 @@ def lua_string(value: str) -> str:
 
 
 def path_pattern(template: str) -> str:
-    """A Lua pattern matching the paths of an http rule template: {var} is one segment, {var=**} any rest."""
+    """A Lua pattern matching the paths of an http rule template: {var} is one segment, {var=**} any rest; each
+    variable is a capture, in template order."""
     out, last = [], 0
     for m in _SEGMENT.finditer(template):
         out.append(_LUA_MAGIC.sub(r"%\1", template[last:m.start()]))
         pattern = m.group(2) or "*"
-        out.append(".+" if "**" in pattern else "[^/]+")
+        out.append("(.+)" if "**" in pattern else "([^/]+)")
         last = m.end()
     out.append(_LUA_MAGIC.sub(r"%\1", template[last:]))
     return "^" + "".join(out) + "$"
@@ -101,6 +102,32 @@ def _body_rules(contracts: Contracts, kinds: _Kinds) -> list[tuple[Rpc, str]]:
     return rules
 
 
+def _spellings(contracts: Contracts, message: str, field_path: str) -> list[str]:
+    """Every way a JSON body may name a field path of a message: each field by its proto or its JSON name."""
+    name, _, rest = field_path.partition(".")
+    f = contracts.message(message).field(name)
+    assert f is not None
+    names = list(dict.fromkeys((f.name, f.json_name)))
+    if not rest:
+        return names
+    return [f"{n}.{tail}" for n in names for tail in _spellings(contracts, f.type_name, rest)]
+
+
+def bound_body_fields(contracts: Contracts, rpc: Rpc) -> dict[str, str]:
+    """The body keys (dotted paths from the body's root, as the body check names them) that name a field the
+    path binds, each spelling with the bound field's path: a body repeating one must hold the path's value."""
+    body = contracts.body_message(rpc)
+    if body is None:
+        return {}
+    prefix = "" if rpc.http.body == "*" else rpc.http.body + "."
+    bound = {}
+    for variable in rpc.http.variables:
+        if variable.startswith(prefix):
+            for spelling in _spellings(contracts, body, variable[len(prefix):]):
+                bound[prefix + spelling] = variable
+    return bound
+
+
 def body_rule_methods(contracts: Contracts) -> list[str]:
     """The HTTP methods of the body check's rules: a request with any other method passes it unread, so the
     gateway skips the filter for it."""
@@ -112,8 +139,12 @@ def rest_body_source(contracts: Contracts, description: Description) -> str:
     rules = []
     for rpc, body in _body_rules(contracts, kinds):
         prefix = "" if rpc.http.body == "*" else rpc.http.body
+        captures = {v: i for i, v in enumerate(rpc.http.variables, 1)}
+        bound = [f"[{lua_string(k)}] = {{{captures[v]}, {lua_string(v)}}}"
+                 for k, v in bound_body_fields(contracts, rpc).items()]
         rules.append(f"{{method = {lua_string(rpc.http.method)}, pattern = {lua_string(path_pattern(rpc.http.path))}, "
-                     f"message = {lua_string(body)}, prefix = {lua_string(prefix)}}}")
+                     f"message = {lua_string(body)}, prefix = {lua_string(prefix)}, "
+                     f"bound = {{{', '.join(bound)}}}}}")
     messages = []
     for name in sorted(kinds.messages):
         fields = [f"[{lua_string(k)}] = {lua_string(v)}" for k, v in sorted(kinds.messages[name].items())]

@@ -370,3 +370,77 @@ def test_a_content_type_that_only_starts_like_grpc_is_rest(gateway, content_type
                            headers={"content-type": content_type})
     assert unknown.status == 400, unknown.body
     assert unknown.json()["details"][0]["reason"] == "UNKNOWN_FIELD"
+
+
+def _path_fields_in_bodies(contracts) -> list[tuple[object, str, list[str]]]:
+    """Every REST route whose body may repeat a field its path binds: (rpc, path variable, the body's key path to
+    it, with the field's last name spelled as in the contract: proto name and JSON name)."""
+    cases = []
+    for rpc in contracts.rpcs:
+        if not rpc.http.body:
+            continue
+        prefix = "" if rpc.http.body == "*" else rpc.http.body + "."
+        for variable in rpc.http.variables:
+            if not variable.startswith(prefix):
+                continue
+            f = contracts.resolve(rpc.input_type, variable)
+            parents = variable[len(prefix):].split(".")[:-1]
+            for name in dict.fromkeys((f.name, f.json_name)):
+                cases.append((rpc, variable, [*parents, name]))
+    return cases
+
+
+def _request(rpc, variable: str, key: list[str], path_value: str, body_value: str) -> tuple[str, dict]:
+    path = rpc.http.path
+    for other in rpc.http.variables:
+        path = path.replace("{" + other + "}", path_value if other == variable else str(uuid.uuid4()))
+    body: dict = {key[-1]: body_value}
+    for parent in reversed(key[:-1]):
+        body = {parent: body}
+    return path, body
+
+
+def test_a_body_repeating_a_path_field_with_another_value_is_refused_in_either_spelling(gateway):
+    """The transcoder refuses a body that gives a path-bound field another value under its proto name
+    (product_id) but dropped the same field under its JSON name (productId) silently: both are refused."""
+    admin = gateway.mint(unique("bound"), "admin")
+    cases = _path_fields_in_bodies(gateway.generated.config.contracts)
+    spelled = {".".join(key) for _, _, key in cases}
+    assert {"product_id", "productId", "payment_id", "paymentId"} <= spelled, spelled
+    for rpc, variable, key in cases:
+        path, body = _request(rpc, variable, key, str(uuid.uuid4()), str(uuid.uuid4()))
+        refused = gateway.call(rpc.http.method, path, token=admin, body=body)
+        assert refused.status == 400, (rpc.full_name, key, refused.body)
+        error = refused.json()
+        assert error["code"] == 3 and error["details"][0]["domain"] == "gateway.tessera.dev", refused.body
+        field = ".".join([rpc.http.body, *key] if rpc.http.body != "*" else key)
+        assert field in error["message"], (rpc.full_name, refused.body)
+        violations = [d for d in error["details"] if d["@type"].endswith("google.rpc.BadRequest")]
+        assert [v["field"] for v in violations[0]["fieldViolations"]] == [field], refused.body
+        # The same value is no conflict: the request reaches the service (which may refuse an unknown id).
+        same = str(uuid.uuid4())
+        path, body = _request(rpc, variable, key, same, same)
+        reached = gateway.call(rpc.http.method, path, token=admin, body=body)
+        assert reached.json().get("details", [{}])[0].get("domain") != "gateway.tessera.dev", (rpc.full_name,
+                                                                                                reached.body)
+
+
+def test_adjusting_stock_with_the_products_id_in_the_body_too(gateway):
+    admin = gateway.mint(unique("stock"), "admin")
+    product = gateway.call("POST", f"/v1/products?requestId={unique('p')}", token=admin, body={
+        "sku": unique("SKU"), "name": "Kettle", "price": {"currencyCode": "EUR", "amountMinor": "2500"},
+        "stockOnHand": "5"}).json()["product"]
+    other = gateway.call("POST", f"/v1/products?requestId={unique('p')}", token=admin, body={
+        "sku": unique("SKU"), "name": "Teapot", "price": {"currencyCode": "EUR", "amountMinor": "1500"},
+        "stockOnHand": "5"}).json()["product"]
+    path = f"/v1/products/{product['id']}:adjustStock"
+    for spelling in ("productId", "product_id"):
+        refused = gateway.call("POST", path, token=admin, body={
+            "delta": "1", "reason": "recount", "requestId": unique("a"), spelling: other["id"]})
+        assert refused.status == 400, refused.body
+        adjusted = gateway.call("POST", path, token=admin, body={
+            "delta": "1", "reason": "recount", "requestId": unique("a"), spelling: product["id"]})
+        assert adjusted.status == 200, adjusted.body
+    stock = {p["id"]: gateway.call("GET", f"/v1/products/{p['id']}", token=admin).json()["product"]["stockOnHand"]
+             for p in (product, other)}
+    assert stock == {product["id"]: "7", other["id"]: "5"}

@@ -354,7 +354,10 @@ def test_lua_body_tables_know_json_and_proto_names(dev):
     source = lua.rest_body_source(dev.config.contracts, dev.description)
     assert '["displayName"] = ""' in source and '["display_name"] = ""' in source
     assert '["items"] = "a:m:tessera.order.v1.CreateOrderRequest.Item"' in source
-    assert 'pattern = "^/v1/users/[^/]+:deactivate$"' in source
+    assert 'pattern = "^/v1/users/([^/]+):deactivate$"' in source
+    # A field the path binds, in both spellings, with the path variable it must equal.
+    assert 'bound = {["product_id"] = {1, "product_id"}, ["productId"] = {1, "product_id"}}' in source
+    assert 'bound = {["user.id"] = {1, "user.id"}}' in source
 
 
 def _with_extra_service(contracts: Contracts) -> descriptor_pb2.FileDescriptorSet:

@@ -3,9 +3,12 @@
 -- The gRPC-JSON transcoder drops unknown JSON fields silently (envoy #46623), so a misspelt field would be
 -- ignored instead of reported. This filter runs just before the transcoder, finds the http rule of the request
 -- (method + path template), reads the body with a small JSON reader and compares every object key, at every
--- depth, with the fields of the message at that place. Syntax errors are left to the transcoder, which reports
+-- depth, with the fields of the message at that place. A field the path binds may be repeated in the body only
+-- with the path's value: the transcoder refuses another value under the field's proto name but drops one under its
+-- JSON name silently, so both spellings are compared here. Syntax errors are left to the transcoder, which reports
 -- them. The generator prepends the tables this code reads:
---   RULES     list of {method, pattern (Lua pattern of the path), message (body type), prefix (field path)}
+--   RULES     list of {method, pattern (Lua pattern of the path, a capture per variable), message (body type),
+--             prefix (field path), bound ([body key, both spellings] = {capture number, bound field path})}
 --   MESSAGES  [message name] = {[json key] = kind}; a kind is "" (scalar or enum), "*" (any JSON),
 --             "m:<message>", "a:<kind>" (repeated) or "o:<kind>" (map values)
 --   DOMAIN    ErrorInfo domain of the gateway's errors
@@ -29,10 +32,11 @@ local function json_string(s)
   end) .. '"'
 end
 
--- Returns the list of unknown field paths in text, or nil when text is not JSON this reader understands.
-local function unknown_fields(text, root, prefix)
+-- Returns the list of unknown field paths in text and the list of {key, value} of the keys in bound that hold a
+-- string or another scalar, or nil when text is not JSON this reader understands.
+local function read_body(text, root, prefix, bound)
   local pos, len = 1, #text
-  local found = {}
+  local found, seen = {}, {}
 
   local function fail() error(SYNTAX, 0) end
 
@@ -103,7 +107,9 @@ local function unknown_fields(text, root, prefix)
       elseif map_kind ~= nil then
         child = map_kind
       end
-      value(child, join(path, key))
+      local full = join(path, key)
+      local scalar = value(child, full)
+      if scalar ~= nil and bound[full] ~= nil then seen[#seen + 1] = { full, scalar } end
       skip_ws()
       local c = byte(text, pos)
       if c == 44 then
@@ -143,6 +149,7 @@ local function unknown_fields(text, root, prefix)
     end
   end
 
+  -- Reads one value; returns a string's contents or a number's or boolean's text, nil for anything else.
   value = function(kind, path)
     skip_ws()
     local c = byte(text, pos)
@@ -151,16 +158,22 @@ local function unknown_fields(text, root, prefix)
     elseif c == 91 then
       array(kind, path)
     elseif c == 34 then
-      read_string()
-    elseif sub(text, pos, pos + 3) == "true" or sub(text, pos, pos + 3) == "null" then
+      return read_string()
+    elseif sub(text, pos, pos + 3) == "true" then
+      pos = pos + 4
+      return "true"
+    elseif sub(text, pos, pos + 3) == "null" then
       pos = pos + 4
     elseif sub(text, pos, pos + 4) == "false" then
       pos = pos + 5
+      return "false"
     else
-      local _, e = find(text, "^-?%d+%.?%d*[eE]?[-+]?%d*", pos)
+      local b, e = find(text, "^-?%d+%.?%d*[eE]?[-+]?%d*", pos)
       if not e then fail() end
       pos = e + 1
+      return sub(text, b, e)
     end
+    return nil
   end
 
   local ok, err = pcall(function()
@@ -172,7 +185,12 @@ local function unknown_fields(text, root, prefix)
     if err == SYNTAX then return nil end
     error(err, 0)
   end
-  return found
+  return found, seen
+end
+
+-- A path segment as the transcoder binds it: percent-decoded.
+local function percent_decode(s)
+  return (s:gsub("%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end))
 end
 
 -- gRPC as Envoy and the transcoder tell it: application/grpc, or application/grpc+<codec> or ;<parameters>. Any
@@ -181,38 +199,66 @@ local function is_grpc(content_type)
   return sub(content_type, 1, 16) == "application/grpc" and find(sub(content_type, 17, 17), "^[+;]?$") ~= nil
 end
 
+-- The rule of a request and the values of its path's variables, in template order.
 local function find_rule(method, path)
   local q = find(path, "?", 1, true)
   if q then path = sub(path, 1, q - 1) end
   for _, rule in ipairs(RULES) do
-    if rule.method == method and find(path, rule.pattern) then return rule end
+    if rule.method == method then
+      local match = { find(path, rule.pattern) }
+      if match[1] then return rule, { unpack(match, 3) } end
+    end
   end
-  return nil
+  return nil, nil
+end
+
+-- A 400 in the JSON error shape: an ErrorInfo (reason, request_id and the first field, if metadata_field) and a
+-- BadRequest with a violation per {field, description}.
+local function refuse(handle, reason, message, request_id, metadata_field, violations)
+  local items = {}
+  for i, v in ipairs(violations) do
+    items[i] = '{"field":' .. json_string(v[1]) .. ',"description":' .. json_string(v[2]) .. '}'
+  end
+  local metadata = '"request_id":' .. json_string(request_id)
+  if metadata_field then metadata = metadata .. ',"field":' .. json_string(violations[1][1]) end
+  local payload = '{"code":3,"message":' .. json_string(message) .. ',"details":['
+    .. '{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":' .. json_string(reason) .. ',"domain":'
+    .. json_string(DOMAIN) .. ',"metadata":{' .. metadata .. '}},'
+    .. '{"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[' .. concat(items, ",") .. ']}]}'
+  handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, payload)
 end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
   local content_type = headers:get("content-type") or ""
   if is_grpc(content_type) then return end
-  local rule = find_rule(headers:get(":method"), headers:get(":path") or "")
+  local rule, variables = find_rule(headers:get(":method"), headers:get(":path") or "")
   if rule == nil then return end
   local request_id = headers:get("x-request-id") or ""
   local body = handle:body()
   if body == nil or body:length() == 0 then return end
-  local unknown = unknown_fields(body:getBytes(0, body:length()), rule.message, rule.prefix)
-  if unknown == nil or #unknown == 0 then return end
-  local violations, names = {}, {}
-  for i, field in ipairs(unknown) do
-    violations[i] = '{"field":' .. json_string(field) .. ',"description":'
-      .. json_string("unknown field: the request has no field of this name") .. '}'
-    names[i] = field
+  local unknown, seen = read_body(body:getBytes(0, body:length()), rule.message, rule.prefix, rule.bound)
+  if unknown == nil then return end
+  if #unknown > 0 then
+    local violations = {}
+    for i, field in ipairs(unknown) do
+      violations[i] = { field, "unknown field: the request has no field of this name" }
+    end
+    refuse(handle, "UNKNOWN_FIELD", "invalid request: unknown field" .. (#unknown > 1 and "s " or " ")
+      .. concat(unknown, ", "), request_id, true, violations)
+    return
   end
-  local message = "invalid request: unknown field" .. (#names > 1 and "s " or " ") .. concat(names, ", ")
-  local payload = '{"code":3,"message":' .. json_string(message) .. ',"details":['
-    .. '{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"UNKNOWN_FIELD","domain":'
-    .. json_string(DOMAIN) .. ',"metadata":{"request_id":' .. json_string(request_id) .. ',"field":'
-    .. json_string(names[1]) .. '}},'
-    .. '{"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[' .. concat(violations, ",")
-    .. ']}]}'
-  handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, payload)
+  local conflicts, names = {}, {}
+  for _, kv in ipairs(seen) do
+    local binding = rule.bound[kv[1]]
+    if kv[2] ~= percent_decode(variables[binding[1]]) then
+      conflicts[#conflicts + 1] = { kv[1], "differs from " .. binding[2]
+        .. " in the path: leave the field out of the body or give it the same value" }
+      names[#names + 1] = kv[1]
+    end
+  end
+  if #conflicts > 0 then
+    refuse(handle, "MALFORMED_REQUEST", "invalid request: the body's " .. concat(names, ", ")
+      .. " differ" .. (#names > 1 and "" or "s") .. " from the value the path gives", request_id, false, conflicts)
+  end
 end
