@@ -12,6 +12,8 @@ error filter. The HTTP filters, in order:
                              gateway's own gRPC refusals the same Status in grpc-status-details-bin; its response
                              half is skipped (matcher) on a service's successful reply, which it would not change
   tessera.rest_grpc_headers  (header_mutation) strips grpc-* from every REST response; skipped for gRPC replies
+  tessera.rest_grpc_request_headers  (header_mutation) strips grpc-* (grpc-timeout, ...) from every REST request,
+                             which the route's timeout governs; skipped for gRPC requests, whose deadline travels on
   buffer            caps the request body (413)
   tessera.rest_body (Lua)    refuses unknown JSON fields (400) before the transcoder drops them, and a body
                              giving a path-bound field another value in either spelling; wrapped in a
@@ -211,6 +213,7 @@ CORS_FILTER = "envoy.filters.http.cors"
 REST_ERRORS_FILTER = "tessera.rest_errors"
 REST_BODY_FILTER = "tessera.rest_body"
 REST_GRPC_HEADERS_FILTER = "tessera.rest_grpc_headers"
+REST_GRPC_REQUEST_HEADERS_FILTER = "tessera.rest_grpc_request_headers"
 TOKEN_CLAIMS_FILTER = "tessera.token_claims"
 JWT_PROVIDER = "tessera"
 JWT_PAYLOAD = "jwt_payload"
@@ -284,6 +287,12 @@ def _response_status(match: XdsStringMatcher) -> MatcherMatcherListPredicate:
                                       typed_config=Any.pack(HttpResponseStatusCodeMatchInput())),
         value_match=match,
     ))
+
+
+def _grpc_request() -> MatcherMatcherListPredicate:
+    """A matcher predicate true for a native gRPC request (by its content-type, as Envoy and the transcoder tell)."""
+    return _request_header("content-type", XdsStringMatcher(safe_regex=RegexMatcher(
+        google_re2=RegexMatcherGoogleRe2(), regex=GRPC_CONTENT_TYPE)))
 
 
 def _skip_when(*predicates: MatcherMatcherListPredicate) -> Matcher:
@@ -579,6 +588,21 @@ class GatewayConfig:
             xds_matcher=_skip_when(_response_header("content-type", XdsStringMatcher(prefix="application/grpc"))),
         ))
 
+    def _rest_grpc_request_headers(self) -> HttpFilter:
+        """Removes the headers gRPC reserves for its wire protocol (grpc-timeout, grpc-encoding, ...) from every REST
+        request: the transcoder would pass them on to the service as if a gRPC client had sent them, so a REST
+        client's grpc-timeout would set the service's deadline (the route's timeout governs REST calls). A gRPC
+        request skips it by its content-type and keeps them, its deadline included. Runs before the transcoder,
+        which adds the gRPC headers of the transcoded call itself."""
+        strip = HeaderMutation(mutations=Mutations(request_mutations=[
+            HeaderMutationRule(remove_on_match=HeaderMutationRemoveOnMatch(key_matcher=StringMatcher(prefix="grpc-")))
+        ]))
+        return _filter(REST_GRPC_REQUEST_HEADERS_FILTER, ExtensionWithMatcher(
+            extension_config=TypedExtensionConfig(name=REST_GRPC_REQUEST_HEADERS_FILTER,
+                                                  typed_config=Any.pack(strip)),
+            xds_matcher=_skip_when(_grpc_request()),
+        ))
+
     def _rest_body(self) -> HttpFilter:
         """The unknown-field check, run only where it can refuse something: on non-gRPC requests whose method
         an http rule with a body uses. Everything else (every GET, every native gRPC call) skips the filter in
@@ -588,8 +612,7 @@ class GatewayConfig:
         method_regex = RegexMatcher(google_re2=RegexMatcherGoogleRe2(),
                                     regex="^(?:" + "|".join(re.escape(m) for m in methods) + ")$")
         matcher = _skip_when(
-            _request_header("content-type", XdsStringMatcher(safe_regex=RegexMatcher(
-                google_re2=RegexMatcherGoogleRe2(), regex=GRPC_CONTENT_TYPE))),
+            _grpc_request(),
             MatcherMatcherListPredicate(not_matcher=_request_header(":method",
                                                                     XdsStringMatcher(safe_regex=method_regex))),
         )
@@ -604,6 +627,7 @@ class GatewayConfig:
             _filter(CORS_FILTER, Cors()),
             self._rest_errors(),
             self._rest_grpc_headers(),
+            self._rest_grpc_request_headers(),
             _filter("envoy.filters.http.buffer", Buffer(max_request_bytes=self.d.limits.max_request_body_bytes)),
             self._rest_body(),
             _filter("envoy.filters.http.grpc_json_transcoder", self._transcoder()),

@@ -444,3 +444,32 @@ def test_adjusting_stock_with_the_products_id_in_the_body_too(gateway):
     stock = {p["id"]: gateway.call("GET", f"/v1/products/{p['id']}", token=admin).json()["product"]["stockOnHand"]
              for p in (product, other)}
     assert stock == {product["id"]: "7", other["id"]: "5"}
+
+
+@pytest.mark.parametrize("headers", [{"grpc-timeout": "1n"}, {"grpc-timeout": "soon"},
+                                     {"grpc-timeout": "1n", "grpc-encoding": "gzip", "grpc-message": "x"}],
+                         ids=["expired", "unreadable", "several"])
+def test_rest_requests_lose_the_grpc_headers_they_send(gateway, headers):
+    """gRPC reserves the grpc-* headers for its own wire protocol; a REST client's would reach the service as if a
+    gRPC client sent them (grpc-timeout: 1n came back as a 504 without details). The route's timeout governs REST."""
+    admin = gateway.mint(unique("grpc-headers"), "admin")
+    response = gateway.call("GET", "/v1/users?pageSize=1", token=admin, headers=headers)
+    assert response.status == 200, response.body
+    assert "users" in response.json()
+
+
+def test_native_grpc_clients_keep_their_deadline(gateway):
+    """A gRPC client's grpc-timeout still reaches the service, which enforces it: an expired one is refused there."""
+    import grpc
+    from tessera.user.v1 import user_service_pb2, user_service_pb2_grpc
+
+    admin = gateway.mint(unique("grpc-deadline"), "admin")
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = user_service_pb2_grpc.UserServiceStub(channel)
+        metadata = (("authorization", f"Bearer {admin}"),)
+        listed = stub.ListUsers(user_service_pb2.ListUsersRequest(page_size=1), metadata=metadata, timeout=30)
+        assert isinstance(listed, user_service_pb2.ListUsersResponse)
+        # Sent as metadata, not as the call's timeout, so that the client does not enforce it itself.
+        with pytest.raises(grpc.RpcError) as expired:
+            stub.ListUsers(user_service_pb2.ListUsersRequest(page_size=1), metadata=(*metadata, ("grpc-timeout", "1n")))
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, expired.value

@@ -90,7 +90,8 @@ def test_filter_order_authenticates_before_rate_limiting_and_authorising(dev_con
     names = [f["name"] for f in hcm_of(dev_config)["httpFilters"]]
     assert names == [
         "envoy.filters.http.header_mutation", "envoy.filters.http.cors", "tessera.rest_errors",
-        "tessera.rest_grpc_headers", "envoy.filters.http.buffer", "tessera.rest_body",
+        "tessera.rest_grpc_headers", "tessera.rest_grpc_request_headers", "envoy.filters.http.buffer",
+        "tessera.rest_body",
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.jwt_authn", "tessera.token_claims", "envoy.filters.http.local_ratelimit",
         "envoy.filters.http.rbac", "envoy.filters.http.router",
@@ -137,6 +138,20 @@ def test_body_check_runs_only_where_a_body_rule_can_apply(dev, dev_config):
                             if dev.config.contracts.body_message(r) is not None}
     regex = re.compile(match["safeRegex"]["regex"])
     assert [m for m in ("GET", "DELETE", "PUT", "PATCH", "POST", "OPTIONS") if regex.fullmatch(m)] == methods
+
+
+def test_rest_requests_lose_grpc_headers_native_grpc_requests_keep_them(dev_config):
+    # A REST client's grpc-timeout would become the service's deadline: every grpc-* request header goes, except on
+    # a native gRPC request (the same content-type test as the body check's), whose deadline must reach the service.
+    filters = hcm_of(dev_config)["httpFilters"]
+    names = [f["name"] for f in filters]
+    assert names.index("tessera.rest_grpc_request_headers") < names.index("envoy.filters.http.grpc_json_transcoder")
+    wrapped = filters[names.index("tessera.rest_grpc_request_headers")]["typedConfig"]
+    mutations = wrapped["extensionConfig"]["typedConfig"]["mutations"]
+    assert mutations == {"requestMutations": [{"removeOnMatch": {"keyMatcher": {"prefix": "grpc-"}}}]}
+    (grpc,) = _skip_predicates(wrapped)
+    body_check = filters[names.index("tessera.rest_body")]["typedConfig"]
+    assert grpc == _skip_predicates(body_check)[0]
 
 
 def test_error_filter_skips_only_a_services_successful_reply(dev, dev_config):
