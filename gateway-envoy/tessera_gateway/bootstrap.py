@@ -7,8 +7,11 @@ error filter. The HTTP filters, in order:
 
   header_mutation   strips client-sent identity headers; sets x-correlation-id (the client's, else the request
                     id) for the services; returns it and adds the security headers on every response
+  tessera.rest_head (Lua)    drops the response body of a HEAD request (answered as its GET by the error filter);
+                             run on HEAD requests only (matcher), after every filter that writes a body
   cors              answers preflights of allowed origins
-  tessera.rest_errors (Lua)  turns every REST error into google.rpc.Status JSON, strips grpc-*; gives the
+  tessera.rest_errors (Lua)  answers a REST HEAD as its GET (rewrites the method, which it records first);
+                             turns every REST error into google.rpc.Status JSON, strips grpc-*; gives the
                              gateway's own gRPC refusals the same Status in grpc-status-details-bin; its response
                              half is skipped (matcher) on a service's successful reply, which it would not change
   tessera.rest_grpc_headers  (header_mutation) strips grpc-* from every REST response; skipped for gRPC replies
@@ -212,6 +215,7 @@ RBAC_FILTER = "envoy.filters.http.rbac"
 CORS_FILTER = "envoy.filters.http.cors"
 REST_ERRORS_FILTER = "tessera.rest_errors"
 REST_BODY_FILTER = "tessera.rest_body"
+REST_HEAD_FILTER = "tessera.rest_head"
 REST_GRPC_HEADERS_FILTER = "tessera.rest_grpc_headers"
 REST_GRPC_REQUEST_HEADERS_FILTER = "tessera.rest_grpc_request_headers"
 TOKEN_CLAIMS_FILTER = "tessera.token_claims"
@@ -621,9 +625,21 @@ class GatewayConfig:
             xds_matcher=matcher,
         ))
 
+    def _rest_head(self) -> HttpFilter:
+        """Drops the body of the response to a HEAD request, which the error filter answers as its GET; outside
+        every filter that writes a body, so it sees the response after they have. A matcher runs it on HEAD
+        requests only, so other requests pay no Lua coroutine for it."""
+        source = Lua(default_source_code=DataSource(inline_string=lua.rest_head_source()))
+        return _filter(REST_HEAD_FILTER, ExtensionWithMatcher(
+            extension_config=TypedExtensionConfig(name=REST_HEAD_FILTER, typed_config=Any.pack(source)),
+            xds_matcher=_skip_when(MatcherMatcherListPredicate(
+                not_matcher=_request_header(":method", XdsStringMatcher(exact="HEAD")))),
+        ))
+
     def http_filters(self) -> list[HttpFilter]:
         return [
             _filter("envoy.filters.http.header_mutation", self._header_mutation()),
+            self._rest_head(),
             _filter(CORS_FILTER, Cors()),
             self._rest_errors(),
             self._rest_grpc_headers(),

@@ -1,4 +1,4 @@
-"""The gateway's two Lua filters, with the tables they read generated from the contracts and the description."""
+"""The gateway's Lua filters, with the tables they read generated from the contracts and the description."""
 
 from __future__ import annotations
 
@@ -175,3 +175,7 @@ def rest_errors_source(description: Description) -> str:
         f"local CLAIMS_REFUSED_KEY = {lua_string(TOKEN_CLAIMS_PREFIX + 'enforced_engine_result')}\n"
     )
     return header + (LUA_DIR / "rest_errors.lua").read_text()
+
+
+def rest_head_source() -> str:
+    return (LUA_DIR / "rest_head.lua").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import subprocess
 import uuid
 
 import pytest
@@ -473,3 +474,38 @@ def test_native_grpc_clients_keep_their_deadline(gateway):
         with pytest.raises(grpc.RpcError) as expired:
             stub.ListUsers(user_service_pb2.ListUsersRequest(page_size=1), metadata=(*metadata, ("grpc-timeout", "1n")))
     assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, expired.value
+
+
+def test_head_answers_as_get_without_a_body(gateway):
+    """HEAD is GET without the body (RFC 9110 9.3.2): same status and headers, on every REST GET route."""
+    import http.client
+
+    admin = gateway.mint(unique("head"), "admin")
+    user = create_user(gateway, admin)
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    try:
+        for path, status in ((f"/v1/users/{user['id']}", 200), (f"/v1/users/{uuid.uuid4()}", 404),
+                             ("/v1/users?pageSize=1", 200), ("/openapi.json", 200), ("/v9/nothing", 404)):
+            get = gateway.call("GET", path, token=admin)
+            assert get.status == status, (path, get.body)
+            # One keep-alive connection: a body sent after a HEAD's headers would be read as the next response.
+            conn.request("HEAD", path, headers={"authorization": f"Bearer {admin}"})
+            head = conn.getresponse()
+            assert (head.status, head.read()) == (status, b""), path
+            assert head.getheader("content-type") == get.header("content-type"), path
+        conn.request("GET", f"/v1/users/{user['id']}", headers={"authorization": f"Bearer {admin}"})
+        after = conn.getresponse()
+        assert after.status == 200 and json.loads(after.read())["user"]["id"] == user["id"]
+    finally:
+        conn.close()
+    # The gateway refuses a HEAD as it refuses the GET.
+    refused = gateway.call("HEAD", f"/v1/users/{user['id']}")
+    assert refused.status == 401 and refused.body == b""
+    # Over HTTP/2 (h2c) too, where a body after a HEAD's headers is a protocol error the client resets.
+    for path, token, status in ((f"/v1/users/{user['id']}", admin, "200"), (f"/v1/users/{user['id']}", None, "401"),
+                                ("/v9/nothing", None, "404")):
+        auth = ["-H", f"authorization: Bearer {token}"] if token else []
+        curl = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-I", "-o", "/dev/null", "-w",
+                               "%{http_version} %{http_code} %{size_download}", *auth,
+                               f"http://{gateway.address}{path}"], capture_output=True, text=True, timeout=30)
+        assert (curl.returncode, curl.stdout) == (0, f"2 {status} 0"), (path, curl.stderr)

@@ -89,7 +89,7 @@ def test_routes_require_whole_scopes_through_rbac(dev_config):
 def test_filter_order_authenticates_before_rate_limiting_and_authorising(dev_config):
     names = [f["name"] for f in hcm_of(dev_config)["httpFilters"]]
     assert names == [
-        "envoy.filters.http.header_mutation", "envoy.filters.http.cors", "tessera.rest_errors",
+        "envoy.filters.http.header_mutation", "tessera.rest_head", "envoy.filters.http.cors", "tessera.rest_errors",
         "tessera.rest_grpc_headers", "tessera.rest_grpc_request_headers", "envoy.filters.http.buffer",
         "tessera.rest_body",
         "envoy.filters.http.grpc_json_transcoder",
@@ -152,6 +152,15 @@ def test_rest_requests_lose_grpc_headers_native_grpc_requests_keep_them(dev_conf
     (grpc,) = _skip_predicates(wrapped)
     body_check = filters[names.index("tessera.rest_body")]["typedConfig"]
     assert grpc == _skip_predicates(body_check)[0]
+
+
+def test_head_filter_runs_only_on_head_requests(dev_config):
+    # Only a HEAD's response loses its body; every other request skips the filter and pays no Lua coroutine.
+    wrapped = next(f for f in hcm_of(dev_config)["httpFilters"] if f["name"] == "tessera.rest_head")["typedConfig"]
+    assert wrapped["extensionConfig"]["typedConfig"]["defaultSourceCode"]["inlineString"] == lua.rest_head_source()
+    (not_head,) = _skip_predicates(wrapped)
+    config, match = _single(not_head["notMatcher"], "HttpRequestHeaderMatchInput")
+    assert (config["headerName"], match) == (":method", {"exact": "HEAD"})
 
 
 def test_error_filter_skips_only_a_services_successful_reply(dev, dev_config):

@@ -271,10 +271,14 @@ function envoy_on_request(handle)
     info:set(NS, "request_id", headers:get("x-request-id") or "")
     return
   end
+  local method = headers:get(":method") or ""
   info:set(NS, "protocol", "rest")
-  info:set(NS, "method", headers:get(":method") or "")
+  info:set(NS, "method", method)
   info:set(NS, "path", headers:get(":path") or "")
   info:set(NS, "request_id", headers:get("x-request-id") or "")
+  -- HEAD is GET without the response body (RFC 9110 9.3.2): the routes and http rules know GET, and the
+  -- connection manager, which saw the HEAD, sends the response's headers only.
+  if method == "HEAD" then headers:replace(":method", "GET") end
 end
 
 function envoy_on_response(handle)
