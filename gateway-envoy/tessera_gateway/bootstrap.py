@@ -11,6 +11,7 @@ error filter. The HTTP filters, in order:
                              run on HEAD requests only (matcher), after every filter that writes a body
   cors              answers preflights of allowed origins
   tessera.rest_errors (Lua)  answers a REST HEAD as its GET (rewrites the method, which it records first);
+                             drops a gRPC call's grpc-timeout that gRPC would not read (the route timeout governs);
                              turns every REST error into google.rpc.Status JSON, strips grpc-*; gives the
                              gateway's own gRPC refusals the same Status in grpc-status-details-bin; its response
                              half is skipped (matcher) on a service's successful reply, which it would not change

@@ -9,7 +9,7 @@ import jwt
 import pytest
 
 from tessera_gateway import tokens
-from tests.support.gateway import SERVICES, Gateway, unique
+from tests.support.gateway import unique, user_gateway
 
 GET_USER = "tessera.user.v1.UserService/GetUser"
 LIST_USERS = "tessera.user.v1.UserService/ListUsers"
@@ -227,10 +227,7 @@ CONTROL_CHARACTERS = ["\v", "\f", "\r", "\n", "\x00", "\x01", "\x1b", "\x7f"]
 def own_gateway(gateway_workdir, gateway_services, dead_port):
     """A gateway of this module's own in front of the user service: a test that fails by making a gateway eject
     the service must not take it away from every other test."""
-    addresses = {name: f"127.0.0.1:{dead_port}" for name in SERVICES}
-    addresses["user"] = gateway_services.addresses()["user"]
-    gw = Gateway(gateway_workdir, "claims", addresses, {"graphql": {"address": f"127.0.0.1:{dead_port}"}}).start(
-        ["user"])
+    gw = user_gateway(gateway_workdir, gateway_services, dead_port, "claims")
     yield gw
     gw.stop()
 

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from tests.support.gateway import SECURITY_HEADERS, SERVICES, Gateway, unique, wait_for
+from tests.support.gateway import SECURITY_HEADERS, unique, user_gateway, wait_for
 
 UUID = re.compile(r"^[0-9a-f-]{36}$")
 
@@ -117,9 +117,7 @@ def test_native_grpc_responses_keep_their_grpc_headers_and_get_security_headers(
 @pytest.fixture(scope="module")
 def prod_gateway(gateway_workdir, gateway_services, dead_port):
     """The prod profile's gateway (its values, HSTS among them) in front of the running user service."""
-    addresses = {name: f"127.0.0.1:{dead_port}" for name in SERVICES}
-    addresses["user"] = gateway_services.addresses()["user"]
-    gw = Gateway(gateway_workdir, "prod", addresses, profile="prod").start(["user"])
+    gw = user_gateway(gateway_workdir, gateway_services, dead_port, "prod", profile="prod")
     yield gw
     gw.stop()
 
@@ -509,3 +507,42 @@ def test_head_answers_as_get_without_a_body(gateway):
                                "%{http_version} %{http_code} %{size_download}", *auth,
                                f"http://{gateway.address}{path}"], capture_output=True, text=True, timeout=30)
         assert (curl.returncode, curl.stdout) == (0, f"2 {status} 0"), (path, curl.stderr)
+
+
+@pytest.fixture(scope="module")
+def deadline_gateway(gateway_workdir, gateway_services, dead_port):
+    """A gateway of its own: a failing test of deadlines may leave its link to the user service misreading calls."""
+    gw = user_gateway(gateway_workdir, gateway_services, dead_port, "deadlines")
+    yield gw
+    gw.stop()
+
+
+def test_a_malformed_grpc_deadline_harms_no_other_call(deadline_gateway, tmp_path):
+    """gRPC spells a deadline as 1 to 8 digits and a unit. The services' gRPC library refuses any other grpc-timeout
+    with INTERNAL and then misreads the headers of the next calls on the gateway's shared connection, so one client
+    failed other clients' calls. The gateway drops such a header: the call runs under the route's timeout."""
+    import struct
+
+    import grpc
+    from tessera.user.v1 import user_service_pb2, user_service_pb2_grpc
+
+    gw = deadline_gateway
+    admin = gw.mint(unique("deadline"), "admin")
+    message = user_service_pb2.ListUsersRequest(page_size=1).SerializeToString()
+    frame = tmp_path / "request.bin"
+    frame.write_bytes(b"\0" + struct.pack(">I", len(message)) + message)
+    with grpc.insecure_channel(gw.address) as channel:
+        stub = user_service_pb2_grpc.UserServiceStub(channel)
+        for timeout in ("soon", "1", "123456789S", "1s", "soon"):
+            # A gRPC client grpcio is not: grpcio checks the header before sending it.
+            curl = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null",
+                                   "-H", "content-type: application/grpc", "-H", "te: trailers",
+                                   "-H", f"grpc-timeout: {timeout}", "-H", f"authorization: Bearer {admin}",
+                                   "--data-binary", f"@{frame}",
+                                   f"http://{gw.address}/tessera.user.v1.UserService/ListUsers"],
+                                  capture_output=True, text=True, timeout=30)
+            assert curl.returncode == 0, curl.stderr
+            for _ in range(2):  # other clients' calls with a deadline
+                stub.ListUsers(user_service_pb2.ListUsersRequest(page_size=1), timeout=30,
+                               metadata=(("authorization", f"Bearer {admin}"),))
+            assert "grpc-status: 0" in curl.stdout, (timeout, curl.stdout)

@@ -309,5 +309,14 @@ def strict_gateway(gateway_workdir, slow_user_link, dead_port):
     gw.stop()
 
 
+def user_gateway(workdir: Path, services: ServiceStack, dead_port: int, name: str, profile: str = "dev") -> Gateway:
+    """A started gateway of its own in front of the running user service, every other upstream down: for tests of
+    a profile's values, or that may harm the gateway's link to the service when they fail."""
+    addresses = {other: f"127.0.0.1:{dead_port}" for other in SERVICES}
+    addresses["user"] = services.addresses()["user"]
+    values = {"graphql": {"address": f"127.0.0.1:{dead_port}"}} if profile == "dev" else None
+    return Gateway(workdir, name, addresses, values, profile=profile).start(["user"])
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{time.monotonic_ns()}"

@@ -260,12 +260,24 @@ local function canonical_scheme(headers)
   end
 end
 
+-- A gRPC client's deadline reaches the service only as gRPC spells it (1 to 8 digits and a unit, sent once): the
+-- services' gRPC library refuses any other grpc-timeout with INTERNAL, and from then on misreads the headers of
+-- other clients' calls on the gateway's shared connection. Dropped, the call runs under the route's timeout.
+local function readable_deadline(headers)
+  local timeout = headers:get("grpc-timeout")
+  if timeout ~= nil and (headers:getNumValues("grpc-timeout") ~= 1
+      or not find(timeout, "^%d%d?%d?%d?%d?%d?%d?%d?[HMSmun]$")) then
+    headers:remove("grpc-timeout")
+  end
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local info = handle:streamInfo():dynamicMetadata()
   keep_ids(headers)
   canonical_scheme(headers)
   if is_grpc(headers:get("content-type") or "") then
+    readable_deadline(headers)
     info:set(NS, "protocol", "grpc")
     info:set(NS, "grpc_method", headers:get(":path") or "")
     info:set(NS, "request_id", headers:get("x-request-id") or "")
