@@ -19,7 +19,7 @@ from tessera_gateway import errors, generate, lua
 # Builds a stand-in for Envoy's response handle from plain tables and runs envoy_on_response with it; returns the
 # response headers as the filter left them.
 FAKE_HANDLE = """
-local function run(response_headers, stored, route, b64)
+local function run(response_headers, stored, route, b64, rbac)
   local current = {}
   for k, v in pairs(response_headers) do current[k] = v end
   local headers = {}
@@ -28,7 +28,11 @@ local function run(response_headers, stored, route, b64)
   function headers:replace(k, v) current[k] = v end
   function headers:remove(k) current[k] = nil end
   local dynamic = {}
-  function dynamic:get(ns) if ns == "tessera.gateway" then return stored end return nil end
+  function dynamic:get(ns)
+    if ns == "tessera.gateway" then return stored end
+    if ns == "envoy.filters.http.rbac" then return rbac end
+    return nil
+  end
   local info = {}
   function info:dynamicMetadata() return dynamic end
   local route_md = {}
@@ -63,11 +67,13 @@ class ErrorFilter:
     def table(self, values: dict[str, str]):
         return self.runtime.table_from({k.encode(): v.encode() for k, v in values.items()})
 
-    def on_grpc_response(self, headers: dict[str, str], *, path: str = GET_USER,
-                         seen: bool = True) -> dict[str, str]:
-        """The response headers after the filter; seen=False: no filter saw the request (envoy_on_request)."""
+    def on_grpc_response(self, headers: dict[str, str], *, path: str = GET_USER, seen: bool = True,
+                         rbac: dict[str, str] | None = None) -> dict[str, str]:
+        """The response headers after the filter; seen=False: no filter saw the request (envoy_on_request); rbac:
+        the RBAC filters' dynamic metadata."""
         stored = self.table({"protocol": "grpc", "grpc_method": path, "request_id": REQUEST_ID}) if seen else None
-        out = self.fns[b"run"](self.table(headers), stored, self.table(ROUTE), lambda raw: base64.b64encode(raw))
+        out = self.fns[b"run"](self.table(headers), stored, self.table(ROUTE), lambda raw: base64.b64encode(raw),
+                               self.table(rbac) if rbac is not None else None)
         return {k.decode(): v.decode() for k, v in out.items()}
 
     def rest_body(self, status: int, text: str, *, path: str = "/v1/users/x") -> dict:
@@ -98,6 +104,20 @@ def local_reply(http_status: int, grpc_status: str, message: str | None) -> dict
     if message is not None:
         headers["grpc-message"] = message
     return headers
+
+
+@pytest.mark.parametrize(("rbac", "code", "reason"), [
+    ({lua.TOKEN_CLAIMS_PREFIX + "enforced_engine_result": "denied"}, 16, "TOKEN_INVALID"),
+    ({"enforced_engine_result": "denied", lua.TOKEN_CLAIMS_PREFIX + "enforced_engine_result": "allowed"}, 7,
+     "MISSING_SCOPE"),
+], ids=["token claims", "scopes"])
+def test_an_rbac_refusal_is_an_invalid_token_only_from_the_token_claims_check(errors_filter, rbac, code, reason):
+    headers = errors_filter.on_grpc_response(local_reply(403, "7", "RBAC: access denied"), rbac=rbac)
+    details = status_dict(base64.b64decode(headers["grpc-status-details-bin"]))
+    assert (headers["grpc-status"], details["details"][0]["reason"]) == (str(code), reason)
+    if reason == "TOKEN_INVALID":
+        assert details["message"] == "the bearer token was refused: its scope claim holds a control character"
+        assert headers["www-authenticate"] == 'Bearer realm="tessera", error="invalid_token"'
 
 
 # (what happened, HTTP status of the local reply, Envoy's grpc-status and grpc-message, expected code and reason)
