@@ -20,7 +20,10 @@ from tessera.payment.v1 import payment_pb2, payment_service_pb2, payment_service
 
 from tessera_order.adapters.downstream import GrpcCustomerDirectory, GrpcInventory, GrpcPayments
 from tessera_order.adapters.orm import order_items, order_saga_steps, order_sagas, orders, outbox
+from tessera_order.adapters.repository import Lease, SagaCaller
+from tessera_order.domain.model import Failure, Order, OrderItem, StepName
 from tessera_order.service_layer.ports import Downstream, DownstreamError
+from tessera_order.service_layer.unit_of_work import OrderUnitOfWork
 from tessera_payment.adapters.orm import payments
 from tessera_runtime.clients import error_details, open_channel
 from tessera_runtime.db import Database, utcnow
@@ -454,6 +457,48 @@ async def test_list_orders_newest_first_in_stable_pages(order_service, neighbour
         await order_service.stub.ListOrders(svc.ListOrdersRequest(customer_id=other, page_size=2,
                                                                   page_token=first.next_page_token))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def store_largest_order(db: Database, customer: str, products: list[str]) -> str:
+    """A FAILED order as large as the contract allows: 50 lines whose names (200 characters) and SKUs (64) were
+    copied from products with the longest ones in characters of 4 UTF-8 bytes, a failure with the longest message
+    and the most metadata, and the longest step error."""
+    heavy, now = "\U0001F9F1", utcnow()
+    items = tuple(OrderItem(p, heavy * 200, f"SKU-{i:02}-" + "X" * 57, 1000, 10_000_000_000)
+                  for i, p in enumerate(products))
+    order = Order.place(customer_id=customer, items=items, currency_code=EUR, payment_method="pm_sandbox_ok",
+                        request_id=uuid.uuid4().hex, request_hash="h", now=now)
+    order.start_step(StepName.RESERVE_STOCK, now)
+    order.fail(StepName.RESERVE_STOCK, Failure("INSUFFICIENT_STOCK", heavy * 1000, StepName.RESERVE_STOCK,
+                                               {f"key_{i}": heavy * 50 for i in range(20)}), now)
+    order.finish_compensation(now)
+    async with OrderUnitOfWork(db) as uow:
+        await uow.orders.add(order, Lease("test", now), SagaCaller())
+        await uow.commit()
+    return order.id
+
+
+async def test_a_page_of_the_largest_orders_fits_a_default_grpc_message(order_service, db_url):
+    """100 orders as large as the contract allows weigh more than the 4 MiB a gRPC client accepts by default: the
+    page ends early with a next_page_token, and following the tokens lists every order once."""
+    customer, products = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(50)]
+    db = Database(db_url)
+    try:
+        ids = [await store_largest_order(db, customer, products) for _ in range(100)]
+    finally:
+        await db.dispose()
+    seen, token, pages = [], "", 0
+    while True:
+        page = await order_service.stub.ListOrders(svc.ListOrdersRequest(customer_id=customer, page_size=200,
+                                                                         page_token=token))
+        assert page.ByteSize() < 4 * 1024 * 1024
+        assert {len(o.items) for o in page.orders} == {50}
+        seen += [o.id for o in page.orders]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == sorted(ids) and pages == 2
 
 
 async def test_list_orders_refuses_a_status_the_contract_does_not_define(order_service, neighbours):

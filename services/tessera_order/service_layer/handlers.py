@@ -242,8 +242,30 @@ async def list_orders(cmd: commands.ListOrders, uow: UowFactory) -> tuple[list[O
     after = pagination.decode_time_key(cmd.page_token, "ListOrders", filters, DOMAIN)
     async with uow() as u:
         page = await u.orders.list(customer_id=customer_id, status=cmd.status, after=after, limit=size + 1)
-    page, token = pagination.next_page(page, size, "ListOrders", filters)
+    page, token = pagination.next_page(page, size, "ListOrders", filters, weight=_encoded_bytes)
     return page, token
+
+
+# What an Order takes in a response besides its strings, at most: its ids, total, status, four timestamps and
+# version; five saga steps with their names, statuses, attempts and times; and the tags and lengths of them all.
+_ORDER_FIXED_BYTES = 600
+# What an OrderItem takes besides its product's name and SKU: its product id, quantity, two prices, tags, lengths.
+_ITEM_FIXED_BYTES = 120
+# The tags and lengths of one entry of a failure's metadata.
+_METADATA_ENTRY_BYTES = 8
+
+
+def _encoded_bytes(order: Order) -> int:
+    """At least the bytes an order takes in a ListOrdersResponse: 200 orders of 50 lines with the longest product
+    names in characters of 4 UTF-8 bytes take more than the 4 MiB a gRPC client accepts by default."""
+    size = _ORDER_FIXED_BYTES + len(order.request_id.encode()) + len(order.cancel_reason.encode())
+    size += sum(len(i.product_name.encode()) + len(i.sku.encode()) + _ITEM_FIXED_BYTES for i in order.items)
+    size += sum(len(s.error.encode()) for s in order.steps.values())
+    if order.failure is not None:
+        size += len(order.failure.reason.encode()) + len(order.failure.message.encode())
+        size += sum(len(k.encode()) + len(v.encode()) + _METADATA_ENTRY_BYTES
+                    for k, v in order.failure.metadata.items())
+    return size
 
 
 # CancelOrder.
