@@ -35,6 +35,10 @@ async def db(db_url):
         yield database
 
 
+async def claimable_ids(uow: OrderUnitOfWork) -> list[str]:
+    return [order_id for _, order_id in await uow.orders.claimable(utcnow(), 10)]
+
+
 def lease(owner: str, seconds: float = 30) -> Lease:
     return Lease(owner, utcnow() + dt.timedelta(seconds=seconds))
 
@@ -72,11 +76,11 @@ async def test_a_held_lease_fences_every_other_runner(db):
 async def test_an_expired_lease_is_taken_over_and_the_old_runner_can_no_longer_write(db):
     order = await stored_order(db, owner="runner-a", seconds=-1)
     async with OrderUnitOfWork(db) as uow:
-        assert await uow.orders.claimable(utcnow(), 10) == [order.id]
+        assert await claimable_ids(uow) == [order.id]
         assert await uow.orders.acquire_lease(order.id, lease("runner-b"), utcnow())
         await uow.commit()
     async with OrderUnitOfWork(db) as uow:
-        assert await uow.orders.claimable(utcnow(), 10) == []
+        assert await claimable_ids(uow) == []
     order.start_step(StepName.RESERVE_STOCK, utcnow())
     async with OrderUnitOfWork(db) as uow:
         with pytest.raises(LeaseLost):
@@ -109,11 +113,14 @@ async def test_released_leases_make_unfinished_sagas_claimable_with_their_caller
     first = await stored_order(db, owner="runner-a", caller=caller)
     second = await stored_order(db, owner="runner-a")
     async with OrderUnitOfWork(db) as uow:
-        assert await uow.orders.claimable(utcnow(), 10) == []
+        assert await claimable_ids(uow) == []
         assert await uow.orders.release_leases("runner-a") == 2
         await uow.commit()
     async with OrderUnitOfWork(db) as uow:
-        assert set(await uow.orders.claimable(utcnow(), 10)) == {first.id, second.id}
+        assert set(await claimable_ids(uow)) == {first.id, second.id}
+        keys = await uow.orders.claimable(utcnow(), 10)
+        assert keys == sorted(keys), "least recently changed first"
+        assert await uow.orders.claimable(utcnow(), 10, after=keys[0]) == keys[1:], "the recovery's next batch"
         assert await uow.orders.caller(first.id) == caller
         finished = await uow.orders.get(second.id)
     for step in (StepName.RESERVE_STOCK, StepName.PROCESS_PAYMENT, StepName.CONFIRM_ORDER):
@@ -128,7 +135,7 @@ async def test_released_leases_make_unfinished_sagas_claimable_with_their_caller
         await uow.orders.release_lease(second.id, "runner-b")
         await uow.commit()
     async with OrderUnitOfWork(db) as uow:
-        assert await uow.orders.claimable(utcnow(), 10) == [first.id], "a CONFIRMED order has nothing to resume"
+        assert await claimable_ids(uow) == [first.id], "a CONFIRMED order has nothing to resume"
         assert (await uow.orders.get(second.id)).status is OrderStatus.CONFIRMED
 
 
@@ -159,7 +166,7 @@ async def test_a_saga_stored_before_migration_0002_resumes_without_a_trace_conte
                 principal_scopes="orders", correlation_id="corr-0"))
         await upgrade_async(bootstrap.MIGRATIONS, db_url)
         async with OrderUnitOfWork(database) as uow:
-            assert await uow.orders.claimable(utcnow(), 10) == [order.id]
+            assert await claimable_ids(uow) == [order.id]
             assert await uow.orders.caller(order.id) == SagaCaller(subject="customer-1", scopes=("orders",),
                                                                    correlation_id="corr-0")
     finally:

@@ -12,7 +12,7 @@ import uuid
 import grpc
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import update
+from sqlalchemy import text, update
 from tessera.inventory.v1 import product_pb2
 from tessera.order.v1 import order_events_pb2, order_pb2
 from tessera.order.v1 import order_service_pb2 as svc
@@ -509,6 +509,41 @@ async def test_list_orders_refuses_a_status_the_contract_does_not_define(order_s
     info, bad = error_details(caught.value)
     assert (caught.value.code(), info.domain) == (grpc.StatusCode.INVALID_ARGUMENT, "order.tessera.dev")
     assert [v.field for v in bad.field_violations] == ["status"]
+
+
+async def store_unfinished_order(db: Database, customer: str, product: str, lease: Lease) -> str:
+    """A PENDING order whose saga stopped before RESERVE_STOCK, as a crash leaves it."""
+    order = Order.place(customer_id=customer, items=(OrderItem(product, "Pen", "PEN", 1, 1250),), currency_code=EUR,
+                        payment_method="pm_sandbox_ok", request_id=uuid.uuid4().hex, request_hash="h", now=utcnow())
+    async with OrderUnitOfWork(db) as uow:
+        await uow.orders.add(order, lease, SagaCaller())
+        await uow.commit()
+    return order.id
+
+
+async def test_a_saga_the_recovery_cannot_resume_does_not_hold_up_the_others(order_service, neighbours, db_url,
+                                                                              caplog):
+    """A saga whose row was edited by hand so that it cannot be read (a lease expiry past the year 9999, stored as
+    free) is at the front of the recovery's backlog: the recovery logs it with its id, passes over it, and resumes
+    the sagas behind it, which end CONFIRMED."""
+    customer, product = await neighbours.customer(), await neighbours.product(10)
+    db = Database(db_url)
+    try:
+        bad = await store_unfinished_order(db, customer, product, Lease("gone", utcnow() + dt.timedelta(minutes=5)))
+        await execute(db_url, text("UPDATE order_sagas SET lease_owner = NULL, lease_expires_at = "
+                                   "'20000-01-01 00:00:00' WHERE order_id = :id").bindparams(id=bad))
+        good = [await store_unfinished_order(db, customer, product, Lease("gone", utcnow() - dt.timedelta(seconds=1)))
+                for _ in range(3)]
+    finally:
+        await db.dispose()
+    for _ in range(200):
+        if [(await get(order_service, g)).status for g in good] == [order_pb2.ORDER_STATUS_CONFIRMED] * 3:
+            break
+        await asyncio.sleep(0.1)
+    assert [(await get(order_service, g)).status for g in good] == [order_pb2.ORDER_STATUS_CONFIRMED] * 3
+    assert (await get(order_service, bad)).status == order_pb2.ORDER_STATUS_PENDING
+    passed_over = [r for r in caplog.records if r.name == "tessera.order.saga_recovery" and r.levelname == "ERROR"]
+    assert passed_over and {getattr(r, "item_id", None) for r in passed_over} == {bad}
 
 
 async def test_cancel_refunds_and_restocks(order_service, neighbours, db_url):

@@ -33,6 +33,7 @@ from tessera_order.domain.model import (
 )
 from tessera_runtime.context import split_scopes
 from tessera_runtime.db import UtcDateTime, insert_row, insert_rows, keyset_page, read_first, update_guarded
+from tessera_runtime.periodic import BacklogKey
 
 
 class DuplicateRequestId(Exception):
@@ -102,8 +103,9 @@ class OrderRepository(abc.ABC):
         """Frees every lease `owner` holds, so that another runner may resume those sagas at once."""
 
     @abc.abstractmethod
-    async def claimable(self, now: dt.datetime, limit: int) -> list[str]:
-        """Ids of unfinished sagas whose lease is free or expired, least recently changed first."""
+    async def claimable(self, now: dt.datetime, limit: int, after: BacklogKey | None = None) -> list[BacklogKey]:
+        """(update_time, id) of at most `limit` unfinished sagas whose lease is free or expired, least recently
+        changed first, from the one after `after`."""
 
     @abc.abstractmethod
     async def caller(self, order_id: str) -> SagaCaller: ...
@@ -393,16 +395,15 @@ class SqlAlchemyOrderRepository(OrderRepository):
             .values(lease_owner=None, lease_expires_at=None))
         return result.rowcount
 
-    async def claimable(self, now: dt.datetime, limit: int) -> list[str]:
+    async def claimable(self, now: dt.datetime, limit: int, after: BacklogKey | None = None) -> list[BacklogKey]:
         query = (
-            select(orders.c.id)
+            select(orders.c.update_time, orders.c.id)
             .join(order_sagas, order_sagas.c.order_id == orders.c.id)
             .where(orders.c.status.in_([s.value for s in UNFINISHED]),
                    or_(order_sagas.c.lease_owner.is_(None), order_sagas.c.lease_expires_at < now))
-            .order_by(orders.c.update_time, orders.c.id)
-            .limit(limit)
         )
-        return list((await self.session.execute(query)).scalars().all())
+        rows = await self.session.execute(keyset_page(query, orders, after, limit, time_column="update_time"))
+        return [(r.update_time, r.id) for r in rows]
 
     async def caller(self, order_id: str) -> SagaCaller:
         row = (await self.session.execute(select(order_sagas).where(order_sagas.c.order_id == order_id))).first()
@@ -496,10 +497,10 @@ class InMemoryOrderRepository(OrderRepository):
             saga.lease_owner = saga.lease_expires_at = None
         return len(released)
 
-    async def claimable(self, now: dt.datetime, limit: int) -> list[str]:
-        free = [o for o in self.orders.values() if o.status in UNFINISHED and (
+    async def claimable(self, now: dt.datetime, limit: int, after: BacklogKey | None = None) -> list[BacklogKey]:
+        free = [(o.update_time, o.id) for o in self.orders.values() if o.status in UNFINISHED and (
             self.sagas[o.id].lease_owner is None or (self.sagas[o.id].lease_expires_at or now) < now)]
-        return [o.id for o in sorted(free, key=lambda o: (o.update_time, o.id))[:limit]]
+        return [key for key in sorted(free) if after is None or key > after][:limit]
 
     async def caller(self, order_id: str) -> SagaCaller:
         saga = self.sagas.get(order_id)

@@ -54,6 +54,7 @@ from tessera_runtime import context as callctx
 from tessera_runtime import metrics
 from tessera_runtime.db import utcnow
 from tessera_runtime.logs import correlation_id_var, request_id_var
+from tessera_runtime.periodic import BacklogJob, BacklogKey
 from tessera_runtime.telemetry import tracer
 
 log = logging.getLogger("tessera.order.saga")
@@ -182,7 +183,7 @@ class SagaCoordinator:
         self.checkpoint = checkpoint or (lambda _name: None)
         self._running: dict[str, Execution] = {}
         self._recovery_slots = asyncio.Semaphore(policy.recovery_concurrency)
-        self._recovery_task: asyncio.Task[None] | None = None
+        self.recovery = SagaRecovery(self)
 
     # Leases.
 
@@ -230,7 +231,8 @@ class SagaCoordinator:
         (see the module docstring). Either way it does not inherit the current call's deadline.
 
         A caller holding the lease may hand over `order` as it just committed it (the saga then does not read it
-        again; the task owns it from now on), and `started`, the step whose attempt that commit counted."""
+        again; the task owns it from now on), and `started`, the step whose attempt that commit counted. With
+        `recovery` (from resume(), which took one of the recovery's slots) the task frees that slot when it ends."""
         existing = self.running(order_id)
         if existing is not None:
             return existing
@@ -242,6 +244,8 @@ class SagaCoordinator:
             name=f"saga-{order_id}", context=context)
         self._running[order_id] = execution
         execution.task.add_done_callback(lambda _t: self._forget(execution))
+        if recovery:  # the slot resume() took is freed when the task ends, however it ends
+            execution.task.add_done_callback(lambda _t: self._recovery_slots.release())
         return execution
 
     def _forget(self, execution: Execution) -> None:
@@ -250,15 +254,13 @@ class SagaCoordinator:
 
     async def _drive(self, execution: Execution, *, leased: bool, recovery: bool, order: Order | None = None,
                      caller: SagaCaller | None = None) -> Order | None:
-        slot = self._recovery_slots if recovery else contextlib.nullcontext()
-        async with slot:
-            # The lease is taken before the span starts: a runner that loses the race adds nothing to the trace.
-            if not leased and not await self.acquire(execution.order_id):
-                return None
-            if caller is None:
-                return await self._drive_leased(execution, recovery=recovery, order=order)
-            with self._resume_span(execution.order_id, caller) as span:
-                return await self._drive_leased(execution, recovery=recovery, order=order, span=span)
+        # The lease is taken before the span starts: a runner that loses the race adds nothing to the trace.
+        if not leased and not await self.acquire(execution.order_id):
+            return None
+        if caller is None:
+            return await self._drive_leased(execution, recovery=recovery, order=order)
+        with self._resume_span(execution.order_id, caller) as span:
+            return await self._drive_leased(execution, recovery=recovery, order=order, span=span)
 
     @contextlib.contextmanager
     def _resume_span(self, order_id: str, caller: SagaCaller) -> Iterator[trace.Span]:
@@ -582,36 +584,40 @@ class SagaCoordinator:
 
     # Recovery.
 
-    async def recover_once(self) -> int:
-        """Resumes every unfinished saga nobody runs (free or expired lease); returns how many were started."""
+    async def recoverable(self, after: BacklogKey | None, limit: int) -> list[BacklogKey]:
+        """(update_time, id) of at most `limit` unfinished sagas nobody runs (free or expired lease), least recently
+        changed first, from the one after `after`."""
         async with self.uow() as uow:
-            order_ids = await uow.orders.claimable(self.clock(), self.policy.recovery_batch_size)
-        started = 0
-        for order_id in order_ids:
-            if self.running(order_id) is not None:
-                continue
-            async with self.uow() as uow:
-                caller = await uow.orders.caller(order_id)
-            self.run(order_id, leased=False, caller=caller, recovery=True)
-            started += 1
-        return started
+            return await uow.orders.claimable(self.clock(), limit, after)
 
-    async def _recovery_loop(self, interval: float) -> None:
-        while True:
-            try:
-                await self.recover_once()
-            except Exception:
-                log.exception("saga recovery pass failed; retrying next interval")
-            await asyncio.sleep(interval)
+    async def resume(self, order_id: str) -> bool:
+        """Starts resuming a saga nobody runs, as the caller that started it, once one of the recovery's
+        `recovery_concurrency` slots is free: so a long backlog waits here, not in as many tasks. False if this
+        process runs the saga already."""
+        if self.running(order_id) is not None:
+            return False
+        async with self.uow() as uow:
+            caller = await uow.orders.caller(order_id)
+        await self._recovery_slots.acquire()
+        if self.running(order_id) is not None:
+            self._recovery_slots.release()
+            return False
+        self.run(order_id, leased=False, caller=caller, recovery=True)
+        return True
+
+    async def recover_once(self) -> int:
+        """One batch of the recovery (see SagaRecovery); returns how many sagas were due."""
+        return await self.recovery.run_once()
 
     def start_recovery(self, interval: float) -> None:
         """Resumes unfinished sagas now and then every `interval` seconds, in the background."""
-        self._recovery_task = asyncio.get_running_loop().create_task(self._recovery_loop(interval),
-                                                                     name="saga-recovery")
+        self.recovery.interval = interval
+        self.recovery.start()
 
     async def stop(self) -> None:
         """Stops recovery and every running saga, and frees their leases so a restart resumes them at once."""
-        tasks = [t for t in (self._recovery_task, *(e.task for e in self._running.values())) if t is not None]
+        await self.recovery.stop()
+        tasks = [t for t in (e.task for e in self._running.values()) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -652,6 +658,26 @@ class SagaCoordinator:
                 return order
             await asyncio.sleep(interval)
         return order
+
+
+class SagaRecovery(BacklogJob):
+    """Resumes the unfinished sagas nobody runs (a crashed process's, or a runner's that stopped renewing its
+    lease), `recovery_batch_size` at a time, at most `recovery_concurrency` of them running at once. One that cannot
+    be resumed (its saga row edited by hand so that it cannot be read, say) is logged with its id and passed over
+    until the next round (see BacklogJob): the sagas behind it are still resumed. Several processes may recover one
+    database: the lease admits one runner per saga."""
+
+    name = "order.saga_recovery"
+
+    def __init__(self, sagas: SagaCoordinator, interval: float = 5.0) -> None:
+        super().__init__(interval, sagas.policy.recovery_batch_size)
+        self.sagas = sagas
+
+    async def due(self, after: BacklogKey | None, limit: int) -> list[BacklogKey]:
+        return await self.sagas.recoverable(after, limit)
+
+    async def handle(self, item_id: str) -> bool:
+        return await self.sagas.resume(item_id)
 
 
 def _age(order: Order) -> float:
