@@ -15,8 +15,9 @@ _DETAILS_KEY = "grpc-status-details-bin"
 class RpcFailure:
     """A failed call, read from a `grpc.RpcError` (sync) or `grpc.aio.AioRpcError`.
 
-    Every Tessera error carries an ErrorInfo (`reason` is one of the service's ErrorReason names without the
-    prefix, `domain` is e.g. "order.tessera.dev"); invalid input also carries a BadRequest naming each field.
+    Every Tessera error carries an ErrorInfo (`reason` is one of the service's ErrorReason names, or of
+    tessera.common.v1.ErrorReason for the reasons every service shares, without the prefix; `domain` is e.g.
+    "order.tessera.dev"); invalid input also carries a BadRequest naming each field.
     """
 
     code: grpc.StatusCode

@@ -13,7 +13,10 @@ export interface Failure {
   /** The canonical gRPC name, e.g. "INVALID_ARGUMENT", as grpcurl and Python print it. */
   codeName: string;
   message: string;
-  /** Every Tessera error has one: reason (an ErrorReason name without prefix) and domain ("<ctx>.tessera.dev"). */
+  /**
+   * Every Tessera error has one: reason (a name of the service's ErrorReason, or of tessera.common.v1.ErrorReason
+   * for the reasons every service shares, without prefix) and domain ("<ctx>.tessera.dev").
+   */
   errorInfo?: ErrorInfo;
   /** Invalid input: one field violation per invalid request field, by proto field path. */
   badRequest?: BadRequest;
