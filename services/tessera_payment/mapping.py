@@ -17,6 +17,7 @@ _STATUS_TO_PROTO = {
     PaymentStatus.DECLINED: payment_pb2.PAYMENT_STATUS_DECLINED,
     PaymentStatus.FAILED: payment_pb2.PAYMENT_STATUS_FAILED,
     PaymentStatus.REFUNDED: payment_pb2.PAYMENT_STATUS_REFUNDED,
+    PaymentStatus.VOIDED: payment_pb2.PAYMENT_STATUS_VOIDED,
 }
 _STATUS_FROM_PROTO = {v: k for k, v in _STATUS_TO_PROTO.items()}
 

@@ -141,6 +141,16 @@ def test_reservations_are_the_sagas_not_the_catalogues(gateway):
     assert gateway.call("GET", "/v1/products?pageSize=1", token=shopper).status == 200
 
 
+def test_payments_are_charged_refunded_and_voided_by_the_saga_not_by_customers(gateway):
+    # payment:read lets a customer read their payments; taking, refunding or voiding one is for operators only.
+    customer = unique("customer")
+    token = gateway.mint(customer, "payment:read order:read order:write")
+    for path in ("/v1/payments", f"/v1/payments/{uuid.uuid4()}:refund", "/v1/payments:void"):
+        response = gateway.call("POST", path, body={}, token=token)
+        assert response.status == 403, (path, response.body)
+        assert response.json()["details"][0]["reason"] == "MISSING_SCOPE"
+
+
 def test_every_rest_route_needs_a_token(gateway):
     # One route per RPC of every service; none of them may answer anything but 401 without a token.
     for rpc in gateway.generated.config.contracts.rpcs:

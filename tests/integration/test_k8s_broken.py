@@ -156,7 +156,7 @@ def test_principal_that_is_not_a_service_account_is_reported(tree):
     # order-service's rule (rules[1]) granting a method the payment contract does not have.
     ("payment-service", 1, "/tessera.payment.v1.PaymentService/ChargeCard",
      "names no method of the contracts (tessera.payment.v1.PaymentService has GetPayment, ListPayments, "
-     "ProcessPayment, RefundPayment)"),
+     "ProcessPayment, RefundPayment, VoidPayment)"),
     # A prefix that matches no method.
     ("user-service", 1, "/tessera.user.v1.UserService/Frob*", "matches no method of tessera.user.v1.UserService"),
     # Reflection is no public API: the gateway's rule (rules[0]) must not reach it.

@@ -49,7 +49,7 @@ def routes_of(config: dict) -> dict[str, dict]:
 def test_every_rpc_in_the_descriptor_set_has_one_grpc_route(dev, dev_config):
     contracts = Contracts.load(DESCRIPTOR_SET)
     routes = routes_of(dev_config)
-    assert len(contracts.rpcs) == 28
+    assert len(contracts.rpcs) == 29
     for rpc in contracts.rpcs:
         route = routes[rpc.full_name]
         assert route["match"] == {"path": rpc.grpc_path, "grpc": {}}
@@ -80,6 +80,13 @@ def test_routes_require_whole_scopes_through_rbac(dev_config):
         {"listMatch": {"oneOf": {"stringMatch": {"exact": "admin"}}}},
     ]
     assert all(m["path"] == [{"key": "jwt_payload"}, {"key": "scope"}] for m in matchers)
+    # The payment RPCs of the order saga are for operators only over the edge: VoidPayment as much as a charge.
+    for saga_only in ("ProcessPayment", "RefundPayment", "VoidPayment"):
+        route = routes_of(dev_config)[f"tessera.payment.v1.PaymentService.{saga_only}"]
+        ids = route["typedPerFilterConfig"]["envoy.filters.http.rbac"]["rbac"]["rules"]["policies"]["scopes"][
+            "principals"][0]["orIds"]["ids"]
+        assert [p["sourcedMetadata"]["metadataMatcher"]["value"] for p in ids] == [
+            {"listMatch": {"oneOf": {"stringMatch": {"exact": "admin"}}}}], saga_only
     jwt = next(f for f in hcm_of(dev_config)["httpFilters"] if f["name"] == "envoy.filters.http.jwt_authn")
     provider = jwt["typedConfig"]["providers"]["tessera"]
     # The scope claim becomes a list, so "user:readonly" can never match "user:read".

@@ -424,3 +424,125 @@ async def test_only_succeeded_payments_are_refundable():
                                       processing(processor))
     assert fields(nul.value) == ["reason"]
     assert processor.refund_calls == 0
+
+
+# VoidPayment ---------------------------------------------------------------------------------------------------
+
+def void(key: str = "key-1", method: str = "card", **kw) -> commands.VoidPayment:
+    charge = pay(key, method, **kw)
+    return commands.VoidPayment(order_id=charge.order_id, customer_id=charge.customer_id, amount=charge.amount,
+                                payment_method=charge.payment_method, idempotency_key=charge.idempotency_key)
+
+
+def test_only_a_failed_payment_can_be_voided_and_a_voided_one_is_never_charged_again():
+    uow = FakePaymentUnitOfWork()
+    now = dt.datetime.now(dt.UTC)
+    p = handlers._new_payment(pay(), PaymentStatus.FAILED, 1, now)
+    p.void(now)
+    assert (p.status, p.version, p.lease_expire_time) == (PaymentStatus.VOIDED, 2, None)
+    with pytest.raises(ValueError):
+        p.take_over(now, now)  # what ProcessPayment does to a FAILED payment it tries again
+    for status in (PaymentStatus.PENDING, PaymentStatus.SUCCEEDED, PaymentStatus.DECLINED, PaymentStatus.REFUNDED,
+                   PaymentStatus.VOIDED):
+        with pytest.raises(ValueError):
+            dataclasses.replace(p, status=status).void(now)
+    assert not uow.payments.payments
+
+
+async def test_a_failed_payment_that_is_voided_is_never_charged_by_a_repeat():
+    uow, processor = FakePaymentUnitOfWork(), ScriptedProcessor("unavailable", "ok")
+    with pytest.raises(Unavailable):
+        await handlers.process_payment(pay(), uow, processing(processor, max_attempts=1))
+    failed = only_payment(uow)
+    voided = await handlers.void_payment(void(), uow)
+    assert (voided.id, voided.status, voided.attempts, voided.failure_message) == (
+        failed.id, PaymentStatus.VOIDED, 1, "processor hiccup")
+    assert voided.version == failed.version + 1 and only_payment(uow) == voided
+    with pytest.raises(FailedPrecondition) as refused:
+        await handlers.process_payment(pay(), uow, processing(processor))
+    assert (refused.value.reason, refused.value.metadata) == ("PAYMENT_VOIDED", {"payment_id": failed.id})
+    assert len(processor.charge_calls) == 1 and not processor.charges
+    assert await handlers.void_payment(void(), uow) == voided, "a repeat returns the VOIDED payment unchanged"
+    assert kinds(uow) == ["PaymentFailed"]
+
+
+async def test_voiding_a_key_no_charge_was_made_with_records_a_voided_payment_that_blocks_it():
+    uow, processor = FakePaymentUnitOfWork(), ScriptedProcessor("ok")
+    voided = await handlers.void_payment(void(), uow)
+    assert (voided.status, voided.attempts, voided.idempotency_key, voided.amount) == (
+        PaymentStatus.VOIDED, 0, "key-1", Money("EUR", 4200))
+    with pytest.raises(FailedPrecondition) as refused:
+        await handlers.process_payment(pay(), uow, processing(processor))
+    assert (refused.value.reason, refused.value.metadata) == ("PAYMENT_VOIDED", {"payment_id": voided.id})
+    assert not processor.charge_calls and only_payment(uow) == voided and uow.published == []
+    # The key stays bound to the request it was voided with, as a ProcessPayment's is.
+    for other in (handlers.process_payment(pay(amount=Money("EUR", 1)), uow, processing(processor)),
+                  handlers.void_payment(void(method="other"), uow)):
+        with pytest.raises(AlreadyExists) as reused:
+            await other
+        assert (reused.value.reason, reused.value.metadata) == ("IDEMPOTENCY_KEY_REUSED", {"payment_id": voided.id})
+
+
+async def test_a_payment_being_charged_is_not_voided_and_one_that_took_money_is_not_voidable():
+    uow, processor = FakePaymentUnitOfWork(), ScriptedProcessor("wait")
+    work = processing(processor, timeout_seconds=5.0)
+    charging = asyncio.create_task(handlers.process_payment(pay(), uow, work))
+    await asyncio.wait_for(processor.called.wait(), 10)
+    with pytest.raises(Aborted) as busy:
+        await handlers.void_payment(void(), uow)
+    p = only_payment(uow)
+    assert (busy.value.reason, busy.value.metadata) == ("PAYMENT_IN_PROGRESS", {"payment_id": p.id})
+    assert p.status is PaymentStatus.PENDING
+    processor.release.set()
+    assert (await charging).status is PaymentStatus.SUCCEEDED
+    with pytest.raises(FailedPrecondition) as took_money:
+        await handlers.void_payment(void(), uow)
+    assert (took_money.value.reason, took_money.value.metadata) == (
+        "PAYMENT_NOT_VOIDABLE", {"payment_id": p.id, "status": "PAYMENT_STATUS_SUCCEEDED"})
+    await handlers.refund_payment(commands.RefundPayment(p.id, "r"), uow, work)
+    with pytest.raises(FailedPrecondition) as refunded:
+        await handlers.void_payment(void(), uow)
+    assert refunded.value.metadata == {"payment_id": p.id, "status": "PAYMENT_STATUS_REFUNDED"}
+    assert only_payment(uow).status is PaymentStatus.REFUNDED
+
+
+async def test_a_declined_payment_is_returned_unchanged_by_a_void():
+    uow, processor = FakePaymentUnitOfWork(), ScriptedProcessor("declined")
+    with pytest.raises(FailedPrecondition):
+        await handlers.process_payment(pay(), uow, processing(processor))
+    declined = only_payment(uow)
+    assert await handlers.void_payment(void(), uow) == declined
+
+
+async def test_a_repeat_charge_that_takes_a_failed_payment_over_first_wins_over_the_void():
+    # The void read the payment FAILED, but a repeat of ProcessPayment took it over (PENDING) before the void's save:
+    # the version fence refuses the void's save, and the void reads the payment again and waits for that charge.
+    uow, processor = FakePaymentUnitOfWork(), ScriptedProcessor("unavailable")
+    with pytest.raises(Unavailable):
+        await handlers.process_payment(pay(), uow, processing(processor, max_attempts=1))
+    failed = only_payment(uow)
+    save = uow.payments.save
+
+    async def charge_comes_first(payment, expected_version):
+        uow.payments.save = save
+        stored = uow.payments.payments[failed.id]
+        stored.take_over(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30), dt.datetime.now(dt.UTC))
+        return await save(payment, expected_version)
+
+    uow.payments.save = charge_comes_first
+    with pytest.raises(Aborted) as busy:
+        await handlers.void_payment(void(), uow)
+    assert busy.value.reason == "PAYMENT_IN_PROGRESS"
+    assert only_payment(uow).status is PaymentStatus.PENDING, "the charge's claim stands"
+
+
+async def test_an_invalid_void_is_refused_naming_the_fields_and_a_customer_voids_only_their_own():
+    uow = FakePaymentUnitOfWork()
+    with pytest.raises(InvalidArgument) as bad:
+        await handlers.void_payment(void(key=" ", method="", order_id="x", amount=None), uow)
+    assert fields(bad.value) == ["order_id", "amount", "payment_method", "idempotency_key"]
+    with as_principal(str(uuid.uuid4()), "order:write"), pytest.raises(PermissionDenied):
+        await handlers.void_payment(void(), uow)
+    assert not uow.payments.payments
+    with as_principal(CUSTOMER, "order:write"):
+        assert (await handlers.void_payment(void(), uow)).status is PaymentStatus.VOIDED

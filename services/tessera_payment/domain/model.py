@@ -35,6 +35,11 @@ class PaymentStatus(enum.Enum):
     DECLINED = "DECLINED"
     FAILED = "FAILED"
     REFUNDED = "REFUNDED"
+    VOIDED = "VOIDED"
+
+
+# Final statuses in which no money was taken: VoidPayment leaves such a payment as it is.
+UNCHARGED_FINAL = (PaymentStatus.VOIDED, PaymentStatus.DECLINED)
 
 
 @dataclasses.dataclass
@@ -102,6 +107,12 @@ class Payment:
         self._require(PaymentStatus.PENDING)
         self.status = PaymentStatus.FAILED
         self.failure_message = message[:MAX_FAILURE_MESSAGE]
+        self._settle(now)
+
+    def void(self, now: dt.datetime) -> None:
+        """A FAILED payment becomes final without a charge: ProcessPayment never tries it again."""
+        self._require(PaymentStatus.FAILED)
+        self.status = PaymentStatus.VOIDED
         self._settle(now)
 
     def note_failure(self, message: str) -> None:

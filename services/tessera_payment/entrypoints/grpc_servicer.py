@@ -25,6 +25,15 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         payment = await handlers.process_payment(cmd, self.uow(), self.processing)
         return svc.ProcessPaymentResponse(payment=mapping.payment_to_proto(payment))
 
+    async def VoidPayment(self, request: svc.VoidPaymentRequest, context) -> svc.VoidPaymentResponse:
+        cmd = commands.VoidPayment(
+            order_id=request.order_id, customer_id=request.customer_id,
+            amount=mapping.money_from_proto(request.amount) if request.HasField("amount") else None,
+            payment_method=request.payment_method, idempotency_key=request.idempotency_key,
+        )
+        payment = await handlers.void_payment(cmd, self.uow())
+        return svc.VoidPaymentResponse(payment=mapping.payment_to_proto(payment))
+
     async def GetPayment(self, request: svc.GetPaymentRequest, context) -> svc.GetPaymentResponse:
         payment = await handlers.get_payment(commands.GetPayment(request.id), self.uow())
         return svc.GetPaymentResponse(payment=mapping.payment_to_proto(payment))

@@ -17,6 +17,17 @@ class ProcessPayment:
 
 
 @dataclasses.dataclass(frozen=True)
+class VoidPayment:
+    """The ProcessPayment request whose payment is voided."""
+
+    order_id: str
+    customer_id: str
+    amount: Money | None
+    payment_method: str
+    idempotency_key: str
+
+
+@dataclasses.dataclass(frozen=True)
 class GetPayment:
     payment_id: str
 

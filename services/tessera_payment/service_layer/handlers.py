@@ -162,6 +162,17 @@ def _in_progress(p: Payment) -> Aborted:
                    reason="PAYMENT_IN_PROGRESS", domain=DOMAIN, metadata={"payment_id": p.id})
 
 
+def _voided(p: Payment) -> FailedPrecondition:
+    return FailedPrecondition("the payment was voided and is never charged", reason="PAYMENT_VOIDED", domain=DOMAIN,
+                              metadata={"payment_id": p.id})
+
+
+def _not_voidable(p: Payment) -> FailedPrecondition:
+    return FailedPrecondition(f"the payment took money and cannot be voided; it is {p.status.value}",
+                              reason="PAYMENT_NOT_VOIDABLE", domain=DOMAIN,
+                              metadata={"payment_id": p.id, "status": mapping.status_name(p.status)})
+
+
 def _outcome(p: Payment) -> Payment:
     """What a call learns about a payment another call settled: the payment, or the error its status means."""
     if p.status in (PaymentStatus.SUCCEEDED, PaymentStatus.REFUNDED):
@@ -170,6 +181,8 @@ def _outcome(p: Payment) -> Payment:
         raise _declined(p)
     if p.status is PaymentStatus.FAILED:
         raise _failed(p)
+    if p.status is PaymentStatus.VOIDED:
+        raise _voided(p)
     raise _in_progress(p)
 
 
@@ -186,7 +199,9 @@ def _hash(*parts: object) -> str:
 
 # ProcessPayment ------------------------------------------------------------------------------------------------
 
-async def process_payment(cmd: commands.ProcessPayment, uow: UnitOfWork, processing: Processing) -> Payment:
+def _checked_request(cmd: commands.ProcessPayment | commands.VoidPayment) -> str:
+    """Validates a charge request (ProcessPayment's, or the one VoidPayment voids) and whether the caller may act
+    for its customer; returns the request's hash, which the payment made with its idempotency key keeps."""
     v = model.new_violations()
     check_uuid(cmd.order_id, "order_id", v)
     check_uuid(cmd.customer_id, "customer_id", v)
@@ -200,9 +215,26 @@ async def process_payment(cmd: commands.ProcessPayment, uow: UnitOfWork, process
         raise PermissionDenied("you may only pay for yourself", reason="PERMISSION_DENIED", domain=DOMAIN,
                                metadata={"customer_id": cmd.customer_id})
     assert cmd.amount is not None
+    return _hash(cmd.order_id.lower(), cmd.customer_id.lower(), cmd.amount.currency_code, cmd.amount.amount_minor,
+                 cmd.payment_method)
+
+
+def _key_reused(p: Payment) -> AlreadyExists:
+    return AlreadyExists("idempotency_key was already used with a different request", reason="IDEMPOTENCY_KEY_REUSED",
+                         domain=DOMAIN, metadata={"payment_id": p.id})
+
+
+def _new_payment(cmd: commands.ProcessPayment | commands.VoidPayment, status: PaymentStatus, attempts: int,
+                 now: dt.datetime, lease: dt.datetime | None = None) -> Payment:
+    assert cmd.amount is not None
+    return Payment(id=str(uuid.uuid4()), order_id=cmd.order_id.lower(), customer_id=cmd.customer_id.lower(),
+                   amount=cmd.amount, payment_method=cmd.payment_method, idempotency_key=cmd.idempotency_key,
+                   status=status, attempts=attempts, create_time=now, update_time=now, lease_expire_time=lease)
+
+
+async def process_payment(cmd: commands.ProcessPayment, uow: UnitOfWork, processing: Processing) -> Payment:
+    request_hash = _checked_request(cmd)
     budget = processing.policy.budget(remaining_seconds())
-    request_hash = _hash(cmd.order_id.lower(), cmd.customer_id.lower(), cmd.amount.currency_code,
-                         cmd.amount.amount_minor, cmd.payment_method)
     payment, resumed, counted = await _claim(cmd, request_hash, budget, uow, processing.policy)
     if payment.status is not PaymentStatus.PENDING:
         return payment
@@ -225,11 +257,7 @@ async def _claim(cmd: commands.ProcessPayment, request_hash: str, budget: float,
             now = utcnow()
             found = None if attempt == 0 else await uow.payments.get_by_key(cmd.idempotency_key)
             if found is None:
-                payment = Payment(
-                    id=str(uuid.uuid4()), order_id=cmd.order_id.lower(), customer_id=cmd.customer_id.lower(),
-                    amount=cmd.amount, payment_method=cmd.payment_method, idempotency_key=cmd.idempotency_key,
-                    status=PaymentStatus.PENDING, attempts=1, create_time=now, update_time=now,
-                    lease_expire_time=policy.lease(now, budget))
+                payment = _new_payment(cmd, PaymentStatus.PENDING, 1, now, policy.lease(now, budget))
                 try:
                     await uow.payments.add(payment, request_hash)
                     await uow.commit()
@@ -238,9 +266,7 @@ async def _claim(cmd: commands.ProcessPayment, request_hash: str, budget: float,
                 return payment, False, True
             payment, stored_hash = found
             if stored_hash != request_hash:
-                raise AlreadyExists("idempotency_key was already used with a different request",
-                                    reason="IDEMPOTENCY_KEY_REUSED", domain=DOMAIN,
-                                    metadata={"payment_id": payment.id})
+                raise _key_reused(payment)
             if payment.status is not PaymentStatus.FAILED and (
                     payment.status is not PaymentStatus.PENDING or payment.owned_until(now)):
                 return _outcome(payment), False, False
@@ -357,6 +383,54 @@ def _event(p: Payment, timed_out: bool):
     if p.status is PaymentStatus.DECLINED:
         return mapping.payment_declined(p)
     return mapping.payment_failed(p, timed_out)
+
+
+# VoidPayment ---------------------------------------------------------------------------------------------------
+#
+# How a payment that failed stays uncharged: ProcessPayment tries a FAILED payment again under its key, so a caller
+# that paused past its turn (an order saga runner that lost its lease) could still charge for an order already
+# failed. VoidPayment makes the key's payment final first. It changes only a FAILED payment (or records a VOIDED one
+# where none exists), with a version-fenced save: a charge that takes the payment over first makes it PENDING, and
+# the void answers PAYMENT_IN_PROGRESS until that charge settled; a void that comes first leaves the charge nothing
+# to take over.
+
+async def void_payment(cmd: commands.VoidPayment, uow: UnitOfWork) -> Payment:
+    """Makes the payment of the key final without a charge (see above); returns it, VOIDED or DECLINED. Raises
+    PAYMENT_IN_PROGRESS while it is PENDING and PAYMENT_NOT_VOIDABLE once it took money."""
+    request_hash = _checked_request(cmd)
+    payment: Payment | None = None
+    for attempt in range(3):  # the last pass only after losing a race on the same payment
+        # The first pass only inserts, as ProcessPayment's does: the unique key refuses it when a payment exists.
+        async with uow.inserting() if attempt == 0 else uow:
+            now = utcnow()
+            found = None if attempt == 0 else await uow.payments.get_by_key(cmd.idempotency_key)
+            if found is None:
+                payment = _new_payment(cmd, PaymentStatus.VOIDED, 0, now)
+                try:
+                    await uow.payments.add(payment, request_hash)
+                    await uow.commit()
+                except DuplicateIdempotencyKey:
+                    continue  # nothing was written; the next pass reads the key's payment
+                log.info("payment voided before any charge", extra={"payment_id": payment.id})
+                return payment
+            payment, stored_hash = found
+            if stored_hash != request_hash:
+                raise _key_reused(payment)
+            if payment.status in model.UNCHARGED_FINAL:
+                return payment
+            if payment.status is PaymentStatus.PENDING:
+                raise _in_progress(payment)
+            if payment.status is not PaymentStatus.FAILED:
+                raise _not_voidable(payment)
+            expected = payment.version
+            payment.void(now)
+            if not await uow.payments.save(payment, expected):
+                continue  # a charge took it over first: read what it is now
+            await uow.commit()
+            log.info("failed payment voided", extra={"payment_id": payment.id})
+            return payment
+    assert payment is not None
+    raise _in_progress(payment)
 
 
 # Recovery ------------------------------------------------------------------------------------------------------
