@@ -141,7 +141,7 @@ SERVICE_CALLS: dict[str, tuple[str, ...]] = {
         "/tessera.inventory.v1.InventoryService/ReleaseReservation",
         "/tessera.payment.v1.PaymentService/ProcessPayment",
         "/tessera.payment.v1.PaymentService/RefundPayment",
-        "/tessera.payment.v1.PaymentService/ListPayments",
+        "/tessera.payment.v1.PaymentService/VoidPayment",
     ),
     GRAPHQL: (
         "/tessera.user.v1.UserService/GetUser",

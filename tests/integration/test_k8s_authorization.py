@@ -111,9 +111,9 @@ def test_a_method_the_code_calls_without_a_grant_is_refused():
 
 
 def test_a_grant_the_code_no_longer_uses_is_refused():
-    source = DOWNSTREAM.read_text().replace("self.stub.ListPayments", "self.list_payments")
+    source = DOWNSTREAM.read_text().replace("self.stub.VoidPayment", "self.void_payment")
     assert call_problems("order-service", stub_calls(source), SERVICE_CALLS["order-service"]) == [
-        "SERVICE_CALLS grants order-service /tessera.payment.v1.PaymentService/ListPayments, which its code never "
+        "SERVICE_CALLS grants order-service /tessera.payment.v1.PaymentService/VoidPayment, which its code never "
         "calls"]
 
 

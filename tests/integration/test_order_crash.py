@@ -226,7 +226,8 @@ async def test_sigkill_while_charging_then_restart_compensates_the_timed_out_pay
     [order] = await settled(order_process, [row["id"]])
     assert order.status == order_pb2.ORDER_STATUS_FAILED and order.failure.reason == "PAYMENT_TIMEOUT"
     await assert_clean(neighbours, order)
-    assert all(p.status == payment_pb2.PAYMENT_STATUS_FAILED for p in await neighbours.order_payments(order.id))
+    # Voided by the compensation: no later ProcessPayment with the order's key may charge it.
+    assert all(p.status == payment_pb2.PAYMENT_STATUS_VOIDED for p in await neighbours.order_payments(order.id))
     assert (await neighbours.stock(product)).stock_available == 5
 
 

@@ -219,7 +219,8 @@ async def test_payment_timeout_fails_the_order_and_takes_no_money(neighbours, db
         await service.stop()
     assert order.status == order_pb2.ORDER_STATUS_FAILED and order.failure.reason == "PAYMENT_TIMEOUT"
     assert order.payment_id == "" and saga(order)["PROCESS_PAYMENT"] == "FAILED"
-    assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_FAILED]
+    # Voided by the compensation, so that no later ProcessPayment with the order's key charges it.
+    assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_VOIDED]
     assert (await neighbours.reservation(order.reservation_id)).status == product_pb2.RESERVATION_STATUS_RELEASED
     assert (await neighbours.stock(product)).stock_available == 5
 
@@ -759,3 +760,129 @@ async def test_the_same_cancel_sent_to_two_replicas_at_once_answers_the_cancelle
             await replica.stop()
     assert answers == [["ORDER_STATUS_CANCELLED"] * 2] * 5
     assert (await neighbours.stock(product)).stock_on_hand == 10
+
+
+# A runner that froze past its lease.
+
+class FrozenPayments(GrpcPayments):
+    """The real payments client of a runner that freezes (a long GC pause, a suspended VM) right after it committed
+    PROCESS_PAYMENT started, before its ProcessPayment leaves: the call goes out once `thaw` is set. `outcomes` has
+    what each call got: the payment's status, or the error's reason."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        super().__init__(channel, 5.0)
+        self.frozen, self.thaw, self.answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self.order_id = ""
+        self.outcomes: list[str] = []
+
+    async def process_payment(self, **kw):
+        self.order_id = kw["order_id"]
+        self.frozen.set()
+        await self.thaw.wait()
+        try:
+            payment = await super().process_payment(**kw)
+            self.outcomes.append(payment.status)
+            return payment
+        except DownstreamError as err:
+            self.outcomes.append(err.reason)
+            raise
+        finally:
+            self.answered.set()
+
+
+class LostChargePayments(GrpcPayments):
+    """The real payments client, except that its charges go over a network that swallows them (a frozen proxy):
+    they time out without the payment service ever seeing them. Every other call goes through."""
+
+    def __init__(self, channel: grpc.aio.Channel, lost: grpc.aio.Channel) -> None:
+        super().__init__(channel, 1.0)
+        self.lost = GrpcPayments(lost, 1.0)
+
+    async def process_payment(self, **kw):
+        return await self.lost.process_payment(**kw)
+
+
+class WakingPayments(GrpcPayments):
+    """The real payments client of the runner that took over, whose compensation happens to void the payment just
+    after the frozen runner woke and charged it."""
+
+    def __init__(self, channel: grpc.aio.Channel, frozen: FrozenPayments) -> None:
+        super().__init__(channel, 5.0)
+        self.frozen = frozen
+
+    async def void_payment(self, **kw):
+        self.frozen.thaw.set()
+        await self.frozen.answered.wait()
+        return await super().void_payment(**kw)
+
+
+async def lease_runs_out(db_url: str, order_id: str) -> None:
+    """What a frozen runner's missed heartbeats do to its saga lease: it expires, and the runner cannot renew it
+    any more (here the frozen runner's heartbeat still beats, so the lease is also no longer in its name)."""
+    await execute(db_url, order_sagas.update().where(order_sagas.c.order_id == order_id).values(
+        lease_owner="runner-frozen-past-its-lease", lease_expires_at=utcnow() - dt.timedelta(seconds=1)))
+
+
+@pytest.mark.parametrize("takeover", ["payment-failed", "payment-timeout", "charged-before-the-void"])
+async def test_a_runner_frozen_past_its_lease_never_charges_for_the_order_its_successor_failed(
+        neighbours, db_url, tmp_path, takeover):
+    """Runner A commits PROCESS_PAYMENT started and freezes past its lease. Runner B takes the saga over and fails
+    the order: its charge FAILED at the processor (a repeat would charge), or timed out without reaching the payment
+    service. Then A wakes and sends its ProcessPayment under the order's key. The customer must not end up paying
+    for the FAILED order: the key's payment was voided when B compensated, so A's charge is refused; or, when A
+    charged before B's compensation voided the payment, the void finds it SUCCEEDED and B refunds it."""
+    payment_db = f"sqlite+aiosqlite:///{tmp_path / 'payment.db'}"
+    # One processor attempt per call: pm_sandbox_transient fails B's call and would charge the next one.
+    async with payment_service(payment_db, TESSERA_PAYMENT_PROCESSOR_MAX_ATTEMPTS="1") as (stub, _, payment_port):
+        proxy = TcpProxy("127.0.0.1", payment_port).start()
+        channels = [open_channel(neighbours.address(s), []) for s in ("user", "inventory")]
+        pay_channels = [open_channel(f"127.0.0.1:{payment_port}", []) for _ in range(2)]
+        lost = open_channel(f"127.0.0.1:{proxy.port}", [])
+        frozen = FrozenPayments(pay_channels[0])
+        b_payments = {"payment-failed": GrpcPayments(pay_channels[1], 5.0),
+                      "payment-timeout": LostChargePayments(pay_channels[1], lost),
+                      "charged-before-the-void": WakingPayments(pay_channels[1], frozen)}[takeover]
+        runner_a = await InProcessOrder.start(neighbours.order_env(db_url), downstream=Downstream(
+            GrpcCustomerDirectory(channels[0]), GrpcInventory(channels[1]), frozen))
+        runner_b = None
+        try:
+            await asyncio.wait_for(lost.channel_ready(), 10)
+            proxy.freeze()
+            customer, product = await neighbours.customer(), await neighbours.product(5)
+            method = "pm_sandbox_ok" if takeover == "payment-timeout" else "pm_sandbox_transient"
+            placing = asyncio.create_task(create(runner_a, request(customer, (product, 2), method=method), timeout=3))
+            await asyncio.wait_for(frozen.frozen.wait(), 20)
+            order_id = frozen.order_id
+            await lease_runs_out(db_url, order_id)
+            # B's one attempt (A's counted the first) fails the order.
+            runner_b = await InProcessOrder.start(
+                neighbours.order_env(db_url, TESSERA_ORDER_STEP_MAX_ATTEMPTS="2"),
+                downstream=Downstream(GrpcCustomerDirectory(channels[0]), GrpcInventory(channels[1]), b_payments))
+            failed = await wait_for(runner_b, order_id, order_pb2.ORDER_STATUS_FAILED)
+            frozen.thaw.set()
+            await asyncio.wait_for(frozen.answered.wait(), 20)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await placing
+            await asyncio.sleep(0.5)  # A's write after the call, refused: its lease is lost
+            order = await get(runner_b, order_id)
+            found = list((await stub.ListPayments(payment_service_pb2.ListPaymentsRequest(order_id=order_id))).payments)
+        finally:
+            for runner in (runner_a, runner_b):
+                if runner is not None:
+                    await runner.stop()
+            for channel in (*channels, *pay_channels, lost):
+                await channel.close()
+            proxy.close()
+    statuses = [payment_pb2.PaymentStatus.Name(p.status) for p in found]
+    print("order:", order_pb2.OrderStatus.Name(order.status), order.failure.reason, "payments:", statuses,
+          "the thawed runner's ProcessPayment got:", frozen.outcomes)
+    assert failed.failure.reason == ("PAYMENT_TIMEOUT" if takeover == "payment-timeout" else "PAYMENT_FAILED")
+    assert order.status == order_pb2.ORDER_STATUS_FAILED
+    assert "PAYMENT_STATUS_SUCCEEDED" not in statuses, "the customer paid for a FAILED order and was not refunded"
+    if takeover == "charged-before-the-void":
+        assert statuses == ["PAYMENT_STATUS_REFUNDED"] and frozen.outcomes == ["SUCCEEDED"]
+        assert order.payment_id == found[0].id and saga(order)["PROCESS_PAYMENT"] == "COMPENSATED"
+    else:
+        assert statuses == ["PAYMENT_STATUS_VOIDED"] and frozen.outcomes == ["PAYMENT_VOIDED"]
+        assert order.payment_id == "" and saga(order)["PROCESS_PAYMENT"] == "FAILED"
+    assert (await neighbours.stock(product)).stock_available == 5

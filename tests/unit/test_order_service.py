@@ -232,6 +232,8 @@ class FakePayments(Script):
                                                            amount_minor, "PENDING", attempts=0)
         elif p.status in ("SUCCEEDED", "REFUNDED"):
             return self.view(p)
+        elif p.status == "VOIDED":
+            raise err("payment", grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_VOIDED", payment_id=p.id)
         p.attempts += 1
         if payment_method == "pm_declined":
             p.status = "DECLINED"
@@ -253,9 +255,21 @@ class FakePayments(Script):
                       status=f"PAYMENT_STATUS_{p.status}")
         return self.view(p)
 
-    async def order_payments(self, order_id):
-        self.enter("order_payments", order_id)
-        return [self.view(p) for p in self.by_key.values() if p.order_id == order_id]
+    async def void_payment(self, *, order_id, customer_id, amount_minor, currency_code, payment_method,
+                           idempotency_key):
+        self.enter("void_payment", order_id, idempotency_key)
+        p = self.by_key.get(idempotency_key)
+        if p is None:
+            p = self.by_key[idempotency_key] = FakePayment(str(uuid.uuid4()), order_id, idempotency_key,
+                                                           amount_minor, "VOIDED", attempts=0)
+        elif p.status == "PENDING":
+            raise err("payment", grpc.StatusCode.ABORTED, "PAYMENT_IN_PROGRESS", payment_id=p.id)
+        elif p.status in ("SUCCEEDED", "REFUNDED"):
+            raise err("payment", grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_NOT_VOIDABLE", payment_id=p.id,
+                      status=f"PAYMENT_STATUS_{p.status}")
+        elif p.status == "FAILED":
+            p.status = "VOIDED"
+        return self.view(p)
 
 
 class Clock:
@@ -488,7 +502,8 @@ async def test_declined_payment_releases_the_reservation(world):
     assert steps(order)["RESERVE_STOCK"] == "COMPENSATED" and steps(order)["PROCESS_PAYMENT"] == "FAILED"
     assert world.inventory.reservations[order.reservation_id].status == "RELEASED"
     assert world.inventory.available(world.product) == 10
-    assert world.payments.count("refund_payment") == 0
+    # A decline is final: no repeat under the key charges, so there is nothing to void.
+    assert world.payments.count("refund_payment") == 0 and world.payments.count("void_payment") == 0
     assert world.uow.published[-1][2].refunded_payment_id == ""
 
 
@@ -524,7 +539,7 @@ async def test_a_charge_in_progress_for_too_long_fails_and_is_refunded_once_it_s
         key = payment_key(order_id)
         world.payments.by_key[key] = FakePayment("p-1", order_id, key, 500, "SUCCEEDED")
 
-    world.payments.fail_next("order_payments", the_charge_went_through)
+    world.payments.fail_next("void_payment", the_charge_went_through)
     error = await world.fail(Unavailable)
     order = await world.stored()
     assert error.reason == "DEPENDENCY_UNAVAILABLE" and error.metadata["downstream_reason"] == "PAYMENT_IN_PROGRESS"
@@ -540,7 +555,26 @@ async def test_payment_failing_on_every_attempt_fails_the_order(world):
     order = await world.stored()
     assert error.reason == "PAYMENT_FAILED" and error.metadata == {"payment_id": "p-1", "order_id": order.id}
     assert order.steps[StepName.PROCESS_PAYMENT].attempts == POLICY.step_max_attempts
+    assert world.payments.count("void_payment") == 1, "a FAILED payment is charged by a repeat unless voided"
     assert order.status is OrderStatus.FAILED and world.inventory.available(world.product) == 10
+
+
+async def test_a_failed_charge_is_voided_so_that_a_runner_that_lost_its_lease_cannot_charge_it_later(world):
+    # The payment is FAILED, which the next ProcessPayment with its key would charge: compensation voids it.
+    charge_answering(world, *[refused("payment")] * POLICY.step_max_attempts)
+
+    def recorded_failed() -> None:
+        order_id = next(iter(world.uow.orders.orders))
+        key = payment_key(order_id)
+        world.payments.by_key[key] = FakePayment("p-1", order_id, key, 500, "FAILED")
+
+    world.payments.fail_next("void_payment", recorded_failed)
+    error = await world.fail(Unavailable)
+    order = await world.stored()
+    assert error.reason == "DEPENDENCY_UNAVAILABLE" and order.status is OrderStatus.FAILED
+    assert world.payments.by_key[payment_key(order.id)].status == "VOIDED"
+    assert not order.steps[StepName.PROCESS_PAYMENT].outcome_unknown
+    assert steps(order)["PROCESS_PAYMENT"] == "FAILED" and world.payments.count("refund_payment") == 0
 
 
 async def test_payment_timeout_refunds_a_charge_that_succeeded_after_all(world):
@@ -560,7 +594,8 @@ async def test_payment_timeout_without_a_charge_refunds_nothing(world):
     error = await world.fail(DeadlineExceeded, method="pm_timeout")
     order = await world.stored()
     assert error.reason == "PAYMENT_TIMEOUT"
-    assert world.payments.count("order_payments") == 1 and world.payments.count("refund_payment") == 0
+    assert world.payments.count("void_payment") == 1 and world.payments.count("refund_payment") == 0
+    assert world.payments.by_key[payment_key(order.id)].status == "VOIDED", "no later repeat may charge it"
     assert steps(order)["PROCESS_PAYMENT"] == "FAILED" and order.payment_id == ""
     assert order.status is OrderStatus.FAILED
 
@@ -572,11 +607,12 @@ async def test_payment_timeout_waits_for_a_pending_charge_to_settle(world):
         payment = next(iter(world.payments.by_key.values()))
         payment.status = "SUCCEEDED"
 
-    # The first look finds the charge PENDING; it succeeds before the second look, which refunds it.
-    world.payments.fail_next("order_payments", lambda: None, settle)
+    # The first void finds the charge PENDING (in progress); it succeeds before the second, which finds it took money
+    # and refunds it.
+    world.payments.fail_next("void_payment", lambda: None, settle)
     await world.fail(DeadlineExceeded, method="pm_timeout")
     order = await world.stored()
-    assert world.payments.count("order_payments") == 2
+    assert world.payments.count("void_payment") == 2
     assert next(iter(world.payments.by_key.values())).status == "REFUNDED"
     assert order.steps[StepName.PROCESS_PAYMENT].compensation_attempts == 2
     assert order.status is OrderStatus.FAILED
@@ -622,11 +658,14 @@ async def test_a_charge_whose_answer_was_lost_is_refunded_though_the_later_attem
     assert world.inventory.available(world.product) == 10
 
 
-async def test_a_charge_refused_on_every_attempt_is_not_looked_up(world):
+async def test_a_charge_refused_on_every_attempt_is_voided_so_that_no_later_repeat_charges(world):
+    # The payment service answered "not now" each time (nothing was charged), so a repeat under the order's key, by
+    # a runner that lost its lease without knowing, could still charge: compensation voids the key first.
     charge_answering(world, *[refused("payment")] * POLICY.step_max_attempts)
     await world.fail(Unavailable)
     order = await world.stored()
-    assert world.payments.count("order_payments") == 0 and world.payments.count("refund_payment") == 0
+    assert world.payments.count("void_payment") == 1 and world.payments.count("refund_payment") == 0
+    assert world.payments.by_key[payment_key(order.id)].status == "VOIDED"
     assert steps(order)["PROCESS_PAYMENT"] == "FAILED" and order.payment_id == ""
     assert not order.steps[StepName.PROCESS_PAYMENT].outcome_unknown
     assert order.status is OrderStatus.FAILED

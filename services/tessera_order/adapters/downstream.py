@@ -29,8 +29,6 @@ from tessera_runtime.errors import DATABASE_UNAVAILABLE
 USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
 INVENTORY_SERVICE = inventory_pb2.DESCRIPTOR.services_by_name["InventoryService"]
 PAYMENT_SERVICE = payment_service_pb2.DESCRIPTOR.services_by_name["PaymentService"]
-# ListPayments' maximum page size: an order has very few payments, so one page nearly always holds them all.
-_PAYMENTS_PAGE = 200
 # What a step's error says when the call got no answer from the service itself: gRPC's own text names addresses
 # and resolver details of the cluster, and the step's error is shown to the customer (GetOrder), so it is logged
 # here instead.
@@ -137,16 +135,14 @@ class GrpcPayments:
         return _payment((await _call("payment", self.stub.RefundPayment, request,
                                      timeout=self.payment_deadline)).payment)
 
-    async def order_payments(self, order_id: str) -> list[Payment]:
-        payments: list[Payment] = []
-        token = ""
-        while True:
-            reply = await _call("payment", self.stub.ListPayments, payment_service_pb2.ListPaymentsRequest(
-                order_id=order_id, page_size=_PAYMENTS_PAGE, page_token=token))
-            payments += [_payment(p) for p in reply.payments]
-            token = reply.next_page_token
-            if not token:
-                return payments
+    async def void_payment(self, *, order_id: str, customer_id: str, amount_minor: int, currency_code: str,
+                           payment_method: str, idempotency_key: str) -> Payment:
+        request = payment_service_pb2.VoidPaymentRequest(
+            order_id=order_id, customer_id=customer_id,
+            amount=money_pb2.Money(currency_code=currency_code, amount_minor=amount_minor),
+            payment_method=payment_method, idempotency_key=idempotency_key)
+        # Only the payment record changes (the processor is not asked): the default deadline.
+        return _payment((await _call("payment", self.stub.VoidPayment, request)).payment)
 
 
 class DownstreamChannels:

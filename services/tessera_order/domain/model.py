@@ -76,8 +76,10 @@ class SagaStep:
     compensation_attempts: int = 0
     error: str = ""
     # An attempt of the step ended without learning whether the other service acted (a timeout, a lost
-    # connection). Kept through the step's later attempts, whose answers say nothing of what that one did: a step
-    # that then fails is compensated by first finding out, and undoing what did happen.
+    # connection), or a charge failed in a way that a repeat under the order's key may still overcome (the saga
+    # sets it then: a runner that lost its lease may send that repeat). Kept through the step's later attempts,
+    # whose answers say nothing of what that one did: a step that then fails is compensated by first finding out,
+    # and undoing what did happen (for a charge: voiding its payment, or refunding it if it took money).
     outcome_unknown: bool = False
     update_time: dt.datetime | None = None
 

@@ -73,7 +73,7 @@ class Reservation:
 @dataclasses.dataclass(frozen=True)
 class Payment:
     id: str
-    status: str  # PaymentStatus name without prefix: PENDING, SUCCEEDED, DECLINED, FAILED, REFUNDED
+    status: str  # PaymentStatus name without prefix: PENDING, SUCCEEDED, DECLINED, FAILED, REFUNDED, VOIDED
     idempotency_key: str
 
 
@@ -98,7 +98,8 @@ class Payments(Protocol):
 
     async def refund_payment(self, payment_id: str, idempotency_key: str, reason: str) -> Payment: ...
 
-    async def order_payments(self, order_id: str) -> list[Payment]: ...
+    async def void_payment(self, *, order_id: str, customer_id: str, amount_minor: int, currency_code: str,
+                           payment_method: str, idempotency_key: str) -> Payment: ...
 
 
 @dataclasses.dataclass(frozen=True)

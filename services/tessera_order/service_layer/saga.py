@@ -66,6 +66,8 @@ RESUME_SPAN = "resume order saga"
 _W3C = TraceContextTextMapPropagator()
 # The payment service's answer while another call with the same idempotency key is still charging.
 _IN_PROGRESS = "PAYMENT_IN_PROGRESS"
+# The payment service's answer to VoidPayment when the key's payment took money (SUCCEEDED or REFUNDED).
+_NOT_VOIDABLE = "PAYMENT_NOT_VOIDABLE"
 # The prefix of the inventory's ReservationStatus names, as RESERVATION_EXPIRED's metadata gives them.
 RESERVATION_STATUS = "RESERVATION_STATUS_"
 MAX_RELEASE_REASON = 500
@@ -373,7 +375,7 @@ class SagaCoordinator:
                     attempts_left -= 1
                     if attempts_left <= 0 or not self._retryable(step, err):
                         failure, unknown = self._failure(step, err, order)
-                        await self._fail(order, step, failure, outcome_unknown=unknown)
+                        await self._fail(order, step, failure, outcome_unknown=unknown or _may_charge_later(step, err))
                         return
                     delay = self.policy.backoff(order.steps[step].attempts)
                 log.info("saga step will be retried", extra={
@@ -568,19 +570,24 @@ class SagaCoordinator:
         if order.steps[StepName.PROCESS_PAYMENT].status is StepStatus.SUCCEEDED:
             await _refund(payments, order.payment_id, refund_key(order.id), reason)
             return Undo(True)
-        # The charge's outcome is unknown (a timeout or a lost connection): look at what the payment service
-        # recorded under the order's key, and refund it if the customer was charged after all.
-        mine = [p for p in await payments.order_payments(order.id) if p.idempotency_key == payment_key(order.id)]
-        if any(p.status == "PENDING" for p in mine):
-            pending = next(p for p in mine if p.status == "PENDING")
-            raise DownstreamError("payment", grpc.StatusCode.ABORTED, _IN_PROGRESS,
-                                  "the payment is still being charged", {"payment_id": pending.id})
-        charged = next((p for p in mine if p.status in ("SUCCEEDED", "REFUNDED")), None)
-        if charged is None:
-            return Undo(False)
-        if charged.status == "SUCCEEDED":
-            await _refund(payments, charged.id, refund_key(order.id), reason)
-        return Undo(True, payment_id=charged.id)
+        # The charge failed in a way a repeat may still overcome, or its outcome is unknown (a timeout, a lost
+        # connection). Either way a ProcessPayment under the order's key may still charge: a runner that froze past
+        # its lease and wakes up sends one. Voiding the key's payment makes it final unless it already took money,
+        # and records a VOIDED payment if none was made yet, so that no later call charges; one that took money
+        # is refunded. A charge still running answers PAYMENT_IN_PROGRESS, which is waited for (retried).
+        try:
+            await payments.void_payment(
+                order_id=order.id, customer_id=order.customer_id, amount_minor=order.total_minor,
+                currency_code=order.currency_code, payment_method=order.payment_method,
+                idempotency_key=payment_key(order.id))
+        except DownstreamError as err:
+            if not (err.answered and err.reason == _NOT_VOIDABLE):
+                raise
+            payment_id = err.metadata.get("payment_id", "")
+            if err.metadata.get("status", "").endswith("SUCCEEDED"):
+                await _refund(payments, payment_id, refund_key(order.id), reason)
+            return Undo(True, payment_id=payment_id)
+        return Undo(False)  # VOIDED (or DECLINED): no money was taken, and none will be
 
     # Recovery.
 
@@ -688,6 +695,14 @@ def _may_have_acted(err: DownstreamError) -> bool:
     """Whether the failed call may have had its effect after all: its answer was lost, or it was a charge still in
     progress, which may yet succeed. Compensation must find out and undo it."""
     return err.outcome_unknown or err.reason == _IN_PROGRESS
+
+
+def _may_charge_later(step: StepName, err: DownstreamError) -> bool:
+    """Whether a charge that failed may still be made by a repeat under the order's key: the payment service did not
+    refuse it for good (a FAILED payment, PAYMENT_FAILED, is charged by the next ProcessPayment with its key), and a
+    runner that lost its lease without knowing may yet send that repeat. Compensation then voids the key's payment,
+    as it does after a charge of unknown outcome."""
+    return step is StepName.PROCESS_PAYMENT and err.transient
 
 
 def _reservation_lost(step: StepName, reservation_id: str, status: str) -> Failure:
