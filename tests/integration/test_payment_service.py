@@ -319,7 +319,17 @@ def _invalid_cases() -> list[tuple[str, object, str]]:
          "idempotency_key"),
         ("RefundPayment", svc.RefundPaymentRequest(payment_id=str(uuid.uuid4()), idempotency_key="k",
                                                    reason="r" * 501), "reason"),
+        # VoidPayment takes the ProcessPayment request it voids (the same fields, the same numbers), the same rules.
+        ("VoidPayment", void_of(pay(order_id="o-1")), "order_id"),
+        ("VoidPayment", void_of(pay(amount=None)), "amount"),
+        ("VoidPayment", void_of(pay(amount=money(currency_code="EUR", amount_minor=0))), "amount.amount_minor"),
+        ("VoidPayment", void_of(pay(payment_method=" ")), "payment_method"),
+        ("VoidPayment", void_of(pay(idempotency_key="")), "idempotency_key"),
     ]
+
+
+def void_of(request: svc.ProcessPaymentRequest) -> svc.VoidPaymentRequest:
+    return svc.VoidPaymentRequest.FromString(request.SerializeToString())
 
 
 async def test_each_invalid_field_is_named_and_nothing_is_written(payment, db_url):
@@ -581,3 +591,69 @@ async def test_refunds_left_claimed_by_a_crash_are_resolved_without_paying_out_a
         assert (refunded.status, refunded.refund_reason) == (REFUNDED, "later")
         (ledger,) = await sandbox_charges_of(db_url, lost.id)
         assert ledger._mapping["refund_idempotency_key"] == "later"
+
+
+VOIDED = payment_pb2.PAYMENT_STATUS_VOIDED
+
+
+async def test_a_void_makes_the_key_final_without_a_charge(db_url):
+    async with payment_service(db_url, TESSERA_PAYMENT_PROCESSOR_MAX_ATTEMPTS="1") as (stub, _, _):
+        # A FAILED payment, which the next ProcessPayment with its key would charge.
+        request = payment_request("pm_sandbox_transient")
+        await failure(stub.ProcessPayment(request))
+        failed = await only_payment_of(stub, request.order_id)
+        voided = (await stub.VoidPayment(void_of(request))).payment
+        assert (voided.id, voided.status, voided.attempts, voided.version) == (failed.id, VOIDED, 1,
+                                                                               failed.version + 1)
+        assert voided.failure_message == failed.failure_message
+        status, info = await failure(stub.ProcessPayment(request))
+        assert (status, info.reason, dict(info.metadata)) == (grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_VOIDED",
+                                                              {"payment_id": failed.id})
+        assert (await stub.VoidPayment(void_of(request))).payment == voided
+        assert (await only_payment_of(stub, request.order_id)) == voided
+
+        # A key no charge was made with: the void records a VOIDED payment under it, which no charge then takes.
+        never = payment_request("pm_sandbox_ok")
+        blocked = (await stub.VoidPayment(void_of(never))).payment
+        assert (blocked.status, blocked.attempts, blocked.idempotency_key, blocked.amount.amount_minor) == (
+            VOIDED, 0, never.idempotency_key, 4200)
+        status, info = await failure(stub.ProcessPayment(never))
+        assert (status, info.reason, dict(info.metadata)) == (grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_VOIDED",
+                                                              {"payment_id": blocked.id})
+
+        # A payment that took money is not voided: it is refunded.
+        charged = (await stub.ProcessPayment(payment_request("pm_sandbox_ok", key="charged"))).payment
+        status, info = await failure(stub.VoidPayment(void_of(payment_request(
+            "pm_sandbox_ok", key="charged", order_id=charged.order_id, customer_id=charged.customer_id))))
+        assert (status, info.reason, dict(info.metadata)) == (
+            grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_NOT_VOIDABLE",
+            {"payment_id": charged.id, "status": "PAYMENT_STATUS_SUCCEEDED"})
+    assert not await sandbox_charges_of(db_url, failed.id) and not await sandbox_charges_of(db_url, blocked.id)
+    assert await event_types(db_url) == ["PaymentFailed", "PaymentSucceeded"], "a void moves no money: no event"
+
+
+async def test_charges_and_voids_racing_on_a_failed_payment_never_both_win(db_url):
+    async with payment_service(db_url, TESSERA_PAYMENT_PROCESSOR_MAX_ATTEMPTS="1") as (stub, _, _):
+        outcomes = []
+        for _ in range(3):
+            request = payment_request("pm_sandbox_transient")
+            await failure(stub.ProcessPayment(request))  # FAILED: the next charge would take the money
+
+            async def call(rpc, message) -> str:
+                try:
+                    return payment_pb2.PaymentStatus.Name((await rpc(message)).payment.status)
+                except grpc.aio.AioRpcError as err:
+                    return error_details(err)[0].reason
+
+            answers = await asyncio.gather(*(call(stub.ProcessPayment, request) if i % 2 else
+                                             call(stub.VoidPayment, void_of(request)) for i in range(8)))
+            final = await only_payment_of(stub, request.order_id)
+            charges = await sandbox_charges_of(db_url, final.id)
+            outcomes.append((payment_pb2.PaymentStatus.Name(final.status), len(charges)))
+            if final.status == VOIDED:
+                assert not charges and "PAYMENT_STATUS_SUCCEEDED" not in answers, answers
+            else:
+                assert (final.status, len(charges)) == (SUCCEEDED, 1), answers
+                assert "PAYMENT_STATUS_VOIDED" not in answers, answers
+    print("final status and charges of each race:", outcomes)
+
