@@ -353,11 +353,14 @@ async def test_a_stale_save_that_waited_for_the_holder_s_save_writes_nothing_onc
             await holder.orders.save(order, lease("runner-a"))  # written, locked, not yet committed
             waiting = asyncio.create_task(stale_save())
             async with db.engine.connect() as conn:
-                for _ in range(100):
+                # However slow the machine is to start the stale save (a connection of the direct pool to open),
+                # it ends waiting on the holder's lock or done (which the assertion then reports).
+                deadline = asyncio.get_running_loop().time() + 20
+                while True:
                     blocked = (await conn.execute(text(
                         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                         "AND datname = current_database()"))).scalar_one()
-                    if blocked or waiting.done():
+                    if blocked or waiting.done() or asyncio.get_running_loop().time() > deadline:
                         break
                     await asyncio.sleep(0.02)
             assert blocked, "the stale save did not wait for the holder's"
