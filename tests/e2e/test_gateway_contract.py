@@ -53,7 +53,7 @@ def test_every_operation_but_the_notification_services_is_exercised():
              if "NotificationService" not in op["tags"]}
     assert set(OPERATIONS) == every
     assert len([op for op in OPERATIONS if op[1].startswith("/v1/users")]) == 7
-    assert len(OPERATIONS) == 27  # 7 user, 11 inventory, 4 payment, 4 order, the OpenAPI document
+    assert len(OPERATIONS) == 28  # 7 user, 11 inventory, 5 payment, 4 order, the OpenAPI document
 
 
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
@@ -126,6 +126,10 @@ def test_every_operations_success_matches_the_openapi_document(gateway, served_s
     call("GET", f"/v1/payments/{payment['id']}")
     call("GET", f"/v1/payments?customerId={user['id']}")
     call("POST", f"/v1/payments/{payment['id']}:refund", {"idempotencyKey": unique("walk")})
+    voided = call("POST", "/v1/payments:void", {"orderId": str(uuid.uuid4()), "customerId": user["id"],
+                                                "amount": money, "paymentMethod": "pm_sandbox_ok",
+                                                "idempotencyKey": unique("walk")})["payment"]
+    assert voided["status"] == "PAYMENT_STATUS_VOIDED"
     call("POST", f"/v1/orders/{order['id']}:cancel", {"reason": "contract walk"}, token=customer)
 
     call("DELETE", f"/v1/products/{product['id']}")
