@@ -741,6 +741,30 @@ async def test_cancel_of_an_order_another_runner_holds_waits_for_it_and_cancels(
     assert (await events(db_url))[-1] == "OrderCancelled"
 
 
+async def test_cancel_of_an_order_a_gone_runner_holds_past_the_deadline_answers_busy_and_a_repeat_cancels(
+        order_service, neighbours, db_url):
+    # The process that took the lease of a CONFIRMED order died; its lease outlasts the call's deadline. No
+    # dependency failed and nothing was cancelled: the call answers that another process runs the order's saga, and
+    # a repeat once the lease expired cancels the order.
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    order = await create(order_service, request(customer, (product, 2)))
+    await hold_lease(db_url, order.id, "another-process:1:dead", 4.0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await order_service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id, reason="Double click"), timeout=1.5)
+    info, _ = error_details(caught.value)
+    assert (caught.value.code(), info.reason, info.domain, dict(info.metadata)) == (
+        grpc.StatusCode.ABORTED, "ORDER_BUSY", "order.tessera.dev", {"order_id": order.id})
+    got = (await order_service.stub.GetOrder(svc.GetOrderRequest(id=order.id))).order
+    assert got.status == order_pb2.ORDER_STATUS_CONFIRMED and got.cancel_reason == ""
+    assert (await neighbours.stock(product)).stock_on_hand == 3
+    await asyncio.sleep(3.0)
+    cancelled = (await order_service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id, reason="Double click"),
+                                                      timeout=20)).order
+    assert cancelled.status == order_pb2.ORDER_STATUS_CANCELLED
+    assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_REFUNDED]
+    assert (await neighbours.stock(product)).stock_on_hand == 5
+
+
 async def test_the_same_cancel_sent_to_two_replicas_at_once_answers_the_cancelled_order_from_both(neighbours, db_url):
     # A customer's double click that the load balancer spreads over two replicas: one takes the lease and cancels,
     # the other must follow that cancellation, not answer that a dependency failed.

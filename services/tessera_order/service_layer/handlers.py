@@ -368,6 +368,11 @@ async def cancel_order(cmd: commands.CancelOrder, uow: UowFactory, sagas: SagaCo
     assert current is not None
     if current.status is OrderStatus.CANCELLED:
         return current
+    if current.status is OrderStatus.CONFIRMED:
+        # Another process held the lease throughout and began no cancellation (it died, and its lease outlasted
+        # the call's deadline): no dependency failed and nothing changed.
+        raise Aborted("another process is running this order's saga; retry", reason="ORDER_BUSY", domain=DOMAIN,
+                      metadata={"order_id": current.id})
     if current.status is OrderStatus.COMPENSATION_FAILED:
         step = current.compensation_failures()[0]
         raise Unavailable("the cancellation could not be completed; an operator must resolve the order",
