@@ -278,6 +278,33 @@ async def test_reservation_lifecycle(inventory, db_url):
                                                        "StockReserved", "StockReleased"]
 
 
+async def test_releasing_a_committed_reservation_never_takes_stock_above_the_limit(inventory, db_url):
+    # Sold units coming back are stock received like any other: the 1,000,000,000 units on hand AdjustStock keeps
+    # to hold for them too. A release that would cross it is refused with the product named and changes nothing.
+    lamp = (await inventory.CreateProduct(new_product("LAMP", stock=10))).product
+    held = (await inventory.ReserveStock(reserve_request((lamp.id, 4)))).reservation
+    await inventory.CommitReservation(svc.CommitReservationRequest(id=held.id))
+    await inventory.AdjustStock(svc.AdjustStockRequest(product_id=lamp.id, delta=1_000_000_000 - 8,
+                                                       reason="Delivery", request_id=str(uuid.uuid4())))
+    events_before = await event_types(db_url, outbox)
+    code, info, _ = await failure(inventory.ReleaseReservation(svc.ReleaseReservationRequest(
+        id=held.id, reason="Order cancelled")))
+    assert (code, info.reason, dict(info.metadata)) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "STOCK_LIMIT_EXCEEDED",
+        {"product_id": lamp.id, "stock_on_hand": "999999998"})
+    assert levels((await inventory.GetProduct(svc.GetProductRequest(id=lamp.id))).product) == (999_999_998, 0,
+                                                                                               999_999_998)
+    assert (await inventory.GetReservation(svc.GetReservationRequest(id=held.id))).reservation.status == COMMITTED
+    assert await event_types(db_url, outbox) == events_before
+
+    await inventory.AdjustStock(svc.AdjustStockRequest(product_id=lamp.id, delta=-2, reason="Damaged",
+                                                       request_id=str(uuid.uuid4())))
+    returned = (await inventory.ReleaseReservation(svc.ReleaseReservationRequest(id=held.id))).reservation
+    assert returned.status == RELEASED
+    assert levels((await inventory.GetProduct(svc.GetProductRequest(id=lamp.id))).product) == (1_000_000_000, 0,
+                                                                                               1_000_000_000)
+
+
 async def test_concurrent_reservations_of_the_last_units_never_oversell(inventory):
     # Twenty orders race for 5 lamps and 7 desks, each taking one of each, half of them naming the products in
     # the opposite order (which would deadlock row locks taken in request order).

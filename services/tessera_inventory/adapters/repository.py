@@ -38,6 +38,14 @@ class DuplicateRequestId(Exception):
     """Another request with the same request_id committed first."""
 
 
+class StockLimitExceeded(Exception):
+    """Returning sold units would take the product's stock on hand above MAX_STOCK."""
+
+    def __init__(self, product_id: str, stock_on_hand: int) -> None:
+        super().__init__(product_id)
+        self.product_id, self.stock_on_hand = product_id, stock_on_hand
+
+
 class ReservationChanged(Exception):
     """Another change to the reservation came first: it is no longer in the status the write expected."""
 
@@ -89,7 +97,8 @@ class ProductRepository(abc.ABC):
 
     @abc.abstractmethod
     async def restock(self, product_id: str, quantity: int, now: dt.datetime) -> None:
-        """Sold units come back: on hand increases."""
+        """Sold units come back: on hand increases. Raises StockLimitExceeded, changing nothing, when that would take
+        it above MAX_STOCK."""
 
     @abc.abstractmethod
     async def adjust(self, product_id: str, delta: int, now: dt.datetime) -> bool:
@@ -235,8 +244,15 @@ class SqlAlchemyProductRepository(ProductRepository):
 
     async def restock(self, product_id: str, quantity: int, now: dt.datetime) -> None:
         c = products.c
-        await self._must(update(products).where(c.id == product_id)
-                         .values(stock_on_hand=c.stock_on_hand + quantity, **_changed(now)), product_id)
+        result = await self.session.execute(
+            update(products).where(c.id == product_id, c.stock_on_hand + quantity <= MAX_STOCK)
+            .values(stock_on_hand=c.stock_on_hand + quantity, **_changed(now)))
+        if result.rowcount == 1:
+            return
+        on_hand = (await self.session.execute(select(c.stock_on_hand).where(c.id == product_id))).scalar()
+        if on_hand is None:
+            raise RuntimeError(f"stock of product {product_id} does not match its reservations")
+        raise StockLimitExceeded(product_id, on_hand)
 
     async def _must(self, statement: Any, product_id: str) -> None:
         result = await self.session.execute(statement)
@@ -488,6 +504,8 @@ class InMemoryProductRepository(ProductRepository):
 
     async def restock(self, product_id: str, quantity: int, now: dt.datetime) -> None:
         p = self.state.products[product_id]
+        if p.stock_on_hand + quantity > MAX_STOCK:
+            raise StockLimitExceeded(product_id, p.stock_on_hand)
         p.stock_on_hand += quantity
         self._touch(p, now)
 

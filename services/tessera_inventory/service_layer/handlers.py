@@ -24,6 +24,7 @@ from tessera_inventory.adapters.repository import (
     ProductRepository,
     ReservationChanged,
     ReservationRepository,
+    StockLimitExceeded,
 )
 from tessera_inventory.domain import model
 from tessera_inventory.domain.model import (
@@ -405,10 +406,13 @@ async def _adjustment_refused(uow: UnitOfWork, cmd: commands.AdjustStock) -> Exc
             f"({product.stock_on_hand} on hand)", reason="STOCK_BELOW_RESERVED", domain=DOMAIN,
             metadata={"product_id": product.id, "stock_on_hand": str(product.stock_on_hand),
                       "stock_reserved": str(product.stock_reserved)})
+    return _stock_limit_exceeded(f"adding {cmd.delta} units", product.id, product.stock_on_hand)
+
+
+def _stock_limit_exceeded(change: str, product_id: str, stock_on_hand: int) -> FailedPrecondition:
     return FailedPrecondition(
-        f"adding {cmd.delta} units would take stock on hand above {model.MAX_STOCK:,}",
-        reason="STOCK_LIMIT_EXCEEDED", domain=DOMAIN,
-        metadata={"product_id": product.id, "stock_on_hand": str(product.stock_on_hand)})
+        f"{change} would take stock on hand above {model.MAX_STOCK:,}", reason="STOCK_LIMIT_EXCEEDED",
+        domain=DOMAIN, metadata={"product_id": product_id, "stock_on_hand": str(stock_on_hand)})
 
 
 # Reservations --------------------------------------------------------------------------------------------------
@@ -547,7 +551,11 @@ async def release_reservation(cmd: commands.ReleaseReservation, uow: UnitOfWork)
                 return None
             for item in sorted(r.items, key=lambda i: i.product_id):
                 if reason is StockReleaseReason.RETURNED:
-                    await uow.products.restock(item.product_id, item.quantity, now)
+                    try:
+                        await uow.products.restock(item.product_id, item.quantity, now)
+                    except StockLimitExceeded as err:  # the transaction rolls back: nothing changes
+                        raise _stock_limit_exceeded(f"returning {item.quantity} sold units of product "
+                                                    f"{err.product_id}", err.product_id, err.stock_on_hand) from None
                 else:
                     await uow.products.unreserve(item.product_id, item.quantity, now)
             uow.add_event(RESERVATION, r.id, mapping.stock_released(r, reason, cmd.reason))
