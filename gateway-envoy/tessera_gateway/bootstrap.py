@@ -26,7 +26,8 @@ error filter. The HTTP filters, in order:
   grpc_json_transcoder       REST/JSON -> gRPC per google.api.http; gRPC status -> HTTP status + JSON body
   jwt_authn         RS256 token: signature, issuer, audience, expiry, a subject without control characters;
                     subject and scopes -> x-user-id/x-user-scopes
-  tessera.token_claims (rbac)  refuses a scope claim with a control character (the error filter makes it a 401)
+  tessera.token_claims (rbac)  refuses a scope claim with a control character, or that is no string (the error
+                               filter makes it a 401)
   local_ratelimit   token bucket per (route class, subject), or per (route class, address) on anonymous routes;
                     x-ratelimit-limit/-remaining/-reset of that bucket on the response (429 included)
   rbac              the route's scopes, matched as whole words of the space-delimited scope claim
@@ -140,7 +141,6 @@ from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
     JwtClaimToHeader,
     JwtHeader,
     JwtProvider,
-    JwtProviderNormalizePayload,
     JwtRequirement,
     PerRouteConfig,
     RemoteJwks,
@@ -181,7 +181,6 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
     HttpRequestHeaderMatchInput,
     HttpResponseHeaderMatchInput,
     HttpResponseStatusCodeMatchInput,
-    ListMatcher,
     MetadataMatcher,
     MetadataMatcherPathSegment,
     StringMatcher,
@@ -326,6 +325,20 @@ class RouteInfo:
         })
 
 
+def _scope_claim(value: ValueMatcher) -> Principal:
+    """The token's scope claim as jwt_authn leaves it in the metadata: as the token holds it, not split."""
+    return Principal(sourced_metadata=SourcedMetadata(metadata_matcher=MetadataMatcher(
+        filter=JWT_FILTER, path=[MetadataMatcherPathSegment(key=JWT_PAYLOAD), MetadataMatcherPathSegment(key="scope")],
+        value=value)))
+
+
+def _scope_not_a_string() -> Principal:
+    """A scope claim that is there but no string (an array, a number, a boolean, an object, null)."""
+    string = _scope_claim(ValueMatcher(string_match=StringMatcher(safe_regex=EnvoyRegexMatcher(regex="(?s).*"))))
+    return Principal(and_ids=PrincipalSet(ids=[_scope_claim(ValueMatcher(present_match=True)),
+                                               Principal(not_id=string)]))
+
+
 class GatewayConfig:
     """The Envoy bootstrap of one profile of the description, for one set of contracts."""
 
@@ -339,13 +352,11 @@ class GatewayConfig:
 
     def _scope_policy(self, scopes: tuple[str, ...]) -> RbacPerRoute:
         accepted = list(dict.fromkeys((*scopes, self.d.admin_scope)))
-        # Whole-scope match: jwt_authn turns the space-delimited scope claim into a list, and the list must
-        # contain one of the scopes exactly, so "user:readonly" never grants "user:read".
-        principals = [Principal(sourced_metadata=SourcedMetadata(metadata_matcher=MetadataMatcher(
-            filter=JWT_FILTER,
-            path=[MetadataMatcherPathSegment(key=JWT_PAYLOAD), MetadataMatcherPathSegment(key="scope")],
-            value=ValueMatcher(list_match=ListMatcher(one_of=ValueMatcher(string_match=StringMatcher(exact=s)))),
-        ))) for s in accepted]
+        # Whole-scope match: one of the space-delimited words of the scope claim (RFC 6749 section 3.3) is one of
+        # the scopes exactly, so "user:readonly" never grants "user:read", nor "admin\tx" admin. The claim is read
+        # as the token holds it: the token claims check refused one that is no string.
+        principals = [_scope_claim(ValueMatcher(string_match=StringMatcher(safe_regex=EnvoyRegexMatcher(
+            regex=f"(?s)(?:.* )?{re.escape(s)}(?: .*)?")))) for s in accepted]
         return RbacPerRoute(rbac=RbacFilter(rules=Rbac(action=RbacAction.ALLOW, policies={
             "scopes": Policy(permissions=[Permission(any=True)], principals=[Principal(or_ids=PrincipalSet(
                 ids=principals))]),
@@ -483,7 +494,6 @@ class GatewayConfig:
             subjects=StringMatcher(safe_regex=EnvoyRegexMatcher(regex=f"[^{CONTROL_CHARACTERS}]+")),
             from_headers=[JwtHeader(name="authorization", value_prefix="Bearer ")],
             forward=False, payload_in_metadata=JWT_PAYLOAD,
-            normalize_payload_in_metadata=JwtProviderNormalizePayload(space_delimited_claims=["scope"]),
             claim_to_headers=[JwtClaimToHeader(header_name=SUBJECT_HEADER, claim_name="sub"),
                               JwtClaimToHeader(header_name=SCOPES_HEADER, claim_name="scope")],
             clock_skew_seconds=j.clock_skew_seconds, max_lifetime=_seconds(j.max_lifetime_seconds),
@@ -511,13 +521,19 @@ class GatewayConfig:
     def _token_claims(self) -> HttpFilter:
         """Refuses a token whose scope claim holds a control character (jwt_authn checks the subject itself):
         copied into x-user-scopes it would fail the call upstream, a 503 counted toward ejecting the service. It
-        runs before the rate limiter, so such a token takes nobody's bucket; the error filter makes its refusal a
-        401 TOKEN_INVALID by the engine result it records."""
+        refuses as well a scope claim that is no string (RFC 6749 section 3.3: space-delimited words): jwt_authn
+        copies no other kind into x-user-scopes as the services read it, so the gateway and the services would
+        disagree on what it grants. It runs before the rate limiter, so such a token takes nobody's bucket; the
+        error filter makes its refusal a 401 TOKEN_INVALID by the engine result it records."""
         control = HeaderMatcher(name=SCOPES_HEADER, string_match=StringMatcher(safe_regex=EnvoyRegexMatcher(
             regex=f"(?s).*[{CONTROL_CHARACTERS}].*")))
         return _filter(TOKEN_CLAIMS_FILTER, RbacFilter(
-            rules=Rbac(action=RbacAction.DENY, policies={"control_characters": Policy(
-                permissions=[Permission(any=True)], principals=[Principal(header=control)])}),
+            rules=Rbac(action=RbacAction.DENY, policies={
+                lua.CONTROL_CHARACTERS_POLICY: Policy(permissions=[Permission(any=True)],
+                                                      principals=[Principal(header=control)]),
+                lua.SCOPE_NOT_A_STRING_POLICY: Policy(permissions=[Permission(any=True)],
+                                                      principals=[_scope_not_a_string()]),
+            }),
             rules_stat_prefix=lua.TOKEN_CLAIMS_PREFIX,
         ))
 

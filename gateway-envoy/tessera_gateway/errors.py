@@ -67,7 +67,7 @@ GATEWAY_ERRORS = (
     GatewayError("TOKEN_EXPIRED", 401, "UNAUTHENTICATED", "the token's exp has passed"),
     GatewayError("TOKEN_INVALID", 401, "UNAUTHENTICATED",
                  "bad signature, unknown key, wrong issuer or audience, no subject (sub), a control character in "
-                 "sub or scope, no exp, a lifetime over the cap, or a malformed token"),
+                 "sub or scope, a scope that is not a string, no exp, a lifetime over the cap, or a malformed token"),
     GatewayError("MISSING_SCOPE", 403, "PERMISSION_DENIED",
                  "the token's scope claim has none of the scopes the RPC needs", ("required_scopes",)),
     # gRPC's own word for a method the server does not have is UNIMPLEMENTED.

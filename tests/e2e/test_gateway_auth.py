@@ -273,3 +273,35 @@ def test_a_claim_with_a_control_character_is_refused_at_the_edge(own_gateway, cl
     # The service was never ejected: the caller's valid tokens still reach it.
     assert gw.call("GET", "/v1/users?pageSize=1", token=gw.mint(subject, "admin")).status == 200
     assert gw.call("GET", f"/v1/users/{uuid.uuid4()}", token=good).status == 403
+
+
+# Scope claims that are no space-delimited string (RFC 6749 section 3.3, RFC 8693 section 4.2): jwt_authn reads a
+# JSON array's words as scopes, but copies no array (nor null) into x-user-scopes, and numbers and booleans as text.
+NOT_A_STRING = [["admin"], ["user:read", "admin"], [], 7, 1.5, True, False, {"admin": True}, None]
+
+
+@pytest.mark.parametrize("scope", NOT_A_STRING, ids=repr)
+def test_a_scope_claim_that_is_not_a_string_is_refused_at_the_edge(own_gateway, scope):
+    """Such a token passed the gateway's scope check while the services, reading x-user-scopes, saw none and
+    answered 403: the gateway and the services disagreed on what it grants. The token is invalid: 401 at the edge,
+    and nothing reaches the service."""
+    gw = own_gateway
+    subject = unique("claims")
+    jwt_config = gw.description.jwt
+    token = tokens.mint(gw.key, subject=subject, scopes=[], issuer=jwt_config.issuer,
+                        audience=jwt_config.audiences[0], ttl_seconds=600, extra_claims={"scope": scope})
+    assert gw.call("GET", "/v1/users?pageSize=1", token=gw.mint(subject, "admin")).status == 200
+    before = _upstream_counters(gw)
+    rest = gw.call("GET", "/v1/users?pageSize=1", token=token)
+    assert rest.status == 401, rest.body
+    info = rest.json()["details"][0]
+    assert (info["domain"], info["reason"]) == ("gateway.tessera.dev", "TOKEN_INVALID"), rest.body
+    assert rest.header("www-authenticate") == 'Bearer realm="tessera", error="invalid_token"'
+    assert rest.json()["message"] == "the bearer token was refused: its scope claim is not a string", rest.body
+    assert rest.header("x-ratelimit-limit") is None  # refused before the limiter: it took no token
+    native = gw.grpcurl(LIST_USERS, {"page_size": 1}, token=token)
+    assert native.returncode == UNAUTHENTICATED, native.stderr
+    assert "TOKEN_INVALID" in native.stdout + native.stderr
+    assert _upstream_counters(gw) == before
+    # The same scope as a string is granted, at the gateway and at the service alike.
+    assert gw.call("GET", "/v1/users?pageSize=1", token=gw.mint(subject, "user:read admin")).status == 200

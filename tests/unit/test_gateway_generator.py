@@ -75,22 +75,26 @@ def test_routes_require_whole_scopes_through_rbac(dev_config):
     rbac = route["typedPerFilterConfig"]["envoy.filters.http.rbac"]["rbac"]["rules"]
     principals = rbac["policies"]["scopes"]["principals"][0]["orIds"]["ids"]
     matchers = [p["sourcedMetadata"]["metadataMatcher"] for p in principals]
-    assert [m["value"] for m in matchers] == [
-        {"listMatch": {"oneOf": {"stringMatch": {"exact": "user:read"}}}},
-        {"listMatch": {"oneOf": {"stringMatch": {"exact": "admin"}}}},
-    ]
+    assert [m["value"] for m in matchers] == [_whole_scope("user:read"), _whole_scope("admin")]
     assert all(m["path"] == [{"key": "jwt_payload"}, {"key": "scope"}] for m in matchers)
+    # A whole word of the space-delimited claim (the regex is RE2's and Python's alike, matched whole).
+    regex = matchers[0]["value"]["stringMatch"]["safeRegex"]["regex"]
+    assert all(re.fullmatch(regex, c) for c in ("user:read", "admin user:read", "user:read x", "a user:read b"))
+    assert not any(re.fullmatch(regex, c) for c in ("user:readonly", "xuser:read", "user:read\tadmin", "", "user"))
     # The payment RPCs of the order saga are for operators only over the edge: VoidPayment as much as a charge.
     for saga_only in ("ProcessPayment", "RefundPayment", "VoidPayment"):
         route = routes_of(dev_config)[f"tessera.payment.v1.PaymentService.{saga_only}"]
         ids = route["typedPerFilterConfig"]["envoy.filters.http.rbac"]["rbac"]["rules"]["policies"]["scopes"][
             "principals"][0]["orIds"]["ids"]
-        assert [p["sourcedMetadata"]["metadataMatcher"]["value"] for p in ids] == [
-            {"listMatch": {"oneOf": {"stringMatch": {"exact": "admin"}}}}], saga_only
+        assert [p["sourcedMetadata"]["metadataMatcher"]["value"] for p in ids] == [_whole_scope("admin")], saga_only
     jwt = next(f for f in hcm_of(dev_config)["httpFilters"] if f["name"] == "envoy.filters.http.jwt_authn")
     provider = jwt["typedConfig"]["providers"]["tessera"]
-    # The scope claim becomes a list, so "user:readonly" can never match "user:read".
-    assert provider["normalizePayloadInMetadata"] == {"spaceDelimitedClaims": ["scope"]}
+    # The scope claim stays as the token holds it, so the token claims check tells a string from an array.
+    assert "normalizePayloadInMetadata" not in provider
+
+
+def _whole_scope(scope: str) -> dict:
+    return {"stringMatch": {"safeRegex": {"regex": f"(?s)(?:.* )?{re.escape(scope)}(?: .*)?"}}}
 
 
 def test_filter_order_authenticates_before_rate_limiting_and_authorising(dev_config):

@@ -106,17 +106,23 @@ def local_reply(http_status: int, grpc_status: str, message: str | None) -> dict
     return headers
 
 
-@pytest.mark.parametrize(("rbac", "code", "reason"), [
-    ({lua.TOKEN_CLAIMS_PREFIX + "enforced_engine_result": "denied"}, 16, "TOKEN_INVALID"),
-    ({"enforced_engine_result": "denied", lua.TOKEN_CLAIMS_PREFIX + "enforced_engine_result": "allowed"}, 7,
-     "MISSING_SCOPE"),
-], ids=["token claims", "scopes"])
-def test_an_rbac_refusal_is_an_invalid_token_only_from_the_token_claims_check(errors_filter, rbac, code, reason):
+CLAIMS_DENIED = lua.TOKEN_CLAIMS_PREFIX + "enforced_engine_result"
+CLAIMS_POLICY = lua.TOKEN_CLAIMS_PREFIX + "enforced_effective_policy_id"
+
+
+@pytest.mark.parametrize(("rbac", "code", "reason", "why"), [
+    ({CLAIMS_DENIED: "denied", CLAIMS_POLICY: lua.CONTROL_CHARACTERS_POLICY}, 16, "TOKEN_INVALID",
+     "its scope claim holds a control character"),
+    ({CLAIMS_DENIED: "denied", CLAIMS_POLICY: lua.SCOPE_NOT_A_STRING_POLICY}, 16, "TOKEN_INVALID",
+     "its scope claim is not a string"),
+    ({"enforced_engine_result": "denied", CLAIMS_DENIED: "allowed"}, 7, "MISSING_SCOPE", None),
+], ids=["control characters", "scope not a string", "scopes"])
+def test_an_rbac_refusal_is_an_invalid_token_only_from_the_token_claims_check(errors_filter, rbac, code, reason, why):
     headers = errors_filter.on_grpc_response(local_reply(403, "7", "RBAC: access denied"), rbac=rbac)
     details = status_dict(base64.b64decode(headers["grpc-status-details-bin"]))
     assert (headers["grpc-status"], details["details"][0]["reason"]) == (str(code), reason)
     if reason == "TOKEN_INVALID":
-        assert details["message"] == "the bearer token was refused: its scope claim holds a control character"
+        assert details["message"] == f"the bearer token was refused: {why}"
         assert headers["www-authenticate"] == 'Bearer realm="tessera", error="invalid_token"'
 
 

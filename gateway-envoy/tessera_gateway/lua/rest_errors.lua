@@ -15,6 +15,8 @@
 --   MAX_BODY_BYTES      the request body limit
 --   LOCAL_REPLY_HEADER  the header local_reply_config adds to every local reply (value: its HTTP status)
 --   CLAIMS_REFUSED_KEY  the key of the RBAC filters' dynamic metadata that says the token claims check refused
+--   CLAIMS_POLICY_KEY   the key of the RBAC filters' dynamic metadata that names the policy that refused
+--   CLAIMS_REFUSALS     [policy] = the text of the token claims check's refusal
 -- Routes carry metadata under this filter's name: service, route_class, scopes, retry_after, timeout.
 
 local byte, char, sub, find, concat = string.byte, string.char, string.sub, string.find, table.concat
@@ -176,13 +178,12 @@ local function audience_refused(status, text)
 end
 
 -- The token claims check (an RBAC filter after jwt_authn) refuses with 403 a token whose scope claim holds a
--- control character; like any invalid token it is a 401, whose text says why.
-local CLAIMS_REFUSED = "its scope claim holds a control character"
-
+-- control character or is not a string; like any invalid token it is a 401, whose text says why (nil: no refusal).
 local function claims_refused(handle, status)
-  if status ~= 403 then return false end
+  if status ~= 403 then return nil end
   local rbac = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.rbac")
-  return rbac ~= nil and rbac[CLAIMS_REFUSED_KEY] == "denied"
+  if rbac == nil or rbac[CLAIMS_REFUSED_KEY] ~= "denied" then return nil end
+  return CLAIMS_REFUSALS[rbac[CLAIMS_POLICY_KEY]] or "its claims are refused"
 end
 
 local function invalid_token(headers)
@@ -192,8 +193,9 @@ end
 -- A native gRPC call the gateway refused itself: the same code, message and details as over REST.
 local function answer_grpc(handle, headers, status, info, route)
   local text = percent_decode(headers:get("grpc-message") or "")
-  if claims_refused(handle, status) then
-    status, text = 401, CLAIMS_REFUSED
+  local refused_text = claims_refused(handle, status)
+  if refused_text ~= nil then
+    status, text = 401, refused_text
     invalid_token(headers)
   elseif audience_refused(status, text) then
     status = 401
@@ -331,10 +333,11 @@ function envoy_on_response(handle)
     return
   end
   local refused_text = nil
-  if local_status ~= nil and claims_refused(handle, status) then
+  if local_status ~= nil then refused_text = claims_refused(handle, status) end
+  if refused_text ~= nil then
     headers:replace(":status", "401")
     invalid_token(headers)
-    status, refused_text = 401, CLAIMS_REFUSED
+    status = 401
   elseif status == 403 and sub(headers:get("content-type") or "", 1, 10) == "text/plain" then
     local body = handle:body(true)
     if body:length() > 0 and audience_refused(status, body:getBytes(0, body:length())) then
