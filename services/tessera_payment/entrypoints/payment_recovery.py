@@ -27,4 +27,4 @@ class PaymentRecovery(BacklogJob):
         return await handlers.abandoned_payments(self.uow_factory(), after, limit)
 
     async def handle(self, item_id: str) -> bool:
-        return await handlers.recover_abandoned(self.uow_factory(), self.processing, item_id)
+        return await handlers.recover_abandoned_payment(self.uow_factory(), self.processing, item_id)

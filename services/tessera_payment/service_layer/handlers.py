@@ -443,35 +443,50 @@ async def abandoned_payments(uow: UnitOfWork, after: BacklogKey | None, limit: i
 
 
 async def recover_abandoned_payment(uow: UnitOfWork, processing: Processing, payment_id: str) -> bool:
-    """Settles a PENDING payment whose call is gone by asking the processor whether it charged: SUCCEEDED if it
-    did, FAILED (tried again on a repeat) if not. Never charges. True if this call settled it; False if it is no
-    longer abandoned, another call settled it first, or the processor could not say (it is asked again later)."""
+    """Settles one row of the recovery's backlog (abandoned_payments), from the processor's books, never charging or
+    refunding: a PENDING payment whose call is gone becomes SUCCEEDED if the processor charged it, FAILED (tried
+    again on a repeat) if not; a refund claimed by a call that is gone is recorded (REFUNDED) if the processor paid
+    it out, else the claim is released and the payment is SUCCEEDED, refundable again by a repeat. True if this call
+    settled it; False if it is no longer abandoned, another call settled it first, or the processor could not say
+    (it is asked again later)."""
     policy = processing.policy
     async with uow:
         now = utcnow()
         payment = await uow.payments.get(payment_id)
-        if payment is None or payment.status is not PaymentStatus.PENDING or payment.owned_until(now):
+        if payment is None:
             return False
+        charge = payment.status is PaymentStatus.PENDING
         expected = payment.version
-        payment.take_over(policy.lease(now, 0.0), now)
+        if charge and not payment.owned_until(now):
+            payment.take_over(policy.lease(now, 0.0), now)
+        elif not charge and payment.refund_claimed and not payment.refund_owned_until(now):
+            assert payment.refund_key is not None
+            payment.claim_refund(payment.refund_key, payment.refund_reason, policy.lease(now, 0.0), now)
+        else:
+            return False
         if not await uow.payments.save(payment, expected):
             return False
         await uow.commit()
+    what = "charged" if charge else "refunded"
     try:
         async with asyncio.timeout(policy.lookup_timeout_seconds):
-            charged = await processing.processor.find_charge(payment.id)
+            found = await (processing.processor.find_charge(payment.id) if charge
+                           else processing.processor.find_refund(payment.processor_reference))
     except (TimeoutError, ProcessorUnavailable):
-        log.warning("payment processor could not say whether it charged; will ask again",
+        log.warning("payment processor could not say whether it %s; will ask again", what,
                     extra={"payment_id": payment.id})
         return False
     try:
-        if charged is not None:
-            await _settle(uow, payment, charged)
+        if charge:
+            await _settle(uow, payment, found if found is not None else INTERRUPTED_MESSAGE)
+        elif found is not None:
+            await _record_refund(uow, payment, found)
         else:
-            await _settle(uow, payment, INTERRUPTED_MESSAGE)
+            await _release_refund(uow, payment)
     except DomainError:  # a repeat call took the payment over meanwhile; its outcome stands
         return False
-    log.info("abandoned payment settled", extra={"payment_id": payment.id, "status": payment.status.value})
+    log.info("abandoned %s settled", "payment" if charge else "refund",
+             extra={"payment_id": payment.id, "status": payment.status.value})
     return True
 
 
@@ -646,45 +661,3 @@ async def _record_refund(uow: UnitOfWork, payment: Payment, refunded: Refunded) 
             return current
         raise _refund_in_progress(current) from None
     return payment
-
-
-async def recover_abandoned_refund(uow: UnitOfWork, processing: Processing, payment_id: str) -> bool:
-    """Settles a refund claimed by a call that is gone (lease run out) by asking the processor whether it refunded:
-    REFUNDED if it did; if not, the claim is released and the payment is SUCCEEDED, refundable again by a repeat.
-    Never refunds. True if this call settled it; False if it is no longer abandoned, another call settled it first,
-    or the processor could not say (it is asked again later)."""
-    policy = processing.policy
-    async with uow:
-        now = utcnow()
-        payment = await uow.payments.get(payment_id)
-        if payment is None or not payment.refund_claimed or payment.refund_owned_until(now):
-            return False
-        assert payment.refund_key is not None
-        expected = payment.version
-        payment.claim_refund(payment.refund_key, payment.refund_reason, policy.lease(now, 0.0), now)
-        if not await uow.payments.save(payment, expected):
-            return False
-        await uow.commit()
-    try:
-        async with asyncio.timeout(policy.lookup_timeout_seconds):
-            refunded = await processing.processor.find_refund(payment.processor_reference)
-    except (TimeoutError, ProcessorUnavailable):
-        log.warning("payment processor could not say whether it refunded; will ask again",
-                    extra={"payment_id": payment.id})
-        return False
-    try:
-        if refunded is not None:
-            await _record_refund(uow, payment, refunded)
-        else:
-            await _release_refund(uow, payment)
-    except DomainError:  # a repeat call took the claim over meanwhile; its outcome stands
-        return False
-    log.info("abandoned refund settled", extra={"payment_id": payment.id, "status": payment.status.value})
-    return True
-
-
-async def recover_abandoned(uow: UnitOfWork, processing: Processing, payment_id: str) -> bool:
-    """Settles one row of the recovery's backlog (abandoned_payments): a charge or a refund whose call is gone."""
-    if await recover_abandoned_payment(uow, processing, payment_id):
-        return True
-    return await recover_abandoned_refund(uow, processing, payment_id)
