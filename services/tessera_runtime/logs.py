@@ -84,11 +84,16 @@ def _timestamp(created: float) -> str:
     return f"{cached[1]}.{micros // 1000:03d}+00:00"
 
 
-def _trace_ids() -> tuple[str | None, str | None]:
-    ctx = trace.get_current_span().get_span_context()
+def span_ids(span: trace.Span) -> tuple[str | None, str | None]:
+    """The trace and span ids of `span` as log lines write them (None, None for an invalid span)."""
+    ctx = span.get_span_context()
     if not ctx.is_valid:
         return None, None
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+
+def _trace_ids() -> tuple[str | None, str | None]:
+    return span_ids(trace.get_current_span())
 
 
 class JsonFormatter(logging.Formatter):

@@ -79,6 +79,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tessera_runtime import metrics, telemetry
 from tessera_runtime.db import Database, utcnow
+from tessera_runtime.logs import span_ids
 from tessera_runtime.messaging.amqp import AmqpLink
 from tessera_runtime.messaging.envelope import CORRELATION_ID, REQUEST_ID, OutgoingEvent, outgoing_event
 from tessera_runtime.messaging.settings import MessagingSettings, messaging_settings
@@ -823,14 +824,13 @@ class OutboxRelay:
     def _publication(self, event: OutgoingEvent, row: Any, span: Span, lag_seconds: float) -> dict[str, Any]:
         """The fields of an event's publication line. trace_id and span_id are its publish span's, a child of the
         request that wrote the event; correlation_id and request_id are that request's, carried in the headers."""
-        context = span.get_span_context()
+        trace_id, span_id = span_ids(span)
         headers = event.properties.headers
         return {"event_id": event.event_id, "event_type": event.routing_key,
                 "exchange": self.settings.events_exchange, "routing_key": event.routing_key,
                 "aggregate_type": row["aggregate_type"], "aggregate_id": row["aggregate_id"], "outbox_seq": event.seq,
                 "correlation_id": headers.get(CORRELATION_ID), "request_id": headers.get(REQUEST_ID),
-                "trace_id": format(context.trace_id, "032x") if context.is_valid else None,
-                "span_id": format(context.span_id, "016x") if context.is_valid else None,
+                "trace_id": trace_id, "span_id": span_id,
                 "lag_ms": round(lag_seconds * 1000, 2)}
 
     async def _fetch(self, conn: AsyncConnection, after: int | None) -> list[Any]:
