@@ -86,3 +86,9 @@ def payment_refunded(p: Payment) -> events_pb2.PaymentRefunded:
     return events_pb2.PaymentRefunded(
         payment_id=p.id, order_id=p.order_id, customer_id=p.customer_id, amount=money_to_proto(p.amount),
         reason=p.refund_reason, processor_reference=p.processor_reference, occur_time=timestamp(p.update_time))
+
+
+def payment_voided(p: Payment) -> events_pb2.PaymentVoided:
+    return events_pb2.PaymentVoided(
+        payment_id=p.id, order_id=p.order_id, customer_id=p.customer_id, amount=money_to_proto(p.amount),
+        failure_message=p.failure_message, attempts=p.attempts, occur_time=timestamp(p.update_time))

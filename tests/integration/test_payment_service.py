@@ -629,7 +629,40 @@ async def test_a_void_makes_the_key_final_without_a_charge(db_url):
             grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_NOT_VOIDABLE",
             {"payment_id": charged.id, "status": "PAYMENT_STATUS_SUCCEEDED"})
     assert not await sandbox_charges_of(db_url, failed.id) and not await sandbox_charges_of(db_url, blocked.id)
-    assert await event_types(db_url) == ["PaymentFailed", "PaymentSucceeded"], "a void moves no money: no event"
+    assert await event_types(db_url) == ["PaymentFailed", "PaymentVoided", "PaymentVoided", "PaymentSucceeded"], (
+        "each void publishes PaymentVoided once; a repeat publishes nothing")
+
+
+async def voided_events(db_url: str) -> list[events_pb2.PaymentVoided]:
+    rows = await query(db_url, select(outbox.c.aggregate_type, outbox.c.aggregate_id, outbox.c.payload)
+                       .where(outbox.c.event_type == "tessera.payment.v1.PaymentVoided").order_by(outbox.c.seq))
+    events = [events_pb2.PaymentVoided.FromString(r[2]) for r in rows]
+    assert [(r[0], r[1]) for r in rows] == [("payment", e.payment_id) for e in events]
+    return events
+
+
+async def test_a_void_publishes_payment_voided_once_in_the_transaction_that_voids(db_url):
+    async with payment_service(db_url, TESSERA_PAYMENT_PROCESSOR_MAX_ATTEMPTS="1") as (stub, _, _):
+        request = payment_request("pm_sandbox_transient", amount=1999, currency="JPY")
+        await failure(stub.ProcessPayment(request))
+        voided = (await stub.VoidPayment(void_of(request))).payment
+        assert (await stub.VoidPayment(void_of(request))).payment == voided
+        # A key no charge was made with, voided by several calls at once: one VOIDED payment, one event.
+        never = payment_request("pm_sandbox_ok")
+        replies = await asyncio.gather(*(stub.VoidPayment(void_of(never)) for _ in range(6)))
+        (blocked,) = {r.payment.SerializeToString() for r in replies}
+        blocked = payment_pb2.Payment.FromString(blocked)
+        assert (await stub.VoidPayment(void_of(never))).payment == blocked
+    failed_event, never_event = await voided_events(db_url)
+    assert (failed_event.payment_id, failed_event.order_id, failed_event.customer_id) == (
+        voided.id, request.order_id, request.customer_id)
+    assert (failed_event.amount.currency_code, failed_event.amount.amount_minor) == ("JPY", 1999)
+    assert (failed_event.attempts, failed_event.failure_message) == (1, voided.failure_message) and voided.attempts == 1
+    assert failed_event.occur_time == voided.update_time
+    assert (never_event.payment_id, never_event.order_id, never_event.attempts, never_event.failure_message) == (
+        blocked.id, never.order_id, 0, "")
+    assert never_event.occur_time == blocked.update_time
+    assert await event_types(db_url) == ["PaymentFailed", "PaymentVoided", "PaymentVoided"]
 
 
 async def test_charges_and_voids_racing_on_a_failed_payment_never_both_win(db_url):
@@ -650,10 +683,14 @@ async def test_charges_and_voids_racing_on_a_failed_payment_never_both_win(db_ur
             final = await only_payment_of(stub, request.order_id)
             charges = await sandbox_charges_of(db_url, final.id)
             outcomes.append((payment_pb2.PaymentStatus.Name(final.status), len(charges)))
+            published = await event_types(db_url)
             if final.status == VOIDED:
                 assert not charges and "PAYMENT_STATUS_SUCCEEDED" not in answers, answers
             else:
                 assert (final.status, len(charges)) == (SUCCEEDED, 1), answers
                 assert "PAYMENT_STATUS_VOIDED" not in answers, answers
+            # Only the winner's change wrote its event: one PaymentVoided or one PaymentSucceeded per race so far.
+            assert published.count("PaymentVoided") == [o[0] for o in outcomes].count("PAYMENT_STATUS_VOIDED")
+            assert published.count("PaymentSucceeded") == [o[0] for o in outcomes].count("PAYMENT_STATUS_SUCCEEDED")
     print("final status and charges of each race:", outcomes)
 

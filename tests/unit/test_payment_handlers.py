@@ -463,7 +463,9 @@ async def test_a_failed_payment_that_is_voided_is_never_charged_by_a_repeat():
     assert (refused.value.reason, refused.value.metadata) == ("PAYMENT_VOIDED", {"payment_id": failed.id})
     assert len(processor.charge_calls) == 1 and not processor.charges
     assert await handlers.void_payment(void(), uow) == voided, "a repeat returns the VOIDED payment unchanged"
-    assert kinds(uow) == ["PaymentFailed"]
+    assert kinds(uow) == ["PaymentFailed", "PaymentVoided"], "the void's event, once: a repeat writes none"
+    event = uow.published[-1][2]
+    assert (event.payment_id, event.attempts, event.failure_message) == (failed.id, 1, "processor hiccup")
 
 
 async def test_voiding_a_key_no_charge_was_made_with_records_a_voided_payment_that_blocks_it():
@@ -474,7 +476,7 @@ async def test_voiding_a_key_no_charge_was_made_with_records_a_voided_payment_th
     with pytest.raises(FailedPrecondition) as refused:
         await handlers.process_payment(pay(), uow, processing(processor))
     assert (refused.value.reason, refused.value.metadata) == ("PAYMENT_VOIDED", {"payment_id": voided.id})
-    assert not processor.charge_calls and only_payment(uow) == voided and uow.published == []
+    assert not processor.charge_calls and only_payment(uow) == voided and kinds(uow) == ["PaymentVoided"]
     # The key stays bound to the request it was voided with, as a ProcessPayment's is.
     for other in (handlers.process_payment(pay(amount=Money("EUR", 1)), uow, processing(processor)),
                   handlers.void_payment(void(method="other"), uow)):

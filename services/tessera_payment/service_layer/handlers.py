@@ -392,7 +392,8 @@ def _event(p: Payment, timed_out: bool):
 # failed. VoidPayment makes the key's payment final first. It changes only a FAILED payment (or records a VOIDED one
 # where none exists), with a version-fenced save: a charge that takes the payment over first makes it PENDING, and
 # the void answers PAYMENT_IN_PROGRESS until that charge settled; a void that comes first leaves the charge nothing
-# to take over.
+# to take over. The change and its PaymentVoided event are one transaction; a repeated void finds the payment VOIDED
+# already and writes nothing.
 
 async def void_payment(cmd: commands.VoidPayment, uow: UnitOfWork) -> Payment:
     """Makes the payment of the key final without a charge (see above); returns it, VOIDED or DECLINED. Raises
@@ -408,6 +409,7 @@ async def void_payment(cmd: commands.VoidPayment, uow: UnitOfWork) -> Payment:
                 payment = _new_payment(cmd, PaymentStatus.VOIDED, 0, now)
                 try:
                     await uow.payments.add(payment, request_hash)
+                    uow.add_event(AGGREGATE, payment.id, mapping.payment_voided(payment))
                     await uow.commit()
                 except DuplicateIdempotencyKey:
                     continue  # nothing was written; the next pass reads the key's payment
@@ -426,6 +428,7 @@ async def void_payment(cmd: commands.VoidPayment, uow: UnitOfWork) -> Payment:
             payment.void(now)
             if not await uow.payments.save(payment, expected):
                 continue  # a charge took it over first: read what it is now
+            uow.add_event(AGGREGATE, payment.id, mapping.payment_voided(payment))
             await uow.commit()
             log.info("failed payment voided", extra={"payment_id": payment.id})
             return payment
