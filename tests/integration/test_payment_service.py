@@ -694,3 +694,89 @@ async def test_charges_and_voids_racing_on_a_failed_payment_never_both_win(db_ur
             assert published.count("PaymentSucceeded") == [o[0] for o in outcomes].count("PAYMENT_STATUS_SUCCEEDED")
     print("final status and charges of each race:", outcomes)
 
+
+
+async def abandon(db_url: str, payment_id: str, *, lease: dt.timedelta = dt.timedelta(seconds=-1)) -> None:
+    """Leaves the payment as a ProcessPayment that claimed it (PENDING, leased) and then crashed, or lost its
+    database, before the processor answered leaves it: its lease runs out after `lease`."""
+    await execute(db_url, update(payments).where(payments.c.id == payment_id).values(
+        status="PENDING", processor_reference="", lease_expire_time=dt.datetime.now(dt.UTC) + lease,
+        version=payments.c.version + 1))
+
+
+async def test_a_void_settles_an_abandoned_charge_from_the_processors_books(db_url):
+    # Recovery runs at start only here, so that the void is what settles the abandoned charges.
+    env = {"TESSERA_PAYMENT_RECOVERY_SECONDS": "600", "TESSERA_PAYMENT_PROCESSOR_MAX_ATTEMPTS": "1"}
+    async with payment_service(db_url, **env) as (stub, _, _):
+        # 1. The processor never charged it (the transient method's first attempt failed; the call that took it over
+        # for a second attempt died before the processor answered).
+        lost = payment_request("pm_sandbox_transient")
+        await failure(stub.ProcessPayment(lost))
+        failed = await only_payment_of(stub, lost.order_id)
+        # While its lease runs the charging call may still answer: the void waits for it and changes nothing.
+        await abandon(db_url, failed.id, lease=dt.timedelta(minutes=5))
+        status, info = await failure(stub.VoidPayment(void_of(lost)))
+        assert (status, info.reason) == (grpc.StatusCode.ABORTED, "PAYMENT_IN_PROGRESS")
+        assert (await only_payment_of(stub, lost.order_id)).status == PENDING
+        # Once the lease ran out the void asks the processor, which has no charge: VOIDED at once, not left for the
+        # recovery loop.
+        await abandon(db_url, failed.id)
+        voided = (await stub.VoidPayment(void_of(lost))).payment
+        assert (voided.id, voided.status, voided.attempts) == (failed.id, VOIDED, 1)
+        assert "interrupted" in voided.failure_message
+        assert (await stub.VoidPayment(void_of(lost))).payment == voided
+        status, info = await failure(stub.ProcessPayment(lost))
+        assert (status, info.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_VOIDED")
+        assert not await sandbox_charges_of(db_url, failed.id)
+
+        # 2. The processor charged it, but the call died before it recorded SUCCEEDED (and its event).
+        charged_request = payment_request("pm_sandbox_ok")
+        charged = (await stub.ProcessPayment(charged_request)).payment
+        await execute(db_url, outbox.delete().where(outbox.c.aggregate_id == charged.id))
+        await abandon(db_url, charged.id)
+        status, info = await failure(stub.VoidPayment(void_of(charged_request)))
+        assert (status, info.reason, dict(info.metadata)) == (
+            grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_NOT_VOIDABLE",
+            {"payment_id": charged.id, "status": "PAYMENT_STATUS_SUCCEEDED"})
+        settled = (await stub.GetPayment(svc.GetPaymentRequest(id=charged.id))).payment
+        assert (settled.status, settled.processor_reference) == (SUCCEEDED, charged.processor_reference)
+        # So the caller refunds it.
+        refunded = (await stub.RefundPayment(svc.RefundPaymentRequest(payment_id=charged.id,
+                                                                      idempotency_key="refund"))).payment
+        assert refunded.status == REFUNDED
+    assert len(await sandbox_charges_of(db_url, charged.id)) == 1
+    voided_event, = await voided_events(db_url)
+    assert (voided_event.payment_id, voided_event.attempts) == (failed.id, 1)
+    assert await event_types(db_url) == ["PaymentFailed", "PaymentVoided", "PaymentSucceeded", "PaymentRefunded"]
+
+
+async def test_charges_and_voids_racing_on_an_abandoned_charge_never_both_win(db_url):
+    env = {"TESSERA_PAYMENT_RECOVERY_SECONDS": "600", "TESSERA_PAYMENT_PROCESSOR_MAX_ATTEMPTS": "1"}
+    async with payment_service(db_url, **env) as (stub, _, _):
+        outcomes = []
+        for _ in range(4):
+            request = payment_request("pm_sandbox_transient")  # a repeat's attempt 2 is charged
+            await failure(stub.ProcessPayment(request))
+            abandoned = await only_payment_of(stub, request.order_id)
+            await abandon(db_url, abandoned.id)
+
+            async def call(rpc, message) -> str:
+                try:
+                    return payment_pb2.PaymentStatus.Name((await rpc(message)).payment.status)
+                except grpc.aio.AioRpcError as err:
+                    return error_details(err)[0].reason
+
+            answers = await asyncio.gather(*(call(stub.ProcessPayment, request) if i % 2 else
+                                             call(stub.VoidPayment, void_of(request)) for i in range(8)))
+            final = await only_payment_of(stub, request.order_id)
+            charges = await sandbox_charges_of(db_url, final.id)
+            outcomes.append((payment_pb2.PaymentStatus.Name(final.status), len(charges)))
+            if final.status == VOIDED:
+                assert not charges and "PAYMENT_STATUS_SUCCEEDED" not in answers, answers
+            else:
+                assert (final.status, len(charges)) == (SUCCEEDED, 1), answers
+                assert "PAYMENT_STATUS_VOIDED" not in answers, answers
+            published = await event_types(db_url)
+            assert published.count("PaymentVoided") == [o[0] for o in outcomes].count("PAYMENT_STATUS_VOIDED")
+            assert published.count("PaymentSucceeded") == [o[0] for o in outcomes].count("PAYMENT_STATUS_SUCCEEDED")
+    print("final status and charges of each race:", outcomes)

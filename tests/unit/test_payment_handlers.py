@@ -434,6 +434,10 @@ def void(key: str = "key-1", method: str = "card", **kw) -> commands.VoidPayment
                                 payment_method=charge.payment_method, idempotency_key=charge.idempotency_key)
 
 
+def voiding(cmd: commands.VoidPayment, uow: FakePaymentUnitOfWork, processor: PaymentProcessor | None = None):
+    return handlers.void_payment(cmd, uow, processing(processor or ScriptedProcessor()))
+
+
 def test_only_a_failed_payment_can_be_voided_and_a_voided_one_is_never_charged_again():
     uow = FakePaymentUnitOfWork()
     now = dt.datetime.now(dt.UTC)
@@ -454,7 +458,7 @@ async def test_a_failed_payment_that_is_voided_is_never_charged_by_a_repeat():
     with pytest.raises(Unavailable):
         await handlers.process_payment(pay(), uow, processing(processor, max_attempts=1))
     failed = only_payment(uow)
-    voided = await handlers.void_payment(void(), uow)
+    voided = await voiding(void(), uow)
     assert (voided.id, voided.status, voided.attempts, voided.failure_message) == (
         failed.id, PaymentStatus.VOIDED, 1, "processor hiccup")
     assert voided.version == failed.version + 1 and only_payment(uow) == voided
@@ -462,7 +466,7 @@ async def test_a_failed_payment_that_is_voided_is_never_charged_by_a_repeat():
         await handlers.process_payment(pay(), uow, processing(processor))
     assert (refused.value.reason, refused.value.metadata) == ("PAYMENT_VOIDED", {"payment_id": failed.id})
     assert len(processor.charge_calls) == 1 and not processor.charges
-    assert await handlers.void_payment(void(), uow) == voided, "a repeat returns the VOIDED payment unchanged"
+    assert await voiding(void(), uow) == voided, "a repeat returns the VOIDED payment unchanged"
     assert kinds(uow) == ["PaymentFailed", "PaymentVoided"], "the void's event, once: a repeat writes none"
     event = uow.published[-1][2]
     assert (event.payment_id, event.attempts, event.failure_message) == (failed.id, 1, "processor hiccup")
@@ -470,7 +474,7 @@ async def test_a_failed_payment_that_is_voided_is_never_charged_by_a_repeat():
 
 async def test_voiding_a_key_no_charge_was_made_with_records_a_voided_payment_that_blocks_it():
     uow, processor = FakePaymentUnitOfWork(), ScriptedProcessor("ok")
-    voided = await handlers.void_payment(void(), uow)
+    voided = await voiding(void(), uow)
     assert (voided.status, voided.attempts, voided.idempotency_key, voided.amount) == (
         PaymentStatus.VOIDED, 0, "key-1", Money("EUR", 4200))
     with pytest.raises(FailedPrecondition) as refused:
@@ -479,7 +483,7 @@ async def test_voiding_a_key_no_charge_was_made_with_records_a_voided_payment_th
     assert not processor.charge_calls and only_payment(uow) == voided and kinds(uow) == ["PaymentVoided"]
     # The key stays bound to the request it was voided with, as a ProcessPayment's is.
     for other in (handlers.process_payment(pay(amount=Money("EUR", 1)), uow, processing(processor)),
-                  handlers.void_payment(void(method="other"), uow)):
+                  voiding(void(method="other"), uow)):
         with pytest.raises(AlreadyExists) as reused:
             await other
         assert (reused.value.reason, reused.value.metadata) == ("IDEMPOTENCY_KEY_REUSED", {"payment_id": voided.id})
@@ -491,19 +495,19 @@ async def test_a_payment_being_charged_is_not_voided_and_one_that_took_money_is_
     charging = asyncio.create_task(handlers.process_payment(pay(), uow, work))
     await asyncio.wait_for(processor.called.wait(), 10)
     with pytest.raises(Aborted) as busy:
-        await handlers.void_payment(void(), uow)
+        await voiding(void(), uow)
     p = only_payment(uow)
     assert (busy.value.reason, busy.value.metadata) == ("PAYMENT_IN_PROGRESS", {"payment_id": p.id})
     assert p.status is PaymentStatus.PENDING
     processor.release.set()
     assert (await charging).status is PaymentStatus.SUCCEEDED
     with pytest.raises(FailedPrecondition) as took_money:
-        await handlers.void_payment(void(), uow)
+        await voiding(void(), uow)
     assert (took_money.value.reason, took_money.value.metadata) == (
         "PAYMENT_NOT_VOIDABLE", {"payment_id": p.id, "status": "PAYMENT_STATUS_SUCCEEDED"})
     await handlers.refund_payment(commands.RefundPayment(p.id, "r"), uow, work)
     with pytest.raises(FailedPrecondition) as refunded:
-        await handlers.void_payment(void(), uow)
+        await voiding(void(), uow)
     assert refunded.value.metadata == {"payment_id": p.id, "status": "PAYMENT_STATUS_REFUNDED"}
     assert only_payment(uow).status is PaymentStatus.REFUNDED
 
@@ -513,7 +517,7 @@ async def test_a_declined_payment_is_returned_unchanged_by_a_void():
     with pytest.raises(FailedPrecondition):
         await handlers.process_payment(pay(), uow, processing(processor))
     declined = only_payment(uow)
-    assert await handlers.void_payment(void(), uow) == declined
+    assert await voiding(void(), uow) == declined
 
 
 async def test_a_repeat_charge_that_takes_a_failed_payment_over_first_wins_over_the_void():
@@ -533,7 +537,7 @@ async def test_a_repeat_charge_that_takes_a_failed_payment_over_first_wins_over_
 
     uow.payments.save = charge_comes_first
     with pytest.raises(Aborted) as busy:
-        await handlers.void_payment(void(), uow)
+        await voiding(void(), uow)
     assert busy.value.reason == "PAYMENT_IN_PROGRESS"
     assert only_payment(uow).status is PaymentStatus.PENDING, "the charge's claim stands"
 
@@ -541,10 +545,45 @@ async def test_a_repeat_charge_that_takes_a_failed_payment_over_first_wins_over_
 async def test_an_invalid_void_is_refused_naming_the_fields_and_a_customer_voids_only_their_own():
     uow = FakePaymentUnitOfWork()
     with pytest.raises(InvalidArgument) as bad:
-        await handlers.void_payment(void(key=" ", method="", order_id="x", amount=None), uow)
+        await voiding(void(key=" ", method="", order_id="x", amount=None), uow)
     assert fields(bad.value) == ["order_id", "amount", "payment_method", "idempotency_key"]
     with as_principal(str(uuid.uuid4()), "order:write"), pytest.raises(PermissionDenied):
-        await handlers.void_payment(void(), uow)
+        await voiding(void(), uow)
     assert not uow.payments.payments
     with as_principal(CUSTOMER, "order:write"):
-        assert (await handlers.void_payment(void(), uow)).status is PaymentStatus.VOIDED
+        assert (await voiding(void(), uow)).status is PaymentStatus.VOIDED
+
+
+class UnsurePayments(ScriptedProcessor):
+    """A processor whose first `unsure` look-ups of a charge cannot answer."""
+
+    def __init__(self, *steps: str, unsure: int = 1) -> None:
+        super().__init__(*steps)
+        self.unsure = unsure
+
+    async def find_charge(self, charge_key: str) -> Charged | None:
+        if self.unsure:
+            self.unsure -= 1
+            raise ProcessorUnavailable("processor hiccup")
+        return await super().find_charge(charge_key)
+
+
+async def test_a_void_leaves_an_abandoned_charge_pending_while_the_processor_cannot_say_whether_it_charged():
+    processor = UnsurePayments("unavailable")
+    uow = FakePaymentUnitOfWork()
+    with pytest.raises(Unavailable):
+        await handlers.process_payment(pay(), uow, processing(processor, max_attempts=1))
+    stored = uow.payments.payments[only_payment(uow).id]
+    stored.status, stored.lease_expire_time = PaymentStatus.PENDING, dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    with pytest.raises(Aborted) as unsure:
+        await voiding(void(), uow, processor)
+    assert unsure.value.reason == "PAYMENT_IN_PROGRESS"
+    held = only_payment(uow)
+    assert held.status is PaymentStatus.PENDING and held.owned_until(dt.datetime.now(dt.UTC)), "held by the void"
+    assert kinds(uow) == ["PaymentFailed"], "nothing recorded while the outcome is unknown"
+    with pytest.raises(Aborted):  # a repeat while the void's lease runs waits, as for any call holding it
+        await voiding(void(), uow, processor)
+    uow.payments.payments[held.id].lease_expire_time = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    voided = await voiding(void(), uow, processor)
+    assert (voided.status, voided.attempts, voided.lease_expire_time) == (PaymentStatus.VOIDED, 1, None)
+    assert kinds(uow) == ["PaymentFailed", "PaymentVoided"] and not processor.charges

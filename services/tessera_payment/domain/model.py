@@ -115,6 +115,14 @@ class Payment:
         self.status = PaymentStatus.VOIDED
         self._settle(now)
 
+    def void_interrupted(self, message: str, now: dt.datetime) -> None:
+        """A PENDING payment whose charging call is gone, and that the processor never charged, becomes final
+        without a charge (instead of FAILED, which ProcessPayment would try again)."""
+        self._require(PaymentStatus.PENDING)
+        self.status = PaymentStatus.VOIDED
+        self.failure_message = message[:MAX_FAILURE_MESSAGE]
+        self._settle(now)
+
     def note_failure(self, message: str) -> None:
         """Keeps the message of a failed attempt that a later attempt may still overcome."""
         self.failure_message = message[:MAX_FAILURE_MESSAGE]

@@ -31,7 +31,7 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
             amount=mapping.money_from_proto(request.amount) if request.HasField("amount") else None,
             payment_method=request.payment_method, idempotency_key=request.idempotency_key,
         )
-        payment = await handlers.void_payment(cmd, self.uow())
+        payment = await handlers.void_payment(cmd, self.uow(), self.processing)
         return svc.VoidPaymentResponse(payment=mapping.payment_to_proto(payment))
 
     async def GetPayment(self, request: svc.GetPaymentRequest, context) -> svc.GetPaymentResponse:

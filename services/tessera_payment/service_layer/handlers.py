@@ -394,13 +394,24 @@ def _event(p: Payment, timed_out: bool):
 # the void answers PAYMENT_IN_PROGRESS until that charge settled; a void that comes first leaves the charge nothing
 # to take over. The change and its PaymentVoided event are one transaction; a repeated void finds the payment VOIDED
 # already and writes nothing.
+#
+# A PENDING payment whose lease ran out was abandoned by the call that was charging it (it crashed, or lost its
+# database, before the processor answered). The void settles it as the recovery loop would, instead of answering
+# PAYMENT_IN_PROGRESS until the loop comes round: it takes the payment over (a version-fenced save with a lease of
+# its own, so that a repeat of ProcessPayment, the recovery or another void now waits for it), asks the processor
+# whether it charged, and records the answer: VOIDED when the processor has no charge (no call can make one any
+# more: the charging call's lease covered its processor call, and a repeat would find the payment VOIDED), SUCCEEDED
+# (PaymentSucceeded, then PAYMENT_NOT_VOIDABLE, so that the caller refunds it) when it has. When the processor cannot
+# say, the payment stays PENDING under the void's lease and the void answers PAYMENT_IN_PROGRESS, to be repeated.
 
-async def void_payment(cmd: commands.VoidPayment, uow: UnitOfWork) -> Payment:
+async def void_payment(cmd: commands.VoidPayment, uow: UnitOfWork, processing: Processing) -> Payment:
     """Makes the payment of the key final without a charge (see above); returns it, VOIDED or DECLINED. Raises
-    PAYMENT_IN_PROGRESS while it is PENDING and PAYMENT_NOT_VOIDABLE once it took money."""
+    PAYMENT_IN_PROGRESS while it is being charged and PAYMENT_NOT_VOIDABLE once it took money."""
     request_hash = _checked_request(cmd)
+    policy = processing.policy
     payment: Payment | None = None
     for attempt in range(3):  # the last pass only after losing a race on the same payment
+        abandoned = False
         # The first pass only inserts, as ProcessPayment's does: the unique key refuses it when a payment exists.
         async with uow.inserting() if attempt == 0 else uow:
             now = utcnow()
@@ -421,19 +432,67 @@ async def void_payment(cmd: commands.VoidPayment, uow: UnitOfWork) -> Payment:
             if payment.status in model.UNCHARGED_FINAL:
                 return payment
             if payment.status is PaymentStatus.PENDING:
-                raise _in_progress(payment)
-            if payment.status is not PaymentStatus.FAILED:
+                if payment.owned_until(now):
+                    raise _in_progress(payment)
+                expected = payment.version
+                payment.take_over(policy.lease(now, 0.0), now)  # abandoned: this call settles it (see above)
+                if not await uow.payments.save(payment, expected):
+                    continue  # a repeat, the recovery or another void took it over first: read what it is now
+                await uow.commit()
+                abandoned = True
+            elif payment.status is not PaymentStatus.FAILED:
                 raise _not_voidable(payment)
-            expected = payment.version
-            payment.void(now)
-            if not await uow.payments.save(payment, expected):
-                continue  # a charge took it over first: read what it is now
-            uow.add_event(AGGREGATE, payment.id, mapping.payment_voided(payment))
-            await uow.commit()
-            log.info("failed payment voided", extra={"payment_id": payment.id})
-            return payment
+            else:
+                expected = payment.version
+                payment.void(now)
+                if not await uow.payments.save(payment, expected):
+                    continue  # a charge took it over first: read what it is now
+                uow.add_event(AGGREGATE, payment.id, mapping.payment_voided(payment))
+                await uow.commit()
+                log.info("failed payment voided", extra={"payment_id": payment.id})
+                return payment
+        if abandoned:
+            settled = await processing.inflight.run(_void_abandoned(payment, uow, processing))
+            if settled is not None:
+                return settled
     assert payment is not None
     raise _in_progress(payment)
+
+
+async def _void_abandoned(payment: Payment, uow: UnitOfWork, processing: Processing) -> Payment | None:
+    """Settles an abandoned PENDING payment this void took over, from the processor's books: VOIDED (returned) if
+    it has no charge, SUCCEEDED (PAYMENT_NOT_VOIDABLE raised) if it has. None when another call took the payment over
+    meanwhile (this void's lease ran out first), so that the void reads it again."""
+    try:
+        async with asyncio.timeout(processing.policy.lookup_timeout_seconds):
+            charged = await processing.processor.find_charge(payment.id)
+    except (TimeoutError, ProcessorUnavailable):
+        # Unknown: the payment stays PENDING under this call's lease, which runs out; a repeat of the void (or the
+        # recovery loop) asks again. Voiding now could hide a charge.
+        log.warning("payment processor could not say whether it charged; not voided yet",
+                    extra={"payment_id": payment.id})
+        raise _in_progress(payment) from None
+    expected = payment.version
+    now = utcnow()
+    if charged is not None:
+        payment.succeed(charged.reference, now)
+        event = mapping.payment_succeeded(payment)
+    else:
+        payment.void_interrupted(INTERRUPTED_MESSAGE, now)
+        event = mapping.payment_voided(payment)
+    try:
+        async with uow.one_statement():  # on PostgreSQL the save and its event are one statement
+            if not await uow.payments.save(payment, expected):
+                raise StalePayment(payment.id)
+            uow.add_event(AGGREGATE, payment.id, event)
+            await uow.commit()
+    except StalePayment:
+        return None
+    if charged is not None:
+        log.info("abandoned payment found charged; not voided", extra={"payment_id": payment.id})
+        raise _not_voidable(payment)
+    log.info("abandoned payment voided", extra={"payment_id": payment.id})
+    return payment
 
 
 # Recovery ------------------------------------------------------------------------------------------------------
