@@ -765,6 +765,34 @@ async def test_cancel_of_an_order_a_gone_runner_holds_past_the_deadline_answers_
     assert (await neighbours.stock(product)).stock_on_hand == 5
 
 
+async def test_cancel_of_an_order_another_runner_is_cancelling_past_the_deadline_answers_busy_and_a_repeat_cancels(
+        order_service, neighbours, db_url):
+    # Another process began cancelling a CONFIRMED order (it committed COMPENSATING with its reason) and still holds
+    # the saga's lease at the call's deadline: it is compensating, or it stopped before its lease ran out. No
+    # dependency failed and the call changed nothing: it answers that another process runs the order's saga, as for
+    # a CONFIRMED order, not that the inventory (the service of the step the order was at) could not be reached.
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    order = await create(order_service, request(customer, (product, 2)))
+    await hold_lease(db_url, order.id, "another-process:1:cancelling", 4.0)
+    await execute(db_url, update(orders).where(orders.c.id == order.id).values(
+        status="COMPENSATING", cancel_reason="First click", version=orders.c.version + 1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await order_service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id, reason="Second click"), timeout=1.5)
+    info, _ = error_details(caught.value)
+    assert (caught.value.code(), info.reason, info.domain, dict(info.metadata)) == (
+        grpc.StatusCode.ABORTED, "ORDER_BUSY", "order.tessera.dev", {"order_id": order.id})
+    got = await get(order_service, order.id)
+    assert (got.status, got.cancel_reason) == (order_pb2.ORDER_STATUS_COMPENSATING, "First click")
+    assert set(saga(got).values()) == {"SUCCEEDED"} and (await neighbours.stock(product)).stock_on_hand == 3
+    await asyncio.sleep(3.0)
+    # Once the lease ran out, a repeat continues the cancellation begun, with its reason.
+    cancelled = (await order_service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id, reason="Second click"),
+                                                      timeout=20)).order
+    assert (cancelled.status, cancelled.cancel_reason) == (order_pb2.ORDER_STATUS_CANCELLED, "First click")
+    assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_REFUNDED]
+    assert (await neighbours.stock(product)).stock_on_hand == 5
+
+
 async def test_the_same_cancel_sent_to_two_replicas_at_once_answers_the_cancelled_order_from_both(neighbours, db_url):
     # A customer's double click that the load balancer spreads over two replicas: one takes the lease and cancels,
     # the other must follow that cancellation, not answer that a dependency failed.

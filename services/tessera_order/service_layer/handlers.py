@@ -368,9 +368,10 @@ async def cancel_order(cmd: commands.CancelOrder, uow: UowFactory, sagas: SagaCo
     assert current is not None
     if current.status is OrderStatus.CANCELLED:
         return current
-    if current.status is OrderStatus.CONFIRMED:
-        # Another process held the lease throughout and began no cancellation (it died, and its lease outlasted
-        # the call's deadline): no dependency failed and nothing changed.
+    if current.status is OrderStatus.CONFIRMED or (execution is None and current.status is OrderStatus.COMPENSATING):
+        # Another process held the lease throughout the call: it began no cancellation (it died, and its lease
+        # outlasted the call's deadline), or it is cancelling the order (or stopped doing so before its lease ran
+        # out). No dependency failed that this call knows of, and the call changed nothing.
         raise Aborted("another process is running this order's saga; retry", reason="ORDER_BUSY", domain=DOMAIN,
                       metadata={"order_id": current.id})
     if current.status is OrderStatus.COMPENSATION_FAILED:
