@@ -8,8 +8,9 @@ import threading
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target. `cut()` drops every connection and refuses new ones until
-    `restore()`; `freeze()` silences the connections open now without closing them. Runs on its own thread and
-    event loop, so it works with any test and any process."""
+    `restore()`; `freeze()` silences the connections open now without closing them; `hold()` keeps back what the
+    target sends on the connections open now until `release()`. Runs on its own thread and event loop, so it works
+    with any test and any process."""
 
     def __init__(self, target_host: str, target_port: int, delay: float = 0.0) -> None:
         self.target = (target_host, target_port)
@@ -20,6 +21,8 @@ class TcpProxy:
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._frozen: set[asyncio.StreamWriter] = set()
+        self._clients: set[asyncio.StreamWriter] = set()
+        self._held: dict[asyncio.StreamWriter, list[bytes]] = {}
 
     def start(self) -> TcpProxy:
         self._thread.start()
@@ -40,12 +43,16 @@ class TcpProxy:
             writer.close()
             return
         self._writers |= {writer, up_writer}
+        self._clients.add(writer)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
                     if dst in self._frozen:
                         continue  # swallowed: the peer stays connected and never hears a thing
+                    if dst in self._held:
+                        self._held[dst].append(data)  # forwarded, in order, on release()
+                        continue
                     if self.delay:
                         await asyncio.sleep(self.delay)
                     dst.write(data)
@@ -58,6 +65,8 @@ class TcpProxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers -= {writer, up_writer}
         self._frozen -= {writer, up_writer}
+        self._clients.discard(writer)
+        self._held.pop(writer, None)
 
     async def _cut(self) -> None:
         if self._server is not None:
@@ -81,6 +90,28 @@ class TcpProxy:
         that is connected and never answers (a frozen server, a path that drops packets). New connections are
         forwarded as usual."""
         self._call(self._freeze())
+
+    async def _hold(self) -> frozenset[asyncio.StreamWriter]:
+        held = frozenset(self._clients - self._held.keys())
+        for writer in held:
+            self._held[writer] = []
+        return held
+
+    def hold(self) -> frozenset[asyncio.StreamWriter]:
+        """What the target sends on the connections open now (and not held already) is kept back, in order, until
+        `release()` of what this returns: the client hears nothing more from the target (no reply, no confirm)
+        while what it sends still reaches the target. New connections are forwarded as usual."""
+        return self._call(self._hold())
+
+    async def _release(self, held: frozenset[asyncio.StreamWriter]) -> None:
+        for writer in held:
+            kept = self._held.pop(writer, None)
+            if kept and not writer.is_closing():
+                writer.write(b"".join(kept))
+
+    def release(self, held: frozenset[asyncio.StreamWriter]) -> None:
+        """Forwards what was kept back on the connections of a `hold()`, and all they receive from then on."""
+        self._call(self._release(held))
 
     async def _shutdown(self) -> None:
         await self._cut()

@@ -55,7 +55,7 @@ def connected() -> Iterator[tuple[ConfirmingPublisher, FakeChannel]]:
 
 
 def confirm(publisher: ConfirmingPublisher, method) -> None:
-    publisher._on_confirm(SimpleNamespace(method=method))
+    publisher._on_confirm(publisher._channel, SimpleNamespace(method=method))
 
 
 def test_after_a_nack_no_later_batch_of_the_stream_goes_out_and_a_new_pass_publishes_again(connected):

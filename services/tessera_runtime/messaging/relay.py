@@ -246,7 +246,8 @@ class ConfirmingPublisher(AmqpLink):
 
         def confirm_mode() -> None:
             self._next_tag = 0  # delivery tags restart at 1 on every channel
-            channel.confirm_delivery(self._on_confirm, callback=lambda _frame: done())
+            # Bound to this channel: a confirm is about a delivery tag of the channel it arrived on (see _on_confirm).
+            channel.confirm_delivery(functools.partial(self._on_confirm, channel), callback=lambda _frame: done())
 
         def publishing() -> None:
             declare_async(channel, exchange_declarations(self.exchange), confirm_mode)
@@ -300,13 +301,22 @@ class ConfirmingPublisher(AmqpLink):
                 self._pending[self._next_tag] = (batch, index)
                 self._by_message_id[event.event_id] = (batch, index)
 
-    def _on_return(self, _channel: Channel, method: Basic.Return, properties: Any, _body: bytes) -> None:
+    def _on_return(self, channel: Channel, method: Basic.Return, properties: Any, _body: bytes) -> None:
+        if channel is not self._channel:
+            return  # a return from a channel given up (see _on_confirm)
         entry = self._by_message_id.get(properties.message_id)
         if entry is not None:
             batch, index = entry
             batch.returned[index] = True
 
-    def _on_confirm(self, frame: Any) -> None:
+    def _on_confirm(self, channel: Channel, frame: Any) -> None:
+        """A Basic.Ack or Basic.Nack of `channel`. Delivery tags restart at 1 on every channel, and what is pending
+        is the current channel's: a confirm from a channel the link gave up is dropped. pika still hands such a
+        confirm over while that channel closes (its callbacks stay until the broker's CloseOk), and when the link
+        abandons a connection it publishes on the next one without waiting for that: the old channel's tag 3 is
+        not the broker's word about the new channel's tag 3."""
+        if channel is not self._channel:
+            return
         method = frame.method
         status_if_ack = isinstance(method, Basic.Ack)
         tags = [method.delivery_tag]
