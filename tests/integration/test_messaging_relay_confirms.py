@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import dataclasses
 import uuid
+from collections.abc import AsyncIterator
 
 import pika
 import pytest
+from sqlalchemy import select
+from tessera.user.v1 import user_events_pb2
 
+from tessera_runtime.db import Database
 from tessera_runtime.messaging.envelope import OutgoingEvent
-from tessera_runtime.messaging.relay import ACK, ConfirmingPublisher
+from tessera_runtime.messaging.relay import ACK, ConfirmingPublisher, OutboxRelay
+from tessera_runtime.outbox import PendingEvent
+from tests.integration.test_messaging_relay import FAST, outbox_on, stop_within, write
 from tests.support import rabbitmq
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -83,3 +91,167 @@ async def test_a_late_confirm_from_the_closing_channel_never_confirms_a_publish_
         await asyncio.to_thread(publisher.stop)
         proxy.close()
     assert [props.message_id for _, props, _ in tap.messages] == ["a1", "a2", "a3", "b1", "b2", "b3"]
+
+
+# The private node's queue for UserCreated: the relay declares it, bound, on every connection before it publishes, so
+# an event is never unroutable here, whatever the broker went through.
+QUEUE = "notification.email"
+WINDOW = dataclasses.replace(FAST, outbox_batch_size=100, outbox_confirm_timeout_seconds=5.0)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    broker = rabbitmq.PrivateNode(tmp_path_factory.mktemp("rabbitmq")).start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+async def outbox(tmp_path):
+    async with outbox_on(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}") as made:
+        yield made
+
+
+def created(i: int) -> PendingEvent:
+    event = user_events_pb2.UserCreated()
+    event.user.id, event.user.email = f"u{i}", f"u{i}@example.com"
+    return PendingEvent("user", f"u{i}", event)
+
+
+async def marked_ids(db: Database, table) -> set[str]:
+    async with db.engine.connect() as conn:
+        return set((await conn.execute(select(table.c.event_id).where(table.c.published_at.is_not(None))))
+                   .scalars())
+
+
+async def all_ids(db: Database, table) -> set[str]:
+    async with db.engine.connect() as conn:
+        return set((await conn.execute(select(table.c.event_id))).scalars())
+
+
+def queued_ids(url: str) -> list[str]:
+    """The message ids in the consumer queue, taken out of it."""
+    ids = []
+    with rabbitmq.blocking_connection(url) as connection:
+        channel = connection.channel()
+        while True:
+            method, props, _ = channel.basic_get(QUEUE, auto_ack=True)
+            if method is None:
+                return ids
+            ids.append(props.message_id)
+
+
+@dataclasses.dataclass
+class Held:
+    relay: OutboxRelay
+    proxy: TcpProxy
+    replies: frozenset
+    url: str
+
+
+@contextlib.asynccontextmanager
+async def window_awaiting_confirms(node: rabbitmq.PrivateNode, db: Database, table, name: str) -> AsyncIterator[Held]:
+    """A relay on the private node, through a proxy: 300 events published and marked; then what the broker sends
+    the relay is held back and 700 more events are written, so that the relay's window (four batches of 100) is on
+    the broker, confirmed there, and waits for those confirms. The test then breaks something and releases them."""
+    vhost = node.create_vhost()
+    proxy = TcpProxy(rabbitmq.HOST, node.port).start()
+    # heartbeat=600: the held frames include the broker's heartbeats.
+    relay = OutboxRelay(db, table, service=f"{name}-{uuid.uuid4().hex[:6]}",
+                        amqp_url=f"{rabbitmq.amqp_url(vhost, port=proxy.port)}?heartbeat=600", settings=WINDOW)
+    await relay.start()
+    try:
+        await write(db, table, [created(i) for i in range(300)])
+        await eventually(lambda: relay.status()["published_total"] == 300, "the first 300 events to be marked")
+        replies = proxy.hold()
+        await write(db, table, [created(i) for i in range(300, 1000)])
+        await eventually(lambda: relay.status()["in_flight"] == 400, "four batches waiting for their confirms")
+        assert len(await marked_ids(db, table)) == 300
+        yield Held(relay, proxy, replies, node.url(vhost))
+    finally:
+        await stop_within(relay)
+        proxy.close()
+
+
+async def each_event_queued_and_marked(held: Held, db: Database, table) -> list[str]:
+    """Waits until the relay marked every row; checks that every event is in the queue (once or more) and returns
+    the queued ids."""
+    await eventually(lambda: held.relay.status()["published_total"] >= 1000, "every event to be marked",
+                     timeout=120)
+    everything = await all_ids(db, table)
+    assert await marked_ids(db, table) == everything
+    queued = await asyncio.to_thread(queued_ids, held.url)
+    assert set(queued) == everything, f"{len(everything - set(queued))} events marked published are not queued"
+    return queued
+
+
+async def test_a_connection_the_broker_closes_with_batches_in_flight_loses_no_event(node, outbox):
+    db, table = outbox
+    async with window_awaiting_confirms(node, db, table, "forced") as held:
+        generation = held.relay.publisher.generation
+        pids = node.connection_pids(held.relay.publisher.name)
+        assert len(pids) == 1
+        node.ctl("close_connection", pids[0], "closed by the test")  # CONNECTION_FORCED, behind the held confirms
+        held.proxy.release(held.replies)
+        await each_event_queued_and_marked(held, db, table)
+        assert held.relay.publisher.generation > generation  # a new connection
+
+
+async def test_a_channel_the_broker_closes_with_an_error_with_batches_in_flight_loses_no_event(node, outbox):
+    db, table = outbox
+    async with window_awaiting_confirms(node, db, table, "deleted") as held:
+        generation = held.relay.publisher.generation
+        with rabbitmq.blocking_connection(held.url) as connection:
+            # The next publish on the relay's channel gets 404 NOT_FOUND: the broker closes the channel.
+            connection.channel().exchange_delete(WINDOW.events_exchange)
+        held.proxy.release(held.replies)  # the window's confirms arrive; the relay publishes its next batch
+        await each_event_queued_and_marked(held, db, table)
+        assert held.relay.publisher.generation > generation  # a new channel, with the exchange declared again
+
+
+async def test_a_broker_that_crashes_with_batches_in_flight_keeps_every_event_it_confirmed(node, outbox):
+    db, table = outbox
+    async with window_awaiting_confirms(node, db, table, "crash") as held:
+        node.kill()  # the held confirms die with it
+        before_crash = await marked_ids(db, table)
+        assert len(before_crash) == 300
+        await asyncio.to_thread(node.start)
+        await each_event_queued_and_marked(held, db, table)
+
+
+async def test_a_broker_restart_while_a_flowing_stream_is_confirmed_loses_no_confirmed_event(node, outbox):
+    db, table = outbox
+    vhost = node.create_vhost()
+    url = node.url(vhost)
+    relay = OutboxRelay(db, table, service=f"restart-{uuid.uuid4().hex[:6]}", amqp_url=url, settings=WINDOW)
+    await write(db, table, [created(i) for i in range(10_000)])
+    await relay.start()
+    try:
+        await eventually(lambda: relay.status()["published_total"] >= 2000 and relay.status()["in_flight"] > 0,
+                         "2000 events to be marked, and more in flight")
+        node.kill()
+        await asyncio.sleep(0.5)  # whatever confirms reached the relay before the crash are marked now
+        confirmed = await marked_ids(db, table)
+        await asyncio.to_thread(node.start)
+        await eventually(lambda: relay.status()["published_total"] >= 10_000, "every event to be marked",
+                         timeout=120)
+    finally:
+        await stop_within(relay)
+    queued = set(await asyncio.to_thread(queued_ids, url))
+    assert 2000 <= len(confirmed) < 10_000
+    assert confirmed <= queued, f"{len(confirmed - queued)} events marked published were lost by the crash"
+    assert queued == await all_ids(db, table) == await marked_ids(db, table)
+
+
+async def test_a_connection_blocked_by_a_broker_alarm_marks_nothing_until_the_broker_confirms(node, outbox):
+    db, table = outbox
+    async with window_awaiting_confirms(node, db, table, "blocked") as held:
+        node.ctl("set_vm_memory_high_watermark", "0")  # a memory alarm: the broker blocks publishing connections
+        try:
+            held.proxy.release(held.replies)  # the window's confirms; the relay publishes the rest into the block
+            await eventually(lambda: held.relay.status()["published_total"] == 700, "the window to be marked")
+            await asyncio.sleep(WINDOW.outbox_confirm_timeout_seconds + 3)  # confirms overdue: given up, again
+            assert len(await marked_ids(db, table)) == 700
+        finally:
+            node.ctl("set_vm_memory_high_watermark", "0.4")
+        await each_event_queued_and_marked(held, db, table)

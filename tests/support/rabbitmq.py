@@ -1,4 +1,5 @@
-"""This machine's RabbitMQ for tests: a private vhost per test module, and a tap that records what is published.
+"""This machine's RabbitMQ for tests: a private vhost per test module, and a tap that records what is published;
+and a private node of a test's own, for fault tests that stop, kill or block the broker.
 
 A vhost is created with rabbitmqctl (and deleted with everything in it afterwards), so exchanges, queues and
 messages of one test never meet another's, nor `make run`'s.
@@ -7,11 +8,16 @@ messages of one test never meet another's, nor `make run`'s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import socket
 import subprocess
 import time
 import urllib.parse
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -103,3 +109,109 @@ async def wait_for_consumer(url: str, queue: str, timeout: float = 30.0) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"no consumer on {queue} after {timeout}s")
         await asyncio.sleep(0.1)
+
+
+_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+_CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class PrivateNode:
+    """A RabbitMQ node of the test's own, on a free port, with its data in `directory`: a fault test may stop it,
+    kill it or raise an alarm on it, never touching the machine's broker on 5672. Every rabbitmqctl call names
+    this node. `start()` again after `stop()` or `kill()` brings the same node back with its durable queues."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.name = f"tessera-{uuid.uuid4().hex[:8]}@localhost"
+        self.port = _free_port()
+        self._dist_port = _free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+        (directory / "home").mkdir(parents=True, exist_ok=True)
+        (directory / "enabled_plugins").write_text("[].\n")
+        (directory / "rabbitmq.conf").write_text(f"listeners.tcp.local = {HOST}:{self.port}\n")
+        self._env = {
+            **os.environ, "HOME": str(directory / "home"),  # its own Erlang cookie, for its own rabbitmqctl
+            "RABBITMQ_NODENAME": self.name, "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self._dist_port), "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(directory / "log"), "RABBITMQ_PID_FILE": str(directory / "pid"),
+            "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
+        }
+
+    def ctl(self, *args: str) -> str:
+        done = subprocess.run([_CTL, "-q", "-n", self.name, *args], check=True, capture_output=True, timeout=60,
+                              env=self._env)
+        return done.stdout.decode()
+
+    def url(self, vhost: str = "/") -> str:
+        return amqp_url(vhost, port=self.port)
+
+    def start(self, timeout: float = 90.0) -> PrivateNode:
+        with open(self.directory / "server.log", "ab") as log:
+            self._process = subprocess.Popen([_SERVER], env=self._env, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.ctl("await_startup")
+                return self
+            except subprocess.CalledProcessError:
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"the private RabbitMQ node did not start; see {self.directory / 'server.log'}") from None
+                time.sleep(0.5)
+
+    def create_vhost(self) -> str:
+        name = f"tessera-test-{uuid.uuid4().hex[:10]}"
+        self.ctl("add_vhost", name)
+        self.ctl("set_permissions", "-p", name, USER, ".*", ".*", ".*")
+        return name
+
+    def stop(self) -> None:
+        """Stops the node gracefully (a broker restart)."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                self.ctl("stop")
+        self._wait_or_kill()
+
+    def kill(self) -> None:
+        """Kills the node's Erlang VM outright (a broker crash): what it had not written to disk is gone."""
+        if self._process is None:
+            return
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int((self.directory / "pid").read_text().strip()), signal.SIGKILL)
+        self._wait_or_kill()
+
+    def _wait_or_kill(self) -> None:
+        assert self._process is not None
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(timeout=10)
+        self._process = None
+        # The Erlang VM may outlive its start script for a moment: the node is down once its pid is gone.
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            pid = int((self.directory / "pid").read_text().strip())
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            (self.directory / "pid").unlink()
+
+    def connection_pids(self, name: str) -> list[str]:
+        """The broker's ids of the connections whose client named itself `name` (pika's connection_name)."""
+        out = self.ctl("list_connections", "pid", "client_properties")
+        return [line.split("\t", 1)[0] for line in out.splitlines() if f'"connection_name","{name}"' in line
+                or f"<<\"connection_name\">>,longstr,<<\"{name}\">>" in line]
