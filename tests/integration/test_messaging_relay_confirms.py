@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -197,8 +198,9 @@ async def test_a_connection_the_broker_closes_with_batches_in_flight_loses_no_ev
         assert held.relay.publisher.generation > generation  # a new connection
 
 
-async def test_a_channel_the_broker_closes_with_an_error_with_batches_in_flight_loses_no_event(node, outbox):
+async def test_a_channel_the_broker_closes_with_an_error_with_batches_in_flight_loses_no_event(node, outbox, caplog):
     db, table = outbox
+    caplog.set_level(logging.WARNING, logger="tessera")
     async with window_awaiting_confirms(node, db, table, "deleted") as held:
         generation = held.relay.publisher.generation
         with rabbitmq.blocking_connection(held.url) as connection:
@@ -207,6 +209,9 @@ async def test_a_channel_the_broker_closes_with_an_error_with_batches_in_flight_
         held.proxy.release(held.replies)  # the window's confirms arrive; the relay publishes its next batch
         await each_event_queued_and_marked(held, db, table)
         assert held.relay.publisher.generation > generation  # a new channel, with the exchange declared again
+    # The failed pass names the broker's reason, not the close of the connection that the link recycled after it.
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("outbox relay pass failed")]
+    assert failed and all("NOT_FOUND - no exchange 'tessera.events'" in message for message in failed), failed
 
 
 async def test_a_broker_that_crashes_with_batches_in_flight_keeps_every_event_it_confirmed(node, outbox):

@@ -65,8 +65,8 @@ class AmqpLink:
         # How long a graceful close (Channel.Close / Connection.Close and their -Ok) may take before the socket is
         # cut: a broker that stopped answering never sends the CloseOk.
         self.close_timeout = close_timeout
-        # Incremented for every channel that becomes ready, so that late callbacks about an older channel
-        # (an ack for a delivery of a dead channel) can be recognised and dropped.
+        # Incremented for every channel that becomes ready, so that work meant for an older channel (a batch of a
+        # publish stream bound to it) can be recognised and refused.
         self.generation = 0
         self.last_error: str | None = None
         self.on_ready: Callable[[], None] = lambda: None
@@ -81,6 +81,8 @@ class AmqpLink:
         self._ready = False
         self._failures = 0
         self._reconnect_timer: object | None = None
+        # Why the link closes the current connection itself after its channel was closed (by the broker, say).
+        self._recycled_for: str | None = None
 
     # -- any thread ------------------------------------------------------------------------------------------
 
@@ -229,6 +231,7 @@ class AmqpLink:
 
     def _connect(self) -> None:
         self._reconnect_timer = None
+        self._recycled_for = None
         if self._stopping:
             self._ioloop.stop()
             return
@@ -276,6 +279,8 @@ class AmqpLink:
             log.error("AMQP channel closed by the broker: %s", reason, extra={"link": self.name})
         connection = self._connection
         if connection is not None and not (connection.is_closing or connection.is_closed):
+            # The channel's reason stays the link's last_error once this connection is gone (see _on_lost).
+            self._recycled_for = self.last_error
             connection.close()
 
     def _on_lost(self, connection: pika.SelectConnection, error: BaseException | str) -> None:
@@ -283,7 +288,8 @@ class AmqpLink:
             return
         self._connection = None
         self._lose_channel(error)
-        self.last_error = str(error) or type(error).__name__
+        self.last_error = self._recycled_for or str(error) or type(error).__name__
+        self._recycled_for = None
         if self._stopping:
             self._ioloop.stop()
             return
