@@ -11,7 +11,7 @@ import pytest
 from pika.spec import Basic
 
 from tessera_runtime.messaging.envelope import OutgoingEvent
-from tessera_runtime.messaging.relay import _WRITE_CHUNK, ACK, NACK, ConfirmingPublisher, _Batch
+from tessera_runtime.messaging.relay import _WRITE_CHUNK, ACK, NACK, RETURNED, ConfirmingPublisher, _Batch
 
 
 class FakeConnection:
@@ -108,3 +108,53 @@ def test_a_large_batch_reaches_the_transport_in_moderate_pieces_in_order(connect
     assert 3 <= len(writes) <= 5 and all(len(w) < _WRITE_CHUNK + _WRITE_CHUNK // 10 + 100 for w in writes)
     assert b"".join(writes) == b"".join(b"method:|header:|" + i.encode().ljust(_WRITE_CHUNK // 10, b".") + b"|"
                                         for i in ids)
+
+
+def returned(publisher: ConfirmingPublisher, event_id: str) -> None:
+    publisher._on_return(publisher._channel, Basic.Return(reply_code=312, reply_text="NO_ROUTE"),
+                         pika.BasicProperties(message_id=event_id), b"")
+
+
+def test_a_multiple_ack_spanning_batches_settles_each_message_up_to_its_tag_and_none_after(connected):
+    publisher, _ = connected
+    stream = publisher.stream()
+    batches = [_Batch(events(*ids), stream) for ids in (("a", "b", "c"), ("d", "e", "f"), ("g", "h"))]
+    for batch in batches:
+        publisher._publish(batch)
+    confirm(publisher, Basic.Ack(delivery_tag=5, multiple=True))  # a-e: the first batch and most of the second
+
+    assert batches[0].future.result() == [ACK, ACK, ACK]
+    assert not batches[1].future.done() and batches[1].statuses == [ACK, ACK, None]
+    assert not batches[2].future.done() and publisher.in_flight == 3
+    confirm(publisher, Basic.Nack(delivery_tag=8, multiple=True))  # f-h refused
+    assert batches[1].future.result() == [ACK, ACK, NACK] and batches[2].future.result() == [NACK, NACK]
+    assert stream.broken and publisher.in_flight == 0
+    confirm(publisher, Basic.Ack(delivery_tag=8, multiple=True))  # a repeated confirm changes nothing
+    assert batches[2].future.result() == [NACK, NACK]
+
+
+def test_a_return_counts_for_the_ack_that_follows_it_and_a_return_after_its_ack_changes_nothing(connected):
+    publisher, _ = connected
+    batch = _Batch(events("a", "b", "c"), publisher.stream())
+    publisher._publish(batch)
+    returned(publisher, "a")  # as RabbitMQ does it: the return first, then the ack
+    confirm(publisher, Basic.Ack(delivery_tag=2, multiple=True))
+    returned(publisher, "b")  # after b's ack: b was confirmed as routed, and stays so
+    returned(publisher, "c")
+    confirm(publisher, Basic.Ack(delivery_tag=3, multiple=False))
+    assert batch.future.result() == [RETURNED, ACK, RETURNED]
+
+
+def test_confirms_and_returns_of_another_channel_settle_nothing(connected):
+    """Delivery tags restart at 1 on every channel: a confirm of a channel the link gave up (one that is still
+    closing) is not about the current channel's publish of the same tag."""
+    publisher, _ = connected
+    batch = _Batch(events("a", "b"), publisher.stream())
+    publisher._publish(batch)
+    old = FakeChannel()
+    publisher._on_return(old, Basic.Return(reply_code=312, reply_text="NO_ROUTE"),
+                         pika.BasicProperties(message_id="a"), b"")
+    publisher._on_confirm(old, SimpleNamespace(method=Basic.Ack(delivery_tag=2, multiple=True)))
+    assert not batch.future.done() and publisher.in_flight == 2
+    confirm(publisher, Basic.Ack(delivery_tag=2, multiple=True))
+    assert batch.future.result() == [ACK, ACK]
