@@ -94,6 +94,29 @@ async def test_a_late_confirm_from_the_closing_channel_never_confirms_a_publish_
     assert [props.message_id for _, props, _ in tap.messages] == ["a1", "a2", "a3", "b1", "b2", "b3"]
 
 
+
+async def test_a_connection_the_link_abandons_is_cut_when_the_broker_never_answers_its_close(vhost):
+    proxy = TcpProxy(rabbitmq.HOST, rabbitmq.PORT).start()
+    url = f"{rabbitmq.amqp_url(vhost, port=proxy.port)}?heartbeat=600"
+    publisher = ConfirmingPublisher(url, f"abandoned-{uuid.uuid4().hex[:6]}", EXCHANGE, max_backoff=0.5,
+                                    close_timeout=1.0)
+    publisher.start()
+    try:
+        await eventually(lambda: publisher.ready, "the publisher to connect")
+        generation, first_connection = publisher.generation, publisher._connection
+        proxy.hold()  # the broker's CloseOk never reaches the first connection
+
+        def fail() -> None:
+            raise RuntimeError("a callback failed")
+
+        publisher._ioloop.add_callback_threadsafe(fail)
+        await eventually(lambda: publisher.ready and publisher.generation == generation + 1,
+                         "the publisher to be ready on a new connection")
+        await eventually(lambda: first_connection.is_closed, "the abandoned connection to be cut", timeout=5)
+    finally:
+        await asyncio.to_thread(publisher.stop)
+        proxy.close()
+
 # The private node's queue for UserCreated: the relay declares it, bound, on every connection before it publishes, so
 # an event is never unroutable here, whatever the broker went through.
 QUEUE = "notification.email"

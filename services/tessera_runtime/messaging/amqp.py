@@ -170,11 +170,14 @@ class AmqpLink:
         connection = self._connection
         self._connection = None
         self._lose_channel("link failed")
-        if connection is not None and not (connection.is_closing or connection.is_closed):
+        if connection is not None:
             try:
-                connection.close()
+                # Bounded like any close: the link connects anew meanwhile, and a broker that does not answer
+                # must not keep the old connection open for as long as its heartbeat allows.
+                self._close_within_timeout(connection, 200, "the link failed")
             except Exception:
                 log.debug("closing the failed connection failed", exc_info=True)
+                self._cut(connection, "the link failed")
         if self._stopping:
             self._ioloop.stop()
         else:
@@ -207,8 +210,11 @@ class AmqpLink:
     def close_connection(self, reply_code: int, reply_text: str) -> None:
         """Closes the current connection (on the link's thread) so that the link reconnects; if the broker does not
         answer the close within `close_timeout`, the socket is cut."""
-        connection = self._connection
-        if connection is None or connection.is_closed:
+        if self._connection is not None:
+            self._close_within_timeout(self._connection, reply_code, reply_text)
+
+    def _close_within_timeout(self, connection: pika.SelectConnection, reply_code: int, reply_text: str) -> None:
+        if connection.is_closed:
             return
         if not connection.is_closing:
             connection.close(reply_code, reply_text)
