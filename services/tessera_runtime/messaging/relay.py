@@ -20,6 +20,8 @@ Design. Each service process runs one relay next to its gRPC server:
   the pass publishes nothing more and marks nothing behind the gap, even rows the broker did confirm, so the gap
   and everything after it is published again, in order, on the next pass. A relay killed between publishing and
   marking publishes those rows again: delivery is at least once and consumers dedupe by event id (message_id).
+  A confirm counts only on the channel it arrived on: delivery tags restart at 1 on every channel, and one that
+  arrives late on a channel the link gave up (still closing, its connection already replaced) confirms nothing.
 - Order: rows go out in `seq` order on one channel, which RabbitMQ keeps per queue. A pass publishes on the
   channel that was open when it started and on no other (`PublishStream`): a batch never goes out on a new
   connection ahead of an earlier one that was lost with the old. On PostgreSQL each pass holds a transaction-scoped
