@@ -14,7 +14,11 @@ would tie up the caller. Either of two conditions opens the circuit:
 While open, calls fail at once with UNAVAILABLE (ErrorInfo reason CIRCUIT_OPEN, metadata `dependency`); after
 `reset_seconds` one trial call is let through (half-open) and its outcome closes the circuit, with an empty window,
 or re-opens it. Business errors (NOT_FOUND, FAILED_PRECONDITION, ...) are answers, not failures: they count as
-calls in the window and never open it. A call's outcome counts only if the circuit is still in the state that let
+calls in the window and never open it. So is an UNAVAILABLE or DEADLINE_EXCEEDED that carries the service's own
+ErrorInfo reason (the payment service's PAYMENT_FAILED or PROCESSOR_TIMEOUT, the order service's stored failure of
+an order): the service is up and decided. Only one without an ErrorInfo (the connection, the call's deadline, a proxy
+in between) or with a reason of the runtime saying that the service cannot serve just now (NOT_SERVING_REASONS) is a
+failure. A call's outcome counts only if the circuit is still in the state that let
 the call through: calls in flight when it opened neither close nor prolong it when they end, nor pass for the trial.
 
 A service's channels, and the GraphQL API's, take the five from tessera_runtime.config.CircuitSettings:
@@ -56,6 +60,9 @@ from tessera_runtime.config import (
 log = logging.getLogger("tessera.resilience")
 
 FAILURE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# The ErrorInfo reasons (tessera.common.v1.ErrorReason) with which a service's runtime says that it cannot serve just
+# now: its database is away, something it waited on did not answer in time, the call's deadline passed inside it.
+NOT_SERVING_REASONS = frozenset({"UNAVAILABLE", "DATABASE_UNAVAILABLE", "DEADLINE_EXCEEDED"})
 # The rolling window is kept in this many buckets, like opossum's rollingCountBuckets default.
 WINDOW_BUCKETS = 10
 
@@ -150,16 +157,17 @@ class CircuitBreaker:
             return True
         return False
 
-    def record(self, code: grpc.StatusCode, epoch: int | None = None) -> None:
-        """The outcome of a call `allow()` let through when the breaker's epoch was `epoch` (None: the current one).
-        A call let through before the last transition (in flight when the circuit opened, or when the trial
-        closed it) changes nothing: its outcome is no evidence about the dependency now, and it is not the trial."""
+    def record(self, code: grpc.StatusCode, epoch: int | None = None, *, reason: str | None = None) -> None:
+        """The outcome of a call `allow()` let through when the breaker's epoch was `epoch` (None: the current one),
+        with the ErrorInfo reason of its status if it had one. A call let through before the last transition (in
+        flight when the circuit opened, or when the trial closed it) changes nothing: its outcome is no evidence
+        about the dependency now, and it is not the trial."""
         if epoch is not None and epoch != self.epoch:
             return
         if self.state is State.OPEN:  # only a call recorded without its epoch gets here
             return
         self._trial_in_flight = False
-        failed = code in FAILURE_CODES
+        failed = code in FAILURE_CODES and (reason is None or reason in NOT_SERVING_REASONS)
         if self.state is State.HALF_OPEN:  # the trial call
             if failed:
                 self._open()
@@ -230,10 +238,21 @@ class CircuitBreakerInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             call = await continuation(client_call_details, request)
             await call
         except grpc.aio.AioRpcError as err:
-            self.breaker.record(err.code(), epoch)
+            self.breaker.record(err.code(), epoch, reason=_reason(err))
             raise
         except BaseException:
             self.breaker.abandon(epoch)
             raise
         self.breaker.record(grpc.StatusCode.OK, epoch)
         return call
+
+
+def _reason(err: grpc.aio.AioRpcError) -> str | None:
+    """The ErrorInfo reason of a failed call's status, if the server sent one."""
+    from tessera_runtime.clients import error_details  # clients imports this module
+
+    try:
+        info, _ = error_details(err)
+    except Exception:  # details that do not parse: no answer the breaker can read
+        return None
+    return info.reason if info is not None else None

@@ -178,3 +178,43 @@ async def test_answers_in_flight_when_the_circuit_opened_do_not_close_it():
     finally:
         await channel.close()
         await server.stop(None)
+
+
+async def test_a_services_own_unavailable_and_deadline_answers_never_open_its_circuit(db_url):
+    """The payment service answers UNAVAILABLE (PAYMENT_FAILED) for a charge its processor could not make and
+    DEADLINE_EXCEEDED (PROCESSOR_TIMEOUT) for one its processor did not answer in time: answers about one payment,
+    in a few hundred milliseconds, from a service that is up. However many come in a row, the circuit stays closed
+    and the next customer's payment is charged; only a service that cannot serve (here: stopped) opens it."""
+    from tessera.payment.v1 import payment_pb2, payment_service_pb2_grpc
+    from tessera.payment.v1 import payment_service_pb2 as pay
+
+    from tessera_runtime.resilience import CircuitBreaker, State
+    from tests.integration.conftest_payment import payment_request, payment_service
+
+    env = {"TESSERA_PAYMENT_PROCESSOR_TIMEOUT_SECONDS": "0.2", "TESSERA_PAYMENT_PROCESSOR_MAX_ATTEMPTS": "1"}
+    async with payment_service(db_url, **env) as (_, server, port):
+        address = f"127.0.0.1:{port}"
+        breaker = CircuitBreaker(address, failure_threshold=3, reset_seconds=60)
+        channel = open_channel(address, [pay.DESCRIPTOR.services_by_name["PaymentService"]], default_deadline=10,
+                               breaker=breaker)
+        stub = payment_service_pb2_grpc.PaymentServiceStub(channel)
+        try:
+            answers = []
+            for method in ("pm_sandbox_transient", "pm_sandbox_timeout", "pm_sandbox_transient") * 2:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.ProcessPayment(payment_request(method))
+                answers.append((err.value.code(), error_details(err.value)[0].reason))
+            failed = (grpc.StatusCode.UNAVAILABLE, "PAYMENT_FAILED")
+            assert answers == [failed, (grpc.StatusCode.DEADLINE_EXCEEDED, "PROCESSOR_TIMEOUT"), failed] * 2
+            assert breaker.state is State.CLOSED and breaker.window.totals() == (6, 0)
+            paid = (await stub.ProcessPayment(payment_request("pm_sandbox_ok"))).payment
+            assert paid.status == payment_pb2.PAYMENT_STATUS_SUCCEEDED
+
+            await server.stop()  # down: nothing answers, and the circuit opens as before
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.GetPayment(pay.GetPaymentRequest(id=paid.id))
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE and error_details(err.value)[0] is None
+            assert breaker.state is State.OPEN
+        finally:
+            await channel.close()

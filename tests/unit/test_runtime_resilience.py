@@ -159,6 +159,21 @@ def test_business_errors_count_as_calls_and_never_as_failures():
     assert breaker.state is State.OPEN
 
 
+def test_a_services_own_unavailable_or_deadline_answer_is_an_answer_and_its_runtimes_is_a_failure():
+    breaker = CircuitBreaker("dep", failure_threshold=2, min_calls=4, clock=Clock())
+    for code, reason in ((grpc.StatusCode.UNAVAILABLE, "PAYMENT_FAILED"), (grpc.StatusCode.UNAVAILABLE,
+                         "DEPENDENCY_UNAVAILABLE"), (grpc.StatusCode.DEADLINE_EXCEEDED, "PROCESSOR_TIMEOUT")) * 3:
+        assert breaker.allow()
+        breaker.record(code, reason=reason)
+    assert breaker.state is State.CLOSED and breaker.window.totals() == (9, 0)
+    for reason in ("DATABASE_UNAVAILABLE", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        breaker = CircuitBreaker("dep", failure_threshold=2, clock=Clock())
+        for _ in range(2):
+            assert breaker.allow()
+            breaker.record(grpc.StatusCode.UNAVAILABLE, reason=reason)
+        assert breaker.state is State.OPEN, reason
+
+
 def test_either_condition_opens_the_circuit():
     # Down altogether and rarely called: 3 in a row open it long before the window holds 20 calls.
     rare = CircuitBreaker("dep", failure_threshold=3, min_calls=20, clock=Clock())
