@@ -120,7 +120,8 @@ def error_details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInf
 
 def dependency_check(name: str, channel: grpc.aio.Channel, timeout: float = 1.0):
     """A non-critical readiness check of a service this one calls: its gRPC health answers SERVING. A dependency
-    being down degrades this service (the /health report says so) but never takes it out of rotation."""
+    being down degrades this service (the /health report says so) but never takes it out of rotation. The check
+    passes the channel's circuit breaker by (tessera_runtime.resilience.CircuitBreakerInterceptor)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from tessera_runtime.server import HealthCheck

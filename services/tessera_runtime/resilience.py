@@ -18,8 +18,10 @@ calls in the window and never open it. So is an UNAVAILABLE or DEADLINE_EXCEEDED
 ErrorInfo reason (the payment service's PAYMENT_FAILED or PROCESSOR_TIMEOUT, the order service's stored failure of
 an order): the service is up and decided. Only one without an ErrorInfo (the connection, the call's deadline, a proxy
 in between) or with a reason of the runtime saying that the service cannot serve just now (NOT_SERVING_REASONS) is a
-failure. A call's outcome counts only if the circuit is still in the state that let
-the call through: calls in flight when it opened neither close nor prolong it when they end, nor pass for the trial.
+failure. The readiness probes of the service's gRPC health (tessera_runtime.clients.dependency_check) pass the
+breaker by: they are neither refused nor counted. A call's outcome counts only if the circuit is still in the state
+that let the call through: calls in flight when it opened neither close nor prolong it when they end, nor pass for
+the trial.
 
 A service's channels, and the GraphQL API's, take the five from tessera_runtime.config.CircuitSettings:
 
@@ -224,13 +226,24 @@ class CircuitBreaker:
         )
 
 
+# The gRPC health service of the service a channel calls: a process's readiness asks it every second with a 1 s
+# deadline (tessera_runtime.clients.dependency_check).
+HEALTH_METHODS = "/grpc.health.v1.Health/"
+
+
 class CircuitBreakerInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
-    """Applies a CircuitBreaker to every unary call of a channel."""
+    """Applies a CircuitBreaker to every unary call of a channel but the readiness probes of its health: they
+    observe the dependency and are no calls to it, so the breaker neither refuses nor counts them (a probe that
+    timed out on a slow dependency would open the circuit of calls that have longer to wait; one answered between
+    failing calls would keep it closed)."""
 
     def __init__(self, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
 
     async def intercept_unary_unary(self, continuation, client_call_details, request):
+        method = client_call_details.method
+        if (method.decode() if isinstance(method, bytes) else method).startswith(HEALTH_METHODS):
+            return await continuation(client_call_details, request)
         if not self.breaker.allow():
             raise self.breaker.open_error()
         epoch = self.breaker.epoch

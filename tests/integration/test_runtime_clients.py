@@ -12,7 +12,7 @@ from tessera.user.v1 import user_pb2, user_service_pb2_grpc
 from tessera.user.v1 import user_service_pb2 as svc
 
 from tessera_runtime import context as callctx
-from tessera_runtime.clients import error_details, open_channel
+from tessera_runtime.clients import dependency_check, error_details, open_channel
 from tessera_runtime.errors import DeadlineExceeded
 from tessera_runtime.logs import request_id_var
 from tessera_runtime.resilience import CircuitBreaker, State
@@ -185,3 +185,63 @@ async def test_the_rate_condition_settings_govern_the_order_services_channels(sq
         assert [await _refusal(users) for _ in range(4)] == [None, None, None, "CIRCUIT_OPEN"]
     finally:
         await channels.close()
+
+
+async def test_the_readiness_probe_of_a_slow_dependency_does_not_open_the_circuit_of_its_calls(sqlite_user):
+    """A service's readiness asks each service it calls for its gRPC health (dependency_check) every second, with a
+    1 s deadline, on the channel its calls use. A dependency that answers in over a second fails every probe, while
+    the calls, with their 5 s deadline, are answered. The probes observe the dependency and are no calls to it: they
+    never open the circuit (before, three failed probes refused the next call CIRCUIT_OPEN), and a probe answered
+    while calls fail does not keep it closed either."""
+    _, port, _ = sqlite_user
+    proxy = TcpProxy("127.0.0.1", port, delay=0.6).start()
+    breaker = CircuitBreaker("user", failure_threshold=3, reset_seconds=60)
+    channel = open_channel(f"127.0.0.1:{proxy.port}", [USER_SERVICE], default_deadline=5, breaker=breaker)
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+    probe = dependency_check("user-service", channel)
+    try:
+        await stub.ListUsers(svc.ListUsersRequest())  # connected: the calls below only wait for the proxy
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await probe.check()
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert breaker.state is State.CLOSED
+        started = time.monotonic()
+        await stub.ListUsers(svc.ListUsersRequest())
+        assert time.monotonic() - started > 1.0, "the call was not as slow as the probes"
+    finally:
+        await channel.close()
+        proxy.close()
+
+
+async def test_a_dependency_whose_calls_fail_opens_its_circuit_though_its_readiness_probe_is_answered(pg_database):
+    """The user service's database goes away: its calls fail DATABASE_UNAVAILABLE, while its gRPC health still
+    answers (NOT_SERVING). The probes between the calls are answers about its health, not calls that succeeded:
+    three failed calls in a row open the circuit, as they do without probes (before, each probe reset the count, so
+    a dependency called less often than it was probed never opened its circuit)."""
+    from tessera_user import bootstrap
+
+    _, url = pg_database
+    proxy = TcpProxy("127.0.0.1", 5432).start()
+    proxied = url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    server, port = await create_server(await bootstrap.build(settings_for("user", proxied)), readiness_interval=0.1)
+    breaker = CircuitBreaker("user", failure_threshold=3, reset_seconds=60)
+    channel = open_channel(f"127.0.0.1:{port}", [USER_SERVICE], default_deadline=5, breaker=breaker)
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+    probe = dependency_check("user-service", channel)
+    try:
+        await stub.ListUsers(svc.ListUsersRequest())
+        assert await probe.check()
+        proxy.cut()
+        for i in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ListUsers(svc.ListUsersRequest())
+            assert error_details(err.value)[0].reason == "DATABASE_UNAVAILABLE"
+            assert breaker.state is (State.OPEN if i == 2 else State.CLOSED)
+            await probe.check()
+        assert breaker.state is State.OPEN
+        assert await _refusal(stub) == "CIRCUIT_OPEN"
+    finally:
+        await channel.close()
+        await server.stop()
+        proxy.close()
