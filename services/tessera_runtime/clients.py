@@ -91,12 +91,13 @@ def open_channel(address: str, services: Iterable[ServiceDescriptor], *, default
         ("grpc.keepalive_time_ms", 30_000),
     ]
     # Metrics outermost (they count calls refused before leaving); tracing innermost, so the client span covers
-    # the call as sent, with the metadata every other interceptor added.
+    # the call as sent, with the metadata every other interceptor added. The extra interceptors (the GraphQL API's
+    # scope check) come before the breaker: a call they refuse is refused for what it asks, open circuit or not,
+    # and is no call to the dependency.
     return grpc.aio.insecure_channel(
         address, options=options,
-        interceptors=[ClientMetricsInterceptor(), CircuitBreakerInterceptor(breaker),
-                      _CallContextInterceptor(default_deadline), *extra_interceptors,
-                      *telemetry.client_interceptors()],
+        interceptors=[ClientMetricsInterceptor(), *extra_interceptors, CircuitBreakerInterceptor(breaker),
+                      _CallContextInterceptor(default_deadline), *telemetry.client_interceptors()],
     )
 
 

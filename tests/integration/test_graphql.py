@@ -280,6 +280,34 @@ async def test_a_service_down_is_unavailable_without_naming_its_address(unused_t
         await runner.cleanup()
 
 
+async def test_a_field_the_token_lacks_the_scope_for_is_refused_so_while_its_service_is_down(unused_tcp_port):
+    # The user service is down and its circuit open: a field the token may read answers CIRCUIT_OPEN, one it has no
+    # scope for is refused MISSING_SCOPE, as at any other time (before, the open circuit answered it "retry later").
+    settings = GraphQLSettings.from_env({"TESSERA_GRAPHQL_PORT": "0",
+                                         "TESSERA_USER_SERVICE_ADDR": f"127.0.0.1:{unused_tcp_port}",
+                                         "TESSERA_DEFAULT_DEADLINE_SECONDS": "2",
+                                         "TESSERA_CIRCUIT_FAILURE_THRESHOLD": "2"})
+    runner = web.AppRunner(build_app(settings))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = GraphQL(f"http://127.0.0.1:{runner.addresses[0][1]}/graphql", session)
+
+            async def refusal(scopes: str) -> tuple[str, str | None]:
+                _, body, _ = await client.post("{ me { id } }", subject=str(uuid.uuid4()), scopes=scopes)
+                [error] = body["errors"]
+                return error["extensions"]["code"], error["extensions"].get("reason")
+
+            assert [await refusal(CUSTOMER) for _ in range(3)] == [("UNAVAILABLE", None)] * 2 + [
+                ("UNAVAILABLE", "CIRCUIT_OPEN")]
+            assert await refusal("order:read") == ("PERMISSION_DENIED", "MISSING_SCOPE")
+            assert await refusal(CUSTOMER) == ("UNAVAILABLE", "CIRCUIT_OPEN")
+    finally:
+        await runner.cleanup()
+
+
 async def test_the_circuit_settings_of_the_apis_environment_govern_its_channels(unused_tcp_port):
     # The TESSERA_CIRCUIT_* of the GraphQL process shape its breakers as they shape a service's: here only the rate
     # condition over at least 3 calls can open the circuit (the default would open it after 5 failures in a row).
