@@ -34,7 +34,8 @@ A service's channels, and the GraphQL API's, take the five from tessera_runtime.
 | TESSERA_CIRCUIT_MIN_CALLS | 20 | min_calls (1-100000) |
 
 Every transition is logged (a warning naming the dependency, both states, and the window's counts) and counted:
-`tessera_circuit_state{dependency}` is 0 closed, 1 half-open, 2 open, and
+`tessera_circuit_state{dependency}` is 0 closed, 1 half-open (also an open circuit whose open time has passed, whose
+next call is the trial), 2 open, and
 `tessera_circuit_transitions_total{dependency, state}` counts the transitions into each state (tessera_runtime.metrics).
 """
 
@@ -139,8 +140,8 @@ class CircuitBreaker:
         # through (see `admitted`).
         self.epoch = 0
         self._trial_in_flight = False
-        self._state_gauge = metrics.CIRCUIT_STATE.labels(name)
-        self._state_gauge.set(STATE_VALUES[self.state])
+        # Read at each scrape: an open circuit whose open time has passed shows half-open before a call comes.
+        metrics.CIRCUIT_STATE.labels(name).set_function(self._state_value)
 
     @classmethod
     def configured(cls, name: str, settings: CircuitSettings) -> CircuitBreaker:
@@ -191,6 +192,13 @@ class CircuitBreaker:
         if epoch == self.epoch:
             self._trial_in_flight = False
 
+    def _state_value(self) -> int:
+        """tessera_circuit_state: the state, except that an open circuit whose open time has passed is half-open
+        already (its next call is let through as the trial), though no call came yet to move it there."""
+        if self.state is State.OPEN and self.clock() - self.opened_at >= self.reset_seconds:
+            return STATE_VALUES[State.HALF_OPEN]
+        return STATE_VALUES[self.state]
+
     def _error_rate_reached(self) -> bool:
         calls, failures = self.window.totals()
         return calls >= self.min_calls and failures * 100 >= self.error_percent * calls
@@ -208,7 +216,6 @@ class CircuitBreaker:
                                "window_failures": failures})
             self.state = state
             self.epoch += 1
-            self._state_gauge.set(STATE_VALUES[state])
             metrics.CIRCUIT_TRANSITIONS.labels(self.name, state.value).inc()
 
     def open_error(self) -> grpc.aio.AioRpcError:

@@ -268,6 +268,7 @@ def test_the_state_gauge_and_transition_counter_follow_the_breaker():
     _calls(breaker, FAIL, FAIL)
     assert _sample("tessera_circuit_state", dependency=name) == 2
     clock.now = 1
+    assert _sample("tessera_circuit_state", dependency=name) == 1, "the open time passed: the next call is the trial"
     breaker.allow()
     assert _sample("tessera_circuit_state", dependency=name) == 1
     breaker.record(OK)
