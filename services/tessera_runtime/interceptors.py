@@ -24,10 +24,11 @@ from tessera_runtime.errors import (
     Unavailable,
     internal_status,
 )
-from tessera_runtime.logs import correlation_id_var, request_id_var
+from tessera_runtime.logs import RpcAccessLog, correlation_id_var, request_id_var
 from tessera_runtime.telemetry import ServerSpans
 
 log = logging.getLogger("tessera.rpc")
+access_log = RpcAccessLog(log)
 
 # Infrastructure services answer without a caller identity: probes and tooling must always reach them.
 _IDENTITY_EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -189,9 +190,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 in_flight.dec()
                 duration = time.perf_counter() - start
-                log.info("rpc %s %s", method, code.name, extra={
-                    "rpc_method": method, "grpc_code": code.name, "duration_ms": round(duration * 1000, 3),
-                })
+                access_log.info(method, code.name, round(duration * 1000, 3))
                 for observe in self.observers:
                     observe(method, code, duration)
                 if span is not None:

@@ -6,10 +6,12 @@ import contextvars
 import functools
 import json
 import logging
+import math
 import re
 import sys
 import time
 import traceback
+from json.encoder import encode_basestring_ascii as _json_string  # how _ENCODER (ensure_ascii) writes a string
 from typing import Any
 
 from opentelemetry import trace
@@ -122,6 +124,96 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["traceback"] = mask("".join(traceback.format_exception(*record.exc_info)))
         return _ENCODER.encode(line)
+
+
+def _json_handlers(logger: logging.Logger) -> list[logging.StreamHandler] | None:
+    """The handlers an INFO record of `logger` would reach, when every one of them is a plain StreamHandler with a
+    JsonFormatter and no filter (what setup_logging installs) and nothing else could see or change the record on the
+    way (the logger's filters, a logger or record class of the application's); None otherwise."""
+    if (logger.filters or type(logger) is not logging.Logger
+            or logging.getLogRecordFactory() is not logging.LogRecord):
+        return None
+    found = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if logging.INFO >= handler.level:
+                if (type(handler) is not logging.StreamHandler or handler.filters
+                        or type(handler.formatter) is not JsonFormatter):
+                    return None
+                found.append(handler)
+        current = current.parent if current.propagate else None
+    return found or None  # none: the logging module decides what a record nobody handles becomes
+
+
+class RpcAccessLog:
+    """The INFO line of each RPC on `logger`: message `rpc <method> <code>`, fields rpc_method, grpc_code and
+    duration_ms.
+
+    It is on the path of every call, and most of its cost was the logging module's record, its dispatch and the
+    formatter's generic work, not the write. So when the line would reach only JSON handlers of Tessera's own kind
+    (see `_json_handlers`: the default configuration), it is written to their streams under their locks as their
+    JsonFormatter would write it, field for field, without a LogRecord: the message and the fields fixed by the
+    method and code are masked and encoded once per method and code, and each call adds only the time, the trace,
+    span, request and correlation ids and the duration. With any other handler or filter on the way (pytest's
+    caplog, an application's own logging configuration), it is an ordinary `logger.info` call, which they all
+    see."""
+
+    _MESSAGE = "rpc %s %s"
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        # (service, level name, method, code) -> the line's text before its trace id and before its duration
+        self._parts: dict[tuple[str, str, str, str], tuple[str, str]] = {}
+
+    def info(self, method: str, code: str, duration_ms: float) -> None:
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        handlers = _json_handlers(logger)
+        if handlers is None or type(duration_ms) is not float or not math.isfinite(duration_ms):
+            logger.info(self._MESSAGE, method, code,
+                        extra={"rpc_method": method, "grpc_code": code, "duration_ms": duration_ms})
+            return
+        created = time.time()
+        trace_id, span_id = _trace_ids()
+        request_id, correlation_id = request_id_var.get(), correlation_id_var.get()
+        ids = (("null" if trace_id is None else f'"{trace_id}"') + ', "span_id": '
+               + ("null" if span_id is None else f'"{span_id}"') + ', "request_id": '
+               + ("null" if request_id is None else _json_string(request_id)) + ', "correlation_id": '
+               + ("null" if correlation_id is None else _json_string(correlation_id)))
+        stamp = _timestamp(created)
+        duration = float.__repr__(duration_ms)
+        level = logging.getLevelName(logging.INFO)
+        for handler in handlers:
+            service = handler.formatter.service  # type: ignore[union-attr]
+            parts = self._parts.get((service, level, method, code))
+            if parts is None:
+                parts = self._static_parts(service, level, method, code)
+            line = f'{{"time": "{stamp}{parts[0]}{ids}{parts[1]}{duration}}}'
+            handler.acquire()
+            try:
+                handler.stream.write(line + handler.terminator)
+                handler.flush()
+            except RecursionError:
+                raise
+            except Exception:
+                handler.handleError(logger.makeRecord(
+                    logger.name, logging.INFO, "(unknown file)", 0, self._MESSAGE, (method, code), None,
+                    extra={"rpc_method": method, "grpc_code": code, "duration_ms": duration_ms}))
+            finally:
+                handler.release()
+
+    def _static_parts(self, service: str, level: str, method: str, code: str) -> tuple[str, str]:
+        """The text JsonFormatter writes around the per-call values for this method and code (masked as it masks)."""
+        encode = _ENCODER.encode
+        head = (f'", "level": {encode(level)}, "service": {encode(service)}, "logger": {encode(self.logger.name)}, '
+                f'"message": {encode(mask(self._MESSAGE % (method, code)))}, "trace_id": ')
+        tail = (f', "rpc_method": {encode(_mask_value("rpc_method", method))}, '
+                f'"grpc_code": {encode(_mask_value("grpc_code", code))}, "duration_ms": ')
+        if len(self._parts) < 4096:  # the server's methods times the status codes: a few hundred at most
+            self._parts[(service, level, method, code)] = (head, tail)
+        return head, tail
 
 
 def setup_logging(service: str, level: str = "INFO") -> None:
