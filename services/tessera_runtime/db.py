@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -13,7 +14,7 @@ import sqlite3
 import threading
 import types
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -463,18 +464,133 @@ class _InsertPlan:
         return self.plan.arguments(params)
 
 
+class _Connections:
+    """The direct statements' connections: at most `size`, opened on demand by `connect`, lent one statement at a
+    time and taken back as they are.
+
+    asyncpg's Pool did this before, and on every statement it set and cancelled a timer for the wait for a
+    connection and another for its release, wrapped the connection in a proxy, and released it in a task of its
+    own (asyncio.shield): in the user service under load about a tenth of GetUser's CPU. Here a statement that finds
+    a connection idle takes it at once; only one that has to wait arms a timer (_POOL_TIMEOUT, as before), and waiters
+    are served in their order, each handed the connection the statement before it gave back. A connection the
+    server closed is never lent: found closed while idle, it is dropped and another opened."""
+
+    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], size: int) -> None:
+        self.connect = connect
+        self.size = size
+        self.slots = 0  # connections open, being opened, or whose slot was handed to a waiter to open one
+        self.idle: list[asyncpg.Connection] = []
+        self.lent: set[asyncpg.Connection] = set()
+        # Each gets a connection, or None: a slot of its own in which to open one.
+        self.waiters: collections.deque[asyncio.Future[asyncpg.Connection | None]] = collections.deque()
+        self.closing = False
+        self.drained: asyncio.Future[None] | None = None
+
+    def get_size(self) -> int:
+        return len(self.idle) + len(self.lent)
+
+    def get_idle_size(self) -> int:
+        return len(self.idle)
+
+    async def acquire(self) -> asyncpg.Connection:
+        if self.closing:
+            raise asyncpg.InterfaceError("the pool is closing")
+        while self.idle:
+            connection = self.idle.pop()
+            if not connection.is_closed():
+                self.lent.add(connection)
+                return connection
+            self.slots -= 1  # the server ended it while it was idle (no waiter can exist while one is idle)
+        if self.slots < self.size:
+            self.slots += 1
+            return await self._open()
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            async with asyncio.timeout(_POOL_TIMEOUT):
+                connection = await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():  # handed over just as the wait ended: pass it on
+                self._pass(waiter.result())
+            else:
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(waiter)
+            raise
+        return await self._open() if connection is None else connection
+
+    async def _open(self) -> asyncpg.Connection:
+        """Opens a connection in a slot already counted."""
+        try:
+            connection = await self.connect()
+        except BaseException:
+            self._pass(None)
+            raise
+        self.lent.add(connection)
+        return connection
+
+    def release(self, connection: asyncpg.Connection, keep: bool = True) -> None:
+        """Takes a lent connection back: for the next statement when `keep` and it is still open, else ended."""
+        self.lent.discard(connection)
+        if not keep or connection.is_closed():
+            connection.terminate()
+            self._pass(None)
+        else:
+            self._pass(connection)
+        if self.closing and not self.lent and self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def _pass(self, connection: asyncpg.Connection | None) -> None:
+        """Hands a connection, or a free slot (None), to the first waiter; with none waiting, keeps it."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                if connection is not None:
+                    self.lent.add(connection)
+                waiter.set_result(connection)
+                return
+        if connection is None:
+            self.slots -= 1
+        else:
+            self.idle.append(connection)
+
+    async def close(self) -> None:
+        """Waits for the lent connections to come back, then closes them all."""
+        self.closing = True
+        while self.lent:
+            self.drained = asyncio.get_running_loop().create_future()
+            await self.drained
+        idle, self.idle = self.idle, []
+        self.slots -= len(idle)
+        for connection in idle:
+            try:
+                await connection.close()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                connection.terminate()
+
+    def terminate(self) -> None:
+        """Ends every connection at once, lent or not."""
+        self.closing = True
+        for connection in (*self.idle, *self.lent):
+            connection.terminate()
+        self.idle, self.lent, self.slots = [], set(), 0
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(asyncpg.InterfaceError("the pool was closed"))
+        self.waiters.clear()
+
+
 class _DirectPool:
     """The direct statements of one PostgreSQL Database (read_first's reads, insert_staged's inserts): their plans
     and their own asyncpg pool.
 
-    The pool is asyncpg's, not SQLAlchemy's: checking a connection out of the engine and back in (an
-    AsyncConnection, a greenlet round per step, the pool's events) cost more CPU than a read itself. It opens on
-    the first statement, keeps at most `size` connections, and hands them back without asyncpg's reset query (a
-    round trip per statement), since each statement it runs is a single one in autocommit, which leaves no session
-    state behind. Its connections decode json and jsonb as the engine's do.
+    The pool is not SQLAlchemy's: checking a connection out of the engine and back in (an AsyncConnection, a
+    greenlet round per step, the pool's events) cost more CPU than a read itself; nor asyncpg's (see _Connections).
+    It opens on the first statement, keeps at most `size` connections, and takes them back as they are, without a
+    reset query (a round trip per statement), since each statement it runs is a single one in autocommit, which
+    leaves no session state behind. Its connections decode json and jsonb as the engine's do.
 
-    `ready` is the open pool (None until the first statement): callers await pool() only to open it. `relay` is the
-    outbox relay's pool of one connection, apart (see relay_connection)."""
+    `ready` is the pool (None until the first statement, or after close()): callers call pool() only to make it.
+    `relay` is the outbox relay's pool of one connection, asyncpg's, apart (see relay_connection)."""
 
     def __init__(self, engine: AsyncEngine, size: int) -> None:
         self.engine = engine
@@ -482,14 +598,29 @@ class _DirectPool:
         self.plans: dict[int, _Plan] = {}
         # By the staged rows' shape and the guard (the CTE a repository built once) they depend on, if any.
         self.insert_plans: dict[tuple[tuple[tuple[Table, tuple[str, ...], int], ...], Any], _InsertPlan] = {}
-        self.ready: asyncpg.Pool | None = None
+        self.ready: _Connections | None = None
         self.relay: asyncpg.Pool | None = None
         self._opening: asyncio.Lock | None = None
 
-    async def pool(self) -> asyncpg.Pool:
+    def pool(self) -> _Connections:
         if self.ready is None:
-            self.ready = await self._open(self.size, lambda: self.ready)
+            self.ready = _Connections(self._connect, self.size)
         return self.ready
+
+    def _connect_args(self) -> dict[str, Any]:
+        _, params = self.engine.dialect.create_connect_args(self.engine.url)
+        for adapter_only in ("prepared_statement_cache_size", "prepared_statement_name_func", "async_creator_fn"):
+            params.pop(adapter_only, None)
+        return {**params, **_CONNECT_ARGS}
+
+    async def _connect(self) -> asyncpg.Connection:
+        connection = await asyncpg.connect(**self._connect_args())
+        try:
+            await self._json_codecs(connection)
+        except BaseException:
+            connection.terminate()
+            raise
+        return connection
 
     async def relay_pool(self) -> asyncpg.Pool:
         """The outbox relay's pool of one connection (see connection())."""
@@ -498,15 +629,13 @@ class _DirectPool:
         return self.relay
 
     async def _open(self, size: int, opened: Callable[[], asyncpg.Pool | None]) -> asyncpg.Pool:
+        """An asyncpg pool of `size` connections, unless `opened()` gives one another caller opened meanwhile."""
         if self._opening is None:
             self._opening = asyncio.Lock()
         async with self._opening:
             if (ready := opened()) is not None:  # another caller opened it while this one waited
                 return ready
-            _, params = self.engine.dialect.create_connect_args(self.engine.url)
-            for adapter_only in ("prepared_statement_cache_size", "prepared_statement_name_func", "async_creator_fn"):
-                params.pop(adapter_only, None)
-            return await asyncpg.create_pool(**params, **_CONNECT_ARGS, min_size=0, max_size=size,
+            return await asyncpg.create_pool(**self._connect_args(), min_size=0, max_size=size,
                                              init=self._json_codecs, reset=_no_reset)
 
     async def _json_codecs(self, connection: asyncpg.Connection) -> None:
@@ -521,16 +650,17 @@ class _DirectPool:
         connection's (fetchrow, fetchval, execute)."""
         with _tracer.start_as_current_span(plan.span_name, kind=trace.SpanKind.CLIENT,
                                            attributes=plan.span_attributes):
-            pool = self.ready or await self.pool()
-            async with pool.acquire(timeout=_POOL_TIMEOUT) as connection:
-                try:
-                    return await getattr(connection, method)(plan.sql, *arguments)
-                except BaseException as exc:
-                    if not _statement_error(exc):
-                        # Closed, closing, or cancelled half way: asyncpg would wait on the release for the server
-                        # to confirm a cancellation; like SQLAlchemy, Tessera ends the session instead.
-                        connection.terminate()
-                    raise
+            pool = self.ready or self.pool()
+            connection = await pool.acquire()
+            try:
+                result = await getattr(connection, method)(plan.sql, *arguments)
+            except BaseException as exc:
+                # Closed, closing, or cancelled half way (asyncpg would wait for the server to confirm a
+                # cancellation): like SQLAlchemy, Tessera ends the session instead.
+                pool.release(connection, keep=_statement_error(exc))
+                raise
+            pool.release(connection)
+            return result
 
     @contextlib.asynccontextmanager
     async def relay_connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -563,7 +693,7 @@ class _DirectPool:
         finally:
             await self._close(relay)
 
-    async def _close(self, pool: asyncpg.Pool | None) -> None:
+    async def _close(self, pool: asyncpg.Pool | _Connections | None) -> None:
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), 5)
@@ -582,7 +712,7 @@ _tracer = trace.get_tracer(SQLALCHEMY_SCOPE)
 
 
 async def _no_reset(_connection: asyncpg.Connection) -> None:
-    """A direct connection goes back to its pool as it is (see _DirectPool)."""
+    """The relay's connection goes back to its pool as it is (see _DirectPool and relay_connection)."""
 
 
 def _statement_error(exc: BaseException) -> bool:

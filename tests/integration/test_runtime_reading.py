@@ -147,6 +147,71 @@ async def test_direct_reads_keep_to_their_pool_size_and_dispose_closes_their_con
         await database.dispose()
 
 
+async def test_direct_reads_wait_for_a_connection_in_their_order_and_no_longer_than_the_pool_timeout(
+        pg_database, monkeypatch):
+    from tessera_runtime import db as db_module
+
+    database = Database(pg_database[1], pool_size=4, direct_size=1)
+    done: list[str] = []
+
+    async def read(name: str, seconds: float) -> None:
+        async with SqlAlchemyUnitOfWork(database, OUTBOX).reading() as uow:
+            await read_first(uow.session, SLOW, {"s": seconds})
+        done.append(name)
+
+    try:
+        first = asyncio.ensure_future(read("first", 0.4))
+        await asyncio.sleep(0.1)
+        waiting = []
+        for name in ("second", "third", "fourth"):  # each starts waiting after the one before
+            waiting.append(asyncio.ensure_future(read(name, 0.0)))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(first, *waiting)
+        assert done == ["first", "second", "third", "fourth"]
+
+        monkeypatch.setattr(db_module, "_POOL_TIMEOUT", 0.2)
+        slow = asyncio.ensure_future(read("slow", 0.6))
+        await asyncio.sleep(0.1)
+        with pytest.raises(TimeoutError):
+            await read("gave up", 0.0)
+        await slow
+        await read("after", 0.0)  # the connection of the slow read, not a second one
+        pool = database._direct.ready
+        assert (pool.get_size(), pool.get_idle_size()) == (1, 1)
+    finally:
+        await database.dispose()
+
+
+async def test_direct_reads_cancelled_anywhere_leave_the_pool_with_its_connections_and_no_more(pg_database):
+    """Reads cancelled while they wait for a connection, while one opens for them, or during their statement: the
+    pool afterwards lends every connection it holds, never more than its size, and serves reads at once."""
+    import random
+
+    database = Database(pg_database[1], pool_size=4, direct_size=2)
+    rng = random.Random(7)
+
+    async def read(seconds: float) -> int:
+        async with SqlAlchemyUnitOfWork(database, OUTBOX).reading() as uow:
+            await read_first(uow.session, SLOW, {"s": seconds})
+            return (await read_first(uow.session, BACKEND, {}))["pid"]
+
+    try:
+        for _ in range(3):
+            tasks = [asyncio.ensure_future(read(rng.uniform(0, 0.03))) for _ in range(40)]
+            for task in rng.sample(tasks, 20):
+                asyncio.get_running_loop().call_later(rng.uniform(0, 0.15), task.cancel)
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(o, int | asyncio.CancelledError) for o in outcomes), outcomes
+            pool = database._direct.ready
+            assert not pool.lent and not pool.waiters
+            assert pool.slots == pool.get_size() == pool.get_idle_size() <= 2
+        pids = await asyncio.wait_for(asyncio.gather(*(read(0.05) for _ in range(6))), 5)
+        assert len(set(pids)) <= 2
+    finally:
+        await database.dispose()
+    assert database._direct.ready is None
+
+
 async def test_a_read_inside_a_transaction_sees_the_transaction(database):
     # Only reads outside a transaction go straight to asyncpg: inside one, read_first is the session's own read
     # and sees what the transaction wrote before it commits.
