@@ -511,7 +511,10 @@ class _Connections:
                 connection = await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled():  # handed over just as the wait ended: pass it on
-                self._pass(waiter.result())
+                handed = waiter.result()
+                if handed is not None:
+                    self.lent.discard(handed)
+                self._pass(handed)
             else:
                 with contextlib.suppress(ValueError):
                     self.waiters.remove(waiter)
@@ -530,7 +533,9 @@ class _Connections:
 
     def release(self, connection: asyncpg.Connection, keep: bool = True) -> None:
         """Takes a lent connection back: for the next statement when `keep` and it is still open, else ended."""
-        self.lent.discard(connection)
+        if connection not in self.lent:  # terminate() ended it meanwhile
+            return
+        self.lent.remove(connection)
         if not keep or connection.is_closed():
             connection.terminate()
             self._pass(None)

@@ -212,6 +212,40 @@ async def test_direct_reads_cancelled_anywhere_leave_the_pool_with_its_connectio
     assert database._direct.ready is None
 
 
+async def test_a_connection_handed_to_a_read_cancelled_at_that_moment_goes_to_the_next_read(pg_database):
+    database = Database(pg_database[1], pool_size=4, direct_size=1)
+    pool = database._direct.pool()
+    try:
+        held = await pool.acquire()
+        waiting = asyncio.ensure_future(pool.acquire())
+        await asyncio.sleep(0.05)  # it waits for the one connection
+        pool.release(held)  # handed to the waiting read...
+        waiting.cancel()  # ...which is cancelled before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert (pool.get_size(), pool.get_idle_size(), pool.slots) == (1, 1, 1)
+        again = await asyncio.wait_for(pool.acquire(), 1)
+        assert again is held
+        pool.release(again)
+    finally:
+        await database.dispose()
+
+
+async def test_connections_ended_by_terminate_are_not_taken_back(pg_database):
+    database = Database(pg_database[1], pool_size=4, direct_size=2)
+    pool = database._direct.pool()
+    lent = await pool.acquire()
+    await pool.acquire()
+    pool.release(lent)
+    lent = await pool.acquire()
+    pool.terminate()  # what dispose() does when statements outlast its wait
+    pool.release(lent)
+    assert lent.is_closed() and (pool.get_size(), pool.slots) == (0, 0)
+    with pytest.raises(asyncpg.InterfaceError):
+        await pool.acquire()
+    await database.dispose()
+
+
 async def test_a_read_inside_a_transaction_sees_the_transaction(database):
     # Only reads outside a transaction go straight to asyncpg: inside one, read_first is the session's own read
     # and sees what the transaction wrote before it commits.
