@@ -470,7 +470,7 @@ class _Connections:
 
     asyncpg's Pool did this before, and on every statement it set and cancelled a timer for the wait for a
     connection and another for its release, wrapped the connection in a proxy, and released it in a task of its
-    own (asyncio.shield): in the user service under load about a tenth of GetUser's CPU. Here a statement that finds
+    own (asyncio.shield): 0.04–0.09 ms of GetUser's 0.7–0.8 ms of CPU under load. Here a statement that finds
     a connection idle takes it at once; only one that has to wait arms a timer (_POOL_TIMEOUT, as before), and waiters
     are served in their order, each handed the connection the statement before it gave back. A connection the
     server closed is never lent: found closed while idle, it is dropped and another opened."""
@@ -586,7 +586,7 @@ class _Connections:
 
 class _DirectPool:
     """The direct statements of one PostgreSQL Database (read_first's reads, insert_staged's inserts): their plans
-    and their own asyncpg pool.
+    and their own pool of asyncpg connections.
 
     The pool is not SQLAlchemy's: checking a connection out of the engine and back in (an AsyncConnection, a
     greenlet round per step, the pool's events) cost more CPU than a read itself; nor asyncpg's (see _Connections).
