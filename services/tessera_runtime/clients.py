@@ -93,11 +93,12 @@ def open_channel(address: str, services: Iterable[ServiceDescriptor], *, default
     # Metrics outermost (they count calls refused before leaving); tracing innermost, so the client span covers
     # the call as sent, with the metadata every other interceptor added. The extra interceptors (the GraphQL API's
     # scope check) come before the breaker: a call they refuse is refused for what it asks, open circuit or not,
-    # and is no call to the dependency.
+    # and is no call to the dependency. So does the caller's deadline: a call made once it has passed is the
+    # caller's DEADLINE_EXCEEDED whatever the circuit's state, and no call to the dependency either.
     return grpc.aio.insecure_channel(
         address, options=options,
-        interceptors=[ClientMetricsInterceptor(), *extra_interceptors, CircuitBreakerInterceptor(breaker),
-                      _CallContextInterceptor(default_deadline), *telemetry.client_interceptors()],
+        interceptors=[ClientMetricsInterceptor(), *extra_interceptors, _CallContextInterceptor(default_deadline),
+                      CircuitBreakerInterceptor(breaker), *telemetry.client_interceptors()],
     )
 
 

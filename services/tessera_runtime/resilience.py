@@ -11,7 +11,9 @@ would tie up the caller. Either of two conditions opens the circuit:
   once ten buckets have begun since), at least `min_calls` calls of which at least `error_percent` % failed,
   checked as each failure is recorded: a dependency that answers only half its calls never fails five in a row.
 
-While open, calls fail at once with UNAVAILABLE (ErrorInfo reason CIRCUIT_OPEN, metadata `dependency`); after
+While open, calls fail at once with UNAVAILABLE (ErrorInfo reason CIRCUIT_OPEN, metadata `dependency`), but for a
+call whose caller's deadline has passed already: it is refused DEADLINE_EXCEEDED before it reaches the breaker
+(tessera_runtime.clients), whatever the circuit's state, and neither counts nor takes the trial; after
 `reset_seconds` one trial call is let through (half-open) and its outcome closes the circuit, with an empty window,
 or re-opens it. Business errors (NOT_FOUND, FAILED_PRECONDITION, ...) are answers, not failures: they count as
 calls in the window and never open it. So is an UNAVAILABLE or DEADLINE_EXCEEDED that carries the service's own

@@ -14,8 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tessera.user.v1 import user_pb2, user_service_pb2_grpc
 from tessera.user.v1 import user_service_pb2 as svc
 
+from tessera_runtime import context as callctx
 from tessera_runtime.clients import error_details, open_channel
 from tessera_runtime.config import CircuitSettings
+from tessera_runtime.errors import DeadlineExceeded
 from tessera_runtime.metrics import MetricsServer
 
 USER_SERVICE = svc.DESCRIPTOR.services_by_name["UserService"]
@@ -237,5 +239,29 @@ async def test_an_open_circuit_whose_open_time_passed_shows_half_open_before_any
         assert await outcome(stub) == "OK"
         assert await circuit_metrics(metrics_port, address) == {"state": 0.0, "open": 1.0, "half_open": 1.0,
                                                                 "closed": 1.0}
+    finally:
+        await channel.close()
+
+
+async def test_a_call_whose_callers_deadline_passed_is_deadline_exceeded_whatever_the_circuits_state(flaky):
+    """A call made after the deadline of the call being served has passed is refused DEADLINE_EXCEEDED (reason
+    DEADLINE_EXCEEDED) before it is sent, open circuit or not: the caller ran out of time, whatever the dependency's
+    state (before, an open circuit answered it UNAVAILABLE CIRCUIT_OPEN, which a caller retries later)."""
+    servicer, address = await flaky()
+    channel = open_channel(address, [USER_SERVICE], default_deadline=5,
+                           circuit=CircuitSettings(failure_threshold=1, open_seconds=60))
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+    try:
+        assert [await outcome(stub) for _ in range(3)] == ["OK", "UNAVAILABLE", "CIRCUIT_OPEN"]
+        token = callctx.deadline_var.set(time.monotonic() - 1)
+        try:
+            with pytest.raises(DeadlineExceeded) as refused:
+                await outcome(stub)
+        finally:
+            callctx.deadline_var.reset(token)
+        assert refused.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert refused.value.reason == "DEADLINE_EXCEEDED"
+        assert servicer.calls == 2
+        assert await outcome(stub) == "CIRCUIT_OPEN"  # the refused call changed nothing of the circuit
     finally:
         await channel.close()
