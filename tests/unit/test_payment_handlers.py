@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import logging
 import uuid
 
 import pytest
@@ -316,6 +317,35 @@ async def test_recovery_settles_abandoned_payments_from_the_processors_books_wit
     assert uow.payments.payments[never.id].failure_message == handlers.INTERRUPTED_MESSAGE
     assert uow.payments.payments[live.id].status is PaymentStatus.PENDING, "a payment still owned was taken over"
     assert len(processor.charge_calls) == calls
+
+
+class SettledMeanwhile(ScriptedProcessor):
+    """While the recovery asks whether it charged, another call (a repeat that took the payment over once the
+    recovery's lease ran out) settles the payment."""
+
+    def __init__(self, uow: FakePaymentUnitOfWork) -> None:
+        super().__init__("ok")
+        self.uow = uow
+
+    async def find_charge(self, charge_key: str) -> Charged | None:
+        stored = self.uow.payments.payments[charge_key]
+        self.settled = self.uow.payments.payments[charge_key] = dataclasses.replace(
+            stored, status=PaymentStatus.SUCCEEDED, processor_reference=self.charges[charge_key],
+            lease_expire_time=None, version=stored.version + 1)
+        return await super().find_charge(charge_key)
+
+
+async def test_a_recovery_another_call_beat_to_the_payment_says_so_and_not_that_it_settled_it(caplog):
+    uow = FakePaymentUnitOfWork()
+    processor = SettledMeanwhile(uow)
+    p = await handlers.process_payment(pay(), uow, processing(processor))
+    abandon(uow, p.id)
+    caplog.set_level(logging.INFO, logger="tessera.payment")
+    recovered = await handlers.recover_abandoned_payment(uow, processing(processor), p.id)
+    about = [r.getMessage() for r in caplog.records if getattr(r, "payment_id", None) == p.id]
+    assert about == ["abandoned payment was settled by another call"]
+    assert recovered is False
+    assert uow.payments.payments[p.id] is processor.settled, "the other call's outcome was overwritten"
 
 
 async def test_customer_may_only_pay_and_see_their_own():

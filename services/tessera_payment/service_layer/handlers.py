@@ -540,12 +540,16 @@ async def recover_abandoned_payment(uow: UnitOfWork, processing: Processing, pay
         return False
     try:
         if charge:
-            await _settle(uow, payment, found if found is not None else INTERRUPTED_MESSAGE)
+            settled = await _settle(uow, payment, found if found is not None else INTERRUPTED_MESSAGE) is payment
         elif found is not None:
-            await _record_refund(uow, payment, found)
+            settled = await _record_refund(uow, payment, found) is payment
         else:
-            await _release_refund(uow, payment)
+            settled = await _release_refund(uow, payment)
     except DomainError:  # a repeat call took the payment over meanwhile; its outcome stands
+        settled = False
+    if not settled:  # another call's outcome stands, not the one this call found
+        log.info("abandoned %s was settled by another call", "payment" if charge else "refund",
+                 extra={"payment_id": payment.id})
         return False
     log.info("abandoned %s settled", "payment" if charge else "refund",
              extra={"payment_id": payment.id, "status": payment.status.value})
@@ -694,14 +698,16 @@ async def _find_refund(processor: PaymentProcessor, payment: Payment, policy: Ch
         raise _refund_failed(payment) from None
 
 
-async def _release_refund(uow: UnitOfWork, payment: Payment) -> None:
+async def _release_refund(uow: UnitOfWork, payment: Payment) -> bool:
     """The claimed refund was not paid out: the claim is given up, so that a repeat may refund. If another call
-    took the claim over meanwhile, it is left to that call."""
+    took the claim over meanwhile, it is left to that call. True if this call gave it up."""
     async with uow:
         expected = payment.version
         payment.release_refund(utcnow())
-        if await uow.payments.save(payment, expected):
-            await uow.commit()
+        if not await uow.payments.save(payment, expected):
+            return False
+        await uow.commit()
+    return True
 
 
 async def _record_refund(uow: UnitOfWork, payment: Payment, refunded: Refunded) -> Payment:
