@@ -547,6 +547,40 @@ async def test_a_saga_the_recovery_cannot_resume_does_not_hold_up_the_others(ord
     assert passed_over and {getattr(r, "item_id", None) for r in passed_over} == {bad}
 
 
+async def test_a_saga_whose_order_cannot_be_loaded_is_passed_over_by_the_recovery(order_service, neighbours, db_url,
+                                                                                 caplog):
+    """A saga whose rows were edited by hand so that its order cannot be loaded (a step status no saga writes),
+    though its saga row reads, is logged by the recovery with its id in item_id and counted in
+    tessera_batch_job_items_passed_over_total once per round, as the other backlog jobs' poison rows are (before,
+    only its saga task failed, logged as "saga interrupted"); the sagas behind it are resumed."""
+    customer, product = await neighbours.customer(), await neighbours.product(10)
+    before = REGISTRY.get_sample_value("tessera_batch_job_items_passed_over_total",
+                                       {"job": "order.saga_recovery"}) or 0
+    db = Database(db_url)
+    try:
+        bad = await store_unfinished_order(db, customer, product, Lease("gone", utcnow() + dt.timedelta(minutes=5)))
+        await execute(db_url, text("UPDATE order_saga_steps SET status = 'MELTED' WHERE order_id = :id "
+                                   "AND step = 'RESERVE_STOCK'").bindparams(id=bad))
+        await execute(db_url, text("UPDATE order_sagas SET lease_owner = NULL WHERE order_id = :id").bindparams(id=bad))
+        good = [await store_unfinished_order(db, customer, product, Lease("gone", utcnow() - dt.timedelta(seconds=1)))
+                for _ in range(3)]
+    finally:
+        await db.dispose()
+    for _ in range(200):
+        if [(await get(order_service, g)).status for g in good] == [order_pb2.ORDER_STATUS_CONFIRMED] * 3:
+            break
+        await asyncio.sleep(0.1)
+    assert [(await get(order_service, g)).status for g in good] == [order_pb2.ORDER_STATUS_CONFIRMED] * 3
+    # The recovery runs on this event loop: nothing is logged or counted between these two reads.
+    records = list(caplog.records)
+    counted = (REGISTRY.get_sample_value("tessera_batch_job_items_passed_over_total",
+                                         {"job": "order.saga_recovery"}) or 0) - before
+    passed_over = [r for r in records if r.name == "tessera.order.saga_recovery" and r.levelname == "ERROR"]
+    assert passed_over and {getattr(r, "item_id", None) for r in passed_over} == {bad}
+    assert counted == len(passed_over)
+    assert not [r for r in records if getattr(r, "order_id", None) == bad and "interrupted" in r.getMessage()]
+
+
 async def test_cancel_refunds_and_restocks(order_service, neighbours, db_url):
     customer, product = await neighbours.customer(), await neighbours.product(5)
     order = await create(order_service, request(customer, (product, 2)))

@@ -600,11 +600,13 @@ class SagaCoordinator:
     async def resume(self, order_id: str) -> bool:
         """Starts resuming a saga nobody runs, as the caller that started it, once one of the recovery's
         `recovery_concurrency` slots is free: so a long backlog waits here, not in as many tasks. False if this
-        process runs the saga already."""
+        process runs the saga already. Raises if the saga's rows cannot be read (edited by hand into a state the
+        saga cannot load): the recovery passes it over (BacklogJob) rather than a task failing on it unseen."""
         if self.running(order_id) is not None:
             return False
         async with self.uow() as uow:
             caller = await uow.orders.caller(order_id)
+            await uow.orders.get(order_id)
         await self._recovery_slots.acquire()
         if self.running(order_id) is not None:
             self._recovery_slots.release()
@@ -670,9 +672,9 @@ class SagaCoordinator:
 class SagaRecovery(BacklogJob):
     """Resumes the unfinished sagas nobody runs (a crashed process's, or a runner's that stopped renewing its
     lease), `recovery_batch_size` at a time, at most `recovery_concurrency` of them running at once. One that cannot
-    be resumed (its saga row edited by hand so that it cannot be read, say) is logged with its id and passed over
-    until the next round (see BacklogJob): the sagas behind it are still resumed. Several processes may recover one
-    database: the lease admits one runner per saga."""
+    be resumed (its saga or order rows edited by hand so that they cannot be read, say) is logged with its id and
+    passed over until the next round (see BacklogJob): the sagas behind it are still resumed. Several processes may
+    recover one database: the lease admits one runner per saga."""
 
     name = "order.saga_recovery"
 
