@@ -141,7 +141,9 @@ class GrpcPayments:
             order_id=order_id, customer_id=customer_id,
             amount=money_pb2.Money(currency_code=currency_code, amount_minor=amount_minor),
             payment_method=payment_method, idempotency_key=idempotency_key)
-        # Only the payment record changes (the processor is not asked): the default deadline.
+        # The default deadline (TESSERA_DEFAULT_DEADLINE_SECONDS, 5 s unless set): usually only the payment record
+        # changes, but a PENDING payment whose charging call is gone is settled first, and the processor is asked
+        # whether it charged it for at most the payment service's lookup timeout (1 s), which that deadline covers.
         return _payment((await _call("payment", self.stub.VoidPayment, request)).payment)
 
 
