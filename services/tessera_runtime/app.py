@@ -13,6 +13,7 @@ from typing import Any
 from tessera_runtime.config import ConfigError, ServiceSettings
 from tessera_runtime.db import cannot_connect, database_location, first_line
 from tessera_runtime.logs import setup_logging
+from tessera_runtime.messaging.topology import MIGRATE_COMMAND, QueueNotMigrated
 from tessera_runtime.server import ServiceModule, TesseraServer, serve_until_signalled
 from tessera_runtime.telemetry import setup_telemetry
 
@@ -22,6 +23,9 @@ log = logging.getLogger("tessera.app")
 # such database, login refused): one JSON log line names where, and the orchestrator restarts the process later
 # (Kubernetes with its back-off). 2 is a configuration error; 128 + N a worker killed by signal N.
 EXIT_DATABASE_UNAVAILABLE = 3
+# Exit status when a consumer finds its queue is still a classic queue of an earlier version: one JSON log line
+# names the queue and the command that converts it (`tessera queues migrate`); restarting cannot help before that.
+EXIT_QUEUES_NOT_MIGRATED = 4
 
 # Service name → module of its composition root. A composition root exposes SETTINGS (a ServiceSettings class),
 # DEFAULT_PORT, SERVICE (the short name), `async def build(settings) -> ServiceModule` and MIGRATIONS (a Path).
@@ -88,6 +92,10 @@ def run(service: str) -> int:
     async def main() -> int:
         try:
             server = await start_service(root, settings)
+        except QueueNotMigrated as exc:
+            log.error("%s; exiting", exc, extra={"queue": exc.queue, "command": MIGRATE_COMMAND,
+                                                 "exit_code": EXIT_QUEUES_NOT_MIGRATED})
+            return EXIT_QUEUES_NOT_MIGRATED
         except Exception as exc:
             if not cannot_connect(exc):
                 raise

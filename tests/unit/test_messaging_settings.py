@@ -74,8 +74,16 @@ def test_a_consumer_queue_comes_with_retry_queues_a_dead_letter_queue_and_its_bi
         ("bind", "notification.email", "tessera.events", "a.B"),
         ("bind", "notification.email", "tessera.events", "c.D"),
     ]
-    retry = next(d for d in topology.declarations() if d.name.endswith("1000ms"))
-    assert retry.arguments == {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "notification.email"}
+    queues = {d.name: d.arguments for d in topology.declarations() if d.kind == "queue"}
+    # Every queue is a quorum queue; those that dead-letter do it at least once (which needs reject-publish).
+    assert queues["notification.email.retry.1000ms"] == {
+        "x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "notification.email",
+        "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    assert queues["notification.email"] == {
+        "x-queue-type": "quorum", "x-dead-letter-exchange": "tessera.events.dead-letter",
+        "x-dead-letter-routing-key": "notification.email", "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish"}
+    assert queues["notification.email.dlq"] == {"x-queue-type": "quorum"}
 
 
 def test_an_outbox_row_becomes_a_persistent_protobuf_message_with_its_context():

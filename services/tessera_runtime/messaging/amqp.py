@@ -70,6 +70,12 @@ class AmqpLink:
         self.generation = 0
         self.last_error: str | None = None
         self.on_ready: Callable[[], None] = lambda: None
+        # An error no reconnection can cure (see `fatal_error`): once set the link has stopped for good, and
+        # on_fatal was called with it.
+        self.fatal: Exception | None = None
+        self.on_fatal: Callable[[Exception], None] = lambda _error: None
+        # Set once the first connection attempt has an outcome: ready, failed, or fatal.
+        self.attempted = threading.Event()
         self._ioloop = IOLoop()
         self._thread = threading.Thread(target=self._run, name=f"amqp-{name}", daemon=True)
         self._lock = threading.Lock()
@@ -140,6 +146,11 @@ class AmqpLink:
 
     def on_channel_lost(self, error: BaseException | str) -> None:
         """Called once when a ready or opening channel is gone."""
+
+    def fatal_error(self, reason: BaseException) -> Exception | None:
+        """The error to stop for good on, when the broker closed the channel for a reason that reconnecting would
+        only meet again; None (the default) reconnects."""
+        return None
 
     @property
     def channel(self) -> Channel | None:
@@ -259,6 +270,7 @@ class AmqpLink:
             return
         self.generation += 1
         self._ready = True
+        self.attempted.set()
         if self._failures:
             log.info("connected to the broker again", extra={"link": self.name})
         else:
@@ -278,6 +290,16 @@ class AmqpLink:
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
         if channel is not self._channel:
             return
+        fatal = self.fatal_error(reason) if not self._stopping else None
+        if fatal is not None:
+            self._lose_channel(reason)
+            self.last_error = str(fatal)
+            self.fatal = fatal
+            self._stop_requested = True
+            self._shutdown()  # no reconnection: it would meet the same refusal, for ever
+            self.attempted.set()
+            self.on_fatal(fatal)
+            return
         self._lose_channel(reason)
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
             # A declaration mismatch or an unknown exchange: recycle the whole connection, so that the next
@@ -294,11 +316,13 @@ class AmqpLink:
             return
         self._connection = None
         self._lose_channel(error)
-        self.last_error = self._recycled_for or str(error) or type(error).__name__
+        if self.fatal is None:
+            self.last_error = self._recycled_for or str(error) or type(error).__name__
         self._recycled_for = None
         if self._stopping:
             self._ioloop.stop()
             return
+        self.attempted.set()
         self._failures += 1
         delay = min(self.max_backoff, 0.25 * 2 ** min(self._failures, 16)) * random.uniform(0.8, 1.2)
         level = logging.WARNING if self._failures == 1 else logging.DEBUG

@@ -1,4 +1,5 @@
-"""`tessera dlq list|show|replay`: inspect and replay the messages consumers moved to their dead-letter queues.
+"""`tessera dlq list|show|replay`: inspect and replay the messages consumers moved to their dead-letter queues;
+`tessera queues migrate`: convert the consumer queues of an earlier deployment to quorum queues (queues.py).
 
     tessera dlq list                               dead-letter queue depth of every consumer queue Tessera knows
     tessera dlq list notification.email            the dead-lettered messages of one queue, oldest first
@@ -22,7 +23,9 @@ import pika.exceptions
 
 from tessera_runtime import app
 from tessera_runtime.config import DEFAULT_AMQP_URL, ConfigError, check_amqp_url
-from tessera_runtime.messaging import deadletter
+from tessera_runtime.messaging import deadletter, queues
+from tessera_runtime.messaging.settings import MessagingSettings
+from tessera_runtime.messaging.topology import QueueTopology, installed_consumer_routes
 
 
 def known_queues() -> list[str]:
@@ -116,13 +119,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def _guarded(command: Callable[[argparse.Namespace], int],
+             name: str = "tessera dlq") -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             _url(args)  # a URL that is none is a usage error, before any broker is asked
             return command(args)
         except ConfigError as exc:
-            print(f"tessera dlq: {exc}", file=sys.stderr)
+            print(f"{name}: {exc}", file=sys.stderr)
             return 2
         except deadletter.QueueMissing as exc:
             print(str(exc), file=sys.stderr)
@@ -134,7 +138,49 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     return run
 
 
+QUEUES_DOC = """Converts the consumer queues of the services installed here (each with its retry queues and
+dead-letter queue) from classic queues of an earlier version to quorum queues, moving their messages; queues that
+are quorum queues already are left as they are. Run it after the earlier version's consumers stopped and before
+this version's start. Safe to run again, and after an interruption (it finishes the job).
+
+The broker is TESSERA_AMQP_URL (or --amqp-url); the exchange and retry delays are TESSERA_EVENTS_EXCHANGE and
+TESSERA_CONSUMER_RETRY_DELAYS, as the services have them. Exit status: 0 done, 1 refused (consumers still attached,
+a queue declared differently), 2 a usage error or the broker could not be reached.
+"""
+
+
+def _migrate_queues(args: argparse.Namespace) -> int:
+    url = _url(args)
+    settings = MessagingSettings.from_env(os.environ)
+    routes = installed_consumer_routes()
+    unknown = [q for q in args.queues if q not in routes]
+    if unknown:
+        print(f"unknown consumer queue(s) {', '.join(unknown)}; known: {', '.join(sorted(routes))}",
+              file=sys.stderr)
+        return 2
+    chosen = args.queues or sorted(routes)
+    topologies = [QueueTopology(settings.events_exchange, q, routes[q], settings.consumer_retry_delays)
+                  for q in chosen]
+    try:
+        queues.migrate(url, topologies, on_queue=lambda r: print(r.describe(), flush=True))
+    except queues.MigrationRefused as exc:
+        print(f"tessera queues migrate: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    queue_parser = subparsers.add_parser("queues", help="convert consumer queues to quorum queues",
+                                         description=QUEUES_DOC,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    queue_sub = queue_parser.add_subparsers(dest="queues_command", required=True)
+    migrate = queue_sub.add_parser("migrate", help="convert classic consumer queues to quorum queues, with their "
+                                   "messages", description=QUEUES_DOC,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    migrate.add_argument("--amqp-url", help="broker URL (default: TESSERA_AMQP_URL)")
+    migrate.add_argument("queues", nargs="*", help="consumer queues, e.g. notification.email (default: all)")
+    migrate.set_defaults(func=_guarded(_migrate_queues, "tessera queues migrate"))
+
     dlq = subparsers.add_parser("dlq", help="list, show and replay dead-lettered event messages",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dlq.add_argument("--amqp-url", help="broker URL (default: TESSERA_AMQP_URL)")

@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -62,13 +63,16 @@ from tessera_runtime.messaging.handling import (
 )
 from tessera_runtime.messaging.idempotency import prune_processed_events
 from tessera_runtime.messaging.settings import MessagingSettings, messaging_settings
-from tessera_runtime.messaging.topology import QueueTopology, declare_async
+from tessera_runtime.messaging.topology import MIGRATE_COMMAND, QueueTopology, declare_async, queue_not_migrated
 from tessera_runtime.outbox import PROTOBUF_CONTENT_TYPE
 from tessera_runtime.server import HealthCheck, ServiceModule
 
 log = logging.getLogger("tessera.consumer")
 
 _PRUNE_INTERVAL = 600.0
+# How long a consumer's start waits for its first connection attempt to have an outcome: a queue of the wrong
+# type then fails the start. A broker that does not answer within it does not hold the service back.
+_FIRST_ATTEMPT_SECONDS = 15.0
 MAX_EVENT_ID = 64  # the width of processed_events.event_id
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +162,10 @@ class ConsumerLink(AmqpLink):
 
         declare_async(channel, self.topology.declarations(),
                       lambda: channel.basic_qos(prefetch_count=self.prefetch, callback=confirm_mode))
+
+    def fatal_error(self, reason: BaseException) -> Exception | None:
+        # A queue of the topology is still a classic queue: every reconnection would be refused the same way.
+        return queue_not_migrated(reason)
 
     def _on_cancelled(self, _frame: object) -> None:
         """The broker cancelled the consumer: its queue was deleted. Connected and idle, the consumer would look
@@ -278,11 +286,30 @@ class Consumer:
         self._semaphore: asyncio.Semaphore | None = None
         self._stopping = False
         self._pruning: asyncio.Task[None] | None = None
+        self._started = False
+        self._fatal_lock = threading.Lock()
+
+    def _on_fatal(self, error: Exception) -> None:
+        """On the link's thread: the consumer stopped for good. Before start() returned, start() raises the error
+        (and the service reports it as it exits); after, this is the one line that says so."""
+        with self._fatal_lock:
+            if not self._started:
+                return
+        log.error("the consumer stopped: %s", error, extra={
+            "queue": getattr(error, "queue", self.queue), "command": MIGRATE_COMMAND})
 
     async def start(self) -> None:
+        """Connects and starts consuming. Raises QueueNotMigrated (and the link is stopped) when the broker answers
+        that a queue of the subscription is not a quorum queue; an unreachable broker is retried in the background."""
         self._loop = asyncio.get_running_loop()
         self._semaphore = asyncio.Semaphore(self.settings.consumer_concurrency)
+        self.link.on_fatal = self._on_fatal
         self.link.start()
+        await asyncio.to_thread(self.link.attempted.wait, _FIRST_ATTEMPT_SECONDS)
+        with self._fatal_lock:
+            self._started = True
+            if self.link.fatal is not None:
+                raise self.link.fatal
         if self.processed is not None and self.settings.processed_events_retention_hours > 0:
             self._pruning = self._loop.create_task(self._prune_periodically(), name=f"{self.queue}-prune")
         log.info("consumer started", extra={"queue": self.queue, "events": list(self._handlers)})

@@ -1,10 +1,15 @@
 """Dead-letter queues: browse, show and replay the messages consumers gave up on (used by `tessera dlq`).
 
 Browsing takes the messages with basic.get without acknowledging them and then closes the channel, which puts
-them back where they were: the queue is unchanged. Replay republishes a message to its consumer's queue (through
-the default exchange, so that only that consumer sees it again) with its attempt count reset, waits for the
-broker's confirm, and only then removes it from the dead-letter queue; a copy the broker does not take stops the
-replay with that message and the ones after it still in the dead-letter queue.
+them back: no message leaves the queue. The dead-letter queue is a quorum queue (topology.py), which puts returned
+messages behind the ones it still holds, in no set order (RabbitMQ 3.10), so a listing, a `show` or a replay of
+some ids changes the order of the queue, never its contents; each read adds one to a message's x-delivery-count,
+which Tessera does not use (it counts attempts in its own header, reset by a replay).
+
+Replay republishes a message to its consumer's queue (through the default exchange, so that only that consumer
+sees it again) with its attempt count reset, waits for the broker's confirm, and only then removes it from the
+dead-letter queue; a copy the broker does not take stops the replay with that message and the ones after it still
+in the dead-letter queue.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from tessera_runtime.messaging.topology import DLQ_SUFFIX, dead_letter_queue
 
 # Headers that describe one trip through the dead-letter queue and are dropped when the message is replayed.
 _TRIP_HEADERS = (envelope.LAST_ERROR, envelope.DEAD_LETTERED_AT, envelope.ORIGIN_QUEUE, envelope.FORWARD_ID,
-                 "x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason")
+                 "x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+                 "x-delivery-count")
 
 
 class QueueMissing(Exception):
@@ -184,17 +190,17 @@ def replay(url: str, queue: str, message_ids: Iterable[str] | None,
     after the broker confirmed its copy, and `on_moved` is called with its id right then.
 
     The first copy the broker does not take (the consumer queue is gone, or it refuses the message) stops the
-    replay: that message and every one not yet moved stay in the dead-letter queue, in their order, and
+    replay: that message and every one not yet moved stay in the dead-letter queue, and
     `stopped` says why. Nothing is lost; a connection lost between a confirm and the removal leaves a message in
     both queues, which the consumer's deduplication applies once."""
     queue = consumer_queue(queue)
     wanted = None if message_ids is None else set(message_ids)
     result = ReplayResult()
-    with _channel(url) as channel:  # what was read and not moved goes back to the dead-letter queue, in its place
+    with _channel(url) as channel:  # what was read and not moved goes back to the dead-letter queue
         channel.confirm_delivery()
         for tag, props, letter in _read(channel, queue, None):
             if wanted is not None and letter.message_id not in wanted:
-                continue  # left unacknowledged: back in its place when the channel closes
+                continue  # left unacknowledged: back in the queue when the channel closes
             headers = {k: v for k, v in (props.headers or {}).items() if k not in _TRIP_HEADERS}
             headers[envelope.ATTEMPT] = 1
             headers[envelope.REPLAYS] = letter.replays + 1

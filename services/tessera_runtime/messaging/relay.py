@@ -86,10 +86,12 @@ from tessera_runtime.messaging.amqp import AmqpLink
 from tessera_runtime.messaging.envelope import CORRELATION_ID, REQUEST_ID, OutgoingEvent, outgoing_event
 from tessera_runtime.messaging.settings import MessagingSettings, messaging_settings
 from tessera_runtime.messaging.topology import (
+    MIGRATE_COMMAND,
     declare_async,
     exchange_declarations,
     installed_consumer_routes,
     publisher_declarations,
+    queue_not_migrated,
 )
 from tessera_runtime.outbox import add_commit_listener
 from tessera_runtime.server import HealthCheck, ServiceModule
@@ -272,8 +274,14 @@ class ConfirmingPublisher(AmqpLink):
 
         def refused(_side: Channel, reason: Exception) -> None:
             if not finished:
-                log.warning("could not declare the consumer queues; publishing without them: %s", reason,
-                            extra={"exchange": self.exchange})
+                outdated = queue_not_migrated(reason)
+                if outdated is not None:  # a classic queue of an earlier version: events still reach it
+                    log.warning("could not declare the consumer queues; publishing without them: %s", outdated,
+                                extra={"exchange": self.exchange, "queue": outdated.queue,
+                                       "command": MIGRATE_COMMAND})
+                else:
+                    log.warning("could not declare the consumer queues; publishing without them: %s", reason,
+                                extra={"exchange": self.exchange})
                 declared()
 
         def side_open(side: Channel) -> None:

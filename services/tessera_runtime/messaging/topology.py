@@ -3,26 +3,76 @@
 For a consumer queue Q (named "<service>.<purpose>") on events exchange E:
 
     E            topic, durable       every event, routing key = the event's full protobuf name
-    Q            durable              bound to E by the routing keys of the events it handles; messages it rejects
+    Q            quorum               bound to E by the routing keys of the events it handles; messages it rejects
                                       go to E.dead-letter with routing key Q
-    Q.retry.Nms  durable, no readers  a failed message waits here N ms (its per-message TTL, the same for every
+    Q.retry.Nms  quorum, no readers   a failed message waits here N ms (its per-message TTL, the same for every
                                       message of the queue, so expiry is first in first out), then the broker
                                       dead-letters it back to Q through the default exchange
     E.dead-letter  direct, durable    where messages go after their last attempt
-    Q.dlq        durable              bound to E.dead-letter by Q; inspected and replayed with `tessera dlq`
+    Q.dlq        quorum               bound to E.dead-letter by Q; inspected and replayed with `tessera dlq`
+
+Every queue is a quorum queue (durable by nature): its messages are written to disk and confirmed only once
+stored. A queue that dead-letters (Q and its retry queues) does it at least once (x-dead-letter-strategy
+at-least-once, which RabbitMQ requires with x-overflow reject-publish): the broker keeps the message in the
+source queue until the target queue confirmed its copy, so a broker crash while a message moves between two
+queues, or a target queue missing for a while (the broker sends its copy again about every three minutes), loses
+nothing; classic queues dead-letter at most once. Deployments whose queues are still classic queues (declaring one
+as quorum fails with 406 PRECONDITION_FAILED) convert them, messages included, with `tessera queues migrate`
+(queues.py) before consumers of this version start; a consumer that finds a queue declared otherwise stops with
+QueueNotMigrated instead of reconnecting to the same refusal.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from collections.abc import Callable
 from typing import Any
 
+import pika.exceptions
 from pika.channel import Channel
 
 DEAD_LETTER_SUFFIX = ".dead-letter"
 DLQ_SUFFIX = ".dlq"
+MIGRATE_COMMAND = "tessera queues migrate"
+
+QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+
+
+def dead_lettering_to(exchange: str, routing_key: str) -> dict[str, Any]:
+    """The arguments of a quorum queue that dead-letters to exchange with routing_key, at least once."""
+    return {**QUORUM, "x-dead-letter-exchange": exchange, "x-dead-letter-routing-key": routing_key,
+            "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+
+
+class QueueNotMigrated(Exception):
+    """A queue of the topology exists with other arguments than this version declares (a classic queue of an
+    earlier version, above all): declaring it was refused (406 PRECONDITION_FAILED), and would be on every
+    reconnection, until `tessera queues migrate` converted it."""
+
+    def __init__(self, queue: str, detail: str = "") -> None:
+        super().__init__(f"the queue {queue} exists with other arguments than this version declares (a classic "
+                         f"queue of an earlier version?{'; ' + detail if detail else ''}); run `{MIGRATE_COMMAND}` "
+                         "before starting this version's consumers")
+        self.queue = queue
+        self.detail = detail
+
+
+# RabbitMQ names the first argument it finds different; for a classic queue that is x-queue-type, x-overflow or
+# x-dead-letter-strategy, depending on the other arguments.
+_INEQUIVALENT = re.compile(r"inequivalent arg '(?P<arg>[^']*)' for queue '(?P<queue>.*?)' in vhost")
+
+
+def queue_not_migrated(reason: object) -> QueueNotMigrated | None:
+    """The channel-close reason of a queue declaration refused because the queue exists with other arguments, as
+    the error naming that queue; None for any other reason."""
+    if not isinstance(reason, pika.exceptions.ChannelClosedByBroker) or reason.reply_code != 406:
+        return None
+    match = _INEQUIVALENT.search(reason.reply_text or "")
+    if match is None:
+        return None
+    return QueueNotMigrated(match.group("queue"), f"it differs in {match.group('arg')}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,20 +124,19 @@ class QueueTopology:
     def routing_declarations(self) -> list[Declaration]:
         """The queue and its bindings: what routes events into it (publishers declare this much too)."""
         return [
-            Declaration("queue", self.queue, arguments={"x-dead-letter-exchange": self.dead_letter_exchange,
-                                                        "x-dead-letter-routing-key": self.queue}),
+            Declaration("queue", self.queue, arguments=dead_lettering_to(self.dead_letter_exchange, self.queue)),
             *(Declaration("bind", self.queue, exchange=self.events_exchange, routing_key=key)
               for key in self.routing_keys),
         ]
 
     def declarations(self) -> list[Declaration]:
-        back_to_queue = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.queue}
+        back_to_queue = dead_lettering_to("", self.queue)
         queue, *bindings = self.routing_declarations()
         items = [
             *exchange_declarations(self.events_exchange),
             Declaration("exchange", self.dead_letter_exchange, exchange_type="direct"),
             queue,
-            Declaration("queue", self.dead_letter_queue),
+            Declaration("queue", self.dead_letter_queue, arguments=dict(QUORUM)),
             Declaration("bind", self.dead_letter_queue, exchange=self.dead_letter_exchange, routing_key=self.queue),
         ]
         for delay in sorted(set(self.retry_delays)):
