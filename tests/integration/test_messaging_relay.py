@@ -626,7 +626,25 @@ async def test_a_consumer_queue_declared_differently_does_not_stop_publishing(ou
     finally:
         connection.close()
     await publish_one(db, table, empty_broker, PendingEvent("user", "a", activated("despite")), "clash")
-    assert any("could not declare the consumer queues" in r.getMessage() for r in caplog.records)
+    [warning] = [r for r in caplog.records if "could not declare the consumer queues" in r.getMessage()]
+    # A classic queue of an earlier version, say: the warning names it and the command that converts it.
+    assert (warning.queue, warning.command) == ("notification.email", "tessera queues migrate")
+    assert "tessera queues migrate" in warning.getMessage()
+
+
+async def test_a_classic_consumer_queue_of_an_earlier_version_still_gets_the_events(outbox, empty_broker):
+    db, table = outbox
+    connection = rabbitmq.blocking_connection(empty_broker)
+    try:  # as the earlier version declared it, bound as before: events reach it until it is migrated
+        channel = connection.channel()
+        channel.exchange_declare("tessera.events", exchange_type="topic", durable=True)
+        channel.queue_declare("notification.email", durable=True, arguments={
+            "x-dead-letter-exchange": "tessera.events.dead-letter", "x-dead-letter-routing-key": "notification.email"})
+        channel.queue_bind("notification.email", "tessera.events", routing_key=ACTIVATED_TYPE)
+    finally:
+        connection.close()
+    await publish_one(db, table, empty_broker, PendingEvent("user", "a", activated("kept")), "classic")
+    assert rabbitmq.queue_depth(empty_broker, "notification.email") == 1
 
 
 async def test_an_event_nobody_consumes_is_marked_published_counted_and_logged(vhost, outbox, caplog):
