@@ -89,13 +89,16 @@ def run(service: str) -> int:
         print(f"tessera-{service}: configuration error: {exc}", file=sys.stderr)
         return 2
 
+    def not_migrated(exc: QueueNotMigrated) -> int:
+        log.error("%s; exiting", exc, extra={"queue": exc.queue, "command": MIGRATE_COMMAND,
+                                             "exit_code": EXIT_QUEUES_NOT_MIGRATED})
+        return EXIT_QUEUES_NOT_MIGRATED
+
     async def main() -> int:
         try:
             server = await start_service(root, settings)
         except QueueNotMigrated as exc:
-            log.error("%s; exiting", exc, extra={"queue": exc.queue, "command": MIGRATE_COMMAND,
-                                                 "exit_code": EXIT_QUEUES_NOT_MIGRATED})
-            return EXIT_QUEUES_NOT_MIGRATED
+            return not_migrated(exc)
         except Exception as exc:
             if not cannot_connect(exc):
                 raise
@@ -103,7 +106,10 @@ def run(service: str) -> int:
                 "database": database_location(settings.database_url), "error": first_line(exc),
                 "exit_code": EXIT_DATABASE_UNAVAILABLE})
             return EXIT_DATABASE_UNAVAILABLE
-        await serve_until_signalled(server, _announce(service, settings.grpc_host))
+        try:
+            await serve_until_signalled(server, _announce(service, settings.grpc_host))
+        except QueueNotMigrated as exc:  # found once the broker could be reached, after the start
+            return not_migrated(exc)
         return 0
 
     return asyncio.run(main())

@@ -61,6 +61,32 @@ _SERVER_OPTIONS = (
 )
 
 
+class ServiceFailure:
+    """A failure a part of a running service reports from any thread when the process cannot go on (a consumer
+    whose queue must be migrated first): `tessera serve` then stops the server gracefully and exits with it."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def report(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        loop, event = self._loop, self._event
+        if loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(event.set)
+
+    async def wait(self) -> Exception:
+        self._event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        if self.error is None:
+            await self._event.wait()
+        assert self.error is not None
+        return self.error
+
+
 @dataclasses.dataclass
 class ServiceModule:
     """What one Tessera service contributes to its server; built by the service's composition root."""
@@ -77,6 +103,7 @@ class ServiceModule:
     on_grace: Sequence[Callable[[float], Awaitable[None]]] = ()
     rpc_observers: tuple[RpcObserver, ...] = ()
     extra_interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
+    failure: ServiceFailure = dataclasses.field(default_factory=ServiceFailure)
 
 
 class Readiness:
@@ -220,13 +247,21 @@ async def create_server(module: ServiceModule, address: str = "127.0.0.1:0", **o
 
 
 async def serve_until_signalled(server: TesseraServer, on_ready: Callable[[int], None] | None = None) -> None:
-    """Runs a started server until SIGTERM or SIGINT, then stops it gracefully."""
+    """Runs a started server until SIGTERM or SIGINT, then stops it gracefully. A failure the service reports
+    (ServiceModule.failure) stops it the same way, then is raised."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if on_ready is not None:
         on_ready(server.port)
-    await stop.wait()
+    signalled = loop.create_task(stop.wait())
+    failed = loop.create_task(server.module.failure.wait())
+    await asyncio.wait((signalled, failed), return_when=asyncio.FIRST_COMPLETED)
+    for task in (signalled, failed):
+        task.cancel()
+    if failed.done() and not failed.cancelled():
+        await server.stop()
+        raise failed.result()
     log.info("signal received, shutting down")
     await server.stop()

@@ -20,7 +20,8 @@ from tessera_runtime.messaging.amqp import running_links
 from tessera_runtime.messaging.consumer import ACK
 from tessera_runtime.messaging.topology import QueueNotMigrated, QueueTopology, declare_blocking
 from tests.support import rabbitmq
-from tests.support.processes import ROOT
+from tests.support.processes import ROOT, ServiceProcess
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually, wait_for
 
 EXCHANGE = "tessera.events"
@@ -289,3 +290,29 @@ def test_a_service_that_finds_a_classic_queue_exits_with_one_error_line_naming_i
     [error] = [line for line in lines if line["level"] == "ERROR"]
     assert error["queue"] == QUEUE and error["command"] == "tessera queues migrate" and error["exit_code"] == 4
     assert QUEUE in error["message"] and "tessera queues migrate" in error["message"]
+
+
+def test_a_service_that_reaches_the_broker_only_after_its_start_and_finds_a_classic_queue_exits_the_same(
+        vhost, tmp_path):
+    declare_classic(rabbitmq.amqp_url(vhost))
+    proxy = TcpProxy(rabbitmq.HOST, rabbitmq.PORT).start()
+    proxy.cut()  # the broker is out of reach as the service starts: it starts all the same
+    service = ServiceProcess("notification", {
+        "TESSERA_AMQP_URL": rabbitmq.amqp_url(vhost, port=proxy.port), "TESSERA_ENV": "test",
+        "TESSERA_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'notification.db'}",
+        "TESSERA_MAIL_DIR": str(tmp_path / "mail"), "TESSERA_AMQP_RECONNECT_MAX_SECONDS": "0.5"},
+        tmp_path / "notification.log")
+    try:
+        service.start()
+        proxy.restore()
+        assert service.proc is not None
+        returncode = service.proc.wait(timeout=60)
+    finally:
+        service.stop()
+        proxy.close()
+
+    assert returncode == 4
+    lines = [json.loads(line) for line in service.log_text().splitlines()]  # every line is JSON: no traceback
+    # (pika's own lines say the broker could not be reached at first)
+    errors = [line for line in lines if line["level"] == "ERROR" and line["logger"].startswith("tessera")]
+    assert [(e["queue"], e["command"], e["exit_code"]) for e in errors] == [(QUEUE, "tessera queues migrate", 4)]

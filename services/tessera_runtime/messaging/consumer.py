@@ -288,15 +288,19 @@ class Consumer:
         self._pruning: asyncio.Task[None] | None = None
         self._started = False
         self._fatal_lock = threading.Lock()
+        # Told, from the link's thread, of a failure after start() returned (attach_consumer: the service's).
+        self.on_failure: Callable[[Exception], None] = lambda error: log.error(
+            "the consumer stopped: %s", error, extra={"queue": getattr(error, "queue", self.queue),
+                                                      "command": MIGRATE_COMMAND})
 
     def _on_fatal(self, error: Exception) -> None:
-        """On the link's thread: the consumer stopped for good. Before start() returned, start() raises the error
-        (and the service reports it as it exits); after, this is the one line that says so."""
+        """On the link's thread: the consumer stopped for good. Before start() returned, start() raises the error;
+        after (the broker was out of reach as the service started), the service is told (on_failure), and
+        `tessera serve` stops and exits with it as it would at start."""
         with self._fatal_lock:
             if not self._started:
                 return
-        log.error("the consumer stopped: %s", error, extra={
-            "queue": getattr(error, "queue", self.queue), "command": MIGRATE_COMMAND})
+        self.on_failure(error)
 
     async def start(self) -> None:
         """Connects and starts consuming. Raises QueueNotMigrated (and the link is stopped) when the broker answers
@@ -533,6 +537,7 @@ def attach_consumer(module: ServiceModule, settings: Any, subscription: Subscrip
     processed_events table) old processed event ids are pruned periodically."""
     messaging = messaging or messaging_settings(settings)
     consumer = Consumer(subscription, amqp_url=settings.amqp_url, settings=messaging, processed=processed)
+    consumer.on_failure = module.failure.report
     module.on_start = (*module.on_start, consumer.start)
     module.on_grace = (*module.on_grace, consumer.stop)
     module.readiness_checks = (*module.readiness_checks,
