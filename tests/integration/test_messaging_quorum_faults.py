@@ -10,7 +10,7 @@ import pika
 import pytest
 
 from tessera_runtime.messaging.topology import QueueTopology, declare_blocking
-from tests.support.private_rabbitmq import PrivateBroker
+from tests.support import rabbitmq
 from tests.support.waiting import wait_for
 
 TOPOLOGY = QueueTopology("tessera.events", "svc.things", ("tessera.user.v1.UserCreated",), (0.2,))
@@ -19,17 +19,36 @@ RETRY = TOPOLOGY.retry_queue(0.2)
 DLQ = TOPOLOGY.dead_letter_queue
 
 
+class Broker:
+    """The private node, and the URL of its default vhost."""
+
+    def __init__(self, node: rabbitmq.PrivateNode) -> None:
+        self.node = node
+        self.url = node.url()
+        self.running = False
+
+    def start(self) -> None:
+        self.node.start()
+        self.running = True
+
+    def kill(self) -> None:
+        self.running = False
+        self.node.kill()
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    broker = PrivateBroker(tmp_path_factory.mktemp("rabbitmq-node"))
+    # Its dead-letter worker sends an unconfirmed dead letter again after 1 s (RabbitMQ's default: three minutes).
+    broker = Broker(rabbitmq.PrivateNode(tmp_path_factory.mktemp("rabbitmq"),
+                                         rabbit_settings={"dead_letter_worker_publisher_confirm_timeout": 1000}))
     broker.start()
     yield broker
-    broker.kill()
+    broker.node.stop()
 
 
 @pytest.fixture
 def broker(node):
-    if node.proc is None or node.proc.poll() is not None:
+    if not node.running:
         node.start()
     with pika.BlockingConnection(pika.URLParameters(node.url)) as connection:
         channel = connection.channel()

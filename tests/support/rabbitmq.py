@@ -126,7 +126,9 @@ class PrivateNode:
     kill it or raise an alarm on it, never touching the machine's broker on 5672. Every rabbitmqctl call names
     this node. `start()` again after `stop()` or `kill()` brings the same node back with its durable queues."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, rabbit_settings: dict[str, int] | None = None) -> None:
+        """`rabbit_settings`: values of the node's `rabbit` application (advanced.config), e.g.
+        {"dead_letter_worker_publisher_confirm_timeout": 1000}."""
         self.directory = directory
         self.name = f"tessera-{uuid.uuid4().hex[:8]}@localhost"
         self.port = _free_port()
@@ -143,6 +145,10 @@ class PrivateNode:
             "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
         }
+        if rabbit_settings:
+            terms = ", ".join(f"{{{key}, {value}}}" for key, value in rabbit_settings.items())
+            (directory / "advanced.config").write_text(f"[{{rabbit, [{terms}]}}].\n")
+            self._env["RABBITMQ_ADVANCED_CONFIG_FILE"] = str(directory / "advanced.config")
 
     def ctl(self, *args: str) -> str:
         done = subprocess.run([_CTL, "-q", "-n", self.name, *args], check=True, capture_output=True, timeout=60,
