@@ -23,8 +23,9 @@ log = logging.getLogger("tessera.app")
 # such database, login refused): one JSON log line names where, and the orchestrator restarts the process later
 # (Kubernetes with its back-off). 2 is a configuration error; 128 + N a worker killed by signal N.
 EXIT_DATABASE_UNAVAILABLE = 3
-# Exit status when a consumer finds its queue is still a classic queue of an earlier version: one JSON log line
-# names the queue and the command that converts it (`tessera queues migrate`); restarting cannot help before that.
+# Exit status when a consumer finds its queue declared as the other type than TESSERA_QUEUE_TYPE (a classic queue
+# while it is quorum, or the other way round): one JSON log line names the queue, both types and the command that
+# converts it (`tessera queues migrate`); restarting cannot help before that or a change of the setting.
 EXIT_QUEUES_NOT_MIGRATED = 4
 
 # Service name → module of its composition root. A composition root exposes SETTINGS (a ServiceSettings class),
@@ -90,7 +91,8 @@ def run(service: str) -> int:
         return 2
 
     def not_migrated(exc: QueueNotMigrated) -> int:
-        log.error("%s; exiting", exc, extra={"queue": exc.queue, "command": MIGRATE_COMMAND,
+        log.error("%s; exiting", exc, extra={"queue": exc.queue, "queue_type": exc.configured,
+                                             "found_queue_type": exc.found, "command": MIGRATE_COMMAND,
                                              "exit_code": EXIT_QUEUES_NOT_MIGRATED})
         return EXIT_QUEUES_NOT_MIGRATED
 

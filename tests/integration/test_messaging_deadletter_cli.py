@@ -22,12 +22,12 @@ def url():
     rabbitmq.delete_vhost(vhost)
 
 
-def declare(url: str, queue_arguments: dict | None = None) -> None:
-    """The consumer queue and its dead-letter queue as consumers declare them: quorum queues."""
+def declare(url: str, queue_arguments: dict | None = None, dlq_arguments: dict | None = None) -> None:
+    """The consumer queue and its dead-letter queue: classic queues, as consumers declare them by default."""
     with rabbitmq.blocking_connection(url) as connection:
         channel = connection.channel()
-        channel.queue_declare(QUEUE, durable=True, arguments={**topology.QUORUM, **(queue_arguments or {})})
-        channel.queue_declare(DLQ, durable=True, arguments=topology.QUORUM)
+        channel.queue_declare(QUEUE, durable=True, arguments=queue_arguments)
+        channel.queue_declare(DLQ, durable=True, arguments=dlq_arguments)
 
 
 def dead_letter(url: str, count: int) -> list[str]:
@@ -66,15 +66,27 @@ def test_a_replay_to_a_deleted_consumer_queue_says_so_and_keeps_every_message(ur
     assert "replayed" not in out
     assert "Traceback" not in err and f"could not be routed to {QUEUE}" in err
     assert f"3 message(s) remain in {DLQ}" in err
-    # All of them, once each; a quorum queue puts the messages read back in no set order.
-    assert sorted(bodies(url, DLQ)) == ids
+    assert bodies(url, DLQ) == ids  # all of them, in their order
 
 
 def test_a_replay_the_broker_refuses_half_way_prints_what_it_moved_and_keeps_the_rest(url, capsys):
-    # The consumer queue takes two more messages, then the broker refuses (nacks) the next copy. A classic queue
-    # refuses exactly at its length limit (a quorum queue enforces it only once it is exceeded); the dead-letter
-    # queue the replay reads is a quorum queue, as consumers declare it.
-    declare(url, {"x-queue-type": "classic", "x-max-length": 2, "x-overflow": "reject-publish"})
+    # The consumer queue takes two more messages, then the broker refuses (nacks) the next copy.
+    declare(url, {"x-max-length": 2, "x-overflow": "reject-publish"})
+    ids = dead_letter(url, 5)
+
+    assert tessera(["dlq", "--amqp-url", url, "replay", QUEUE, "--all"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"replayed {i} to {QUEUE}" for i in ids[:2]]
+    assert "Traceback" not in err and f"refused {ids[2]}" in err and f"3 message(s) remain in {DLQ}" in err
+    assert bodies(url, QUEUE) == ids[:2]
+    assert bodies(url, DLQ) == ids[2:]  # nothing lost, nothing reordered
+
+
+def test_a_replay_from_a_quorum_dead_letter_queue_refused_half_way_keeps_the_rest_once_each(url, capsys):
+    # TESSERA_QUEUE_TYPE=quorum: the dead-letter queue is a quorum queue, which puts the messages a replay read and
+    # did not move back in no set order. The consumer queue refuses the third copy (a classic queue refuses exactly
+    # at its length limit; a quorum queue only once it is exceeded).
+    declare(url, {"x-max-length": 2, "x-overflow": "reject-publish"}, topology.QUORUM)
     ids = dead_letter(url, 5)
 
     assert tessera(["dlq", "--amqp-url", url, "replay", QUEUE, "--all"]) == 1
@@ -103,7 +115,7 @@ def test_replay_of_ids_finds_one_past_the_first_ten_thousand(url, capsys):
     assert tessera(["dlq", "--amqp-url", url, "replay", QUEUE, ids[-1]]) == 0
     assert capsys.readouterr().out == f"replayed {ids[-1]} to {QUEUE}\n"
     assert bodies(url, QUEUE) == [ids[-1]]
-    assert sorted(bodies(url, DLQ)) == ids[:-1]
+    assert bodies(url, DLQ) == ids[:-1]
 
 
 @pytest.mark.parametrize("limit", ["0", "-3", "ten"])

@@ -1,9 +1,11 @@
-"""Quorum queues on the real broker: what consumers and publishers declare, `tessera queues migrate` converting the
-classic queues of an earlier deployment with every message they hold, and a service that finds a classic queue
-at start exiting with one clear error line."""
+"""TESSERA_QUEUE_TYPE on the real broker: classic queues by default, quorum queues when set to quorum (what consumers
+and publishers declare), `tessera queues migrate` converting classic queues to quorum queues with every message
+they hold (and back), and a service that finds its queues of the other type at start exiting with one clear error
+line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -28,7 +30,9 @@ EXCHANGE = "tessera.events"
 QUEUE = "notification.email"  # the consumer queue the installed services declare
 ROUTES = topology.installed_consumer_routes()[QUEUE]
 DELAYS = (0.2, 0.4)
-SETTINGS = MessagingSettings(consumer_retry_delays=DELAYS, consumer_max_attempts=3, reconnect_max_seconds=0.5)
+SETTINGS = MessagingSettings(consumer_retry_delays=DELAYS, consumer_max_attempts=3, reconnect_max_seconds=0.5,
+                             queue_type="quorum")
+CLASSIC_SETTINGS = dataclasses.replace(SETTINGS, queue_type="classic")  # the default
 AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
 
@@ -82,13 +86,13 @@ async def test_a_consumer_declares_quorum_queues_that_dead_letter_at_least_once(
 async def test_a_publisher_and_a_consumer_may_declare_the_quorum_queue_in_either_order(vhost):
     url = rabbitmq.amqp_url(vhost)
     with rabbitmq.blocking_connection(url) as connection:  # the publisher first, as a relay declares
-        declare_blocking(connection.channel(), topology.publisher_declarations(EXCHANGE, {QUEUE: ROUTES}))
+        declare_blocking(connection.channel(), topology.publisher_declarations(EXCHANGE, {QUEUE: ROUTES}, "quorum"))
     consumer = Consumer(subscription(), amqp_url=url, settings=SETTINGS)
     await consumer.start()
     try:
         await rabbitmq.wait_for_consumer(url, QUEUE)
         with rabbitmq.blocking_connection(url) as connection:  # and a publisher again, after the consumer
-            declare_blocking(connection.channel(), topology.publisher_declarations(EXCHANGE, {QUEUE: ROUTES}))
+            declare_blocking(connection.channel(), topology.publisher_declarations(EXCHANGE, {QUEUE: ROUTES}, "quorum"))
     finally:
         await consumer.stop()
     assert broker_queues(vhost)[QUEUE]["type"] == "quorum"
@@ -144,8 +148,14 @@ def take_all(url: str, queue: str) -> list[tuple[str, str | None, dict]]:
             got.append((props.message_id, props.expiration, props.headers or {}))
 
 
-def migrate_cli(url: str, monkeypatch, capsys, *queue_names: str) -> tuple[int, str, str]:
+def migrate_cli(url: str, monkeypatch, capsys, *queue_names: str, queue_type: str | None = "quorum",
+                ) -> tuple[int, str, str]:
+    """`tessera queues migrate` with TESSERA_QUEUE_TYPE=queue_type (None: unset, the default)."""
     monkeypatch.setenv("TESSERA_CONSUMER_RETRY_DELAYS", ",".join(str(d) for d in DELAYS))
+    if queue_type is None:
+        monkeypatch.delenv("TESSERA_QUEUE_TYPE", raising=False)
+    else:
+        monkeypatch.setenv("TESSERA_QUEUE_TYPE", queue_type)
     monkeypatch.delenv("TESSERA_EVENTS_EXCHANGE", raising=False)
     code = tessera(["queues", "migrate", "--amqp-url", url, *queue_names])
     out, err = capsys.readouterr()
@@ -169,7 +179,7 @@ def test_migrate_converts_classic_queues_to_quorum_with_every_message_and_is_ide
         f"{QUEUE}.dlq: converted to a quorum queue, 40 message(s) moved out and 40 back"]
     after = broker_queues(vhost)
     assert set(after) == set(ids)  # no temporary queue left
-    expected = QueueTopology(EXCHANGE, QUEUE, ROUTES, DELAYS).declarations()
+    expected = QueueTopology(EXCHANGE, QUEUE, ROUTES, DELAYS, "quorum").declarations()
     for declaration in (d for d in expected if d.kind == "queue"):
         assert after[declaration.name]["type"] == "quorum"
         assert after[declaration.name]["arguments"] == declaration.arguments
@@ -193,6 +203,39 @@ def test_migrate_converts_classic_queues_to_quorum_with_every_message_and_is_ide
         assert all(h.get("x-tessera-attempt") == 2 for m, _, h in taken if m != "new")
         assert all(queues.EXPIRATION_HEADER not in h for _, _, h in taken)
         if ".retry." in queue:  # each retry keeps its TTL (and dead-letters back to the consumer queue)
+            assert {e for _, e, _ in taken} == {"3600000"}
+
+
+def test_migrate_with_the_default_type_converts_quorum_queues_back_to_classic_with_every_message(
+        vhost, monkeypatch, capsys):
+    url = rabbitmq.amqp_url(vhost)
+    declare_quorum(url)
+    ids = fill(url, {QUEUE: 60, f"{QUEUE}.retry.200ms": 10, f"{QUEUE}.retry.400ms": 10, f"{QUEUE}.dlq": 20},
+               expiration="3600000")
+    with rabbitmq.blocking_connection(url) as connection:  # a message the quorum queue delivered once already
+        channel = connection.channel()
+        channel.basic_get(f"{QUEUE}.dlq", auto_ack=False)
+    code, out, err = migrate_cli(url, monkeypatch, capsys, queue_type=None)
+
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"{QUEUE}.retry.200ms: converted to a classic queue, 10 message(s) moved out and 10 back",
+        f"{QUEUE}.retry.400ms: converted to a classic queue, 10 message(s) moved out and 10 back",
+        f"{QUEUE}: converted to a classic queue, 60 message(s) moved out and 60 back",
+        f"{QUEUE}.dlq: converted to a classic queue, 20 message(s) moved out and 20 back"]
+    after = broker_queues(vhost)
+    assert set(after) == set(ids)
+    for declaration in (d for d in QueueTopology(EXCHANGE, QUEUE, ROUTES, DELAYS).declarations() if d.kind == "queue"):
+        assert after[declaration.name]["type"] == "classic"
+        assert after[declaration.name]["arguments"] == (declaration.arguments or {})
+    code, out, _ = migrate_cli(url, monkeypatch, capsys, queue_type="classic")
+    assert code == 0 and out.splitlines()[-1] == f"{QUEUE}.dlq: classic queue already"
+
+    for queue, wanted in ids.items():
+        taken = take_all(url, queue)
+        assert sorted(m for m, _, _ in taken) == sorted(wanted)
+        assert all("x-delivery-count" not in h and queues.EXPIRATION_HEADER not in h for _, _, h in taken)
+        if ".retry." in queue:
             assert {e for _, e, _ in taken} == {"3600000"}
 
 
@@ -260,7 +303,13 @@ def test_migrate_names_an_unknown_queue(vhost, monkeypatch, capsys):
     assert code == 2 and out == "" and "unknown consumer queue(s) nobody.listens" in err
 
 
-# -- a consumer that finds a classic queue ----------------------------------------------------------------------
+# -- a consumer that finds its queues of the other type ----------------------------------------------------------
+
+def declare_quorum(url: str) -> None:
+    """The topology as services with TESSERA_QUEUE_TYPE=quorum declare it."""
+    with rabbitmq.blocking_connection(url) as connection:
+        declare_blocking(connection.channel(), QueueTopology(EXCHANGE, QUEUE, ROUTES, DELAYS, "quorum").declarations())
+
 
 async def test_a_consumer_that_finds_a_classic_queue_fails_its_start_and_stops_reconnecting(vhost):
     url = rabbitmq.amqp_url(vhost)
@@ -268,28 +317,74 @@ async def test_a_consumer_that_finds_a_classic_queue_fails_its_start_and_stops_r
     consumer = Consumer(subscription(), amqp_url=url, settings=SETTINGS)
     with pytest.raises(QueueNotMigrated) as failed:
         await consumer.start()
-    assert failed.value.queue == QUEUE and "tessera queues migrate" in str(failed.value)
+    assert (failed.value.queue, failed.value.found, failed.value.configured) == (QUEUE, "classic", "quorum")
+    assert "tessera queues migrate" in str(failed.value)
     await eventually(lambda: consumer.link not in running_links(), "the consumer's link to stop")
     assert consumer.link.stopped and not consumer.link.ready
     assert broker_queues(vhost)[QUEUE]["type"] == "classic"
 
 
-def test_a_service_that_finds_a_classic_queue_exits_with_one_error_line_naming_it(vhost, tmp_path):
+async def test_a_classic_consumer_that_finds_quorum_queues_fails_its_start_the_same(vhost):
     url = rabbitmq.amqp_url(vhost)
-    declare_classic(url)
-    result = subprocess.run(
+    declare_quorum(url)
+    consumer = Consumer(subscription(), amqp_url=url, settings=CLASSIC_SETTINGS)
+    with pytest.raises(QueueNotMigrated) as failed:
+        await consumer.start()
+    assert (failed.value.found, failed.value.configured) == ("quorum", "classic")
+    assert failed.value.queue.startswith(QUEUE)  # the first queue it declares: a retry queue or the queue itself
+    await eventually(lambda: consumer.link not in running_links(), "the consumer's link to stop")
+    assert {q["type"] for q in broker_queues(vhost).values()} == {"quorum"}
+
+
+async def test_by_default_a_consumer_declares_classic_queues_as_earlier_versions_did(vhost):
+    url = rabbitmq.amqp_url(vhost)
+    declare_classic(url)  # the queues of an earlier version: taken as they are
+    consumer = Consumer(subscription(), amqp_url=url, settings=MessagingSettings.from_env({
+        "TESSERA_CONSUMER_RETRY_DELAYS": "0.2,0.4"}))
+    await consumer.start()
+    try:
+        await rabbitmq.wait_for_consumer(url, QUEUE)
+    finally:
+        await consumer.stop()
+    declared = broker_queues(vhost)
+    assert {q["type"] for q in declared.values()} == {"classic"}
+    assert declared[QUEUE]["arguments"] == {"x-dead-letter-exchange": f"{EXCHANGE}.dead-letter",
+                                            "x-dead-letter-routing-key": QUEUE}
+    assert declared[f"{QUEUE}.dlq"]["arguments"] == {}
+
+
+def serve_notification(url: str, tmp_path, queue_type: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TESSERA_QUEUE_TYPE"}
+    if queue_type is not None:
+        env["TESSERA_QUEUE_TYPE"] = queue_type
+    return subprocess.run(
         [sys.executable, "-m", "tessera_runtime.cli", "serve", "notification"], cwd=ROOT, timeout=60,
         capture_output=True, text=True,
-        env={**os.environ, "TESSERA_GRPC_PORT": "0", "TESSERA_AMQP_URL": url, "TESSERA_ENV": "test",
+        env={**env, "TESSERA_GRPC_PORT": "0", "TESSERA_AMQP_URL": url, "TESSERA_ENV": "test",
              "TESSERA_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'notification.db'}",
-             "TESSERA_MAIL_DIR": str(tmp_path / "mail"), "TESSERA_AMQP_RECONNECT_MAX_SECONDS": "0.5"})
+             "TESSERA_MAIL_DIR": str(tmp_path / "mail"), "TESSERA_AMQP_RECONNECT_MAX_SECONDS": "0.5",
+             "TESSERA_CONSUMER_RETRY_DELAYS": ",".join(str(d) for d in DELAYS)})
+
+
+@pytest.mark.parametrize(("queue_type", "found", "configured"), [
+    ("quorum", "classic", "quorum"),  # classic queues of an earlier deployment, and quorum configured
+    (None, "quorum", "classic"),  # quorum queues, and the default (classic) configured
+])
+def test_a_service_that_finds_its_queues_of_the_other_type_exits_with_one_error_line_naming_them(
+        vhost, tmp_path, queue_type, found, configured):
+    url = rabbitmq.amqp_url(vhost)
+    (declare_classic if found == "classic" else declare_quorum)(url)
+    result = serve_notification(url, tmp_path, queue_type)
 
     assert result.returncode == 4
     assert "listening on" not in result.stdout
     lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line is JSON: no traceback
     [error] = [line for line in lines if line["level"] == "ERROR"]
-    assert error["queue"] == QUEUE and error["command"] == "tessera queues migrate" and error["exit_code"] == 4
-    assert QUEUE in error["message"] and "tessera queues migrate" in error["message"]
+    assert error["queue"].startswith(QUEUE) and error["command"] == "tessera queues migrate"
+    assert (error["found_queue_type"], error["queue_type"], error["exit_code"]) == (found, configured, 4)
+    assert f"{error['queue']} is a {found} queue but TESSERA_QUEUE_TYPE is {configured}" in error["message"]
+    assert f"`tessera queues migrate` with TESSERA_QUEUE_TYPE={configured}" in error["message"]
+    assert {q["type"] for q in broker_queues(vhost).values()} == {found}  # nothing changed
 
 
 def test_a_service_that_reaches_the_broker_only_after_its_start_and_finds_a_classic_queue_exits_the_same(
@@ -300,7 +395,8 @@ def test_a_service_that_reaches_the_broker_only_after_its_start_and_finds_a_clas
     service = ServiceProcess("notification", {
         "TESSERA_AMQP_URL": rabbitmq.amqp_url(vhost, port=proxy.port), "TESSERA_ENV": "test",
         "TESSERA_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'notification.db'}",
-        "TESSERA_MAIL_DIR": str(tmp_path / "mail"), "TESSERA_AMQP_RECONNECT_MAX_SECONDS": "0.5"},
+        "TESSERA_MAIL_DIR": str(tmp_path / "mail"), "TESSERA_AMQP_RECONNECT_MAX_SECONDS": "0.5",
+        "TESSERA_QUEUE_TYPE": "quorum"},
         tmp_path / "notification.log")
     try:
         service.start()

@@ -1,6 +1,7 @@
 """At-least-once dead-lettering between the queues consumers declare, on a RabbitMQ node of the tests' own: a node
 killed outright while retries move back to the consumer queue, and a dead letter whose target queue is missing for
-a while. Classic queues lose messages in both cases (at-most-once dead-lettering); the quorum queues lose none."""
+a while. Classic queues (the default) lose messages in both cases (at-most-once dead-lettering); the quorum queues
+of TESSERA_QUEUE_TYPE=quorum lose none."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from tessera_runtime.messaging.topology import QueueTopology, declare_blocking
 from tests.support import rabbitmq
 from tests.support.waiting import wait_for
 
-TOPOLOGY = QueueTopology("tessera.events", "svc.things", ("tessera.user.v1.UserCreated",), (0.2,))
+# As services declare them with TESSERA_QUEUE_TYPE=quorum.
+TOPOLOGY = QueueTopology("tessera.events", "svc.things", ("tessera.user.v1.UserCreated",), (0.2,), "quorum")
 QUEUE = TOPOLOGY.queue
 RETRY = TOPOLOGY.retry_queue(0.2)
 DLQ = TOPOLOGY.dead_letter_queue

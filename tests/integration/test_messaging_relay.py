@@ -587,10 +587,11 @@ def empty_broker():
     rabbitmq.delete_vhost(vhost)
 
 
-async def publish_one(db: Database, table, url: str, event: PendingEvent, name: str) -> OutboxRelay:
+async def publish_one(db: Database, table, url: str, event: PendingEvent, name: str,
+                      settings: MessagingSettings = FAST) -> OutboxRelay:
     """Writes one event and runs a relay until it has published it; returns the stopped relay."""
     await write(db, table, [event])
-    relay = OutboxRelay(db, table, service=f"{name}-{uuid.uuid4().hex[:6]}", amqp_url=url, settings=FAST)
+    relay = OutboxRelay(db, table, service=f"{name}-{uuid.uuid4().hex[:6]}", amqp_url=url, settings=settings)
     await relay.start()
     try:
         await eventually(lambda: relay.status()["published_total"] == 1, "the event to be published")
@@ -632,10 +633,12 @@ async def test_a_consumer_queue_declared_differently_does_not_stop_publishing(ou
     assert "tessera queues migrate" in warning.getMessage()
 
 
-async def test_a_classic_consumer_queue_of_an_earlier_version_still_gets_the_events(outbox, empty_broker):
+async def test_a_quorum_relay_that_finds_a_classic_consumer_queue_warns_and_still_routes_events_to_it(
+        outbox, empty_broker, caplog):
     db, table = outbox
+    caplog.set_level(logging.WARNING, logger="tessera.outbox")
     connection = rabbitmq.blocking_connection(empty_broker)
-    try:  # as the earlier version declared it, bound as before: events reach it until it is migrated
+    try:  # as classic queues are declared, bound as before: events reach it until it is migrated
         channel = connection.channel()
         channel.exchange_declare("tessera.events", exchange_type="topic", durable=True)
         channel.queue_declare("notification.email", durable=True, arguments={
@@ -643,8 +646,12 @@ async def test_a_classic_consumer_queue_of_an_earlier_version_still_gets_the_eve
         channel.queue_bind("notification.email", "tessera.events", routing_key=ACTIVATED_TYPE)
     finally:
         connection.close()
-    await publish_one(db, table, empty_broker, PendingEvent("user", "a", activated("kept")), "classic")
+    await publish_one(db, table, empty_broker, PendingEvent("user", "a", activated("kept")), "classic",
+                      dataclasses.replace(FAST, queue_type="quorum"))
     assert rabbitmq.queue_depth(empty_broker, "notification.email") == 1
+    [warning] = [r for r in caplog.records if "could not declare the consumer queues" in r.getMessage()]
+    assert (warning.queue, warning.command) == ("notification.email", "tessera queues migrate")
+    assert "notification.email is a classic queue but TESSERA_QUEUE_TYPE is quorum" in warning.getMessage()
 
 
 async def test_an_event_nobody_consumes_is_marked_published_counted_and_logged(vhost, outbox, caplog):

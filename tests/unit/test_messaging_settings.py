@@ -54,6 +54,9 @@ def test_values_are_read_from_the_environment():
     ({"TESSERA_CONSUMER_RETRY_DELAYS": "315360000.001"}, "TESSERA_CONSUMER_RETRY_DELAYS"),
     ({"TESSERA_OUTBOX_POLL_SECONDS": "nan"}, "TESSERA_OUTBOX_POLL_SECONDS"),
     ({"TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS": "inf"}, "TESSERA_OUTBOX_CONFIRM_TIMEOUT_SECONDS"),
+    # Only the two queue types Tessera declares: a third would declare queues no other service agrees on.
+    ({"TESSERA_QUEUE_TYPE": "stream"}, "TESSERA_QUEUE_TYPE"),
+    ({"TESSERA_QUEUE_TYPE": "Quorum"}, "TESSERA_QUEUE_TYPE"),
 ])
 def test_a_bad_value_stops_the_service_naming_the_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
@@ -74,8 +77,33 @@ def test_a_consumer_queue_comes_with_retry_queues_a_dead_letter_queue_and_its_bi
         ("bind", "notification.email", "tessera.events", "a.B"),
         ("bind", "notification.email", "tessera.events", "c.D"),
     ]
+    retry = next(d for d in topology.declarations() if d.name.endswith("1000ms"))
+    assert retry.arguments == {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "notification.email"}
+
+
+def test_by_default_the_queues_are_classic_queues_declared_as_before():
+    assert MessagingSettings.from_env({}).queue_type == "classic"
+    assert MessagingSettings.from_env({"TESSERA_QUEUE_TYPE": "classic"}).queue_type == "classic"
+    topology = QueueTopology("tessera.events", "notification.email", ("a.B",), (1.0,))
+    # No x-queue-type, no at-least-once arguments: a broker holding the queues of earlier versions takes these.
+    assert {d.name: d.arguments for d in topology.declarations() if d.kind == "queue"} == {
+        "notification.email": {"x-dead-letter-exchange": "tessera.events.dead-letter",
+                               "x-dead-letter-routing-key": "notification.email"},
+        "notification.email.dlq": None,
+        "notification.email.retry.1000ms": {"x-dead-letter-exchange": "",
+                                            "x-dead-letter-routing-key": "notification.email"},
+    }
+    settings_topology = QueueTopology("tessera.events", "notification.email", ("a.B",), (1.0,),
+                                      MessagingSettings.from_env({}).queue_type)
+    assert settings_topology.declarations() == topology.declarations()
+
+
+def test_with_tessera_queue_type_quorum_every_queue_is_a_quorum_queue_that_dead_letters_at_least_once():
+    queue_type = MessagingSettings.from_env({"TESSERA_QUEUE_TYPE": "quorum"}).queue_type
+    assert queue_type == "quorum"
+    topology = QueueTopology("tessera.events", "notification.email", ("a.B", "c.D"), (1.0, 5.0), queue_type)
     queues = {d.name: d.arguments for d in topology.declarations() if d.kind == "queue"}
-    # Every queue is a quorum queue; those that dead-letter do it at least once (which needs reject-publish).
+    # Those that dead-letter do it at least once (which needs reject-publish).
     assert queues["notification.email.retry.1000ms"] == {
         "x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "notification.email",
         "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pika.exceptions
 import pytest
 
 from tessera_notification import subscriptions
@@ -27,6 +28,48 @@ def test_a_publisher_declares_the_queue_exactly_as_its_consumer_does():
     assert all(d in consumer for d in declared)
     assert [(d.kind, d.routing_key) for d in declared if d.kind == "bind"] == [
         ("bind", "tessera.user.v1.UserCreated"), ("bind", "tessera.order.v1.OrderConfirmed")]
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_a_publisher_declares_the_queue_type_its_consumer_declares(queue_type):
+    routes = {"notification.email": ("tessera.user.v1.UserCreated",)}
+    declared = topology.publisher_declarations("shop.events", routes, queue_type)
+    consumer = topology.QueueTopology("shop.events", "notification.email", routes["notification.email"],
+                                      (1.0,), queue_type).declarations()
+    assert all(d in consumer for d in declared)
+    [queue] = [d for d in declared if d.kind == "queue"]
+    assert (queue.arguments or {}).get("x-queue-type", "classic") == queue_type
+
+
+def refusal(arg: str, current: str) -> pika.exceptions.ChannelClosedByBroker:
+    """RabbitMQ's refusal of a declaration that differs from the queue it has in arg."""
+    return pika.exceptions.ChannelClosedByBroker(406, (
+        f"PRECONDITION_FAILED - inequivalent arg '{arg}' for queue 'notification.email' in vhost '/': {current}"))
+
+
+@pytest.mark.parametrize(("configured", "arg", "current", "found"), [
+    # The arguments RabbitMQ 3.10 names when a classic queue is declared as quorum, and the other way round.
+    ("quorum", "x-overflow", "received the value 'reject-publish' of type 'longstr' but current is none", "classic"),
+    ("quorum", "x-queue-type", "received the value 'quorum' of type 'longstr' but current is none", "classic"),
+    ("classic", "x-dead-letter-strategy", "received none but current is the value 'at-least-once' of type "
+     "'longstr'", "quorum"),
+    ("classic", "x-queue-type", "received none but current is the value 'quorum' of type 'longstr'", "quorum"),
+])
+def test_a_queue_found_as_the_other_type_is_named_with_both_types_and_what_to_do(configured, arg, current, found):
+    error = topology.queue_not_migrated(refusal(arg, current), configured)
+    assert error is not None
+    assert (error.queue, error.configured, error.found) == ("notification.email", configured, found)
+    message = str(error)
+    assert f"the queue notification.email is a {found} queue but TESSERA_QUEUE_TYPE is {configured}" in message
+    assert f"run `tessera queues migrate` with TESSERA_QUEUE_TYPE={configured}" in message
+    assert f"or set TESSERA_QUEUE_TYPE={found}" in message
+
+
+def test_a_queue_declared_with_other_arguments_of_the_same_type_is_named_without_a_type():
+    error = topology.queue_not_migrated(refusal("x-max-length", "received none but current is the value 5"))
+    assert error is not None and error.found is None
+    assert "notification.email exists with other arguments than a classic queue" in str(error)
+    assert topology.queue_not_migrated(pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND - no queue")) is None
 
 
 def test_a_handler_map_that_drifts_from_the_declared_events_is_refused(monkeypatch):

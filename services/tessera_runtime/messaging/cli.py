@@ -1,5 +1,5 @@
 """`tessera dlq list|show|replay`: inspect and replay the messages consumers moved to their dead-letter queues;
-`tessera queues migrate`: convert the consumer queues of an earlier deployment to quorum queues (queues.py).
+`tessera queues migrate`: convert the consumer queues to the type TESSERA_QUEUE_TYPE names (queues.py).
 
     tessera dlq list                               dead-letter queue depth of every consumer queue Tessera knows
     tessera dlq list notification.email            the dead-lettered messages of one queue, oldest first
@@ -139,9 +139,11 @@ def _guarded(command: Callable[[argparse.Namespace], int],
 
 
 QUEUES_DOC = """Converts the consumer queues of the services installed here (each with its retry queues and
-dead-letter queue) from classic queues of an earlier version to quorum queues, moving their messages; queues that
-are quorum queues already are left as they are. Run it after the earlier version's consumers stopped and before
-this version's start. Safe to run again, and after an interruption (it finishes the job).
+dead-letter queue) to the type TESSERA_QUEUE_TYPE names (classic, the default, or quorum), moving their messages:
+classic queues of an earlier deployment to quorum queues, or quorum queues back to classic queues. Queues of that
+type already are left as they are. Run it while no consumer of the queues runs (stop every service that consumes
+them first), then start the services with the same TESSERA_QUEUE_TYPE. Safe to run again, and after an
+interruption (it finishes the job).
 
 The broker is TESSERA_AMQP_URL (or --amqp-url); the exchange and retry delays are TESSERA_EVENTS_EXCHANGE and
 TESSERA_CONSUMER_RETRY_DELAYS, as the services have them. Exit status: 0 done, 1 refused (consumers still attached,
@@ -159,8 +161,8 @@ def _migrate_queues(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     chosen = args.queues or sorted(routes)
-    topologies = [QueueTopology(settings.events_exchange, q, routes[q], settings.consumer_retry_delays)
-                  for q in chosen]
+    topologies = [QueueTopology(settings.events_exchange, q, routes[q], settings.consumer_retry_delays,
+                                settings.queue_type) for q in chosen]
     try:
         queues.migrate(url, topologies, on_queue=lambda r: print(r.describe(), flush=True))
     except queues.MigrationRefused as exc:
@@ -170,12 +172,12 @@ def _migrate_queues(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    queue_parser = subparsers.add_parser("queues", help="convert consumer queues to quorum queues",
+    queue_parser = subparsers.add_parser("queues", help="convert consumer queues to TESSERA_QUEUE_TYPE",
                                          description=QUEUES_DOC,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
     queue_sub = queue_parser.add_subparsers(dest="queues_command", required=True)
-    migrate = queue_sub.add_parser("migrate", help="convert classic consumer queues to quorum queues, with their "
-                                   "messages", description=QUEUES_DOC,
+    migrate = queue_sub.add_parser("migrate", help="convert the consumer queues to TESSERA_QUEUE_TYPE, with "
+                                   "their messages", description=QUEUES_DOC,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     migrate.add_argument("--amqp-url", help="broker URL (default: TESSERA_AMQP_URL)")
     migrate.add_argument("queues", nargs="*", help="consumer queues, e.g. notification.email (default: all)")

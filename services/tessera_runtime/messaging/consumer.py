@@ -92,7 +92,8 @@ class Subscription:
         return tuple(cls.DESCRIPTOR.full_name for cls in self.handlers)
 
     def topology(self, settings: MessagingSettings) -> QueueTopology:
-        return QueueTopology(settings.events_exchange, self.queue, self.routing_keys, settings.consumer_retry_delays)
+        return QueueTopology(settings.events_exchange, self.queue, self.routing_keys, settings.consumer_retry_delays,
+                             settings.queue_type)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +165,9 @@ class ConsumerLink(AmqpLink):
                       lambda: channel.basic_qos(prefetch_count=self.prefetch, callback=confirm_mode))
 
     def fatal_error(self, reason: BaseException) -> Exception | None:
-        # A queue of the topology is still a classic queue: every reconnection would be refused the same way.
-        return queue_not_migrated(reason)
+        # A queue of the topology exists as the other type (or with other arguments): every reconnection would be
+        # refused the same way.
+        return queue_not_migrated(reason, self.topology.queue_type)
 
     def _on_cancelled(self, _frame: object) -> None:
         """The broker cancelled the consumer: its queue was deleted. Connected and idle, the consumer would look
@@ -304,7 +306,8 @@ class Consumer:
 
     async def start(self) -> None:
         """Connects and starts consuming. Raises QueueNotMigrated (and the link is stopped) when the broker answers
-        that a queue of the subscription is not a quorum queue; an unreachable broker is retried in the background."""
+        that a queue of the subscription exists as another type than the configured one (or with other arguments);
+        an unreachable broker is retried in the background."""
         self._loop = asyncio.get_running_loop()
         self._semaphore = asyncio.Semaphore(self.settings.consumer_concurrency)
         self.link.on_fatal = self._on_fatal

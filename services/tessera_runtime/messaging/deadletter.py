@@ -1,10 +1,11 @@
 """Dead-letter queues: browse, show and replay the messages consumers gave up on (used by `tessera dlq`).
 
 Browsing takes the messages with basic.get without acknowledging them and then closes the channel, which puts
-them back: no message leaves the queue. The dead-letter queue is a quorum queue (topology.py), which puts returned
-messages behind the ones it still holds, in no set order (RabbitMQ 3.10), so a listing, a `show` or a replay of
-some ids changes the order of the queue, never its contents; each read adds one to a message's x-delivery-count,
-which Tessera does not use (it counts attempts in its own header, reset by a replay).
+them back: no message leaves the queue. A classic dead-letter queue puts them back in their places; a quorum one
+(TESSERA_QUEUE_TYPE=quorum, topology.py) puts returned messages behind the ones it still holds, in no set order
+(RabbitMQ 3.10), so a listing, a `show` or a replay of some ids changes the order of the queue, never its contents;
+each read adds one to a message's x-delivery-count, which Tessera does not use (it counts attempts in its own
+header, reset by a replay).
 
 Replay republishes a message to its consumer's queue (through the default exchange, so that only that consumer
 sees it again) with its attempt count reset, waits for the broker's confirm, and only then removes it from the
@@ -190,13 +191,14 @@ def replay(url: str, queue: str, message_ids: Iterable[str] | None,
     after the broker confirmed its copy, and `on_moved` is called with its id right then.
 
     The first copy the broker does not take (the consumer queue is gone, or it refuses the message) stops the
-    replay: that message and every one not yet moved stay in the dead-letter queue, and
-    `stopped` says why. Nothing is lost; a connection lost between a confirm and the removal leaves a message in
-    both queues, which the consumer's deduplication applies once."""
+    replay: that message and every one not yet moved stay in the dead-letter queue (in their order in a classic
+    one), and `stopped` says why. Nothing is lost; a connection lost between a confirm and the removal leaves a
+    message in both queues, which the consumer's deduplication applies once."""
     queue = consumer_queue(queue)
     wanted = None if message_ids is None else set(message_ids)
     result = ReplayResult()
-    with _channel(url) as channel:  # what was read and not moved goes back to the dead-letter queue
+    # What was read and not moved goes back to the dead-letter queue (in its place in a classic one).
+    with _channel(url) as channel:
         channel.confirm_delivery()
         for tag, props, letter in _read(channel, queue, None):
             if wanted is not None and letter.message_id not in wanted:

@@ -1,27 +1,30 @@
-"""Converts the consumer queues of an earlier deployment (classic queues) to quorum queues, messages included.
+"""Converts the consumer queues to the configured type (TESSERA_QUEUE_TYPE), messages included: classic queues of
+an earlier deployment to quorum queues, or quorum queues back to classic queues.
 
-RabbitMQ cannot change a queue's type or arguments in place, and declaring a classic queue as a quorum queue is
-refused (406 PRECONDITION_FAILED). For each queue N of a consumer topology (its retry queues first, while the
-consumer queue they dead-letter to still exists, then the consumer queue, then its dead-letter queue), `migrate`:
+RabbitMQ cannot change a queue's type or arguments in place, and declaring a queue as the other type is refused
+(406 PRECONDITION_FAILED). For each queue N of a consumer topology (its retry queues first, while the consumer
+queue they dead-letter to still exists, then the consumer queue, then its dead-letter queue), `migrate`:
 
-1. declares N as this version declares it. Accepted: N is a quorum queue already (or did not exist and is one
-   now), and only step 5 may remain. Refused because N exists with other arguments (a classic queue, or one
-   declared with other arguments by an earlier version), and then it
-2. refuses to go on while N has consumers (stop the consumers of the earlier version first: deleting a queue drops
-   the deliveries they have not acknowledged);
-3. declares the quorum queue N.migrating, with N's bindings, so that events published meanwhile land there, and
-   moves every message of N to it: each copy is confirmed by the broker before its original is acknowledged;
+1. declares N as the configured type declares it. Accepted: N is of that type already (or did not exist and is
+   now), and only step 5 may remain. Refused because N exists with other arguments (the other type, or arguments
+   an earlier version declared), and then it
+2. refuses to go on while N has consumers (stop the consumers of N first: deleting a queue drops the deliveries
+   they have not acknowledged);
+3. declares the durable queue N.migrating (of the configured type), with N's bindings, so that events published
+   meanwhile land there, and moves every message of N to it: each copy is confirmed by the broker before its
+   original is acknowledged;
 4. deletes N only if it is empty and unused (a message that arrived meanwhile is moved first), and declares it
-   again as a quorum queue with its bindings;
+   again as the configured type with its bindings;
 5. unbinds N.migrating, moves its messages back to N, and deletes it once empty.
 
 A message with a per-message TTL (one waiting in a retry queue) keeps it in a header while in N.migrating, which
-has no dead-letter exchange, and gets it back in N (its wait starts again). Every step is idempotent and the state
-of an interrupted run is on the broker (N classic or missing or quorum, N.migrating present or not), so running
-`migrate` again finishes the job. Nothing is lost; a run interrupted between a copy's confirm and its original's
-acknowledgement leaves that message twice, which the consumer applies once (it deduplicates by event id). An event
-published while both N and N.migrating are bound (during step 5, for a moment) reaches both and is also applied
-once.
+has no dead-letter exchange, and gets it back in N (its wait starts again). The x-delivery-count header a quorum
+queue adds to a message it delivered before is not carried over. Every step is idempotent and the state of an
+interrupted run is on the broker (N of the old type or missing or of the new one, N.migrating present or not), so
+running `migrate` again with the same TESSERA_QUEUE_TYPE finishes the job. Nothing is lost; a run interrupted
+between a copy's confirm and its original's acknowledgement leaves that message twice, which the consumer applies
+once (it deduplicates by event id). An event published while both N and N.migrating are bound (during step 5, for
+a moment) reaches both and is also applied once.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import pika
 import pika.exceptions
 
 from tessera_runtime.messaging.amqp import connection_parameters
-from tessera_runtime.messaging.topology import QUORUM, Declaration, QueueTopology, queue_not_migrated
+from tessera_runtime.messaging.topology import QUORUM, QUORUM_TYPE, Declaration, QueueTopology, queue_not_migrated
 
 TEMP_SUFFIX = ".migrating"
 # Where a moved message keeps its per-message TTL while it waits in the temporary queue.
@@ -49,22 +52,24 @@ class MigrationRefused(Exception):
 
 @dataclasses.dataclass
 class QueueMigration:
-    """What `migrate` did to one queue: `converted` (from a classic queue, or one declared otherwise) or not, and
-    how many messages it moved out of the old queue and back into the quorum queue (both include those of an
-    interrupted run)."""
+    """What `migrate` did to one queue: `converted` to `queue_type` (from the other type, or one declared
+    otherwise) or not, and how many messages it moved out of the old queue and back into the new one (both include
+    those of an interrupted run)."""
 
     queue: str
+    queue_type: str = QUORUM_TYPE
     converted: bool = False
     moved_out: int = 0
     moved_back: int = 0
 
     def describe(self) -> str:
         if self.converted:
-            return (f"{self.queue}: converted to a quorum queue, {self.moved_out} message(s) moved out and "
-                    f"{self.moved_back} back")
+            return (f"{self.queue}: converted to a {self.queue_type} queue, {self.moved_out} message(s) moved out "
+                    f"and {self.moved_back} back")
         if self.moved_back:
-            return f"{self.queue}: quorum queue; {self.moved_back} message(s) of an interrupted run moved back"
-        return f"{self.queue}: quorum queue already"
+            return (f"{self.queue}: {self.queue_type} queue; {self.moved_back} message(s) of an interrupted run "
+                    "moved back")
+        return f"{self.queue}: {self.queue_type} queue already"
 
 
 def temporary_queue(queue: str) -> str:
@@ -84,7 +89,8 @@ def queue_plan(topology: QueueTopology) -> list[tuple[Declaration, list[Declarat
 
 def migrate(url: str, topologies: Iterable[QueueTopology],
             on_queue: Callable[[QueueMigration], None] | None = None) -> list[QueueMigration]:
-    """Converts every queue of the topologies to a quorum queue as described above; returns what was done."""
+    """Converts every queue of the topologies to its topology's queue type as described above; returns what was
+    done."""
     results = []
     topologies = list(topologies)
     with _connection(url) as connection:
@@ -100,9 +106,9 @@ def migrate(url: str, topologies: Iterable[QueueTopology],
             for queue, _ in plan:
                 if not _declare(connection, queue):
                     _refuse_if_consumed(connection, queue.name)
-        for plan in plans:
+        for topology, plan in zip(topologies, plans, strict=True):
             for queue, bindings in plan:
-                result = migrate_queue(connection, queue, bindings)
+                result = migrate_queue(connection, queue, bindings, topology.queue_type)
                 results.append(result)
                 if on_queue is not None:
                     on_queue(result)
@@ -110,16 +116,17 @@ def migrate(url: str, topologies: Iterable[QueueTopology],
 
 
 def migrate_queue(connection: pika.BlockingConnection, queue: Declaration,
-                  bindings: list[Declaration]) -> QueueMigration:
-    """Converts one queue (steps 1 to 5 above)."""
-    result = QueueMigration(queue.name)
+                  bindings: list[Declaration], queue_type: str = QUORUM_TYPE) -> QueueMigration:
+    """Converts one queue (steps 1 to 5 above) to queue_type, the type its declaration asks for."""
+    result = QueueMigration(queue.name, queue_type)
     temp = temporary_queue(queue.name)
     if not _declare(connection, queue):
         result.converted = True
         _refuse_if_consumed(connection, queue.name)
         channel = connection.channel()
         channel.confirm_delivery()
-        channel.queue_declare(temp, durable=True, arguments=dict(QUORUM))
+        if not _exists(connection, temp):  # one an interrupted run left stays as it is
+            channel.queue_declare(temp, durable=True, arguments=dict(QUORUM) if queue_type == QUORUM_TYPE else None)
         for binding in bindings:  # the temporary queue first: an event published meanwhile always has a queue
             channel.queue_bind(temp, binding.exchange, routing_key=binding.routing_key)
         for binding in bindings:
@@ -234,7 +241,7 @@ def _copy(properties: pika.BasicProperties, headers: dict[str, Any], expiration:
 
 
 def _stash_expiration(properties: pika.BasicProperties) -> pika.BasicProperties:
-    headers = dict(properties.headers or {})
+    headers = {k: v for k, v in (properties.headers or {}).items() if k != "x-delivery-count"}
     if properties.expiration is not None:
         headers[EXPIRATION_HEADER] = properties.expiration
     return _copy(properties, headers, None)

@@ -86,6 +86,7 @@ from tessera_runtime.messaging.amqp import AmqpLink
 from tessera_runtime.messaging.envelope import CORRELATION_ID, REQUEST_ID, OutgoingEvent, outgoing_event
 from tessera_runtime.messaging.settings import MessagingSettings, messaging_settings
 from tessera_runtime.messaging.topology import (
+    CLASSIC,
     MIGRATE_COMMAND,
     declare_async,
     exchange_declarations,
@@ -201,10 +202,13 @@ class ConfirmingPublisher(AmqpLink):
     """Publishes batches to the events exchange with mandatory routing and pipelined publisher confirms."""
 
     def __init__(self, url: str, name: str, exchange: str, *, max_backoff: float = 30.0,
-                 close_timeout: float = 5.0, consumer_routes: dict[str, tuple[str, ...]] | None = None) -> None:
+                 close_timeout: float = 5.0, consumer_routes: dict[str, tuple[str, ...]] | None = None,
+                 queue_type: str = CLASSIC) -> None:
         super().__init__(url, name, max_backoff=max_backoff, close_timeout=close_timeout)
         self.exchange = exchange
-        self.consumer_declarations = publisher_declarations(exchange, consumer_routes) if consumer_routes else []
+        self.queue_type = queue_type
+        self.consumer_declarations = (publisher_declarations(exchange, consumer_routes, queue_type)
+                                      if consumer_routes else [])
         self._next_tag = 0
         self._pending: dict[int, tuple[_Batch, int]] = {}
         self._by_message_id: dict[str, tuple[_Batch, int]] = {}
@@ -274,8 +278,8 @@ class ConfirmingPublisher(AmqpLink):
 
         def refused(_side: Channel, reason: Exception) -> None:
             if not finished:
-                outdated = queue_not_migrated(reason)
-                if outdated is not None:  # a classic queue of an earlier version: events still reach it
+                outdated = queue_not_migrated(reason, self.queue_type)
+                if outdated is not None:  # a queue of the other type, say: events still reach it
                     log.warning("could not declare the consumer queues; publishing without them: %s", outdated,
                                 extra={"exchange": self.exchange, "queue": outdated.queue,
                                        "command": MIGRATE_COMMAND})
@@ -460,7 +464,8 @@ class OutboxRelay:
         self.publisher = ConfirmingPublisher(amqp_url, f"{service}-outbox-relay", settings.events_exchange,
                                              max_backoff=settings.reconnect_max_seconds,
                                              close_timeout=min(5.0, settings.outbox_confirm_timeout_seconds),
-                                             consumer_routes=installed_consumer_routes())
+                                             consumer_routes=installed_consumer_routes(),
+                                             queue_type=settings.queue_type)
         self.lock_key = advisory_lock_key(table)
         self.backlog = 0
         self.oldest_age_seconds = 0.0

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from tessera_runtime.config import ConfigError, Env, ServiceSettings
+from tessera_runtime.messaging.topology import CLASSIC, QUEUE_TYPE_VARIABLE, QUEUE_TYPES
 
 DEFAULT_EXCHANGE = "tessera.events"
 DEFAULT_RETRY_DELAYS = (1.0, 5.0, 30.0, 120.0)
@@ -68,6 +69,9 @@ class MessagingSettings:
     # Processed event ids are forgotten after this long (0 keeps them): longer than any redelivery takes.
     processed_events_retention_hours: float = 720.0
     reconnect_max_seconds: float = 30.0
+    # The type of the consumer, retry and dead-letter queues every publisher and consumer of the exchange declares:
+    # "classic", or "quorum" (at-least-once dead-lettering; existing classic queues need `tessera queues migrate`).
+    queue_type: str = CLASSIC
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | Env | None = None) -> MessagingSettings:
@@ -88,6 +92,7 @@ class MessagingSettings:
             processed_events_retention_hours=env.float("TESSERA_PROCESSED_EVENTS_RETENTION_HOURS", 720.0,
                                                        minimum=0.0),
             reconnect_max_seconds=env.float("TESSERA_AMQP_RECONNECT_MAX_SECONDS", 30.0, minimum=0.1),
+            queue_type=env.choice(QUEUE_TYPE_VARIABLE, CLASSIC, QUEUE_TYPES),
         )
         if settings.consumer_concurrency > settings.consumer_prefetch:
             raise ConfigError("TESSERA_CONSUMER_CONCURRENCY must not exceed TESSERA_CONSUMER_PREFETCH, got "
