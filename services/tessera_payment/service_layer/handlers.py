@@ -328,12 +328,26 @@ async def _charge(payment: Payment, resumed: bool, budget: float, uow: UnitOfWor
     return _outcome(await _settle(uow, payment, last_failure))
 
 
+class _NoAnswer(Exception):
+    """The processor could not say, within the lookup timeout, what it did."""
+
+
+async def _look_up(policy: ChargePolicy, lookup: Coroutine[Any, Any, T]) -> T:
+    """The processor's answer to a lookup (find_charge, find_refund), or _NoAnswer when it is unavailable or does not
+    answer within `lookup_timeout_seconds`: the outcome is then unknown, and the caller must not settle as if it
+    were known."""
+    try:
+        async with asyncio.timeout(policy.lookup_timeout_seconds):
+            return await lookup
+    except (TimeoutError, ProcessorUnavailable):
+        raise _NoAnswer from None
+
+
 async def _find_charge(processor: PaymentProcessor, payment: Payment, policy: ChargePolicy) -> Charged | None:
     """Whether the processor charged this payment, when a call that was charging it did not learn the answer."""
     try:
-        async with asyncio.timeout(policy.lookup_timeout_seconds):
-            return await processor.find_charge(payment.id)
-    except (TimeoutError, ProcessorUnavailable):
+        return await _look_up(policy, processor.find_charge(payment.id))
+    except _NoAnswer:
         # The outcome is unknown: the payment stays PENDING and its lease runs out, then the recovery loop (or a
         # repeat call) asks again. Recording FAILED here could hide a charge.
         log.warning("payment processor could not say whether it charged", extra={"payment_id": payment.id})
@@ -363,18 +377,26 @@ async def _settle(uow: UnitOfWork, payment: Payment, outcome: Charged | Declined
         payment.decline(outcome.decline_code, outcome.message, now)
     else:
         payment.fail(outcome, now)
-    try:
-        async with uow.one_statement():  # on PostgreSQL the save and its event are one statement
-            if not await uow.payments.save(payment, expected):
-                raise StalePayment(payment.id)
-            uow.add_event(AGGREGATE, payment.id, _event(payment, timed_out))
-            await uow.commit()
-    except StalePayment:
+    if not await _save_with_event(uow, payment, expected, _event(payment, timed_out)):
         async with uow.reading():
             current = await uow.payments.get(payment.id)
         assert current is not None
         return _outcome(current)
     return payment
+
+
+async def _save_with_event(uow: UnitOfWork, payment: Payment, expected: int, event: Any) -> bool:
+    """Saves the payment, fenced by its `expected` version, with its event (on PostgreSQL as one statement). False,
+    and nothing written, if another call changed the payment first."""
+    try:
+        async with uow.one_statement():
+            if not await uow.payments.save(payment, expected):
+                raise StalePayment(payment.id)
+            uow.add_event(AGGREGATE, payment.id, event)
+            await uow.commit()
+    except StalePayment:
+        return False
+    return True
 
 
 def _event(p: Payment, timed_out: bool):
@@ -464,9 +486,8 @@ async def _void_abandoned(payment: Payment, uow: UnitOfWork, processing: Process
     it has no charge, SUCCEEDED (PAYMENT_NOT_VOIDABLE raised) if it has. None when another call took the payment over
     meanwhile (this void's lease ran out first), so that the void reads it again."""
     try:
-        async with asyncio.timeout(processing.policy.lookup_timeout_seconds):
-            charged = await processing.processor.find_charge(payment.id)
-    except (TimeoutError, ProcessorUnavailable):
+        charged = await _look_up(processing.policy, processing.processor.find_charge(payment.id))
+    except _NoAnswer:
         # Unknown: the payment stays PENDING under this call's lease, which runs out; a repeat of the void (or the
         # recovery loop) asks again. Voiding now could hide a charge.
         log.warning("payment processor could not say whether it charged; not voided yet",
@@ -480,13 +501,7 @@ async def _void_abandoned(payment: Payment, uow: UnitOfWork, processing: Process
     else:
         payment.void_interrupted(INTERRUPTED_MESSAGE, now)
         event = mapping.payment_voided(payment)
-    try:
-        async with uow.one_statement():  # on PostgreSQL the save and its event are one statement
-            if not await uow.payments.save(payment, expected):
-                raise StalePayment(payment.id)
-            uow.add_event(AGGREGATE, payment.id, event)
-            await uow.commit()
-    except StalePayment:
+    if not await _save_with_event(uow, payment, expected, event):
         return None
     if charged is not None:
         log.info("abandoned payment found charged; not voided", extra={"payment_id": payment.id})
@@ -531,10 +546,9 @@ async def recover_abandoned_payment(uow: UnitOfWork, processing: Processing, pay
         await uow.commit()
     what = "charged" if charge else "refunded"
     try:
-        async with asyncio.timeout(policy.lookup_timeout_seconds):
-            found = await (processing.processor.find_charge(payment.id) if charge
-                           else processing.processor.find_refund(payment.processor_reference))
-    except (TimeoutError, ProcessorUnavailable):
+        found = await _look_up(policy, processing.processor.find_charge(payment.id) if charge
+                               else processing.processor.find_refund(payment.processor_reference))
+    except _NoAnswer:
         log.warning("payment processor could not say whether it %s; will ask again", what,
                     extra={"payment_id": payment.id})
         return False
@@ -689,9 +703,8 @@ async def _refund(payment: Payment, resumed: bool, budget: float, uow: UnitOfWor
 async def _find_refund(processor: PaymentProcessor, payment: Payment, policy: ChargePolicy) -> Refunded | None:
     """Whether the processor refunded this payment, when a call that was refunding it did not learn the answer."""
     try:
-        async with asyncio.timeout(policy.lookup_timeout_seconds):
-            return await processor.find_refund(payment.processor_reference)
-    except (TimeoutError, ProcessorUnavailable):
+        return await _look_up(policy, processor.find_refund(payment.processor_reference))
+    except _NoAnswer:
         # The outcome is unknown: the claim stays and its lease runs out, then the recovery loop (or a repeat call)
         # asks again. Releasing it here could let a second refund pay out.
         log.warning("payment processor could not say whether it refunded", extra={"payment_id": payment.id})
@@ -715,13 +728,7 @@ async def _record_refund(uow: UnitOfWork, payment: Payment, refunded: Refunded) 
     claim over recorded it first, returns that call's outcome (which found this same refund at the processor)."""
     expected = payment.version
     payment.refund(payment.refund_reason, refunded.reference, utcnow())
-    try:
-        async with uow.one_statement():  # on PostgreSQL the save and its event are one statement
-            if not await uow.payments.save(payment, expected):
-                raise StalePayment(payment.id)
-            uow.add_event(AGGREGATE, payment.id, mapping.payment_refunded(payment))
-            await uow.commit()
-    except StalePayment:
+    if not await _save_with_event(uow, payment, expected, mapping.payment_refunded(payment)):
         async with uow.reading():
             current = await uow.payments.get(payment.id)
         assert current is not None
