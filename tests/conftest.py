@@ -23,6 +23,18 @@ async def pg_database():
     await postgres.drop_database(name)
 
 
+@pytest.fixture(scope="session")
+def tracing():
+    """This process's tracer provider exporting to an in-process OTLP receiver (one per session: a process has one
+    global tracer provider), so that spans made here arrive beside those of the service processes a test starts
+    (which export to the same receiver); every pending span is exported before the session ends."""
+    from tests.support.otlp_receiver import in_process_tracing
+
+    harness = in_process_tracing()
+    yield harness
+    harness.drain()
+
+
 def pytest_collection_modifyitems(config, items):
     """Marks each test with its layer from its folder: tests/unit, tests/integration, tests/e2e, ..."""
     for item in items:

@@ -17,7 +17,6 @@ from prometheus_client import REGISTRY
 
 from tessera_graphql.app import GraphQLSettings, build_app
 from tests.support.order_stack import InProcessOrder, Neighbours
-from tests.support.otlp_receiver import in_process_tracing
 from tests.support.processes import ServiceProcess
 
 CUSTOMER = "user:read user:write order:read order:write inventory:read"
@@ -225,13 +224,6 @@ def test_the_process_serves_and_stops_on_sigterm(tmp_path):
         assert process.proc.wait(timeout=30) == 0
     finally:
         process.stop()
-
-
-@pytest.fixture(scope="session")
-def tracing():
-    harness = in_process_tracing()
-    yield harness
-    harness.drain()
 
 
 async def test_one_request_is_one_trace_through_the_api_and_the_services(tracing, graphql, neighbours):

@@ -23,18 +23,10 @@ from tessera_runtime.messaging import (
 )
 from tessera_runtime.outbox import PendingEvent
 from tests.support import rabbitmq
-from tests.support.otlp_receiver import in_process_tracing
 from tests.support.waiting import eventually
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 EVENT_TYPE = user_events_pb2.UserCreated.DESCRIPTOR.full_name
-
-
-@pytest.fixture(scope="session")
-def tracing():
-    harness = in_process_tracing()
-    yield harness
-    harness.drain()
 
 
 @pytest.fixture

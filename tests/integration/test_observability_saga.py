@@ -10,17 +10,10 @@ from tessera.order.v1 import order_pb2
 from tessera.order.v1 import order_service_pb2 as svc
 
 from tests.support.order_stack import InProcessOrder, Neighbours
-from tests.support.otlp_receiver import ReceivedSpan, in_process_tracing
+from tests.support.otlp_receiver import ReceivedSpan
 
 ORDER, USER = "tessera.order.v1.OrderService", "tessera.user.v1.UserService"
 INVENTORY, PAYMENT = "tessera.inventory.v1.InventoryService", "tessera.payment.v1.PaymentService"
-
-
-@pytest.fixture(scope="session")
-def tracing():
-    harness = in_process_tracing()
-    yield harness
-    harness.drain()
 
 
 @pytest.fixture(scope="module")

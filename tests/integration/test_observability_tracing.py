@@ -14,18 +14,11 @@ from tessera.user.v1 import user_service_pb2 as svc
 from tessera_runtime.clients import open_channel
 from tessera_runtime.server import ServiceModule, create_server
 from tests.integration.conftest import settings_for
-from tests.support.otlp_receiver import ReceivedSpan, in_process_tracing
+from tests.support.otlp_receiver import ReceivedSpan
 
 USER_SERVICE = svc.DESCRIPTOR.services_by_name["UserService"]
 CREATE_USER = "/tessera.user.v1.UserService/CreateUser"
 GET_USER = "/tessera.user.v1.UserService/GetUser"
-
-
-@pytest.fixture(scope="session")
-def tracing():
-    harness = in_process_tracing()
-    yield harness
-    harness.drain()
 
 
 @pytest.fixture

@@ -23,21 +23,12 @@ from tessera_order.service_layer.saga import RESUME_SPAN
 from tessera_runtime.clients import error_details
 from tessera_runtime.db import Database
 from tests.support.order_stack import Neighbours, OrderProcess
-from tests.support.otlp_receiver import ReceivedSpan, in_process_tracing
+from tests.support.otlp_receiver import ReceivedSpan
 
 FINAL = (order_pb2.ORDER_STATUS_CONFIRMED, order_pb2.ORDER_STATUS_FAILED)
 PROCESS_PAYMENT = "/tessera.payment.v1.PaymentService/ProcessPayment"
 COMMIT_RESERVATION = "/tessera.inventory.v1.InventoryService/CommitReservation"
 CRASHED = 137  # the fault injection exits like a SIGKILLed process
-
-
-@pytest.fixture(scope="session")
-def tracing():
-    """This process's tracer provider exporting to an in-process OTLP receiver, so that the neighbours' server
-    spans arrive beside the order process's (which exports to the same receiver)."""
-    harness = in_process_tracing()
-    yield harness
-    harness.drain()
 
 
 @pytest.fixture(scope="module")

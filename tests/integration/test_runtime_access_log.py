@@ -16,7 +16,6 @@ from tessera_runtime.clients import error_details
 from tessera_runtime.errors import NotFound
 from tessera_runtime.logs import JsonFormatter
 from tessera_runtime.server import ServiceModule, create_server
-from tests.support.otlp_receiver import in_process_tracing
 
 SERVICE = "tessera.user.v1.UserService"
 GET_USER = f"/{SERVICE}/GetUser"
@@ -30,13 +29,6 @@ class _Users(user_service_pb2_grpc.UserServiceServicer):
         if request.id == "missing":
             raise NotFound("no user with this id", reason="USER_NOT_FOUND", domain=DOMAIN, metadata={"id": "missing"})
         return user_service_pb2.GetUserResponse(user=user_pb2.User(id=request.id, display_name="Ada"))
-
-
-@pytest.fixture(scope="session")
-def tracing():
-    harness = in_process_tracing()
-    yield harness
-    harness.drain()
 
 
 @pytest.fixture

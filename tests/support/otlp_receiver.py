@@ -178,7 +178,8 @@ _in_process: InProcessTracing | None = None
 
 
 def in_process_tracing() -> InProcessTracing:
-    """The session's InProcessTracing; test modules use it through a session-scoped fixture that drains it."""
+    """The session's InProcessTracing; tests use it through the session fixture `tracing` (tests/conftest.py),
+    which drains it."""
     global _in_process
     if _in_process is None:
         from opentelemetry import trace
