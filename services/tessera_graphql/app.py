@@ -27,6 +27,7 @@ from tessera_graphql.schema import Context, build_schema
 from tessera_graphql.upstream import Scopes, Upstream
 from tessera_runtime import context as callctx
 from tessera_runtime.config import CircuitSettings, ConfigError, Env
+from tessera_runtime.discovery.model import DiscoverySettings, service_address
 from tessera_runtime.logs import correlation_id_var, request_id_var, setup_logging
 from tessera_runtime.telemetry import setup_telemetry
 
@@ -51,6 +52,7 @@ class GraphQLSettings:
     addresses: Mapping[str, str]
     default_deadline_seconds: float
     circuit: CircuitSettings
+    discovery: DiscoverySettings
     max_depth: int
     max_aliases: int
     max_tokens: int
@@ -68,12 +70,13 @@ class GraphQLSettings:
             environment=env.choice("TESSERA_ENV", "dev", ("dev", "test", "production")),
             log_level=env.choice("TESSERA_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             addresses={
-                "user": env.str("TESSERA_USER_SERVICE_ADDR", "127.0.0.1:50051"),
-                "inventory": env.str("TESSERA_INVENTORY_SERVICE_ADDR", "127.0.0.1:50052"),
-                "order": env.str("TESSERA_ORDER_SERVICE_ADDR", "127.0.0.1:50054"),
+                "user": service_address(env, "TESSERA_USER_SERVICE_ADDR", "127.0.0.1:50051"),
+                "inventory": service_address(env, "TESSERA_INVENTORY_SERVICE_ADDR", "127.0.0.1:50052"),
+                "order": service_address(env, "TESSERA_ORDER_SERVICE_ADDR", "127.0.0.1:50054"),
             },
             default_deadline_seconds=env.float("TESSERA_DEFAULT_DEADLINE_SECONDS", 5.0, minimum=0.01),
             circuit=CircuitSettings.from_env(env),
+            discovery=DiscoverySettings.from_env(env),
             max_depth=env.int("TESSERA_GRAPHQL_MAX_DEPTH", 10, minimum=2, maximum=50),
             max_aliases=env.int("TESSERA_GRAPHQL_MAX_ALIASES", 30, minimum=1, maximum=1000),
             max_tokens=env.int("TESSERA_GRAPHQL_MAX_TOKENS", 2000, minimum=100, maximum=100_000),
@@ -147,7 +150,7 @@ async def _metrics(request: web.Request) -> web.Response:
 def build_app(settings: GraphQLSettings, scopes: Scopes | None = None) -> web.Application:
     """The aiohttp application; its channels to the services close with it."""
     upstream = Upstream(settings.addresses, scopes or Scopes.from_gateway(settings.gateway_profile),
-                        settings.default_deadline_seconds, settings.circuit)
+                        settings.default_deadline_seconds, settings.circuit, settings.discovery)
     schema = build_schema(max_depth=settings.max_depth, max_aliases=settings.max_aliases,
                           max_tokens=settings.max_tokens)
     app = web.Application(middlewares=[_per_request], client_max_size=1024 * 1024)

@@ -28,7 +28,7 @@ def components(stack: DevStack) -> list[Component]:
     if not {"user", "inventory", "order"} <= services.keys():
         return []  # the graph needs all three
     env = {"TESSERA_GRAPHQL_PORT": str(DEFAULT_PORT),
-           **{f"TESSERA_{name.upper()}_SERVICE_ADDR": address for name, address in services.items()}}
+           **{f"TESSERA_{name.upper()}_SERVICE_ADDR": stack.dependency_address(name) for name in services}}
     query = '{"query":"{ products(pageSize: 3) { products { sku name stockAvailable } } }"}'
     return [Component(
         name=NAME,

@@ -18,8 +18,9 @@ from tessera.order.v1 import order_service_pb2, order_service_pb2_grpc
 from tessera.user.v1 import user_service_pb2, user_service_pb2_grpc
 
 from tessera_runtime import context as callctx
-from tessera_runtime.clients import error_details, open_channel
+from tessera_runtime.clients import NOT_SENT_REASONS, error_details, open_channel
 from tessera_runtime.config import CircuitSettings
+from tessera_runtime.discovery.model import DiscoverySettings
 
 USER = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
 INVENTORY = inventory_service_pb2.DESCRIPTOR.services_by_name["InventoryService"]
@@ -46,9 +47,10 @@ class UpstreamError(Exception):
         info, bad = error_details(err)
         if info is None:  # no service answered (unreachable, timed out): gRPC's own text names cluster addresses
             return cls(err.code(), _NO_ANSWER.get(err.code(), "the service could not be used"))
-        if info.reason == "CIRCUIT_OPEN":
-            # Refused by this process's own circuit breaker: no service answered, and its text and metadata name
-            # the service's address. The reason stays; the rest is the words of any unreachable service.
+        if info.reason in NOT_SENT_REASONS:
+            # Refused by this process's own circuit breaker, or no healthy instance was discovered: no service
+            # answered, and its text and metadata name the service's address. The reason stays; the rest is the
+            # words of any unreachable service.
             return cls(err.code(), _NO_ANSWER[grpc.StatusCode.UNAVAILABLE], reason=info.reason, domain=info.domain)
         return cls(err.code(), err.details() or "", reason=info.reason, domain=info.domain,
                    metadata=info.metadata,
@@ -122,11 +124,11 @@ class Upstream:
     """One channel per service, shared by every request; stubs whose failures are UpstreamError."""
 
     def __init__(self, addresses: Mapping[str, str], scopes: Scopes, default_deadline: float,
-                 circuit: CircuitSettings = CircuitSettings()) -> None:
+                 circuit: CircuitSettings = CircuitSettings(), discovery: DiscoverySettings | None = None) -> None:
         guard = _ScopeInterceptor(scopes)
         self.channels = {
             name: open_channel(addresses[name], [service], default_deadline=default_deadline,
-                               extra_interceptors=(guard,), circuit=circuit)
+                               extra_interceptors=(guard,), circuit=circuit, discovery=discovery)
             for name, service in (("user", USER), ("inventory", INVENTORY), ("order", ORDER))
         }
         self.users = user_service_pb2_grpc.UserServiceStub(self.channels["user"])

@@ -7,6 +7,7 @@ from typing import Any
 
 from tessera_order.domain.model import StepName
 from tessera_runtime.config import ConfigError, Env
+from tessera_runtime.discovery.model import service_address
 from tessera_runtime.messaging import MessagingServiceSettings
 
 # Points at which TESSERA_ORDER_CRASH_AFTER_STEP may stop the process: after a step's outcome (success or
@@ -45,9 +46,9 @@ class OrderSettings(MessagingServiceSettings):
         p = "TESSERA_ORDER_"
         values: dict[str, Any] = super().extra_from_env(env)
         values.update(
-            user_service_addr=env.str("TESSERA_USER_SERVICE_ADDR", "127.0.0.1:50051"),
-            inventory_service_addr=env.str("TESSERA_INVENTORY_SERVICE_ADDR", "127.0.0.1:50052"),
-            payment_service_addr=env.str("TESSERA_PAYMENT_SERVICE_ADDR", "127.0.0.1:50053"),
+            user_service_addr=service_address(env, "TESSERA_USER_SERVICE_ADDR", "127.0.0.1:50051"),
+            inventory_service_addr=service_address(env, "TESSERA_INVENTORY_SERVICE_ADDR", "127.0.0.1:50052"),
+            payment_service_addr=service_address(env, "TESSERA_PAYMENT_SERVICE_ADDR", "127.0.0.1:50053"),
             payment_deadline_seconds=env.float(f"{p}PAYMENT_DEADLINE_SECONDS", 10.0, minimum=0.1),
             reservation_ttl_seconds=env.int(f"{p}RESERVATION_TTL_SECONDS", 900, minimum=60, maximum=86400),
             step_max_attempts=env.int(f"{p}STEP_MAX_ATTEMPTS", 4, minimum=1, maximum=100),

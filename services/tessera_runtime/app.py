@@ -12,6 +12,7 @@ from typing import Any
 
 from tessera_runtime.config import ConfigError, ServiceSettings
 from tessera_runtime.db import cannot_connect, database_location, first_line
+from tessera_runtime.discovery import registration
 from tessera_runtime.logs import setup_logging
 from tessera_runtime.messaging.topology import MIGRATE_COMMAND, QueueNotMigrated
 from tessera_runtime.server import ServiceModule, TesseraServer, serve_until_signalled
@@ -57,6 +58,8 @@ async def start_service(root: ModuleType, settings: Any) -> TesseraServer:
         module, host=settings.grpc_host, port=settings.grpc_port, require_identity=settings.require_identity,
         readiness_interval=settings.readiness_interval_seconds, drain_seconds=settings.drain_seconds,
         grace_seconds=settings.grace_seconds, metrics_port=settings.metrics_port or None,
+        registration=lambda started: registration(settings.discovery, settings.service, settings.grpc_host,
+                                                  started.port, ready=lambda: started.readiness.ready),
     )
     await server.start()
     return server

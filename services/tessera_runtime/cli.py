@@ -13,6 +13,7 @@ from tessera_runtime.config import ConfigError
 # partial installation still has a working CLI.
 EXTENSIONS = (
     "tessera_runtime.messaging.cli",
+    "tessera_runtime.discovery.cli",
     "tessera_gateway.cli",
     "tessera_deploy.cli",
 )

@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 from tessera_runtime import context as callctx
 from tessera_runtime import telemetry
 from tessera_runtime.config import CircuitSettings
+from tessera_runtime.discovery.model import DiscoverySettings, is_discovery_target
 from tessera_runtime.errors import DeadlineExceeded
 from tessera_runtime.metrics import ClientMetricsInterceptor
 from tessera_runtime.resilience import CircuitBreaker, CircuitBreakerInterceptor
@@ -22,6 +23,9 @@ RETRYABLE_LEVELS = (
     descriptor_pb2.MethodOptions.IDEMPOTENT,
 )
 RETRYABLE_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED")
+# ErrorInfo reasons this process's own client gives for a call it did not send (the dependency's circuit is open,
+# discovery found no healthy instance of it): no service answered.
+NOT_SENT_REASONS = frozenset({"CIRCUIT_OPEN", "NO_HEALTHY_INSTANCE"})
 
 
 def retryable_methods(service: ServiceDescriptor) -> list[str]:
@@ -81,9 +85,15 @@ class _CallContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
 def open_channel(address: str, services: Iterable[ServiceDescriptor], *, default_deadline: float = 5.0,
                  extra_interceptors: Iterable[grpc.aio.ClientInterceptor] = (),
                  breaker: CircuitBreaker | None = None,
-                 circuit: CircuitSettings = CircuitSettings()) -> grpc.aio.Channel:
+                 circuit: CircuitSettings = CircuitSettings(),
+                 discovery: DiscoverySettings | None = None) -> grpc.aio.Channel:
     """An insecure (mesh-encrypted in production) channel to another Tessera service, with a circuit breaker
-    as `circuit` describes (a process passes its settings' `circuit`), unless `breaker` is given."""
+    as `circuit` describes (a process passes its settings' `circuit`), unless `breaker` is given.
+
+    A discovery address (`static:///...`, `registry:///<service>`; tessera_runtime.discovery) gives a channel
+    that balances each call over the healthy instances, `discovery` (a process passes its settings' `discovery`)
+    saying where the registry is and how instances are checked and weighed; the same interceptors, the breaker
+    one per dependency. Any other address is a gRPC target, as it always was."""
     breaker = breaker or CircuitBreaker.configured(address, circuit)
     options = [
         ("grpc.service_config", service_config(services)),
@@ -95,11 +105,13 @@ def open_channel(address: str, services: Iterable[ServiceDescriptor], *, default
     # scope check) come before the breaker: a call they refuse is refused for what it asks, open circuit or not,
     # and is no call to the dependency. So does the caller's deadline: a call made once it has passed is the
     # caller's DEADLINE_EXCEEDED whatever the circuit's state, and no call to the dependency either.
-    return grpc.aio.insecure_channel(
-        address, options=options,
-        interceptors=[ClientMetricsInterceptor(), *extra_interceptors, _CallContextInterceptor(default_deadline),
-                      CircuitBreakerInterceptor(breaker), *telemetry.client_interceptors()],
-    )
+    interceptors = [ClientMetricsInterceptor(), *extra_interceptors, _CallContextInterceptor(default_deadline),
+                    CircuitBreakerInterceptor(breaker), *telemetry.client_interceptors()]
+    if is_discovery_target(address):
+        from tessera_runtime.discovery import balanced_channel
+
+        return balanced_channel(address, discovery or DiscoverySettings(), interceptors, options)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
 def error_details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo | None,

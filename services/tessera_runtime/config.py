@@ -8,9 +8,12 @@ import os
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pika
+
+if TYPE_CHECKING:
+    from tessera_runtime.discovery.model import DiscoverySettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = ROOT / "data"
@@ -171,6 +174,9 @@ class ServiceSettings:
     circuit: CircuitSettings
     workers: int
     database_pool_size: int
+    # Service discovery without a mesh (TESSERA_REGISTRY_DIR, TESSERA_INSTANCE_WEIGHT, ...): where this instance
+    # registers, and how the instances of the services it calls through the registry are checked and balanced.
+    discovery: DiscoverySettings
 
     @property
     def production(self) -> bool:
@@ -199,6 +205,8 @@ class ServiceSettings:
             raise ConfigError(f"{prefix}DATABASE_URL must name a file as sqlite+aiosqlite:///path/to/file.db, "
                               f"got a host {parsed_db.host!r}")
         amqp_url = check_amqp_url(env.str(f"{prefix}AMQP_URL", DEFAULT_AMQP_URL), f"{prefix}AMQP_URL")
+        from tessera_runtime.discovery.model import DiscoverySettings  # the discovery package imports this module
+
         return dict(
             service=service,
             environment=environment,
@@ -216,6 +224,7 @@ class ServiceSettings:
             circuit=CircuitSettings.from_env(env),
             workers=env.int(f"{prefix}WORKERS", 1, minimum=1, maximum=64),
             database_pool_size=env.int(f"{prefix}DATABASE_POOL_SIZE", POOL_SIZE, minimum=1, maximum=100),
+            discovery=DiscoverySettings.from_env(env),
         )
 
     @classmethod

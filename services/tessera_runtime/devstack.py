@@ -59,6 +59,14 @@ class DevStack:
     def service_addresses(self) -> dict[str, str]:
         return {c.name: f"127.0.0.1:{PORTS[c.name]}" for c in self.components if c.name in PORTS}
 
+    def dependency_address(self, name: str) -> str:
+        """How a service or the GraphQL API of the stack addresses `name`: its fixed port, or through the registry
+        when TESSERA_REGISTRY_DIR is set (every service registers there, and further instances started by hand
+        with the same directory share the calls by their TESSERA_INSTANCE_WEIGHT)."""
+        if os.environ.get("TESSERA_REGISTRY_DIR"):
+            return f"registry:///{name}"
+        return f"127.0.0.1:{PORTS[name]}"
+
     def add_services(self) -> None:
         for name, port in PORTS.items():
             if importlib.util.find_spec(f"tessera_{name}") is None:
@@ -67,7 +75,7 @@ class DevStack:
                 "TESSERA_GRPC_PORT": str(port),
                 "TESSERA_METRICS_PORT": str(METRICS_PORTS[name]),
                 "TESSERA_DATA_DIR": str(self.data_dir),
-                **{f"TESSERA_{other.upper()}_SERVICE_ADDR": f"127.0.0.1:{p}" for other, p in PORTS.items()},
+                **{f"TESSERA_{other.upper()}_SERVICE_ADDR": self.dependency_address(other) for other in PORTS},
             }
             self.components.append(Component(
                 name=name, argv=[sys.executable, "-m", "tessera_runtime.cli", "serve", name], env=env,

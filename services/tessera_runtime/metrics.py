@@ -35,6 +35,8 @@ service. The others are defined here, once, and incremented where the thing happ
 | tessera_db_connections_max | gauge | pool | the most connections each pool opens (TESSERA_DATABASE_POOL_SIZE) |
 | tessera_circuit_state | gauge | dependency (the address called) | its circuit: 0 closed, 1 half-open, 2 open |
 | tessera_circuit_transitions_total | counter | dependency, state (closed, half_open, open) | circuit transitions |
+| tessera_discovery_instances | gauge | dependency (a discovery address), health (serving, not_serving) | instances |
+| tessera_discovery_picks_total | counter | dependency, address | calls the balancer sent to each instance |
 
 Label values are short, bounded strings (an ErrorReason name, a step name, a message's full type name): never ids.
 """
@@ -149,6 +151,14 @@ CIRCUIT_STATE = Gauge(
 CIRCUIT_TRANSITIONS = Counter(
     "tessera_circuit_transitions_total", "Circuit breaker transitions, by dependency and the state entered.",
     ("dependency", "state"))
+
+
+DISCOVERY_INSTANCES = Gauge(
+    "tessera_discovery_instances", "Instances of a dependency addressed through discovery, by health as last checked.",
+    ("dependency", "health"))
+DISCOVERY_PICKS = Counter(
+    "tessera_discovery_picks_total", "Calls the balancer of a discovery address sent to each instance.",
+    ("dependency", "address"))
 
 
 def split_method(method: str) -> tuple[str, str]:

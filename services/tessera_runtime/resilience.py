@@ -66,8 +66,9 @@ log = logging.getLogger("tessera.resilience")
 
 FAILURE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # The ErrorInfo reasons (tessera.common.v1.ErrorReason) with which a service's runtime says that it cannot serve just
-# now: its database is away, something it waited on did not answer in time, the call's deadline passed inside it.
-NOT_SERVING_REASONS = frozenset({"UNAVAILABLE", "DATABASE_UNAVAILABLE", "DEADLINE_EXCEEDED"})
+# now: its database is away, something it waited on did not answer in time, the call's deadline passed inside it;
+# and the one with which discovery (tessera_runtime.discovery) says that no instance of it is healthy.
+NOT_SERVING_REASONS = frozenset({"UNAVAILABLE", "DATABASE_UNAVAILABLE", "DEADLINE_EXCEEDED", "NO_HEALTHY_INSTANCE"})
 # The rolling window is kept in this many buckets, like opossum's rollingCountBuckets default.
 WINDOW_BUCKETS = 10
 

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,6 +17,9 @@ from grpc_reflection.v1alpha import reflection
 
 from tessera_runtime import metrics
 from tessera_runtime.interceptors import RpcObserver, ServerInterceptor
+
+if TYPE_CHECKING:
+    from tessera_runtime.discovery import Registration
 
 log = logging.getLogger("tessera.server")
 
@@ -166,8 +170,13 @@ class TesseraServer:
     def __init__(self, module: ServiceModule, *, host: str = "127.0.0.1", port: int = 0,
                  require_identity: bool = False, readiness_interval: float = 1.0,
                  drain_seconds: float = 0.0, grace_seconds: float = 5.0,
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None,
+                 registration: Callable[[TesseraServer], Registration | None] | None = None) -> None:
         self.module = module
+        # Service discovery without a mesh: builds this server's registration once its port is bound (None when no
+        # registry is configured); registered once serving, deregistered first thing on a graceful stop.
+        self._registration_for = registration
+        self.registration: Registration | None = None
         self.host = host
         self.requested_port = port
         self.drain_seconds = drain_seconds
@@ -206,6 +215,10 @@ class TesseraServer:
         if self.metrics is not None:
             self.metrics.start()
         self.readiness.start()
+        if self._registration_for is not None:
+            self.registration = self._registration_for(self)
+            if self.registration is not None:
+                await self.registration.start()
         log.info("serving", extra={"address": f"{self.host}:{self.port}",
                                    "services": list(self.module.service_names)})
         return self.port
@@ -216,6 +229,8 @@ class TesseraServer:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
+        if self.registration is not None:
+            await self.registration.stop()
         await self.readiness.stop()
         # The /health report says what the gRPC health now says: the process is leaving rotation.
         self.readiness.report = {**self.readiness.report, "status": "DOWN", "shutting_down": True}

@@ -22,8 +22,9 @@ from tessera.user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 
 from tessera_order.service_layer.ports import Customer, DownstreamError, Payment, Product, Reservation
 from tessera_order.settings import OrderSettings
-from tessera_runtime.clients import error_details, open_channel
+from tessera_runtime.clients import NOT_SENT_REASONS, error_details, open_channel
 from tessera_runtime.config import CircuitSettings
+from tessera_runtime.discovery.model import DiscoverySettings
 from tessera_runtime.errors import DATABASE_UNAVAILABLE
 
 USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
@@ -43,8 +44,9 @@ log = logging.getLogger("tessera.order.downstream")
 
 def translate(service: str, err: grpc.aio.AioRpcError) -> DownstreamError:
     info, _ = error_details(err)
-    if info is not None and info.reason == "CIRCUIT_OPEN":
-        # Refused by this process's own circuit breaker: the service gave no answer, it is simply unavailable.
+    if info is not None and info.reason in NOT_SENT_REASONS:
+        # Refused by this process's own circuit breaker, or no healthy instance of the service was discovered: the
+        # service gave no answer, it is simply unavailable.
         info = None
     if info is None:
         message = _NO_ANSWER.get(err.code(), "the call to the {} service failed").format(service)
@@ -151,9 +153,10 @@ class DownstreamChannels:
     """The three channels of the order service; closed when the service stops."""
 
     def __init__(self, user_addr: str, inventory_addr: str, payment_addr: str, *, default_deadline: float,
-                 circuit: CircuitSettings = CircuitSettings()) -> None:
+                 circuit: CircuitSettings = CircuitSettings(), discovery: DiscoverySettings | None = None) -> None:
         def channel(address: str, service: ServiceDescriptor) -> grpc.aio.Channel:
-            return open_channel(address, [service], default_deadline=default_deadline, circuit=circuit)
+            return open_channel(address, [service], default_deadline=default_deadline, circuit=circuit,
+                                discovery=discovery)
 
         self.user = channel(user_addr, USER_SERVICE)
         self.inventory = channel(inventory_addr, INVENTORY_SERVICE)
@@ -163,7 +166,8 @@ class DownstreamChannels:
     def from_settings(cls, settings: OrderSettings) -> DownstreamChannels:
         """The channels as the service's settings configure them: addresses, deadline, circuit breakers."""
         return cls(settings.user_service_addr, settings.inventory_service_addr, settings.payment_service_addr,
-                   default_deadline=settings.default_deadline_seconds, circuit=settings.circuit)
+                   default_deadline=settings.default_deadline_seconds, circuit=settings.circuit,
+                   discovery=settings.discovery)
 
     async def close(self) -> None:
         for channel in (self.user, self.inventory, self.payment):

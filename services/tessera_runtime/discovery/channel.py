@@ -1,0 +1,343 @@
+"""Health-filtered discovery of one service's instances, and a channel that balances each call over them.
+
+gRPC Python cannot plug a load-balancing policy of its own into gRPC's C core, so the balancing happens above
+it: `BalancedChannel` is what `tessera_runtime.clients.open_channel` returns for a discovery address, and is used
+like any grpc.aio channel (generated stubs, `dependency_check`). Its calls go through a channel carrying the same
+interceptors as every other (metrics, the caller's deadline and ids, the circuit breaker of the dependency,
+tracing); the innermost of them picks a healthy instance and sends the call on that instance's own channel,
+which keeps the contracts' retry policy (so an idempotent call retried by gRPC is retried on the instance picked).
+
+The circuit breaker stays one per dependency, as for a fixed address: an instance that fails is the health
+checks' business (it stops being picked within a check interval, at once if its connection is refused), while
+the breaker answers for the service as a whole, including when no instance of it is healthy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tessera_runtime import metrics
+from tessera_runtime.discovery.balancing import BALANCERS
+from tessera_runtime.discovery.model import DiscoverySettings, ServiceInstance
+from tessera_runtime.discovery.registry import ServiceRegistry
+
+log = logging.getLogger("tessera.discovery")
+
+HEALTH_METHODS = "/grpc.health.v1.Health/"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+# gRPC core's words for a call that never reached a server (no connection could be made; pick_first's and
+# round_robin's): safe to send again to another instance, whatever the method, as nothing of it was sent.
+_NOT_CONNECTED = ("failed to connect to all addresses", "connections to all backends failing")
+# How long the channel of an instance no longer registered stays open for the calls still in flight on it; each
+# ends sooner, at its own deadline.
+FORGOTTEN_GRACE_SECONDS = 60.0
+
+
+@dataclasses.dataclass
+class _Known:
+    """What discovery knows of one address: its registrations (several worker processes may serve one port), its
+    channel and health stub, and since when it has failed its health checks."""
+
+    instance: ServiceInstance
+    registrations: list[ServiceInstance]
+    channel: grpc.aio.Channel
+    health: health_pb2_grpc.HealthStub
+    serving: bool = False
+    critical_since: float | None = None
+
+
+class HealthFilteredDiscovery:
+    """The instances of `service` in `registry` whose gRPC health answers SERVING, checked every `check_seconds`
+    with a `check_timeout_seconds` deadline (Check, service "" = the instance's readiness, or its registration's
+    `health_check`). An instance that fails its checks for `deregister_after_seconds` is deregistered when the
+    registry prunes (Consul's deregister_critical_service_after). Used from one event loop."""
+
+    def __init__(self, name: str, service: str, registry: ServiceRegistry, settings: DiscoverySettings,
+                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.name = name
+        self.service = service
+        self.registry = registry
+        self.settings = settings
+        # A stopped instance that comes back is reconnected to within about a check interval, not after gRPC's
+        # default back-off of up to two minutes.
+        backoff_ms = max(100, int(settings.check_seconds * 1000))
+        self.channel_options = [*channel_options, ("grpc.initial_reconnect_backoff_ms", backoff_ms),
+                                ("grpc.min_reconnect_backoff_ms", backoff_ms),
+                                ("grpc.max_reconnect_backoff_ms", max(backoff_ms, 1000))]
+        self.balancer = BALANCERS[settings.balancing]()
+        self._known: dict[str, _Known] = {}
+        self._healthy: list[ServiceInstance] = []
+        self._multicallables: dict[tuple[str, str], Any] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._first_round: asyncio.Event | None = None
+        self._picks: dict[str, Any] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # -- discovery ---------------------------------------------------------------------------------------------
+
+    async def ready(self) -> None:
+        """Starts the checks if they are not running, and waits for the first round of them."""
+        if self._task is None:
+            self._first_round = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"discovery {self.name}")
+        assert self._first_round is not None
+        if not self._first_round.is_set():
+            await self._first_round.wait()
+
+    def discover(self) -> list[ServiceInstance]:
+        """The healthy instances, as of the last round of checks."""
+        return list(self._healthy)
+
+    async def refresh(self) -> list[ServiceInstance]:
+        """One round now: the registry read again and every instance checked."""
+        await self._round()
+        return self.discover()
+
+    def pick(self, *, rotate: bool = True) -> ServiceInstance | None:
+        """The healthy instance the balancer picks; with rotate=False the first healthy one, moving nothing
+        (health probes of the dependency are no traffic to balance)."""
+        if not rotate:
+            return self._healthy[0] if self._healthy else None
+        instance = self.balancer.pick()
+        if instance is not None:
+            counter = self._picks.get(instance.address)
+            if counter is None:
+                counter = self._picks[instance.address] = metrics.DISCOVERY_PICKS.labels(self.name, instance.address)
+            counter.inc()
+        return instance
+
+    def service_address(self) -> str | None:
+        """getServiceUrl: the address of the instance the balancer picks, for a caller that connects itself."""
+        instance = self.pick()
+        return instance.address if instance is not None else None
+
+    def eject(self, instance: ServiceInstance) -> None:
+        """A call found the instance unreachable: stop picking it until its health answers SERVING again."""
+        known = self._known.get(instance.address)
+        if known is not None and known.serving:
+            known.serving = False
+            log.warning("instance unreachable, no longer picked", extra={
+                "dependency": self.name, "address": instance.address})
+            self._publish()
+
+    def channel_for(self, instance: ServiceInstance) -> grpc.aio.Channel:
+        return self._known[instance.address].channel
+
+    def multicallable(self, instance: ServiceInstance, method: str, request_serializer, response_deserializer):
+        key = (instance.address, method)
+        found = self._multicallables.get(key)
+        if found is None:
+            found = self._known[instance.address].channel.unary_unary(
+                method, request_serializer=request_serializer, response_deserializer=response_deserializer,
+                _registered_method=True)
+            self._multicallables[key] = found
+        return found
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for known in self._known.values():
+            await known.channel.close()
+        self._known.clear()
+        for closing in list(self._closing):
+            closing.cancel()
+        self._multicallables.clear()
+
+    # -- the rounds of checks ----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._first_round is not None
+        while True:
+            try:
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a registry that cannot be read this time: the last known instances stand
+                log.exception("discovery round failed", extra={"dependency": self.name})
+            self._first_round.set()
+            await asyncio.sleep(self.settings.check_seconds)
+
+    async def _round(self) -> None:
+        registered = await self.registry.instances(self.service)
+        by_address: dict[str, list[ServiceInstance]] = {}
+        for instance in registered:
+            by_address.setdefault(instance.address, []).append(instance)
+        for address in list(self._known):
+            if address not in by_address:
+                await self._forget(address)
+        for address, registrations in by_address.items():
+            known = self._known.get(address)
+            if known is None:
+                channel = grpc.aio.insecure_channel(address, options=self.channel_options)
+                self._known[address] = _Known(registrations[0], registrations, channel,
+                                              health_pb2_grpc.HealthStub(channel))
+            else:
+                known.instance, known.registrations = registrations[0], registrations
+        known_now = list(self._known.values())
+        results = await asyncio.gather(*(self._check(k) for k in known_now))
+        now = time.monotonic()
+        for known, serving in zip(known_now, results, strict=True):
+            if serving != known.serving:
+                log.info("instance %s", "serving" if serving else "not serving", extra={
+                    "dependency": self.name, "address": known.instance.address})
+            known.serving = serving
+            if serving:
+                known.critical_since = None
+                continue
+            if known.critical_since is None:
+                known.critical_since = now
+            if self.registry.prunes and now - known.critical_since >= self.settings.deregister_after_seconds:
+                for registration in known.registrations:
+                    await self.registry.deregister(registration)
+                log.warning("instance deregistered: not serving for %.1f s", now - known.critical_since, extra={
+                    "dependency": self.name, "address": known.instance.address,
+                    "instance_ids": [r.id for r in known.registrations]})
+                await self._forget(known.instance.address)
+        self._publish()
+
+    async def _check(self, known: _Known) -> bool:
+        try:
+            reply = await known.health.Check(health_pb2.HealthCheckRequest(service=known.instance.health_check),
+                                             timeout=self.settings.check_timeout_seconds)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == SERVING
+
+    async def _forget(self, address: str) -> None:
+        known = self._known.pop(address, None)
+        if known is None:
+            return
+        self._publish()  # no call picks it from now on
+        self._multicallables = {k: v for k, v in self._multicallables.items() if k[0] != address}
+        # Calls in flight on it (a deregistered instance drains them) finish, within their own deadlines.
+        closing = asyncio.get_running_loop().create_task(known.channel.close(grace=FORGOTTEN_GRACE_SECONDS))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    def _publish(self) -> None:
+        healthy = sorted((k.instance for k in self._known.values() if k.serving), key=lambda i: i.address)
+        if [i.address for i in healthy] != [i.address for i in self._healthy] or \
+                [i.weight for i in healthy] != [i.weight for i in self._healthy]:
+            self.balancer.update(healthy)
+        self._healthy = healthy
+        metrics.DISCOVERY_INSTANCES.labels(self.name, "serving").set(len(healthy))
+        metrics.DISCOVERY_INSTANCES.labels(self.name, "not_serving").set(len(self._known) - len(healthy))
+
+
+def no_healthy_instance(name: str, service: str) -> grpc.aio.AioRpcError:
+    """The error of a call that found no healthy instance: shaped like any other UNAVAILABLE from the wire."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="NO_HEALTHY_INSTANCE", domain="tessera.dev",
+                                          metadata={"service": service, "dependency": name}))
+    status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=f"no healthy instance of {service}",
+                               details=[info])
+    return grpc.aio.AioRpcError(
+        code=grpc.StatusCode.UNAVAILABLE, initial_metadata=grpc.aio.Metadata(),
+        trailing_metadata=grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString())),
+        details=status.message)
+
+
+class _PickInstance(grpc.aio.UnaryUnaryClientInterceptor):
+    """The innermost interceptor of a BalancedChannel: sends the call to the instance the balancer picks instead
+    of the channel's own (unconnected) target."""
+
+    def __init__(self, discovery: HealthFilteredDiscovery, serializers: dict[str, tuple[Any, Any]]) -> None:
+        self.discovery = discovery
+        self.serializers = serializers
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        method = client_call_details.method
+        method = method.decode() if isinstance(method, bytes) else method
+        discovery = self.discovery
+        await discovery.ready()
+        request_serializer, response_deserializer = self.serializers[method]
+        rotate = not method.startswith(HEALTH_METHODS)
+        tried: set[str] = set()
+        while True:
+            instance = discovery.pick(rotate=rotate)
+            if instance is None or instance.address in tried:
+                raise no_healthy_instance(discovery.name, discovery.service)
+            call = discovery.multicallable(instance, method, request_serializer, response_deserializer)(
+                request, timeout=client_call_details.timeout, metadata=client_call_details.metadata,
+                credentials=client_call_details.credentials, wait_for_ready=client_call_details.wait_for_ready)
+            try:
+                await call
+            except grpc.aio.AioRpcError as err:
+                if err.code() is grpc.StatusCode.UNAVAILABLE and (err.details() or "").lower().startswith(
+                        _NOT_CONNECTED):
+                    # Nothing was sent: another instance may take the call, and this one is not picked again
+                    # until its health answers.
+                    discovery.eject(instance)
+                    tried.add(instance.address)
+                    continue
+                raise
+            return call
+
+
+class BalancedChannel:
+    """A grpc.aio channel lookalike whose unary calls each go to a healthy instance the balancer picks, through
+    the interceptors of `open_channel`. Streaming calls (none of Tessera's contracts has one) go to a picked
+    instance directly, as they would bypass those unary interceptors on any channel."""
+
+    def __init__(self, name: str, discovery: HealthFilteredDiscovery,
+                 interceptors: Sequence[grpc.aio.ClientInterceptor]) -> None:
+        self.name = name
+        self.discovery = discovery
+        self._serializers: dict[str, tuple[Any, Any]] = {}
+        # The front channel is never connected: its innermost interceptor sends each call elsewhere. A name in the
+        # reserved .invalid domain, so that nothing could be reached by mistake.
+        self._front = grpc.aio.insecure_channel(
+            "dns:///tessera-discovery.invalid:1",
+            interceptors=[*interceptors, _PickInstance(discovery, self._serializers)])
+
+    def unary_unary(self, method: str, request_serializer=None, response_deserializer=None,
+                    _registered_method: bool | None = False):
+        self._serializers[method] = (request_serializer, response_deserializer)
+        return self._front.unary_unary(method, request_serializer=request_serializer,
+                                       response_deserializer=response_deserializer)
+
+    def _picked(self, kind: str, method: str, request_serializer, response_deserializer):
+        def call(*args, **kwargs):
+            instance = self.discovery.pick()
+            if instance is None:
+                raise no_healthy_instance(self.name, self.discovery.service)
+            factory = getattr(self.discovery.channel_for(instance), kind)
+            return factory(method, request_serializer=request_serializer,
+                           response_deserializer=response_deserializer)(*args, **kwargs)
+
+        return call
+
+    def unary_stream(self, method: str, request_serializer=None, response_deserializer=None,
+                     _registered_method: bool | None = False):
+        return self._picked("unary_stream", method, request_serializer, response_deserializer)
+
+    def stream_unary(self, method: str, request_serializer=None, response_deserializer=None,
+                     _registered_method: bool | None = False):
+        return self._picked("stream_unary", method, request_serializer, response_deserializer)
+
+    def stream_stream(self, method: str, request_serializer=None, response_deserializer=None,
+                      _registered_method: bool | None = False):
+        return self._picked("stream_stream", method, request_serializer, response_deserializer)
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._front.close(grace)
+        await self.discovery.close()
+
+    async def __aenter__(self) -> BalancedChannel:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()

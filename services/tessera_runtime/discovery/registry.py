@@ -1,0 +1,187 @@
+"""Where instances are registered: the ServiceRegistry port, an in-memory registry (the static lists of the
+configuration) and a directory registry shared by the processes of one host, and the self-registration of a
+running server.
+
+No library fits: the Python registry clients (python-consul, etcd3, kazoo) all talk to an agent or a cluster
+(Consul, etcd, ZooKeeper) that a machine without a mesh does not run. The directory registry needs nothing: one
+JSON file per instance, written to a temporary name and renamed into place, so a reader sees a whole
+registration or none, and any number of processes register and deregister at once without a lock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from tessera_runtime.discovery.model import ServiceInstance, valid_name
+
+log = logging.getLogger("tessera.discovery")
+
+
+class ServiceRegistry(Protocol):
+    """Instances by service. `instances` lists what is registered, healthy or not: discovery
+    (tessera_runtime.discovery.HealthFilteredDiscovery) filters them by their gRPC health."""
+
+    # Whether instances that stay unhealthy are deregistered (Consul's deregister_critical_service_after): a
+    # registry that instances write themselves; never a static list from the configuration.
+    prunes: bool
+
+    async def register(self, instance: ServiceInstance) -> None: ...
+
+    async def deregister(self, instance: ServiceInstance) -> None: ...
+
+    async def instances(self, service: str) -> list[ServiceInstance]: ...
+
+    async def services(self) -> list[str]: ...
+
+
+class InMemoryRegistry:
+    """The instances of one process's memory: the static lists of TESSERA_<NAME>_SERVICE_ADDR=static:///..."""
+
+    prunes = False
+
+    def __init__(self, instances: Iterable[ServiceInstance] = ()) -> None:
+        self._instances: dict[str, dict[str, ServiceInstance]] = {}
+        for instance in instances:
+            self._instances.setdefault(instance.service, {})[instance.id] = instance
+
+    async def register(self, instance: ServiceInstance) -> None:
+        self._instances.setdefault(instance.service, {})[instance.id] = instance
+
+    async def deregister(self, instance: ServiceInstance) -> None:
+        self._instances.get(instance.service, {}).pop(instance.id, None)
+
+    async def instances(self, service: str) -> list[ServiceInstance]:
+        return list(self._instances.get(service, {}).values())
+
+    async def services(self) -> list[str]:
+        return sorted(s for s, found in self._instances.items() if found)
+
+
+class FileRegistry:
+    """A directory shared by the processes of one host: `<directory>/<service>/<instance id>.json`.
+
+    Writes go to a temporary file in the same directory, flushed to disk, then renamed over the registration
+    (atomic on POSIX), so readers never see half a file and concurrent registrations never collide (each instance
+    has its own file). A file that cannot be read or parsed (removed while listed, written by hand) is skipped."""
+
+    prunes = True
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+
+    def _path(self, instance: ServiceInstance) -> Path:
+        if not valid_name(instance.service) or not valid_name(instance.id):
+            raise ValueError(f"service {instance.service!r} and instance id {instance.id!r} must be letters, "
+                             f"digits, '.', '_' or '-'")
+        return self.directory / instance.service / f"{instance.id}.json"
+
+    def register_now(self, instance: ServiceInstance) -> None:
+        path = self._path(instance)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{instance.id}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as file:
+                json.dump(instance.to_json(), file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+    def deregister_now(self, instance: ServiceInstance) -> None:
+        self._path(instance).unlink(missing_ok=True)
+
+    def is_registered(self, instance: ServiceInstance) -> bool:
+        return self._path(instance).exists()
+
+    def instances_now(self, service: str) -> list[ServiceInstance]:
+        if not valid_name(service):
+            return []
+        found = []
+        for path in sorted((self.directory / service).glob("[!.]*.json")):
+            try:
+                instance = ServiceInstance.from_json(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:  # removed since listed, or not a registration
+                log.debug("registry file skipped", extra={"path": str(path), "error": str(exc)})
+                continue
+            if instance.service == service:
+                found.append(instance)
+        return found
+
+    def services_now(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if p.is_dir() and valid_name(p.name))
+
+    async def register(self, instance: ServiceInstance) -> None:
+        await asyncio.to_thread(self.register_now, instance)
+
+    async def deregister(self, instance: ServiceInstance) -> None:
+        await asyncio.to_thread(self.deregister_now, instance)
+
+    async def instances(self, service: str) -> list[ServiceInstance]:
+        return await asyncio.to_thread(self.instances_now, service)
+
+    async def services(self) -> list[str]:
+        return await asyncio.to_thread(self.services_now)
+
+
+class Registration:
+    """A running server's registration: made once it serves, kept while it runs (written again if it was removed,
+    say pruned while the server was unreachable, once the server is ready again) and removed first thing on a
+    graceful stop, so that callers stop picking it while it drains."""
+
+    def __init__(self, registry: FileRegistry, instances: Sequence[ServiceInstance], *,
+                 ready: Callable[[], bool | None], interval: float) -> None:
+        self.registry = registry
+        self.instances = tuple(instances)
+        self.ready = ready
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for instance in self.instances:
+            await self.registry.register(instance)
+            log.info("registered", extra={"service": instance.service, "instance_id": instance.id,
+                                          "address": instance.address, "weight": instance.weight,
+                                          "registry": str(self.registry.directory)})
+        self._task = asyncio.get_running_loop().create_task(self._keep(), name="registration")
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if not self.ready():
+                continue
+            for instance in self.instances:
+                try:
+                    if not await asyncio.to_thread(self.registry.is_registered, instance):
+                        await self.registry.register(instance)
+                        log.warning("registered again: the registration had been removed",
+                                    extra={"service": instance.service, "instance_id": instance.id})
+                except OSError as exc:
+                    log.warning("registration could not be renewed", extra={"error": str(exc)})
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for instance in self.instances:
+            try:
+                await self.registry.deregister(instance)
+            except OSError as exc:
+                log.warning("deregistration failed", extra={"instance_id": instance.id, "error": str(exc)})
+            else:
+                log.info("deregistered", extra={"service": instance.service, "instance_id": instance.id})
+
+

@@ -1,0 +1,256 @@
+"""Service discovery without a mesh against real gRPC servers on ephemeral ports: instances registered in a real
+directory registry (or listed statically), filtered by their real gRPC health, and calls balanced over them through
+`open_channel`'s channel with its interceptors (deadline, circuit breaker, metrics, tracing)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from tessera.user.v1 import user_pb2, user_service_pb2_grpc
+from tessera.user.v1 import user_service_pb2 as svc
+
+from tessera_runtime.clients import dependency_check, error_details, open_channel
+from tessera_runtime.config import CircuitSettings
+from tessera_runtime.discovery import (
+    BalancedChannel,
+    DiscoverySettings,
+    FileRegistry,
+    ServiceInstance,
+    registration,
+)
+from tessera_runtime.discovery.cli import register as register_cli  # noqa: F401  # the CLI imports
+from tessera_runtime.server import NOT_SERVING, SERVING, ServiceModule, TesseraServer
+
+pytestmark = pytest.mark.integration
+
+USER_SERVICE = svc.DESCRIPTOR.services_by_name["UserService"]
+FAST = dict(check_seconds=0.1, check_timeout_seconds=0.5)
+
+
+class NamedUsers(user_service_pb2_grpc.UserServiceServicer):
+    """A user service that answers GetUser with its own name, so that a caller sees which instance answered."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def GetUser(self, request, context):
+        return svc.GetUserResponse(user=user_pb2.User(id=request.id, display_name=self.name))
+
+
+@dataclasses.dataclass
+class Instance:
+    name: str
+    server: TesseraServer
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+@pytest.fixture
+async def start_users(tmp_path) -> AsyncIterator[Callable[..., Awaitable[Instance]]]:
+    """Starts real Tessera servers of a user service on port 0; those given a registry register themselves in it
+    as `tessera serve` does."""
+    started: list[TesseraServer] = []
+
+    async def start(name: str, *, settings: DiscoverySettings | None = None, drain: float = 0.0) -> Instance:
+        servicer = NamedUsers(name)
+        module = ServiceModule(
+            service_names=(USER_SERVICE.full_name,),
+            register=lambda server: user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server),
+            domain="user.tessera.dev")
+        server = TesseraServer(
+            module, readiness_interval=3600, drain_seconds=drain, grace_seconds=1,
+            registration=None if settings is None else (
+                lambda s: registration(settings, "user", "127.0.0.1", s.port, ready=lambda: s.readiness.ready)))
+        await server.start()
+        started.append(server)
+        return Instance(name, server)
+
+    yield start
+    for server in started:
+        await server.stop()
+
+
+def registry_settings(tmp_path: Path, weight: int = 1, **overrides) -> DiscoverySettings:
+    return DiscoverySettings(registry_dir=tmp_path / "registry", instance_weight=weight,
+                             **{**FAST, "deregister_after_seconds": 30.0, **overrides})
+
+
+async def answers(channel: BalancedChannel, calls: int) -> collections.Counter[str]:
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+    seen: collections.Counter[str] = collections.Counter()
+    for n in range(calls):
+        seen[(await stub.GetUser(svc.GetUserRequest(id=f"u{n}"))).user.display_name] += 1
+    return seen
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def serving(channel: BalancedChannel) -> set[str]:
+    return {i.address for i in channel.discovery.discover()}
+
+
+async def test_registered_instances_share_calls_by_weight(start_users, tmp_path):
+    heavy = await start_users("heavy", settings=registry_settings(tmp_path, weight=3))
+    light = await start_users("light", settings=registry_settings(tmp_path, weight=1))
+    other = await start_users("other", settings=registry_settings(tmp_path, weight=1))
+    files = {json.loads(p.read_text())["port"]: json.loads(p.read_text())
+             for p in (tmp_path / "registry" / "user").glob("*.json")}
+    assert {port: f["weight"] for port, f in files.items()} == {
+        heavy.server.port: 3, light.server.port: 1, other.server.port: 1}
+    assert all(f["metadata"]["version"] == "dev" and f["host"] == "127.0.0.1" for f in files.values())
+
+    channel = open_channel("registry:///user", [USER_SERVICE], discovery=registry_settings(tmp_path))
+    assert isinstance(channel, BalancedChannel)
+    assert await answers(channel, 50) == {"heavy": 30, "light": 10, "other": 10}
+    await channel.close()
+
+
+async def test_static_list_with_round_robin_ignores_weights(start_users):
+    first, second = await start_users("first"), await start_users("second")
+    address = f"static:///{first.address};weight=5,{second.address}"
+    weighted = open_channel(address, [USER_SERVICE], discovery=DiscoverySettings(**FAST))
+    assert await answers(weighted, 12) == {"first": 10, "second": 2}
+    plain = open_channel(address, [USER_SERVICE], discovery=DiscoverySettings(**FAST, balancing="round_robin"))
+    assert await answers(plain, 12) == {"first": 6, "second": 6}
+    await weighted.close()
+    await plain.close()
+
+
+async def test_a_not_serving_instance_is_skipped_until_it_serves_again(start_users, tmp_path):
+    kept = await start_users("kept", settings=registry_settings(tmp_path))
+    flapping = await start_users("flapping", settings=registry_settings(tmp_path))
+    channel = open_channel("registry:///user", [USER_SERVICE], discovery=registry_settings(tmp_path))
+    assert await answers(channel, 4) == {"kept": 2, "flapping": 2}
+
+    await flapping.server.health.set("", NOT_SERVING)
+    await until(lambda: serving(channel) == {kept.address})
+    assert await answers(channel, 10) == {"kept": 10}
+
+    await flapping.server.health.set("", SERVING)
+    await until(lambda: serving(channel) == {kept.address, flapping.address})
+    assert await answers(channel, 10) == {"kept": 5, "flapping": 5}
+    await channel.close()
+
+
+async def test_a_gracefully_stopped_instance_deregisters_and_calls_keep_succeeding(start_users, tmp_path):
+    staying = await start_users("staying", settings=registry_settings(tmp_path))
+    leaving = await start_users("leaving", settings=registry_settings(tmp_path), drain=0.5)
+    channel = open_channel("registry:///user", [USER_SERVICE], discovery=registry_settings(tmp_path))
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+    assert await answers(channel, 2) == {"staying": 1, "leaving": 1}
+    stopping = asyncio.get_running_loop().create_task(leaving.server.stop())
+    seen: collections.Counter[str] = collections.Counter()
+    while not stopping.done():  # every call made while it drains and stops succeeds
+        seen[(await stub.GetUser(svc.GetUserRequest(id="x"))).user.display_name] += 1
+    await stopping
+    assert seen["staying"] > 0
+    assert [p.name for p in (tmp_path / "registry" / "user").glob("*.json")] == \
+        [f"{staying.server.registration.instances[0].id}.json"]
+    await until(lambda: serving(channel) == {staying.address})
+    assert await answers(channel, 5) == {"staying": 5}
+    await channel.close()
+
+
+async def test_a_killed_instance_is_not_picked_and_pruned_after_the_configured_time(start_users, tmp_path):
+    survivor = await start_users("survivor", settings=registry_settings(tmp_path))
+    victim = await start_users("victim", settings=registry_settings(tmp_path))
+    victim_file = tmp_path / "registry" / "user" / f"{victim.server.registration.instances[0].id}.json"
+    settings = registry_settings(tmp_path, deregister_after_seconds=0.6)
+    channel = open_channel("registry:///user", [USER_SERVICE], discovery=settings)
+    assert await answers(channel, 2) == {"survivor": 1, "victim": 1}
+
+    victim.server.registration._task.cancel()  # a crash: nothing deregisters it
+    await victim.server.server.stop(None)
+    # The very next calls succeed: a call whose connection is refused goes to another instance.
+    assert await answers(channel, 6) == {"survivor": 6}
+    assert victim_file.exists()
+    await until(lambda: not victim_file.exists())
+    assert len(list((tmp_path / "registry" / "user").glob("*.json"))) == 1
+    assert serving(channel) == {survivor.address}
+    await channel.close()
+
+
+async def test_no_healthy_instance_is_unavailable_naming_the_service_then_the_circuit_opens(start_users, tmp_path):
+    only = await start_users("only", settings=registry_settings(tmp_path))
+    await only.server.health.set("", NOT_SERVING)
+    channel = open_channel("registry:///user", [USER_SERVICE], discovery=registry_settings(tmp_path),
+                           circuit=CircuitSettings(failure_threshold=2, open_seconds=30))
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+    reasons = []
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetUser(svc.GetUserRequest(id="x"))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        info, _ = error_details(err.value)
+        reasons.append(info.reason)
+        if info.reason == "NO_HEALTHY_INSTANCE":
+            assert info.domain == "tessera.dev"
+            assert dict(info.metadata) == {"service": "user", "dependency": "registry:///user"}
+            assert err.value.details() == "no healthy instance of user"
+    assert reasons == ["NO_HEALTHY_INSTANCE", "NO_HEALTHY_INSTANCE", "CIRCUIT_OPEN"]
+    with pytest.raises(grpc.aio.AioRpcError):  # the readiness probe passes the breaker by, and finds nobody
+        await dependency_check("user-service", channel).check()
+    await channel.close()
+
+
+async def test_readiness_probe_and_order_clients_work_through_the_registry(start_users, tmp_path):
+    from tessera_order.adapters.downstream import DownstreamChannels, GrpcCustomerDirectory
+
+    await start_users("ada", settings=registry_settings(tmp_path))
+    channels = DownstreamChannels("registry:///user", "static:///127.0.0.1:1", "127.0.0.1:1", default_deadline=2,
+                                  discovery=registry_settings(tmp_path))
+    assert isinstance(channels.user, BalancedChannel) and isinstance(channels.inventory, BalancedChannel)
+    assert not isinstance(channels.payment, BalancedChannel)  # a plain address is a plain channel, as before
+    assert await dependency_check("user-service", channels.user).check() is True
+    customer = await GrpcCustomerDirectory(channels.user).get_customer("c-1")
+    assert customer.id == "c-1"
+    await channels.close()
+
+
+def test_concurrent_registrations_are_all_kept_and_never_read_half_written(tmp_path):
+    registry = FileRegistry(tmp_path / "registry")
+    instances = [ServiceInstance(id=f"inventory-{n}", service="inventory", host="127.0.0.1", port=40000 + n,
+                                 weight=1 + n % 3, metadata={"version": "v" * 2000})
+                 for n in range(200)]
+    stop = threading.Event()
+    torn: list[str] = []
+
+    def read_all() -> None:
+        while not stop.is_set():
+            for path in (tmp_path / "registry" / "inventory").glob("[!.]*.json"):
+                try:
+                    json.loads(path.read_text())
+                except FileNotFoundError:
+                    continue
+                except ValueError:
+                    torn.append(path.name)
+
+    reader = threading.Thread(target=read_all)
+    (tmp_path / "registry" / "inventory").mkdir(parents=True)
+    reader.start()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(registry.register_now, instances))
+        list(pool.map(registry.register_now, instances))  # registering again replaces, never duplicates
+        list(pool.map(registry.deregister_now, instances[:50]))
+    stop.set()
+    reader.join()
+    assert torn == []
+    assert sorted(i.id for i in registry.instances_now("inventory")) == sorted(i.id for i in instances[50:])
+    assert list((tmp_path / "registry" / "inventory").glob(".*")) == []  # no temporary file left behind
