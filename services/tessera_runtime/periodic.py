@@ -15,6 +15,14 @@ from tessera_runtime.db import database_unavailable
 BacklogKey = tuple[dt.datetime, str]
 
 
+async def cancel(task: asyncio.Task | None) -> None:
+    """Cancels a background task and waits until it has ended (nothing when there is none)."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class BatchJob(abc.ABC):
     """Subclasses implement `run_once() -> handled`. A full batch means more may be due, so the next one runs at
     once; a failure (the database away for a while) is logged and the next round tries again."""
@@ -35,11 +43,8 @@ class BatchJob(abc.ABC):
         self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -28,7 +28,6 @@ from tessera_runtime.discovery import (
     ServiceInstance,
     registration,
 )
-from tessera_runtime.discovery.cli import register as register_cli  # noqa: F401  # the CLI imports
 from tessera_runtime.server import NOT_SERVING, SERVING, ServiceModule, TesseraServer
 
 pytestmark = pytest.mark.integration
@@ -254,3 +253,30 @@ def test_concurrent_registrations_are_all_kept_and_never_read_half_written(tmp_p
     assert torn == []
     assert sorted(i.id for i in registry.instances_now("inventory")) == sorted(i.id for i in instances[50:])
     assert list((tmp_path / "registry" / "inventory").glob(".*")) == []  # no temporary file left behind
+
+
+async def test_registry_list_shows_each_instance_with_its_health_and_weight(start_users, tmp_path, capsys,
+                                                                           monkeypatch):
+    from tessera_runtime.cli import main
+
+    serving_one = await start_users("serving", settings=registry_settings(tmp_path, weight=3))
+    draining = await start_users("draining", settings=registry_settings(tmp_path))
+    await draining.server.health.set("", NOT_SERVING)
+    gone = ServiceInstance(id="user-gone", service="user", host="127.0.0.1", port=1, weight=2,
+                           metadata={"version": "v0"})
+    FileRegistry(tmp_path / "registry").register_now(gone)
+
+    assert await asyncio.to_thread(main, ["registry", "list", "--dir", str(tmp_path / "registry")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["SERVICE", "ADDRESS", "WEIGHT", "HEALTH", "VERSION", "INSTANCE"]
+    rows = {line.split()[1]: line.split() for line in lines[1:]}
+    assert rows[serving_one.address][:5] == ["user", serving_one.address, "3", "SERVING", "dev"]
+    assert rows[draining.address][:5] == ["user", draining.address, "1", "NOT_SERVING", "dev"]
+    assert rows["127.0.0.1:1"] == ["user", "127.0.0.1:1", "2", "UNREACHABLE", "(UNAVAILABLE)", "v0", "user-gone"]
+
+    assert await asyncio.to_thread(main, ["registry", "list", "--dir", str(tmp_path / "none")]) == 0
+    assert capsys.readouterr().out.strip() == f"no instance registered in {tmp_path / 'none'}"
+
+    monkeypatch.delenv("TESSERA_REGISTRY_DIR", raising=False)
+    assert await asyncio.to_thread(main, ["registry", "list"]) == 2
+    assert "set TESSERA_REGISTRY_DIR or pass --dir" in capsys.readouterr().err

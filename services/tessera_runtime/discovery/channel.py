@@ -14,7 +14,6 @@ the breaker answers for the service as a whole, including when no instance of it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -30,6 +29,7 @@ from tessera_runtime import metrics
 from tessera_runtime.discovery.balancing import BALANCERS
 from tessera_runtime.discovery.model import DiscoverySettings, ServiceInstance
 from tessera_runtime.discovery.registry import ServiceRegistry
+from tessera_runtime.periodic import cancel
 
 log = logging.getLogger("tessera.discovery")
 
@@ -144,11 +144,8 @@ class HealthFilteredDiscovery:
         return found
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         for known in self._known.values():
             await known.channel.close()
         self._known.clear()

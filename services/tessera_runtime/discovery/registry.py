@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tessera_runtime.discovery.model import ServiceInstance, valid_name
+from tessera_runtime.periodic import cancel
 
 log = logging.getLogger("tessera.discovery")
 
@@ -151,7 +152,7 @@ class Registration:
     async def start(self) -> None:
         for instance in self.instances:
             await self.registry.register(instance)
-            log.info("registered", extra={"service": instance.service, "instance_id": instance.id,
+            log.info("registered", extra={"instance_id": instance.id,
                                           "address": instance.address, "weight": instance.weight,
                                           "registry": str(self.registry.directory)})
         self._task = asyncio.get_running_loop().create_task(self._keep(), name="registration")
@@ -166,22 +167,19 @@ class Registration:
                     if not await asyncio.to_thread(self.registry.is_registered, instance):
                         await self.registry.register(instance)
                         log.warning("registered again: the registration had been removed",
-                                    extra={"service": instance.service, "instance_id": instance.id})
+                                    extra={"instance_id": instance.id})
                 except OSError as exc:
                     log.warning("registration could not be renewed", extra={"error": str(exc)})
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         for instance in self.instances:
             try:
                 await self.registry.deregister(instance)
             except OSError as exc:
                 log.warning("deregistration failed", extra={"instance_id": instance.id, "error": str(exc)})
             else:
-                log.info("deregistered", extra={"service": instance.service, "instance_id": instance.id})
+                log.info("deregistered", extra={"instance_id": instance.id})
 
 
