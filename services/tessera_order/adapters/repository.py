@@ -1,4 +1,5 @@
-"""Order repositories: the SQLAlchemy one used by the service, an in-memory one for unit tests.
+"""Order repositories: the SQLAlchemy one used by the service, an in-memory one for unit tests. Both are the
+CreateOrder saga's store (tessera_runtime.saga.SagaStore).
 
 Every change to an order made by its saga is fenced by the saga's lease: a save succeeds only while the caller
 still holds the lease and nobody else changed the order since it was read, so two runners can never both
@@ -34,35 +35,20 @@ from tessera_order.domain.model import (
 from tessera_runtime.context import split_scopes
 from tessera_runtime.db import UtcDateTime, insert_row, insert_rows, keyset_page, read_first, update_guarded
 from tessera_runtime.periodic import BacklogKey
+from tessera_runtime.saga import Lease, LeaseLost, SagaCaller
+
+__all__ = ["DuplicateRequestId", "InMemoryOrderRepository", "Lease", "LeaseLost", "OrderRepository", "SagaCaller",
+           "SqlAlchemyOrderRepository"]
+
 
 
 class DuplicateRequestId(Exception):
     """Another order with the same request_id was stored first."""
 
 
-class LeaseLost(Exception):
-    """The saga's lease is held by another runner, or the order changed under the caller: stop running it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Lease:
-    owner: str
-    expires_at: dt.datetime
-
-
-@dataclasses.dataclass(frozen=True)
-class SagaCaller:
-    """Identity, correlation id and W3C trace context (`traceparent`, `tracestate` as the headers spell them) of
-    the call that started a saga, used again when the saga is resumed."""
-
-    subject: str | None = None
-    scopes: tuple[str, ...] = ()
-    correlation_id: str | None = None
-    traceparent: str | None = None
-    tracestate: str | None = None
-
-
 class OrderRepository(abc.ABC):
+    """The orders, and the store of their sagas (tessera_runtime.saga.SagaStore)."""
+
     @abc.abstractmethod
     async def add(self, order: Order, lease: Lease, caller: SagaCaller) -> None:
         """Stores a new order with its saga, leased to lease.owner. Raises DuplicateRequestId."""

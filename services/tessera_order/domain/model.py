@@ -149,6 +149,9 @@ class SagaStateError(Exception):
 
 @dataclasses.dataclass
 class Order:
+    """An order and the state of its CreateOrder saga, as the saga engine reads and moves it
+    (tessera_runtime.saga.SagaState)."""
+
     id: str
     customer_id: str
     items: tuple[OrderItem, ...]
@@ -192,6 +195,10 @@ class Order:
     @property
     def finished(self) -> bool:
         return self.status not in UNFINISHED
+
+    @property
+    def compensating(self) -> bool:
+        return self.status is OrderStatus.COMPENSATING
 
     @property
     def cancellation(self) -> bool:
@@ -253,6 +260,9 @@ class Order:
         self.confirm_time = now
         self.current_step = StepName.CONFIRM_ORDER
         self._touch(StepName.CONFIRM_ORDER, now)
+
+    # The saga engine's name for it (tessera_runtime.saga.SagaState): the last step succeeded.
+    complete = confirm
 
     def fail(self, step: StepName, failure: Failure, now: dt.datetime, *, outcome_unknown: bool = False,
              reservation_id: str = "") -> None:

@@ -128,7 +128,7 @@ async def create_order(cmd: commands.CreateOrder, uow: UowFactory, sagas: SagaCo
         return _replay(previous, request_hash)
     sagas.checkpoint(StepName.CREATE_ORDER.value)
 
-    execution = sagas.run(order.id, leased=True, order=order, started=first)
+    execution = sagas.run(order.id, leased=True, state=order, started=first)
     await sagas.wait(execution, _wait_budget())
     placed = execution.outcome()
     if placed is None:  # still running (or stopped without ending): what is committed tells
@@ -299,7 +299,7 @@ async def _begin_cancel(order: Order, reason: str, uow: UowFactory, sagas: SagaC
             # version and saved first. Its cancellation is followed, as a repeat of the call would follow it: run()
             # returns its execution, or resumes the order from what was committed.
             return sagas.run(order.id, leased=False)
-    return sagas.run(order.id, leased=True, order=order)
+    return sagas.run(order.id, leased=True, state=order)
 
 
 # How long a cancellation waits before trying again the lease of a CONFIRMED order another process holds.
