@@ -261,7 +261,7 @@ async def test_a_saga_resumed_by_a_new_process_continues_the_trace_and_correlati
     await tracing.wait(lambda r: bool(resumed(r)) and servers(r) >= {PROCESS_PAYMENT, COMMIT_RESERVATION},
                        timeout=60)
     [resume] = resumed(receiver)
-    # A child of the request's server span, in the request's trace (see tessera_order/service_layer/saga.py).
+    # A child of the request's server span, in the request's trace (see tessera_runtime/saga.py).
     assert (resume.trace_id, resume.parent_span_id, resume.kind) == (trace_id, create_span, "INTERNAL")
     assert resume.service == "order-service"
     assert resume.attributes["tessera.correlation_id"] == correlation_id
