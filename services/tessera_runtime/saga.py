@@ -213,6 +213,74 @@ class SagaStore(Protocol[S]):
     async def caller(self, saga_id: str) -> SagaCaller: ...
 
 
+@dataclasses.dataclass
+class LeaseRow:
+    """A saga's lease and caller as an in-memory store keeps them."""
+
+    lease_owner: str | None
+    lease_expires_at: dt.datetime | None
+    caller: SagaCaller = SagaCaller()
+
+
+class InMemorySagaLeases:
+    """The lease and caller half of a SagaStore in memory, with the rules of the SQL stores: the in-memory
+    repositories of unit tests extend it. `sagas` maps a saga's id to its LeaseRow."""
+
+    def __init__(self) -> None:
+        self.sagas: dict[str, LeaseRow] = {}
+
+    def hold(self, saga_id: str, lease: Lease, caller: SagaCaller = SagaCaller()) -> None:
+        """Records a new saga, leased to lease.owner."""
+        self.sagas[saga_id] = LeaseRow(lease.owner, lease.expires_at, caller)
+
+    def fence(self, saga_id: str, lease: Lease, same_version: bool, *, release: bool = False) -> None:
+        """The fences of a save, `same_version` being the store's own check of the state's version: raises
+        LeaseLost unless both hold; extends the lease to lease.expires_at, or with `release` frees it."""
+        row = self.sagas.get(saga_id)
+        if row is None or row.lease_owner != lease.owner or not same_version:
+            raise LeaseLost(saga_id)
+        row.lease_expires_at = lease.expires_at
+        if release:
+            row.lease_owner = row.lease_expires_at = None
+
+    def free(self, saga_id: str, now: dt.datetime) -> bool:
+        """Nobody holds the saga's lease, or it expired."""
+        row = self.sagas[saga_id]
+        return row.lease_owner is None or (row.lease_expires_at or now) < now
+
+    async def acquire_lease(self, saga_id: str, lease: Lease, now: dt.datetime) -> bool:
+        row = self.sagas.get(saga_id)
+        if row is None:
+            return False
+        if row.lease_owner not in (None, lease.owner) and row.lease_expires_at is not None \
+                and row.lease_expires_at >= now:
+            return False
+        row.lease_owner, row.lease_expires_at = lease.owner, lease.expires_at
+        return True
+
+    async def renew_lease(self, saga_id: str, lease: Lease) -> bool:
+        row = self.sagas.get(saga_id)
+        if row is None or row.lease_owner != lease.owner:
+            return False
+        row.lease_expires_at = lease.expires_at
+        return True
+
+    async def release_lease(self, saga_id: str, owner: str) -> None:
+        row = self.sagas.get(saga_id)
+        if row is not None and row.lease_owner == owner:
+            row.lease_owner = row.lease_expires_at = None
+
+    async def release_leases(self, owner: str) -> int:
+        released = [row for row in self.sagas.values() if row.lease_owner == owner]
+        for row in released:
+            row.lease_owner = row.lease_expires_at = None
+        return len(released)
+
+    async def caller(self, saga_id: str) -> SagaCaller:
+        row = self.sagas.get(saga_id)
+        return SagaCaller() if row is None else row.caller
+
+
 class SagaStep(abc.ABC, Generic[S]):
     """One step of a saga: its call (`execute`), its compensating call (`compensate`), and how its errors of the
     types in `errors` are judged. Any other exception stops the run ("interrupted"); the recovery resumes it."""

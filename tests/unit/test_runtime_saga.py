@@ -16,10 +16,9 @@ import pytest
 from tessera_runtime import metrics
 from tessera_runtime.periodic import BacklogKey
 from tessera_runtime.saga import (
+    InMemorySagaLeases,
     Lease,
-    LeaseLost,
     Saga,
-    SagaCaller,
     SagaPolicy,
     SagaRunner,
     SagaStep,
@@ -136,71 +135,30 @@ class Trip:
         return self.status
 
 
-@dataclasses.dataclass
-class _Held:
-    owner: str | None
-    expires_at: dt.datetime | None
-
-
-class TripStore:
+class TripStore(InMemorySagaLeases):
     """The saga store port in memory, with the lease and version fences of the real repositories."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.trips: dict[str, Trip] = {}
-        self.leases: dict[str, _Held] = {}
         self.writes = 0
 
     def add(self, trip: Trip, lease: Lease) -> None:
         self.trips[trip.id] = copy.deepcopy(trip)
-        self.leases[trip.id] = _Held(lease.owner, lease.expires_at)
+        self.hold(trip.id, lease)
 
     async def get(self, saga_id: str) -> Trip | None:
         trip = self.trips.get(saga_id)
         return None if trip is None else copy.deepcopy(trip)
 
     async def save(self, state: Trip, lease: Lease, *, release: bool = False) -> None:
-        held = self.leases[state.id]
-        if held.owner != lease.owner or self.trips[state.id].version != state.version:
-            raise LeaseLost(state.id)
-        held.expires_at = lease.expires_at
-        if release:
-            held.owner = held.expires_at = None
+        self.fence(state.id, lease, self.trips[state.id].version == state.version, release=release)
         state.version += 1
         self.trips[state.id] = copy.deepcopy(state)
         self.writes += 1
 
-    async def acquire_lease(self, saga_id: str, lease: Lease, now: dt.datetime) -> bool:
-        held = self.leases[saga_id]
-        if held.owner not in (None, lease.owner) and held.expires_at is not None and held.expires_at >= now:
-            return False
-        held.owner, held.expires_at = lease.owner, lease.expires_at
-        return True
-
-    async def renew_lease(self, saga_id: str, lease: Lease) -> bool:
-        held = self.leases[saga_id]
-        if held.owner != lease.owner:
-            return False
-        held.expires_at = lease.expires_at
-        return True
-
-    async def release_lease(self, saga_id: str, owner: str) -> None:
-        held = self.leases[saga_id]
-        if held.owner == owner:
-            held.owner = held.expires_at = None
-
-    async def release_leases(self, owner: str) -> int:
-        mine = [h for h in self.leases.values() if h.owner == owner]
-        for held in mine:
-            held.owner = held.expires_at = None
-        return len(mine)
-
     async def claimable(self, now: dt.datetime, limit: int, after: BacklogKey | None = None) -> list[BacklogKey]:
-        free = [(now, t.id) for t in self.trips.values() if not t.finished and (
-            self.leases[t.id].owner is None or (self.leases[t.id].expires_at or now) < now)]
-        return sorted(free)[:limit]
-
-    async def caller(self, saga_id: str) -> SagaCaller:
-        return SagaCaller()
+        return sorted((now, t.id) for t in self.trips.values() if not t.finished and self.free(t.id, now))[:limit]
 
 
 class TripUnitOfWork(FakeUnitOfWork):
@@ -347,7 +305,7 @@ async def test_steps_run_forward_in_order_one_write_each_and_the_last_write_free
     assert trips.stored().steps[Leg.HOTEL].ids == {"booking_id": "hotel-1"}
     # The first step's start, each completion with the next step's start, and the end that frees the lease.
     assert trips.uow.trips.writes == 4
-    assert trips.uow.trips.leases["trip-1"].owner is None and saga.ends == [TripStatus.BOOKED]
+    assert trips.uow.trips.sagas["trip-1"].lease_owner is None and saga.ends == [TripStatus.BOOKED]
 
 
 async def test_a_final_failure_compensates_the_executed_steps_in_reverse_and_only_those(trips):
@@ -444,5 +402,5 @@ async def test_a_runner_that_lost_its_lease_stops_without_writing(trips, caplog)
     assert await execution.task is None and execution.outcome() is None
     assert trips.uow.trips.writes == writes and trips.stored() == before
     assert trips.calls == ["execute FLIGHT", "execute HOTEL"]  # nothing after the lost write
-    assert trips.uow.trips.leases["trip-1"].owner == "runner-2"  # and the new holder's lease is left alone
+    assert trips.uow.trips.sagas["trip-1"].lease_owner == "runner-2"  # and the new holder's lease is left alone
     assert any(r.getMessage() == "saga taken over by another runner" for r in caplog.records)

@@ -35,7 +35,7 @@ from tessera_order.domain.model import (
 from tessera_runtime.context import split_scopes
 from tessera_runtime.db import UtcDateTime, insert_row, insert_rows, keyset_page, read_first, update_guarded
 from tessera_runtime.periodic import BacklogKey
-from tessera_runtime.saga import Lease, LeaseLost, SagaCaller
+from tessera_runtime.saga import InMemorySagaLeases, Lease, LeaseLost, SagaCaller
 
 __all__ = ["DuplicateRequestId", "InMemoryOrderRepository", "Lease", "LeaseLost", "OrderRepository", "SagaCaller",
            "SqlAlchemyOrderRepository"]
@@ -401,20 +401,13 @@ class SqlAlchemyOrderRepository(OrderRepository):
                           tracestate=m["tracestate"])
 
 
-@dataclasses.dataclass
-class _SagaRow:
-    lease_owner: str | None
-    lease_expires_at: dt.datetime | None
-    caller: SagaCaller
-
-
-class InMemoryOrderRepository(OrderRepository):
+class InMemoryOrderRepository(InMemorySagaLeases, OrderRepository):
     """Keeps orders in dicts, shared across the units of work of one FakeOrderUnitOfWork. Applies the same
     lease and version rules as the SQLAlchemy repository."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.orders: dict[str, Order] = {}
-        self.sagas: dict[str, _SagaRow] = {}
 
     @staticmethod
     def _copy(order: Order) -> Order:
@@ -424,7 +417,7 @@ class InMemoryOrderRepository(OrderRepository):
         if any(o.request_id == order.request_id for o in self.orders.values()):
             raise DuplicateRequestId(order.request_id)
         self.orders[order.id] = self._copy(order)
-        self.sagas[order.id] = _SagaRow(lease.owner, lease.expires_at, caller)
+        self.hold(order.id, lease, caller)
 
     async def get(self, order_id: str) -> Order | None:
         order = self.orders.get(order_id)
@@ -445,49 +438,11 @@ class InMemoryOrderRepository(OrderRepository):
         return [self._copy(o) for o in chosen[:limit]]
 
     async def save(self, order: Order, lease: Lease, *, release: bool = False) -> None:
-        saga = self.sagas.get(order.id)
         stored = self.orders.get(order.id)
-        if saga is None or stored is None or saga.lease_owner != lease.owner or stored.version != order.version:
-            raise LeaseLost(order.id)
-        saga.lease_expires_at = lease.expires_at
-        if release:
-            saga.lease_owner = saga.lease_expires_at = None
+        self.fence(order.id, lease, stored is not None and stored.version == order.version, release=release)
         order.version += 1
         self.orders[order.id] = self._copy(order)
 
-    async def acquire_lease(self, order_id: str, lease: Lease, now: dt.datetime) -> bool:
-        saga = self.sagas.get(order_id)
-        if saga is None:
-            return False
-        if saga.lease_owner not in (None, lease.owner) and saga.lease_expires_at is not None \
-                and saga.lease_expires_at >= now:
-            return False
-        saga.lease_owner, saga.lease_expires_at = lease.owner, lease.expires_at
-        return True
-
-    async def renew_lease(self, order_id: str, lease: Lease) -> bool:
-        saga = self.sagas.get(order_id)
-        if saga is None or saga.lease_owner != lease.owner:
-            return False
-        saga.lease_expires_at = lease.expires_at
-        return True
-
-    async def release_lease(self, order_id: str, owner: str) -> None:
-        saga = self.sagas.get(order_id)
-        if saga is not None and saga.lease_owner == owner:
-            saga.lease_owner = saga.lease_expires_at = None
-
-    async def release_leases(self, owner: str) -> int:
-        released = [s for s in self.sagas.values() if s.lease_owner == owner]
-        for saga in released:
-            saga.lease_owner = saga.lease_expires_at = None
-        return len(released)
-
     async def claimable(self, now: dt.datetime, limit: int, after: BacklogKey | None = None) -> list[BacklogKey]:
-        free = [(o.update_time, o.id) for o in self.orders.values() if o.status in UNFINISHED and (
-            self.sagas[o.id].lease_owner is None or (self.sagas[o.id].lease_expires_at or now) < now)]
+        free = [(o.update_time, o.id) for o in self.orders.values() if o.status in UNFINISHED and self.free(o.id, now)]
         return [key for key in sorted(free) if after is None or key > after][:limit]
-
-    async def caller(self, order_id: str) -> SagaCaller:
-        saga = self.sagas.get(order_id)
-        return SagaCaller() if saga is None else saga.caller
