@@ -20,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
 from tessera_order import mapping
+from tessera_order.adapters.repository import OrderRepository
 from tessera_order.domain.model import Failure, Order, OrderStatus, StepName, StepStatus
 from tessera_order.service_layer.ports import Downstream, DownstreamError, Inventory, Payments
 from tessera_runtime import metrics
@@ -211,7 +213,7 @@ class CreateOrderSaga(engine.Saga[Order]):
         super().__init__((ReserveStock(downstream, policy), ProcessPayment(downstream, policy),
                           ConfirmOrder(downstream, policy)))
 
-    def store(self, uow):
+    def store(self, uow: Any) -> OrderRepository:
         return uow.orders
 
     def ending_events(self, order: Order) -> Sequence[Message]:
@@ -241,7 +243,8 @@ class CreateOrderSaga(engine.Saga[Order]):
 
 
 class SagaCoordinator(engine.SagaRunner[Order]):
-    """Starts, resumes and fences the CreateOrder sagas of one order-service process."""
+    """Starts, resumes and fences the CreateOrder sagas of one order-service process (`kwargs`: SagaRunner's owner,
+    clock, sleep and checkpoint)."""
 
     def __init__(self, uow_factory: UowFactory, downstream: Downstream, policy: SagaPolicy, **kwargs) -> None:
         super().__init__(CreateOrderSaga(downstream, policy), uow_factory, policy, **kwargs)
