@@ -37,6 +37,7 @@ SERVICES: dict[str, str] = {
     "payment": "tessera_payment.bootstrap",
     "order": "tessera_order.bootstrap",
     "notification": "tessera_notification.bootstrap",
+    "analytics": "tessera_analytics.bootstrap",
 }
 
 

@@ -20,7 +20,7 @@ from tessera_runtime.config import ROOT
 
 # Local ports of `make run`. Kubernetes uses the same gRPC ports, so addresses read the same everywhere.
 PORTS = {
-    "user": 50051, "inventory": 50052, "payment": 50053, "order": 50054, "notification": 50055,
+    "user": 50051, "inventory": 50052, "payment": 50053, "order": 50054, "notification": 50055, "analytics": 50056,
 }
 METRICS_PORTS = {name: 9100 + i for i, name in enumerate(PORTS, start=1)}
 

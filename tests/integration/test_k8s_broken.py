@@ -179,7 +179,7 @@ def test_services_exporting_no_spans_are_reported(tree):
 
     edit_yaml(tree / "k8s/base/config.yaml", "ConfigMap", "tessera-config", change)
     problems = validate_copy(tree, "prod")
-    for service in ("user", "inventory", "payment", "order", "notification"):
+    for service in ("user", "inventory", "payment", "order", "notification", "analytics"):
         _one(problems, f"k8s/base/services/{service}.yaml", "spec.template.spec.containers[0].env["
              "OTEL_EXPORTER_OTLP_ENDPOINT]", "is not set: the service would export no spans")
     _one(problems, "k8s/base/services/graphql.yaml", "spec.template.spec.containers[0].env["
@@ -187,7 +187,7 @@ def test_services_exporting_no_spans_are_reported(tree):
     _one(problems, "k8s/base/kustomization.yaml", "data[envoy.yaml].staticResources.clusters[otel_collector]",
          "the gateway exports spans to opentelemetry-collector.observability.svc.cluster.local:4317 but the "
          "services export none")
-    assert len(problems) == 7, describe(problems)
+    assert len(problems) == 8, describe(problems)
 
 
 def test_gateway_and_services_exporting_to_different_collectors_are_reported(tree):
@@ -307,9 +307,9 @@ def test_a_dev_postgresql_too_small_for_the_services_connections_is_reported(tre
 
     edit_yaml(tree / DEV_POSTGRES, "StatefulSet", "postgres", change)
     problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 97 connections for clients")
-    # Five services, at most 2 pods each in the dev overlay, 26 connections per process.
-    assert "may open 260 at once" in problem.message and "user-service 52" in problem.message
-    assert "raise it to at least 263" in problem.message
+    # Six services, at most 2 pods each in the dev overlay, 26 connections per process.
+    assert "may open 312 at once" in problem.message and "user-service 52" in problem.message
+    assert "analytics-service 52" in problem.message and "raise it to at least 315" in problem.message
 
 
 def test_more_pods_or_workers_than_the_dev_postgresql_can_take_are_reported(tree):
@@ -318,9 +318,9 @@ def test_more_pods_or_workers_than_the_dev_postgresql_can_take_are_reported(tree
     assert text.count("path: /spec/maxReplicas\n        value: 2") == 1
     kustomization.write_text(text.replace("path: /spec/maxReplicas\n        value: 2",
                                           "path: /spec/maxReplicas\n        value: 3"))
-    problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 297 connections")
-    assert "may open 390 at once" in problem.message and "(26 per process)" in problem.message
-    # Smaller pools make room for the third pod: 5 services × 3 pods × (2 × 4 + 2 + 1) connections.
+    problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 357 connections")
+    assert "may open 468 at once" in problem.message and "(26 per process)" in problem.message
+    # Smaller pools make room for the third pod: 6 services × 3 pods × (2 × 4 + 2 + 1) connections.
     edit_yaml(tree / "k8s/overlays/dev/config.yaml", "ConfigMap", "tessera-config",
               lambda doc: doc["data"].update(TESSERA_DATABASE_POOL_SIZE="4"))
     assert validate_copy(tree, "dev") == []
@@ -330,8 +330,8 @@ def test_more_pods_or_workers_than_the_dev_postgresql_can_take_are_reported(tree
               lambda doc: doc["data"].pop("TESSERA_DATABASE_POOL_SIZE"))
     edit_yaml(tree / "k8s/overlays/dev/config.yaml", "ConfigMap", "tessera-config",
               lambda doc: doc["data"].update(TESSERA_WORKERS="2"))
-    problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 297 connections")
-    assert "may open 520 at once" in problem.message and "order-service 104" in problem.message
+    problem = _one(validate_copy(tree, "dev"), DEV_POSTGRES, POSTGRES_ARGS, "leaves 357 connections")
+    assert "may open 624 at once" in problem.message and "order-service 104" in problem.message
 
 
 # --- the GraphQL API ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from tessera_runtime.db import Database
 
-SERVICES = ("user", "inventory", "payment", "order", "notification")
+SERVICES = ("user", "inventory", "payment", "order", "notification", "analytics")
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 
 import pytest
+from tessera.analytics.v1 import analytics_pb2
 from tessera.common.v1 import error_reason_pb2
 from tessera.inventory.v1 import product_pb2
 from tessera.notification.v1 import notification_pb2
@@ -16,7 +17,7 @@ from tessera.user.v1 import user_pb2
 from tessera_runtime.config import ROOT
 
 CONTRACTS = {"user": user_pb2, "inventory": product_pb2, "payment": payment_pb2, "order": order_pb2,
-             "notification": notification_pb2}
+             "notification": notification_pb2, "analytics": analytics_pb2}
 
 
 def _reasons_given(service: str) -> dict[str, str]:

@@ -28,7 +28,8 @@ def rpc(contracts: Contracts, full_name: str):
 def test_every_rpc_of_every_service_has_a_valid_policy(profile, contracts):
     d = gd.load(profile)
     d.check_contracts(contracts)
-    assert {s.context for s in contracts.services} == {"user", "inventory", "payment", "order", "notification"}
+    assert {s.context for s in contracts.services} == {"user", "inventory", "payment", "order", "notification",
+                                                       "analytics"}
 
 
 @pytest.mark.parametrize(("name", "scopes", "route_class"), [
@@ -43,6 +44,8 @@ def test_every_rpc_of_every_service_has_a_valid_policy(profile, contracts):
     ("tessera.payment.v1.PaymentService.GetPayment", ("payment:read",), "read"),
     ("tessera.payment.v1.PaymentService.ProcessPayment", ("admin",), "write"),
     ("tessera.notification.v1.NotificationService.ListNotifications", ("notification:read",), "read"),
+    ("tessera.analytics.v1.AnalyticsService.ListDailyMetrics", ("analytics:read",), "read"),
+    ("tessera.analytics.v1.AnalyticsService.GetMetricsSummary", ("analytics:read",), "read"),
 ])
 def test_scopes_and_classes_follow_the_convention_unless_overridden(contracts, name, scopes, route_class):
     service, r = rpc(contracts, name)
@@ -100,7 +103,8 @@ def test_deep_merge_merges_mappings_and_replaces_the_rest():
     ({"upstreams": {"addresses": {"user": "no-port"}}}, "upstreams.addresses.user must be HOST:PORT"),
     # A misspelt service would leave the real one at its default address without a word.
     ({"upstreams": {"addresses": {"usr": "127.0.0.1:6000"}}},
-     "upstreams.addresses.usr names no service of the contracts (inventory, notification, order, payment, user)"),
+     "upstreams.addresses.usr names no service of the contracts "
+     "(analytics, inventory, notification, order, payment, user)"),
     ({"listener": {"port": 70000}}, "listener.port must be at most 65535"),
     ({"route_classes": {"public": {"anonymous": False}}}, "one class with anonymous: true"),
     ({"security_headers": {"X-Bad": "1"}}, "is not a lower-case header name"),

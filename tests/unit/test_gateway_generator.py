@@ -49,7 +49,7 @@ def routes_of(config: dict) -> dict[str, dict]:
 def test_every_rpc_in_the_descriptor_set_has_one_grpc_route(dev, dev_config):
     contracts = Contracts.load(DESCRIPTOR_SET)
     routes = routes_of(dev_config)
-    assert len(contracts.rpcs) == 29
+    assert len(contracts.rpcs) == 32
     for rpc in contracts.rpcs:
         route = routes[rpc.full_name]
         assert route["match"] == {"path": rpc.grpc_path, "grpc": {}}

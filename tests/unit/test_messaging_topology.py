@@ -5,17 +5,25 @@ from __future__ import annotations
 import pika.exceptions
 import pytest
 
+from tessera_analytics import subscriptions as analytics_subscriptions
+from tessera_analytics.entrypoints import event_consumer as analytics_consumer
 from tessera_notification import subscriptions
 from tessera_notification.entrypoints import event_consumer
 from tessera_runtime.messaging import topology
 
 
-def test_the_installed_consumer_routes_are_the_notification_services_subscription():
+def test_the_installed_consumer_routes_are_the_notification_and_analytics_subscriptions():
     routes = topology.installed_consumer_routes()
-    assert routes == {"notification.email": subscriptions.ROUTES["notification.email"]}
+    assert routes == {"notification.email": subscriptions.ROUTES["notification.email"],
+                      "analytics.metrics": analytics_subscriptions.ROUTES["analytics.metrics"]}
     subscription = event_consumer.subscription(lambda: None, lambda *_: None)  # handlers are only built here
     assert subscription.queue == "notification.email"
     assert set(subscription.routing_keys) == set(routes["notification.email"])
+    counting = analytics_consumer.subscription(lambda: None)
+    assert counting.queue == "analytics.metrics"
+    assert set(counting.routing_keys) == set(routes["analytics.metrics"]) == {
+        "tessera.user.v1.UserCreated", "tessera.order.v1.OrderConfirmed", "tessera.order.v1.OrderFailed",
+        "tessera.order.v1.OrderCancelled", "tessera.payment.v1.PaymentRefunded"}
 
 
 def test_a_publisher_declares_the_queue_exactly_as_its_consumer_does():
