@@ -276,3 +276,71 @@ async def test_days_are_listed_oldest_first_in_pages_that_cover_the_range(on_sql
         start_date="2026-01-01", end_date=D1, page_token=default.next_page_token))
     assert (rest.daily_metrics[0].date, rest.daily_metrics[-1].date) == ("2026-02-20", D1)
     assert rest.next_page_token == ""
+
+
+def before_eur(totals: analytics_pb2.DailyMetrics) -> int:
+    return sum(m.amount_minor for m in totals.revenue if m.currency_code == "EUR")
+
+
+async def test_a_customer_registered_and_orders_placed_through_the_real_services_show_in_the_metrics(
+        tmp_path, amqp_url, on_sqlite):
+    from tessera.order.v1 import order_service_pb2 as osvc
+    from tessera.user.v1 import user_service_pb2, user_service_pb2_grpc
+
+    from tests.support.order_stack import InProcessOrder, Neighbours
+
+    today = dt.datetime.now(dt.UTC).date()
+    window = apb.GetMetricsSummaryRequest(start_date=(today - dt.timedelta(days=1)).isoformat(),
+                                          end_date=(today + dt.timedelta(days=1)).isoformat())
+    before = (await on_sqlite.GetMetricsSummary(window)).summary.totals
+    neighbours = await Neighbours(tmp_path / "neighbours").start()
+    user_env = environment("user", database_url=f"sqlite+aiosqlite:///{tmp_path / 'user.db'}", amqp_url=amqp_url)
+    try:
+        async with running("user", user_env) as (user_server, channel):
+            customer = (await user_service_pb2_grpc.UserServiceStub(channel).CreateUser(
+                user_service_pb2.CreateUserRequest(user=user_pb2.User(email="mo@example.com", display_name="Mo"),
+                                                   request_id=uuid.uuid4().hex))).user
+            pen = await neighbours.product(10, price=1250)
+            order_service = await InProcessOrder.start(neighbours.order_env(
+                f"sqlite+aiosqlite:///{tmp_path / 'order.db'}", TESSERA_OUTBOX_RELAY="true",
+                TESSERA_AMQP_URL=amqp_url, TESSERA_OUTBOX_POLL_SECONDS="0.2",
+                TESSERA_USER_SERVICE_ADDR=f"127.0.0.1:{user_server.port}"))
+            try:
+                def place(method: str):
+                    return order_service.stub.CreateOrder(osvc.CreateOrderRequest(
+                        customer_id=customer.id, payment_method=method, currency_code="EUR",
+                        request_id=uuid.uuid4().hex, items=[osvc.CreateOrderRequest.Item(product_id=pen, quantity=2)]),
+                        timeout=20)
+
+                confirmed = (await place("pm_sandbox_ok")).order
+                assert confirmed.status == order_pb2.ORDER_STATUS_CONFIRMED
+                declined, _ = await _refused(place("pm_sandbox_declined"), grpc.StatusCode.FAILED_PRECONDITION)
+
+                async def counted() -> analytics_pb2.DailyMetrics:
+                    deadline = time.monotonic() + 30
+                    while True:
+                        totals = (await on_sqlite.GetMetricsSummary(window)).summary.totals
+                        if totals.orders_failed > before.orders_failed and \
+                                totals.orders_confirmed > before.orders_confirmed and \
+                                totals.users_registered > before.users_registered:
+                            return totals
+                        assert time.monotonic() < deadline, f"not counted: {totals}"
+                        await asyncio.sleep(0.1)
+
+                totals = await counted()
+            finally:
+                await order_service.stop()
+    finally:
+        await neighbours.stop()
+    reason = declined.reason
+    assert reason == "PAYMENT_DECLINED"
+    assert totals.users_registered == before.users_registered + 1
+    assert totals.orders_confirmed == before.orders_confirmed + 1
+    assert totals.orders_failed == before.orders_failed + 1
+    assert analytics_pb2.FailureReasonCount(reason=reason, count=1) in totals.failure_reasons
+    assert confirmed.total == _money("EUR", 2500)
+    assert list(totals.revenue) == [_money("EUR", before_eur(before) + 2500)]
+    # Listed per day too: the day the events say, today (UTC) unless the orders straddled midnight.
+    days = (await on_sqlite.ListDailyMetrics(apb.ListDailyMetricsRequest(
+        start_date=window.start_date, end_date=window.end_date))).daily_metrics
+    assert sum(d.orders_confirmed for d in days) == totals.orders_confirmed

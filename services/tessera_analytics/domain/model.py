@@ -21,7 +21,7 @@ MAX_RANGE_DAYS = 366
 MAX_REASON_LENGTH = 100
 UNKNOWN_REASON = "UNKNOWN"
 
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 class Metric(enum.Enum):
