@@ -30,8 +30,9 @@ from tests.support.gateway import http_call, unique
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
 # Operations of the services the gateway suite starts (tests/support/gateway.py: SUITE_SERVICES) and the
-# gateway's own. The notification service is kept away from the suite (it needs a broker): its two operations
-# would answer 503 by design (test_gateway_notifications.py runs them on a stack with a broker of its own).
+# gateway's own. The notification and analytics services are kept away from the suite (they need a broker): their
+# operations would answer 503 by design (test_gateway_notifications.py and test_gateway_analytics.py run them on
+# stacks with a broker of their own).
 TAGS = ("UserService", "InventoryService", "PaymentService", "OrderService", "Gateway")
 MAX_EXAMPLES = 15
 

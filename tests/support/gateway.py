@@ -29,7 +29,7 @@ from tests.support.processes import ROOT, ServiceProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import wait_for  # noqa: F401 - also imported from here by tests
 
-SERVICES = ("user", "inventory", "payment", "order", "notification")
+SERVICES = ("user", "inventory", "payment", "order", "notification", "analytics")
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 DESCRIPTOR_SET = ROOT / "gen" / "descriptors" / "tessera.pb"
 # A broker address where nothing listens: the services keep their events in the outbox, and these tests never
