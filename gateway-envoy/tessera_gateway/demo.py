@@ -1,7 +1,8 @@
 """`make demo`: a scripted walk through Tessera's REST API, through the gateway.
 
 It creates a customer and two products, places an order that succeeds and one the payment processor declines
-(its stock reservation is released: the saga compensates), then reads everything back. It uses the gateway of a
+(its stock reservation is released: the saga compensates), then reads everything back, and ends with the day's
+business metrics as the analytics service counted them from the events. It uses the gateway of a
 running `make run` when one answers, and otherwise starts its own stack in a temporary folder and stops it after.
 """
 
@@ -36,7 +37,7 @@ class Api:
         parsed = urllib.parse.urlsplit(base_url)
         self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
 
-    def call(self, method: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
+    def call(self, method: str, path: str, token: str, body: Any = None, *, quiet: bool = False) -> tuple[int, Any]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
         try:
             headers = {"authorization": f"Bearer {token}"}
@@ -49,7 +50,8 @@ class Api:
             payload = response.read()
         finally:
             conn.close()
-        print(f"  {method} {path} -> {response.status}")
+        if not quiet:
+            print(f"  {method} {path} -> {response.status}")
         return response.status, json.loads(payload) if payload else None
 
     def expect(self, status: int, method: str, path: str, token: str, body: Any = None) -> Any:
@@ -92,6 +94,7 @@ def scenario(api: Api, mint) -> None:
     token = mint(customer["id"], CUSTOMER_SCOPES)
     items = [{"productId": products[0]["id"], "quantity": 1}, {"productId": products[1]["id"], "quantity": 4}]
 
+    before = day_metrics(api, admin)
     print("\n2. The customer places an order: reserve stock, charge the card, confirm")
     order = api.expect(200, "POST", "/v1/orders", token, {
         "customerId": customer["id"], "items": items, "paymentMethod": "pm_sandbox_ok",
@@ -140,7 +143,44 @@ def scenario(api: Api, mint) -> None:
         print(f"     {me['displayName']}: {o['status']} {money(o['total'])}: {lines}")
     if sorted(o["status"] for o in me["orders"]["orders"]) != ["CONFIRMED", "FAILED"]:
         raise DemoError(f"GraphQL should show one CONFIRMED and one FAILED order: {json.dumps(me)}")
+
+    print("\n6. The day's business metrics, counted by the analytics service from the events")
+    show_analytics(api, admin, before)
     print("\nThe demo ran to the end.")
+
+
+ANALYTICS_WAIT_SECONDS = 15.0
+
+
+def day_metrics(api: Api, token: str, *, quiet: bool = False) -> dict[str, Any] | None:
+    """Today's (UTC) metrics, or None when the analytics service does not answer (not running)."""
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    status, body = api.call("GET", f"/v1/analytics/dailyMetrics/{today}", token, quiet=quiet)
+    return body["metrics"] if status == 200 else None
+
+
+def show_analytics(api: Api, token: str, before: dict[str, Any] | None) -> None:
+    """Waits for the two orders to be counted (the events travel through the broker), then prints the day. Without
+    the analytics service or a broker the demo still ends: the metrics are extra, and say why they are missing."""
+    if before is None:
+        print("     the analytics service does not answer: no metrics to show")
+        return
+    deadline = time.monotonic() + ANALYTICS_WAIT_SECONDS
+    while True:
+        now = day_metrics(api, token, quiet=True)
+        if now is not None and int(now["ordersConfirmed"]) > int(before["ordersConfirmed"]) and \
+                int(now["ordersFailed"]) > int(before["ordersFailed"]):
+            break
+        if time.monotonic() > deadline:
+            print(f"     the demo's orders were not counted within {ANALYTICS_WAIT_SECONDS:.0f} s "
+                  "(is RabbitMQ running? the events wait in the outbox until it is)")
+            return
+        time.sleep(0.5)
+    reasons = ", ".join(f"{r['reason']} {r['count']}" for r in now["failureReasons"]) or "none"
+    revenue = ", ".join(money(m) for m in now["revenue"]) or "nothing"
+    print(f"     {now['date']} (UTC): accounts registered {now['usersRegistered']}; orders confirmed "
+          f"{now['ordersConfirmed']}, failed {now['ordersFailed']} ({reasons}), cancelled {now['ordersCancelled']}")
+    print(f"     revenue {revenue}; payments refunded {now['paymentsRefunded']}")
 
 
 def main(argv: list[str] | None = None) -> int:
