@@ -29,6 +29,9 @@ from tests.support.waiting import eventually, wait_for
 EXCHANGE = "tessera.events"
 QUEUE = "notification.email"  # the consumer queue the installed services declare
 ROUTES = topology.installed_consumer_routes()[QUEUE]
+# The other installed consumer's queue: missing on these brokers, so migrate (of every queue) declares it anew.
+OTHER = "analytics.metrics"
+OTHER_QUEUES = (f"{OTHER}.retry.200ms", f"{OTHER}.retry.400ms", OTHER, f"{OTHER}.dlq")
 DELAYS = (0.2, 0.4)
 SETTINGS = MessagingSettings(consumer_retry_delays=DELAYS, consumer_max_attempts=3, reconnect_max_seconds=0.5,
                              queue_type="quorum")
@@ -172,13 +175,14 @@ def test_migrate_converts_classic_queues_to_quorum_with_every_message_and_is_ide
     code, out, err = migrate_cli(url, monkeypatch, capsys)
 
     assert (code, err) == (0, "")
-    assert out.splitlines() == [
+    assert out.splitlines() == [*(f"{name}: quorum queue already" for name in OTHER_QUEUES),
         f"{QUEUE}.retry.200ms: converted to a quorum queue, 30 message(s) moved out and 30 back",
         f"{QUEUE}.retry.400ms: converted to a quorum queue, 20 message(s) moved out and 20 back",
         f"{QUEUE}: converted to a quorum queue, 120 message(s) moved out and 120 back",
         f"{QUEUE}.dlq: converted to a quorum queue, 40 message(s) moved out and 40 back"]
     after = broker_queues(vhost)
-    assert set(after) == set(ids)  # no temporary queue left
+    assert set(after) == set(ids) | set(OTHER_QUEUES)  # no temporary queue left
+    assert {after[name]["type"] for name in OTHER_QUEUES} == {"quorum"}
     expected = QueueTopology(EXCHANGE, QUEUE, ROUTES, DELAYS, "quorum").declarations()
     for declaration in (d for d in expected if d.kind == "queue"):
         assert after[declaration.name]["type"] == "quorum"
@@ -189,7 +193,7 @@ def test_migrate_converts_classic_queues_to_quorum_with_every_message_and_is_ide
     code, out, err = migrate_cli(url, monkeypatch, capsys)
     assert (code, err) == (0, "")
     assert out.splitlines() == [f"{name}: quorum queue already" for name in (
-        f"{QUEUE}.retry.200ms", f"{QUEUE}.retry.400ms", QUEUE, f"{QUEUE}.dlq")]
+        *OTHER_QUEUES, f"{QUEUE}.retry.200ms", f"{QUEUE}.retry.400ms", QUEUE, f"{QUEUE}.dlq")]
 
     # The bindings came along: an event published now reaches the quorum queue.
     with rabbitmq.blocking_connection(url) as connection:
@@ -218,13 +222,13 @@ def test_migrate_with_the_default_type_converts_quorum_queues_back_to_classic_wi
     code, out, err = migrate_cli(url, monkeypatch, capsys, queue_type=None)
 
     assert (code, err) == (0, "")
-    assert out.splitlines() == [
+    assert out.splitlines() == [*(f"{name}: classic queue already" for name in OTHER_QUEUES),
         f"{QUEUE}.retry.200ms: converted to a classic queue, 10 message(s) moved out and 10 back",
         f"{QUEUE}.retry.400ms: converted to a classic queue, 10 message(s) moved out and 10 back",
         f"{QUEUE}: converted to a classic queue, 60 message(s) moved out and 60 back",
         f"{QUEUE}.dlq: converted to a classic queue, 20 message(s) moved out and 20 back"]
     after = broker_queues(vhost)
-    assert set(after) == set(ids)
+    assert set(after) == set(ids) | set(OTHER_QUEUES)
     for declaration in (d for d in QueueTopology(EXCHANGE, QUEUE, ROUTES, DELAYS).declarations() if d.kind == "queue"):
         assert after[declaration.name]["type"] == "classic"
         assert after[declaration.name]["arguments"] == (declaration.arguments or {})
@@ -384,7 +388,11 @@ def test_a_service_that_finds_its_queues_of_the_other_type_exits_with_one_error_
     assert (error["found_queue_type"], error["queue_type"], error["exit_code"]) == (found, configured, 4)
     assert f"{error['queue']} is a {found} queue but TESSERA_QUEUE_TYPE is {configured}" in error["message"]
     assert f"`tessera queues migrate` with TESSERA_QUEUE_TYPE={configured}" in error["message"]
-    assert {q["type"] for q in broker_queues(vhost).values()} == {found}  # nothing changed
+    found_queues = broker_queues(vhost)
+    assert {q["type"] for name, q in found_queues.items() if name.startswith(QUEUE)} == {found}  # nothing changed
+    # The other consumer's queue did not exist: the service's relay may have declared it (as configured) before the
+    # service exited.
+    assert found_queues.get(OTHER, {"type": configured})["type"] == configured
 
 
 def test_a_service_that_reaches_the_broker_only_after_its_start_and_finds_a_classic_queue_exits_the_same(
