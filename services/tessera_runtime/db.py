@@ -79,7 +79,7 @@ def max_connections(pool_size: int = POOL_SIZE) -> int:
     return engine_pool_max(pool_size) + direct_pool_size(pool_size) + RELAY_CONNECTIONS
 
 
-def _drop_closed_on_checkout(engine: AsyncEngine) -> None:
+def drop_closed_on_checkout(engine: AsyncEngine) -> None:
     """A pooled connection whose socket the server or the network closed while it sat idle (a restart, a failover,
     a proxy's idle timeout) is not handed out: asyncpg already knows it is closed, so this costs no round trip,
     unlike a pre-ping. SQLAlchemy discards a connection whose checkout raises DisconnectionError and takes
@@ -224,7 +224,7 @@ class Database:
                 pool_recycle=1800,
                 connect_args=_CONNECT_ARGS,
             )
-            _drop_closed_on_checkout(self.engine)
+            drop_closed_on_checkout(self.engine)
         instrument_engine(self.engine)  # one span per statement, child of the RPC or message being handled
         # Reads of one statement need no transaction: in autocommit a read is one round trip instead of three
         # (BEGIN, SELECT, ROLLBACK). SQLite keeps its transactions, deferred for reads (see _prepare_sqlite).

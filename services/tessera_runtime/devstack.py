@@ -61,9 +61,9 @@ class DevStack:
 
     def dependency_address(self, name: str) -> str:
         """How a service or the GraphQL API of the stack addresses `name`: its fixed port, or through the registry
-        when TESSERA_REGISTRY_DIR is set (every service registers there, and further instances started by hand
-        with the same directory share the calls by their TESSERA_INSTANCE_WEIGHT)."""
-        if os.environ.get("TESSERA_REGISTRY_DIR"):
+        when TESSERA_REGISTRY_DIR or TESSERA_REGISTRY_URL is set (every service registers there, and further
+        instances started by hand with the same registry share the calls by their TESSERA_INSTANCE_WEIGHT)."""
+        if os.environ.get("TESSERA_REGISTRY_DIR") or os.environ.get("TESSERA_REGISTRY_URL"):
             return f"registry:///{name}"
         return f"127.0.0.1:{PORTS[name]}"
 

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import json
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
-from tessera.user.v1 import user_pb2, user_service_pb2_grpc
 from tessera.user.v1 import user_service_pb2 as svc
+from tessera.user.v1 import user_service_pb2_grpc
 
 from tessera_runtime.clients import dependency_check, error_details, open_channel
 from tessera_runtime.config import CircuitSettings
@@ -26,83 +24,23 @@ from tessera_runtime.discovery import (
     DiscoverySettings,
     FileRegistry,
     ServiceInstance,
-    registration,
 )
-from tessera_runtime.server import NOT_SERVING, SERVING, ServiceModule, TesseraServer
+from tessera_runtime.server import NOT_SERVING, SERVING
+from tests.support.discovery import FAST, USER_SERVICE, Instance, UserServers, answers, serving, until
 
 pytestmark = pytest.mark.integration
 
-USER_SERVICE = svc.DESCRIPTOR.services_by_name["UserService"]
-FAST = dict(check_seconds=0.1, check_timeout_seconds=0.5)
-
-
-class NamedUsers(user_service_pb2_grpc.UserServiceServicer):
-    """A user service that answers GetUser with its own name, so that a caller sees which instance answered."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    async def GetUser(self, request, context):
-        return svc.GetUserResponse(user=user_pb2.User(id=request.id, display_name=self.name))
-
-
-@dataclasses.dataclass
-class Instance:
-    name: str
-    server: TesseraServer
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
 
 @pytest.fixture
-async def start_users(tmp_path) -> AsyncIterator[Callable[..., Awaitable[Instance]]]:
-    """Starts real Tessera servers of a user service on port 0; those given a registry register themselves in it
-    as `tessera serve` does."""
-    started: list[TesseraServer] = []
-
-    async def start(name: str, *, settings: DiscoverySettings | None = None, drain: float = 0.0) -> Instance:
-        servicer = NamedUsers(name)
-        module = ServiceModule(
-            service_names=(USER_SERVICE.full_name,),
-            register=lambda server: user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server),
-            domain="user.tessera.dev")
-        server = TesseraServer(
-            module, readiness_interval=3600, drain_seconds=drain, grace_seconds=1,
-            registration=None if settings is None else (
-                lambda s: registration(settings, "user", "127.0.0.1", s.port, ready=lambda: s.readiness.ready)))
-        await server.start()
-        started.append(server)
-        return Instance(name, server)
-
-    yield start
-    for server in started:
-        await server.stop()
+async def start_users() -> AsyncIterator[Callable[..., Awaitable[Instance]]]:
+    servers = UserServers()
+    yield servers.start
+    await servers.stop_all()
 
 
 def registry_settings(tmp_path: Path, weight: int = 1, **overrides) -> DiscoverySettings:
     return DiscoverySettings(registry_dir=tmp_path / "registry", instance_weight=weight,
                              **{**FAST, "deregister_after_seconds": 30.0, **overrides})
-
-
-async def answers(channel: BalancedChannel, calls: int) -> collections.Counter[str]:
-    stub = user_service_pb2_grpc.UserServiceStub(channel)
-    seen: collections.Counter[str] = collections.Counter()
-    for n in range(calls):
-        seen[(await stub.GetUser(svc.GetUserRequest(id=f"u{n}"))).user.display_name] += 1
-    return seen
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
-def serving(channel: BalancedChannel) -> set[str]:
-    return {i.address for i in channel.discovery.discover()}
 
 
 async def test_registered_instances_share_calls_by_weight(start_users, tmp_path):
@@ -278,5 +216,7 @@ async def test_registry_list_shows_each_instance_with_its_health_and_weight(star
     assert capsys.readouterr().out.strip() == f"no instance registered in {tmp_path / 'none'}"
 
     monkeypatch.delenv("TESSERA_REGISTRY_DIR", raising=False)
+    monkeypatch.delenv("TESSERA_REGISTRY_URL", raising=False)
     assert await asyncio.to_thread(main, ["registry", "list"]) == 2
-    assert "set TESSERA_REGISTRY_DIR or pass --dir" in capsys.readouterr().err
+    assert "no registry: set TESSERA_REGISTRY_DIR or TESSERA_REGISTRY_URL, or pass --dir or --url" \
+        in capsys.readouterr().err

@@ -91,7 +91,17 @@ def test_addresses_default_to_fixed_ones_and_accept_the_discovery_forms(tmp_path
 
 @pytest.mark.parametrize(("environ", "message"), [
     ({"TESSERA_INVENTORY_SERVICE_ADDR": "registry"},
-     "TESSERA_INVENTORY_SERVICE_ADDR=registry needs TESSERA_REGISTRY_DIR"),
+     "TESSERA_INVENTORY_SERVICE_ADDR=registry needs a registry: TESSERA_REGISTRY_DIR (one host's directory) or "
+     "TESSERA_REGISTRY_URL"),
+    ({"TESSERA_REGISTRY_DIR": "/tmp", "TESSERA_REGISTRY_URL": "postgresql://127.0.0.1/registry"},
+     "TESSERA_REGISTRY_DIR and TESSERA_REGISTRY_URL are both set"),
+    ({"TESSERA_REGISTRY_URL": "mysql://127.0.0.1/registry"},
+     "TESSERA_REGISTRY_URL must be postgresql://user@host:port/database, got scheme 'mysql'"),
+    ({"TESSERA_REGISTRY_URL": "127.0.0.1:5432"}, "TESSERA_REGISTRY_URL is not a valid URL"),
+    ({"TESSERA_REGISTRY_URL": "postgresql://127.0.0.1:99999/registry"}, "TESSERA_REGISTRY_URL is not a valid URL"),
+    ({"TESSERA_REGISTRY_URL": "postgresql://127.0.0.1:5432"}, "TESSERA_REGISTRY_URL must name the registry's database"),
+    ({"TESSERA_REGISTRY_URL": "postgresql://127.0.0.1/registry", "TESSERA_REGISTRY_CHECK_SECONDS": "20"},
+     "TESSERA_REGISTRY_CHECK_SECONDS (20) must be at most half of TESSERA_REGISTRY_DEREGISTER_AFTER_SECONDS (30)"),
     ({"TESSERA_INVENTORY_SERVICE_ADDR": "static:///"}, "TESSERA_INVENTORY_SERVICE_ADDR lists no instance"),
     ({"TESSERA_INVENTORY_SERVICE_ADDR": "static:///h1:50052,h2"},
      "TESSERA_INVENTORY_SERVICE_ADDR: instance 2 'h2' must be host:port"),
@@ -118,6 +128,17 @@ def test_bad_configuration_names_the_variable(environ, message):
     with pytest.raises(ConfigError) as err:
         OrderSettings.from_env("order", 50054, environ)
     assert message in str(err.value)
+
+
+def test_a_registry_url_is_read_in_any_postgresql_spelling_and_serves_registry_addresses():
+    for given in ("postgresql://reg:pw@db1:5433/registry", "postgres://reg:pw@db1:5433/registry",
+                  "postgresql+asyncpg://reg:pw@db1:5433/registry"):
+        settings = OrderSettings.from_env("order", 50054, {"TESSERA_REGISTRY_URL": given,
+                                                           "TESSERA_INVENTORY_SERVICE_ADDR": "registry"})
+        assert settings.discovery.registry_url == "postgresql+asyncpg://reg:pw@db1:5433/registry"
+        assert settings.discovery.registry_dir is None
+        assert settings.discovery.registry_location == "db1:5433/registry"  # no password in logs
+        assert settings.inventory_service_addr == "registry:///inventory"
 
 
 def test_a_registry_dir_that_is_a_file_is_refused(tmp_path):

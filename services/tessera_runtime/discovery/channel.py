@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tessera_runtime import metrics
 from tessera_runtime.discovery.balancing import BALANCERS
 from tessera_runtime.discovery.model import DiscoverySettings, ServiceInstance
-from tessera_runtime.discovery.registry import ServiceRegistry
+from tessera_runtime.discovery.registry import UNAVAILABLE, ServiceRegistry
 from tessera_runtime.periodic import cancel
 
 log = logging.getLogger("tessera.discovery")
@@ -60,7 +60,8 @@ class HealthFilteredDiscovery:
     """The instances of `service` in `registry` whose gRPC health answers SERVING, checked every `check_seconds`
     with a `check_timeout_seconds` deadline (Check, service "" = the instance's readiness, or its registration's
     `health_check`). An instance that fails its checks for `deregister_after_seconds` is deregistered when the
-    registry prunes (Consul's deregister_critical_service_after). Used from one event loop."""
+    registry prunes (Consul's deregister_critical_service_after). While the registry cannot be read, the instances
+    last read stand (and are still checked). Used from one event loop; closes the registry when closed."""
 
     def __init__(self, name: str, service: str, registry: ServiceRegistry, settings: DiscoverySettings,
                  channel_options: Sequence[tuple[str, Any]] = ()) -> None:
@@ -82,6 +83,7 @@ class HealthFilteredDiscovery:
         self._first_round: asyncio.Event | None = None
         self._picks: dict[str, Any] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._registry_away = False
 
     # -- discovery ---------------------------------------------------------------------------------------------
 
@@ -152,6 +154,7 @@ class HealthFilteredDiscovery:
         for closing in list(self._closing):
             closing.cancel()
         self._multicallables.clear()
+        await self.registry.close()
 
     # -- the rounds of checks ----------------------------------------------------------------------------------
 
@@ -167,8 +170,28 @@ class HealthFilteredDiscovery:
             self._first_round.set()
             await asyncio.sleep(self.settings.check_seconds)
 
+    async def _read_registry(self) -> list[ServiceInstance] | None:
+        """The registered instances, or None while the registry cannot be read (said once per outage)."""
+        try:
+            registered = await self.registry.instances(self.service)
+        except UNAVAILABLE as exc:
+            if not self._registry_away:
+                self._registry_away = True
+                log.warning("registry cannot be read: the last known instances stand until it can", extra={
+                    "dependency": self.name, "instances": len(self._known), "error": str(exc)})
+            return None
+        if self._registry_away:
+            self._registry_away = False
+            log.info("registry read again", extra={"dependency": self.name, "instances": len(registered)})
+        return registered
+
     async def _round(self) -> None:
-        registered = await self.registry.instances(self.service)
+        registered = await self._read_registry()
+        if registered is not None:
+            await self._update(registered)
+        await self._check_all()
+
+    async def _update(self, registered: list[ServiceInstance]) -> None:
         by_address: dict[str, list[ServiceInstance]] = {}
         for instance in registered:
             by_address.setdefault(instance.address, []).append(instance)
@@ -183,6 +206,8 @@ class HealthFilteredDiscovery:
                                               health_pb2_grpc.HealthStub(channel))
             else:
                 known.instance, known.registrations = registrations[0], registrations
+
+    async def _check_all(self) -> None:
         known_now = list(self._known.values())
         results = await asyncio.gather(*(self._check(k) for k in known_now))
         now = time.monotonic()
@@ -197,8 +222,11 @@ class HealthFilteredDiscovery:
             if known.critical_since is None:
                 known.critical_since = now
             if self.registry.prunes and now - known.critical_since >= self.settings.deregister_after_seconds:
-                for registration in known.registrations:
-                    await self.registry.deregister(registration)
+                try:
+                    for registration in known.registrations:
+                        await self.registry.deregister(registration)
+                except UNAVAILABLE:  # pruned in a later round, once the registry is back
+                    continue
                 log.warning("instance deregistered: not serving for %.1f s", now - known.critical_since, extra={
                     "dependency": self.name, "address": known.instance.address,
                     "instance_ids": [r.id for r in known.registrations]})

@@ -1,18 +1,20 @@
-"""`tessera registry list`: the instances registered in TESSERA_REGISTRY_DIR, each with its health and weight."""
+"""`tessera registry list`: the instances registered in the registry (TESSERA_REGISTRY_DIR or TESSERA_REGISTRY_URL),
+each with its health and weight."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tessera_runtime.discovery.model import ServiceInstance
-from tessera_runtime.discovery.registry import FileRegistry
+from tessera_runtime.config import ConfigError, Env
+from tessera_runtime.discovery import open_registry
+from tessera_runtime.discovery.model import DiscoverySettings, ServiceInstance, registry_url
+from tessera_runtime.discovery.registry import RegistryUnavailable, ServiceRegistry
 
 
 async def health_of(instance: ServiceInstance, timeout: float) -> str:
@@ -26,22 +28,47 @@ async def health_of(instance: ServiceInstance, timeout: float) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-async def _list(registry: FileRegistry, service: str | None, timeout: float) -> list[list[str]]:
-    services = [service] if service else await registry.services()
-    instances = [i for name in services for i in await registry.instances(name)]
+async def _list(registry: ServiceRegistry, service: str | None, timeout: float) -> list[list[str]]:
+    try:
+        services = [service] if service else await registry.services()
+        instances = [i for name in services for i in await registry.instances(name)]
+    finally:
+        await registry.close()
     healths = await asyncio.gather(*(health_of(i, timeout) for i in instances))
     return [[i.service, i.address, str(i.weight), health, i.metadata.get("version", ""), i.id]
             for i, health in zip(instances, healths, strict=True)]
 
 
+def _settings(args: argparse.Namespace) -> DiscoverySettings:
+    """The registry of --dir or --url, else of the environment; ConfigError naming the option or variable."""
+    if args.dir and args.url:
+        raise ConfigError("--dir and --url both name a registry: pass only one of them")
+    if args.url:
+        return DiscoverySettings(registry_url=registry_url(args.url, "--url"))
+    if args.dir:
+        return DiscoverySettings(registry_dir=Path(args.dir))
+    settings = DiscoverySettings.from_env(Env())
+    if settings.registry_dir is None and settings.registry_url is None:
+        raise ConfigError("no registry: set TESSERA_REGISTRY_DIR or TESSERA_REGISTRY_URL, or pass --dir or --url")
+    return settings
+
+
 def _run(args: argparse.Namespace) -> int:
-    directory = args.dir or os.environ.get("TESSERA_REGISTRY_DIR")
-    if not directory:
-        print("tessera registry: no registry: set TESSERA_REGISTRY_DIR or pass --dir", file=sys.stderr)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"tessera registry: {exc}", file=sys.stderr)
         return 2
-    rows = asyncio.run(_list(FileRegistry(Path(directory)), args.service, args.timeout))
+    registry = open_registry(settings)
+    assert registry is not None
+    try:
+        rows = asyncio.run(_list(registry, args.service, args.timeout))
+    except RegistryUnavailable as exc:
+        print(f"tessera registry: {exc}", file=sys.stderr)
+        return 1
     if not rows:
-        print(f"no instance registered in {directory}" + (f" for {args.service}" if args.service else ""))
+        print(f"no instance registered in {settings.registry_location}"
+              + (f" for {args.service}" if args.service else ""))
         return 0
     table = [["SERVICE", "ADDRESS", "WEIGHT", "HEALTH", "VERSION", "INSTANCE"], *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -52,11 +79,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "registry", help="the service registry of deployments without a mesh (TESSERA_REGISTRY_DIR)",
-        description="Instances that registered themselves in the registry directory as they started.")
+        "registry", help="the service registry of deployments without a mesh (TESSERA_REGISTRY_DIR or _URL)",
+        description="Instances that registered themselves in the registry (a directory, or a PostgreSQL database) "
+                    "as they started.")
     actions = parser.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="every registered instance with its gRPC health and weight")
     listing.add_argument("--dir", help="the registry directory (default: $TESSERA_REGISTRY_DIR)")
+    listing.add_argument("--url", help="the registry database, postgresql://user@host:port/database "
+                                       "(default: $TESSERA_REGISTRY_URL)")
     listing.add_argument("--service", help="only this service's instances (e.g. inventory)")
     listing.add_argument("--timeout", type=float, default=1.0, help="seconds each health check may take")
     listing.set_defaults(func=_run)

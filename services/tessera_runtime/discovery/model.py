@@ -19,6 +19,26 @@ MAX_WEIGHT = 1000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 _SERVICE_ADDR = re.compile(r"^TESSERA_([A-Z0-9_]+)_SERVICE_ADDR$")
+REGISTRY_VARIABLES = ("TESSERA_REGISTRY_DIR", "TESSERA_REGISTRY_URL")
+_POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
+
+
+def registry_url(value: str, name: str) -> str:
+    """The SQLAlchemy URL (postgresql+asyncpg://) of a PostgreSQL registry given as postgresql://, postgres:// or
+    postgresql+asyncpg://; a ConfigError naming the variable or option `name` otherwise."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(value)
+        if parsed.port is not None and not 0 < parsed.port < 65536:
+            raise ValueError(f"port must be 1-65535, got {parsed.port}")
+    except Exception as exc:  # ArgumentError, ValueError: what the engine would fail on when it connects
+        raise ConfigError(f"{name} is not a valid URL: {exc}") from None
+    if parsed.drivername not in _POSTGRES_SCHEMES:
+        raise ConfigError(f"{name} must be postgresql://user@host:port/database, got scheme {parsed.drivername!r}")
+    if not parsed.database:
+        raise ConfigError(f"{name} must name the registry's database, as postgresql://user@host:port/database")
+    return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
 
 
 def valid_name(name: str) -> bool:
@@ -128,6 +148,9 @@ class DiscoverySettings:
     registration, and how the instances of the services this process calls are checked and balanced."""
 
     registry_dir: Path | None = None
+    # A PostgreSQL database shared by the instances of several hosts (postgresql+asyncpg://...), instead of a
+    # directory.
+    registry_url: str | None = None
     instance_host: str | None = None
     instance_weight: int = 1
     instance_version: str = "dev"
@@ -139,8 +162,13 @@ class DiscoverySettings:
     @classmethod
     def from_env(cls, env: Env) -> DiscoverySettings:
         registry = env.optional_str("TESSERA_REGISTRY_DIR")
+        url = env.optional_str("TESSERA_REGISTRY_URL")
+        if registry and url:
+            raise ConfigError("TESSERA_REGISTRY_DIR and TESSERA_REGISTRY_URL are both set: the registry is one "
+                              "host's directory or a PostgreSQL database, set only one of them")
         settings = cls(
             registry_dir=Path(registry) if registry else None,
+            registry_url=registry_url(url, "TESSERA_REGISTRY_URL") if url else None,
             instance_host=env.optional_str("TESSERA_INSTANCE_HOST"),
             instance_weight=env.int("TESSERA_INSTANCE_WEIGHT", 1, minimum=1, maximum=MAX_WEIGHT),
             instance_version=env.str("TESSERA_INSTANCE_VERSION", "dev"),
@@ -154,11 +182,27 @@ class DiscoverySettings:
         if settings.registry_dir is not None and settings.registry_dir.exists() \
                 and not settings.registry_dir.is_dir():
             raise ConfigError(f"TESSERA_REGISTRY_DIR must be a directory, got the file {registry!r}")
+        if settings.registry_url is not None and settings.check_seconds * 2 > settings.deregister_after_seconds:
+            # Instances heartbeat every check interval; a row not renewed for deregister-after is a crashed host's.
+            raise ConfigError(
+                f"TESSERA_REGISTRY_CHECK_SECONDS ({settings.check_seconds:g}) must be at most half of "
+                f"TESSERA_REGISTRY_DEREGISTER_AFTER_SECONDS ({settings.deregister_after_seconds:g}) with "
+                f"TESSERA_REGISTRY_URL: a live instance's heartbeat would look stale between two renewals")
         return settings
+
+    @property
+    def registry_location(self) -> str:
+        """Where the registry is, for logs: the directory, or the database without user or password."""
+        if self.registry_url is not None:
+            from tessera_runtime.db import database_location
+
+            return database_location(self.registry_url)
+        return str(self.registry_dir)
 
     def advertised_host(self, grpc_host: str) -> str:
         """The host this instance registers: TESSERA_INSTANCE_HOST, else the host it listens on (a wildcard
-        listener registers 127.0.0.1: the file registry serves one host)."""
+        listener registers 127.0.0.1, which only callers on the same host reach: with a registry shared by several
+        hosts, set TESSERA_INSTANCE_HOST)."""
         if self.instance_host:
             return self.instance_host
         return "127.0.0.1" if grpc_host in _WILDCARD_HOSTS else grpc_host
@@ -167,8 +211,8 @@ class DiscoverySettings:
 def service_address(env: Env, variable: str, default: str) -> str:
     """The address of another service from `variable` (TESSERA_<NAME>_SERVICE_ADDR): a gRPC target as today
     (`host:port`, `dns:///name:port`), `static:///host:port[;weight=N],...`, or `registry` /
-    `registry:///<service>` to discover it in TESSERA_REGISTRY_DIR. Checked now, so a bad value stops the process at
-    start with a message naming the variable; `registry` comes back as `registry:///<service>`."""
+    `registry:///<service>` to discover it in the registry (TESSERA_REGISTRY_DIR or TESSERA_REGISTRY_URL). Checked
+    now, so a bad value stops the process at start with a message naming the variable; `registry` comes back as `registry:///<service>`."""
     value = env.str(variable, default).strip()
     if value.startswith(STATIC_SCHEME):
         parse_static(variable, variable, value)
@@ -183,8 +227,9 @@ def service_address(env: Env, variable: str, default: str) -> str:
             service = value[len(REGISTRY_SCHEME):]
         if not valid_name(service):
             raise ConfigError(f"{variable}: {service!r} is no service name (letters, digits, '.', '_', '-')")
-        if not env.optional_str("TESSERA_REGISTRY_DIR"):
-            raise ConfigError(f"{variable}={value} needs TESSERA_REGISTRY_DIR, the registry's directory")
+        if not any(env.optional_str(name) for name in REGISTRY_VARIABLES):
+            raise ConfigError(f"{variable}={value} needs a registry: TESSERA_REGISTRY_DIR (one host's directory) "
+                              f"or TESSERA_REGISTRY_URL (a PostgreSQL database)")
         return f"{REGISTRY_SCHEME}{service}"
     if value.startswith(("static:", "registry:")):
         raise ConfigError(f"{variable} must be {STATIC_SCHEME}host:port[;weight=N],... or "

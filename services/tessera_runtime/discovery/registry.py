@@ -1,6 +1,6 @@
 """Where instances are registered: the ServiceRegistry port, an in-memory registry (the static lists of the
-configuration) and a directory registry shared by the processes of one host, and the self-registration of a
-running server.
+configuration) and a directory registry shared by the processes of one host (the PostgreSQL one, shared by several
+hosts, is tessera_runtime.discovery.postgres), and the self-registration of a running server.
 
 No library fits: the Python registry clients (python-consul, etcd3, kazoo) all talk to an agent or a cluster
 (Consul, etcd, ZooKeeper) that a machine without a mesh does not run. The directory registry needs nothing: one
@@ -25,6 +25,15 @@ from tessera_runtime.periodic import cancel
 log = logging.getLogger("tessera.discovery")
 
 
+class RegistryUnavailable(Exception):
+    """The registry cannot be read or written just now (its database is down or unreachable); the message says
+    which registry and why."""
+
+
+# What a registry raises when it is away rather than wrong: registration retries, discovery keeps what it knew.
+UNAVAILABLE = (OSError, RegistryUnavailable)
+
+
 class ServiceRegistry(Protocol):
     """Instances by service. `instances` lists what is registered, healthy or not: discovery
     (tessera_runtime.discovery.HealthFilteredDiscovery) filters them by their gRPC health."""
@@ -35,11 +44,18 @@ class ServiceRegistry(Protocol):
 
     async def register(self, instance: ServiceInstance) -> None: ...
 
+    async def renew(self, instance: ServiceInstance) -> bool:
+        """A registered instance's periodic renewal (its heartbeat, where the registry keeps one); the registration
+        is written again if it had been removed, and then the answer is True."""
+        ...
+
     async def deregister(self, instance: ServiceInstance) -> None: ...
 
     async def instances(self, service: str) -> list[ServiceInstance]: ...
 
     async def services(self) -> list[str]: ...
+
+    async def close(self) -> None: ...
 
 
 class InMemoryRegistry:
@@ -55,6 +71,12 @@ class InMemoryRegistry:
     async def register(self, instance: ServiceInstance) -> None:
         self._instances.setdefault(instance.service, {})[instance.id] = instance
 
+    async def renew(self, instance: ServiceInstance) -> bool:
+        known = self._instances.setdefault(instance.service, {})
+        missing = instance.id not in known
+        known[instance.id] = instance
+        return missing
+
     async def deregister(self, instance: ServiceInstance) -> None:
         self._instances.get(instance.service, {}).pop(instance.id, None)
 
@@ -63,6 +85,9 @@ class InMemoryRegistry:
 
     async def services(self) -> list[str]:
         return sorted(s for s, found in self._instances.items() if found)
+
+    async def close(self) -> None:
+        return None
 
 
 class FileRegistry:
@@ -98,6 +123,12 @@ class FileRegistry:
                 os.unlink(temporary)
             raise
 
+    def renew_now(self, instance: ServiceInstance) -> bool:
+        if self.is_registered(instance):
+            return False
+        self.register_now(instance)
+        return True
+
     def deregister_now(self, instance: ServiceInstance) -> None:
         self._path(instance).unlink(missing_ok=True)
 
@@ -132,54 +163,87 @@ class FileRegistry:
     async def instances(self, service: str) -> list[ServiceInstance]:
         return await asyncio.to_thread(self.instances_now, service)
 
+    async def renew(self, instance: ServiceInstance) -> bool:
+        return await asyncio.to_thread(self.renew_now, instance)
+
     async def services(self) -> list[str]:
         return await asyncio.to_thread(self.services_now)
 
+    async def close(self) -> None:
+        return None
+
 
 class Registration:
-    """A running server's registration: made once it serves, kept while it runs (written again if it was removed,
-    say pruned while the server was unreachable, once the server is ready again) and removed first thing on a
-    graceful stop, so that callers stop picking it while it drains."""
+    """A running server's registration: made once it serves, renewed every `interval` while it is ready (the
+    heartbeat of a registry that keeps one; written again if it was removed, say pruned while the server was
+    unreachable) and removed first thing on a graceful stop, so that callers stop picking it while it drains.
 
-    def __init__(self, registry: FileRegistry, instances: Sequence[ServiceInstance], *,
-                 ready: Callable[[], bool | None], interval: float) -> None:
+    A registry that cannot be reached never stops the server: the registration is retried at every interval, and
+    the log says once that the registry is away and once that it is back."""
+
+    def __init__(self, registry: ServiceRegistry, instances: Sequence[ServiceInstance], *,
+                 ready: Callable[[], bool | None], interval: float, location: str = "") -> None:
         self.registry = registry
         self.instances = tuple(instances)
         self.ready = ready
         self.interval = interval
+        self.location = location
+        self._registered: set[str] = set()
+        self._away = False
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        for instance in self.instances:
-            await self.registry.register(instance)
-            log.info("registered", extra={"instance_id": instance.id,
-                                          "address": instance.address, "weight": instance.weight,
-                                          "registry": str(self.registry.directory)})
+        try:
+            for instance in self.instances:
+                await self.registry.register(instance)
+                self._registered.add(instance.id)
+                self._log_registered(instance, "registered")
+        except UNAVAILABLE as exc:
+            self._lost(exc)
         self._task = asyncio.get_running_loop().create_task(self._keep(), name="registration")
+
+    def _log_registered(self, instance: ServiceInstance, message: str) -> None:
+        log.info(message, extra={"instance_id": instance.id, "address": instance.address,
+                                 "weight": instance.weight, "registry": self.location})
+
+    def _lost(self, exc: Exception) -> None:
+        if not self._away:
+            self._away = True
+            log.warning("registry unreachable: this instance keeps serving and registers once the registry is back",
+                        extra={"registry": self.location, "error": str(exc)})
 
     async def _keep(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             if not self.ready():
                 continue
-            for instance in self.instances:
-                try:
-                    if not await asyncio.to_thread(self.registry.is_registered, instance):
-                        await self.registry.register(instance)
-                        log.warning("registered again: the registration had been removed",
-                                    extra={"instance_id": instance.id})
-                except OSError as exc:
-                    log.warning("registration could not be renewed", extra={"error": str(exc)})
+            try:
+                for instance in self.instances:
+                    if await self.registry.renew(instance):
+                        if instance.id in self._registered:
+                            log.warning("registered again: the registration had been removed",
+                                        extra={"instance_id": instance.id, "registry": self.location})
+                        else:
+                            self._registered.add(instance.id)
+                            self._log_registered(instance, "registered")
+            except UNAVAILABLE as exc:
+                self._lost(exc)
+            else:
+                if self._away:
+                    self._away = False
+                    log.info("registry reachable again", extra={"registry": self.location})
 
     async def stop(self) -> None:
         await cancel(self._task)
         self._task = None
-        for instance in self.instances:
-            try:
-                await self.registry.deregister(instance)
-            except OSError as exc:
-                log.warning("deregistration failed", extra={"instance_id": instance.id, "error": str(exc)})
-            else:
-                log.info("deregistered", extra={"instance_id": instance.id})
-
-
+        try:
+            for instance in self.instances:
+                try:
+                    await self.registry.deregister(instance)
+                except UNAVAILABLE as exc:
+                    log.warning("deregistration failed: the registration is dropped once stale or failing checks",
+                                extra={"instance_id": instance.id, "registry": self.location, "error": str(exc)})
+                else:
+                    log.info("deregistered", extra={"instance_id": instance.id, "registry": self.location})
+        finally:
+            await self.registry.close()

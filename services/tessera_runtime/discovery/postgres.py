@@ -1,0 +1,214 @@
+"""A service registry in one PostgreSQL database shared by the instances of several hosts.
+
+One row per instance, keyed by its id. An instance upserts its row when it starts serving, renews the row's
+heartbeat every check interval while it is ready, and deletes the row on a graceful stop. A host that crashes
+cannot delete its rows: a row whose heartbeat is older than the deregister-after time is not discovered, and
+whoever reads it deletes it (Consul's deregister_critical_service_after, without an agent). Times are the
+database's (now()), so the hosts' clocks need not agree.
+
+The table is created by the registry itself, idempotently, under an advisory lock: the services' Alembic
+migrations each run on the service's own database, and the registry's database is none of theirs (the operator
+picks it, and every service of every host shares it)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    Interval,
+    MetaData,
+    Table,
+    Text,
+    delete,
+    func,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from tessera_runtime.db import cannot_connect, database_location, drop_closed_on_checkout, first_line
+from tessera_runtime.discovery.model import ServiceInstance
+from tessera_runtime.discovery.registry import RegistryUnavailable
+
+log = logging.getLogger("tessera.discovery")
+
+T = TypeVar("T")
+
+_metadata = MetaData()
+INSTANCES = Table(
+    "tessera_service_instances", _metadata,
+    Column("id", Text, primary_key=True),
+    Column("service", Text, nullable=False),
+    Column("host", Text, nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("weight", Integer, nullable=False),
+    Column("health_check", Text, nullable=False),
+    Column("metadata", JSONB, nullable=False),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+)
+_BY_SERVICE = Index("ix_tessera_service_instances_service", INSTANCES.c.service)
+# Held while the table is created, so that instances starting together on several hosts do not race on
+# CREATE TABLE IF NOT EXISTS (which can still fail on a duplicate catalog row when two run at once).
+_CREATE_LOCK_KEY = int.from_bytes(hashlib.sha256(b"tessera.registry").digest()[:8], "big", signed=True)
+# Connect within 3 s and let no statement take longer than 5: a registry that hangs is one that is away, and the
+# instances known stand meanwhile.
+_CONNECT_ARGS = {"timeout": 3, "command_timeout": 5}
+
+
+class PostgresRegistry:
+    """The instances registered in the table tessera_service_instances of the database at `url`
+    (postgresql+asyncpg://). Rows whose heartbeat is older than `stale_after` seconds are a crashed instance's:
+    never listed, and deleted when seen. Every method raises RegistryUnavailable when the database cannot be
+    reached. Nothing connects until first use."""
+
+    prunes = True
+
+    def __init__(self, url: str, *, stale_after: float) -> None:
+        self.url = url
+        self.location = database_location(url)
+        self.stale_after = dt.timedelta(seconds=stale_after)
+        # One connection is all a process's registration or one dependency's discovery needs at a time; the
+        # overflow is for the concurrent registrations of several worker processes' test doubles and the CLI.
+        self.engine = create_async_engine(url, pool_size=1, max_overflow=4, pool_recycle=1800,
+                                          connect_args=_CONNECT_ARGS)
+        drop_closed_on_checkout(self.engine)
+        self._created = False
+        self._creating = asyncio.Lock()
+
+    # -- the port ----------------------------------------------------------------------------------------------
+
+    async def register(self, instance: ServiceInstance) -> None:
+        async def run(conn: AsyncConnection) -> None:
+            await conn.execute(self._upsert(instance))
+
+        await self._run(run)
+
+    async def renew(self, instance: ServiceInstance) -> bool:
+        """The heartbeat: the row's heartbeat set to now; the row written again when it had been deleted (a reader
+        found it stale, discovery pruned it), and then True."""
+        async def run(conn: AsyncConnection) -> bool:
+            renewed = await conn.execute(
+                update(INSTANCES).where(INSTANCES.c.id == instance.id).values(heartbeat_at=func.now()))
+            if renewed.rowcount:
+                return False
+            await conn.execute(self._upsert(instance))
+            return True
+
+        return await self._run(run)
+
+    async def deregister(self, instance: ServiceInstance) -> None:
+        async def run(conn: AsyncConnection) -> None:
+            await conn.execute(delete(INSTANCES).where(INSTANCES.c.id == instance.id))
+
+        await self._run(run)
+
+    async def instances(self, service: str) -> list[ServiceInstance]:
+        async def run(conn: AsyncConnection) -> list[ServiceInstance]:
+            await self._delete_stale(conn, INSTANCES.c.service == service)
+            rows = await conn.execute(
+                select(INSTANCES).where(INSTANCES.c.service == service, self._fresh()).order_by(INSTANCES.c.id))
+            return [_instance(row) for row in rows.mappings()]
+
+        return await self._run(run)
+
+    async def services(self) -> list[str]:
+        async def run(conn: AsyncConnection) -> list[str]:
+            await self._delete_stale(conn, None)
+            rows = await conn.execute(select(INSTANCES.c.service).where(self._fresh()).distinct()
+                                      .order_by(INSTANCES.c.service))
+            return list(rows.scalars())
+
+        return await self._run(run)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # -- inside ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _upsert(instance: ServiceInstance):
+        values = {"service": instance.service, "host": instance.host, "port": instance.port,
+                  "weight": instance.weight, "health_check": instance.health_check,
+                  "metadata": dict(instance.metadata), "registered_at": func.now(), "heartbeat_at": func.now()}
+        return insert(INSTANCES).values(id=instance.id, **values).on_conflict_do_update(
+            index_elements=[INSTANCES.c.id], set_=values)
+
+    def _fresh(self):
+        return INSTANCES.c.heartbeat_at >= func.now() - literal(self.stale_after, Interval)
+
+    async def _delete_stale(self, conn: AsyncConnection, where) -> None:
+        statement = delete(INSTANCES).where(INSTANCES.c.heartbeat_at < func.now() - literal(self.stale_after,
+                                                                                               Interval))
+        if where is not None:
+            statement = statement.where(where)
+        deleted = (await conn.execute(statement.returning(INSTANCES.c.id, INSTANCES.c.host, INSTANCES.c.port,
+                                                          INSTANCES.c.heartbeat_at))).all()
+        for row in deleted:
+            log.warning("stale registration deleted: no heartbeat for more than %.1f s",
+                        self.stale_after.total_seconds(), extra={
+                            "instance_id": row.id, "address": f"{row.host}:{row.port}",
+                            "heartbeat_at": row.heartbeat_at.isoformat(), "registry": self.location})
+
+    async def _create(self) -> None:
+        async with self._creating:
+            if self._created:
+                return
+            async with self.engine.begin() as conn:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK_KEY})
+                await conn.execute(CreateTable(INSTANCES, if_not_exists=True))
+                await conn.execute(CreateIndex(_BY_SERVICE, if_not_exists=True))
+            self._created = True
+
+    async def _run(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """`work` in a transaction of its own, once the table exists; created again if it was dropped meanwhile
+        (the registry's database dropped and created again by its operator)."""
+        for attempt in (1, 2):
+            try:
+                await self._create()
+                async with self.engine.begin() as conn:
+                    return await work(conn)
+            except Exception as exc:
+                if _undefined_table(exc) and attempt == 1:
+                    self._created = False
+                    continue
+                if cannot_connect(exc):
+                    raise RegistryUnavailable(f"the registry {self.location} cannot be reached: "
+                                              f"{first_line(exc)}") from exc
+                raise
+        raise AssertionError("unreachable")
+
+
+def _undefined_table(exc: BaseException) -> bool:
+    """The table is missing: `exc`, the DBAPI error SQLAlchemy wraps, or asyncpg's under it, says so."""
+    pending: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, asyncpg.exceptions.UndefinedTableError):
+            return True
+        pending += [getattr(error, "orig", None), error.__cause__]
+    return False
+
+
+def _instance(row) -> ServiceInstance:
+    return ServiceInstance(id=row["id"], service=row["service"], host=row["host"], port=row["port"],
+                           weight=row["weight"], health_check=row["health_check"],
+                           metadata={str(k): str(v) for k, v in (row["metadata"] or {}).items()})

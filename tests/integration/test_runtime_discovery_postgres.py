@@ -1,0 +1,222 @@
+"""The PostgreSQL registry (TESSERA_REGISTRY_URL) against a real database created for the test and dropped after it,
+with real gRPC servers on ephemeral ports registering in it as several hosts' instances would: balancing by weight
+through `registry:///user`, heartbeats, deregistration, stale rows of crashed hosts, concurrent registrations, and
+serving on while the database is away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import pytest
+
+from tessera_runtime.clients import open_channel
+from tessera_runtime.discovery import BalancedChannel, DiscoverySettings, RegistryUnavailable, ServiceInstance
+from tessera_runtime.discovery.postgres import PostgresRegistry
+from tests.support import postgres
+from tests.support.discovery import FAST, USER_SERVICE, Instance, UserServers, answers, serving, until
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def registry_db() -> AsyncIterator[tuple[str, str]]:
+    """A database of its own for the registry: (asyncpg DSN for reading rows directly, registry URL)."""
+    name, url = await postgres.create_database("tessera_registry")
+    yield url.replace("postgresql+asyncpg://", "postgresql://"), url
+    await postgres.drop_database(name)
+
+
+@pytest.fixture
+async def start_users() -> AsyncIterator[Callable[..., Awaitable[Instance]]]:
+    servers = UserServers()
+    yield servers.start
+    await servers.stop_all()
+
+
+def settings_for(url: str, weight: int = 1, **overrides) -> DiscoverySettings:
+    return DiscoverySettings(registry_url=url, instance_weight=weight,
+                             **{**FAST, "deregister_after_seconds": 30.0, **overrides})
+
+
+async def rows(dsn: str) -> dict[int, asyncpg.Record]:
+    """The registry's rows by port, read directly."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {r["port"]: r for r in await conn.fetch("SELECT * FROM tessera_service_instances")}
+    finally:
+        await conn.close()
+
+
+async def execute(dsn: str, statement: str, *args) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(statement, *args)
+    finally:
+        await conn.close()
+
+
+async def test_instances_registered_in_postgres_share_calls_by_weight_and_leave_on_graceful_stop(
+        start_users, registry_db):
+    dsn, url = registry_db
+    heavy = await start_users("heavy", settings=settings_for(url, weight=3))
+    light = await start_users("light", settings=settings_for(url, weight=1))
+    registered = await rows(dsn)
+    assert {port: (r["service"], r["host"], r["weight"]) for port, r in registered.items()} == {
+        heavy.server.port: ("user", "127.0.0.1", 3), light.server.port: ("user", "127.0.0.1", 1)}
+    assert registered[heavy.server.port]["id"] == heavy.server.registration.instances[0].id
+    assert '"version": "dev"' in registered[heavy.server.port]["metadata"]
+
+    first_beat = registered[heavy.server.port]["heartbeat_at"]
+    await asyncio.sleep(0.3)  # three check intervals: the heartbeat moves, the registration time does not
+    renewed = (await rows(dsn))[heavy.server.port]
+    assert renewed["heartbeat_at"] > first_beat
+    assert renewed["registered_at"] == registered[heavy.server.port]["registered_at"]
+
+    channel = open_channel("registry:///user", [USER_SERVICE], discovery=settings_for(url))
+    assert isinstance(channel, BalancedChannel)
+    assert await answers(channel, 40) == {"heavy": 30, "light": 10}
+
+    await light.server.stop()
+    assert set(await rows(dsn)) == {heavy.server.port}  # its row is gone as the stop begins
+    await until(lambda: serving(channel) == {heavy.address})
+    assert await answers(channel, 4) == {"heavy": 4}
+    await channel.close()
+
+
+async def test_a_stale_row_is_not_discovered_and_is_deleted_by_the_reader(start_users, registry_db, caplog):
+    dsn, url = registry_db
+    live = await start_users("live", settings=settings_for(url))
+    # A crashed host's row: its heartbeat stopped a minute ago. It points at a live server whose health answers
+    # SERVING, so only the heartbeat can keep it out.
+    crashed = await start_users("crashed-host")
+    await execute(dsn, "INSERT INTO tessera_service_instances (id, service, host, port, weight, health_check, "
+                       "metadata, registered_at, heartbeat_at) VALUES ($1, 'user', '127.0.0.1', $2, 5, '', '{}', "
+                       "now() - interval '2 minutes', now() - interval '1 minute')",
+                  "user-crashed-host", crashed.server.port)
+    assert set(await rows(dsn)) == {live.server.port, crashed.server.port}
+
+    caplog.set_level(logging.WARNING, logger="tessera.discovery")
+    channel = open_channel("registry:///user", [USER_SERVICE], discovery=settings_for(url))
+    assert await answers(channel, 6) == {"live": 6}
+    assert set(await rows(dsn)) == {live.server.port}
+    deleted = [r for r in caplog.records if r.getMessage().startswith("stale registration deleted")]
+    assert [r.instance_id for r in deleted] == ["user-crashed-host"]
+    await channel.close()
+
+
+async def test_concurrent_registrations_from_many_tasks_and_hosts_are_all_kept(registry_db):
+    dsn, url = registry_db
+    # Four registries on a database without the table yet, as four hosts starting at once: they create it together.
+    hosts = [PostgresRegistry(url, stale_after=30) for _ in range(4)]
+    instances = [ServiceInstance(id=f"inventory-{n}", service="inventory", host=f"10.0.0.{n % 4}", port=40000 + n,
+                                 weight=1 + n % 3, metadata={"version": f"v{n}"}) for n in range(120)]
+    try:
+        await asyncio.gather(*(hosts[n % 4].register(i) for n, i in enumerate(instances)))
+        # Registering again replaces; renewing finds each row there; a third of them leave meanwhile.
+        await asyncio.gather(*(hosts[(n + 1) % 4].register(i) for n, i in enumerate(instances)),
+                             *(hosts[n % 4].deregister(i) for n, i in enumerate(instances[:40])))
+        renewed = await asyncio.gather(*(hosts[n % 4].renew(i) for n, i in enumerate(instances[40:])))
+        assert renewed == [False] * 80
+        found = await hosts[0].instances("inventory")
+        assert sorted(found, key=lambda i: i.id) == sorted(instances[40:], key=lambda i: i.id)
+        assert await hosts[3].services() == ["inventory"]
+        assert await hosts[1].renew(instances[0]) is True  # deregistered: the heartbeat writes it again
+    finally:
+        for host in hosts:
+            await host.close()
+    assert len(await rows(dsn)) == 81
+
+
+async def test_the_registry_away_stops_neither_serving_nor_discovery(start_users, registry_db, caplog):
+    dsn, url = registry_db
+    proxy = TcpProxy("127.0.0.1", 5432).start()
+    through_proxy = url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    caplog.set_level(logging.INFO, logger="tessera.discovery")
+    try:
+        first = await start_users("first", settings=settings_for(through_proxy))
+        second = await start_users("second", settings=settings_for(through_proxy))
+        channel = open_channel("registry:///user", [USER_SERVICE], discovery=settings_for(through_proxy))
+        assert await answers(channel, 4) == {"first": 2, "second": 2}
+
+        proxy.cut()  # connections reset, new ones refused
+        late = await start_users("late", settings=settings_for(through_proxy))  # starts and serves all the same
+        await asyncio.sleep(0.6)  # several check intervals: every heartbeat and every read fails
+        assert await answers(channel, 4) == {"first": 2, "second": 2}  # the last known instances
+        assert serving(channel) == {first.address, second.address}
+        messages = [r.getMessage() for r in caplog.records]
+        assert messages.count("registry cannot be read: the last known instances stand until it can") == 1
+        # Once per outage and per instance, however many heartbeats failed.
+        away = [r for r in caplog.records if r.getMessage().startswith("registry unreachable")]
+        assert len(away) == 3 and all("cannot be reached" in r.error for r in away)
+        assert late.server.port not in await rows(dsn)
+
+        proxy.restore()
+        await until(lambda: late.address in serving(channel))
+        assert await answers(channel, 6) == {"first": 2, "second": 2, "late": 2}
+        messages = [r.getMessage() for r in caplog.records]
+        assert messages.count("registry read again") == 1
+        assert messages.count("registry reachable again") == 3
+        assert set(await rows(dsn)) == {first.server.port, second.server.port, late.server.port}
+        await channel.close()
+    finally:
+        proxy.close()
+
+
+async def test_the_registry_database_dropped_and_created_again_is_written_again(start_users, registry_db):
+    dsn, url = registry_db
+    only = await start_users("only", settings=settings_for(url))
+    name = dsn.rsplit("/", 1)[1]
+    await postgres.drop_database(name)
+    admin = await asyncpg.connect(postgres.ADMIN_DSN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    # The next heartbeats find no table: the registry creates it and the instance registers again.
+    for _ in range(200):
+        with contextlib.suppress(asyncpg.UndefinedTableError):
+            if only.server.port in await rows(dsn):
+                break
+        await asyncio.sleep(0.05)
+    assert set(await rows(dsn)) == {only.server.port}
+
+
+async def test_registry_list_reads_the_postgres_registry(start_users, registry_db, capsys, monkeypatch):
+    from tessera_runtime.cli import main
+
+    _, url = registry_db
+    instance = await start_users("listed", settings=settings_for(url, weight=3))
+    plain = url.replace("postgresql+asyncpg://", "postgresql://")
+    monkeypatch.delenv("TESSERA_REGISTRY_DIR", raising=False)
+    monkeypatch.setenv("TESSERA_REGISTRY_URL", plain)
+    assert await asyncio.to_thread(main, ["registry", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["SERVICE", "ADDRESS", "WEIGHT", "HEALTH", "VERSION", "INSTANCE"]
+    assert lines[1].split() == ["user", instance.address, "3", "SERVING", "dev",
+                                instance.server.registration.instances[0].id]
+
+    assert await asyncio.to_thread(main, ["registry", "list", "--url", plain, "--service", "inventory"]) == 0
+    assert "no instance registered in" in capsys.readouterr().out
+
+    monkeypatch.setenv("TESSERA_REGISTRY_DIR", "/tmp")
+    assert await asyncio.to_thread(main, ["registry", "list"]) == 2
+    assert "TESSERA_REGISTRY_DIR and TESSERA_REGISTRY_URL are both set" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["registry", "list", "--url", "mysql://h/db"]) == 2
+    assert "--url must be postgresql://" in capsys.readouterr().err
+    refusing = "postgresql://postgres@127.0.0.1:1/registry"
+    assert await asyncio.to_thread(main, ["registry", "list", "--url", refusing]) == 1
+    assert "the registry 127.0.0.1:1/registry cannot be reached" in capsys.readouterr().err
+
+
+async def test_an_unreachable_registry_raises_registry_unavailable_naming_it():
+    registry = PostgresRegistry("postgresql+asyncpg://postgres@127.0.0.1:1/registry", stale_after=30)
+    try:
+        with pytest.raises(RegistryUnavailable, match=r"the registry 127\.0\.0\.1:1/registry cannot be reached"):
+            await registry.instances("user")
+    finally:
+        await registry.close()
