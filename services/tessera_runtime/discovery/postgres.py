@@ -82,8 +82,8 @@ class PostgresRegistry:
         self.url = url
         self.location = database_location(url)
         self.stale_after = dt.timedelta(seconds=stale_after)
-        # One connection is all a process's registration or one dependency's discovery needs at a time; the
-        # overflow is for the concurrent registrations of several worker processes' test doubles and the CLI.
+        # One connection is all a process's registration or one dependency's discovery needs at a time (each works
+        # one statement after the other); the overflow serves callers that share one registry concurrently.
         self.engine = create_async_engine(url, pool_size=1, max_overflow=4, pool_recycle=1800,
                                           connect_args=_CONNECT_ARGS)
         drop_closed_on_checkout(self.engine)
