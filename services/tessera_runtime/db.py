@@ -140,7 +140,7 @@ _UNREACHABLE = (
 _SQLITE_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the write lock stayed taken for the whole busy timeout
 
 
-def _chain(exc: BaseException, *, context: bool) -> Iterator[BaseException]:
+def error_chain(exc: BaseException, *, context: bool) -> Iterator[BaseException]:
     """`exc` and what it wraps: the DBAPI error SQLAlchemy keeps in `orig`, the cause, and with `context` the
     exception being handled when it was raised; each once."""
     pending: list[BaseException | None] = [exc]
@@ -158,7 +158,7 @@ def database_unavailable(exc: BaseException) -> bool:
     """True when `exc` (or what it wraps) says the database could not be used just then, so that the call may
     succeed later: the interceptor answers UNAVAILABLE instead of INTERNAL. A wrong statement, a missing table or a
     constraint is not that."""
-    for error in _chain(exc, context=False):
+    for error in error_chain(exc, context=False):
         if isinstance(error, DBAPIError) and error.connection_invalidated:
             return True
         if isinstance(error, _UNREACHABLE):
@@ -177,7 +177,7 @@ def cannot_connect(exc: BaseException) -> bool:
     process starting against it reports as such, rather than as a failure of its own)."""
     refused = (asyncpg.exceptions.InvalidCatalogNameError, asyncpg.exceptions.InvalidAuthorizationSpecificationError,
                OSError)
-    return any(isinstance(error, refused) for error in _chain(exc, context=True)) or database_unavailable(exc)
+    return any(isinstance(error, refused) for error in error_chain(exc, context=True)) or database_unavailable(exc)
 
 
 def first_line(exc: BaseException) -> str:

@@ -40,7 +40,7 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from tessera_runtime.db import cannot_connect, database_location, drop_closed_on_checkout, first_line
+from tessera_runtime.db import cannot_connect, database_location, drop_closed_on_checkout, error_chain, first_line
 from tessera_runtime.discovery.model import ServiceInstance
 from tessera_runtime.discovery.registry import RegistryUnavailable
 
@@ -195,17 +195,7 @@ class PostgresRegistry:
 
 def _undefined_table(exc: BaseException) -> bool:
     """The table is missing: `exc`, the DBAPI error SQLAlchemy wraps, or asyncpg's under it, says so."""
-    pending: list[BaseException | None] = [exc]
-    seen: set[int] = set()
-    while pending:
-        error = pending.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, asyncpg.exceptions.UndefinedTableError):
-            return True
-        pending += [getattr(error, "orig", None), error.__cause__]
-    return False
+    return any(isinstance(error, asyncpg.exceptions.UndefinedTableError) for error in error_chain(exc, context=False))
 
 
 def _instance(row) -> ServiceInstance:
