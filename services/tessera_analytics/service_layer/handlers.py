@@ -85,12 +85,7 @@ async def get_daily_metrics(cmd: commands.GetDailyMetrics, uow: UnitOfWork) -> D
 
 
 async def list_daily_metrics(cmd: commands.ListDailyMetrics, uow: UnitOfWork) -> tuple[list[DailyMetrics], str]:
-    _require_reader()
-    v = Violations(DOMAIN)
-    bounds = _range(cmd.start_date, cmd.end_date, v)
-    v.raise_if_any()
-    assert bounds is not None
-    start, end = bounds
+    start, end = _read_range(cmd)
     size = pagination.page_size(cmd.page_size, DOMAIN)
     filters = {"start_date": start.isoformat(), "end_date": end.isoformat()}
     first = _resume_day(cmd.page_token, filters, start, end)
@@ -123,12 +118,17 @@ def _resume_day(token: str, filters: dict[str, str], start: dt.date, end: dt.dat
 
 async def get_metrics_summary(cmd: commands.GetMetricsSummary, uow: UnitOfWork) -> tuple[dt.date, dt.date,
                                                                                           DailyMetrics]:
+    start, end = _read_range(cmd)
+    async with uow.reading():
+        counters = await uow.counters.between(start, end)
+    return start, end, DailyMetrics.of(None, counters)
+
+
+def _read_range(cmd: commands.ListDailyMetrics | commands.GetMetricsSummary) -> tuple[dt.date, dt.date]:
+    """The caller may read, and the request's start_date and end_date are a valid range: the range's days."""
     _require_reader()
     v = Violations(DOMAIN)
     bounds = _range(cmd.start_date, cmd.end_date, v)
     v.raise_if_any()
     assert bounds is not None
-    start, end = bounds
-    async with uow.reading():
-        counters = await uow.counters.between(start, end)
-    return start, end, DailyMetrics.of(None, counters)
+    return bounds
