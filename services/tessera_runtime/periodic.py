@@ -78,6 +78,14 @@ class BacklogJob(BatchJob):
     async def handle(self, item_id: str) -> bool:
         """Handles one due row (or finds that another process did); True if this call changed it."""
 
+    def pass_over(self, item_id: str, why: str = "", **extra: str) -> None:
+        """Logs at ERROR, with the exception being handled, and counts a row passed over until the next round. Also
+        called for a row whose handling failed after handle() returned, in work handle() started in a task of its
+        own: the row is just as stuck, and just as visible."""
+        metrics.BATCH_JOB_ITEMS_PASSED_OVER.labels(self.name).inc()
+        self.log.exception("%s passed over %s until its next round%s", self.name, item_id, f": {why}" if why else "",
+                           extra={"item_id": item_id, **extra})
+
     async def run_once(self) -> int:
         keys = await self.due(self._after, self.batch)
         handled = 0
@@ -87,9 +95,7 @@ class BacklogJob(BatchJob):
             except Exception as exc:
                 if database_unavailable(exc):
                     raise
-                metrics.BATCH_JOB_ITEMS_PASSED_OVER.labels(self.name).inc()
-                self.log.exception("%s passed over %s until its next round", self.name, key[1],
-                                   extra={"item_id": key[1]})
+                self.pass_over(key[1])
             self._after = key
         if len(keys) < self.batch:
             self._after = None  # the end of the backlog: the next round starts at its front

@@ -53,7 +53,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from tessera_runtime import context as callctx
 from tessera_runtime import metrics
-from tessera_runtime.db import utcnow
+from tessera_runtime.db import database_unavailable, utcnow
 from tessera_runtime.logs import correlation_id_var, request_id_var
 from tessera_runtime.periodic import BacklogJob, BacklogKey
 from tessera_runtime.telemetry import tracer
@@ -283,7 +283,8 @@ class InMemorySagaLeases:
 
 class SagaStep(abc.ABC, Generic[S]):
     """One step of a saga: its call (`execute`), its compensating call (`compensate`), and how its errors of the
-    types in `errors` are judged. Any other exception stops the run ("interrupted"); the recovery resumes it."""
+    types in `errors` are judged. Any other exception stops the run ("interrupted"); the recovery resumes it, and
+    passes it over visibly when that resumed run is interrupted too (see SagaRecovery)."""
 
     # How the saga's state names the step (an enum member); `label` is its text in logs, metrics and checkpoints.
     name: Hashable
@@ -557,7 +558,14 @@ class SagaRunner(Generic[S]):
             if span is not None:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, "saga interrupted by an unexpected error"))
-            self.log.exception("saga interrupted by an unexpected error", extra={self._id: saga_id})
+            if recovery and not database_unavailable(exc):
+                # Resumed by the recovery and interrupted again by something of its own (its rows edited by hand
+                # into a state a step cannot handle, a defect): most likely it fails the same way every round, so
+                # it is counted and logged as the recovery's other poison rows are, for an operator to alert on.
+                self.recovery.pass_over(saga_id, "the saga was interrupted by an unexpected error",
+                                        **{self._id: saga_id})
+            else:
+                self.log.exception("saga interrupted by an unexpected error", extra={self._id: saga_id})
             return None
         finally:
             if span is not None:
@@ -778,8 +786,13 @@ class SagaRecovery(BacklogJob):
     """Resumes the unfinished sagas nobody runs (a crashed process's, or a runner's that stopped renewing its
     lease), `recovery_batch_size` at a time, at most `recovery_concurrency` of them running at once. One that cannot
     be resumed (its rows edited by hand so that they cannot be read, say) is logged with its id and passed over
-    until the next round (see BacklogJob): the sagas behind it are still resumed. Several processes may recover one
-    database: the lease admits one runner per saga. Its job name is the definition's `recovery_name`."""
+    until the next round (see BacklogJob): the sagas behind it are still resumed. So is one that loads but whose
+    resumed run is interrupted by an unexpected error (rows edited into a state a step cannot handle, a defect): its
+    task, which runs beside the round, logs and counts it the same way (BacklogJob.pass_over) and frees its lease,
+    and the next round tries it again from its last committed state, so it is resumed once repaired. A resumed run
+    that the database being unavailable interrupts is not passed over: it is logged as interrupted. Several
+    processes may recover one database: the lease admits one runner per saga. Its job name is the definition's
+    `recovery_name`."""
 
     def __init__(self, sagas: SagaRunner[Any], interval: float = 5.0) -> None:
         self.name = sagas.saga.recovery_name

@@ -581,6 +581,56 @@ async def test_a_saga_whose_order_cannot_be_loaded_is_passed_over_by_the_recover
     assert not [r for r in records if getattr(r, "order_id", None) == bad and "interrupted" in r.getMessage()]
 
 
+async def test_a_saga_that_loads_but_whose_run_fails_is_passed_over_and_resumed_once_repaired(neighbours, db_url,
+                                                                                            caplog):
+    """A saga whose rows were edited by hand into a state the engine cannot run (a PENDING order whose steps all
+    read SUCCEEDED: nothing left to run, yet not confirmed) loads, but its run raises every time. The recovery logs
+    it at ERROR with its id in item_id and counts it in tessera_batch_job_items_passed_over_total once per round
+    (before, it was only "saga interrupted", counted nowhere), and frees its lease. With one recovery slot and
+    batches of two it is the first due item of every round, yet the sagas behind it are all resumed; once its row is
+    repaired, the next round resumes it to CONFIRMED."""
+    service = await InProcessOrder.start(neighbours.order_env(db_url, TESSERA_ORDER_RECOVERY_BATCH_SIZE="2",
+                                                              TESSERA_ORDER_RECOVERY_CONCURRENCY="1"))
+    try:
+        customer, product = await neighbours.customer(), await neighbours.product(20)
+        before = metric("tessera_batch_job_items_passed_over_total", job="order.saga_recovery")
+        db = Database(db_url)
+        try:
+            bad = await store_unfinished_order(db, customer, product,
+                                               Lease("gone", utcnow() - dt.timedelta(seconds=1)))
+            await execute(db_url, text("UPDATE order_saga_steps SET status = 'SUCCEEDED' WHERE order_id = :id "
+                                       "AND step IN ('RESERVE_STOCK', 'PROCESS_PAYMENT', 'CONFIRM_ORDER')"
+                                       ).bindparams(id=bad))
+            good = [await store_unfinished_order(db, customer, product,
+                                                 Lease("gone", utcnow() - dt.timedelta(seconds=1)))
+                    for _ in range(5)]
+        finally:
+            await db.dispose()
+        confirmed = [order_pb2.ORDER_STATUS_CONFIRMED] * len(good)
+        for _ in range(300):
+            if [(await get(service, g)).status for g in good] == confirmed:
+                break
+            await asyncio.sleep(0.1)
+        assert [(await get(service, g)).status for g in good] == confirmed
+        # The recovery runs on this event loop: nothing is logged or counted between these two reads.
+        records = list(caplog.records)
+        counted = metric("tessera_batch_job_items_passed_over_total", job="order.saga_recovery") - before
+        passed_over = [r for r in records if r.name == "tessera.order.saga_recovery" and r.levelname == "ERROR"]
+        assert passed_over and {getattr(r, "item_id", None) for r in passed_over} == {bad}
+        assert counted == len(passed_over)
+        assert all(r.exc_info and r.exc_info[0] is AssertionError for r in passed_over)
+        assert (await get(service, bad)).status == order_pb2.ORDER_STATUS_PENDING
+        # Repaired by hand: the next round resumes it from its stored state.
+        await execute(db_url, text("UPDATE order_saga_steps SET status = 'PENDING' WHERE order_id = :id "
+                                   "AND step IN ('RESERVE_STOCK', 'PROCESS_PAYMENT', 'CONFIRM_ORDER')"
+                                   ).bindparams(id=bad))
+        repaired = await wait_for(service, bad, order_pb2.ORDER_STATUS_CONFIRMED)
+    finally:
+        await service.stop()
+    assert saga(repaired)["CONFIRM_ORDER"] == "SUCCEEDED"
+    assert (await neighbours.stock(product)).stock_on_hand == 20 - len(good) - 1
+
+
 async def test_cancel_refunds_and_restocks(order_service, neighbours, db_url):
     customer, product = await neighbours.customer(), await neighbours.product(5)
     order = await create(order_service, request(customer, (product, 2)))

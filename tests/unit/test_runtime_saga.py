@@ -404,3 +404,36 @@ async def test_a_runner_that_lost_its_lease_stops_without_writing(trips, caplog)
     assert trips.calls == ["execute FLIGHT", "execute HOTEL"]  # nothing after the lost write
     assert trips.uow.trips.sagas["trip-1"].lease_owner == "runner-2"  # and the new holder's lease is left alone
     assert any(r.getMessage() == "saga taken over by another runner" for r in caplog.records)
+
+
+def passed_over() -> float:
+    return metrics.BATCH_JOB_ITEMS_PASSED_OVER.labels("trip.saga_recovery")._value.get()
+
+
+async def test_a_resumed_saga_whose_run_fails_unexpectedly_is_passed_over_visibly_and_stays_resumable(trips, caplog):
+    caplog.set_level(logging.INFO, logger="tessera.trip")
+    runner = trips.runner(trips.saga(flight=[KeyError("booking_id"), ConnectionRefusedError("database away")]))
+    trips.uow.trips.add(Trip("trip-1"), Lease("gone", trips.clock.now - dt.timedelta(seconds=1)))
+    before = passed_over()
+
+    # Its own fault (a KeyError in the step's code): counted and logged by the recovery with the saga's id.
+    assert await runner.recover_once() == 1
+    assert await runner.running("trip-1").task is None
+    assert passed_over() == before + 1
+    [record] = [r for r in caplog.records if r.name == "tessera.trip.saga_recovery" and r.levelname == "ERROR"]
+    assert record.getMessage() == ("trip.saga_recovery passed over trip-1 until its next round: the saga was "
+                                   "interrupted by an unexpected error")
+    assert (record.item_id, record.trip_id, record.exc_info[0]) == ("trip-1", "trip-1", KeyError)
+    assert trips.uow.trips.sagas["trip-1"].lease_owner is None  # free for the next round
+
+    # The database being away is not the saga's fault: interrupted, resumed later, not counted as passed over.
+    assert await runner.recover_once() == 1
+    assert await runner.running("trip-1").task is None
+    assert passed_over() == before + 1
+    assert any(r.getMessage() == "saga interrupted by an unexpected error" and r.trip_id == "trip-1"
+               for r in caplog.records)
+
+    # Once the cause is gone the next round resumes it to its end.
+    assert await runner.recover_once() == 1
+    assert (await runner.running("trip-1").task).status is TripStatus.BOOKED
+    assert trips.stored().status is TripStatus.BOOKED
