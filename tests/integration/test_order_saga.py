@@ -768,6 +768,40 @@ async def test_cancel_while_payment_is_unreachable_continues_when_it_returns(nei
     assert (stock.stock_on_hand, stock.stock_reserved) == (5, 0)
 
 
+async def test_cancel_that_outlasts_its_deadline_on_a_slow_inventory_answers_busy_and_a_repeat_follows_it(
+        neighbours, db_url):
+    # The inventory answers, only slowly: this process's cancellation is still waiting for its first compensating
+    # call (releasing the stock) when the call's deadline comes. Nothing failed, so the call must not answer that
+    # the inventory could not be reached: it answers that the order's saga is busy, as for another process's
+    # cancellation, and a repeat follows the cancellation to its end.
+    host, port = neighbours.address("inventory").split(":")
+    proxy = TcpProxy(host, int(port)).start()
+    service = await InProcessOrder.start(neighbours.order_env(
+        db_url, TESSERA_INVENTORY_SERVICE_ADDR=f"127.0.0.1:{proxy.port}"))
+    try:
+        customer, product = await neighbours.customer(), await neighbours.product(5)
+        order = await create(service, request(customer, (product, 2)))
+        held = proxy.hold()  # the inventory's answers are kept back: slow, not failing
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id, reason="Too slow"), timeout=1.5)
+            busy = await get(service, order.id)
+        finally:
+            proxy.release(held)
+        info, _ = error_details(caught.value)
+        assert (caught.value.code(), info.reason, info.domain, dict(info.metadata)) == (
+            grpc.StatusCode.ABORTED, "ORDER_BUSY", "order.tessera.dev", {"order_id": order.id}), caught.value
+        assert (busy.status, busy.cancel_reason) == (order_pb2.ORDER_STATUS_COMPENSATING, "Too slow")
+        assert not [s.error for s in busy.saga if s.error]  # no call failed
+        repeat = (await service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id), timeout=20)).order
+    finally:
+        await service.stop()
+        proxy.close()
+    assert (repeat.status, repeat.cancel_reason) == (order_pb2.ORDER_STATUS_CANCELLED, "Too slow")
+    assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_REFUNDED]
+    assert (await neighbours.stock(product)).stock_on_hand == 5
+
+
 async def test_refund_that_keeps_failing_leaves_the_order_compensation_failed(neighbours, db_url, payment_proxy):
     before = REGISTRY.get_sample_value("tessera_saga_compensation_failures_total", {"step": "PROCESS_PAYMENT"}) or 0
     compensated = metric("tessera_orders_compensated_total")

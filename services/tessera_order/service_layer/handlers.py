@@ -368,20 +368,22 @@ async def cancel_order(cmd: commands.CancelOrder, uow: UowFactory, sagas: SagaCo
     assert current is not None
     if current.status is OrderStatus.CANCELLED:
         return current
-    if current.status is OrderStatus.CONFIRMED or (execution is None and current.status is OrderStatus.COMPENSATING):
-        # Another process held the lease throughout the call: it began no cancellation (it died, and its lease
-        # outlasted the call's deadline), or it is cancelling the order (or stopped doing so before its lease ran
-        # out). No dependency failed that this call knows of, and the call changed nothing.
-        raise Aborted("another process is running this order's saga; retry", reason="ORDER_BUSY", domain=DOMAIN,
-                      metadata={"order_id": current.id})
     if current.status is OrderStatus.COMPENSATION_FAILED:
         step = current.compensation_failures()[0]
         raise Unavailable("the cancellation could not be completed; an operator must resolve the order",
                           reason="DEPENDENCY_UNAVAILABLE", domain=DOMAIN,
                           metadata={"order_id": current.id, "service": _SERVICE_OF_STEP.get(step.name, ""),
                                     "step": step.name.value})
-    service = _SERVICE_OF_STEP.get(current.current_step, "")
-    raise Unavailable(f"the {service or 'downstream'} service could not be reached; the cancellation continues "
-                      "in the background and a repeat of the call follows it", reason="DEPENDENCY_UNAVAILABLE",
-                      domain=DOMAIN, metadata={"order_id": current.id, "service": service})
-
+    if execution is not None and execution.retrying.is_set():
+        # A call of this process's cancellation failed during the wait above, and is retried in the background.
+        service = _SERVICE_OF_STEP.get(current.current_step, "")
+        raise Unavailable(f"the {service or 'downstream'} service could not be reached; the cancellation continues "
+                          "in the background and a repeat of the call follows it", reason="DEPENDENCY_UNAVAILABLE",
+                          domain=DOMAIN, metadata={"order_id": current.id, "service": service})
+    # The saga is still under way at the deadline and no call of it failed that this call knows of: another process
+    # held the lease throughout (it began no cancellation: it died, and its lease outlasted the deadline; or it is
+    # cancelling the order, or stopped doing so before its lease ran out), or this process's cancellation waits on a
+    # dependency that is slow, not failing. Either way a repeat follows or continues the cancellation.
+    why = ("another process is running this order's saga; retry" if execution is None
+           else "the order's cancellation is still running; retry to follow it")
+    raise Aborted(why, reason="ORDER_BUSY", domain=DOMAIN, metadata={"order_id": current.id})
