@@ -360,10 +360,15 @@ async def test_a_stale_save_that_waited_for_the_holder_s_save_writes_nothing_onc
                     blocked = (await conn.execute(text(
                         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                         "AND datname = current_database()"))).scalar_one()
+                    # pg_stat_activity is read once per transaction: end this one, or every later poll would see
+                    # the first poll's snapshot, taken perhaps before the stale save reached the lock.
+                    await conn.rollback()
                     if blocked or waiting.done() or asyncio.get_running_loop().time() > deadline:
                         break
                     await asyncio.sleep(0.02)
-            assert blocked, "the stale save did not wait for the holder's"
+            assert blocked, ("the stale save did not wait for the holder's: "
+                             + (f"it ended first with {waiting.exception()!r}" if waiting.done()
+                                else "no statement waited on a lock within 20 s"))
             await holder.commit()
         with pytest.raises(LeaseLost):
             await waiting
