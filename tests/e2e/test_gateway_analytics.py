@@ -10,8 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import grpc
 import pytest
+from tessera.analytics.v1 import analytics_service_pb2 as analytics_api
 
+from tessera_client import RpcFailure, aio_connect, connect
 from tests.support import rabbitmq
 from tests.support.gateway import SERVICES, Gateway, ServiceStack, unique, wait_for
 
@@ -101,3 +104,32 @@ def test_native_grpc_routes_follow_the_same_rules(counting, registered):
     assert gw.grpcurl(GET, {"date": "2026-02-30"}, token=gw.mint(unique("a"), "admin")).returncode == INVALID_ARGUMENT
     assert gw.grpcurl(GET, {"date": registered}, token=gw.mint(unique("b"), "user:read")).returncode == \
         PERMISSION_DENIED
+
+
+def test_the_python_client_reads_the_counted_day_with_an_analytics_read_token(counting, registered):
+    gw = counting
+    with connect(gw.address, token=gw.mint(unique("analyst"), "analytics:read")) as analyst:
+        day = analyst.analytics.GetDailyMetrics(analytics_api.GetDailyMetricsRequest(date=registered)).metrics
+        assert (day.date, day.users_registered, day.orders_confirmed) == (registered, 2, 0)
+        with pytest.raises(grpc.RpcError) as invalid:
+            analyst.analytics.GetMetricsSummary(analytics_api.GetMetricsSummaryRequest(
+                start_date=registered, end_date="2000-01-01"))
+        failure = RpcFailure.of(invalid.value)
+        assert failure.code == grpc.StatusCode.INVALID_ARGUMENT and list(failure.field_violations) == ["end_date"]
+    with connect(gw.address, token=gw.mint(unique("clerk"), "user:read order:read")) as clerk, \
+            pytest.raises(grpc.RpcError) as forbidden:
+        clerk.analytics.GetDailyMetrics(analytics_api.GetDailyMetricsRequest(date=registered))
+    assert RpcFailure.of(forbidden.value).code == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_the_asyncio_python_client_lists_days_through_the_gateway(counting, registered):
+    gw = counting
+    async with aio_connect(gw.address, token=gw.mint(unique("ops"), "admin")) as admin:
+        listed = await admin.analytics.ListDailyMetrics(analytics_api.ListDailyMetricsRequest(
+            start_date=registered, end_date=registered))
+    assert [(d.date, d.users_registered) for d in listed.daily_metrics] == [(registered, 2)]
+    async with aio_connect(gw.address) as anonymous:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await anonymous.analytics.ListDailyMetrics(analytics_api.ListDailyMetricsRequest(
+                start_date=registered, end_date=registered))
+    assert RpcFailure.of(refused.value).code == grpc.StatusCode.UNAUTHENTICATED

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import json_format
+from google.protobuf import descriptor_pb2, json_format
+from tessera.analytics.v1 import analytics_service_pb2 as analytics_api
 from tessera.order.v1 import order_service_pb2
 from tessera.user.v1 import user_pb2
 from tessera.user.v1 import user_service_pb2 as user_api
@@ -24,6 +25,8 @@ from tests.support.processes import ROOT, ServiceProcess
 from tests.support.tcp_proxy import TcpProxy
 
 EXAMPLE = ROOT / "clients" / "python" / "examples" / "quickstart.py"
+DESCRIPTORS = ROOT / "gen" / "descriptors" / "tessera.pb"
+TS_CLIENTS = ROOT / "clients" / "ts" / "src" / "index.ts"
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,16 @@ def user_service(tmp_path_factory) -> Iterator[ServiceProcess]:
     # No broker: the service keeps its events in the outbox, and these tests publish into no one else's broker.
     env = {"TESSERA_DATA_DIR": str(data), "TESSERA_ENV": "test", "TESSERA_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F"}
     service = ServiceProcess("user", env, data / "user.log").start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def analytics_service(tmp_path_factory) -> Iterator[ServiceProcess]:
+    data = tmp_path_factory.mktemp("clients-analytics")
+    # No broker: nothing is counted, and every day of the contract reads as zeros.
+    env = {"TESSERA_DATA_DIR": str(data), "TESSERA_ENV": "test", "TESSERA_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F"}
+    service = ServiceProcess("analytics", env, data / "analytics.log").start()
     yield service
     service.stop()
 
@@ -166,6 +179,54 @@ def test_retry_policy_is_derived_from_the_contracts():
         service_config(max_attempts=6)
     with pytest.raises(ValueError, match="timeout"):
         connect("127.0.0.1:1", timeout=0)
+
+
+def test_every_service_of_the_contracts_has_a_client_in_python_and_typescript():
+    files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTORS.read_bytes()).file
+    contracts = {f"{f.package}.{s.name}" for f in files if f.package.startswith("tessera.") for s in f.service}
+    assert "tessera.analytics.v1.AnalyticsService" in contracts
+    assert {s.descriptor.full_name for s in SERVICES} == contracts
+    typescript = TS_CLIENTS.read_text()
+    with connect("127.0.0.1:1") as tessera:
+        for service in SERVICES:
+            stub = getattr(tessera, service.attribute)
+            assert all(callable(getattr(stub, m.name, None)) for m in service.descriptor.methods), service.attribute
+            name = service.descriptor.name
+            assert f"  {service.attribute}: Client<typeof {name}>;" in typescript, name
+            assert f"    {service.attribute}: createClient({name}, transport)," in typescript, name
+
+
+def test_analytics_reads_days_and_names_the_bad_field(analytics_service):
+    with connect(analytics_service.address) as tessera:
+        day = tessera.analytics.GetDailyMetrics(analytics_api.GetDailyMetricsRequest(date="2026-03-01")).metrics
+        assert day.date == "2026-03-01" and day.users_registered == 0 and list(day.revenue) == []
+        first = tessera.analytics.ListDailyMetrics(analytics_api.ListDailyMetricsRequest(
+            start_date="2026-02-27", end_date="2026-03-01", page_size=2))
+        rest = tessera.analytics.ListDailyMetrics(analytics_api.ListDailyMetricsRequest(
+            start_date="2026-02-27", end_date="2026-03-01", page_size=2, page_token=first.next_page_token))
+        assert [d.date for d in [*first.daily_metrics, *rest.daily_metrics]] == [
+            "2026-02-27", "2026-02-28", "2026-03-01"]
+        assert rest.next_page_token == ""
+
+        with pytest.raises(grpc.RpcError) as invalid:
+            tessera.analytics.ListDailyMetrics(analytics_api.ListDailyMetricsRequest(
+                start_date="2026-03-01", end_date="2026-02-01"))
+        failure = RpcFailure.of(invalid.value)
+        assert failure.code == grpc.StatusCode.INVALID_ARGUMENT and failure.reason == "INVALID_ARGUMENT"
+        assert failure.error_info.domain == "analytics.tessera.dev"
+        assert list(failure.field_violations) == ["end_date"]
+
+
+async def test_asyncio_client_reads_an_analytics_summary(analytics_service):
+    async with aio_connect(analytics_service.address) as tessera:
+        summary = (await tessera.analytics.GetMetricsSummary(analytics_api.GetMetricsSummaryRequest(
+            start_date="2026-03-01", end_date="2026-03-07"))).summary
+        assert (summary.start_date, summary.end_date) == ("2026-03-01", "2026-03-07")
+        assert summary.totals.orders_confirmed == 0
+        with pytest.raises(grpc.aio.AioRpcError) as invalid:
+            await tessera.analytics.GetDailyMetrics(analytics_api.GetDailyMetricsRequest(date="2026-02-30"))
+        failure = RpcFailure.of(invalid.value)
+        assert failure.code == grpc.StatusCode.INVALID_ARGUMENT and list(failure.field_violations) == ["date"]
 
 
 def test_idempotent_methods_are_retried_and_others_are_not(scripted):

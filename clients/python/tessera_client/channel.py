@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import ServiceDescriptor
+from tessera.analytics.v1 import analytics_service_pb2_grpc
 from tessera.inventory.v1 import inventory_service_pb2_grpc
 from tessera.notification.v1 import notification_service_pb2_grpc
 from tessera.order.v1 import order_service_pb2_grpc
@@ -19,6 +20,7 @@ from tessera.user.v1 import user_service_pb2_grpc
 from tessera_client.services import SERVICES
 
 if TYPE_CHECKING:
+    from tessera.analytics.v1.analytics_service_pb2_grpc import AnalyticsServiceAsyncStub
     from tessera.inventory.v1.inventory_service_pb2_grpc import InventoryServiceAsyncStub
     from tessera.notification.v1.notification_service_pb2_grpc import NotificationServiceAsyncStub
     from tessera.order.v1.order_service_pb2_grpc import OrderServiceAsyncStub
@@ -141,6 +143,7 @@ class TesseraClient:
         self.payments = payment_service_pb2_grpc.PaymentServiceStub(channel)
         self.orders = order_service_pb2_grpc.OrderServiceStub(channel)
         self.notifications = notification_service_pb2_grpc.NotificationServiceStub(channel)
+        self.analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -160,6 +163,7 @@ class AsyncTesseraClient:
     payments: PaymentServiceAsyncStub
     orders: OrderServiceAsyncStub
     notifications: NotificationServiceAsyncStub
+    analytics: AnalyticsServiceAsyncStub
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
@@ -168,6 +172,7 @@ class AsyncTesseraClient:
         self.payments = payment_service_pb2_grpc.PaymentServiceStub(channel)
         self.orders = order_service_pb2_grpc.OrderServiceStub(channel)
         self.notifications = notification_service_pb2_grpc.NotificationServiceStub(channel)
+        self.analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(channel)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from google.protobuf.descriptor import ServiceDescriptor
+from tessera.analytics.v1 import analytics_service_pb2
 from tessera.inventory.v1 import inventory_service_pb2
 from tessera.notification.v1 import notification_service_pb2
 from tessera.order.v1 import order_service_pb2
@@ -26,6 +27,7 @@ SERVICES: tuple[Service, ...] = (
     Service("payments", payment_service_pb2.DESCRIPTOR.services_by_name["PaymentService"]),
     Service("orders", order_service_pb2.DESCRIPTOR.services_by_name["OrderService"]),
     Service("notifications", notification_service_pb2.DESCRIPTOR.services_by_name["NotificationService"]),
+    Service("analytics", analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"]),
 )
 
 

@@ -4,6 +4,7 @@
 //   const tessera = createTesseraClients(createTesseraGrpcTransport({ baseUrl: "http://127.0.0.1:50051" }));
 //   const { user } = await tessera.users.getUser({ id });
 import { createClient, type Client, type Transport } from "@connectrpc/connect";
+import { AnalyticsService } from "../gen/proto/tessera/analytics/v1/analytics_service_pb.js";
 import { InventoryService } from "../gen/proto/tessera/inventory/v1/inventory_service_pb.js";
 import { NotificationService } from "../gen/proto/tessera/notification/v1/notification_service_pb.js";
 import { OrderService } from "../gen/proto/tessera/order/v1/order_service_pb.js";
@@ -37,6 +38,7 @@ export interface TesseraClients {
   payments: Client<typeof PaymentService>;
   orders: Client<typeof OrderService>;
   notifications: Client<typeof NotificationService>;
+  analytics: Client<typeof AnalyticsService>;
 }
 
 export function createTesseraClients(transport: Transport): TesseraClients {
@@ -46,5 +48,6 @@ export function createTesseraClients(transport: Transport): TesseraClients {
     payments: createClient(PaymentService, transport),
     orders: createClient(OrderService, transport),
     notifications: createClient(NotificationService, transport),
+    analytics: createClient(AnalyticsService, transport),
   };
 }

@@ -10,7 +10,7 @@ import { grpcUrl, pythonSees, serviceTargets } from "./support.js";
 function nativeClients(): TesseraClients {
   const at = (service: string) => createTesseraClients(createTesseraGrpcTransport({ baseUrl: grpcUrl(service) }));
   return { users: at("user").users, inventory: at("inventory").inventory, payments: at("payment").payments,
-    orders: at("order").orders, notifications: at("user").notifications };
+    orders: at("order").orders, notifications: at("user").notifications, analytics: at("analytics").analytics };
 }
 
 describe("shopping over native gRPC", () => {

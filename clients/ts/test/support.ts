@@ -51,6 +51,7 @@ export function serviceTargets(): Targets {
     "tessera.inventory.v1.InventoryService": env("TESSERA_INVENTORY_ADDR"),
     "tessera.payment.v1.PaymentService": env("TESSERA_PAYMENT_ADDR"),
     "tessera.order.v1.OrderService": env("TESSERA_ORDER_ADDR"),
+    "tessera.analytics.v1.AnalyticsService": env("TESSERA_ANALYTICS_ADDR"),
   };
 }
 
