@@ -35,7 +35,7 @@ class Config:
     profile: bool = True  # py-spy the subject of a scenario that misses its target
     profile_seconds: float = 3.0
     relay_events: int = 100_000  # the outbox backlog scenario 6 drains
-    services: tuple[str, ...] = ("user", "inventory", "payment", "order", "notification")
+    services: tuple[str, ...] = ("user", "inventory", "payment", "order", "notification", "analytics")
 
     @property
     def budget(self) -> Budget:
