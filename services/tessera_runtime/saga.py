@@ -367,6 +367,10 @@ class Execution:
     task: asyncio.Task[Any] | None = None
     # Set whenever a step or a compensation meets an error it will retry after a pause.
     retrying: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    # The last call of the current step or compensation failed and waits to be retried: true from that error until
+    # a call of the saga succeeds. A caller that waited for the saga (and cleared `retrying` when it began) tells a
+    # dependency that keeps failing from one that is merely slow by it.
+    failing: bool = False
     # The step whose attempt the last committed write already counted (the write that stored the saga, or that
     # completed the step before): its call runs at once, without another write of the same state.
     started: Hashable | None = None
@@ -632,9 +636,11 @@ class SagaRunner(Generic[S]):
                 # Noted with the error, so that a later refusal, or a crash, cannot make the saga forget it.
                 state.note_error(name, step.describe(err), self.clock(), outcome_unknown=step.may_have_acted(err))
                 await self._save(state)
+                execution.failing = True
                 execution.retrying.set()
                 await self.sleep(delay)
                 continue
+            execution.failing = False
             if step is self.saga.last:
                 state.complete(self.clock())
                 await self._save(state, *self.saga.ending_events(state), ending=execution)
@@ -680,6 +686,7 @@ class SagaRunner(Generic[S]):
                         self._id: state.id, "step": step.label, "error": step.describe(err)})
                     state.note_error(name, step.describe(err), self.clock())
                     await self._save(state)
+                    execution.failing = True
                     execution.retrying.set()
                     await self.sleep(self.policy.backoff(state.steps[name].compensation_attempts))
                     continue
@@ -691,6 +698,7 @@ class SagaRunner(Generic[S]):
                     "attempts": state.steps[name].compensation_attempts})
                 self.checkpoint(f"{step.label}_COMPENSATED")
                 return
+            execution.failing = False
             state.compensated(name, self.clock(), undone=undo.undone, **undo.ids)
             await self._save(state)
             self.checkpoint(f"{step.label}_COMPENSATED")

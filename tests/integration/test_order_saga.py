@@ -768,6 +768,36 @@ async def test_cancel_while_payment_is_unreachable_continues_when_it_returns(nei
     assert (stock.stock_on_hand, stock.stock_reserved) == (5, 0)
 
 
+async def test_a_repeat_cancel_during_the_pause_before_a_retry_still_says_the_payment_service_is_unreachable(
+        neighbours, db_url, payment_proxy):
+    # The payment service cannot be reached: this process's cancellation failed to refund and waits 2-4 s before
+    # trying again. A repeat of the call that comes during that pause meets no new failure before its deadline, but
+    # the dependency is still failing: it must say so (UNAVAILABLE, naming the service), not that the order is busy.
+    service = await service_behind(neighbours, db_url, payment_proxy,
+                                   TESSERA_ORDER_RETRY_INITIAL_BACKOFF_SECONDS="4",
+                                   TESSERA_ORDER_RETRY_MAX_BACKOFF_SECONDS="4",
+                                   TESSERA_ORDER_COMPENSATION_MAX_ATTEMPTS="40")
+    try:
+        customer, product = await neighbours.customer(), await neighbours.product(5)
+        order = await create(service, request(customer, (product, 2)))
+        payment_proxy.cut()
+        answers = []
+        for timeout in (20, 1):  # the first meets the failed refund; the repeat comes during the pause after it
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await service.stub.CancelOrder(svc.CancelOrderRequest(id=order.id, reason="Too late"),
+                                               timeout=timeout)
+            info, _ = error_details(caught.value)
+            answers.append((caught.value.code(), info.reason, dict(info.metadata)))
+        payment_proxy.restore()
+        cancelled = await wait_for(service, order.id, order_pb2.ORDER_STATUS_CANCELLED)
+    finally:
+        await service.stop()
+    unreachable = (grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE", {"order_id": order.id, "service": "payment"})
+    assert answers == [unreachable, unreachable]
+    assert cancelled.cancel_reason == "Too late"
+    assert [p.status for p in await neighbours.order_payments(order.id)] == [payment_pb2.PAYMENT_STATUS_REFUNDED]
+
+
 async def test_cancel_that_outlasts_its_deadline_on_a_slow_inventory_answers_busy_and_a_repeat_follows_it(
         neighbours, db_url):
     # The inventory answers, only slowly: this process's cancellation is still waiting for its first compensating

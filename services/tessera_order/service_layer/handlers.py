@@ -374,13 +374,14 @@ async def cancel_order(cmd: commands.CancelOrder, uow: UowFactory, sagas: SagaCo
                           reason="DEPENDENCY_UNAVAILABLE", domain=DOMAIN,
                           metadata={"order_id": current.id, "service": _SERVICE_OF_STEP.get(step.name, ""),
                                     "step": step.name.value})
-    if execution is not None and execution.retrying.is_set():
-        # A call of this process's cancellation failed during the wait above, and is retried in the background.
+    if execution is not None and (execution.retrying.is_set() or execution.failing):
+        # A call of this process's cancellation failed, during the wait above or before it (this call came while
+        # the cancellation waited to retry it), and is retried in the background.
         service = _SERVICE_OF_STEP.get(current.current_step, "")
         raise Unavailable(f"the {service or 'downstream'} service could not be reached; the cancellation continues "
                           "in the background and a repeat of the call follows it", reason="DEPENDENCY_UNAVAILABLE",
                           domain=DOMAIN, metadata={"order_id": current.id, "service": service})
-    # The saga is still under way at the deadline and no call of it failed that this call knows of: another process
+    # The saga is still under way at the deadline and no call of it is failing that this call knows of: another process
     # held the lease throughout (it began no cancellation: it died, and its lease outlasted the deadline; or it is
     # cancelling the order, or stopped doing so before its lease ran out), or this process's cancellation waits on a
     # dependency that is slow, not failing. Either way a repeat follows or continues the cancellation.
