@@ -276,6 +276,16 @@ async def test_days_are_listed_oldest_first_in_pages_that_cover_the_range(on_sql
         start_date="2026-01-01", end_date=D1, page_token=default.next_page_token))
     assert (rest.daily_metrics[0].date, rest.daily_metrics[-1].date) == ("2026-02-20", D1)
     assert rest.next_page_token == ""
+    # The last days the contract accepts: a page that would reach past 9999-12-31 ends with the range.
+    last = await on_sqlite.ListDailyMetrics(apb.ListDailyMetricsRequest(start_date="9999-12-20", end_date="9999-12-31"))
+    assert [m.date for m in last.daily_metrics] == [f"9999-12-{d}" for d in range(20, 32)]
+    assert last.next_page_token == ""
+    paged = await on_sqlite.ListDailyMetrics(apb.ListDailyMetricsRequest(
+        start_date="9999-12-30", end_date="9999-12-31", page_size=1))
+    final = await on_sqlite.ListDailyMetrics(apb.ListDailyMetricsRequest(
+        start_date="9999-12-30", end_date="9999-12-31", page_size=1, page_token=paged.next_page_token))
+    assert [m.date for m in (*paged.daily_metrics, *final.daily_metrics)] == ["9999-12-30", "9999-12-31"]
+    assert final.next_page_token == ""
 
 
 def before_eur(totals: analytics_pb2.DailyMetrics) -> int:

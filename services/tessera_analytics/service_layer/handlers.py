@@ -89,7 +89,8 @@ async def list_daily_metrics(cmd: commands.ListDailyMetrics, uow: UnitOfWork) ->
     size = pagination.page_size(cmd.page_size, DOMAIN)
     filters = {"start_date": start.isoformat(), "end_date": end.isoformat()}
     first = _resume_day(cmd.page_token, filters, start, end)
-    last = min(end, first + dt.timedelta(days=size - 1))
+    # Compared as a count of days: first + size could pass the last date there is (9999-12-31).
+    last = end if (end - first).days < size else first + dt.timedelta(days=size - 1)
     async with uow.reading():
         counters = await uow.counters.between(first, last)
     by_day: dict[dt.date, list] = {}
