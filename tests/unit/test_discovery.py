@@ -3,7 +3,9 @@ variable."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import logging
 
 import pytest
 
@@ -13,6 +15,8 @@ from tessera_runtime.app import composition_root, load_settings
 from tessera_runtime.config import ConfigError
 from tessera_runtime.discovery import (
     DiscoverySettings,
+    InMemoryRegistry,
+    Registration,
     RoundRobinLoadBalancer,
     ServiceInstance,
     WeightedRoundRobinLoadBalancer,
@@ -145,3 +149,65 @@ def test_a_registry_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="TESSERA_REGISTRY_DIR must be a directory"):
         GraphQLSettings.from_env({"TESSERA_REGISTRY_DIR": str(tmp_path / "file")})
+
+
+class FlakyRegistry(InMemoryRegistry):
+    """An in-memory registry whose renewals raise `error` while it is set (a read-only standby after a failover, a
+    revoked privilege), and that records its renewals, deregistrations and closing."""
+
+    prunes = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: Exception | None = None
+        self.renewals = 0
+        self.failures = 0
+        self.closed = False
+
+    async def renew(self, instance: ServiceInstance) -> bool:
+        if self.error is not None:
+            self.failures += 1
+            raise self.error
+        self.renewals += 1
+        return await super().renew(instance)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def eventually(condition, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_registry_that_fails_otherwise_than_unreachable_keeps_the_renewals_going(caplog):
+    registry = FlakyRegistry()
+    instance = ServiceInstance(id="users-1", service="user", host="127.0.0.1", port=1)
+    ready: list[bool | Exception] = [True]
+
+    def is_ready() -> bool:
+        if isinstance(ready[0], Exception):
+            raise ready[0]
+        return ready[0]
+
+    caplog.set_level(logging.INFO, logger="tessera.discovery")
+    kept = Registration(registry, [instance], ready=is_ready, interval=0.01, location="test")
+    await kept.start()
+    registry.error = RuntimeError("cannot execute UPDATE in a read-only transaction")
+    await eventually(lambda: registry.failures >= 5)
+    ready[0] = RuntimeError("the readiness check itself failed")
+    await asyncio.sleep(0.05)
+    ready[0], registry.error = True, None
+    renewed = registry.renewals
+    await eventually(lambda: registry.renewals > renewed + 2)  # renewing again, as soon as the registry lets it
+    failed = [r for r in caplog.records if r.getMessage().startswith("registration renewal failed")]
+    assert [r.error for r in failed] == ["cannot execute UPDATE in a read-only transaction",
+                                         "the readiness check itself failed"]  # once each, not at every interval
+    assert [r.getMessage() for r in caplog.records].count("registration renewed again") == 1
+
+    registry.error = RuntimeError("permission denied for table tessera_service_instances")
+    await eventually(lambda: registry.failures >= 10)
+    await kept.stop()  # a graceful stop still deregisters and closes the registry
+    assert await registry.instances("user") == [] and registry.closed

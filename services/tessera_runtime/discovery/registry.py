@@ -178,8 +178,9 @@ class Registration:
     heartbeat of a registry that keeps one; written again if it was removed, say pruned while the server was
     unreachable) and removed first thing on a graceful stop, so that callers stop picking it while it drains.
 
-    A registry that cannot be reached never stops the server: the registration is retried at every interval, and
-    the log says once that the registry is away and once that it is back."""
+    A registry that cannot be reached, or that refuses the writes (a read-only standby after a failover, a privilege
+    revoked), never stops the server: the registration is retried at every interval, and the log says once that
+    the registry is away or failing (again if it fails otherwise) and once that it is back."""
 
     def __init__(self, registry: ServiceRegistry, instances: Sequence[ServiceInstance], *,
                  ready: Callable[[], bool | None], interval: float, location: str = "") -> None:
@@ -189,7 +190,7 @@ class Registration:
         self.interval = interval
         self.location = location
         self._registered: set[str] = set()
-        self._away = False
+        self._trouble: str | None = None  # why the last renewal failed, None if it did not
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -198,26 +199,34 @@ class Registration:
                 await self.registry.register(instance)
                 self._registered.add(instance.id)
                 self._log_registered(instance, "registered")
-        except UNAVAILABLE as exc:
-            self._lost(exc)
+        except Exception as exc:
+            self._failed(exc)
         self._task = asyncio.get_running_loop().create_task(self._keep(), name="registration")
 
     def _log_registered(self, instance: ServiceInstance, message: str) -> None:
         log.info(message, extra={"instance_id": instance.id, "address": instance.address,
                                  "weight": instance.weight, "registry": self.location})
 
-    def _lost(self, exc: Exception) -> None:
-        if not self._away:
-            self._away = True
+    def _failed(self, exc: Exception) -> None:
+        """Said once per outage: again only when the registry fails otherwise than it did."""
+        away = isinstance(exc, UNAVAILABLE)
+        trouble = "unreachable" if away else f"{type(exc).__name__}: {exc}"
+        if trouble == self._trouble:
+            return
+        self._trouble = trouble
+        if away:
             log.warning("registry unreachable: this instance keeps serving and registers once the registry is back",
                         extra={"registry": self.location, "error": str(exc)})
+        else:  # a read-only standby after a failover, a privilege revoked, a readiness check that raised
+            log.error("registration renewal failed: this instance keeps serving and tries again at every interval",
+                      exc_info=exc, extra={"registry": self.location, "error": str(exc)})
 
     async def _keep(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            if not self.ready():
-                continue
             try:
+                if not self.ready():
+                    continue
                 for instance in self.instances:
                     if await self.registry.renew(instance):
                         if instance.id in self._registered:
@@ -226,21 +235,25 @@ class Registration:
                         else:
                             self._registered.add(instance.id)
                             self._log_registered(instance, "registered")
-            except UNAVAILABLE as exc:
-                self._lost(exc)
+            except Exception as exc:
+                self._failed(exc)
             else:
-                if self._away:
-                    self._away = False
-                    log.info("registry reachable again", extra={"registry": self.location})
+                if self._trouble is not None:
+                    log.info("registry reachable again" if self._trouble == "unreachable"
+                             else "registration renewed again", extra={"registry": self.location})
+                    self._trouble = None
 
     async def stop(self) -> None:
-        await cancel(self._task)
+        try:
+            await cancel(self._task)
+        except Exception:  # the renewals ended by a defect: deregistering matters all the more
+            log.exception("registration renewals had stopped", extra={"registry": self.location})
         self._task = None
         try:
             for instance in self.instances:
                 try:
                     await self.registry.deregister(instance)
-                except UNAVAILABLE as exc:
+                except Exception as exc:
                     log.warning("deregistration failed: the registration is dropped once stale or failing checks",
                                 extra={"instance_id": instance.id, "registry": self.location, "error": str(exc)})
                 else:
