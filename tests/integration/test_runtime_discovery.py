@@ -161,6 +161,28 @@ async def test_readiness_probe_and_order_clients_work_through_the_registry(start
     await channels.close()
 
 
+async def test_a_closed_balanced_channel_fails_its_calls_as_a_closed_channel_does_and_discovers_no_more(
+        start_users, tmp_path):
+    await start_users("ada", settings=registry_settings(tmp_path))
+    channel = open_channel("registry:///user", [USER_SERVICE], discovery=registry_settings(tmp_path))
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+    assert await answers(channel, 1) == {"ada": 1}
+    await channel.close()
+
+    def discovering() -> list[str]:
+        return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("discovery ")]
+
+    assert discovering() == []
+    for _ in range(2):
+        with pytest.raises(grpc.aio.UsageError, match="Channel is closed"):
+            await stub.GetUser(svc.GetUserRequest(id="x"))
+    with pytest.raises(grpc.aio.UsageError, match="Channel is closed"):  # a stub made after the close too
+        await user_service_pb2_grpc.UserServiceStub(channel).GetUser(svc.GetUserRequest(id="x"))
+    with pytest.raises(grpc.aio.UsageError, match="Channel is closed"):
+        await dependency_check("user-service", channel).check()
+    assert discovering() == [] and channel.discovery.discover() == []
+
+
 def test_concurrent_registrations_are_all_kept_and_never_read_half_written(tmp_path):
     registry = FileRegistry(tmp_path / "registry")
     instances = [ServiceInstance(id=f"inventory-{n}", service="inventory", host="127.0.0.1", port=40000 + n,

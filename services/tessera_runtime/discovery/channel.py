@@ -84,11 +84,15 @@ class HealthFilteredDiscovery:
         self._picks: dict[str, Any] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._registry_away = False
+        self._closed = False
 
     # -- discovery ---------------------------------------------------------------------------------------------
 
     async def ready(self) -> None:
-        """Starts the checks if they are not running, and waits for the first round of them."""
+        """Starts the checks if they are not running, and waits for the first round of them. Once closed, raises
+        what a call on a closed grpc.aio channel raises (nothing is started again)."""
+        if self._closed:
+            raise closed_channel()
         if self._task is None:
             self._first_round = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"discovery {self.name}")
@@ -96,12 +100,18 @@ class HealthFilteredDiscovery:
         if not self._first_round.is_set():
             await self._first_round.wait()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def discover(self) -> list[ServiceInstance]:
         """The healthy instances, as of the last round of checks."""
         return list(self._healthy)
 
     async def refresh(self) -> list[ServiceInstance]:
         """One round now: the registry read again and every instance checked."""
+        if self._closed:
+            raise closed_channel()
         await self._round()
         return self.discover()
 
@@ -146,6 +156,7 @@ class HealthFilteredDiscovery:
         return found
 
     async def close(self) -> None:
+        self._closed = True
         await cancel(self._task)
         self._task = None
         for known in self._known.values():
@@ -154,6 +165,7 @@ class HealthFilteredDiscovery:
         for closing in list(self._closing):
             closing.cancel()
         self._multicallables.clear()
+        self._publish()  # nothing is picked any more
         await self.registry.close()
 
     # -- the rounds of checks ----------------------------------------------------------------------------------
@@ -262,6 +274,11 @@ class HealthFilteredDiscovery:
         metrics.DISCOVERY_INSTANCES.labels(self.name, "not_serving").set(len(self._known) - len(healthy))
 
 
+def closed_channel() -> grpc.aio.UsageError:
+    """What a call on a closed grpc.aio channel raises."""
+    return grpc.aio.UsageError("Channel is closed.")
+
+
 def no_healthy_instance(name: str, service: str) -> grpc.aio.AioRpcError:
     """The error of a call that found no healthy instance: shaped like any other UNAVAILABLE from the wire."""
     info = any_pb2.Any()
@@ -336,6 +353,8 @@ class BalancedChannel:
 
     def _picked(self, kind: str, method: str, request_serializer, response_deserializer):
         def call(*args, **kwargs):
+            if self.discovery.closed:
+                raise closed_channel()
             instance = self.discovery.pick()
             if instance is None:
                 raise no_healthy_instance(self.name, self.discovery.service)
