@@ -26,7 +26,7 @@ from tessera_runtime.discovery import (
     ServiceInstance,
 )
 from tessera_runtime.server import NOT_SERVING, SERVING
-from tests.support.discovery import FAST, USER_SERVICE, Instance, UserServers, answers, serving, until
+from tests.support.discovery import FAST, USER_SERVICE, HeldUsers, Instance, UserServers, answers, serving, until
 
 pytestmark = pytest.mark.integration
 
@@ -181,6 +181,51 @@ async def test_a_closed_balanced_channel_fails_its_calls_as_a_closed_channel_doe
     with pytest.raises(grpc.aio.UsageError, match="Channel is closed"):
         await dependency_check("user-service", channel).check()
     assert discovering() == [] and channel.discovery.discover() == []
+
+
+async def test_closing_closes_the_channel_of_a_deregistered_instance_with_calls_still_in_flight(
+        start_users, tmp_path):
+    held = HeldUsers("held")
+    leaving = await start_users("held", settings=registry_settings(tmp_path), servicer=held)
+    channel = open_channel("registry:///user", [USER_SERVICE], discovery=registry_settings(tmp_path))
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+
+    async def get_user():
+        return await stub.GetUser(svc.GetUserRequest(id="x"), timeout=30)
+
+    call = asyncio.get_running_loop().create_task(get_user())
+    await until(lambda: held.held == 1)
+    forgotten = channel.discovery.channel_for(channel.discovery.discover()[0])
+    await leaving.server.registration.stop()  # deregistered, as a graceful stop does first
+    await until(lambda: serving(channel) == set())  # forgotten: its channel stays open for the call in flight
+    assert not call.done() and forgotten.get_state() is not grpc.ChannelConnectivity.SHUTDOWN
+
+    await channel.close()  # the call ends then, and the channel is closed, not left open until collected
+    with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+        await asyncio.wait_for(call, 5)
+    assert forgotten.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+    held.release.set()
+
+
+async def test_the_channel_of_a_deregistered_instance_closes_once_its_calls_in_flight_end(start_users, tmp_path):
+    held = HeldUsers("held")
+    leaving = await start_users("held", settings=registry_settings(tmp_path), servicer=held)
+    channel = open_channel("registry:///user", [USER_SERVICE], discovery=registry_settings(tmp_path))
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+    call = asyncio.get_running_loop().create_task(answers(channel, 1))
+    await until(lambda: held.held == 1)
+    forgotten = channel.discovery.channel_for(channel.discovery.discover()[0])
+    await leaving.server.registration.stop()
+    await until(lambda: serving(channel) == set())
+    await asyncio.sleep(0.3)
+    assert not call.done() and forgotten.get_state() is not grpc.ChannelConnectivity.SHUTDOWN
+
+    held.release.set()
+    assert await call == {"held": 1}  # answered on the channel kept open for it
+    await until(lambda: forgotten.get_state() is grpc.ChannelConnectivity.SHUTDOWN)  # then closed, not after 60 s
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.GetUser(svc.GetUserRequest(id="x"))  # no healthy instance left
+    await channel.close()
 
 
 def test_concurrent_registrations_are_all_kept_and_never_read_half_written(tmp_path):

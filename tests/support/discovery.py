@@ -29,6 +29,21 @@ class NamedUsers(user_service_pb2_grpc.UserServiceServicer):
         return svc.GetUserResponse(user=user_pb2.User(id=request.id, display_name=self.name))
 
 
+class HeldUsers(NamedUsers):
+    """A user service whose GetUser calls wait until `release` is set: calls in flight for as long as a test
+    needs."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.release = asyncio.Event()
+        self.held = 0
+
+    async def GetUser(self, request, context):
+        self.held += 1
+        await self.release.wait()
+        return await super().GetUser(request, context)
+
+
 @dataclasses.dataclass
 class Instance:
     name: str
@@ -46,8 +61,9 @@ class UserServers:
     def __init__(self) -> None:
         self.started: list[TesseraServer] = []
 
-    async def start(self, name: str, *, settings: DiscoverySettings | None = None, drain: float = 0.0) -> Instance:
-        servicer = NamedUsers(name)
+    async def start(self, name: str, *, settings: DiscoverySettings | None = None, drain: float = 0.0,
+                    servicer: NamedUsers | None = None) -> Instance:
+        servicer = servicer or NamedUsers(name)
         module = ServiceModule(
             service_names=(USER_SERVICE.full_name,),
             register=lambda server: user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server),

@@ -46,7 +46,7 @@ FORGOTTEN_GRACE_SECONDS = 60.0
 @dataclasses.dataclass
 class _Known:
     """What discovery knows of one address: its registrations (several worker processes may serve one port), its
-    channel and health stub, and since when it has failed its health checks."""
+    channel and health stub, the calls in flight on it, and since when it has failed its health checks."""
 
     instance: ServiceInstance
     registrations: list[ServiceInstance]
@@ -54,6 +54,7 @@ class _Known:
     health: health_pb2_grpc.HealthStub
     serving: bool = False
     critical_since: float | None = None
+    calls: set[Any] = dataclasses.field(default_factory=set)
 
 
 class HealthFilteredDiscovery:
@@ -82,7 +83,7 @@ class HealthFilteredDiscovery:
         self._task: asyncio.Task[None] | None = None
         self._first_round: asyncio.Event | None = None
         self._picks: dict[str, Any] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        self._retiring: set[asyncio.Task[None]] = set()
         self._registry_away = False
         self._closed = False
 
@@ -145,6 +146,15 @@ class HealthFilteredDiscovery:
     def channel_for(self, instance: ServiceInstance) -> grpc.aio.Channel:
         return self._known[instance.address].channel
 
+    def in_flight(self, instance: ServiceInstance, call):
+        """`call`, made on the channel of `instance`: once the instance is forgotten, its channel stays open until
+        the calls in flight on it end (within FORGOTTEN_GRACE_SECONDS)."""
+        known = self._known.get(instance.address)
+        if known is not None:
+            known.calls.add(call)
+            call.add_done_callback(known.calls.discard)
+        return call
+
     def multicallable(self, instance: ServiceInstance, method: str, request_serializer, response_deserializer):
         key = (instance.address, method)
         found = self._multicallables.get(key)
@@ -162,8 +172,10 @@ class HealthFilteredDiscovery:
         for known in self._known.values():
             await known.channel.close()
         self._known.clear()
-        for closing in list(self._closing):
-            closing.cancel()
+        # The channels of forgotten instances are closed now too, cutting their grace short.
+        for retiring in list(self._retiring):
+            retiring.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         self._multicallables.clear()
         self._publish()  # nothing is picked any more
         await self.registry.close()
@@ -259,10 +271,22 @@ class HealthFilteredDiscovery:
             return
         self._publish()  # no call picks it from now on
         self._multicallables = {k: v for k, v in self._multicallables.items() if k[0] != address}
-        # Calls in flight on it (a deregistered instance drains them) finish, within their own deadlines.
-        closing = asyncio.get_running_loop().create_task(known.channel.close(grace=FORGOTTEN_GRACE_SECONDS))
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
+        retiring = asyncio.get_running_loop().create_task(self._retire(known), name=f"retire {address}")
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _retire(known: _Known) -> None:
+        """Closes the channel of a forgotten instance once the calls in flight on it (a deregistered instance
+        drains them) have ended, each within its own deadline, or after FORGOTTEN_GRACE_SECONDS; at once if the
+        discovery closes meanwhile. Not grpc's close(grace): once that has begun, a close without grace is a no-op,
+        so a grace cut short would leave the channel open until collected."""
+        try:
+            ending = [asyncio.ensure_future(call.code()) for call in known.calls]
+            if ending:
+                await asyncio.wait(ending, timeout=FORGOTTEN_GRACE_SECONDS)
+        finally:
+            await known.channel.close()
 
     def _publish(self) -> None:
         healthy = sorted((k.instance for k in self._known.values() if k.serving), key=lambda i: i.address)
@@ -312,9 +336,10 @@ class _PickInstance(grpc.aio.UnaryUnaryClientInterceptor):
             instance = discovery.pick(rotate=rotate)
             if instance is None or instance.address in tried:
                 raise no_healthy_instance(discovery.name, discovery.service)
-            call = discovery.multicallable(instance, method, request_serializer, response_deserializer)(
+            call = discovery.in_flight(instance, discovery.multicallable(
+                instance, method, request_serializer, response_deserializer)(
                 request, timeout=client_call_details.timeout, metadata=client_call_details.metadata,
-                credentials=client_call_details.credentials, wait_for_ready=client_call_details.wait_for_ready)
+                credentials=client_call_details.credentials, wait_for_ready=client_call_details.wait_for_ready))
             try:
                 await call
             except grpc.aio.AioRpcError as err:
@@ -359,8 +384,9 @@ class BalancedChannel:
             if instance is None:
                 raise no_healthy_instance(self.name, self.discovery.service)
             factory = getattr(self.discovery.channel_for(instance), kind)
-            return factory(method, request_serializer=request_serializer,
-                           response_deserializer=response_deserializer)(*args, **kwargs)
+            return self.discovery.in_flight(instance, factory(
+                method, request_serializer=request_serializer, response_deserializer=response_deserializer)(
+                *args, **kwargs))
 
         return call
 
