@@ -6,6 +6,7 @@ serving on while the database is away."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -162,6 +163,43 @@ async def test_the_registry_away_stops_neither_serving_nor_discovery(start_users
         assert messages.count("registry read again") == 1
         assert messages.count("registry reachable again") == 3
         assert set(await rows(dsn)) == {first.server.port, second.server.port, late.server.port}
+        await channel.close()
+    finally:
+        proxy.close()
+
+
+async def test_a_registry_outage_longer_than_the_deregister_after_time_drops_no_live_instance(
+        start_users, registry_db, caplog):
+    dsn, url = registry_db
+    proxy = TcpProxy("127.0.0.1", 5432).start()
+    through_proxy = url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    # Every heartbeat is older than the deregister-after time once the database is back; the instances renew
+    # less often than the caller reads, so a caller that believed the old heartbeats would find none fresh.
+    instance_settings = settings_for(through_proxy, check_seconds=0.4, deregister_after_seconds=1.0)
+    caller_settings = settings_for(through_proxy, deregister_after_seconds=1.0)
+    caplog.set_level(logging.WARNING, logger="tessera.discovery")
+    try:
+        first = await start_users("first", settings=instance_settings)
+        second = await start_users("second", settings=instance_settings)
+        channel = open_channel("registry:///user", [USER_SERVICE], discovery=caller_settings)
+        assert await answers(channel, 2) == {"first": 1, "second": 1}
+
+        async def calls_for(seconds: float) -> collections.Counter[str]:
+            seen: collections.Counter[str] = collections.Counter()
+            deadline = asyncio.get_running_loop().time() + seconds
+            while asyncio.get_running_loop().time() < deadline:  # every call succeeds
+                seen += await answers(channel, 2)
+                await asyncio.sleep(0.02)
+            return seen
+
+        proxy.cut()
+        during = await calls_for(1.5)  # longer than the deregister-after time
+        proxy.restore()
+        after = await calls_for(2.0)  # past the time the heartbeats need to be fresh again
+        assert set(during) == set(after) == {"first", "second"}
+        assert serving(channel) == {first.address, second.address}
+        assert set(await rows(dsn)) == {first.server.port, second.server.port}
+        assert not [r for r in caplog.records if r.getMessage().startswith("stale registration deleted")]
         await channel.close()
     finally:
         proxy.close()

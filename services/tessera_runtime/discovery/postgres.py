@@ -6,6 +6,12 @@ cannot delete its rows: a row whose heartbeat is older than the deregister-after
 whoever reads it deletes it (Consul's deregister_critical_service_after, without an agent). Times are the
 database's (now()), so the hosts' clocks need not agree.
 
+Except after an outage: while the database was away no instance could renew, so every heartbeat is old when it
+returns. A reader that found the database unreachable believes no heartbeat until it has reached it again for the
+deregister-after time, by when every live instance has renewed: meanwhile it lists every row and deletes none (the
+gRPC health checks of discovery keep out the instances that died meanwhile), instead of dropping every instance at
+once until each writes its row again.
+
 The table is created by the registry itself, idempotently, under an advisory lock: the services' Alembic
 migrations each run on the service's own database, and the registry's database is none of theirs (the operator
 picks it, and every service of every host shares it)."""
@@ -16,6 +22,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -74,7 +81,8 @@ class PostgresRegistry:
     """The instances registered in the table tessera_service_instances of the database at `url`
     (postgresql+asyncpg://). Rows whose heartbeat is older than `stale_after` seconds are a crashed instance's:
     never listed, and deleted when seen. Every method raises RegistryUnavailable when the database cannot be
-    reached. Nothing connects until first use."""
+    reached (and, from then on until it has been reachable for `stale_after` again, neither lists nor deletes
+    rows by their heartbeat). Nothing connects until first use."""
 
     prunes = True
 
@@ -89,6 +97,8 @@ class PostgresRegistry:
         drop_closed_on_checkout(self.engine)
         self._created = False
         self._creating = asyncio.Lock()
+        self._away = False
+        self._heartbeats_believed_from = 0.0  # time.monotonic()
 
     # -- the port ----------------------------------------------------------------------------------------------
 
@@ -119,18 +129,22 @@ class PostgresRegistry:
 
     async def instances(self, service: str) -> list[ServiceInstance]:
         async def run(conn: AsyncConnection) -> list[ServiceInstance]:
-            await self._delete_stale(conn, INSTANCES.c.service == service)
-            rows = await conn.execute(
-                select(INSTANCES).where(INSTANCES.c.service == service, self._fresh()).order_by(INSTANCES.c.id))
+            listed = select(INSTANCES).where(INSTANCES.c.service == service).order_by(INSTANCES.c.id)
+            if self._heartbeats_believed():
+                await self._delete_stale(conn, INSTANCES.c.service == service)
+                listed = listed.where(self._fresh())
+            rows = await conn.execute(listed)
             return [_instance(row) for row in rows.mappings()]
 
         return await self._run(run)
 
     async def services(self) -> list[str]:
         async def run(conn: AsyncConnection) -> list[str]:
-            await self._delete_stale(conn, None)
-            rows = await conn.execute(select(INSTANCES.c.service).where(self._fresh()).distinct()
-                                      .order_by(INSTANCES.c.service))
+            listed = select(INSTANCES.c.service).distinct().order_by(INSTANCES.c.service)
+            if self._heartbeats_believed():
+                await self._delete_stale(conn, None)
+                listed = listed.where(self._fresh())
+            rows = await conn.execute(listed)
             return list(rows.scalars())
 
         return await self._run(run)
@@ -147,6 +161,9 @@ class PostgresRegistry:
                   "metadata": dict(instance.metadata), "registered_at": func.now(), "heartbeat_at": func.now()}
         return insert(INSTANCES).values(id=instance.id, **values).on_conflict_do_update(
             index_elements=[INSTANCES.c.id], set_=values)
+
+    def _heartbeats_believed(self) -> bool:
+        return not self._away and time.monotonic() >= self._heartbeats_believed_from
 
     def _fresh(self):
         return INSTANCES.c.heartbeat_at >= func.now() - literal(self.stale_after, Interval)
@@ -181,12 +198,20 @@ class PostgresRegistry:
             try:
                 await self._create()
                 async with self.engine.begin() as conn:
-                    return await work(conn)
+                    done = await work(conn)
+                if self._away:
+                    self._away = False
+                    self._heartbeats_believed_from = time.monotonic() + self.stale_after.total_seconds()
+                    log.info("registry back after an outage: no registration is taken for stale for %.1f s, while the "
+                             "instances renew theirs", self.stale_after.total_seconds(),
+                             extra={"registry": self.location})
+                return done
             except Exception as exc:
                 if _undefined_table(exc) and attempt == 1:
                     self._created = False
                     continue
                 if cannot_connect(exc):
+                    self._away = True
                     raise RegistryUnavailable(f"the registry {self.location} cannot be reached: "
                                               f"{first_line(exc)}") from exc
                 raise
