@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,8 @@ from tessera_runtime.discovery import (
     BalancedChannel,
     DiscoverySettings,
     FileRegistry,
+    HealthFilteredDiscovery,
+    InMemoryRegistry,
     ServiceInstance,
 )
 from tessera_runtime.server import NOT_SERVING, SERVING
@@ -226,6 +229,50 @@ async def test_the_channel_of_a_deregistered_instance_closes_once_its_calls_in_f
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.GetUser(svc.GetUserRequest(id="x"))  # no healthy instance left
     await channel.close()
+
+
+class ReadOnlyRegistry(InMemoryRegistry):
+    """A registry on a read-only standby: it refuses deletions, and its reads too once `reads_fail` is set (they
+    delete stale registrations first)."""
+
+    prunes = True
+    reads_fail = False
+
+    async def deregister(self, instance: ServiceInstance) -> None:
+        raise RuntimeError("cannot execute DELETE in a read-only transaction")
+
+    async def instances(self, service: str) -> list[ServiceInstance]:
+        if self.reads_fail:
+            raise RuntimeError("cannot execute DELETE in a read-only transaction")
+        return await super().instances(service)
+
+
+async def test_an_instance_or_a_registry_failing_unexpectedly_spoils_no_round_of_checks(start_users, caplog):
+    good, odd = await start_users("good"), await start_users("odd")
+    registry = ReadOnlyRegistry([
+        ServiceInstance(id="good", service="user", host="127.0.0.1", port=good.server.port),
+        # A registration written by hand whose health check name cannot be sent (not UTF-8).
+        ServiceInstance(id="odd", service="user", host="127.0.0.1", port=odd.server.port, health_check="\ud800"),
+        ServiceInstance(id="dead", service="user", host="127.0.0.1", port=1)])  # refused
+    caplog.set_level(logging.INFO, logger="tessera.discovery")
+    discovery = HealthFilteredDiscovery("registry:///user", "user", registry,
+                                        DiscoverySettings(**{**FAST, "deregister_after_seconds": 0.2}))
+    await discovery.ready()
+    assert [i.address for i in discovery.discover()] == [good.address]
+    errors = lambda text: [r for r in caplog.records if r.getMessage().startswith(text)]  # noqa: E731
+    await until(lambda: errors("instance deregistration failed"))
+    await asyncio.sleep(0.3)  # several rounds more
+    assert [i.address for i in discovery.discover()] == [good.address]
+    assert [r.address for r in errors("health check failed")] == [odd.address]  # once, not every round
+    assert sorted(r.address for r in errors("instance deregistration failed")) == sorted(
+        ["127.0.0.1:1", odd.address])  # both fail their checks long enough to be pruned; each said once
+
+    registry.reads_fail = True
+    await asyncio.sleep(0.3)
+    assert len(errors("registry cannot be read")) == 1
+    await good.server.health.set("", NOT_SERVING)  # the instances last read are still checked
+    await until(lambda: discovery.discover() == [])
+    await discovery.close()
 
 
 def test_concurrent_registrations_are_all_kept_and_never_read_half_written(tmp_path):

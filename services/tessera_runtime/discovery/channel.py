@@ -55,6 +55,8 @@ class _Known:
     serving: bool = False
     critical_since: float | None = None
     calls: set[Any] = dataclasses.field(default_factory=set)
+    # The unexpected errors its checks and its deregistration met since it last served (each logged once).
+    troubles: set[str] = dataclasses.field(default_factory=set)
 
 
 class HealthFilteredDiscovery:
@@ -198,11 +200,14 @@ class HealthFilteredDiscovery:
         """The registered instances, or None while the registry cannot be read (said once per outage)."""
         try:
             registered = await self.registry.instances(self.service)
-        except UNAVAILABLE as exc:
+        except Exception as exc:  # away, or refusing (a read-only standby that cannot delete stale rows)
             if not self._registry_away:
                 self._registry_away = True
-                log.warning("registry cannot be read: the last known instances stand until it can", extra={
-                    "dependency": self.name, "instances": len(self._known), "error": str(exc)})
+                away = isinstance(exc, UNAVAILABLE)
+                log.log(logging.WARNING if away else logging.ERROR,
+                        "registry cannot be read: the last known instances stand until it can",
+                        exc_info=None if away else exc, extra={
+                            "dependency": self.name, "instances": len(self._known), "error": str(exc)})
             return None
         if self._registry_away:
             self._registry_away = False
@@ -242,6 +247,7 @@ class HealthFilteredDiscovery:
             known.serving = serving
             if serving:
                 known.critical_since = None
+                known.troubles.clear()
                 continue
             if known.critical_since is None:
                 known.critical_since = now
@@ -250,6 +256,9 @@ class HealthFilteredDiscovery:
                     for registration in known.registrations:
                         await self.registry.deregister(registration)
                 except UNAVAILABLE:  # pruned in a later round, once the registry is back
+                    continue
+                except Exception as exc:  # a registry refusing the deletion: tried again in a later round
+                    self._unexpected(known, "instance deregistration failed: tried again at the next round", exc)
                     continue
                 log.warning("instance deregistered: not serving for %.1f s", now - known.critical_since, extra={
                     "dependency": self.name, "address": known.instance.address,
@@ -263,7 +272,19 @@ class HealthFilteredDiscovery:
                                              timeout=self.settings.check_timeout_seconds)
         except grpc.aio.AioRpcError:
             return False
+        except Exception as exc:  # a check that cannot be sent (a health check name that is not UTF-8), a defect
+            self._unexpected(known, "health check failed: the instance is taken for not serving", exc)
+            return False
         return reply.status == SERVING
+
+    def _unexpected(self, known: _Known, message: str, exc: Exception) -> None:
+        """An error no round expects, about one instance: logged at ERROR once until the instance serves again, and
+        the other instances' round goes on."""
+        trouble = f"{message}: {type(exc).__name__}: {exc}"
+        if trouble not in known.troubles:
+            known.troubles.add(trouble)
+            log.error(message, exc_info=exc, extra={"dependency": self.name, "address": known.instance.address,
+                                                    "error": str(exc)})
 
     async def _forget(self, address: str) -> None:
         known = self._known.pop(address, None)
