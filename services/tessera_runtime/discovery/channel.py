@@ -48,7 +48,6 @@ class _Known:
     """What discovery knows of one address: its registrations (several worker processes may serve one port), its
     channel and health stub, the calls in flight on it, and since when it has failed its health checks."""
 
-    instance: ServiceInstance
     registrations: list[ServiceInstance]
     channel: grpc.aio.Channel
     health: health_pb2_grpc.HealthStub
@@ -57,6 +56,11 @@ class _Known:
     calls: set[Any] = dataclasses.field(default_factory=set)
     # The unexpected errors its checks and its deregistration met since it last served (each logged once).
     troubles: set[str] = dataclasses.field(default_factory=set)
+
+    @property
+    def instance(self) -> ServiceInstance:
+        """The address's first registration: what is picked, checked and logged for it."""
+        return self.registrations[0]
 
 
 class HealthFilteredDiscovery:
@@ -130,11 +134,6 @@ class HealthFilteredDiscovery:
                 counter = self._picks[instance.address] = metrics.DISCOVERY_PICKS.labels(self.name, instance.address)
             counter.inc()
         return instance
-
-    def service_address(self) -> str | None:
-        """getServiceUrl: the address of the instance the balancer picks, for a caller that connects itself."""
-        instance = self.pick()
-        return instance.address if instance is not None else None
 
     def eject(self, instance: ServiceInstance) -> None:
         """A call found the instance unreachable: stop picking it until its health answers SERVING again."""
@@ -231,10 +230,10 @@ class HealthFilteredDiscovery:
             known = self._known.get(address)
             if known is None:
                 channel = grpc.aio.insecure_channel(address, options=self.channel_options)
-                self._known[address] = _Known(registrations[0], registrations, channel,
+                self._known[address] = _Known(registrations, channel,
                                               health_pb2_grpc.HealthStub(channel))
             else:
-                known.instance, known.registrations = registrations[0], registrations
+                known.registrations = registrations
 
     async def _check_all(self) -> None:
         known_now = list(self._known.values())

@@ -135,13 +135,6 @@ def is_discovery_target(address: str) -> bool:
     return address.startswith((STATIC_SCHEME, REGISTRY_SCHEME))
 
 
-def target_service(address: str) -> str:
-    """The service a discovery address names: the registry's service name, or the static list itself."""
-    if address.startswith(REGISTRY_SCHEME):
-        return address[len(REGISTRY_SCHEME):]
-    return address
-
-
 @dataclasses.dataclass(frozen=True)
 class DiscoverySettings:
     """Service discovery without a mesh (tessera_runtime.discovery): where the registry is, this instance's
