@@ -55,7 +55,7 @@ from tessera_runtime import context as callctx
 from tessera_runtime import metrics
 from tessera_runtime.db import database_unavailable, utcnow
 from tessera_runtime.logs import correlation_id_var, request_id_var
-from tessera_runtime.periodic import BacklogJob, BacklogKey
+from tessera_runtime.periodic import BacklogJob, BacklogKey, cancel
 from tessera_runtime.telemetry import tracer
 
 # The store keeps the trace context in the W3C format whatever OTEL_PROPAGATORS says: it is a stored value that a
@@ -574,9 +574,7 @@ class SagaRunner(Generic[S]):
         finally:
             if span is not None:
                 span.set_attribute("tessera.saga.outcome", outcome)
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await cancel(heartbeat)
             if not execution.released:
                 with contextlib.suppress(Exception):
                     await self.release(saga_id)
