@@ -11,14 +11,17 @@ from tessera.payment.v1 import payment_events_pb2
 from tessera.user.v1 import user_events_pb2
 
 from tessera_analytics.domain import model
-from tessera_analytics.domain.model import DailyMetrics, Money, Tally
+from tessera_analytics.domain.model import DailyMetrics, InvalidEvent, Money, Tally
 from tessera_runtime.messaging import EventMeta
 
 
 def _when(event, meta: EventMeta) -> dt.datetime | None:
     """When the fact happened: the event's occur_time; for an event without one, when its producer wrote it."""
     if event.HasField("occur_time"):
-        return event.occur_time.ToDatetime(tzinfo=dt.UTC)
+        try:
+            return event.occur_time.ToDatetime(tzinfo=dt.UTC)
+        except ValueError as exc:  # seconds past 9999-12-31 or before 0001-01-01, nanos out of range
+            raise InvalidEvent(f"the occur_time is no valid timestamp: {exc}") from None
     return meta.published_at
 
 

@@ -354,3 +354,35 @@ async def test_a_customer_registered_and_orders_placed_through_the_real_services
     days = (await on_sqlite.ListDailyMetrics(apb.ListDailyMetricsRequest(
         start_date=window.start_date, end_date=window.end_date))).daily_metrics
     assert sum(d.orders_confirmed for d in days) == totals.orders_confirmed
+
+
+async def _dead_lettered_reasons(amqp_url: str, count: int, before: int) -> list[str]:
+    """The last-error headers of `count` messages that reach the dead-letter queue (which held `before`)."""
+    dlq = f"{QUEUE}.dlq"
+    deadline = time.monotonic() + 30
+    while await asyncio.to_thread(rabbitmq.queue_depth, amqp_url, dlq) < before + count:
+        assert time.monotonic() < deadline, "the messages did not all reach the dead-letter queue"
+        await asyncio.sleep(0.05)
+    with rabbitmq.blocking_connection(amqp_url) as connection:
+        channel = connection.channel()
+        reasons = []
+        for _ in range(before + count):
+            _, props, _ = channel.basic_get(dlq, auto_ack=True)
+            reasons.append((props.headers or {}).get("x-tessera-last-error", ""))
+    return reasons[before:]
+
+
+async def test_an_event_whose_occur_time_is_no_valid_timestamp_is_dead_lettered_at_once(on_sqlite, amqp_url):
+    dlq = f"{QUEUE}.dlq"
+    before = await asyncio.to_thread(rabbitmq.queue_depth, amqp_url, dlq)
+    messages = [
+        (user_events_pb2.UserCreated(user=user_pb2.User(id=str(uuid.uuid4())),
+                                     occur_time=Timestamp(seconds=253402300800)), str(uuid.uuid4()), None, None),
+        (user_events_pb2.UserCreated(user=user_pb2.User(id=str(uuid.uuid4())),
+                                     occur_time=Timestamp(seconds=0, nanos=-1)), str(uuid.uuid4()), None, None),
+    ]
+    retried = _consumer_total("retried")
+    await asyncio.to_thread(_publish, amqp_url, messages)
+    reasons = await _dead_lettered_reasons(amqp_url, len(messages), before)
+    assert all("occur_time" in r for r in reasons), reasons
+    assert _consumer_total("retried") == retried  # never retried: it could never succeed
