@@ -356,6 +356,9 @@ async def test_a_customer_registered_and_orders_placed_through_the_real_services
     assert sum(d.orders_confirmed for d in days) == totals.orders_confirmed
 
 
+INT64_MAX = 2**63 - 1
+
+
 async def _dead_lettered_reasons(amqp_url: str, count: int, before: int) -> list[str]:
     """The last-error headers of `count` messages that reach the dead-letter queue (which held `before`)."""
     dlq = f"{QUEUE}.dlq"
@@ -370,6 +373,48 @@ async def _dead_lettered_reasons(amqp_url: str, count: int, before: int) -> list
             _, props, _ = channel.basic_get(dlq, auto_ack=True)
             reasons.append((props.headers or {}).get("x-tessera-last-error", ""))
     return reasons[before:]
+
+
+async def test_an_amount_that_would_take_a_days_counter_past_int64_is_dead_lettered_and_the_day_still_reads(
+        analytics, amqp_url):
+    day = "2026-04-01"
+    dlq = f"{QUEUE}.dlq"
+    before = await asyncio.to_thread(rabbitmq.queue_depth, amqp_url, dlq)
+    big = INT64_MAX - 10
+    messages = [
+        (order_events_pb2.OrderConfirmed(order_id=str(uuid.uuid4()), total=_money("VND", big),
+                                         occur_time=_at(day, 8)), str(uuid.uuid4()), None, None),
+        (order_events_pb2.OrderConfirmed(order_id=str(uuid.uuid4()), total=_money("VND", 11),
+                                         occur_time=_at(day, 9)), str(uuid.uuid4()), None, None),
+        (order_events_pb2.OrderConfirmed(order_id=str(uuid.uuid4()), total=_money("VND", 10),
+                                         occur_time=_at(day, 10)), str(uuid.uuid4()), None, None),
+    ]
+    for message in messages:  # one after the other: the one that overflows is the second
+        handled = _handled()
+        await asyncio.to_thread(_publish, amqp_url, [message])
+        await _until(lambda handled=handled: _handled() >= handled + 1, "the delivery to be handled")
+    reasons = await _dead_lettered_reasons(amqp_url, 1, before)
+    assert "revenue_minor" in reasons[0] and "VND" in reasons[0] and str(INT64_MAX) in reasons[0], reasons
+    got = (await analytics.GetDailyMetrics(apb.GetDailyMetricsRequest(date=day))).metrics
+    # The overflowing event counted nothing (neither its order nor its revenue); the others all did.
+    assert (got.orders_confirmed, list(got.revenue)) == (2, [_money("VND", INT64_MAX)])
+
+
+async def test_a_summary_whose_sum_passes_int64_is_refused_naming_the_range_not_internal(on_sqlite, amqp_url):
+    days_ = ("2026-05-01", "2026-05-02")
+    messages = [(payment_events_pb2.PaymentRefunded(order_id=str(uuid.uuid4()), amount=_money("IDR", INT64_MAX),
+                                                    occur_time=_at(day)), str(uuid.uuid4()), None, None)
+                for day in days_]
+    handled = _handled()
+    await asyncio.to_thread(_publish, amqp_url, messages)
+    await _until(lambda: _handled() >= handled + len(messages), "every delivery to be handled")
+    one = await on_sqlite.GetMetricsSummary(apb.GetMetricsSummaryRequest(start_date=days_[0], end_date=days_[0]))
+    assert list(one.summary.totals.refunded) == [_money("IDR", INT64_MAX)]
+    info, bad = await _refused(on_sqlite.GetMetricsSummary(apb.GetMetricsSummaryRequest(
+        start_date=days_[0], end_date=days_[1])), grpc.StatusCode.INVALID_ARGUMENT)
+    assert (info.reason, info.domain) == ("INVALID_ARGUMENT", DOMAIN)
+    assert [v.field for v in bad.field_violations] == ["end_date"]
+    assert "IDR" in bad.field_violations[0].description and "shorter range" in bad.field_violations[0].description
 
 
 async def test_an_event_whose_occur_time_is_no_valid_timestamp_is_dead_lettered_at_once(on_sqlite, amqp_url):

@@ -10,7 +10,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tessera_analytics.adapters.orm import daily_counters
-from tessera_analytics.domain.model import Counter, Metric, Tally
+from tessera_analytics.domain.model import MAX_COUNTER, Counter, Metric, Tally, overflow
 
 
 class CounterRepository(Protocol):
@@ -24,7 +24,9 @@ class SqlAlchemyCounterRepository:
 
     async def add(self, tally: Tally) -> None:
         """Adds the tally's increments in one upsert: a missing counter starts at the increment, an existing one
-        grows by it (PostgreSQL locks the row, SQLite has one writer, so concurrent events both count)."""
+        grows by it (PostgreSQL locks the row, SQLite has one writer, so concurrent events both count). A counter
+        the increment would take past MAX_COUNTER is left as it is and InvalidEvent raised, so that the caller rolls
+        the whole tally back (PostgreSQL would refuse the sum, and SQLite would store it as an inexact REAL)."""
         merged: dict[tuple[str, str], int] = {}
         for inc in tally.increments:
             key = (inc.metric.value, inc.key)
@@ -35,8 +37,13 @@ class SqlAlchemyCounterRepository:
         statement = dialect.insert(daily_counters).values(rows)
         statement = statement.on_conflict_do_update(
             index_elements=[daily_counters.c.day, daily_counters.c.metric, daily_counters.c.key],
-            set_={"value": daily_counters.c.value + statement.excluded.value})
-        await self.session.execute(statement)
+            set_={"value": daily_counters.c.value + statement.excluded.value},
+            where=daily_counters.c.value <= MAX_COUNTER - statement.excluded.value)
+        written = {(r.metric, r.key) for r in await self.session.execute(
+            statement.returning(daily_counters.c.metric, daily_counters.c.key))}
+        for metric, key in merged:
+            if (metric, key) not in written:
+                raise overflow(tally.day, Metric(metric), key)
 
     async def between(self, start: dt.date, end: dt.date) -> list[Counter]:
         rows = await self.session.execute(
@@ -50,6 +57,9 @@ class InMemoryCounterRepository:
         self.values: dict[tuple[dt.date, Metric, str], int] = {}
 
     async def add(self, tally: Tally) -> None:
+        for inc in tally.increments:
+            if self.values.get((tally.day, inc.metric, inc.key), 0) + inc.amount > MAX_COUNTER:
+                raise overflow(tally.day, inc.metric, inc.key)
         for inc in tally.increments:
             key = (tally.day, inc.metric, inc.key)
             self.values[key] = self.values.get(key, 0) + inc.amount

@@ -19,6 +19,8 @@ from tessera_runtime.money import is_iso_currency
 MAX_RANGE_DAYS = 366
 # Longest failure reason kept as its own counter key (the contract's limit).
 MAX_REASON_LENGTH = 100
+# The largest value a counter holds: an int64, as the database's BIGINT and the contract's Money.amount_minor.
+MAX_COUNTER = 2**63 - 1
 UNKNOWN_REASON = "UNKNOWN"
 
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -37,7 +39,15 @@ class Metric(enum.Enum):
 
 
 class InvalidEvent(ValueError):
-    """An event whose content cannot be counted (no time, a negative amount, no currency): it can never succeed."""
+    """An event whose content cannot be counted (no time, a negative amount, no currency, an amount that would take
+    its day's counter past MAX_COUNTER): it can never succeed."""
+
+
+def overflow(day: dt.date, metric: Metric, key: str) -> InvalidEvent:
+    """The event would take the day's counter past what it holds: counting it would corrupt the day's figures."""
+    what = f"{metric.value} in {key}" if key else metric.value
+    return InvalidEvent(f"counting it would take the {what} of {day.isoformat()} past {MAX_COUNTER}, the largest "
+                        f"value a counter holds")
 
 
 @dataclasses.dataclass(frozen=True)

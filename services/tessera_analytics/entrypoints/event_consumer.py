@@ -18,11 +18,10 @@ from tessera_runtime.messaging import EventMeta, HandlerResult, PermanentFailure
 def subscription(uow_factory: Callable[[], handlers.UnitOfWork]) -> Subscription:
     def counted(tally_of: Callable[[object, EventMeta], Tally]) -> Callable:
         async def handle(event, meta: EventMeta) -> HandlerResult:
-            try:
-                tally = tally_of(event, meta)
-            except InvalidEvent as exc:  # retrying cannot help: to the dead-letter queue at once
+            try:  # retrying cannot help either failure: to the dead-letter queue at once
+                return await handlers.count(tally_of(event, meta), meta, uow_factory)
+            except InvalidEvent as exc:  # a counter it would overflow was rolled back with the event's claim
                 raise PermanentFailure(str(exc)) from None
-            return await handlers.count(tally, meta, uow_factory)
 
         return handle
 

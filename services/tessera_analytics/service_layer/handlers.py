@@ -8,7 +8,7 @@ from typing import Protocol
 
 from tessera_analytics import DOMAIN
 from tessera_analytics.adapters.repository import CounterRepository
-from tessera_analytics.domain.model import MAX_RANGE_DAYS, DailyMetrics, Tally, days, parse_date
+from tessera_analytics.domain.model import MAX_COUNTER, MAX_RANGE_DAYS, DailyMetrics, Tally, days, parse_date
 from tessera_analytics.service_layer import commands
 from tessera_runtime import pagination
 from tessera_runtime.context import current_principal
@@ -122,7 +122,16 @@ async def get_metrics_summary(cmd: commands.GetMetricsSummary, uow: UnitOfWork) 
     start, end = _read_range(cmd)
     async with uow.reading():
         counters = await uow.counters.between(start, end)
-    return start, end, DailyMetrics.of(None, counters)
+    totals = DailyMetrics.of(None, counters)
+    # Each day's counters fit an int64, but their sum over a range may not, and the contract's fields are int64.
+    for what, amounts in (("revenue", totals.revenue), ("refunded", totals.refunded)):
+        for money in amounts:
+            if money.amount_minor > MAX_COUNTER:
+                raise InvalidArgument([FieldViolation(
+                    "end_date", f"{what} in {money.currency_code} summed over the range passes int64: ask for a "
+                                f"shorter range")], reason="INVALID_ARGUMENT",
+                    domain=DOMAIN)
+    return start, end, totals
 
 
 def _read_range(cmd: commands.ListDailyMetrics | commands.GetMetricsSummary) -> tuple[dt.date, dt.date]:
