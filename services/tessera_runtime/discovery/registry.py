@@ -122,6 +122,22 @@ class FileRegistry:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
+        self._remove_crashed_at(instance)
+
+    def _remove_crashed_at(self, instance: ServiceInstance) -> None:
+        """Removes the registrations at the instance's address left by processes of this host that are gone (killed
+        without a graceful stop, then started again on their port). Health checks never prune those, since the
+        address answers, and discovery would take the address's weight from one of them. A registration without a
+        pid (written by hand), or whose process lives (another worker serving the port), stays."""
+        for other in self.instances_now(instance.service):
+            if other.id != instance.id and other.address == instance.address \
+                    and _process_gone(other.metadata.get("pid", "")):
+                try:
+                    self.deregister_now(other)
+                except (OSError, ValueError):  # not ours to remove (permissions, a name written by hand)
+                    continue
+                log.info("registration of a process that is gone removed", extra={
+                    "instance_id": other.id, "address": other.address, "replaced_by": instance.id})
 
     def renew_now(self, instance: ServiceInstance) -> bool:
         if self.is_registered(instance):
@@ -171,6 +187,24 @@ class FileRegistry:
 
     async def close(self) -> None:
         return None
+
+
+def _process_gone(pid: str) -> bool:
+    """Whether no process of this host has the id `pid` (a zombie, killed but not yet reaped, counts as gone);
+    False when `pid` is no process id."""
+    if not pid.isdigit() or int(pid) <= 0:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: another user's process, alive
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class Registration:
