@@ -258,3 +258,24 @@ async def test_an_unreachable_registry_raises_registry_unavailable_naming_it():
             await registry.instances("user")
     finally:
         await registry.close()
+
+
+async def test_registry_list_deletes_no_registration_whatever_deregister_after_time_the_services_use(
+        start_users, registry_db, capsys, monkeypatch):
+    """The services renew every 50 s and take a row for stale after 120 s; the operator's shell sets neither. A row
+    renewed 40 s ago is a live instance's: listing the registry must not delete it (callers would drop the instance
+    until its next renewal)."""
+    from tessera_runtime.cli import main
+
+    dsn, url = registry_db
+    instance = await start_users("live", settings=settings_for(url, check_seconds=50.0,
+                                                               deregister_after_seconds=120.0))
+    await execute(dsn, "UPDATE tessera_service_instances SET heartbeat_at = now() - interval '40 seconds'")
+    monkeypatch.delenv("TESSERA_REGISTRY_DIR", raising=False)
+    monkeypatch.delenv("TESSERA_REGISTRY_URL", raising=False)
+    monkeypatch.delenv("TESSERA_REGISTRY_DEREGISTER_AFTER_SECONDS", raising=False)
+    plain = url.replace("postgresql+asyncpg://", "postgresql://")
+    assert await asyncio.to_thread(main, ["registry", "list", "--url", plain]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:4] for line in lines[1:]] == [["user", instance.address, "1", "SERVING"]], lines
+    assert set(await rows(dsn)) == {instance.server.port}

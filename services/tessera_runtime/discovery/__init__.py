@@ -51,13 +51,14 @@ __all__ = [
 ]
 
 
-def open_registry(settings: DiscoverySettings) -> ServiceRegistry | None:
+def open_registry(settings: DiscoverySettings, *, read_only: bool = False) -> ServiceRegistry | None:
     """The registry the settings name (a directory, or a PostgreSQL database), or None when there is none. Nothing
-    connects until it is used; its owner closes it."""
+    connects until it is used; its owner closes it. A `read_only` one deletes no stale row as it lists them."""
     if settings.registry_url is not None:
         from tessera_runtime.discovery.postgres import PostgresRegistry  # SQLAlchemy only where it is used
 
-        return PostgresRegistry(settings.registry_url, stale_after=settings.deregister_after_seconds)
+        return PostgresRegistry(settings.registry_url, stale_after=settings.deregister_after_seconds,
+                                read_only=read_only)
     if settings.registry_dir is not None:
         return FileRegistry(settings.registry_dir)
     return None

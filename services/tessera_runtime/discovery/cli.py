@@ -59,7 +59,9 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tessera registry: {exc}", file=sys.stderr)
         return 2
-    registry = open_registry(settings)
+    # Read only: whether a row is stale depends on the services' TESSERA_REGISTRY_DEREGISTER_AFTER_SECONDS, which
+    # this command does not know; a row it deleted early would be a live instance its callers drop.
+    registry = open_registry(settings, read_only=True)
     assert registry is not None
     try:
         rows = asyncio.run(_list(registry, args.service, args.timeout))

@@ -82,14 +82,15 @@ class PostgresRegistry:
     (postgresql+asyncpg://). Rows whose heartbeat is older than `stale_after` seconds are a crashed instance's:
     never listed, and deleted when seen. Every method raises RegistryUnavailable when the database cannot be
     reached (and, from then on until it has been reachable for `stale_after` again, neither lists nor deletes
-    rows by their heartbeat). Nothing connects until first use."""
+    rows by their heartbeat). With `read_only` (`tessera registry list`, which cannot know the deregister-after time
+    the services use) it lists every row and deletes none. Nothing connects until first use."""
 
-    prunes = True
-
-    def __init__(self, url: str, *, stale_after: float) -> None:
+    def __init__(self, url: str, *, stale_after: float, read_only: bool = False) -> None:
         self.url = url
         self.location = database_location(url)
         self.stale_after = dt.timedelta(seconds=stale_after)
+        self.read_only = read_only
+        self.prunes = not read_only
         # One connection is all a process's registration or one dependency's discovery needs at a time (each works
         # one statement after the other); the overflow serves callers that share one registry concurrently.
         self.engine = create_async_engine(url, pool_size=1, max_overflow=4, pool_recycle=1800,
@@ -163,7 +164,7 @@ class PostgresRegistry:
             index_elements=[INSTANCES.c.id], set_=values)
 
     def _heartbeats_believed(self) -> bool:
-        return not self._away and time.monotonic() >= self._heartbeats_believed_from
+        return not self.read_only and not self._away and time.monotonic() >= self._heartbeats_believed_from
 
     def _fresh(self):
         return INSTANCES.c.heartbeat_at >= func.now() - literal(self.stale_after, Interval)
