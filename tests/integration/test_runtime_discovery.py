@@ -334,3 +334,35 @@ async def test_registry_list_shows_each_instance_with_its_health_and_weight(star
     assert await asyncio.to_thread(main, ["registry", "list"]) == 2
     assert "no registry: set TESSERA_REGISTRY_DIR or TESSERA_REGISTRY_URL, or pass --dir or --url" \
         in capsys.readouterr().err
+
+
+async def test_a_registration_file_edited_by_hand_into_something_unreadable_is_reported_not_silently_skipped(
+        start_users, tmp_path, capsys, caplog):
+    from tessera_runtime.cli import main
+
+    listed = await start_users("listed", settings=registry_settings(tmp_path))
+    directory = tmp_path / "registry" / "user"
+    typo = directory / "user-by-hand.json"
+    typo.write_text('{"id": "user-by-hand", "service": "user", "host": "127.0.0.1", "port": "5o051", "weight": 3}')
+    torn = directory / "user-torn.json"
+    torn.write_text('{"id": "user-torn", "service": "us')
+    elsewhere = directory / "user-copied.json"
+    elsewhere.write_text(json.dumps({"id": "user-copied", "service": "inventory", "host": "127.0.0.1", "port": 1}))
+
+    assert await asyncio.to_thread(main, ["registry", "list", "--dir", str(tmp_path / "registry")]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split()[1] for line in out.splitlines()[1:]] == [listed.address]
+    for path, why in ((typo, "5o051"), (torn, "not JSON"), (elsewhere, "inventory")):
+        assert any(str(path) in line and why in line for line in err.splitlines()), (path, err)
+
+    # A caller's discovery says so in its log, once per file and error, not at every round.
+    caplog.set_level(logging.WARNING, logger="tessera.discovery")
+    caplog.clear()
+    channel = open_channel("registry:///user", [USER_SERVICE], discovery=registry_settings(tmp_path))
+    try:
+        assert [i.address for i in await channel.discovery.refresh()] == [listed.address]
+        await channel.discovery.refresh()
+    finally:
+        await channel.close()
+    skipped = [r for r in caplog.records if r.getMessage().startswith("registry file skipped")]
+    assert sorted(r.path for r in skipped) == sorted(str(p) for p in (typo, torn, elsewhere)), skipped

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -63,11 +64,18 @@ def _run(args: argparse.Namespace) -> int:
     # this command does not know; a row it deleted early would be a live instance its callers drop.
     registry = open_registry(settings, read_only=True)
     assert registry is not None
+    # What it has to say (files skipped, the registry unreachable) it prints below, not as bare log messages.
+    logger = logging.getLogger("tessera.discovery")
+    if not any(isinstance(handler, logging.NullHandler) for handler in logger.handlers):
+        logger.addHandler(logging.NullHandler())
     try:
         rows = asyncio.run(_list(registry, args.service, args.timeout))
     except RegistryUnavailable as exc:
         print(f"tessera registry: {exc}", file=sys.stderr)
         return 1
+    # Files of a directory registry that are no registration (edited by hand): no caller uses them either.
+    for path, why in sorted(getattr(registry, "skipped", {}).items()):
+        print(f"tessera registry: {path} skipped: {why}", file=sys.stderr)
     if not rows:
         print(f"no instance registered in {settings.registry_location}"
               + (f" for {args.service}" if args.service else ""))

@@ -79,7 +79,7 @@ class ServiceInstance:
                            port=int(data["port"]), weight=int(data.get("weight", 1)),
                            health_check=str(data.get("health_check", "")),
                            metadata={str(k): str(v) for k, v in dict(data.get("metadata") or {}).items()})
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # a field missing, or a port or weight that is no number
             raise ValueError(f"not a service instance: {exc}") from None
         if not (0 < instance.port < 65536 and 1 <= instance.weight <= MAX_WEIGHT and instance.host):
             raise ValueError(f"not a service instance: port {instance.port}, weight {instance.weight}")

@@ -95,12 +95,16 @@ class FileRegistry:
 
     Writes go to a temporary file in the same directory, flushed to disk, then renamed over the registration
     (atomic on POSIX), so readers never see half a file and concurrent registrations never collide (each instance
-    has its own file). A file that cannot be read or parsed (removed while listed, written by hand) is skipped."""
+    has its own file). A file removed while listed is passed by; one that is no registration of its directory's
+    service (written or edited by hand) is skipped, logged once per file and error at WARNING and kept in `skipped`
+    (path: why) until it is read again, so that `tessera registry list` can say so."""
 
     prunes = True
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
+        self.skipped: dict[str, str] = {}
+        self._warned: set[tuple[str, str]] = set()
 
     def _path(self, instance: ServiceInstance) -> Path:
         if not valid_name(instance.service) or not valid_name(instance.id):
@@ -157,13 +161,34 @@ class FileRegistry:
         found = []
         for path in sorted((self.directory / service).glob("[!.]*.json")):
             try:
-                instance = ServiceInstance.from_json(json.loads(path.read_text()))
-            except (OSError, ValueError) as exc:  # removed since listed, or not a registration
-                log.debug("registry file skipped", extra={"path": str(path), "error": str(exc)})
+                data = json.loads(path.read_text())
+            except FileNotFoundError:  # deregistered since listed
                 continue
-            if instance.service == service:
-                found.append(instance)
+            except OSError as exc:
+                self._skip(path, f"cannot be read: {exc}")
+                continue
+            except ValueError as exc:
+                self._skip(path, f"not JSON: {exc}")
+                continue
+            try:
+                if not isinstance(data, dict):
+                    raise ValueError("not a service instance: not a JSON object")
+                instance = ServiceInstance.from_json(data)
+            except ValueError as exc:
+                self._skip(path, str(exc))
+                continue
+            if instance.service != service:
+                self._skip(path, f"registers service {instance.service!r}, not {service!r} of its directory")
+                continue
+            self.skipped.pop(str(path), None)
+            found.append(instance)
         return found
+
+    def _skip(self, path: Path, why: str) -> None:
+        self.skipped[str(path)] = why
+        if (str(path), why) not in self._warned:
+            self._warned.add((str(path), why))
+            log.warning("registry file skipped: it is no registration", extra={"path": str(path), "error": why})
 
     def services_now(self) -> list[str]:
         if not self.directory.is_dir():
