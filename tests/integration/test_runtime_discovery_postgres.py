@@ -279,3 +279,32 @@ async def test_registry_list_deletes_no_registration_whatever_deregister_after_t
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:4] for line in lines[1:]] == [["user", instance.address, "1", "SERVING"]], lines
     assert set(await rows(dsn)) == {instance.server.port}
+
+
+async def test_a_call_keeps_its_deadline_while_discovery_first_waits_for_a_registry_that_does_not_answer():
+    """A registry host that takes connections and never answers (a database hung, a half-open network): the first
+    call through the channel waits for discovery's first round no longer than its own deadline."""
+    import socket
+    import time
+
+    import grpc
+    from tessera.user.v1 import user_service_pb2 as svc
+    from tessera.user.v1 import user_service_pb2_grpc
+
+    silent = socket.create_server(("127.0.0.1", 0))  # listens, never accepts nor answers
+    try:
+        port = silent.getsockname()[1]
+        url = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/registry"
+        channel = open_channel("registry:///user", [USER_SERVICE], discovery=settings_for(url))
+        try:
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            began = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetUser(svc.GetUserRequest(id="u1"), timeout=0.5)
+            took = time.monotonic() - began
+            assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
+            assert took < 1.5, f"the call took {took:.1f} s with a 0.5 s deadline"
+        finally:
+            await channel.close()
+    finally:
+        silent.close()

@@ -323,6 +323,12 @@ def closed_channel() -> grpc.aio.UsageError:
     return grpc.aio.UsageError("Channel is closed.")
 
 
+def deadline_exceeded() -> grpc.aio.AioRpcError:
+    """The error of a call whose deadline passed before an instance was picked: gRPC's own for a deadline."""
+    return grpc.aio.AioRpcError(code=grpc.StatusCode.DEADLINE_EXCEEDED, initial_metadata=grpc.aio.Metadata(),
+                                trailing_metadata=grpc.aio.Metadata(), details="Deadline Exceeded")
+
+
 def no_healthy_instance(name: str, service: str) -> grpc.aio.AioRpcError:
     """The error of a call that found no healthy instance: shaped like any other UNAVAILABLE from the wire."""
     info = any_pb2.Any()
@@ -348,7 +354,12 @@ class _PickInstance(grpc.aio.UnaryUnaryClientInterceptor):
         method = client_call_details.method
         method = method.decode() if isinstance(method, bytes) else method
         discovery = self.discovery
-        await discovery.ready()
+        try:
+            # The first round of checks (a registry slow to answer, instances slow to check) is part of the call:
+            # it waits no longer than the call's deadline.
+            await asyncio.wait_for(discovery.ready(), client_call_details.timeout)
+        except TimeoutError:
+            raise deadline_exceeded() from None
         request_serializer, response_deserializer = self.serializers[method]
         rotate = not method.startswith(HEALTH_METHODS)
         tried: set[str] = set()
