@@ -366,3 +366,17 @@ async def test_a_registration_file_edited_by_hand_into_something_unreadable_is_r
         await channel.close()
     skipped = [r for r in caplog.records if r.getMessage().startswith("registry file skipped")]
     assert sorted(r.path for r in skipped) == sorted(str(p) for p in (typo, torn, elsewhere)), skipped
+
+
+async def test_registry_list_refuses_a_timeout_that_would_show_every_instance_unreachable(start_users, tmp_path,
+                                                                                          capsys):
+    from tessera_runtime.cli import main
+
+    await start_users("listed", settings=registry_settings(tmp_path))
+    for timeout in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as exited:
+            await asyncio.to_thread(main, ["registry", "list", "--dir", str(tmp_path / "registry"),
+                                           "--timeout", timeout])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert "--timeout" in err and "more than 0" in err, err

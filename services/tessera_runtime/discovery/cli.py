@@ -87,6 +87,18 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """A health check's deadline: a number of seconds more than 0 (0 or less would show every instance
+    UNREACHABLE (DEADLINE_EXCEEDED) without asking it)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds more than 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds more than 0, got {text!r}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "registry", help="the service registry of deployments without a mesh (TESSERA_REGISTRY_DIR or _URL)",
@@ -98,5 +110,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument("--url", help="the registry database, postgresql://user@host:port/database "
                                        "(default: $TESSERA_REGISTRY_URL)")
     listing.add_argument("--service", help="only this service's instances (e.g. inventory)")
-    listing.add_argument("--timeout", type=float, default=1.0, help="seconds each health check may take")
+    listing.add_argument("--timeout", type=_seconds, default=1.0, help="seconds each health check may take")
     listing.set_defaults(func=_run)
