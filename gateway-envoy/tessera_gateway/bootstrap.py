@@ -28,6 +28,8 @@ error filter. The HTTP filters, in order:
                     subject and scopes -> x-user-id/x-user-scopes
   tessera.token_claims (rbac)  refuses a scope claim with a control character, or that is no string (the error
                                filter makes it a 401)
+  tessera.canary_header  (header_mutation) removes the `canary` header the mesh routes to a service's v2 on, unless
+                         the token holds the canary or the admin scope (a matcher skips it then)
   local_ratelimit   token bucket per (route class, subject), or per (route class, address) on anonymous routes;
                     x-ratelimit-limit/-remaining/-reset of that bucket on the response (429 included)
   rbac              the route's scopes, matched as whole words of the space-delimited scope claim
@@ -162,6 +164,11 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     RequestIdExtension,
     ResponseMapper,
 )
+from envoy_data_plane.envoy.extensions.matching.common_inputs.network.v3 import (
+    DynamicMetadataInput,
+    DynamicMetadataInputPathSegment,
+)
+from envoy_data_plane.envoy.extensions.matching.input_matchers.metadata.v3 import Metadata as MetadataInputMatcher
 from envoy_data_plane.envoy.extensions.request_id.uuid.v3 import UuidRequestIdConfig
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
     DownstreamConnectionsConfig,
@@ -219,6 +226,7 @@ REST_HEAD_FILTER = "tessera.rest_head"
 REST_GRPC_HEADERS_FILTER = "tessera.rest_grpc_headers"
 REST_GRPC_REQUEST_HEADERS_FILTER = "tessera.rest_grpc_request_headers"
 TOKEN_CLAIMS_FILTER = "tessera.token_claims"
+CANARY_FILTER = "tessera.canary_header"
 JWT_PROVIDER = "tessera"
 JWT_PAYLOAD = "jwt_payload"
 JWKS_CLUSTER = "jwks"
@@ -232,6 +240,8 @@ IDENTITY_HEADERS = (SUBJECT_HEADER, SCOPES_HEADER)
 REQUEST_ID_HEADER = "x-request-id"
 # The services read it (tessera_runtime.context.CORRELATION_ID), log it and pass it on to calls and events.
 CORRELATION_HEADER = "x-correlation-id"
+# The header the mesh routes to a service's v2 on (`canary: true`; tessera_deploy.mesh.CANARY_HEADER).
+CANARY_HEADER = "canary"
 # Never set on a request that reaches the router: the catch-all route looks for a cluster by it and finds none.
 UNROUTED_HEADER = "x-tessera-unrouted"
 RETRYABLE = ("NO_SIDE_EFFECTS", "IDEMPOTENT")
@@ -332,6 +342,26 @@ def _scope_claim(value: ValueMatcher) -> Principal:
         value=value)))
 
 
+def _whole_scope(scope: str) -> ValueMatcher:
+    """A scope claim holding `scope` as one of its space-delimited words (RFC 6749 section 3.3), so "user:readonly"
+    never grants "user:read", nor "admin\tx" admin. The token claims check refused a claim that is no string."""
+    return ValueMatcher(string_match=StringMatcher(safe_regex=EnvoyRegexMatcher(
+        regex=f"(?s)(?:.* )?{re.escape(scope)}(?: .*)?")))
+
+
+def _token_has_scope(scope: str) -> MatcherMatcherListPredicate:
+    """A filter matcher predicate true for a request whose verified token holds `scope` as a whole scope: the claim
+    jwt_authn left in the metadata, matched as the rbac filter matches it. A request without a verified token (an
+    anonymous route, a refused token) has no claim and never matches."""
+    claim = DynamicMetadataInput(filter=JWT_FILTER, path=[DynamicMetadataInputPathSegment(key=JWT_PAYLOAD),
+                                                          DynamicMetadataInputPathSegment(key="scope")])
+    return MatcherMatcherListPredicate(single_predicate=MatcherMatcherListPredicateSinglePredicate(
+        input=XdsTypedExtensionConfig(name="jwt-scope", typed_config=Any.pack(claim)),
+        custom_match=XdsTypedExtensionConfig(name="whole-scope", typed_config=Any.pack(
+            MetadataInputMatcher(value=_whole_scope(scope)))),
+    ))
+
+
 def _scope_not_a_string() -> Principal:
     """A scope claim that is there but no string (an array, a number, a boolean, an object, null)."""
     string = _scope_claim(ValueMatcher(string_match=StringMatcher(safe_regex=EnvoyRegexMatcher(regex="(?s).*"))))
@@ -352,11 +382,7 @@ class GatewayConfig:
 
     def _scope_policy(self, scopes: tuple[str, ...]) -> RbacPerRoute:
         accepted = list(dict.fromkeys((*scopes, self.d.admin_scope)))
-        # Whole-scope match: one of the space-delimited words of the scope claim (RFC 6749 section 3.3) is one of
-        # the scopes exactly, so "user:readonly" never grants "user:read", nor "admin\tx" admin. The claim is read
-        # as the token holds it: the token claims check refused one that is no string.
-        principals = [_scope_claim(ValueMatcher(string_match=StringMatcher(safe_regex=EnvoyRegexMatcher(
-            regex=f"(?s)(?:.* )?{re.escape(s)}(?: .*)?")))) for s in accepted]
+        principals = [_scope_claim(_whole_scope(s)) for s in accepted]
         return RbacPerRoute(rbac=RbacFilter(rules=Rbac(action=RbacAction.ALLOW, policies={
             "scopes": Policy(permissions=[Permission(any=True)], principals=[Principal(or_ids=PrincipalSet(
                 ids=principals))]),
@@ -537,6 +563,20 @@ class GatewayConfig:
             rules_stat_prefix=lua.TOKEN_CLAIMS_PREFIX,
         ))
 
+    def _canary_header(self) -> HttpFilter:
+        """Removes the `canary` header (every value; Envoy keeps header names in lower case, whatever the client
+        spelt) from a request whose token lacks the canary scope and the admin scope, so nobody else can choose a
+        service's unreleased v2 (the mesh routes `canary: true` there). A matcher skips it for a token with either
+        scope, whose header reaches the service as sent, over REST (the transcoder passes headers on as metadata)
+        and native gRPC alike. It runs after jwt_authn, whose verified claims it reads; on an anonymous route there
+        are none, and the header goes."""
+        strip = HeaderMutation(mutations=Mutations(request_mutations=[HeaderMutationRule(remove=CANARY_HEADER)]))
+        may_choose = dict.fromkeys((self.d.canary_scope, self.d.admin_scope))
+        return _filter(CANARY_FILTER, ExtensionWithMatcher(
+            extension_config=TypedExtensionConfig(name=CANARY_FILTER, typed_config=Any.pack(strip)),
+            xds_matcher=_skip_when(*(_token_has_scope(s) for s in may_choose)),
+        ))
+
     def _rate_limit(self) -> LocalRateLimit:
         classes = list(self.d.route_classes.values())
         descriptors = []
@@ -666,6 +706,7 @@ class GatewayConfig:
             _filter("envoy.filters.http.grpc_json_transcoder", self._transcoder()),
             _filter(JWT_FILTER, self._jwt()),
             self._token_claims(),
+            self._canary_header(),
             _filter("envoy.filters.http.local_ratelimit", self._rate_limit()),
             _filter(RBAC_FILTER, RbacFilter(rules=Rbac(action=RbacAction.ALLOW, policies={}))),
             _filter("envoy.filters.http.router", Router(suppress_envoy_headers=True)),

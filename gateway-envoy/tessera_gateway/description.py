@@ -232,6 +232,7 @@ class Description:
     error_domain: str
     scopes: tuple[str, ...]
     admin_scope: str
+    canary_scope: str
     rpc_overrides: Mapping[str, Mapping[str, Any]]
     route_classes: Mapping[str, RouteClass]
     limits: Limits
@@ -259,6 +260,10 @@ class Description:
                 raise DescriptionError(
                     f"{rpc.full_name} needs scope {scope!r}, which is not in scopes; add it to scopes or set "
                     f"rpcs.{rpc.full_name}.scopes")
+            if scope == self.canary_scope:
+                raise DescriptionError(
+                    f"{rpc.full_name} needs scope {scope!r}, which is canary_scope: it grants no RPC, only the "
+                    "choice of a service's canary for the calls the token may make")
         class_name = override.get("route_class") or ("read" if rpc.read_only else "write")
         if class_name not in self.route_classes:
             raise DescriptionError(f"rpcs.{rpc.full_name}.route_class names unknown class {class_name!r}")
@@ -355,6 +360,9 @@ def from_mapping(data: Mapping[str, Any], profile: str) -> Description:
     admin_scope = values.str("admin_scope")
     if admin_scope not in scopes:
         raise DescriptionError("admin_scope must be one of scopes")
+    canary_scope = values.str("canary_scope")
+    if canary_scope not in scopes:
+        raise DescriptionError("canary_scope must be one of scopes")
 
     lim = values.section("limits")
     limits = Limits(**{f.name: lim.int(f.name, minimum=1) for f in dataclasses.fields(Limits)})
@@ -462,6 +470,7 @@ def from_mapping(data: Mapping[str, Any], profile: str) -> Description:
         error_domain=values.str("error_domain"),
         scopes=scopes,
         admin_scope=admin_scope,
+        canary_scope=canary_scope,
         rpc_overrides=_rpc_overrides(values.section("rpcs", {})),
         route_classes=route_classes,
         limits=limits,

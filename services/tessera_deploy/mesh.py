@@ -43,6 +43,8 @@ CANARY_DEPLOYMENT_HEADER = (
     "# its own: it takes only the share of traffic the VirtualService gives it, and is scaled by hand while it is a\n"
     "# canary. Do not edit by hand: change the base Deployment, or patch v2 in this component's kustomization.yaml.\n")
 
+# The edge gateway passes this header on only for a token with the canary or admin scope
+# (tessera_gateway.bootstrap.CANARY_HEADER); the services never pass it on to the services they call.
 CANARY_HEADER = "canary"
 DEFAULT_CANARY_WEIGHT = 10
 # `reset` is what makes a try cut short by perTryTimeout count as retriable: Envoy resets that try's stream and

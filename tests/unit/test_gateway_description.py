@@ -98,6 +98,10 @@ def test_deep_merge_merges_mappings_and_replaces_the_rest():
     ({"rpcs": {"tessera.user.v1.UserService.GetUser": {"scopes": []}}}, "must not be empty"),
     ({"scopes": ["user:read", "Not A Scope", "admin"]}, "is not a valid scope"),
     ({"admin_scope": "root"}, "admin_scope must be one of scopes"),
+    ({"canary_scope": "tester"}, "canary_scope must be one of scopes"),
+    # The canary scope chooses the version of a call the token may make; it never makes one allowed.
+    ({"rpcs": {"tessera.user.v1.UserService.GetUser": {"scopes": ["canary"]}}},
+     "tessera.user.v1.UserService.GetUser needs scope 'canary', which is canary_scope: it grants no RPC"),
     ({"jwt": {"jwks_uri": "https://idp.example/jwks"}}, "exactly one of jwks_file and jwks_uri"),
     ({"jwt": {"audiences": []}}, "jwt.audiences must name at least one audience"),
     ({"upstreams": {"addresses": {"user": "no-port"}}}, "upstreams.addresses.user must be HOST:PORT"),

@@ -10,8 +10,9 @@ import pytest
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
+from tessera_deploy import mesh
 from tessera_gateway import DESCRIPTOR_SET, generate, lua, process
-from tessera_gateway.bootstrap import TRACING_CLUSTER, GatewayConfig, render, to_envoy_dict
+from tessera_gateway.bootstrap import CANARY_HEADER, TRACING_CLUSTER, GatewayConfig, render, to_envoy_dict
 from tessera_gateway.description import load
 from tessera_gateway.descriptors import ContractError, Contracts
 
@@ -104,7 +105,8 @@ def test_filter_order_authenticates_before_rate_limiting_and_authorising(dev_con
         "tessera.rest_grpc_headers", "tessera.rest_grpc_request_headers", "envoy.filters.http.buffer",
         "tessera.rest_body",
         "envoy.filters.http.grpc_json_transcoder",
-        "envoy.filters.http.jwt_authn", "tessera.token_claims", "envoy.filters.http.local_ratelimit",
+        "envoy.filters.http.jwt_authn", "tessera.token_claims", "tessera.canary_header",
+        "envoy.filters.http.local_ratelimit",
         "envoy.filters.http.rbac", "envoy.filters.http.router",
     ]
 
@@ -149,6 +151,29 @@ def test_body_check_runs_only_where_a_body_rule_can_apply(dev, dev_config):
                             if dev.config.contracts.body_message(r) is not None}
     regex = re.compile(match["safeRegex"]["regex"])
     assert [m for m in ("GET", "DELETE", "PUT", "PATCH", "POST", "OPTIONS") if regex.fullmatch(m)] == methods
+
+
+def test_the_canary_header_is_removed_unless_the_token_holds_the_canary_or_admin_scope(dev_config):
+    # The mesh routes `canary: true` to a service's v2: only a token with the canary scope (or admin, which every
+    # route accepts) may send it on. The check reads the verified claim, so it comes after jwt_authn.
+    filters = hcm_of(dev_config)["httpFilters"]
+    names = [f["name"] for f in filters]
+    assert names.index("envoy.filters.http.jwt_authn") < names.index("tessera.canary_header")
+    wrapped = filters[names.index("tessera.canary_header")]["typedConfig"]
+    strip = wrapped["extensionConfig"]["typedConfig"]
+    assert strip["@type"] == "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+    assert strip["mutations"] == {"requestMutations": [{"remove": CANARY_HEADER}]}
+    claims = []
+    for predicate in _skip_predicates(wrapped):
+        single = predicate["singlePredicate"]
+        assert single["input"]["typedConfig"] == {
+            "@type": "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.DynamicMetadataInput",
+            "filter": "envoy.filters.http.jwt_authn", "path": [{"key": "jwt_payload"}, {"key": "scope"}]}
+        claims.append(single["customMatch"]["typedConfig"]["value"])
+    # The same whole-scope match as the routes' RBAC: "canaryx" or "canary\tx" is not canary.
+    assert claims == [_whole_scope("canary"), _whole_scope("admin")]
+    # The header the mesh's canary routes match on.
+    assert CANARY_HEADER == mesh.CANARY_HEADER == "canary"
 
 
 def test_rest_requests_lose_grpc_headers_native_grpc_requests_keep_them(dev_config):

@@ -57,6 +57,13 @@ def test_token_mint_command(tmp_path, capsys):
     assert claims["aud"] == "tessera-api" and claims["exp"] - claims["iat"] == 600
 
 
+def test_token_mint_mints_the_canary_scope(tmp_path, capsys):
+    # A tester's token: its canary header reaches the services (the gateway removes it from every other token's).
+    assert cli.main(["token", "mint", "--sub", "tester", "--scope", "user:read canary", "--keys", str(tmp_path)]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert claims["scope"] == "user:read canary"
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--scope", "user:readx"], "unknown scope 'user:readx'"),
     (["--ttl", "forever"], "ttl must be"),
