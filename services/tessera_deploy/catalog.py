@@ -129,7 +129,8 @@ GRAPHQL_API = HttpWorkload(
 
 # Who calls whom, method by method. The gateway fronts the public API of every service (REST and gRPC), so it may
 # call any method of their contract services; a caller of a service may call exactly the methods it uses. The
-# order saga calls user, inventory and payment, the GraphQL API (for its callers) user, inventory and order;
+# order saga calls user, inventory and payment, the GraphQL API (for its callers) user, inventory, order and
+# analytics;
 # notification only consumes events. The list is what the code calls: tests/integration/test_k8s_authorization.py
 # holds it equal to the stub methods each caller's code calls (for graphql, those services/tessera_graphql calls).
 SERVICE_CALLS: dict[str, tuple[str, ...]] = {
@@ -154,6 +155,9 @@ SERVICE_CALLS: dict[str, tuple[str, ...]] = {
         "/tessera.order.v1.OrderService/ListOrders",
         "/tessera.order.v1.OrderService/CreateOrder",
         "/tessera.order.v1.OrderService/CancelOrder",
+        "/tessera.analytics.v1.AnalyticsService/GetDailyMetrics",
+        "/tessera.analytics.v1.AnalyticsService/ListDailyMetrics",
+        "/tessera.analytics.v1.AnalyticsService/GetMetricsSummary",
     ),
 }
 # Callers that ask the health service of what they call (order-service's readiness checks its downstreams); the

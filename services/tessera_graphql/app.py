@@ -73,6 +73,7 @@ class GraphQLSettings:
                 "user": service_address(env, "TESSERA_USER_SERVICE_ADDR", "127.0.0.1:50051"),
                 "inventory": service_address(env, "TESSERA_INVENTORY_SERVICE_ADDR", "127.0.0.1:50052"),
                 "order": service_address(env, "TESSERA_ORDER_SERVICE_ADDR", "127.0.0.1:50054"),
+                "analytics": service_address(env, "TESSERA_ANALYTICS_SERVICE_ADDR", "127.0.0.1:50056"),
             },
             default_deadline_seconds=env.float("TESSERA_DEFAULT_DEADLINE_SECONDS", 5.0, minimum=0.01),
             circuit=CircuitSettings.from_env(env),

@@ -1,5 +1,6 @@
-"""The GraphQL schema: accounts, the catalogue and orders in one graph, each field resolved by the gRPC service
-that owns it (user, inventory, order), the way the reference gateway federates its services' graphs.
+"""The GraphQL schema: accounts, the catalogue, orders and the business metrics in one graph, each field resolved by
+the gRPC service that owns it (user, inventory, order, analytics), the way the reference gateway federates its
+services' graphs.
 
 Types mirror the contracts (tessera.*.v1): names in camelCase, enums without their prefix, int64 as strings (as
 the contracts' JSON mapping has them), timestamps as ISO 8601. An order's items resolve their products in one
@@ -36,6 +37,8 @@ from strawberry.extensions import (
     QueryDepthLimiter,
 )
 from strawberry.types import Info
+from tessera.analytics.v1 import analytics_pb2
+from tessera.analytics.v1 import analytics_service_pb2 as analytics_api
 from tessera.common.v1 import money_pb2
 from tessera.inventory.v1 import inventory_service_pb2 as inventory_api
 from tessera.inventory.v1 import product_pb2
@@ -222,6 +225,50 @@ class UserPage:
     next_page_token: str
 
 
+@strawberry.type(description="How many orders failed for one reason (tessera.analytics.v1.FailureReasonCount).")
+class FailureReasonCount:
+    reason: str
+    count: str = strawberry.field(description="int64, as a string.")
+
+
+@strawberry.type(description="What happened on one UTC day, counted from the domain events "
+                             "(tessera.analytics.v1.DailyMetrics); the counts are int64, as strings.")
+class DailyMetrics:
+    date: str = strawberry.field(description='The UTC day, as "YYYY-MM-DD"; empty in a summary\'s totals.')
+    users_registered: str
+    orders_confirmed: str
+    orders_failed: str
+    orders_cancelled: str
+    revenue: list[Money] = strawberry.field(description="The totals of the orders confirmed that day, one per "
+                                                        "currency, by currency code.")
+    payments_refunded: str
+    refunded: list[Money] = strawberry.field(description="The amounts refunded that day, one per currency.")
+    failure_reasons: list[FailureReasonCount] = strawberry.field(description="The failed orders by reason, by "
+                                                                              "reason.")
+
+    @staticmethod
+    def of(m: analytics_pb2.DailyMetrics) -> DailyMetrics:
+        return DailyMetrics(
+            date=m.date, users_registered=str(m.users_registered), orders_confirmed=str(m.orders_confirmed),
+            orders_failed=str(m.orders_failed), orders_cancelled=str(m.orders_cancelled),
+            revenue=[Money.of(x) for x in m.revenue], payments_refunded=str(m.payments_refunded),
+            refunded=[Money.of(x) for x in m.refunded],
+            failure_reasons=[FailureReasonCount(reason=f.reason, count=str(f.count)) for f in m.failure_reasons])
+
+
+@strawberry.type(description="A page of days, oldest first; nextPageToken is empty on the range's last page.")
+class DailyMetricsPage:
+    daily_metrics: list[DailyMetrics]
+    next_page_token: str
+
+
+@strawberry.type(description="DailyMetrics summed over a range of days (tessera.analytics.v1.MetricsSummary).")
+class MetricsSummary:
+    start_date: str
+    end_date: str
+    totals: DailyMetrics
+
+
 @strawberry.input(description="A line of a new order.")
 class OrderItemInput:
     product_id: strawberry.ID
@@ -360,6 +407,32 @@ class Query:
     async def orders(self, info: Info, page_size: int = 20, page_token: str = "", customer_id: str = "",
                      status: OrderStatus | None = None) -> OrderPage | None:  # type: ignore[valid-type]
         return await _list_orders(info, page_size, page_token, customer_id, status)
+
+    @strawberry.field(description='The metrics of one UTC day, "YYYY-MM-DD" (GetDailyMetrics; analytics:read): every '
+                                  "count zero on a day no event fell on.")
+    async def daily_metrics(self, info: Info, date: str) -> DailyMetrics | None:
+        reply = await _call(info, lambda u: u.analytics.GetDailyMetrics,
+                            analytics_api.GetDailyMetricsRequest(date=date))
+        return DailyMetrics.of(reply.metrics)
+
+    @strawberry.field(description="The metrics of every day from startDate to endDate, both included (at most 366 "
+                                  "days), oldest first, a page at a time (ListDailyMetrics; analytics:read): 50 days "
+                                  "unless pageSize says otherwise, at most 200.")
+    async def daily_metrics_range(self, info: Info, start_date: str, end_date: str, page_size: int = 50,
+                                  page_token: str = "") -> DailyMetricsPage | None:
+        reply = await _call(info, lambda u: u.analytics.ListDailyMetrics, analytics_api.ListDailyMetricsRequest(
+            start_date=start_date, end_date=end_date, page_size=page_size, page_token=page_token))
+        return DailyMetricsPage(daily_metrics=[DailyMetrics.of(d) for d in reply.daily_metrics],
+                                next_page_token=reply.next_page_token)
+
+    @strawberry.field(description="The metrics summed over the days from startDate to endDate, both included (at "
+                                  "most 366 days) (GetMetricsSummary; analytics:read).")
+    async def metrics_summary(self, info: Info, start_date: str, end_date: str) -> MetricsSummary | None:
+        reply = await _call(info, lambda u: u.analytics.GetMetricsSummary,
+                            analytics_api.GetMetricsSummaryRequest(start_date=start_date, end_date=end_date))
+        summary = reply.summary
+        return MetricsSummary(start_date=summary.start_date, end_date=summary.end_date,
+                              totals=DailyMetrics.of(summary.totals))
 
 
 @strawberry.type

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import grpc
+from tessera.analytics.v1 import analytics_service_pb2, analytics_service_pb2_grpc
 from tessera.inventory.v1 import inventory_service_pb2, inventory_service_pb2_grpc
 from tessera.order.v1 import order_service_pb2, order_service_pb2_grpc
 from tessera.user.v1 import user_service_pb2, user_service_pb2_grpc
@@ -25,6 +26,7 @@ from tessera_runtime.discovery.model import DiscoverySettings
 USER = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
 INVENTORY = inventory_service_pb2.DESCRIPTOR.services_by_name["InventoryService"]
 ORDER = order_service_pb2.DESCRIPTOR.services_by_name["OrderService"]
+ANALYTICS = analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"]
 
 
 class UpstreamError(Exception):
@@ -129,11 +131,13 @@ class Upstream:
         self.channels = {
             name: open_channel(addresses[name], [service], default_deadline=default_deadline,
                                extra_interceptors=(guard,), circuit=circuit, discovery=discovery)
-            for name, service in (("user", USER), ("inventory", INVENTORY), ("order", ORDER))
+            for name, service in (("user", USER), ("inventory", INVENTORY), ("order", ORDER),
+                                  ("analytics", ANALYTICS))
         }
         self.users = user_service_pb2_grpc.UserServiceStub(self.channels["user"])
         self.inventory = inventory_service_pb2_grpc.InventoryServiceStub(self.channels["inventory"])
         self.orders = order_service_pb2_grpc.OrderServiceStub(self.channels["order"])
+        self.analytics = analytics_service_pb2_grpc.AnalyticsServiceStub(self.channels["analytics"])
 
     async def call(self, method, request):
         try:

@@ -12,29 +12,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
 from prometheus_client import REGISTRY
 
 from tessera_graphql.app import GraphQLSettings, build_app
+from tests.support.graphql import CUSTOMER, GraphQL
 from tests.support.order_stack import InProcessOrder, Neighbours
 from tests.support.processes import ServiceProcess
-
-CUSTOMER = "user:read user:write order:read order:write inventory:read"
-
-
-class GraphQL:
-    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
-        self.url = url
-        self.session = session
-
-    async def post(self, query: str, variables: dict | None = None, *, subject: str | None,
-                   scopes: str = CUSTOMER, headers: dict[str, str] | None = None) -> tuple[int, dict, CIMultiDict]:
-        sent = dict(headers or {})
-        if subject is not None:
-            sent |= {"x-user-id": subject, "x-user-scopes": scopes}
-        async with self.session.post(self.url, json={"query": query, "variables": variables or {}},
-                                     headers=sent) as response:
-            return response.status, await response.json(), CIMultiDict(response.headers)
 
 
 @pytest.fixture(scope="module")

@@ -63,15 +63,15 @@ def test_the_graphql_api_is_granted_exactly_the_methods_its_schema_calls():
     methods (`u.orders.CreateOrder`): together they are what SERVICE_CALLS must grant graphql, no more."""
     assert stub_attributes((GRAPHQL_PACKAGE / "upstream.py").read_text()) == {
         "users": "tessera.user.v1.UserService", "inventory": "tessera.inventory.v1.InventoryService",
-        "orders": "tessera.order.v1.OrderService"}
+        "orders": "tessera.order.v1.OrderService", "analytics": "tessera.analytics.v1.AnalyticsService"}
     called = graphql_calls()
     assert call_problems(catalog.GRAPHQL, called, SERVICE_CALLS[catalog.GRAPHQL]) == []
-    assert len(SERVICE_CALLS[catalog.GRAPHQL]) == len(set(SERVICE_CALLS[catalog.GRAPHQL])) == 10
+    assert len(SERVICE_CALLS[catalog.GRAPHQL]) == len(set(SERVICE_CALLS[catalog.GRAPHQL])) == 13
     # Its grants on each service are those methods, one by one; no health checks (it makes none), no payment.
     for w in workloads():
         [grant] = [g for g in w.grants if g.caller == catalog.GRAPHQL] or [None]
         mine = sorted(p for p in called if p.split("/")[1] in w.grpc_services)
-        if w.name in ("user", "inventory", "order"):
+        if w.name in ("user", "inventory", "order", "analytics"):
             assert grant is not None and sorted(grant.paths) == mine and not grant.health, w.name
         else:
             assert grant is None and mine == [], w.name

@@ -302,9 +302,10 @@ def test_authorization_allows_exactly_the_callers_on_their_grpc_paths():
             assert all(not p.endswith("*") for p in granted)
         else:
             assert principal("order-service") not in by_caller and granted == []
-        # The GraphQL API gets the methods its schema calls on user, inventory and order, one by one, and no health.
+        # The GraphQL API gets the methods its schema calls on user, inventory, order and analytics, one by one, and
+        # no health.
         granted = [p for p in SERVICE_CALLS[GRAPHQL] if p.split("/")[1] in w.grpc_services]
-        if w.name in ("user", "inventory", "order"):
+        if w.name in ("user", "inventory", "order", "analytics"):
             assert granted and by_caller[principal(GRAPHQL)] == granted
             assert all(not p.endswith("*") for p in granted)
         else:
@@ -487,7 +488,7 @@ def test_graphql_network_policies_admit_the_gateway_and_let_it_out_to_what_it_ca
     called = {p.split("/")[1] for p in SERVICE_CALLS[GRAPHQL]}
     expected = {(w.k8s_name, w.grpc_port) for w in workloads() if set(w.grpc_services) & called}
     assert {(app, port) for r in spec["egress"] for app in _apps(r.get("to", [])) for port in _ports(r)} == expected
-    assert len(expected) == 3
+    assert len(expected) == 4
     # The gateway may go out to it; the services it calls let it in.
     gateway = find(overlay, "NetworkPolicy", GATEWAY)["spec"]
     assert any(_apps(r.get("to", [])) == {GRAPHQL} and _ports(r) == {GRAPHQL_PORT} for r in gateway["egress"])

@@ -13,7 +13,7 @@ def test_defaults_and_the_environment():
     default = GraphQLSettings.from_env({})
     assert (default.host, default.port, default.max_depth, default.gateway_profile) == ("127.0.0.1", 8090, 10, "dev")
     assert default.addresses == {"user": "127.0.0.1:50051", "inventory": "127.0.0.1:50052",
-                                 "order": "127.0.0.1:50054"}
+                                 "order": "127.0.0.1:50054", "analytics": "127.0.0.1:50056"}
     tuned = GraphQLSettings.from_env({"TESSERA_ENV": "production", "TESSERA_GRAPHQL_PORT": "9000",
                                       "TESSERA_ORDER_SERVICE_ADDR": "order:50054", "TESSERA_GRAPHQL_MAX_DEPTH": "4"})
     assert (tuned.port, tuned.addresses["order"], tuned.max_depth, tuned.gateway_profile) == (
@@ -54,4 +54,5 @@ def test_each_rpc_asks_the_scope_the_gateway_asks_over_rest():
     assert scopes.needed["/tessera.order.v1.OrderService/CreateOrder"] == ("order:write",)
     assert scopes.needed["/tessera.inventory.v1.InventoryService/BatchGetProducts"] == ("inventory:read",)
     assert scopes.needed["/tessera.inventory.v1.InventoryService/ReserveStock"] == ("admin",)
+    assert scopes.needed["/tessera.analytics.v1.AnalyticsService/ListDailyMetrics"] == ("analytics:read",)
     assert scopes.admin == "admin"
