@@ -67,3 +67,18 @@ def test_no_token_is_the_gateways_401_and_a_missing_scope_the_apis_refusal(gatew
                     token=gateway.mint(customer, "user:read")).json()
     assert reply["data"] == {"me": {"id": customer}, "products": None}
     assert reply["errors"][0]["extensions"]["reason"] == "MISSING_SCOPE"
+
+
+def test_the_analytics_fields_ask_analytics_read_through_the_gateway(gateway):
+    """A shopper's token is refused the business metrics by the API itself; an analyst's reaches the analytics
+    service, which this suite does not run: UNAVAILABLE, the rest of the answer standing."""
+    query = ('{ metricsSummary(startDate: "2026-12-01", endDate: "2026-12-07") { totals { ordersConfirmed } } '
+             'me { id } }')
+    customer = new_customer(gateway)
+    shopper = graphql(gateway, query, token=gateway.mint(customer, "user:read order:read")).json()
+    assert shopper["data"] == {"metricsSummary": None, "me": {"id": customer}}
+    assert [(e["path"], e["extensions"]["reason"]) for e in shopper["errors"]] == [(["metricsSummary"],
+                                                                                    "MISSING_SCOPE")]
+    analyst = graphql(gateway, query, token=gateway.mint(customer, "user:read analytics:read")).json()
+    assert analyst["data"] == {"metricsSummary": None, "me": {"id": customer}}
+    assert [(e["path"], e["extensions"]["code"]) for e in analyst["errors"]] == [(["metricsSummary"], "UNAVAILABLE")]

@@ -254,9 +254,11 @@ def dead_port():
 
 
 @pytest.fixture(scope="session")
-def graphql_api(gateway_workdir, gateway_services):
-    """The GraphQL API process (python -m tessera_graphql) over the suite's services, in production mode."""
-    addresses = gateway_services.addresses()
+def graphql_api(gateway_workdir, gateway_services, dead_port):
+    """The GraphQL API process (python -m tessera_graphql) over the suite's services, in production mode; the
+    services the suite does not run (analytics) are down, never the defaults another stack may listen on."""
+    addresses = {name: f"127.0.0.1:{dead_port}" for name in SERVICES}
+    addresses.update(gateway_services.addresses())
     process = ServiceProcess("graphql", {
         "TESSERA_ENV": "production", "TESSERA_GRAPHQL_PORT": "0", "TESSERA_LOG_LEVEL": "INFO",
         **{f"TESSERA_{name.upper()}_SERVICE_ADDR": address for name, address in addresses.items()},
