@@ -47,13 +47,13 @@ lint: gen ## buf lint + buf breaking against main's history + ruff
 test-unit: gen ## Unit tests: domain and handlers with fakes
 	$(PYTEST) -m unit -q
 
-test-integration: gen ## Integration tests: real servers on port 0, SQLite and PostgreSQL, RabbitMQ
+test-integration: gen prometheus ## Integration tests: real servers on port 0, SQLite and PostgreSQL, RabbitMQ
 	$(PYTEST) -m "integration" -q
 
 test-e2e: gen ## End-to-end tests through the real Envoy gateway
 	$(PYTEST) -m "e2e" -q
 
-test: lint test-clients ## Everything: lint, the client suites, unit, integration, end to end
+test: lint test-clients prometheus ## Everything: lint, the client suites, unit, integration, end to end
 	$(PYTEST) -q
 
 run: gen ## Start every service on embedded defaults (SQLite) and print where to reach it
@@ -62,7 +62,28 @@ run: gen ## Start every service on embedded defaults (SQLite) and print where to
 clean: ## Remove generated code, build output and local data
 	rm -rf gen build data .pytest_cache clients/ts/gen
 
-.PHONY: k8s-mesh k8s-render k8s-validate
+# Prometheus and promtool for the alerting rules' tests (tests/integration/prometheus/): Debian's package, pinned,
+# unpacked into the venv with dpkg -x, so nothing is installed as a system service and nothing starts.
+.PHONY: prometheus
+PROMETHEUS_DEB   := 2.42.0+ds-5+deb12u1
+PROMETHEUS_DIR   := $(VENV)/prometheus
+PROMETHEUS_STAMP := $(PROMETHEUS_DIR)/.installed-$(PROMETHEUS_DEB)
+
+$(PROMETHEUS_STAMP):
+	rm -rf $(PROMETHEUS_DIR) && mkdir -p $(PROMETHEUS_DIR)/deb
+	cd $(PROMETHEUS_DIR)/deb && { apt-get download -q prometheus=$(PROMETHEUS_DEB) 2>/dev/null || \
+	  { apt-get update -qq && apt-get download -q prometheus=$(PROMETHEUS_DEB); }; }
+	dpkg -x $(PROMETHEUS_DIR)/deb/prometheus_*.deb $(PROMETHEUS_DIR)/root
+	rm -rf $(PROMETHEUS_DIR)/deb
+	$(PROMETHEUS_DIR)/root/usr/bin/promtool --version
+	@touch $@
+
+prometheus: $(PROMETHEUS_STAMP) ## Unpack Debian's prometheus package (pinned version) into .venv/prometheus: prometheus, promtool
+
+.PHONY: k8s-mesh k8s-render k8s-validate k8s-alerts
+k8s-alerts: gen ## Write the PrometheusRule k8s/base/monitoring/prometheus-rule.yaml from k8s/monitoring/tessera.rules.yaml
+	$(PY) -m tessera_deploy.alerts
+
 k8s-mesh: gen ## Regenerate istio/ routes, subsets and policies and the canary components from the contracts
 	$(PY) -m tessera_deploy.mesh
 

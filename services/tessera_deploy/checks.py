@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from tessera_deploy import ROOT, alerts
 from tessera_deploy.catalog import (
     GATEWAY,
     GRAPHQL_API,
@@ -508,6 +509,60 @@ def check_companions(overlay: Overlay, workloads: Iterable[Workload]) -> Iterato
             yield _problem(hpa, "spec.scaleTargetRef", f"{target.get('kind')}/{target.get('name')} does not exist")
 
 
+def _jobs_named(expr: str) -> set[str]:
+    """The scrape jobs an expression names: `job="x"` and the alternatives of `job=~"x|y"` matchers, and the
+    job labels `label_replace(..., "job", "x", ...)` gives."""
+    named = set()
+    for value in re.findall(r'\bjob\s*=~?\s*"([^"]*)"', expr):
+        named.update(value.split("|"))
+    named.update(re.findall(r'label_replace\([^,]+,\s*"job",\s*"([^"]*)"', expr))
+    return named
+
+
+def check_prometheus_rules(overlay: Overlay) -> Iterator[Problem]:
+    """One PrometheusRule holding exactly the groups of the rules file, labelled as every ServiceMonitor is (so the
+    Prometheus that selects the monitors loads it), whose alerts on scrape jobs name exactly the Services the
+    monitors select (a Service's monitored job is its name)."""
+    rules = overlay.of("PrometheusRule")
+    if len(rules) != 1:
+        yield Problem("k8s/base/kustomization.yaml", "PrometheusRule/*", "(resources)",
+                      f"{len(rules)} PrometheusRule objects; one is expected ({alerts.PROMETHEUS_RULE_FILE.name})")
+        return
+    [rule] = rules
+    try:
+        groups = alerts.load_groups()
+    except alerts.RulesError as exc:
+        yield _problem(rule, "spec.groups", str(exc))
+        return
+    if _get(rule.obj, "spec", "groups") != groups:
+        yield _problem(rule, "spec.groups",
+                       f"differs from {alerts.RULES_FILE.relative_to(ROOT)} (run `make k8s-alerts`; patch the "
+                       "source, not the rendered rule)")
+    monitors = overlay.of("ServiceMonitor")
+    if monitors:
+        first = _get(monitors[0].obj, "metadata", "labels", default={})
+        common = {k: v for k, v in first.items()
+                  if all(_get(m.obj, "metadata", "labels", default={}).get(k) == v for m in monitors)}
+        labels = _get(rule.obj, "metadata", "labels", default={})
+        for key, value in sorted(common.items()):
+            if labels.get(key) != value:
+                yield _problem(rule, f"metadata.labels.{key}",
+                               f"every ServiceMonitor has {key}: {value}; the PrometheusRule must too, or the "
+                               "Prometheus that selects the monitors does not load it")
+    monitored = {svc.name for svc in overlay.of("Service")
+                 if any(selects(_match_labels(_get(m.obj, "spec", "selector")), _get(svc.obj, "metadata", "labels"))
+                        for m in monitors)}
+    for gi, group in enumerate(_get(rule.obj, "spec", "groups", default=[]) or []):
+        for ri, item in enumerate(group.get("rules", []) if isinstance(group, dict) else []):
+            named = _jobs_named(str(item.get("expr", "")))
+            if named and named != monitored:
+                missing, unknown = sorted(monitored - named), sorted(named - monitored)
+                yield _problem(rule, f"spec.groups[{gi}].rules[{ri}].expr",
+                               f"{item.get('alert') or item.get('record')} names the jobs {sorted(named)}: "
+                               + "; ".join([*([f"no monitored Service is {unknown}"] if unknown else []),
+                                            *([f"leaves out the monitored {missing}"] if missing else [])]))
+
+
 # --- security policies -----------------------------------------------------------------------------------------
 
 
@@ -744,4 +799,5 @@ def check(manifests: Iterable[Manifest], workloads: Iterable[Workload], namespac
                     check_network_policies, check_database_connections):
         problems.extend(checker(overlay, workloads))
     problems.extend(check_mtls(overlay, namespace))
+    problems.extend(check_prometheus_rules(overlay))
     return problems

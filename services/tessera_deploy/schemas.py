@@ -31,8 +31,10 @@ _DEFINITIONS_ID = "https://kubernetes.io/api/_definitions.json"
 _OBJECT_META = {"$ref": f"{_DEFINITIONS_ID}#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
 
 # Kinds of operators this repository has no schema for. They are checked by meaning (checks.py: a ServiceMonitor
-# must select a Service and name one of its ports), never silently: any other kind without a schema is an error.
-SEMANTIC_ONLY_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# must select a Service and name one of its ports; the PrometheusRule must hold the rules file's groups, carry the
+# monitors' labels and alert on exactly the monitored jobs), never silently: any other kind without a schema is an
+# error.
+SEMANTIC_ONLY_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
 @dataclasses.dataclass(frozen=True)

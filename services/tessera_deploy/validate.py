@@ -2,7 +2,7 @@
 
 Exit status 0 when every overlay renders, every object validates against its schema (Kubernetes objects against
 the pinned Kubernetes version, Istio objects against Istio's CRDs), every semantic check passes and the generated
-files (Istio policies, gateway configuration) match their sources. Each problem is printed as
+files (Istio policies, gateway configuration, the PrometheusRule) match their sources. Each problem is printed as
 `file: Kind/name field: what is wrong`.
 """
 
@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from tessera_deploy import ROOT, checks, gateway_config, mesh, render, schemas
+from tessera_deploy import ROOT, alerts, checks, gateway_config, mesh, render, schemas
 from tessera_deploy.catalog import NAMESPACE, workloads
 from tessera_deploy.checks import Problem
 
@@ -44,9 +44,16 @@ def validate_overlay(overlay: Path, root: Path = ROOT,
 
 def generated_problems() -> list[Problem]:
     """Generated files that differ from their sources."""
-    return [Problem(str(p.relative_to(ROOT)), "(generated)", "(file)",
-                    "differs from what the contracts give: run `make k8s-mesh`")
-            for p in mesh.stale(mesh.files())]
+    problems = [Problem(str(p.relative_to(ROOT)), "(generated)", "(file)",
+                        "differs from what the contracts give: run `make k8s-mesh`")
+                for p in mesh.stale(mesh.files())]
+    try:
+        problems.extend(Problem(str(p.relative_to(ROOT)), "(generated)", "(file)",
+                                f"differs from {alerts.RULES_FILE.relative_to(ROOT)}: run `make k8s-alerts`")
+                        for p in alerts.stale(alerts.files()))
+    except alerts.RulesError as exc:
+        problems.append(Problem(str(alerts.RULES_FILE.relative_to(ROOT)), "(rules)", "groups", str(exc)))
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
