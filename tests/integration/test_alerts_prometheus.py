@@ -1,0 +1,156 @@
+"""Tessera's rules in a real Prometheus scraping real service processes: every metric a rule reads is in their
+scrapes, and a real fault (the user service dies while orders come in) takes alerts to FIRING.
+
+The rules are loaded as committed, except that every `for:` is shortened to 2s (scraped and evaluated every
+second) so that the alerts fire in a test's time; the expressions are unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import yaml
+from tessera.order.v1 import order_service_pb2 as osvc
+from tessera.order.v1 import order_service_pb2_grpc
+
+from tessera_deploy import alerts
+from tests.support.processes import ServiceProcess
+from tests.support.prometheus import PrometheusServer
+
+SHORT_FOR = "2s"
+# The order service's dependencies; payment and inventory stay up, user is the one that dies.
+SERVICES = ("user", "inventory", "payment", "order")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shortened_rules(folder) -> object:
+    groups = alerts.load_groups()
+    for group in groups:
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = SHORT_FOR
+    path = folder / "tessera.rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """user, inventory, payment and order as real processes (SQLite), each with its /metrics, and a Prometheus
+    scraping them as the ServiceMonitors' jobs."""
+    folder = tmp_path_factory.mktemp("alerts")
+    metrics = {name: free_port() for name in SERVICES}
+    common = {"TESSERA_CIRCUIT_OPEN_SECONDS": "60", "TESSERA_DEFAULT_DEADLINE_SECONDS": "2"}
+    processes = {name: ServiceProcess(name, {
+        **common,
+        "TESSERA_DATABASE_URL": f"sqlite+aiosqlite:///{folder / (name + '.db')}",
+        "TESSERA_METRICS_PORT": str(metrics[name]),
+    }, folder / f"{name}.log") for name in SERVICES if name != "order"}
+    started: list[ServiceProcess] = []
+    prometheus = None
+    try:
+        with ThreadPoolExecutor(len(processes)) as pool:
+            for process in pool.map(lambda p: p.start(), processes.values()):
+                started.append(process)
+        processes["order"] = ServiceProcess("order", {
+            **common,
+            "TESSERA_DATABASE_URL": f"sqlite+aiosqlite:///{folder / 'order.db'}",
+            "TESSERA_METRICS_PORT": str(metrics["order"]),
+            "TESSERA_USER_SERVICE_ADDR": processes["user"].address,
+            "TESSERA_INVENTORY_SERVICE_ADDR": processes["inventory"].address,
+            "TESSERA_PAYMENT_SERVICE_ADDR": processes["payment"].address,
+        }, folder / "order.log")
+        started.append(processes["order"].start())
+        prometheus = PrometheusServer(
+            folder, {f"{name}-service": [f"127.0.0.1:{metrics[name]}"] for name in SERVICES},
+            [shortened_rules(folder)]).start()
+        wait_for(lambda: {t["labels"]["job"] for t in prometheus.api("targets")["activeTargets"]
+                          if t["health"] == "up"} == {f"{name}-service" for name in SERVICES},
+                 "every service scraped", prometheus)
+        yield processes, prometheus
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        for process in started:
+            process.stop()
+
+
+def wait_for(condition, what: str, prometheus: PrometheusServer, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"not {what} after {timeout}s; prometheus log: {prometheus.log_text()[-2000:]}")
+
+
+def present_names(prometheus: PrometheusServer) -> set[str]:
+    """Every series name the scrapes have samples of, and every name a scraped metric family (its HELP/TYPE, also
+    for a labelled metric with no series yet) would give its series."""
+    names = set(prometheus.api("label/__name__/values"))
+    suffixes = {"counter": ("", "_total"), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",),
+                "summary": ("", "_count", "_sum"), "untyped": ("",)}
+    for family, entries in prometheus.api("metadata").items():
+        for entry in entries:
+            names.update(f"{family}{suffix}" for suffix in suffixes.get(entry["type"], ("",)))
+    return names
+
+
+def test_every_metric_a_rule_reads_is_scraped_from_the_services(stack):
+    _, prometheus = stack
+    wait_for(lambda: "tessera_circuit_state" in present_names(prometheus), "the metrics' metadata", prometheus)
+    referenced = alerts.referenced_metrics(alerts.load_groups())
+    assert {"tessera_circuit_state", "tessera_saga_compensation_failures_total", "up"} <= referenced
+    missing = referenced - present_names(prometheus)
+    assert missing == set(), f"rules read metrics no service exports: {sorted(missing)}"
+    # A rule on a renamed metric would read nothing: the same check names it.
+    assert "tessera_circuit_state_renamed" not in present_names(prometheus)
+
+
+def firing(prometheus: PrometheusServer, name: str) -> list[dict]:
+    return [a for a in prometheus.api("alerts")["alerts"]
+            if a["labels"]["alertname"] == name and a["state"] == "firing"]
+
+
+async def test_a_dead_user_service_fires_its_target_down_and_the_order_circuit_open_alerts(stack):
+    processes, prometheus = stack
+    assert firing(prometheus, "TesseraCircuitOpen") == [] and firing(prometheus, "TesseraTargetDown") == []
+    user_address = processes["user"].address
+    processes["user"].kill()  # by its PID: the process dies as in a crash
+
+    async with grpc.aio.insecure_channel(processes["order"].address) as channel:
+        stub = order_service_pb2_grpc.OrderServiceStub(channel)
+        for _ in range(8):  # CreateOrder validates the customer with user first: each call fails there
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.CreateOrder(osvc.CreateOrderRequest(
+                    customer_id=str(uuid.uuid4()), payment_method="pm_sandbox_ok", currency_code="EUR",
+                    request_id=uuid.uuid4().hex,
+                    items=[osvc.CreateOrderRequest.Item(product_id=str(uuid.uuid4()), quantity=1)]), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    [circuit] = await asyncio.to_thread(
+        wait_for, lambda: firing(prometheus, "TesseraCircuitOpen"), "TesseraCircuitOpen firing", prometheus)
+    assert circuit["labels"] == {"alertname": "TesseraCircuitOpen", "severity": "critical", "job": "order-service",
+                                 "instance": f"127.0.0.1:{processes['order'].env['TESSERA_METRICS_PORT']}",
+                                 "dependency": user_address}
+    assert circuit["annotations"]["summary"] == f"order-service keeps its circuit to {user_address} open"
+    assert circuit["annotations"]["runbook_url"] == "README.md#tesseracircuitopen"
+
+    [down] = await asyncio.to_thread(
+        wait_for, lambda: firing(prometheus, "TesseraTargetDown"), "TesseraTargetDown firing", prometheus)
+    assert down["labels"]["job"] == "user-service" and down["labels"]["severity"] == "warning"
+    [service_down] = await asyncio.to_thread(
+        wait_for, lambda: firing(prometheus, "TesseraServiceDown"), "TesseraServiceDown firing", prometheus)
+    assert service_down["labels"]["job"] == "user-service"
