@@ -37,6 +37,8 @@ service. The others are defined here, once, and incremented where the thing happ
 | tessera_circuit_transitions_total | counter | dependency, state (closed, half_open, open) | circuit transitions |
 | tessera_discovery_instances | gauge | dependency (a discovery address), health (serving, not_serving) | instances |
 | tessera_discovery_picks_total | counter | dependency, address | calls the balancer sent to each instance |
+| tessera_ready | gauge | | 1 while the process reports SERVING (critical checks pass), 0 when not or stopping |
+| tessera_health_check_up | gauge | check, critical (true, false) | each readiness check's last result: 1 passed |
 
 Label values are short, bounded strings (an ErrorReason name, a step name, a message's full type name): never ids.
 """
@@ -151,6 +153,16 @@ CIRCUIT_STATE = Gauge(
 CIRCUIT_TRANSITIONS = Counter(
     "tessera_circuit_transitions_total", "Circuit breaker transitions, by dependency and the state entered.",
     ("dependency", "state"))
+
+
+# Set by tessera_runtime.server.Readiness after each round of checks, as the gRPC health and /health report them.
+READY = Gauge(
+    "tessera_ready",
+    "1 while this process reports SERVING (its critical checks pass); 0 while NOT_SERVING or stopping.")
+HEALTH_CHECK_UP = Gauge(
+    "tessera_health_check_up",
+    "Last result of each readiness check: 1 passed, 0 failed; a failing critical check makes the process NOT_SERVING.",
+    ("check", "critical"))
 
 
 DISCOVERY_INSTANCES = Gauge(

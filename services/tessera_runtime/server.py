@@ -138,6 +138,7 @@ class Readiness:
         for item, (passed, error) in zip(self.checks, results, strict=True):
             checks[item.name] = {"status": "UP" if passed else "DOWN", "critical": item.critical,
                                  **({"error": error} if error else {})}
+            metrics.HEALTH_CHECK_UP.labels(item.name, "true" if item.critical else "false").set(1 if passed else 0)
             if not passed:
                 ok = ok and not item.critical
                 degraded = degraded or not item.critical
@@ -145,6 +146,7 @@ class Readiness:
         if ok != self.ready:
             log.info("readiness changed", extra={"ready": ok, "health": self.report})
             self.ready = ok
+        metrics.READY.set(1 if ok else 0)
         for name in self.names:
             await self.health.set(name, SERVING if ok else NOT_SERVING)
         return ok
@@ -153,6 +155,11 @@ class Readiness:
         while True:
             await asyncio.sleep(self.interval)
             await self.check_once()
+
+    def leave_rotation(self) -> None:
+        """A graceful stop began: the /health report and tessera_ready say what the gRPC health now says."""
+        self.report = {**self.report, "status": "DOWN", "shutting_down": True}
+        metrics.READY.set(0)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="readiness")
@@ -232,8 +239,7 @@ class TesseraServer:
         if self.registration is not None:
             await self.registration.stop()
         await self.readiness.stop()
-        # The /health report says what the gRPC health now says: the process is leaving rotation.
-        self.readiness.report = {**self.readiness.report, "status": "DOWN", "shutting_down": True}
+        self.readiness.leave_rotation()
         if self.drain_seconds > 0:
             log.info("draining", extra={"drain_seconds": self.drain_seconds})
             await asyncio.sleep(self.drain_seconds)

@@ -112,7 +112,7 @@ def test_every_metric_a_rule_reads_is_scraped_from_the_services(stack):
     _, prometheus = stack
     wait_for(lambda: "tessera_circuit_state" in present_names(prometheus), "the metrics' metadata", prometheus)
     referenced = alerts.referenced_metrics(alerts.load_groups())
-    assert {"tessera_circuit_state", "tessera_saga_compensation_failures_total", "up"} <= referenced
+    assert {"tessera_circuit_state", "tessera_saga_compensation_failures_total", "tessera_ready", "up"} <= referenced
     missing = referenced - present_names(prometheus)
     assert missing == set(), f"rules read metrics no service exports: {sorted(missing)}"
     # A rule on a renamed metric would read nothing: the same check names it.
@@ -124,7 +124,7 @@ def firing(prometheus: PrometheusServer, name: str) -> list[dict]:
             if a["labels"]["alertname"] == name and a["state"] == "firing"]
 
 
-async def test_a_dead_user_service_fires_its_target_down_and_the_order_circuit_open_alerts(stack):
+async def test_a_dead_user_service_fires_its_target_down_the_order_circuit_open_and_health_check_alerts(stack):
     processes, prometheus = stack
     assert firing(prometheus, "TesseraCircuitOpen") == [] and firing(prometheus, "TesseraTargetDown") == []
     user_address = processes["user"].address
@@ -154,3 +154,10 @@ async def test_a_dead_user_service_fires_its_target_down_and_the_order_circuit_o
     [service_down] = await asyncio.to_thread(
         wait_for, lambda: firing(prometheus, "TesseraServiceDown"), "TesseraServiceDown firing", prometheus)
     assert service_down["labels"]["job"] == "user-service"
+    # The order service's readiness check of user fails too; it still serves (DEGRADED).
+    [check] = await asyncio.to_thread(
+        wait_for, lambda: firing(prometheus, "TesseraHealthCheckFailing"), "TesseraHealthCheckFailing firing",
+        prometheus)
+    assert (check["labels"]["job"], check["labels"]["check"], check["labels"]["critical"]) == (
+        "order-service", "user-service", "false")
+    assert firing(prometheus, "TesseraNotReady") == []

@@ -47,3 +47,37 @@ async def test_critical_failure_is_not_serving_and_non_critical_is_degraded():
     assert await status(health, "") == NOT_SERVING
     assert await status(health, "tessera.x.v1.XService") == NOT_SERVING
     assert readiness.report["status"] == "DOWN"
+
+
+def gauge(name: str, **labels: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels)
+
+
+async def test_each_check_and_the_readiness_are_gauges_for_alerting():
+    database, broker = Switch(), Switch()
+    readiness = Readiness(HealthServicer(), ["tessera.x.v1.XService"],
+                          [HealthCheck("database", database.ping), HealthCheck("broker", broker.ping, critical=False)],
+                          interval=1)
+    assert await readiness.check_once()
+    assert gauge("tessera_ready") == 1
+    assert gauge("tessera_health_check_up", check="database", critical="true") == 1
+    assert gauge("tessera_health_check_up", check="broker", critical="false") == 1
+
+    broker.up = False
+    assert await readiness.check_once()
+    assert gauge("tessera_ready") == 1
+    assert gauge("tessera_health_check_up", check="broker", critical="false") == 0
+
+    database.up = False
+    assert not await readiness.check_once()
+    assert gauge("tessera_ready") == 0
+    assert gauge("tessera_health_check_up", check="database", critical="true") == 0
+
+    database.up = broker.up = True
+    assert await readiness.check_once()
+    assert gauge("tessera_ready") == 1
+    readiness.leave_rotation()
+    assert gauge("tessera_ready") == 0
+    assert readiness.report["status"] == "DOWN" and readiness.report["shutting_down"] is True
