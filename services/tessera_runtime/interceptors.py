@@ -141,6 +141,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             if span_attributes is not None:
                 span, otel_token = spans.start(method, span_attributes, metadata, context)
             in_flight.inc()
+            # A failure's status is sent after the call's line, metrics and span are done (below the finally): the
+            # caller that holds the answer can rely on them being recorded.
+            failure: status_pb2.Status | None = None
+            deadline_passed = False
 
             try:
                 if self.require_identity and principal is None and not exempt:
@@ -157,19 +161,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     return await inner(request, context)
             except DomainError as err:
                 code = err.code
-                await _fail(context, ids, err.to_status())
+                failure = err.to_status()
             except TimeoutError:
                 if remaining is not None and (remaining <= 0 or (deadline is not None and deadline.expired())):
                     code = grpc.StatusCode.DEADLINE_EXCEEDED
-                    await context.abort(code, "deadline exceeded")
+                    deadline_passed = True
                 else:
                     # Something the handler waited on gave up (a database connection not made in time, ...)
                     # before the caller's deadline: the service cannot answer just now, and a retry may succeed.
                     code = grpc.StatusCode.UNAVAILABLE
                     log.warning("timed out waiting for a dependency in %s", method, exc_info=True,
                                 extra={"rpc_method": method})
-                    await _fail(context, ids, Unavailable("a dependency did not answer in time; retry later",
-                                                          domain=self.domain).to_status())
+                    failure = Unavailable("a dependency did not answer in time; retry later",
+                                          domain=self.domain).to_status()
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
@@ -181,12 +185,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.UNAVAILABLE
                     log.warning("the database could not be used in %s", method, exc_info=True,
                                 extra={"rpc_method": method})
-                    await _fail(context, ids, Unavailable("the database is unavailable; retry later",
-                                                          reason=DATABASE_UNAVAILABLE, domain=self.domain).to_status())
+                    failure = Unavailable("the database is unavailable; retry later", reason=DATABASE_UNAVAILABLE,
+                                          domain=self.domain).to_status()
                 else:
                     code = grpc.StatusCode.INTERNAL
                     log.exception("unexpected error in %s", method, extra={"rpc_method": method})
-                    await _fail(context, ids, internal_status(self.domain))
+                    failure = internal_status(self.domain)
             finally:
                 in_flight.dec()
                 duration = time.perf_counter() - start
@@ -198,5 +202,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 context_vars = (request_id_var, correlation_id_var, callctx.principal_var, callctx.deadline_var)
                 for var, token in zip(context_vars, tokens, strict=True):
                     var.reset(token)
+            # Only a failure caught above gets here (a return or a raise has left already).
+            if deadline_passed:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            assert failure is not None
+            await _fail(context, ids, failure)
 
         return handle

@@ -4,9 +4,11 @@ caplog here, an application's logging configuration) listens too; and then that 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import time
 
 import grpc
 import pytest
@@ -114,3 +116,44 @@ async def test_the_access_line_is_the_same_written_directly_or_through_a_listene
     assert missing == {**missing, "message": f"rpc {GET_USER} NOT_FOUND", "request_id": "req-missing",
                        "correlation_id": "req-missing", "grpc_code": "NOT_FOUND"}
     assert ok["trace_id"] != missing["trace_id"]
+
+
+async def test_a_failed_call_s_line_and_metrics_are_recorded_before_its_status_reaches_the_caller(rpc_logger):
+    """A caller holding an error answer can rely on the server's access line and RED metrics being there already
+    (a test, a log shipper, an operator comparing the two): the status leaves after them, not before."""
+    from prometheus_client import REGISTRY
+
+    logger, _, _, _ = rpc_logger
+    written: list[str] = []
+
+    class _SlowListener(logging.Handler):  # the line takes a while to write; the status must wait for it
+        def emit(self, record: logging.LogRecord) -> None:
+            time.sleep(0.3)
+            written.append(record.getMessage())
+
+    logger.addHandler(_SlowListener())
+    module = ServiceModule(
+        service_names=(SERVICE,), domain=DOMAIN,
+        register=lambda server: user_service_pb2_grpc.add_UserServiceServicer_to_server(_Users(), server))
+    server, port = await create_server(module)
+    labels = {"grpc_service": SERVICE, "grpc_method": "GetUser", "grpc_code": "NOT_FOUND"}
+
+    def handled() -> float:
+        return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+
+    before = handled()
+
+    def call() -> tuple[grpc.StatusCode, list[str], float]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                user_service_pb2_grpc.UserServiceStub(channel).GetUser(
+                    user_service_pb2.GetUserRequest(id="missing"), timeout=10)
+            except grpc.RpcError as err:  # what was recorded at the moment the answer arrived
+                return err.code(), list(written), handled() - before
+        raise AssertionError("GetUser of a missing user succeeded")
+
+    try:
+        code, lines, counted = await asyncio.to_thread(call)
+    finally:
+        await server.stop()
+    assert (code, lines, counted) == (grpc.StatusCode.NOT_FOUND, [f"rpc {GET_USER} NOT_FOUND"], 1.0)
