@@ -146,9 +146,13 @@ class PrivateNode:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
         }
         if rabbit_settings:
-            terms = ", ".join(f"{{{key}, {value}}}" for key, value in rabbit_settings.items())
-            (directory / "advanced.config").write_text(f"[{{rabbit, [{terms}]}}].\n")
-            self._env["RABBITMQ_ADVANCED_CONFIG_FILE"] = str(directory / "advanced.config")
+            self.set_rabbit_settings(rabbit_settings)
+
+    def set_rabbit_settings(self, rabbit_settings: dict[str, int]) -> None:
+        """Writes the node's `rabbit` application values (advanced.config); they apply from its next start."""
+        terms = ", ".join(f"{{{key}, {value}}}" for key, value in rabbit_settings.items())
+        (self.directory / "advanced.config").write_text(f"[{{rabbit, [{terms}]}}].\n")
+        self._env["RABBITMQ_ADVANCED_CONFIG_FILE"] = str(self.directory / "advanced.config")
 
     def ctl(self, *args: str) -> str:
         done = subprocess.run([_CTL, "-q", "-n", self.name, *args], check=True, capture_output=True, timeout=60,
