@@ -26,6 +26,8 @@ service. The others are defined here, once, and incremented where the thing happ
 | tessera_outbox_oldest_unpublished_seconds | gauge | service | age of the oldest unpublished row (0 when none) |
 | tessera_outbox_published_total | counter | service, event_type | events published and confirmed |
 | tessera_outbox_publish_failures_total | counter | service | publish attempts that failed (broker away, nack) |
+| tessera_outbox_events_parked_total | counter | service, event_type | events parked: refused for good, passed over |
+| tessera_outbox_parked | gauge | service | parked outbox events not yet put back in line (last count) |
 | tessera_consumer_processed_total | counter | consumer, event_type | messages handled and acknowledged |
 | tessera_consumer_duplicates_total | counter | consumer, event_type | messages skipped: event id already applied |
 | tessera_consumer_retried_total | counter | consumer, event_type | messages sent back for a delayed retry |
@@ -120,6 +122,15 @@ OUTBOX_PUBLISHED = Counter(
     ("service", "event_type"))
 OUTBOX_PUBLISH_FAILURES = Counter(
     "tessera_outbox_publish_failures_total", "Publish attempts that failed: broker unreachable or a nack.",
+    ("service",))
+
+OUTBOX_EVENTS_PARKED = Counter(
+    "tessera_outbox_events_parked_total",
+    "Outbox events parked: the broker refused each one alone for good (larger than its max_message_size, say), or it "
+    "could not be made an AMQP message; kept in the outbox and passed over until `tessera outbox retry`.",
+    ("service", "event_type"))
+OUTBOX_PARKED = Gauge(
+    "tessera_outbox_parked", "Outbox events parked and not yet put back in line, as last counted by the relay.",
     ("service",))
 
 _CONSUMER_LABELS = ("consumer", "event_type")

@@ -97,6 +97,25 @@ def create_outbox(op) -> None:
     op.create_index("ix_outbox_unpublished", "outbox", ["published_at", "seq"], unique=False)
 
 
+def add_outbox_parking(op) -> None:
+    """Adds the columns of a parked outbox event (tessera_runtime.outbox): when the relay parked it and the broker's
+    reason; called by a migration of each service that has an outbox. Nullable without a default: an ALTER TABLE
+    ADD COLUMN on SQLite and PostgreSQL alike, with no table rewrite, and no existing row is parked."""
+    import sqlalchemy as sa
+
+    op.add_column("outbox", sa.Column("parked_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("outbox", sa.Column("parked_reason", sa.Text(), nullable=True))
+
+
+def drop_outbox_parking(op) -> None:
+    """Undoes add_outbox_parking. Parked events become ordinary unpublished ones again, which the relay of the
+    older version retries (and is blocked by) as it did before."""
+    # Batch mode: on SQLite older than 3.35 a column can only be dropped by copying the table.
+    with op.batch_alter_table("outbox") as batch:
+        batch.drop_column("parked_reason")
+        batch.drop_column("parked_at")
+
+
 def create_processed_events(op) -> None:
     """Creates the processed_events table of tessera_runtime.messaging.idempotency; called by the migration of
     each service that consumes events."""

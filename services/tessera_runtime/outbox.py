@@ -34,6 +34,10 @@ def outbox_table(metadata: MetaData) -> Table:
         Column("created_at", UtcDateTime(), nullable=False),
         Column("published_at", UtcDateTime(), nullable=True),
         Column("attempts", Integer, nullable=False, default=0),
+        # An event the broker refuses for good (larger than its max_message_size, say) is parked: kept here, with
+        # the broker's reason, and passed over by the relay until an operator puts it back (`tessera outbox retry`).
+        Column("parked_at", UtcDateTime(), nullable=True),
+        Column("parked_reason", Text, nullable=True),
         Index("ix_outbox_unpublished", "published_at", "seq"),
     )
 

@@ -35,7 +35,7 @@ async def test_replicas_that_migrate_one_database_at_once_all_start(service):
             versions = [r["version_num"] for r in await conn.fetch("SELECT version_num FROM alembic_version")]
         finally:
             await conn.close()
-        assert versions == ["0002"]
+        assert versions == ["0003"]
     finally:
         for replica in replicas:
             if replica.returncode is None:

@@ -240,7 +240,7 @@ def test_migrate_command_creates_the_schema(tmp_path):
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         version = conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
     assert {"users", "user_create_requests", "outbox", "alembic_version"} <= tables
-    assert version == "0002"
+    assert version == "0003"
 
 
 @pytest.mark.parametrize("url", [

@@ -1,5 +1,6 @@
 """`tessera dlq list|show|replay`: inspect and replay the messages consumers moved to their dead-letter queues;
-`tessera queues migrate`: convert the consumer queues to the type TESSERA_QUEUE_TYPE names (queues.py).
+`tessera queues migrate`: convert the consumer queues to the type TESSERA_QUEUE_TYPE names (queues.py);
+`tessera outbox list|retry`: the outbox events the relay parked, and putting them back in line (parked.py).
 
     tessera dlq list                               dead-letter queue depth of every consumer queue Tessera knows
     tessera dlq list notification.email            the dead-lettered messages of one queue, oldest first
@@ -14,16 +15,19 @@ error or the broker could not be reached.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import os
 import sys
+import uuid
 from collections.abc import Callable
 
 import pika.exceptions
 
 from tessera_runtime import app
 from tessera_runtime.config import DEFAULT_AMQP_URL, ConfigError, check_amqp_url
-from tessera_runtime.messaging import deadletter, queues
+from tessera_runtime.db import Database, cannot_connect, database_location, first_line
+from tessera_runtime.messaging import deadletter, parked, queues
 from tessera_runtime.messaging.settings import MessagingSettings
 from tessera_runtime.messaging.topology import QueueTopology, installed_consumer_routes
 
@@ -171,7 +175,133 @@ def _migrate_queues(args: argparse.Namespace) -> int:
     return 0
 
 
+OUTBOX_DOC = """The outbox events the relay parked: events the broker refuses for good (larger than its
+max_message_size, say), kept in the service's outbox and passed over so that the events behind them are published.
+
+    tessera outbox list SERVICE                          the parked events, oldest first: id, type, aggregate,
+                                                         size and the broker's reason (--json for JSON)
+    tessera outbox retry SERVICE EVENT_ID [EVENT_ID...]  put them back in line once the cause is cured (the
+    tessera outbox retry SERVICE --all                   broker's limit raised): the relay publishes them next
+
+The database is the service's (TESSERA_DATABASE_URL, or its default SQLite file under TESSERA_DATA_DIR), or
+--database-url. Exit status: 0 done, 1 an event named is not parked in that outbox (the others were put back),
+2 a usage error or the database could not be used.
+"""
+
+
+def _outbox_database(args: argparse.Namespace) -> Database:
+    """The service's database, from its settings (as `tessera serve` reads them) or --database-url."""
+    environ = dict(os.environ)
+    if args.database_url is not None:
+        environ["TESSERA_DATABASE_URL"] = args.database_url
+    try:
+        settings = app.load_settings(app.composition_root(args.service), environ)
+    except ConfigError as exc:
+        message = str(exc)
+        if args.database_url is not None:
+            message = message.replace("TESSERA_DATABASE_URL", "--database-url")
+        raise ConfigError(message) from None
+    return Database(settings.database_url)
+
+
+def _outbox_command(run: Callable[[argparse.Namespace, Database], object]
+                    ) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        name = f"tessera outbox {args.outbox_command}"
+        try:
+            db = _outbox_database(args)
+        except ConfigError as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            return 2
+        where = database_location(db.url)
+
+        async def in_database() -> object:
+            try:
+                return await run(args, db)
+            finally:
+                await db.dispose()
+
+        try:
+            outcome = asyncio.run(in_database())
+        except parked.OutboxMissing as exc:
+            print(f"{name}: the database of {args.service} at {where}: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:
+            if not cannot_connect(exc):
+                raise
+            print(f"{name}: cannot use the database of {args.service} at {where}: {first_line(exc)}",
+                  file=sys.stderr)
+            return 2
+        assert isinstance(outcome, int)
+        return outcome
+
+    return command
+
+
+async def _outbox_list(args: argparse.Namespace, db: Database) -> int:
+    events = await parked.parked_events(db, args.limit)
+    if args.json:
+        print(deadletter.to_json([event.summary() for event in events]))
+        return 0
+    if not events:
+        print(f"no parked event in the outbox of {args.service}")
+    for event in events:
+        print(f"{event.seq:>6}  {event.event_id}  {event.event_type}  {event.aggregate_type}/{event.aggregate_id}  "
+              f"{event.size_bytes} bytes  parked {event.parked_at.isoformat(timespec='seconds')}  {event.reason}")
+    return 0
+
+
+async def _outbox_retry(args: argparse.Namespace, db: Database) -> int:
+    wanted = None if args.all else list(dict.fromkeys(args.event_ids))
+    retried = await parked.retry(db, wanted)
+    for event_id in retried:
+        print(f"put back in line: {event_id}")
+    missing = [] if wanted is None else [e for e in wanted if e not in retried]
+    for event_id in missing:
+        print(f"no parked event {event_id} in the outbox of {args.service}", file=sys.stderr)
+    if wanted is None and not retried:
+        print(f"no parked event in the outbox of {args.service}")
+    return 1 if missing else 0
+
+
+def _checked_retry(args: argparse.Namespace) -> int:
+    """Usage errors of `retry`, one line each, before any database is opened."""
+    if args.all == bool(args.event_ids):
+        print("tessera outbox retry: name the event ids to put back in line, or pass --all (not both)",
+              file=sys.stderr)
+        return 2
+    for event_id in args.event_ids:
+        try:
+            uuid.UUID(event_id)
+        except ValueError:
+            print(f"tessera outbox retry: {event_id!r} is not an event id (a UUID, as `tessera outbox list` shows)",
+                  file=sys.stderr)
+            return 2
+    return _outbox_command(_outbox_retry)(args)
+
+
+def _register_outbox(subparsers: argparse._SubParsersAction) -> None:
+    outbox = subparsers.add_parser("outbox", help="list the outbox events the relay parked, and put them back in line",
+                                   description=OUTBOX_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = outbox.add_subparsers(dest="outbox_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("service", choices=sorted(app.SERVICES), help="the service whose outbox it is")
+    common.add_argument("--database-url", help="the service's database (default: as the service reads it, "
+                                               "TESSERA_DATABASE_URL)")
+
+    listing = sub.add_parser("list", parents=[common], help="the parked events, oldest first")
+    listing.add_argument("--limit", type=_positive_int, default=100, help="at most this many events (default 100)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=_outbox_command(_outbox_list))
+
+    retry = sub.add_parser("retry", parents=[common], help="put parked events back in line for the relay")
+    retry.add_argument("event_ids", nargs="*", help="event ids to put back")
+    retry.add_argument("--all", action="store_true", help="put every parked event back")
+    retry.set_defaults(func=_checked_retry)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_outbox(subparsers)
     queue_parser = subparsers.add_parser("queues", help="convert consumer queues to TESSERA_QUEUE_TYPE",
                                          description=QUEUES_DOC,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -65,13 +65,16 @@ import fcntl
 import functools
 import hashlib
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pika.exceptions
 from opentelemetry.trace import Span
+from pika import frame, spec
 from pika.channel import Channel
 from pika.spec import Basic
 from sqlalchemy import BigInteger, Integer, Table, any_, bindparam, delete, func, select, update
@@ -83,7 +86,13 @@ from tessera_runtime import metrics, telemetry
 from tessera_runtime.db import Database, utcnow
 from tessera_runtime.logs import span_ids
 from tessera_runtime.messaging.amqp import AmqpLink
-from tessera_runtime.messaging.envelope import CORRELATION_ID, REQUEST_ID, OutgoingEvent, outgoing_event
+from tessera_runtime.messaging.envelope import (
+    CORRELATION_ID,
+    REQUEST_ID,
+    OutgoingEvent,
+    outgoing_event,
+    truncate_error,
+)
 from tessera_runtime.messaging.settings import MessagingSettings, messaging_settings
 from tessera_runtime.messaging.topology import (
     CLASSIC,
@@ -113,6 +122,13 @@ WINDOW_BATCHES = 4
 _PASS_BATCHES = 40
 # Frames of a batch are handed to pika's transport in pieces of about this many bytes (see _coalesced_writes).
 _WRITE_CHUNK = 128 * 1024
+# The reply code with which RabbitMQ closes a channel for a message it will never take, whatever the channel: larger
+# than its max_message_size, a user_id property that is not the connection's user, an invalid expiration. Refusals
+# that are not about the message close the channel with other codes (403 ACCESS_REFUSED, 404 NOT_FOUND), or nack it
+# (a full queue), or never come (an alarm blocks the connection; the broker is away).
+PRECONDITION_FAILED = 406
+# What building an AMQP message out of an outbox row raises when the row cannot be one (see _encoded).
+_UNENCODABLE = (ValueError, TypeError, KeyError, AttributeError, OverflowError, struct.error, pika.exceptions.AMQPError)
 
 
 class PublishStream:
@@ -121,11 +137,13 @@ class PublishStream:
     could not publish: from then on none of its batches goes out, so nothing published after a gap can reach the
     broker on this channel, or on a later one, ahead of the gap's own republish."""
 
-    __slots__ = ("broken", "generation")
+    __slots__ = ("broken", "generation", "refusal")
 
     def __init__(self, generation: int) -> None:
         self.generation = generation
         self.broken = False
+        # (reply code, reply text) when the broker closed the stream's channel with messages of it unconfirmed.
+        self.refusal: tuple[int, str] | None = None
 
 
 class _Batch:
@@ -358,9 +376,15 @@ class ConfirmingPublisher(AmqpLink):
         batches = {id(batch): batch for batch, _ in self._pending.values()}
         self._pending.clear()
         self._by_message_id.clear()
+        # The broker's own close (not a lost connection, nor the link giving the channel up): the relay tells a
+        # refusal of one message from the rest by it (see OutboxRelay._pass).
+        refusal = ((error.reply_code, error.reply_text)
+                   if isinstance(error, pika.exceptions.ChannelClosedByBroker) else None)
         for batch in batches.values():
             if batch.stream is not None:
                 batch.stream.broken = True
+                if refusal is not None:
+                    batch.stream.refusal = refusal  # set before the batch's future resolves: the relay reads it then
             batch.finish()
 
 
@@ -400,18 +424,29 @@ class _InFlight:
 
 
 def _fetch_statement(table: Table) -> Any:
-    """A batch: up to `size` unpublished rows after seq `after` (0: from the oldest), in seq order."""
+    """A batch: up to `size` unpublished rows after seq `after` (0: from the oldest), in seq order; parked rows are
+    passed over."""
     c = table.c
     return (select(c.seq, c.event_id, c.aggregate_type, c.aggregate_id, c.event_type, c.payload, c.headers,
                    c.created_at)
-            .where(c.published_at.is_(None), c.seq > bindparam("after", type_=BigInteger))
+            .where(c.published_at.is_(None), c.parked_at.is_(None), c.seq > bindparam("after", type_=BigInteger))
             .order_by(c.seq).limit(bindparam("size", type_=Integer)))
 
 
 def _stats_statement(table: Table) -> Any:
+    """The backlog (unpublished rows waiting for the relay), its oldest row's time, and the parked rows."""
     c = table.c
-    return select(func.count().label("backlog"), func.min(c.created_at).label("oldest")).where(
-        c.published_at.is_(None))
+    waiting = c.parked_at.is_(None)
+    return select(func.count().filter(waiting).label("backlog"),
+                  func.min(c.created_at).filter(waiting).label("oldest"),
+                  func.count().filter(c.parked_at.is_not(None)).label("parked")).where(c.published_at.is_(None))
+
+
+def _park_statement(table: Table) -> Any:
+    """Parks one unpublished row: the relay passes over it until `tessera outbox retry` puts it back in line."""
+    c = table.c
+    return (update(table).where(c.seq == bindparam("row_seq", type_=BigInteger), c.published_at.is_(None))
+            .values(parked_at=bindparam("now", type_=c.parked_at.type), parked_reason=bindparam("reason")))
 
 
 def _mark_statements(table: Table, postgres: bool) -> dict[str, Any]:
@@ -471,6 +506,14 @@ class OutboxRelay:
         self.oldest_age_seconds = 0.0
         self.published_total = 0
         self.unrouted_total = 0
+        self.parked = 0  # parked rows, as last counted
+        self.parked_total = 0  # rows this relay parked
+        # After the broker closed a pass's channel with 406 PRECONDITION_FAILED: the last seq that pass published.
+        # Passes then publish one event at a time up to it, to find the event the broker refuses (see _pass).
+        self._isolate_until: int | None = None
+        self._parking: list[tuple[Any, str]] = []  # rows the current pass found unpublishable, with the reason
+        self._park_query = _park_statement(table)
+        self._parked_counted = False  # `parked` was counted at least once (see _run)
         self._unrouted_types: set[str] = set()
         self._postgres = db.dialect == "postgresql"
         self._fetch_query = _fetch_statement(table)
@@ -525,7 +568,7 @@ class OutboxRelay:
         return {"connected": self.publisher.ready, "backlog": self.backlog, "in_flight": self.publisher.in_flight,
                 "oldest_unpublished_seconds": round(self.oldest_age_seconds, 3),
                 "published_total": self.published_total, "unrouted_total": self.unrouted_total,
-                "last_error": self.publisher.last_error}
+                "parked": self.parked, "parked_total": self.parked_total, "last_error": self.publisher.last_error}
 
     async def broker_reachable(self) -> bool:
         """Health check (non-critical): the relay's broker connection is up."""
@@ -570,10 +613,11 @@ class OutboxRelay:
                 published = await self.relay_once()
                 failures = 0
                 drained_some = drained_some or published > 0
-                if published >= self.settings.outbox_batch_size and not self.caught_up:
+                if ((published >= self.settings.outbox_batch_size and not self.caught_up)
+                        or self._isolate_until is not None):  # finding a refused event: one at a time, at once
                     await self._refresh_stats(force=False)  # a long drain shows its progress every few seconds
                     continue
-                if self.caught_up:
+                if self.caught_up and not self.parked and self._parked_counted:
                     # Nothing to count: the pass saw the outbox empty after its last batch. A busy service's relay,
                     # which catches up on every pass, thus makes no count query after each one.
                     self._set_stats(0, None, time.monotonic())
@@ -637,10 +681,14 @@ class OutboxRelay:
         oldest = row["oldest"]
         if oldest is not None and oldest.tzinfo is None:
             oldest = oldest.replace(tzinfo=dt.UTC)
+        self.parked = int(row["parked"])
+        self._parked_counted = True
+        metrics.OUTBOX_PARKED.labels(self.service).set(self.parked)
         self._set_stats(int(row["backlog"]), oldest, now)
 
     def _set_stats(self, backlog: int, oldest: dt.datetime | None, now: float) -> None:
-        """Sets the backlog gauges, and logs when publishing falls behind or has caught up again."""
+        """Sets the backlog gauges, and logs when publishing falls behind or has caught up again. Parked rows are
+        not part of the backlog: they have a gauge of their own."""
         self._stats_at = now
         self.backlog = backlog
         self.oldest_age_seconds = max(0.0, (utcnow() - oldest).total_seconds()) if oldest is not None else 0.0
@@ -661,7 +709,17 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         """One pass: publishes the oldest unpublished rows, a window of batches in flight, until it has caught up
-        (or after _PASS_BATCHES batches); returns how many rows were confirmed and marked."""
+        (or after _PASS_BATCHES batches); returns how many rows were confirmed and marked. Rows it found that can
+        never be published are parked as it ends, once its own marks are committed (see _pass)."""
+        self._parking = []
+        try:
+            return await self._relay_once()
+        finally:
+            parking, self._parking = self._parking, []
+            if parking:
+                await self._park(parking)
+
+    async def _relay_once(self) -> int:
         self.caught_up = False
         if self._postgres:
             # The lock's transaction runs on the relay's own connection, its few statements straight on asyncpg:
@@ -714,30 +772,50 @@ class OutboxRelay:
         log.info("this process publishes the outbox", extra={"lock": str(self._lock_path)})
         return True
 
-    async def _pass(self, fetch: Callable[[int | None], Awaitable[list[Any]]],
+    async def _pass(self, fetch: Callable[[int | None, int], Awaitable[list[Any]]],
                     mark: Callable[[list[Any], int, bool], Awaitable[None]]) -> int:
         """Reads batches forward and keeps up to `window_batches` of them in flight; settles them oldest first:
         marks the confirmed prefix of each, and after the first gap marks nothing more and publishes nothing more
-        (`PublishStream`), so that the gap and everything behind it is published again, in order."""
-        size = self.settings.outbox_batch_size
+        (`PublishStream`), so that the gap and everything behind it is published again, in order.
+
+        An event the broker refuses for good must not hold up the events behind it, and nothing else may be taken
+        for one. When the broker closes the pass's channel with 406 PRECONDITION_FAILED, the event it refused is one
+        of those the pass published and had not had confirmed, but which one the broker does not say: the next
+        passes publish them one at a time, each waiting for its confirm (`_isolate_until`). The event refused while
+        it is the only one on the channel not yet confirmed is that event: it is parked (kept in the outbox, passed
+        over by later passes; see _park). A row that cannot even be made an AMQP message is parked as it is read.
+        Anything else (a nack, a lost connection, overdue confirms, a channel closed for another reason) parks
+        nothing: the pass fails and the gap is published again."""
+        isolating = self._isolate_until is not None
+        size = 1 if isolating else self.settings.outbox_batch_size
+        window_batches = 1 if isolating else self.window_batches
         stream = self.publisher.stream()
         window: collections.deque[_InFlight] = collections.deque()
         after: int | None = None
         caught_up = False
         batches = marked = not_marked = 0
+        sent_until = 0  # the last seq the pass published
         gap: str | None = None  # the status of the first message that was not confirmed
         gap_event: OutgoingEvent | None = None  # and that message
+        gap_row: Any = None  # and its row
+
+        def isolated() -> bool:  # every event up to _isolate_until went out on its own
+            return isolating and self._isolate_until is not None and after is not None and after >= self._isolate_until
+
         try:
             while True:
-                while (gap is None and not caught_up and not self._stopping and len(window) < self.window_batches
-                       and batches < _PASS_BATCHES):
-                    rows = await fetch(after)
+                while (gap is None and not caught_up and not self._stopping and len(window) < window_batches
+                       and batches < _PASS_BATCHES and not isolated()):
+                    rows = await fetch(after, size)
                     caught_up = len(rows) < size
                     if not rows:
                         break
                     after = rows[-1]["seq"]
                     batches += 1
-                    window.append(self._send(rows, stream))
+                    rows, events = self._encoded(rows)
+                    if rows:
+                        sent_until = rows[-1]["seq"]
+                        window.append(self._send(rows, events, stream))
                 if not window:
                     break
                 item = window[0]
@@ -748,11 +826,13 @@ class OutboxRelay:
                         confirmed += 1
                     if confirmed < len(statuses):
                         gap, gap_event = statuses[confirmed] or "lost", item.events[confirmed]
+                        gap_row = item.rows[confirmed]
                 else:  # behind a gap nothing is marked: its confirms are not worth waiting for
                     done = item.future.done() and not item.future.cancelled()
                     statuses = item.future.result() if done else [None] * len(item.rows)
                     item.future.cancel()
-                fetching_ends = gap is not None or caught_up or batches >= _PASS_BATCHES or self._stopping
+                fetching_ends = (gap is not None or caught_up or batches >= _PASS_BATCHES or self._stopping
+                                 or isolated())
                 await mark(item.rows, confirmed, len(window) == 1 and fetching_ends)
                 window.popleft()
                 self._settle(item, statuses, confirmed)
@@ -765,27 +845,79 @@ class OutboxRelay:
                 for item in window:
                     item.abandon()
         if gap is None:
+            if isolated() or (isolating and caught_up):
+                self._isolate_until = None  # each went out alone and was confirmed (or parked)
             # Every unpublished row the pass could see was published and marked: the backlog was empty as of its
             # last read (rows this process committed since then woke the relay for the next pass; other processes'
             # rows wait for the next poll, and the next count shows them).
             self.caught_up = caught_up and not self._stopping
             return marked
-        metrics.OUTBOX_PUBLISH_FAILURES.labels(self.service).inc()
         assert gap_event is not None
+        refusal = stream.refusal if gap == "lost" else None
+        if refusal is not None and refusal[0] == PRECONDITION_FAILED:
+            code, text = refusal
+            if isolating:
+                # Published on its own, with every event before it on the channel confirmed: the refusal is its own.
+                self._parking.append((gap_row, f"the broker refused it: {code} {text}"))
+                return marked
+            self._isolate_until = sent_until
+            log.warning("the broker refused one of the events published and not yet confirmed; publishing them one "
+                        "at a time to find it", extra={"first_outbox_seq": gap_event.seq,
+                                                       "last_outbox_seq": sent_until, "reason": f"{code} {text}"})
+        metrics.OUTBOX_PUBLISH_FAILURES.labels(self.service).inc()
         which = f"event {gap_event.event_id} (outbox seq {gap_event.seq})"
         reason = f"the broker refused (nack) {which}" if gap == NACK else (
             f"the broker connection was lost before it confirmed {which}: {self.publisher.last_error}")
         raise PublishIncomplete(f"{reason}; {not_marked} events stay in the outbox",
                                 {"event_id": gap_event.event_id, "outbox_seq": gap_event.seq})
 
-    def _send(self, rows: list[Any], stream: PublishStream) -> _InFlight:
-        events = [outgoing_event(row, self.service) for row in rows]
+    def _encoded(self, rows: list[Any]) -> tuple[list[Any], list[OutgoingEvent]]:
+        """The rows that make AMQP messages, and their messages. A row that does not (its stored headers are no
+        JSON object, a value pika cannot encode) never will: it is set aside for parking, and the rows behind it
+        go out."""
+        kept: list[Any] = []
+        events: list[OutgoingEvent] = []
+        exchange = self.settings.events_exchange
+        for row in rows:
+            try:
+                event = outgoing_event(row, self.service)
+                # What basic_publish marshals before it sends anything: the method frame and the content header.
+                frame.Method(1, spec.Basic.Publish(exchange=exchange, routing_key=event.routing_key,
+                                                   mandatory=True)).marshal()
+                frame.Header(1, len(event.body), event.properties).marshal()
+            except _UNENCODABLE as exc:
+                self._parking.append((row, f"cannot be made an AMQP message: {type(exc).__name__}: {exc}"))
+                continue
+            kept.append(row)
+            events.append(event)
+        return kept, events
+
+    def _send(self, rows: list[Any], events: list[OutgoingEvent], stream: PublishStream) -> _InFlight:
         exchange = self.settings.events_exchange
         # Started before the publish: each span writes its traceparent into the headers the message carries.
         spans = [telemetry.start_publish_span(e.routing_key, e.properties.headers, exchange=exchange,
                                               event_id=e.event_id) for e in events]
         future = asyncio.wrap_future(self.publisher.publish(events, stream))
         return _InFlight(rows, events, spans, future, asyncio.get_running_loop().time())
+
+    async def _park(self, parking: list[tuple[Any, str]]) -> None:
+        """Parks rows the broker refuses for good: kept in the outbox with the reason and the time, passed over by
+        later passes. Each is logged once at ERROR and counted in tessera_outbox_events_parked_total."""
+        now = utcnow()
+        async with self.db.engine.begin() as conn:
+            done = [(row, reason) for row, reason in parking
+                    if (await conn.execute(self._park_query, {"row_seq": row["seq"], "now": now,
+                                                              "reason": truncate_error(reason)})).rowcount]
+        for row, reason in done:
+            self.parked += 1
+            self.parked_total += 1
+            metrics.OUTBOX_EVENTS_PARKED.labels(self.service, row["event_type"]).inc()
+            log.error("event parked: it cannot be published, and the events behind it are published past it; "
+                      "`tessera outbox list` shows it, `tessera outbox retry` puts it back in line",
+                      extra={"event_id": row["event_id"], "event_type": row["event_type"],
+                             "aggregate_type": row["aggregate_type"], "aggregate_id": row["aggregate_id"],
+                             "outbox_seq": row["seq"], "size_bytes": len(row["payload"]), "reason": reason})
+        metrics.OUTBOX_PARKED.labels(self.service).set(self.parked)
 
     async def _confirms(self, item: _InFlight) -> list[str | None]:
         """The batch's statuses, once the broker confirmed them all or the connection was lost; a batch whose
@@ -858,15 +990,15 @@ class OutboxRelay:
                 "trace_id": trace_id, "span_id": span_id,
                 "lag_ms": round(lag_seconds * 1000, 2)}
 
-    async def _fetch(self, conn: AsyncConnection, after: int | None) -> list[Any]:
-        rows = await conn.execute(self._fetch_query, {"after": after or 0, "size": self.settings.outbox_batch_size})
+    async def _fetch(self, conn: AsyncConnection, after: int | None, size: int) -> list[Any]:
+        rows = await conn.execute(self._fetch_query, {"after": after or 0, "size": size})
         return [row._mapping for row in rows.all()]
 
-    async def _fetch_direct(self, conn: asyncpg.Connection, after: int | None) -> list[Any]:
+    async def _fetch_direct(self, conn: asyncpg.Connection, after: int | None, size: int) -> list[Any]:
         sql = self._sql
         assert sql is not None
         return [sql.fetch.row(record) for record in await conn.fetch(
-            sql.fetch.sql, *sql.fetch.arguments({"after": after or 0, "size": self.settings.outbox_batch_size}))]
+            sql.fetch.sql, *sql.fetch.arguments({"after": after or 0, "size": size}))]
 
     async def _mark_direct(self, conn: asyncpg.Connection, rows: list[Any], confirmed: int) -> None:
         """_mark's statements on a direct connection."""
@@ -876,9 +1008,9 @@ class OutboxRelay:
             plan = getattr(sql, name)
             await conn.execute(plan.sql, *plan.arguments(params))
 
-    async def _fetch_apart(self, after: int | None) -> list[Any]:
+    async def _fetch_apart(self, after: int | None, size: int) -> list[Any]:
         async with self.db.engine.begin() as conn:
-            return await self._fetch(conn, after)
+            return await self._fetch(conn, after, size)
 
     async def _mark(self, conn: AsyncConnection, rows: list[Any], confirmed: int) -> None:
         """One UPDATE for the confirmed rows of a batch, and one for the rest (if any)."""
