@@ -11,16 +11,27 @@ import json
 import uuid
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
 from prometheus_client import REGISTRY
-from sqlalchemy import select
+from sqlalchemy import inspect, select, update
 from tessera.user.v1 import user_events_pb2
 
+from tessera_analytics import bootstrap as analytics_bootstrap
+from tessera_inventory import bootstrap as inventory_bootstrap
+from tessera_notification import bootstrap as notification_bootstrap
+from tessera_order import bootstrap as order_bootstrap
+from tessera_payment import bootstrap as payment_bootstrap
 from tessera_runtime.cli import main as tessera
-from tessera_runtime.db import Database
+from tessera_runtime.db import Database, utcnow
 from tessera_runtime.messaging.relay import OutboxRelay
+from tessera_runtime.migrations import alembic_config, upgrade, upgrade_async
 from tessera_runtime.outbox import PendingEvent
+from tessera_user import bootstrap as user_bootstrap
+from tessera_user.adapters import orm as user_orm
 from tests.integration.test_messaging_relay import FAST, outbox_on, relay_log_lines, stop_within, write
 from tests.support import rabbitmq
+from tests.support.databases import migrated
 from tests.support.waiting import eventually
 
 LIMIT = 1024 * 1024  # the node's max_message_size: an operator's hardening of the 128 MiB default
@@ -170,3 +181,164 @@ async def test_a_broker_killed_and_restarted_while_events_are_in_flight_parks_no
     stored = await rows(db, table)
     assert all(r["parked_at"] is None and r["published_at"] is not None for r in stored.values())
     assert parked_total(service) == 0
+
+
+async def test_a_connection_the_broker_closes_parks_nothing(node, outbox):
+    """A connection closed by the broker (CONNECTION_FORCED, an operator or a node going down) with events in
+    flight: they are all published again, none parked."""
+    db, table = outbox
+    vhost = node.create_vhost()
+    service = f"park-forced-{uuid.uuid4().hex[:6]}"
+    await write(db, table, [created(f"f{i}") for i in range(3000)])
+    relay = OutboxRelay(db, table, service=service, amqp_url=node.url(vhost),
+                        settings=dataclasses.replace(SETTINGS, outbox_batch_size=100))
+    await relay.start()
+    try:
+        await eventually(lambda: relay.status()["published_total"] >= 300 and relay.status()["in_flight"] > 0,
+                         "events in flight")
+        [pid] = node.connection_pids(relay.publisher.name)
+        node.ctl("close_connection", pid, "closed by the test")
+        await eventually(lambda: relay.status()["published_total"] >= 3000, "every event to be published",
+                         timeout=120)
+    finally:
+        await stop_within(relay)
+    stored = await rows(db, table)
+    assert all(r["parked_at"] is None and r["published_at"] is not None for r in stored.values())
+    assert parked_total(service) == 0 and relay.status()["parked_total"] == 0
+
+
+async def test_a_row_that_cannot_be_made_an_amqp_message_is_parked_and_the_rest_published(node, outbox, db_url,
+                                                                                         capsys):
+    """Rows the relay cannot turn into a message (stored headers that are no JSON object; a header value pika
+    cannot encode) would fail every pass at the same row: each is parked, with the reason, as it is read."""
+    db, table = outbox
+    vhost = node.create_vhost()
+    url = node.url(vhost)
+    service = f"park-encode-{uuid.uuid4().hex[:6]}"
+    good = [created(f"g{i}") for i in range(6)]
+    not_json, not_utf8 = created("bad-json"), created("bad-utf8")
+    await write(db, table, [good[0], not_json, good[1], good[2], not_utf8, *good[3:]])
+    async with db.engine.begin() as conn:
+        await conn.execute(update(table).where(table.c.event_id == not_json.event_id).values(headers="{not json"))
+        await conn.execute(update(table).where(table.c.event_id == not_utf8.event_id)
+                           .values(headers=json.dumps({"x-request-id": "\ud800"})))  # a lone surrogate
+    relay = OutboxRelay(db, table, service=service, amqp_url=url, settings=SETTINGS)
+    with relay_log_lines() as logged:
+        await relay.start()
+        try:
+            await eventually(lambda: relay.status()["published_total"] == 6 and relay.status()["parked"] == 2,
+                             "the good rows published and the others parked")
+        finally:
+            await stop_within(relay)
+    stored = await rows(db, table)
+    assert [m for m, _ in await asyncio.to_thread(queued, url)] == [e.event_id for e in good]
+    assert "cannot be made an AMQP message: JSONDecodeError" in stored[not_json.event_id]["parked_reason"]
+    assert "cannot be made an AMQP message: UnicodeEncodeError" in stored[not_utf8.event_id]["parked_reason"]
+    parked_lines = [line for line in logged.lines if line["message"].startswith("event parked")]
+    assert [(line["event_id"], line["level"]) for line in parked_lines] == [
+        (not_json.event_id, "ERROR"), (not_utf8.event_id, "ERROR")]
+    assert parked_total(service) == 2
+
+    assert await cli("outbox", "list", "user", "--database-url", db_url) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in listed] == [not_json.event_id, not_utf8.event_id]
+    assert await cli("outbox", "retry", "user", "--all", "--database-url", db_url) == 0
+    assert capsys.readouterr().out.splitlines() == [f"put back in line: {not_json.event_id}",
+                                                    f"put back in line: {not_utf8.event_id}"]
+    assert await cli("outbox", "list", "user", "--database-url", db_url) == 0
+    assert capsys.readouterr().out == "no parked event in the outbox of user\n"
+
+
+@pytest.fixture
+async def user_outbox(db_url):
+    """The user service's migrated database (its outbox with the parking columns), as (url, Database)."""
+    async with migrated(user_bootstrap.MIGRATIONS, db_url) as db:
+        yield db_url, db
+
+
+ANY_ID = "0b5f3a4e-2f7e-4a5c-9d0e-3a1b2c3d4e5f"
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["retry", "user"], "name the event ids to put back in line, or pass --all (not both)"),
+    (["retry", "user", ANY_ID, "--all"], "name the event ids to put back in line, or pass --all (not both)"),
+    (["retry", "user", "evt-1"], "'evt-1' is not an event id"),
+    (["list", "user", "--database-url", "mysql://db/x"], "--database-url must start with sqlite+aiosqlite://"),
+    (["list", "user", "--database-url", "postgresql+asyncpg://u@127.0.0.1:port/x"],
+     "--database-url is not a valid URL"),
+    (["list", "user", "--database-url", "postgresql+asyncpg://postgres@127.0.0.1:1/tessera"],
+     "cannot use the database of user at 127.0.0.1:1/tessera"),
+])
+def test_outbox_commands_refuse_bad_input_in_one_line_with_exit_status_2(capsys, monkeypatch, argv, said):
+    monkeypatch.delenv("TESSERA_DATABASE_URL", raising=False)
+    assert tessera(["outbox", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and said in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["list", "shipping"], ["list", "user", "--limit", "0"], ["retry"]])
+def test_outbox_commands_refuse_an_unknown_service_or_limit_as_usage_errors(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        tessera(["outbox", *argv])
+    assert exit_.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+async def test_outbox_commands_on_a_database_without_an_outbox_say_so(capsys, db_url):
+    async with migrated(analytics_bootstrap.MIGRATIONS, db_url):
+        pass
+    assert await cli("outbox", "list", "analytics", "--database-url", db_url) == 2
+    err = capsys.readouterr().err
+    assert "it has no outbox table" in err and len(err.strip().splitlines()) == 1
+
+
+async def test_retry_of_an_event_that_is_not_parked_exits_1_and_puts_back_the_others(user_outbox, capsys):
+    url, db = user_outbox
+    table = user_orm.outbox
+    waiting, parked_one, published_one = created("w"), created("p"), created("d")
+    await write(db, table, [waiting, parked_one, published_one])
+    async with db.engine.begin() as conn:
+        await conn.execute(update(table).where(table.c.event_id == parked_one.event_id)
+                           .values(parked_at=utcnow(), parked_reason="the broker refused it: 406 ..."))
+        await conn.execute(update(table).where(table.c.event_id == published_one.event_id)
+                           .values(published_at=utcnow()))
+    unknown = str(uuid.uuid4())
+    argv = ["outbox", "retry", "user", waiting.event_id, parked_one.event_id, published_one.event_id, unknown,
+            "--database-url", url]
+    assert await cli(*argv) == 1
+    out, err = capsys.readouterr()
+    assert out == f"put back in line: {parked_one.event_id}\n"
+    assert err.splitlines() == [f"no parked event {i} in the outbox of user"
+                                for i in (waiting.event_id, published_one.event_id, unknown)]
+    stored = await rows(db, table)
+    assert all(r["parked_at"] is None and r["parked_reason"] is None for r in stored.values())
+    assert stored[published_one.event_id]["published_at"] is not None
+
+
+async def test_the_parking_migration_keeps_every_waiting_event_in_line_and_can_be_undone(db_url):
+    """Every service with an outbox gets the parking columns; rows written before it are not parked."""
+    for root in (user_bootstrap, order_bootstrap, payment_bootstrap, inventory_bootstrap, notification_bootstrap):
+        async with migrated(root.MIGRATIONS, db_url) as db, db.engine.connect() as conn:
+            columns = await conn.run_sync(lambda c: {col["name"] for col in inspect(c).get_columns("outbox")})
+        assert {"parked_at", "parked_reason"} <= columns, root.__name__
+        await asyncio.to_thread(command.downgrade, alembic_config(root.MIGRATIONS, db_url), "base")
+    await asyncio.to_thread(upgrade, user_bootstrap.MIGRATIONS, db_url, "0002")  # the revision before parking
+    db = Database(db_url)
+    try:
+        old = sa.table("outbox", *(sa.column(n) for n in ("event_id", "aggregate_type", "aggregate_id", "event_type",
+                                                           "payload", "headers", "created_at", "attempts")))
+        async with db.engine.begin() as conn:
+            await conn.execute(sa.insert(old).values(event_id=str(uuid.uuid4()), aggregate_type="user",
+                                                     aggregate_id="u", event_type="t", payload=b"x", headers="{}",
+                                                     created_at=utcnow(), attempts=0))
+        await upgrade_async(user_bootstrap.MIGRATIONS, db_url)
+        async with db.engine.connect() as conn:
+            [(parked_at, reason)] = (await conn.execute(sa.text("SELECT parked_at, parked_reason FROM outbox"))).all()
+        assert (parked_at, reason) == (None, None)
+        await asyncio.to_thread(command.downgrade, alembic_config(user_bootstrap.MIGRATIONS, db_url), "0002")
+        async with db.engine.connect() as conn:
+            columns = await conn.run_sync(lambda c: {col["name"] for col in inspect(c).get_columns("outbox")})
+        assert not {"parked_at", "parked_reason"} & columns
+    finally:
+        await db.dispose()
