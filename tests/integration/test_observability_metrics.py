@@ -30,7 +30,7 @@ BUSINESS_METRICS = (
     "tessera_orders_confirmed", "tessera_orders_failed", "tessera_orders_compensated",
     "tessera_saga_duration_seconds", "tessera_saga_compensation_failures", "tessera_outbox_backlog",
     "tessera_outbox_publish_lag_seconds", "tessera_outbox_oldest_unpublished_seconds", "tessera_outbox_published",
-    "tessera_outbox_publish_failures",
+    "tessera_outbox_publish_failures", "tessera_outbox_events_parked", "tessera_outbox_parked",
     "tessera_consumer_processed", "tessera_consumer_duplicates", "tessera_consumer_retried",
     "tessera_consumer_dead_lettered", "tessera_inventory_reservation_expiries",
 )

@@ -39,6 +39,12 @@ Design. Each service process runs one relay next to its gRPC server:
   consumer ever started waits in that consumer's durable queue.
 - Unroutable events (mandatory publish, no queue bound) are returned by the broker; the relay counts and logs them
   and marks them published: nobody consumes that event type, and retrying would block the events behind it.
+- An event the broker refuses for good (larger than its max_message_size: it closes the channel with 406
+  PRECONDITION_FAILED) is found by publishing the events in flight one at a time, and parked: kept in the outbox with
+  the broker's reason, logged once at ERROR, counted (tessera_outbox_events_parked_total), and passed over by later
+  passes, so that the events behind it go out (the events of its aggregate too: they pass it). A row that cannot be
+  made an AMQP message is parked as it is read. Nothing else parks an event (see _pass). `tessera outbox retry`
+  puts a parked event back in line (parked.py).
 - Each confirmed row has one log line as it is marked: "event published" (its ids, type, exchange, outbox seq, and
   the correlation, request and trace ids of the request that wrote it), or "event not routed"; with
   TESSERA_OUTBOX_PUBLISHED_LOG=batch the published rows of a batch share one "events published" line listing their
