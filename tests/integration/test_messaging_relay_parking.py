@@ -122,6 +122,8 @@ async def test_an_event_larger_than_the_brokers_limit_is_parked_and_every_later_
     assert all(stored[i]["published_at"] is not None and stored[i]["parked_at"] is None for i in others)
     messages = await asyncio.to_thread(queued, url)
     assert {m for m, _ in messages} == set(others)  # each other event reached its queue, the big one never did
+    # In outbox order (events published before the refusal and not confirmed were published again: at least once).
+    assert list(dict.fromkeys(m for m, _ in messages)) == others
 
     [line] = [line for line in logged.lines if line["message"].startswith("event parked")]
     assert line["level"] == "ERROR"
@@ -268,13 +270,16 @@ ANY_ID = "0b5f3a4e-2f7e-4a5c-9d0e-3a1b2c3d4e5f"
      "--database-url is not a valid URL"),
     (["list", "user", "--database-url", "postgresql+asyncpg://postgres@127.0.0.1:1/tessera"],
      "cannot use the database of user at 127.0.0.1:1/tessera"),
+    (["list", "user"], "no database file at "),  # TESSERA_DATA_DIR with no user.db in it
 ])
-def test_outbox_commands_refuse_bad_input_in_one_line_with_exit_status_2(capsys, monkeypatch, argv, said):
+def test_outbox_commands_refuse_bad_input_in_one_line_with_exit_status_2(capsys, monkeypatch, tmp_path, argv, said):
     monkeypatch.delenv("TESSERA_DATABASE_URL", raising=False)
+    monkeypatch.setenv("TESSERA_DATA_DIR", str(tmp_path))
     assert tessera(["outbox", *argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and said in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no database file made on the way
 
 
 @pytest.mark.parametrize("argv", [["list", "shipping"], ["list", "user", "--limit", "0"], ["retry"]])
@@ -342,3 +347,30 @@ async def test_the_parking_migration_keeps_every_waiting_event_in_line_and_can_b
         assert not {"parked_at", "parked_reason"} & columns
     finally:
         await db.dispose()
+
+
+async def test_events_the_broker_nacks_are_never_parked(node, outbox):
+    """A full queue that rejects publishes makes the broker nack, again and again: the events wait in line (published
+    again on every pass), never parked."""
+    db, table = outbox
+    vhost = node.create_vhost()
+    url = node.url(vhost)
+    with rabbitmq.blocking_connection(url) as connection:
+        channel = connection.channel()
+        channel.exchange_declare(SETTINGS.events_exchange, exchange_type="topic", durable=True)
+        channel.queue_declare("full", durable=True, arguments={"x-max-length": 3, "x-overflow": "reject-publish"})
+        channel.queue_bind("full", SETTINGS.events_exchange, routing_key="#")
+    events = [created(f"n{i}") for i in range(6)]
+    await write(db, table, events)
+    service = f"park-nack-{uuid.uuid4().hex[:6]}"
+    relay = OutboxRelay(db, table, service=service, amqp_url=url, settings=SETTINGS)
+    await relay.start()
+    try:
+        await eventually(lambda: (REGISTRY.get_sample_value("tessera_outbox_publish_failures_total",
+                                                            {"service": service}) or 0) >= 3,
+                         "the broker to refuse three passes")
+    finally:
+        await stop_within(relay)
+    stored = await rows(db, table)
+    assert [r["published_at"] is not None for r in stored.values()] == [True] * 3 + [False] * 3
+    assert all(r["parked_at"] is None for r in stored.values()) and parked_total(service) == 0

@@ -21,8 +21,10 @@ import os
 import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pika.exceptions
+from sqlalchemy.engine import make_url
 
 from tessera_runtime import app
 from tessera_runtime.config import DEFAULT_AMQP_URL, ConfigError, check_amqp_url
@@ -201,6 +203,11 @@ def _outbox_database(args: argparse.Namespace) -> Database:
         if args.database_url is not None:
             message = message.replace("TESSERA_DATABASE_URL", "--database-url")
         raise ConfigError(message) from None
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
+        # Opening it would create an empty database file where the service has none.
+        raise ConfigError(f"no database file at {url.database} (is this the service's TESSERA_DATA_DIR or "
+                          "TESSERA_DATABASE_URL?)")
     return Database(settings.database_url)
 
 
