@@ -801,6 +801,7 @@ class OutboxRelay:
         caught_up = False
         batches = marked = not_marked = 0
         sent_until = 0  # the last seq the pass published
+        alone = False  # isolating: the last event went out with nothing else on the channel awaiting its confirm
         gap: str | None = None  # the status of the first message that was not confirmed
         gap_event: OutgoingEvent | None = None  # and that message
         gap_row: Any = None  # and its row
@@ -821,6 +822,7 @@ class OutboxRelay:
                     rows, events = self._encoded(rows)
                     if rows:
                         sent_until = rows[-1]["seq"]
+                        alone = isolating and self.publisher.in_flight == 0
                         window.append(self._send(rows, events, stream))
                 if not window:
                     break
@@ -862,14 +864,16 @@ class OutboxRelay:
         refusal = stream.refusal if gap == "lost" else None
         if refusal is not None and refusal[0] == PRECONDITION_FAILED:
             code, text = refusal
-            if isolating:
+            if alone:
                 # Published on its own, with every event before it on the channel confirmed: the refusal is its own.
                 self._parking.append((gap_row, f"the broker refused it: {code} {text}"))
                 return marked
-            self._isolate_until = sent_until
-            log.warning("the broker refused one of the events published and not yet confirmed; publishing them one "
-                        "at a time to find it", extra={"first_outbox_seq": gap_event.seq,
-                                                       "last_outbox_seq": sent_until, "reason": f"{code} {text}"})
+            if not isolating:
+                self._isolate_until = sent_until
+                log.warning("the broker refused one of the events published and not yet confirmed; publishing them "
+                            "one at a time to find it", extra={"first_outbox_seq": gap_event.seq,
+                                                               "last_outbox_seq": sent_until,
+                                                               "reason": f"{code} {text}"})
         metrics.OUTBOX_PUBLISH_FAILURES.labels(self.service).inc()
         which = f"event {gap_event.event_id} (outbox seq {gap_event.seq})"
         reason = f"the broker refused (nack) {which}" if gap == NACK else (
