@@ -374,3 +374,28 @@ async def test_events_the_broker_nacks_are_never_parked(node, outbox):
     stored = await rows(db, table)
     assert [r["published_at"] is not None for r in stored.values()] == [True] * 3 + [False] * 3
     assert all(r["parked_at"] is None for r in stored.values()) and parked_total(service) == 0
+
+
+async def test_a_broker_that_refuses_every_publish_for_a_while_parks_nothing(node, outbox):
+    """A permission refused (403 ACCESS_REFUSED closes the channel at every publish) refuses every event alike: it is
+    never taken for an event's own refusal, and the events go out once the permission is back."""
+    db, table = outbox
+    vhost = node.create_vhost()
+    service = f"park-denied-{uuid.uuid4().hex[:6]}"
+    node.ctl("set_permissions", "-p", vhost, rabbitmq.USER, ".*", "^$", ".*")  # may declare, may not publish
+    events = [created(f"d{i}") for i in range(25)]
+    await write(db, table, events)
+    relay = OutboxRelay(db, table, service=service, amqp_url=node.url(vhost), settings=SETTINGS)
+    await relay.start()
+    try:
+        await eventually(lambda: (REGISTRY.get_sample_value("tessera_outbox_publish_failures_total",
+                                                            {"service": service}) or 0) >= 3,
+                         "the broker to refuse three passes")
+        assert relay.status()["published_total"] == 0
+        node.ctl("set_permissions", "-p", vhost, rabbitmq.USER, ".*", ".*", ".*")
+        await eventually(lambda: relay.status()["published_total"] == 25, "every event to be published")
+    finally:
+        await stop_within(relay)
+    stored = await rows(db, table)
+    assert all(r["parked_at"] is None and r["published_at"] is not None for r in stored.values())
+    assert parked_total(service) == 0
