@@ -399,3 +399,25 @@ async def test_a_broker_that_refuses_every_publish_for_a_while_parks_nothing(nod
     stored = await rows(db, table)
     assert all(r["parked_at"] is None and r["published_at"] is not None for r in stored.values())
     assert parked_total(service) == 0
+
+
+async def test_two_events_over_the_limit_in_one_window_are_both_parked(node, outbox):
+    db, table = outbox
+    vhost = node.create_vhost()
+    url = node.url(vhost)
+    service = f"park-two-{uuid.uuid4().hex[:6]}"
+    events = [created(f"t{i}", padding=2 * LIMIT if i in (3, 17) else 0) for i in range(25)]
+    await write(db, table, events)
+    relay = OutboxRelay(db, table, service=service, amqp_url=url, settings=SETTINGS)
+    await relay.start()
+    try:
+        await eventually(lambda: relay.status()["published_total"] == 23 and relay.status()["parked"] == 2,
+                         "23 events published and 2 parked", timeout=60)
+    finally:
+        await stop_within(relay)
+    stored = await rows(db, table)
+    assert [e.event_id for e in events if stored[e.event_id]["parked_at"] is not None] == [
+        events[3].event_id, events[17].event_id]
+    others = [e.event_id for i, e in enumerate(events) if i not in (3, 17)]
+    assert list(dict.fromkeys(m for m, _ in await asyncio.to_thread(queued, url))) == others
+    assert parked_total(service) == 2
