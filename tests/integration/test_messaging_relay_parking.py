@@ -218,17 +218,19 @@ async def test_a_row_that_cannot_be_made_an_amqp_message_is_parked_and_the_rest_
     url = node.url(vhost)
     service = f"park-encode-{uuid.uuid4().hex[:6]}"
     good = [created(f"g{i}") for i in range(6)]
-    not_json, not_utf8 = created("bad-json"), created("bad-utf8")
-    await write(db, table, [good[0], not_json, good[1], good[2], not_utf8, *good[3:]])
+    not_json, not_utf8, long_type = created("bad-json"), created("bad-utf8"), created("bad-type")
+    await write(db, table, [good[0], not_json, good[1], good[2], not_utf8, *good[3:5], long_type, good[5]])
     async with db.engine.begin() as conn:
         await conn.execute(update(table).where(table.c.event_id == not_json.event_id).values(headers="{not json"))
         await conn.execute(update(table).where(table.c.event_id == not_utf8.event_id)
                            .values(headers=json.dumps({"x-request-id": "\ud800"})))  # a lone surrogate
+        # 200 characters fit the column, 400 bytes do not fit the routing key (an AMQP short string).
+        await conn.execute(update(table).where(table.c.event_id == long_type.event_id).values(event_type="é" * 200))
     relay = OutboxRelay(db, table, service=service, amqp_url=url, settings=SETTINGS)
     with relay_log_lines() as logged:
         await relay.start()
         try:
-            await eventually(lambda: relay.status()["published_total"] == 6 and relay.status()["parked"] == 2,
+            await eventually(lambda: relay.status()["published_total"] == 6 and relay.status()["parked"] == 3,
                              "the good rows published and the others parked")
         finally:
             await stop_within(relay)
@@ -236,17 +238,19 @@ async def test_a_row_that_cannot_be_made_an_amqp_message_is_parked_and_the_rest_
     assert [m for m, _ in await asyncio.to_thread(queued, url)] == [e.event_id for e in good]
     assert "cannot be made an AMQP message: JSONDecodeError" in stored[not_json.event_id]["parked_reason"]
     assert "cannot be made an AMQP message: UnicodeEncodeError" in stored[not_utf8.event_id]["parked_reason"]
+    assert "cannot be made an AMQP message: ShortStringTooLong" in stored[long_type.event_id]["parked_reason"]
     parked_lines = [line for line in logged.lines if line["message"].startswith("event parked")]
     assert [(line["event_id"], line["level"]) for line in parked_lines] == [
-        (not_json.event_id, "ERROR"), (not_utf8.event_id, "ERROR")]
-    assert parked_total(service) == 2
+        (not_json.event_id, "ERROR"), (not_utf8.event_id, "ERROR"), (long_type.event_id, "ERROR")]
+    assert parked_total(service) == 2  # the third is counted under the event type stored in its row
 
     assert await cli("outbox", "list", "user", "--database-url", db_url) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert [line.split()[1] for line in listed] == [not_json.event_id, not_utf8.event_id]
+    assert [line.split()[1] for line in listed] == [not_json.event_id, not_utf8.event_id, long_type.event_id]
     assert await cli("outbox", "retry", "user", "--all", "--database-url", db_url) == 0
     assert capsys.readouterr().out.splitlines() == [f"put back in line: {not_json.event_id}",
-                                                    f"put back in line: {not_utf8.event_id}"]
+                                                    f"put back in line: {not_utf8.event_id}",
+                                                    f"put back in line: {long_type.event_id}"]
     assert await cli("outbox", "list", "user", "--database-url", db_url) == 0
     assert capsys.readouterr().out == "no parked event in the outbox of user\n"
 

@@ -133,8 +133,10 @@ _WRITE_CHUNK = 128 * 1024
 # that are not about the message close the channel with other codes (403 ACCESS_REFUSED, 404 NOT_FOUND), or nack it
 # (a full queue), or never come (an alarm blocks the connection; the broker is away).
 PRECONDITION_FAILED = 406
-# What building an AMQP message out of an outbox row raises when the row cannot be one (see _encoded).
-_UNENCODABLE = (ValueError, TypeError, KeyError, AttributeError, OverflowError, struct.error, pika.exceptions.AMQPError)
+# What building and marshalling an AMQP message out of an outbox row raises when the row cannot be one (see
+# _encoded): JSON errors, a string that is no UTF-8, a short string over 255 bytes, a value of no AMQP type.
+_UNENCODABLE = (ValueError, TypeError, KeyError, AttributeError, OverflowError, struct.error,
+                pika.exceptions.ShortStringTooLong, pika.exceptions.UnsupportedAMQPFieldException)
 
 
 class PublishStream:
