@@ -201,6 +201,8 @@ class ServiceSettings:
             parsed_db.port  # noqa: B018  # parses the port
         except Exception as exc:  # ArgumentError, ValueError: what the engine would fail on at start
             raise ConfigError(f"{prefix}DATABASE_URL is not a valid URL: {exc}") from None
+        if parsed_db.port is not None and not 0 < parsed_db.port < 65536:  # asyncpg would fail with a traceback
+            raise ConfigError(f"{prefix}DATABASE_URL has port {parsed_db.port}: a port is 1 to 65535")
         if parsed_db.get_backend_name() == "sqlite" and (parsed_db.host or parsed_db.port):
             raise ConfigError(f"{prefix}DATABASE_URL must name a file as sqlite+aiosqlite:///path/to/file.db, "
                               f"got a host {parsed_db.host!r}")

@@ -73,6 +73,8 @@ def test_production_requires_identity_by_default():
     # URLs the database and broker clients cannot use.
     ({"TESSERA_DATABASE_URL": "postgresql+asyncpg://tessera@db:port/tessera"}, "TESSERA_DATABASE_URL"),
     ({"TESSERA_DATABASE_URL": "sqlite+aiosqlite://relative.db"}, "TESSERA_DATABASE_URL"),
+    ({"TESSERA_DATABASE_URL": "postgresql+asyncpg://tessera@db:99999/tessera"}, "TESSERA_DATABASE_URL.*port"),
+    ({"TESSERA_DATABASE_URL": "postgresql+asyncpg://tessera@db:0/tessera"}, "TESSERA_DATABASE_URL.*port"),
     ({"TESSERA_AMQP_URL": "amqp://guest:guest@rabbitmq:port/"}, "TESSERA_AMQP_URL"),
     ({"TESSERA_AMQP_URL": "http://rabbitmq:5672/"}, "TESSERA_AMQP_URL"),
     # Query parameters the broker client refuses: the service would only fail when its relay or consumer starts.
