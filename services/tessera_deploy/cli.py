@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tessera_deploy import ROOT, traffic
+from tessera_deploy.catalog import CANARIES
 
 APPLY_HINT = "apply it with: kubectl apply -f -   (or istioctl; the YAML is on standard output)"
 
@@ -45,8 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "traffic", help="shift traffic between a service's v1 and its canary v2 (Istio weights)",
         description="Rewrites the canary VirtualService in k8s/components/canary-<service>-v2/ and prints it. "
-                    "Every service has one: user-service, inventory-service, payment-service, order-service, "
-                    "notification-service.")
+                    f"Every service has one: {', '.join(f'{name}-service' for name in CANARIES)}.")
     parser.add_argument("--root", type=Path, default=ROOT,
                         help="the Tessera checkout whose manifests to change (default: this one)")
     actions = parser.add_subparsers(dest="action", required=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -134,3 +135,12 @@ def test_a_canary_file_it_cannot_read_is_named_in_one_line(tree, capsys, text, w
     assert result.stderr.startswith(f"tessera traffic: {tree / CANARY_VS}: ") and why in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert (tree / CANARY_VS).read_text() == text
+
+
+def test_help_names_every_service_with_a_canary():
+    """`tessera traffic --help` names every service the command can move, as `tessera traffic shift` accepts them."""
+    result = tessera("traffic", "--help")
+    assert result.returncode == 0, result.stderr
+    text = re.sub(r"-\s+", "-", " ".join(result.stdout.split()))  # argparse may wrap a name at its hyphen
+    for service in SERVICES:
+        assert f"{service}-service" in text, (service, text)
