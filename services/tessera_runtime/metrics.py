@@ -33,6 +33,7 @@ service. The others are defined here, once, and incremented where the thing happ
 | tessera_consumer_retried_total | counter | consumer, event_type | messages sent back for a delayed retry |
 | tessera_consumer_dead_lettered_total | counter | consumer, event_type | messages moved to the dead-letter queue |
 | tessera_inventory_reservation_expiries_total | counter | | stock reservations released because they expired |
+| tessera_batch_job_items_passed_over_total | counter | job | rows a job failed on, passed over until its next round |
 | tessera_db_connections | gauge | pool (units_of_work, direct, relay), state (in_use, idle) | PostgreSQL connections |
 | tessera_db_connections_max | gauge | pool | the most connections each pool opens (TESSERA_DATABASE_POOL_SIZE) |
 | tessera_circuit_state | gauge | dependency (the address called) | its circuit: 0 closed, 1 half-open, 2 open |
