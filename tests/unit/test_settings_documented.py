@@ -89,3 +89,18 @@ def test_every_documented_variable_is_read_by_the_code():
     for readme in SETTINGS_READMES:
         stale = variables_in_tables(readme) - read
         assert stale == set(), f"{readme.relative_to(ROOT)} documents variables nothing reads"
+
+
+def test_the_manifests_set_only_variables_the_code_reads():
+    """A TESSERA_* variable a manifest sets (the shared ConfigMap, a Deployment's env) is one a process reads; the
+    shared ConfigMap names every service's address, whether or not a caller of it runs yet."""
+    roots = (ROOT / "services").glob("tessera_*/bootstrap.py")
+    services = (path.parent.name.removeprefix("tessera_") for path in roots)
+    read = (set(variables_in_code()) | set(NOT_SETTINGS)
+            | {f"TESSERA_{service.upper()}_SERVICE_ADDR" for service in services})
+    set_by = {}
+    for path in sorted((ROOT / "k8s").rglob("*.yaml")):
+        for name in re.findall(r"^\s*(?:- name: |)(TESSERA_[A-Z0-9_]+)(?::|\s*$)", path.read_text(), re.MULTILINE):
+            set_by.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    assert "TESSERA_ENV" in set_by  # the scan finds the ConfigMap's keys
+    assert {name: where for name, where in set_by.items() if name not in read} == {}
