@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import re
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -37,6 +39,7 @@ from strawberry.extensions import (
     QueryDepthLimiter,
 )
 from strawberry.types import Info
+from strawberry.utils.str_converters import to_camel_case
 from tessera.analytics.v1 import analytics_pb2
 from tessera.analytics.v1 import analytics_service_pb2 as analytics_api
 from tessera.common.v1 import money_pb2
@@ -109,7 +112,9 @@ class User:
     @strawberry.field(description="The customer's orders, newest first (ListOrders; order:read).")
     async def orders(self, info: Info, page_size: int = 20, page_token: str = "",
                      status: OrderStatus | None = None) -> OrderPage | None:  # type: ignore[valid-type]
-        return await _list_orders(info, page_size, page_token, str(self.id), status)
+        # customer_id is this account's id, no argument of the caller's
+        return await _list_orders(info, page_size, page_token, str(self.id), status,
+                                  Arguments.named(*PAGE, "status"))
 
 
 @strawberry.type(description="A catalogue product (tessera.inventory.v1.Product).")
@@ -341,23 +346,55 @@ def _context(info: Info) -> Context:
     return info.context["tessera"]
 
 
-def _graphql_error(err: UpstreamError) -> GraphQLError:
-    return GraphQLError(err.message, extensions=err.extensions())
+_INDEX = re.compile(r"\[(\d+)\]")
 
 
-async def _call(info: Info, method_of, request):
+@dataclasses.dataclass(frozen=True)
+class Arguments:
+    """Where the caller sent each field of a request a resolver makes: the contract's field path (snake_case, `[]`
+    for a list's index) → the path of the GraphQL argument or input field (camelCase, `[]` there too). A field the
+    resolver fills itself (a parent's id, an update_mask) has none."""
+
+    paths: Mapping[str, str]
+
+    @classmethod
+    def named(cls, *fields: str, at: str = "") -> Arguments:
+        """Arguments named as the schema names them: each contract field in camelCase, under the argument `at`."""
+        return cls({f: at + ".".join(to_camel_case(part) for part in f.split(".")) for f in fields})
+
+    def __call__(self, field: str) -> str | None:
+        """The GraphQL path of a violation's contract field, with its list indexes; None if the caller sent none."""
+        path = self.paths.get(_INDEX.sub("[]", field))
+        if path is None:
+            return None
+        indexes = iter(_INDEX.findall(field))
+        return re.sub(r"\[\]", lambda _: f"[{next(indexes)}]", path)
+
+
+FILLED_HERE = Arguments({})
+
+
+def _graphql_error(err: UpstreamError, arguments: Arguments = FILLED_HERE) -> GraphQLError:
+    return GraphQLError(err.shown_message(arguments), extensions=err.extensions(arguments))
+
+
+async def _call(info: Info, method_of, request, arguments: Arguments):
     context = _context(info)
     try:
         return await context.call(method_of(context.upstream), request)
     except UpstreamError as err:
-        raise _graphql_error(err) from None
+        raise _graphql_error(err, arguments) from None
+
+
+_BY_ID = Arguments.named("id")
+PAGE = ("page_size", "page_token")
 
 
 async def _list_orders(info: Info, page_size: int, page_token: str, customer_id: str,
-                       status: Any) -> OrderPage:
+                       status: Any, arguments: Arguments) -> OrderPage:
     reply = await _call(info, lambda u: u.orders.ListOrders, order_api.ListOrdersRequest(
         page_size=page_size, page_token=page_token, customer_id=customer_id,
-        status=order_pb2.OrderStatus.Value(f"ORDER_STATUS_{status.name}") if status is not None else 0))
+        status=order_pb2.OrderStatus.Value(f"ORDER_STATUS_{status.name}") if status is not None else 0), arguments)
     return OrderPage(orders=[Order.of(o) for o in reply.orders], next_page_token=reply.next_page_token)
 
 
@@ -375,7 +412,7 @@ class Query:
 
     @strawberry.field(description="An account by id (GetUser; user:read): a customer may read only their own.")
     async def user(self, info: Info, id: strawberry.ID) -> User | None:
-        reply = await _call(info, lambda u: u.users.GetUser, user_api.GetUserRequest(id=str(id)))
+        reply = await _call(info, lambda u: u.users.GetUser, user_api.GetUserRequest(id=str(id)), _BY_ID)
         return User.of(reply.user)
 
     @strawberry.field(description="Accounts, oldest first (ListUsers; admin).")
@@ -383,36 +420,40 @@ class Query:
                     status: UserStatus | None = None) -> UserPage | None:  # type: ignore[valid-type]
         reply = await _call(info, lambda u: u.users.ListUsers, user_api.ListUsersRequest(
             page_size=page_size, page_token=page_token,
-            status=user_pb2.UserStatus.Value(f"USER_STATUS_{status.name}") if status is not None else 0))
+            status=user_pb2.UserStatus.Value(f"USER_STATUS_{status.name}") if status is not None else 0),
+            Arguments.named(*PAGE, "status"))
         return UserPage(users=[User.of(x) for x in reply.users], next_page_token=reply.next_page_token)
 
     @strawberry.field(description="A product by id (GetProduct; inventory:read).")
     async def product(self, info: Info, id: strawberry.ID) -> Product | None:
-        reply = await _call(info, lambda u: u.inventory.GetProduct, inventory_api.GetProductRequest(id=str(id)))
+        reply = await _call(info, lambda u: u.inventory.GetProduct, inventory_api.GetProductRequest(id=str(id)),
+                            _BY_ID)
         return Product.of(reply.product)
 
     @strawberry.field(description="The catalogue (ListProducts; inventory:read).")
     async def products(self, info: Info, page_size: int = 20, page_token: str = "", sku: str = "",
                        in_stock_only: bool = False) -> ProductPage | None:
         reply = await _call(info, lambda u: u.inventory.ListProducts, inventory_api.ListProductsRequest(
-            page_size=page_size, page_token=page_token, sku=sku, in_stock_only=in_stock_only))
+            page_size=page_size, page_token=page_token, sku=sku, in_stock_only=in_stock_only),
+            Arguments.named(*PAGE, "sku", "in_stock_only"))
         return ProductPage(products=[Product.of(p) for p in reply.products], next_page_token=reply.next_page_token)
 
     @strawberry.field(description="An order by id (GetOrder; order:read): a customer may read only their own.")
     async def order(self, info: Info, id: strawberry.ID) -> Order | None:
-        reply = await _call(info, lambda u: u.orders.GetOrder, order_api.GetOrderRequest(id=str(id)))
+        reply = await _call(info, lambda u: u.orders.GetOrder, order_api.GetOrderRequest(id=str(id)), _BY_ID)
         return Order.of(reply.order)
 
     @strawberry.field(description="Orders, newest first (ListOrders; order:read): a customer's are their own.")
     async def orders(self, info: Info, page_size: int = 20, page_token: str = "", customer_id: str = "",
                      status: OrderStatus | None = None) -> OrderPage | None:  # type: ignore[valid-type]
-        return await _list_orders(info, page_size, page_token, customer_id, status)
+        return await _list_orders(info, page_size, page_token, customer_id, status,
+                                  Arguments.named(*PAGE, "customer_id", "status"))
 
     @strawberry.field(description='The metrics of one UTC day, "YYYY-MM-DD" (GetDailyMetrics; analytics:read): every '
                                   "count zero on a day no event fell on.")
     async def daily_metrics(self, info: Info, date: str) -> DailyMetrics | None:
         reply = await _call(info, lambda u: u.analytics.GetDailyMetrics,
-                            analytics_api.GetDailyMetricsRequest(date=date))
+                            analytics_api.GetDailyMetricsRequest(date=date), Arguments.named("date"))
         return DailyMetrics.of(reply.metrics)
 
     @strawberry.field(description="The metrics of every day from startDate to endDate, both included (at most 366 "
@@ -421,7 +462,8 @@ class Query:
     async def daily_metrics_range(self, info: Info, start_date: str, end_date: str, page_size: int = 50,
                                   page_token: str = "") -> DailyMetricsPage | None:
         reply = await _call(info, lambda u: u.analytics.ListDailyMetrics, analytics_api.ListDailyMetricsRequest(
-            start_date=start_date, end_date=end_date, page_size=page_size, page_token=page_token))
+            start_date=start_date, end_date=end_date, page_size=page_size, page_token=page_token),
+            Arguments.named("start_date", "end_date", *PAGE))
         return DailyMetricsPage(daily_metrics=[DailyMetrics.of(d) for d in reply.daily_metrics],
                                 next_page_token=reply.next_page_token)
 
@@ -429,7 +471,8 @@ class Query:
                                   "most 366 days) (GetMetricsSummary; analytics:read).")
     async def metrics_summary(self, info: Info, start_date: str, end_date: str) -> MetricsSummary | None:
         reply = await _call(info, lambda u: u.analytics.GetMetricsSummary,
-                            analytics_api.GetMetricsSummaryRequest(start_date=start_date, end_date=end_date))
+                            analytics_api.GetMetricsSummaryRequest(start_date=start_date, end_date=end_date),
+                            Arguments.named("start_date", "end_date"))
         summary = reply.summary
         return MetricsSummary(start_date=summary.start_date, end_date=summary.end_date,
                               totals=DailyMetrics.of(summary.totals))
@@ -443,20 +486,25 @@ class Mutation:
             customer_id=str(input.customer_id), payment_method=input.payment_method,
             currency_code=input.currency_code, request_id=input.request_id,
             items=[order_api.CreateOrderRequest.Item(product_id=str(i.product_id), quantity=i.quantity)
-                   for i in input.items]))
+                   for i in input.items]),
+            Arguments.named("customer_id", "items", "items[]", "items[].product_id", "items[].quantity",
+                            "payment_method", "currency_code", "request_id", at="input."))
         return Order.of(reply.order)
 
     @strawberry.mutation(description="Cancels an order, compensating what its saga did (CancelOrder; order:write).")
     async def cancel_order(self, info: Info, id: strawberry.ID, reason: str = "") -> Order:
         reply = await _call(info, lambda u: u.orders.CancelOrder,
-                            order_api.CancelOrderRequest(id=str(id), reason=reason))
+                            order_api.CancelOrderRequest(id=str(id), reason=reason),
+                            Arguments.named("id", "reason"))
         return Order.of(reply.order)
 
     @strawberry.mutation(description="Changes the caller's display name (UpdateUser; user:write).")
     async def update_display_name(self, info: Info, id: strawberry.ID, display_name: str) -> User:
         reply = await _call(info, lambda u: u.users.UpdateUser, user_api.UpdateUserRequest(
             user=user_pb2.User(id=str(id), display_name=display_name),
-            update_mask=field_mask_pb2.FieldMask(paths=["display_name"])))
+            update_mask=field_mask_pb2.FieldMask(paths=["display_name"])),
+            # update_mask is this field's own, no argument of the caller's
+            Arguments({"user.id": "id", "user.display_name": "displayName"}))
         return User.of(reply.user)
 
 

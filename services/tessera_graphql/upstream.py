@@ -10,7 +10,7 @@ gRPC through the gateway, and the services still decide whose data it is (a cust
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
 from tessera.analytics.v1 import analytics_service_pb2, analytics_service_pb2_grpc
@@ -22,11 +22,17 @@ from tessera_runtime import context as callctx
 from tessera_runtime.clients import NOT_SENT_REASONS, error_details, open_channel
 from tessera_runtime.config import CircuitSettings
 from tessera_runtime.discovery.model import DiscoverySettings
+from tessera_runtime.errors import FieldViolation, violations_text
 
 USER = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
 INVENTORY = inventory_service_pb2.DESCRIPTOR.services_by_name["InventoryService"]
 ORDER = order_service_pb2.DESCRIPTOR.services_by_name["OrderService"]
 ANALYTICS = analytics_service_pb2.DESCRIPTOR.services_by_name["AnalyticsService"]
+
+
+def _no_argument(field: str) -> None:
+    """No contract field came from a GraphQL argument: the API filled the whole request itself."""
+    return None
 
 
 class UpstreamError(Exception):
@@ -58,7 +64,16 @@ class UpstreamError(Exception):
                    metadata=info.metadata,
                    violations=tuple((v.field, v.description) for v in bad.field_violations) if bad else ())
 
-    def extensions(self) -> dict[str, object]:
+    def shown_message(self, argument: Callable[[str], str | None] = _no_argument) -> str:
+        """The message, naming the GraphQL arguments where the service's own text named the contract's fields."""
+        if not self.violations or self.message != violations_text(
+                [FieldViolation(f, d) for f, d in self.violations]):
+            return self.message
+        return violations_text([FieldViolation(argument(f) or f, d) for f, d in self.violations])
+
+    def extensions(self, argument: Callable[[str], str | None] = _no_argument) -> dict[str, object]:
+        """The GraphQL error's extensions; `argument` gives the path of the GraphQL argument (or input field) the
+        caller sent a contract field at, or None for a field the GraphQL API filled itself."""
         data: dict[str, object] = {"code": self.code.name}
         if self.reason:
             data["reason"] = self.reason
@@ -67,7 +82,8 @@ class UpstreamError(Exception):
         if self.metadata:
             data["metadata"] = self.metadata
         if self.violations:
-            data["fieldViolations"] = [{"field": f, "description": d} for f, d in self.violations]
+            data["fieldViolations"] = [{"field": argument(f), "contractField": f, "description": d}
+                                       for f, d in self.violations]
         return data
 
 

@@ -75,7 +75,7 @@ class InvalidArgument(DomainError):
         self.violations = list(violations)
         if not self.violations:
             raise ValueError("InvalidArgument needs at least one field violation")
-        super().__init__(message or _violations_text(self.violations), reason=reason, domain=domain)
+        super().__init__(message or violations_text(self.violations), reason=reason, domain=domain)
 
     def details(self) -> list[any_pb2.Any]:
         listed: list[error_details_pb2.BadRequest.FieldViolation] = []
@@ -94,7 +94,8 @@ class InvalidArgument(DomainError):
         return [*super().details(), bad]
 
 
-def _violations_text(violations: list[FieldViolation]) -> str:
+def violations_text(violations: list[FieldViolation]) -> str:
+    """An InvalidArgument's message when it is given none: "invalid request: " and each violation, as many as fit."""
     shown: list[str] = []
     size = 0
     for i, v in enumerate(violations):

@@ -157,13 +157,68 @@ async def test_bad_input_names_the_field_and_changes_nothing(graphql, neighbours
     _, body, _ = await graphql.post(PLACE, place_input(customer, (product, 0)), subject=customer)
     ext = body["errors"][0]["extensions"]
     assert ext["code"] == "INVALID_ARGUMENT"
-    assert [v["field"] for v in ext["fieldViolations"]] == ["items[0].quantity"]
+    assert [(v["field"], v["contractField"]) for v in ext["fieldViolations"]] == [
+        ("input.items[0].quantity", "items[0].quantity")]
+    assert body["errors"][0]["message"].startswith("invalid request: input.items[0].quantity: must be between 1")
     _, body, _ = await graphql.post("query($p: ID!) { product(id: $p) { stockReserved } }", {"p": product},
                                     subject=customer)
     assert body["data"]["product"]["stockReserved"] == "0"
     # A malformed document or an unknown field is GraphQL's own validation error; nothing is called.
     status, body, _ = await graphql.post("{ me { id password } }", subject=customer)
     assert status == 200 and "password" in body["errors"][0]["message"] and body.get("data") is None
+
+
+BAD_INPUT = [
+    # (query, variables, subject, scopes) → the field violations' (field, contractField)
+    (PLACE, lambda c, p: {"input": {**place_input(c, (p, 1))["input"], "customerId": "nobody"}}, None, None,
+     [("input.customerId", "customer_id")]),
+    (PLACE, lambda c, p: place_input(c, (p, 1), ("not-a-uuid", 2), (p, 0)), None, None,
+     [("input.items[1].productId", "items[1].product_id"), ("input.items[2].productId", "items[2].product_id"),
+      ("input.items[2].quantity", "items[2].quantity")]),
+    (PLACE, lambda c, p: {"input": {**place_input(c, (p, 1))["input"], "currencyCode": "eur", "paymentMethod": "",
+                                    "requestId": "", "items": []}}, None, None,
+     [("input.items", "items"), ("input.paymentMethod", "payment_method"), ("input.currencyCode", "currency_code"),
+      ("input.requestId", "request_id")]),
+    ("mutation($id: ID!, $r: String!) { cancelOrder(id: $id, reason: $r) { id } }",
+     lambda c, p: {"id": "nope", "r": "x" * 501}, None, None, [("id", "id"), ("reason", "reason")]),
+    ("mutation($id: ID!, $n: String!) { updateDisplayName(id: $id, displayName: $n) { id } }",
+     lambda c, p: {"id": c, "n": "two\nlines"}, None, None, [("displayName", "user.display_name")]),
+    ("mutation($id: ID!) { updateDisplayName(id: $id, displayName: \"Ann\") { id } }",
+     lambda c, p: {"id": "nope"}, None, None, [("id", "user.id")]),
+    ("query($id: ID!) { user(id: $id) { id } }", lambda c, p: {"id": "nope"}, None, None, [("id", "id")]),
+    ("query($id: ID!) { product(id: $id) { id } }", lambda c, p: {"id": "nope"}, None, None, [("id", "id")]),
+    ("query($id: ID!) { order(id: $id) { id } }", lambda c, p: {"id": "nope"}, None, None, [("id", "id")]),
+    ("query($s: String!) { products(sku: $s, pageSize: -1) { nextPageToken } }", lambda c, p: {"s": "x" * 65},
+     None, None, [("pageSize", "page_size")]),
+    ("query($s: String!) { products(sku: $s) { nextPageToken } }", lambda c, p: {"s": "x" * 65},
+     None, None, [("sku", "sku")]),
+    ("{ products(pageToken: \"forged\") { nextPageToken } }", lambda c, p: {}, None, None,
+     [("pageToken", "page_token")]),
+    ("{ orders(customerId: \"nobody\") { nextPageToken } }", lambda c, p: {}, None, None,
+     [("customerId", "customer_id")]),
+    ("{ orders(pageSize: -1) { nextPageToken } }", lambda c, p: {}, None, None, [("pageSize", "page_size")]),
+    ("{ me { orders(pageToken: \"forged\") { nextPageToken } } }", lambda c, p: {}, None, None,
+     [("pageToken", "page_token")]),
+    ("{ users(pageSize: -1) { nextPageToken } }", lambda c, p: {}, "ops", "admin", [("pageSize", "page_size")]),
+    ("{ users(pageToken: \"forged\") { nextPageToken } }", lambda c, p: {}, "ops", "admin",
+     [("pageToken", "page_token")]),
+]
+
+
+@pytest.mark.parametrize(("query", "variables", "subject", "scopes", "expected"), BAD_INPUT)
+async def test_field_violations_name_the_argument_the_caller_sent(graphql, neighbours, query, variables, subject,
+                                                                  scopes, expected):
+    """Each violation's `field` is the path of the GraphQL argument (or input field) the caller sent, list indexes
+    included, so a form can mark that input; `contractField` is the contract's name for it, as REST and gRPC say."""
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    _, body, _ = await graphql.post(query, variables(customer, product), subject=subject or customer,
+                                    scopes=scopes or CUSTOMER)
+    [error] = body["errors"]
+    ext = error["extensions"]
+    assert ext["code"] == "INVALID_ARGUMENT", body
+    assert [(v["field"], v["contractField"]) for v in ext["fieldViolations"]] == expected
+    assert error["message"] == "invalid request: " + "; ".join(
+        f"{v['field']}: {v['description']}" for v in ext["fieldViolations"])
 
 
 async def test_a_request_without_identity_is_refused(graphql):

@@ -198,16 +198,20 @@ async def test_a_token_without_analytics_read_is_refused_before_anything_is_sent
     assert handled(method) == before
 
 
+CONTRACT_FIELDS = {"date": "date", "startDate": "start_date", "endDate": "end_date", "pageSize": "page_size",
+                   "pageToken": "page_token"}
+
+
 @pytest.mark.parametrize(("query", "variables", "field"), [
     (DAY, {"d": "2026-13-01"}, "date"),
     (DAY, {"d": ""}, "date"),
-    (RANGE, {"s": "May 1st", "e": D3}, "start_date"),
-    (RANGE, {"s": D3, "e": D1}, "end_date"),
-    (RANGE, {"s": "2025-01-01", "e": "2026-01-02"}, "end_date"),  # 367 days
-    (RANGE, {"s": D1, "e": D3, "n": -1}, "page_size"),
-    (RANGE, {"s": D1, "e": D3, "t": "forged"}, "page_token"),
-    (SUMMARY, {"s": D1, "e": "2026-05-32"}, "end_date"),
-    (SUMMARY, {"s": "", "e": D1}, "start_date"),
+    (RANGE, {"s": "May 1st", "e": D3}, "startDate"),
+    (RANGE, {"s": D3, "e": D1}, "endDate"),
+    (RANGE, {"s": "2025-01-01", "e": "2026-01-02"}, "endDate"),  # 367 days
+    (RANGE, {"s": D1, "e": D3, "n": -1}, "pageSize"),
+    (RANGE, {"s": D1, "e": D3, "t": "forged"}, "pageToken"),
+    (SUMMARY, {"s": D1, "e": "2026-05-32"}, "endDate"),
+    (SUMMARY, {"s": "", "e": D1}, "startDate"),
 ])
 async def test_bad_input_is_refused_naming_the_field(graphql, query, variables, field):
     status, body, _ = await graphql.post(query, variables, subject="analyst", scopes=ANALYST)
@@ -216,7 +220,9 @@ async def test_bad_input_is_refused_naming_the_field(graphql, query, variables, 
     ext = error["extensions"]
     assert (ext["code"], ext["reason"], ext["domain"]) == ("INVALID_ARGUMENT", "INVALID_ARGUMENT",
                                                           "analytics.tessera.dev")
-    assert [v["field"] for v in ext["fieldViolations"]] == [field]
+    assert [v["field"] for v in ext["fieldViolations"]] == [field], "the argument the caller sent"
+    assert [v["contractField"] for v in ext["fieldViolations"]] == [CONTRACT_FIELDS[field]]
+    assert error["message"].startswith(f"invalid request: {field}: ")
 
 
 async def test_the_analytics_service_down_is_unavailable_without_naming_its_address(unused_tcp_port):

@@ -7,6 +7,7 @@ import grpc
 from tessera_graphql.schema import Context, build_schema
 from tessera_graphql.upstream import UpstreamError
 from tessera_runtime import context as callctx
+from tessera_runtime.errors import FieldViolation, violations_text
 
 
 class _Stubs:
@@ -40,3 +41,23 @@ async def test_an_unexpected_error_is_masked_and_the_services_answers_are_not():
                                                                              "PRODUCT_NOT_FOUND")]
     invalid = await _run("{ product { name } }", RuntimeError("never called"))
     assert "Query.product(id:)" in invalid.errors[0].message  # GraphQL's own validation, shown as it is
+
+
+async def test_a_violation_of_a_field_the_api_filled_itself_names_no_argument():
+    """updateDisplayName fills update_mask itself and `me` sends the token's subject as the id: a violation of such
+    a field has `field` null (no input of the caller's to mark) and keeps the contract's name in contractField."""
+    refused = [("update_mask", "must name at least one path"), ("user.display_name", "is required")]
+    shown = await _run('mutation { updateDisplayName(id: "u", displayName: "") { id } }', UpstreamError(
+        grpc.StatusCode.INVALID_ARGUMENT, violations_text([FieldViolation(f, d) for f, d in refused]),
+        reason="INVALID_ARGUMENT", violations=tuple(refused)))
+    [error] = shown.errors
+    assert [(v["field"], v["contractField"]) for v in error.extensions["fieldViolations"]] == [
+        (None, "update_mask"), ("displayName", "user.display_name")]
+    assert error.message == "invalid request: update_mask: must name at least one path; displayName: is required"
+
+    shown = await _run("{ me { id } }", UpstreamError(grpc.StatusCode.INVALID_ARGUMENT, "id is not one we know",
+                                                       violations=(("id", "is not one we know"),)))
+    [error] = shown.errors
+    assert error.extensions["fieldViolations"] == [{"field": None, "contractField": "id",
+                                                    "description": "is not one we know"}]
+    assert error.message == "id is not one we know", "a message of the service's own words is shown as it is"
