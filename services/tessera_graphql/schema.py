@@ -4,7 +4,8 @@ services' graphs.
 
 Types mirror the contracts (tessera.*.v1): names in camelCase, enums without their prefix, int64 as strings (as
 the contracts' JSON mapping has them), timestamps as ISO 8601. An order's items resolve their products in one
-BatchGetProducts per request, and each customer once, however many orders name them.
+BatchGetProducts per request, and each customer once, however many orders name them. A service's field violations
+name the argument (or input field) the caller sent, as well as the contract's field.
 """
 
 from __future__ import annotations
@@ -112,9 +113,7 @@ class User:
     @strawberry.field(description="The customer's orders, newest first (ListOrders; order:read).")
     async def orders(self, info: Info, page_size: int = 20, page_token: str = "",
                      status: OrderStatus | None = None) -> OrderPage | None:  # type: ignore[valid-type]
-        # customer_id is this account's id, no argument of the caller's
-        return await _list_orders(info, page_size, page_token, str(self.id), status,
-                                  Arguments.named(*PAGE, "status"))
+        return await _list_orders(info, page_size, page_token, str(self.id), status)
 
 
 @strawberry.type(description="A catalogue product (tessera.inventory.v1.Product).")
@@ -378,7 +377,33 @@ def _graphql_error(err: UpstreamError, arguments: Arguments = FILLED_HERE) -> Gr
     return GraphQLError(err.shown_message(arguments), extensions=err.extensions(arguments))
 
 
-async def _call(info: Info, method_of, request, arguments: Arguments):
+_PAGE = ("page_size", "page_token")
+# For each field that calls a service ("Type.field", as the schema names them), where its caller sent the fields of
+# the request it makes. A request field missing here is one the resolver fills itself: `me`'s id is the token's
+# subject, User.orders' customer_id the account's id, updateDisplayName's update_mask its own; the loaders (an
+# order's customer, its items' products) send ids from the services' answers.
+ARGUMENTS: Mapping[str, Arguments] = {
+    "Query.user": Arguments.named("id"),
+    "Query.users": Arguments.named(*_PAGE, "status"),
+    "Query.product": Arguments.named("id"),
+    "Query.products": Arguments.named(*_PAGE, "sku", "in_stock_only"),
+    "Query.order": Arguments.named("id"),
+    "Query.orders": Arguments.named(*_PAGE, "customer_id", "status"),
+    "User.orders": Arguments.named(*_PAGE, "status"),
+    "Query.dailyMetrics": Arguments.named("date"),
+    "Query.dailyMetricsRange": Arguments.named("start_date", "end_date", *_PAGE),
+    "Query.metricsSummary": Arguments.named("start_date", "end_date"),
+    "Mutation.createOrder": Arguments.named("customer_id", "items", "items[]", "items[].product_id",
+                                            "items[].quantity", "payment_method", "currency_code", "request_id",
+                                            at="input."),
+    "Mutation.cancelOrder": Arguments.named("id", "reason"),
+    "Mutation.updateDisplayName": Arguments({"user.id": "id", "user.display_name": "displayName"}),
+}
+
+
+async def _call(info: Info, method_of, request):
+    """Calls a service for the field `info` resolves; a refusal is a GraphQL error naming the caller's arguments."""
+    arguments = ARGUMENTS[f"{info.path.typename}.{info.field_name}"]
     context = _context(info)
     try:
         return await context.call(method_of(context.upstream), request)
@@ -386,15 +411,11 @@ async def _call(info: Info, method_of, request, arguments: Arguments):
         raise _graphql_error(err, arguments) from None
 
 
-_BY_ID = Arguments.named("id")
-PAGE = ("page_size", "page_token")
-
-
 async def _list_orders(info: Info, page_size: int, page_token: str, customer_id: str,
-                       status: Any, arguments: Arguments) -> OrderPage:
+                       status: Any) -> OrderPage:
     reply = await _call(info, lambda u: u.orders.ListOrders, order_api.ListOrdersRequest(
         page_size=page_size, page_token=page_token, customer_id=customer_id,
-        status=order_pb2.OrderStatus.Value(f"ORDER_STATUS_{status.name}") if status is not None else 0), arguments)
+        status=order_pb2.OrderStatus.Value(f"ORDER_STATUS_{status.name}") if status is not None else 0))
     return OrderPage(orders=[Order.of(o) for o in reply.orders], next_page_token=reply.next_page_token)
 
 
@@ -412,7 +433,7 @@ class Query:
 
     @strawberry.field(description="An account by id (GetUser; user:read): a customer may read only their own.")
     async def user(self, info: Info, id: strawberry.ID) -> User | None:
-        reply = await _call(info, lambda u: u.users.GetUser, user_api.GetUserRequest(id=str(id)), _BY_ID)
+        reply = await _call(info, lambda u: u.users.GetUser, user_api.GetUserRequest(id=str(id)))
         return User.of(reply.user)
 
     @strawberry.field(description="Accounts, oldest first (ListUsers; admin).")
@@ -420,40 +441,36 @@ class Query:
                     status: UserStatus | None = None) -> UserPage | None:  # type: ignore[valid-type]
         reply = await _call(info, lambda u: u.users.ListUsers, user_api.ListUsersRequest(
             page_size=page_size, page_token=page_token,
-            status=user_pb2.UserStatus.Value(f"USER_STATUS_{status.name}") if status is not None else 0),
-            Arguments.named(*PAGE, "status"))
+            status=user_pb2.UserStatus.Value(f"USER_STATUS_{status.name}") if status is not None else 0))
         return UserPage(users=[User.of(x) for x in reply.users], next_page_token=reply.next_page_token)
 
     @strawberry.field(description="A product by id (GetProduct; inventory:read).")
     async def product(self, info: Info, id: strawberry.ID) -> Product | None:
-        reply = await _call(info, lambda u: u.inventory.GetProduct, inventory_api.GetProductRequest(id=str(id)),
-                            _BY_ID)
+        reply = await _call(info, lambda u: u.inventory.GetProduct, inventory_api.GetProductRequest(id=str(id)))
         return Product.of(reply.product)
 
     @strawberry.field(description="The catalogue (ListProducts; inventory:read).")
     async def products(self, info: Info, page_size: int = 20, page_token: str = "", sku: str = "",
                        in_stock_only: bool = False) -> ProductPage | None:
         reply = await _call(info, lambda u: u.inventory.ListProducts, inventory_api.ListProductsRequest(
-            page_size=page_size, page_token=page_token, sku=sku, in_stock_only=in_stock_only),
-            Arguments.named(*PAGE, "sku", "in_stock_only"))
+            page_size=page_size, page_token=page_token, sku=sku, in_stock_only=in_stock_only))
         return ProductPage(products=[Product.of(p) for p in reply.products], next_page_token=reply.next_page_token)
 
     @strawberry.field(description="An order by id (GetOrder; order:read): a customer may read only their own.")
     async def order(self, info: Info, id: strawberry.ID) -> Order | None:
-        reply = await _call(info, lambda u: u.orders.GetOrder, order_api.GetOrderRequest(id=str(id)), _BY_ID)
+        reply = await _call(info, lambda u: u.orders.GetOrder, order_api.GetOrderRequest(id=str(id)))
         return Order.of(reply.order)
 
     @strawberry.field(description="Orders, newest first (ListOrders; order:read): a customer's are their own.")
     async def orders(self, info: Info, page_size: int = 20, page_token: str = "", customer_id: str = "",
                      status: OrderStatus | None = None) -> OrderPage | None:  # type: ignore[valid-type]
-        return await _list_orders(info, page_size, page_token, customer_id, status,
-                                  Arguments.named(*PAGE, "customer_id", "status"))
+        return await _list_orders(info, page_size, page_token, customer_id, status)
 
     @strawberry.field(description='The metrics of one UTC day, "YYYY-MM-DD" (GetDailyMetrics; analytics:read): every '
                                   "count zero on a day no event fell on.")
     async def daily_metrics(self, info: Info, date: str) -> DailyMetrics | None:
         reply = await _call(info, lambda u: u.analytics.GetDailyMetrics,
-                            analytics_api.GetDailyMetricsRequest(date=date), Arguments.named("date"))
+                            analytics_api.GetDailyMetricsRequest(date=date))
         return DailyMetrics.of(reply.metrics)
 
     @strawberry.field(description="The metrics of every day from startDate to endDate, both included (at most 366 "
@@ -462,8 +479,7 @@ class Query:
     async def daily_metrics_range(self, info: Info, start_date: str, end_date: str, page_size: int = 50,
                                   page_token: str = "") -> DailyMetricsPage | None:
         reply = await _call(info, lambda u: u.analytics.ListDailyMetrics, analytics_api.ListDailyMetricsRequest(
-            start_date=start_date, end_date=end_date, page_size=page_size, page_token=page_token),
-            Arguments.named("start_date", "end_date", *PAGE))
+            start_date=start_date, end_date=end_date, page_size=page_size, page_token=page_token))
         return DailyMetricsPage(daily_metrics=[DailyMetrics.of(d) for d in reply.daily_metrics],
                                 next_page_token=reply.next_page_token)
 
@@ -471,8 +487,7 @@ class Query:
                                   "most 366 days) (GetMetricsSummary; analytics:read).")
     async def metrics_summary(self, info: Info, start_date: str, end_date: str) -> MetricsSummary | None:
         reply = await _call(info, lambda u: u.analytics.GetMetricsSummary,
-                            analytics_api.GetMetricsSummaryRequest(start_date=start_date, end_date=end_date),
-                            Arguments.named("start_date", "end_date"))
+                            analytics_api.GetMetricsSummaryRequest(start_date=start_date, end_date=end_date))
         summary = reply.summary
         return MetricsSummary(start_date=summary.start_date, end_date=summary.end_date,
                               totals=DailyMetrics.of(summary.totals))
@@ -486,25 +501,20 @@ class Mutation:
             customer_id=str(input.customer_id), payment_method=input.payment_method,
             currency_code=input.currency_code, request_id=input.request_id,
             items=[order_api.CreateOrderRequest.Item(product_id=str(i.product_id), quantity=i.quantity)
-                   for i in input.items]),
-            Arguments.named("customer_id", "items", "items[]", "items[].product_id", "items[].quantity",
-                            "payment_method", "currency_code", "request_id", at="input."))
+                   for i in input.items]))
         return Order.of(reply.order)
 
     @strawberry.mutation(description="Cancels an order, compensating what its saga did (CancelOrder; order:write).")
     async def cancel_order(self, info: Info, id: strawberry.ID, reason: str = "") -> Order:
         reply = await _call(info, lambda u: u.orders.CancelOrder,
-                            order_api.CancelOrderRequest(id=str(id), reason=reason),
-                            Arguments.named("id", "reason"))
+                            order_api.CancelOrderRequest(id=str(id), reason=reason))
         return Order.of(reply.order)
 
     @strawberry.mutation(description="Changes the caller's display name (UpdateUser; user:write).")
     async def update_display_name(self, info: Info, id: strawberry.ID, display_name: str) -> User:
         reply = await _call(info, lambda u: u.users.UpdateUser, user_api.UpdateUserRequest(
             user=user_pb2.User(id=str(id), display_name=display_name),
-            update_mask=field_mask_pb2.FieldMask(paths=["display_name"])),
-            # update_mask is this field's own, no argument of the caller's
-            Arguments({"user.id": "id", "user.display_name": "displayName"}))
+            update_mask=field_mask_pb2.FieldMask(paths=["display_name"])))
         return User.of(reply.user)
 
 

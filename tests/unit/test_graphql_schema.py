@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import grpc
+import re
 
-from tessera_graphql.schema import Context, build_schema
+import grpc
+from graphql import GraphQLInputObjectType, GraphQLList, get_nullable_type
+
+from tessera_graphql.schema import ARGUMENTS, Context, build_schema
 from tessera_graphql.upstream import UpstreamError
 from tessera_runtime import context as callctx
 from tessera_runtime.errors import FieldViolation, violations_text
@@ -61,3 +64,24 @@ async def test_a_violation_of_a_field_the_api_filled_itself_names_no_argument():
     assert error.extensions["fieldViolations"] == [{"field": None, "contractField": "id",
                                                     "description": "is not one we know"}]
     assert error.message == "id is not one we know", "a message of the service's own words is shown as it is"
+
+
+def test_every_argument_path_is_one_the_schema_has():
+    """Each field violation's GraphQL path is an argument of its field, or an input field (a list's item) within one:
+    a path misspelled here, or an argument renamed in the schema, fails this test."""
+    schema = build_schema()._schema
+    for key, arguments in ARGUMENTS.items():
+        type_name, field_name = key.split(".")
+        field = schema.get_type(type_name).fields[field_name]
+        for contract_path, path in arguments.paths.items():
+            [argument, *rest] = re.findall(r"[^.\[\]]+|\[\]", path)
+            assert argument in field.args, f"{key}: {path} ({contract_path})"
+            current = get_nullable_type(field.args[argument].type)
+            for part in rest:
+                if part == "[]":
+                    assert isinstance(current, GraphQLList), f"{key}: {path} ({contract_path})"
+                    current = get_nullable_type(current.of_type)
+                else:
+                    assert isinstance(current, GraphQLInputObjectType) and part in current.fields, f"{key}: {path}"
+                    current = get_nullable_type(current.fields[part].type)
+            assert path.count("[]") == contract_path.count("[]"), f"{key}: {path} ({contract_path})"
