@@ -42,15 +42,18 @@ def _free_port() -> int:
 
 class PrometheusServer:
     """`prometheus` scraping the given jobs (name → metrics addresses) every `interval` and evaluating `rule_files`
-    as often; listens on 127.0.0.1 on a free port; its data, config and log live in `folder`."""
+    as often; a job scrapes /metrics unless `metrics_paths` names another path; listens on 127.0.0.1 on a free port;
+    its data, config and log live in `folder`."""
 
     def __init__(self, folder: Path, jobs: dict[str, list[str]], rule_files: list[Path],
-                 interval: str = "1s") -> None:
+                 interval: str = "1s", metrics_paths: dict[str, str] | None = None) -> None:
+        paths = metrics_paths or {}
         self.folder = folder
         self.config = {
             "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
             "rule_files": [str(p) for p in rule_files],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}
+            "scrape_configs": [{"job_name": job, "metrics_path": paths.get(job, "/metrics"),
+                                "static_configs": [{"targets": targets}]}
                                for job, targets in jobs.items()],
         }
         self.proc: subprocess.Popen[bytes] | None = None
