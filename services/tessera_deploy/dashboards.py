@@ -66,12 +66,18 @@ def variables(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    """(panel title, expression) of every panel target and query variable."""
+    """(panel title, PromQL) of every panel target, and ($name, series selector) of every query variable's
+    `label_values(selector, label)` (another variable query is given whole, and Prometheus refuses it)."""
     found = [(p.get("title", ""), t.get("expr", "")) for p in query_panels(dashboard) for t in p.get("targets", [])]
     for var in variables(dashboard):
         if var.get("type") == "query":
             query = var.get("query")
-            found.append((f"${var.get('name')}", query.get("query", "") if isinstance(query, dict) else str(query)))
+            text = query.get("query", "") if isinstance(query, dict) else str(query)
+            try:
+                text = label_values_selector(text)
+            except DashboardError:
+                pass
+            found.append((f"${var.get('name')}", text))
     return found
 
 

@@ -1,5 +1,6 @@
-"""Tessera's rules in a real Prometheus scraping real service processes: every metric a rule reads is in their
-scrapes, and a real fault (the user service dies while orders come in) takes alerts to FIRING.
+"""Tessera's rules and Grafana dashboard in a real Prometheus scraping real service processes and the real Envoy
+gateway: every metric a rule or a dashboard panel reads is in their scrapes, every panel's query runs, and a real fault
+(the user service dies while orders come in) takes alerts to FIRING.
 
 The rules are loaded as committed, except that every `for:` is shortened to 2s (scraped and evaluated every
 second) so that the alerts fire in a test's time; the expressions are unchanged.
@@ -8,8 +9,12 @@ second) so that the alerts fire in a test's time; the expressions are unchanged.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,13 +24,20 @@ import yaml
 from tessera.order.v1 import order_service_pb2 as osvc
 from tessera.order.v1 import order_service_pb2_grpc
 
-from tessera_deploy import alerts
+from tessera_deploy import alerts, dashboards
+from tests.support import postgres
+from tests.support.gateway import SERVICES as GATEWAY_UPSTREAMS
+from tests.support.gateway import Gateway, closed_port
 from tests.support.processes import ServiceProcess
 from tests.support.prometheus import PrometheusServer
 
 SHORT_FOR = "2s"
 # The order service's dependencies; payment and inventory stay up, user is the one that dies.
 SERVICES = ("user", "inventory", "payment", "order")
+# The service on PostgreSQL (the others on SQLite): only a PostgreSQL database has connection pools to report.
+ON_POSTGRES = "inventory"
+# The gateway's scrape job: the Service its ServiceMonitor selects, scraping Envoy's stats in Prometheus format.
+GATEWAY_JOB = "tessera-gateway"
 
 
 def free_port() -> int:
@@ -47,43 +59,61 @@ def shortened_rules(folder) -> object:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """user, inventory, payment and order as real processes (SQLite), each with its /metrics, and a Prometheus
+    """user, inventory, payment and order as real processes (inventory on PostgreSQL, the others on SQLite), each
+    with its /metrics, the gateway's Envoy in front of them (one REST call made through it), and a Prometheus
     scraping them as the ServiceMonitors' jobs."""
     folder = tmp_path_factory.mktemp("alerts")
+    dead = closed_port()
+    database, database_url = asyncio.run(postgres.create_database())
+    urls = {name: f"sqlite+aiosqlite:///{folder / (name + '.db')}" for name in SERVICES}
+    urls[ON_POSTGRES] = database_url
     metrics = {name: free_port() for name in SERVICES}
     common = {"TESSERA_CIRCUIT_OPEN_SECONDS": "60", "TESSERA_DEFAULT_DEADLINE_SECONDS": "2"}
     processes = {name: ServiceProcess(name, {
         **common,
-        "TESSERA_DATABASE_URL": f"sqlite+aiosqlite:///{folder / (name + '.db')}",
+        "TESSERA_DATABASE_URL": urls[name],
         "TESSERA_METRICS_PORT": str(metrics[name]),
     }, folder / f"{name}.log") for name in SERVICES if name != "order"}
     started: list[ServiceProcess] = []
-    prometheus = None
+    prometheus = gateway = None
     try:
         with ThreadPoolExecutor(len(processes)) as pool:
             for process in pool.map(lambda p: p.start(), processes.values()):
                 started.append(process)
         processes["order"] = ServiceProcess("order", {
             **common,
-            "TESSERA_DATABASE_URL": f"sqlite+aiosqlite:///{folder / 'order.db'}",
+            "TESSERA_DATABASE_URL": urls["order"],
             "TESSERA_METRICS_PORT": str(metrics["order"]),
             "TESSERA_USER_SERVICE_ADDR": processes["user"].address,
             "TESSERA_INVENTORY_SERVICE_ADDR": processes["inventory"].address,
             "TESSERA_PAYMENT_SERVICE_ADDR": processes["payment"].address,
         }, folder / "order.log")
         started.append(processes["order"].start())
-        prometheus = PrometheusServer(
-            folder, {f"{name}-service": [f"127.0.0.1:{metrics[name]}"] for name in SERVICES},
-            [shortened_rules(folder)]).start()
+        addresses = {name: f"127.0.0.1:{dead.getsockname()[1]}" for name in GATEWAY_UPSTREAMS}
+        addresses.update({name: processes[name].address for name in SERVICES})
+        gateway = Gateway(folder, "edge", addresses, {"graphql": {"address": addresses["analytics"]}}).start(
+            list(SERVICES))
+        # Envoy creates the response-class series of the edge and of a cluster with their first response: the user
+        # service answers PERMISSION_DENIED (403) to a subject reading another's account.
+        reply = gateway.call("GET", f"/v1/users/{uuid.uuid4()}", token=gateway.mint("dashboard", "user:read"))
+        assert reply.status == 403 and reply.json()["details"][0]["reason"] == "PERMISSION_DENIED", reply
+        jobs = {f"{name}-service": [f"127.0.0.1:{metrics[name]}"] for name in SERVICES}
+        jobs[GATEWAY_JOB] = [gateway.envoy.admin_url.removeprefix("http://")]
+        prometheus = PrometheusServer(folder, jobs, [shortened_rules(folder)],
+                                      metrics_paths={GATEWAY_JOB: "/stats/prometheus"}).start()
         wait_for(lambda: {t["labels"]["job"] for t in prometheus.api("targets")["activeTargets"]
-                          if t["health"] == "up"} == {f"{name}-service" for name in SERVICES},
-                 "every service scraped", prometheus)
+                          if t["health"] == "up"} == set(jobs),
+                 "every service and the gateway scraped", prometheus)
         yield processes, prometheus
     finally:
         if prometheus is not None:
             prometheus.stop()
+        if gateway is not None:
+            gateway.stop()
+        dead.close()
         for process in started:
             process.stop()
+        asyncio.run(postgres.drop_database(database))
 
 
 def wait_for(condition, what: str, prometheus: PrometheusServer, timeout: float = 30.0):
@@ -117,6 +147,54 @@ def test_every_metric_a_rule_reads_is_scraped_from_the_services(stack):
     assert missing == set(), f"rules read metrics no service exports: {sorted(missing)}"
     # A rule on a renamed metric would read nothing: the same check names it.
     assert "tessera_circuit_state_renamed" not in present_names(prometheus)
+
+
+def query_error(prometheus: PrometheusServer, expr: str) -> str | None:
+    """Prometheus's error for an instant query of `expr`, or None when it runs."""
+    url = f"{prometheus.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            body = json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read())
+    return None if body["status"] == "success" else f"{body.get('errorType')}: {body.get('error')}"
+
+
+DASHBOARD = dashboards.load()
+
+
+def test_every_dashboard_query_runs_in_prometheus_with_its_variables_at_all(stack):
+    _, prometheus = stack
+    failed = {f"{title}: {expr}": error for title, expr in dashboards.exprs(DASHBOARD)
+              if (error := query_error(prometheus, dashboards.substitute(expr, DASHBOARD))) is not None}
+    assert failed == {}
+    # A query Prometheus refuses is reported, so the check above can fail.
+    assert "parse error" in query_error(prometheus, "sum by (job) (rate(tessera_ready[1m])")
+
+
+def test_the_dashboard_variables_list_the_services_and_its_panels_show_them(stack):
+    _, prometheus = stack
+    variables = {v["name"]: v for v in dashboards.variables(DASHBOARD)}
+    selector = dashboards.substitute(dashboards.label_values_selector(variables["job"]["query"]["query"]), DASHBOARD)
+    jobs = {s["job"] for s in prometheus.api("series", **{"match[]": selector})}
+    assert jobs == {f"{name}-service" for name in SERVICES}
+    ready = next(p for p in dashboards.query_panels(DASHBOARD) if p["title"] == "Ready instances")
+    result = prometheus.api("query", query=dashboards.substitute(ready["targets"][0]["expr"], DASHBOARD))["result"]
+    assert {r["metric"]["job"]: r["value"][1] for r in result} == {f"{name}-service": "1" for name in SERVICES}
+    edge = next(p for p in dashboards.query_panels(DASHBOARD) if p["title"] == "Gateway targets up")
+    [up] = prometheus.api("query", query=dashboards.substitute(edge["targets"][0]["expr"], DASHBOARD))["result"]
+    assert up["value"][1] == "1"
+
+
+def test_every_metric_a_dashboard_panel_reads_is_scraped_from_the_services_and_the_gateway(stack):
+    _, prometheus = stack
+    wait_for(lambda: "envoy_http_downstream_rq_xx" in present_names(prometheus), "the gateway's metadata",
+             prometheus)
+    recorded = alerts.recorded_names(alerts.load_groups())
+    referenced = dashboards.referenced_metrics(DASHBOARD)
+    assert referenced & recorded, "the RED panels read the rules' recorded series"
+    missing = referenced - recorded - present_names(prometheus)
+    assert missing == set(), f"dashboard panels read metrics no service or the gateway exports: {sorted(missing)}"
 
 
 def firing(prometheus: PrometheusServer, name: str) -> list[dict]:
