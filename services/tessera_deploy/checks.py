@@ -8,11 +8,12 @@ policies name real service accounts, and every service has what production requi
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from tessera_deploy import ROOT, alerts
+from tessera_deploy import ROOT, alerts, dashboards
 from tessera_deploy.catalog import (
     GATEWAY,
     GRAPHQL_API,
@@ -563,6 +564,41 @@ def check_prometheus_rules(overlay: Overlay) -> Iterator[Problem]:
                                             *([f"leaves out the monitored {missing}"] if missing else [])]))
 
 
+def check_dashboards(overlay: Overlay) -> Iterator[Problem]:
+    """The ConfigMap of Grafana dashboards: labelled for Grafana's dashboard sidecar and as every Tessera object,
+    holding each file of k8s/monitoring/dashboards as it is, each a dashboard without shape problems."""
+    where = "k8s/monitoring/kustomization.yaml"
+    config_map = overlay.get("ConfigMap", dashboards.CONFIG_MAP_NAME)
+    if config_map is None:
+        yield Problem(where, f"ConfigMap/{dashboards.CONFIG_MAP_NAME}", "(resources)",
+                      "missing: Grafana gets no Tessera dashboard (k8s/base must include ../monitoring)")
+        return
+    labels = _get(config_map.obj, "metadata", "labels", default={}) or {}
+    key, value = dashboards.SIDECAR_LABEL
+    if labels.get(key) != value:
+        yield _problem(config_map, f"metadata.labels.{key}",
+                       f"must be {value!r}: Grafana's dashboard sidecar loads only ConfigMaps labelled so")
+    if labels.get("app.kubernetes.io/part-of") != "tessera":
+        yield _problem(config_map, "metadata.labels.app.kubernetes.io/part-of", "must be tessera, as every object")
+    data = _get(config_map.obj, "data", default={}) or {}
+    expected = {path.name: path for path in dashboards.files()}
+    for name in sorted(set(data) - set(expected)):
+        yield _problem(config_map, f"data.{name}", f"is not a file of {dashboards.DASHBOARDS_DIR.relative_to(ROOT)}")
+    for name, path in sorted(expected.items()):
+        if name not in data:
+            yield _problem(config_map, f"data.{name}", f"missing: {path.relative_to(ROOT)} is not shipped")
+            continue
+        if data[name] != path.read_text():
+            yield _problem(config_map, f"data.{name}", f"differs from {path.relative_to(ROOT)} (patch the file)")
+        try:
+            dashboard = json.loads(data[name])
+        except ValueError as exc:
+            yield _problem(config_map, f"data.{name}", f"is not JSON: {exc}")
+            continue
+        for problem in dashboards.problems(dashboard) if isinstance(dashboard, dict) else ["not a JSON object"]:
+            yield _problem(config_map, f"data.{name}", problem)
+
+
 # --- security policies -----------------------------------------------------------------------------------------
 
 
@@ -800,4 +836,5 @@ def check(manifests: Iterable[Manifest], workloads: Iterable[Workload], namespac
         problems.extend(checker(overlay, workloads))
     problems.extend(check_mtls(overlay, namespace))
     problems.extend(check_prometheus_rules(overlay))
+    problems.extend(check_dashboards(overlay))
     return problems

@@ -2,7 +2,8 @@
 
 Exit status 0 when every overlay renders, every object validates against its schema (Kubernetes objects against
 the pinned Kubernetes version, Istio objects against Istio's CRDs), every semantic check passes and the generated
-files (Istio policies, gateway configuration, the PrometheusRule) match their sources. Each problem is printed as
+files (Istio policies, gateway configuration, the PrometheusRule) match their sources, and the Grafana dashboards'
+ConfigMap holds each dashboard file, labelled for Grafana's sidecar. Each problem is printed as
 `file: Kind/name field: what is wrong`.
 """
 
