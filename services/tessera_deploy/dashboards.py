@@ -114,7 +114,8 @@ def referenced_metrics(dashboard: dict[str, Any]) -> set[str]:
 
 
 def _overlap(a: dict[str, int], b: dict[str, int]) -> bool:
-    return a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+    return (a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"]
+            and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"])
 
 
 def problems(dashboard: dict[str, Any]) -> list[str]:
