@@ -93,10 +93,6 @@ def stack(tmp_path_factory):
         addresses.update({name: processes[name].address for name in SERVICES})
         gateway = Gateway(folder, "edge", addresses, {"graphql": {"address": addresses["analytics"]}}).start(
             list(SERVICES))
-        # Envoy creates the response-class series of the edge and of a cluster with their first response: the user
-        # service answers PERMISSION_DENIED (403) to a subject reading another's account.
-        reply = gateway.call("GET", f"/v1/users/{uuid.uuid4()}", token=gateway.mint("dashboard", "user:read"))
-        assert reply.status == 403 and reply.json()["details"][0]["reason"] == "PERMISSION_DENIED", reply
         jobs = {f"{name}-service": [f"127.0.0.1:{metrics[name]}"] for name in SERVICES}
         jobs[GATEWAY_JOB] = [gateway.envoy.admin_url.removeprefix("http://")]
         prometheus = PrometheusServer(folder, jobs, [shortened_rules(folder)],
@@ -104,6 +100,11 @@ def stack(tmp_path_factory):
         wait_for(lambda: {t["labels"]["job"] for t in prometheus.api("targets")["activeTargets"]
                           if t["health"] == "up"} == set(jobs),
                  "every service and the gateway scraped", prometheus)
+        # One REST call once the gateway has been scraped, so that its counters rise in Prometheus (and Envoy creates
+        # a cluster's response-class series with its first response): the user service answers PERMISSION_DENIED
+        # (403) to a subject reading another's account.
+        reply = gateway.call("GET", f"/v1/users/{uuid.uuid4()}", token=gateway.mint("dashboard", "user:read"))
+        assert reply.status == 403 and reply.json()["details"][0]["reason"] == "PERMISSION_DENIED", reply
         yield processes, prometheus
     finally:
         if prometheus is not None:
@@ -184,6 +185,15 @@ def test_the_dashboard_variables_list_the_services_and_its_panels_show_them(stac
     edge = next(p for p in dashboards.query_panels(DASHBOARD) if p["title"] == "Gateway targets up")
     [up] = prometheus.api("query", query=dashboards.substitute(edge["targets"][0]["expr"], DASHBOARD))["result"]
     assert up["value"][1] == "1"
+    # The gateway panels select Envoy's series by the edge listener's prefix and the services' cluster names: the
+    # REST call the stack made (answered 403 by the user service) is the one rate above 0 in them.
+    for title, label, value in (("Responses by status class", "envoy_response_code_class", "4"),
+                                ("Upstream requests by service", "envoy_cluster_name", "user")):
+        panel = next(p for p in dashboards.query_panels(DASHBOARD) if p["title"] == title)
+        expr = dashboards.substitute(panel["targets"][0]["expr"], DASHBOARD)
+        wait_for(lambda: {r["metric"].get(label) for r in prometheus.api("query", query=expr)["result"]
+                          if float(r["value"][1]) > 0} == {value},
+                 f"{title} showing {label}={value}", prometheus)
 
 
 def test_every_metric_a_dashboard_panel_reads_is_scraped_from_the_services_and_the_gateway(stack):
