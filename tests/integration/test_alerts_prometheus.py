@@ -164,6 +164,11 @@ def query_error(prometheus: PrometheusServer, expr: str) -> str | None:
 DASHBOARD = dashboards.load()
 
 
+def rising(prometheus: PrometheusServer, expr: str, label: str) -> set[str]:
+    """The values of `label` of the series of `expr` above 0 now."""
+    return {r["metric"].get(label) for r in prometheus.api("query", query=expr)["result"] if float(r["value"][1]) > 0}
+
+
 def test_every_dashboard_query_runs_in_prometheus_with_its_variables_at_all(stack):
     _, prometheus = stack
     failed = {f"{title}: {expr}": error for title, expr in dashboards.exprs(DASHBOARD)
@@ -191,8 +196,7 @@ def test_the_dashboard_variables_list_the_services_and_its_panels_show_them(stac
                                 ("Upstream requests by service", "envoy_cluster_name", "user")):
         panel = next(p for p in dashboards.query_panels(DASHBOARD) if p["title"] == title)
         expr = dashboards.substitute(panel["targets"][0]["expr"], DASHBOARD)
-        wait_for(lambda: {r["metric"].get(label) for r in prometheus.api("query", query=expr)["result"]
-                          if float(r["value"][1]) > 0} == {value},
+        wait_for(lambda expr=expr, label=label, value=value: rising(prometheus, expr, label) == {value},
                  f"{title} showing {label}={value}", prometheus)
 
 
