@@ -22,7 +22,7 @@ CONFIG_MAP_NAME = "tessera-dashboards"
 SIDECAR_LABEL = ("grafana_dashboard", "1")
 DATASOURCE = "${datasource}"
 GRID_COLUMNS = 24
-# Oldest Grafana schema the dashboard is written for (Grafana 11.0).
+# Oldest dashboard schemaVersion accepted: Grafana migrates an older dashboard as it loads it, changing its panels.
 MIN_SCHEMA_VERSION = 39
 # Grafana's built-in variables and a concrete value each stands for when a query is run outside Grafana.
 BUILTIN_VALUES = {"__rate_interval": "1m", "__interval": "30s", "__range": "1h", "__range_s": "3600",
