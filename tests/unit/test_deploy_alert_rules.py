@@ -28,7 +28,7 @@ def test_the_shipped_rules_read_tesseras_metrics_and_not_their_own_recordings():
     assert not referenced & alerts.recorded_names(groups)
     assert {"tessera_circuit_state", "tessera_outbox_oldest_unpublished_seconds",
             "tessera_consumer_dead_lettered_total", "tessera_saga_compensation_failures_total",
-            "tessera_batch_job_items_passed_over_total",
+            "tessera_batch_job_items_passed_over_total", "tessera_outbox_parked",
             "grpc_server_handling_seconds_bucket", "tessera_discovery_instances", "up"} <= referenced
 
 
