@@ -60,6 +60,13 @@ async def outbox(db_url):
         yield made
 
 
+@pytest.fixture
+async def pg_outbox(pg_database):
+    """An outbox on a throwaway PostgreSQL database: several replicas' relays take turns on it."""
+    async with outbox_on(pg_database[1]) as made:
+        yield made
+
+
 def created(user_id: str, padding: int = 0) -> PendingEvent:
     event = user_events_pb2.UserCreated()
     event.user.id, event.user.email = user_id, f"{user_id}@example.com"
@@ -260,6 +267,36 @@ async def test_a_row_that_cannot_be_made_an_amqp_message_is_parked_and_the_rest_
                                                     f"put back in line: {long_type.event_id}"]
     assert await cli("outbox", "list", "user", "--database-url", db_url) == 0
     assert capsys.readouterr().out == "no parked event in the outbox of user\n"
+
+
+async def test_a_row_two_replicas_set_aside_at_once_is_parked_logged_and_counted_once(pg_outbox):
+    """On PostgreSQL a pass parks the rows it set aside after its lock's transaction commits, so another replica's
+    pass can read the same row before it is parked and park it too: the row is parked once, with one ERROR line and
+    one count, and the second parking keeps the first one's time and reason."""
+    db, table = pg_outbox
+    service = f"park-twice-{uuid.uuid4().hex[:6]}"
+    bad = created("bad-json")
+    await write(db, table, [bad])
+    async with db.engine.begin() as conn:
+        await conn.execute(update(table).where(table.c.event_id == bad.event_id).values(headers="{not json"))
+    # Never started: the row makes no message, so nothing is published and no broker is needed.
+    first, second = (OutboxRelay(db, table, service=service, amqp_url="amqp://guest:guest@127.0.0.1:1/%2F",
+                                 settings=SETTINGS) for _ in range(2))
+    park = first._park
+
+    async def the_other_replica_first(parking):
+        assert await second.relay_once() == 0  # its pass reads the row, not parked yet, and parks it
+        await park(parking)
+
+    first._park = the_other_replica_first
+    with relay_log_lines() as logged:
+        assert await first.relay_once() == 0
+    parked_lines = [line for line in logged.lines if line["message"].startswith("event parked")]
+    assert [line["event_id"] for line in parked_lines] == [bad.event_id]
+    assert parked_total(service) == 1
+    assert first.parked_total + second.parked_total == 1
+    stored = (await rows(db, table))[bad.event_id]
+    assert stored["parked_at"] is not None and "JSONDecodeError" in stored["parked_reason"]
 
 
 @pytest.fixture

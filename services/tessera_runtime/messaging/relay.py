@@ -451,9 +451,11 @@ def _stats_statement(table: Table) -> Any:
 
 
 def _park_statement(table: Table) -> Any:
-    """Parks one unpublished row: the relay passes over it until `tessera outbox retry` puts it back in line."""
+    """Parks one unpublished row: the relay passes over it until `tessera outbox retry` puts it back in line. A row
+    another replica parked first (both passes read it before either parked it) is left as that one parked it."""
     c = table.c
-    return (update(table).where(c.seq == bindparam("row_seq", type_=BigInteger), c.published_at.is_(None))
+    return (update(table).where(c.seq == bindparam("row_seq", type_=BigInteger), c.published_at.is_(None),
+                                c.parked_at.is_(None))
             .values(parked_at=bindparam("now", type_=c.parked_at.type), parked_reason=bindparam("reason")))
 
 
