@@ -369,6 +369,23 @@ async def test_retry_of_an_event_that_is_not_parked_exits_1_and_puts_back_the_ot
     assert stored[published_one.event_id]["published_at"] is not None
 
 
+async def test_retry_takes_an_event_id_in_any_spelling_of_the_uuid(user_outbox, capsys):
+    """The id check takes any spelling of a UUID (upper case, braces, no hyphens); the outbox stores the canonical
+    one, which is the one put back and printed."""
+    url, db = user_outbox
+    table = user_orm.outbox
+    events = [created("upper"), created("braces"), created("bare")]
+    await write(db, table, events)
+    async with db.engine.begin() as conn:
+        await conn.execute(update(table).values(parked_at=utcnow(), parked_reason="the broker refused it: 406 ..."))
+    upper, braces, bare = (e.event_id for e in events)
+    assert await cli("outbox", "retry", "user", upper.upper(), "{" + braces + "}", bare.replace("-", ""),
+                     "--database-url", url) == 0
+    out, err = capsys.readouterr()
+    assert (out, err) == ("".join(f"put back in line: {e.event_id}\n" for e in events), "")
+    assert all(r["parked_at"] is None for r in (await rows(db, table)).values())
+
+
 async def test_the_parking_migration_keeps_every_waiting_event_in_line_and_can_be_undone(db_url):
     """Every service with an outbox gets the parking columns; rows written before it are not parked."""
     for root in (user_bootstrap, order_bootstrap, payment_bootstrap, inventory_bootstrap, notification_bootstrap):

@@ -277,13 +277,15 @@ def _checked_retry(args: argparse.Namespace) -> int:
         print("tessera outbox retry: name the event ids to put back in line, or pass --all (not both)",
               file=sys.stderr)
         return 2
+    canonical = []
     for event_id in args.event_ids:
         try:
-            uuid.UUID(event_id)
+            canonical.append(str(uuid.UUID(event_id)))  # as the outbox stores it, whatever spelling was given
         except ValueError:
             print(f"tessera outbox retry: {event_id!r} is not an event id (a UUID, as `tessera outbox list` shows)",
                   file=sys.stderr)
             return 2
+    args.event_ids = canonical
     return _outbox_command(_outbox_retry)(args)
 
 
