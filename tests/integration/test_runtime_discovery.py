@@ -380,3 +380,49 @@ async def test_registry_list_refuses_a_timeout_that_would_show_every_instance_un
         assert exited.value.code == 2
         err = capsys.readouterr().err
         assert "--timeout" in err and "more than 0" in err, err
+
+
+async def test_a_call_that_waited_for_discoverys_first_round_has_only_the_rest_of_its_deadline():
+    """Discovery's first round waits for an instance whose health check answers slowly (a busy instance); the call
+    then sent to it, which it holds, fails DEADLINE_EXCEEDED at the caller's deadline, not a whole deadline after
+    the first round ended (and the instance is told the deadline that is left)."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    class SlowHealth(health_pb2_grpc.HealthServicer):
+        async def Check(self, request, context):
+            await asyncio.sleep(0.6)
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    class HeldTelling(HeldUsers):
+        remaining: list[float] = []
+
+        async def GetUser(self, request, context):
+            self.remaining.append(context.time_remaining())
+            return await super().GetUser(request, context)
+
+    held = HeldTelling("held")
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(SlowHealth(), server)
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(held, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        channel = open_channel(f"static:///127.0.0.1:{port}", [USER_SERVICE],
+                               discovery=DiscoverySettings(check_seconds=5.0, check_timeout_seconds=2.0))
+        try:
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            began = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetUser(svc.GetUserRequest(id="u1"), timeout=1.0)
+            took = time.monotonic() - began
+            assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
+            assert held.held == 1  # it reached the instance: the deadline passed while the instance held it
+            assert took < 1.35, f"the call took {took:.2f} s with a 1 s deadline"
+            assert held.remaining[0] < 0.6, held.remaining
+        finally:
+            await channel.close()
+    finally:
+        held.release.set()
+        await server.stop(0)

@@ -354,10 +354,13 @@ class _PickInstance(grpc.aio.UnaryUnaryClientInterceptor):
         method = client_call_details.method
         method = method.decode() if isinstance(method, bytes) else method
         discovery = self.discovery
+        timeout = client_call_details.timeout
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         try:
             # The first round of checks (a registry slow to answer, instances slow to check) is part of the call:
-            # it waits no longer than the call's deadline.
-            await asyncio.wait_for(discovery.ready(), client_call_details.timeout)
+            # it waits no longer than the call's deadline, and the call then has what is left of it.
+            await asyncio.wait_for(discovery.ready(), timeout)
         except TimeoutError:
             raise deadline_exceeded() from None
         request_serializer, response_deserializer = self.serializers[method]
@@ -367,9 +370,13 @@ class _PickInstance(grpc.aio.UnaryUnaryClientInterceptor):
             instance = discovery.pick(rotate=rotate)
             if instance is None or instance.address in tried:
                 raise no_healthy_instance(discovery.name, discovery.service)
+            if deadline is not None:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    raise deadline_exceeded()
             call = discovery.in_flight(instance, discovery.multicallable(
                 instance, method, request_serializer, response_deserializer)(
-                request, timeout=client_call_details.timeout, metadata=client_call_details.metadata,
+                request, timeout=timeout, metadata=client_call_details.metadata,
                 credentials=client_call_details.credentials, wait_for_ready=client_call_details.wait_for_ready))
             try:
                 await call
