@@ -26,6 +26,7 @@ from strawberry.aiohttp.views import GraphQLView
 from tessera_graphql.schema import Context, build_schema
 from tessera_graphql.upstream import Scopes, Upstream
 from tessera_runtime import context as callctx
+from tessera_runtime import metrics
 from tessera_runtime.config import CircuitSettings, ConfigError, Env
 from tessera_runtime.discovery.model import DiscoverySettings, service_address
 from tessera_runtime.logs import correlation_id_var, request_id_var, setup_logging
@@ -177,6 +178,9 @@ async def serve(settings: GraphQLSettings) -> None:
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else settings.port
     log.info("listening on %s:%d", settings.host, port, extra={"port": port})
+    # The runtime's tessera_ready is in this process's /metrics too: it says what /health says (UP while it serves),
+    # and 0 once it stops, as a service's does.
+    metrics.READY.set(1)
     # One plain line on stdout, like the services', for scripts and humans that want the address.
     print(f"tessera-graphql listening on {settings.host}:{port}", flush=True)
     stop = asyncio.Event()
@@ -185,6 +189,7 @@ async def serve(settings: GraphQLSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
+    metrics.READY.set(0)
     await runner.cleanup()
 
 

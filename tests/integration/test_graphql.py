@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -260,6 +261,21 @@ def test_the_process_serves_and_stops_on_sigterm(tmp_path):
         assert process.proc is not None
         process.proc.send_signal(signal.SIGTERM)
         assert process.proc.wait(timeout=30) == 0
+    finally:
+        process.stop()
+
+
+def test_the_process_reports_itself_ready_in_its_metrics_as_its_health_does(tmp_path):
+    """tessera_ready is in the API's /metrics too (it shares the runtime's metrics): 1 while it serves, as /health
+    says UP, or TesseraNotReady and TesseraNoReadyInstance would fire for every healthy graphql pod."""
+    process = ServiceProcess("graphql", {"TESSERA_GRAPHQL_PORT": "0"}, tmp_path / "graphql.log",
+                             argv=[sys.executable, "-m", "tessera_graphql"]).start(timeout=60)
+    try:
+        with urllib.request.urlopen(f"http://{process.address}/health", timeout=5) as response:
+            assert json.loads(response.read())["status"] == "UP"
+        with urllib.request.urlopen(f"http://{process.address}/metrics", timeout=5) as response:
+            ready = [line for line in response.read().decode().splitlines() if line.startswith("tessera_ready ")]
+        assert ready == ["tessera_ready 1.0"]
     finally:
         process.stop()
 
