@@ -10,6 +10,7 @@ import dataclasses
 import json
 import uuid
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -65,6 +66,12 @@ async def pg_outbox(pg_database):
     """An outbox on a throwaway PostgreSQL database: several replicas' relays take turns on it."""
     async with outbox_on(pg_database[1]) as made:
         yield made
+
+
+@pytest.fixture
+async def pg_dsn(pg_database):
+    """The same database for asyncpg itself (another replica's connection)."""
+    return pg_database[1].replace("postgresql+asyncpg://", "postgresql://")
 
 
 def created(user_id: str, padding: int = 0) -> PendingEvent:
@@ -297,6 +304,51 @@ async def test_a_row_two_replicas_set_aside_at_once_is_parked_logged_and_counted
     assert first.parked_total + second.parked_total == 1
     stored = (await rows(db, table))[bad.event_id]
     assert stored["parked_at"] is not None and "JSONDecodeError" in stored["parked_reason"]
+
+
+async def test_a_relay_finding_a_refused_event_waits_for_its_turn_while_another_replica_holds_the_outbox(
+        node, pg_outbox, pg_dsn):
+    """After a refusal the relay publishes the events in flight one at a time, a pass after the other at once. While
+    another replica holds the outbox's lock (its own pass runs, for as long as its backlog lasts) this relay gets no
+    pass: it tries again at the next poll, as it always does, not in a loop without a pause."""
+    db, table = pg_outbox
+    url = node.url(node.create_vhost())
+    service = f"park-turn-{uuid.uuid4().hex[:6]}"
+    small, big, after = created("t0"), created("t-big", padding=2 * LIMIT), created("t1")
+    await write(db, table, [small, big, after])
+    relay = OutboxRelay(db, table, service=service, amqp_url=url, settings=SETTINGS)
+    other_replica = await asyncpg.connect(pg_dsn)
+    held = asyncio.Event()
+    tries_while_held = 0
+    relay_once = relay.relay_once
+
+    async def one_pass() -> int:
+        nonlocal tries_while_held
+        if held.is_set():
+            tries_while_held += 1
+        try:
+            return await relay_once()
+        finally:
+            if relay._isolate_until is not None and not held.is_set():  # the refusal was just seen
+                await other_replica.execute("SELECT pg_advisory_lock($1)", relay.lock_key)
+                held.set()
+
+    relay.relay_once = one_pass
+    try:
+        await relay.start()
+        try:
+            await asyncio.wait_for(held.wait(), 30)
+            await asyncio.sleep(1.0)
+            tries = tries_while_held
+            await other_replica.execute("SELECT pg_advisory_unlock($1)", relay.lock_key)
+            await eventually(lambda: relay.status()["published_total"] == 2 and relay.status()["parked"] == 1,
+                             "the refused event parked and the others published once the lock is free", timeout=30)
+        finally:
+            await stop_within(relay)
+    finally:
+        await other_replica.close()
+    # A poll every 0.2 s is about five tries in that second.
+    assert tries <= 10, f"{tries} passes tried in 1 s while another replica held the outbox"
 
 
 @pytest.fixture

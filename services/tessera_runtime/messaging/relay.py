@@ -524,6 +524,7 @@ class OutboxRelay:
         self._parking: list[tuple[Any, str]] = []  # rows the current pass found unpublishable, with the reason
         self._park_query = _park_statement(table)
         self._parked_counted = False  # `parked` was counted at least once (see _run)
+        self._had_turn = False  # the last pass held the outbox's lock (no other replica's pass was running)
         self._unrouted_types: set[str] = set()
         self._postgres = db.dialect == "postgresql"
         self._fetch_query = _fetch_statement(table)
@@ -623,8 +624,10 @@ class OutboxRelay:
                 published = await self.relay_once()
                 failures = 0
                 drained_some = drained_some or published > 0
+                # Finding a refused event: one at a time, a pass after the other at once, as long as this relay
+                # has the outbox (while another replica's pass holds it, it waits for the next poll).
                 if ((published >= self.settings.outbox_batch_size and not self.caught_up)
-                        or self._isolate_until is not None):  # finding a refused event: one at a time, at once
+                        or (self._isolate_until is not None and self._had_turn)):
                     await self._refresh_stats(force=False)  # a long drain shows its progress every few seconds
                     continue
                 if self.caught_up and not self.parked and self._parked_counted:
@@ -731,6 +734,7 @@ class OutboxRelay:
 
     async def _relay_once(self) -> int:
         self.caught_up = False
+        self._had_turn = False
         if self._postgres:
             # The lock's transaction runs on the relay's own connection, its few statements straight on asyncpg:
             # a pass of one small batch (a quiet service publishes each commit's events on a pass of their own) is
@@ -740,6 +744,7 @@ class OutboxRelay:
             async with self.db.relay_connection() as conn, conn.transaction():
                 if not await conn.fetchval(self._sql.lock.sql, *self._sql.lock.arguments({"key": self.lock_key})):
                     return 0  # another replica is publishing this outbox
+                self._had_turn = True
                 async with contextlib.AsyncExitStack() as stack:
                     marker: AsyncConnection | None = None
 
@@ -766,6 +771,7 @@ class OutboxRelay:
             raise incomplete
         if not self._hold_file_lock():
             return 0  # another process on this SQLite file is publishing
+        self._had_turn = True
         return await self._pass(self._fetch_apart, self._mark_apart)
 
     def _hold_file_lock(self) -> bool:
