@@ -30,6 +30,7 @@ from tessera_runtime.discovery import (
 )
 from tessera_runtime.server import NOT_SERVING, SERVING
 from tests.support.discovery import FAST, USER_SERVICE, HeldUsers, Instance, UserServers, answers, serving, until
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +72,24 @@ async def test_static_list_with_round_robin_ignores_weights(start_users):
     assert await answers(plain, 12) == {"first": 6, "second": 6}
     await weighted.close()
     await plain.close()
+
+
+async def test_an_instance_slower_to_connect_than_a_check_interval_is_checked_within_the_check_timeout(start_users):
+    """The connection to an instance takes longer than a check interval (a loaded host, a slow path) but less than
+    the check timeout: its checks pass and it is picked, at the first round and at every later one."""
+    slow = await start_users("slow")
+    proxy = TcpProxy("127.0.0.1", slow.server.port, delay=0.15).start()  # the handshake takes 0.3 s or more
+    try:
+        channel = open_channel(f"static:///127.0.0.1:{proxy.port}", [USER_SERVICE],
+                               discovery=DiscoverySettings(check_seconds=0.1, check_timeout_seconds=3.0))
+        try:
+            assert await answers(channel, 3) == {"slow": 3}
+            await asyncio.sleep(0.5)  # several rounds more
+            assert serving(channel) == {f"127.0.0.1:{proxy.port}"}
+        finally:
+            await channel.close()
+    finally:
+        proxy.close()
 
 
 async def test_a_not_serving_instance_is_skipped_until_it_serves_again(start_users, tmp_path):

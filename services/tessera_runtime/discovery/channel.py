@@ -77,10 +77,13 @@ class HealthFilteredDiscovery:
         self.registry = registry
         self.settings = settings
         # A stopped instance that comes back is reconnected to within about a check interval, not after gRPC's
-        # default back-off of up to two minutes.
+        # default back-off of up to two minutes. gRPC core takes grpc.min_reconnect_backoff_ms for the least time
+        # it gives a connection attempt (its min connect timeout), not for a back-off: an attempt is given as long
+        # as a check is, or an instance slower to connect than a check interval would never be found serving.
         backoff_ms = max(100, int(settings.check_seconds * 1000))
+        connect_ms = max(100, int(settings.check_timeout_seconds * 1000))
         self.channel_options = [*channel_options, ("grpc.initial_reconnect_backoff_ms", backoff_ms),
-                                ("grpc.min_reconnect_backoff_ms", backoff_ms),
+                                ("grpc.min_reconnect_backoff_ms", connect_ms),
                                 ("grpc.max_reconnect_backoff_ms", max(backoff_ms, 1000))]
         self.balancer = BALANCERS[settings.balancing]()
         self._known: dict[str, _Known] = {}
