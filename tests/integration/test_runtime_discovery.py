@@ -8,6 +8,9 @@ import asyncio
 import collections
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -331,6 +334,31 @@ def test_concurrent_registrations_are_all_kept_and_never_read_half_written(tmp_p
     assert torn == []
     assert sorted(i.id for i in registry.instances_now("inventory")) == sorted(i.id for i in instances[50:])
     assert list((tmp_path / "registry" / "inventory").glob(".*")) == []  # no temporary file left behind
+
+
+def test_a_registration_replacing_a_crashed_processes_is_never_listed_beside_it(tmp_path, monkeypatch):
+    """An instance started on the port of a process killed without a graceful stop: whoever lists the directory at
+    any moment sees the crashed process's registration or the new one, never both (which `tessera registry list`
+    would show, and from which callers would take the address's weight)."""
+    registry = FileRegistry(tmp_path / "registry")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()  # the id of a process that has ended
+    crashed = ServiceInstance(id="inventory-crashed", service="inventory", host="127.0.0.1", port=40001,
+                              metadata={"pid": gone})
+    restarted = ServiceInstance(id="inventory-restarted", service="inventory", host="127.0.0.1", port=40001,
+                                weight=3, metadata={"pid": str(os.getpid())})
+    registry.register_now(crashed)
+    listed: list[list[str]] = []
+    real_replace = os.replace
+
+    def replace(source, destination) -> None:  # the moment the new registration appears
+        real_replace(source, destination)
+        listed.append([i.id for i in registry.instances_now("inventory")])
+
+    monkeypatch.setattr(os, "replace", replace)
+    registry.register_now(restarted)
+    assert listed == [["inventory-restarted"]]
+    assert [(i.id, i.weight) for i in registry.instances_now("inventory")] == [("inventory-restarted", 3)]
 
 
 async def test_registry_list_shows_each_instance_with_its_health_and_weight(start_users, tmp_path, capsys,

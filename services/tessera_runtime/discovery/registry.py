@@ -115,6 +115,8 @@ class FileRegistry:
     def register_now(self, instance: ServiceInstance) -> None:
         path = self._path(instance)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # First, so that no reader ever lists the crashed process's registration beside this one.
+        self._remove_crashed_at(instance)
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{instance.id}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as file:
@@ -126,7 +128,6 @@ class FileRegistry:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-        self._remove_crashed_at(instance)
 
     def _remove_crashed_at(self, instance: ServiceInstance) -> None:
         """Removes the registrations at the instance's address left by processes of this host that are gone (killed
