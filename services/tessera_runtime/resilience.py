@@ -222,18 +222,23 @@ class CircuitBreaker:
             metrics.CIRCUIT_TRANSITIONS.labels(self.name, state.value).inc()
 
     def open_error(self) -> grpc.aio.AioRpcError:
-        """The error a call gets while the circuit is open: shaped like any other UNAVAILABLE from the wire."""
-        info = any_pb2.Any()
-        info.Pack(error_details_pb2.ErrorInfo(reason="CIRCUIT_OPEN", domain="tessera.dev",
-                                              metadata={"dependency": self.name}))
-        status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=f"{self.name} is unavailable (circuit open)",
-                                   details=[info])
-        return grpc.aio.AioRpcError(
-            code=grpc.StatusCode.UNAVAILABLE,
-            initial_metadata=grpc.aio.Metadata(),
-            trailing_metadata=grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString())),
-            details=status.message,
-        )
+        """The error a call gets while the circuit is open."""
+        return unavailable_error(f"{self.name} is unavailable (circuit open)", reason="CIRCUIT_OPEN",
+                                 metadata={"dependency": self.name})
+
+
+def unavailable_error(message: str, *, reason: str, metadata: dict[str, str]) -> grpc.aio.AioRpcError:
+    """The UNAVAILABLE a client-side refusal gives a call that was never sent (an open circuit, no healthy instance):
+    shaped like any other UNAVAILABLE from the wire, with an ErrorInfo of `reason` in the tessera.dev domain."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="tessera.dev", metadata=metadata))
+    status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message, details=[info])
+    return grpc.aio.AioRpcError(
+        code=grpc.StatusCode.UNAVAILABLE,
+        initial_metadata=grpc.aio.Metadata(),
+        trailing_metadata=grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString())),
+        details=status.message,
+    )
 
 
 # The gRPC health service of the service a channel calls: a process's readiness asks it every second with a 1 s

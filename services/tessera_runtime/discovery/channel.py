@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera_runtime import metrics
@@ -30,6 +28,7 @@ from tessera_runtime.discovery.balancing import BALANCERS
 from tessera_runtime.discovery.model import DiscoverySettings, ServiceInstance
 from tessera_runtime.discovery.registry import UNAVAILABLE, ServiceRegistry
 from tessera_runtime.periodic import cancel
+from tessera_runtime.resilience import unavailable_error
 
 log = logging.getLogger("tessera.discovery")
 
@@ -333,16 +332,9 @@ def deadline_exceeded() -> grpc.aio.AioRpcError:
 
 
 def no_healthy_instance(name: str, service: str) -> grpc.aio.AioRpcError:
-    """The error of a call that found no healthy instance: shaped like any other UNAVAILABLE from the wire."""
-    info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason="NO_HEALTHY_INSTANCE", domain="tessera.dev",
-                                          metadata={"service": service, "dependency": name}))
-    status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=f"no healthy instance of {service}",
-                               details=[info])
-    return grpc.aio.AioRpcError(
-        code=grpc.StatusCode.UNAVAILABLE, initial_metadata=grpc.aio.Metadata(),
-        trailing_metadata=grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString())),
-        details=status.message)
+    """The error of a call that found no healthy instance."""
+    return unavailable_error(f"no healthy instance of {service}", reason="NO_HEALTHY_INSTANCE",
+                             metadata={"service": service, "dependency": name})
 
 
 class _PickInstance(grpc.aio.UnaryUnaryClientInterceptor):
