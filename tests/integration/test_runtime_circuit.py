@@ -227,14 +227,15 @@ async def test_an_open_circuit_whose_open_time_passed_shows_half_open_before_any
     and /metrics says so (1) without waiting for a call, so that an alert on 2 (open) ends with the open time of a
     service that is called rarely (before, it showed 2 until the next call came, however long that took)."""
     servicer, address = await flaky()
+    # Open for 2 s: long enough that a loaded host still scrapes /metrics before the open time passes.
     channel = open_channel(address, [USER_SERVICE], default_deadline=5,
-                           circuit=CircuitSettings(failure_threshold=1, open_seconds=0.5))
+                           circuit=CircuitSettings(failure_threshold=1, open_seconds=2.0))
     stub = user_service_pb2_grpc.UserServiceStub(channel)
     try:
         assert [await outcome(stub) for _ in range(3)] == ["OK", "UNAVAILABLE", "CIRCUIT_OPEN"]
         assert (await circuit_metrics(metrics_port, address))["state"] == 2.0
         servicer.healthy = True
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(2.1)
         assert await circuit_metrics(metrics_port, address) == {"state": 1.0, "open": 1.0}
         assert await outcome(stub) == "OK"
         assert await circuit_metrics(metrics_port, address) == {"state": 0.0, "open": 1.0, "half_open": 1.0,
