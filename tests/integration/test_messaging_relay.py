@@ -15,6 +15,8 @@ import logging
 import time
 import uuid
 
+import asyncpg
+import asyncpg.transaction
 import grpc
 import pytest
 from prometheus_client import REGISTRY
@@ -93,6 +95,11 @@ async def write(db: Database, table, events: list[PendingEvent]) -> None:
 async def unpublished(db: Database, table) -> int:
     async with db.engine.connect() as conn:
         return len((await conn.execute(select(table.c.seq).where(table.c.published_at.is_(None)))).all())
+
+
+async def all_rows(db: Database, table) -> list:
+    async with db.engine.connect() as conn:
+        return (await conn.execute(select(table.c.seq))).all()
 
 
 async def until_all_marked(db: Database, table, what: str, timeout: float = 30.0) -> None:
@@ -384,6 +391,33 @@ async def test_a_row_committed_after_later_rows_were_published_is_published_too(
         await relay.stop()
     ids = [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered]
     assert ids == [str(i) for i in range(250)] + ["late"]
+
+
+async def test_on_postgresql_published_total_counts_only_marks_that_are_committed(vhost, pg_outbox, monkeypatch):
+    """A pass's last batch is marked in its lock's transaction: the relay's count (status()["published_total"]) must
+    not count those rows before that transaction commits, or a caller that stops the relay once the count is reached
+    cancels the commit and finds the rows still unpublished (seen in CI)."""
+    db, table = pg_outbox
+    seen: list[tuple[int, int]] = []  # (the relay's count, rows marked in the database) as each pass commits
+    real_exit = asyncpg.transaction.Transaction.__aexit__
+
+    async def exit_after_checking(self, exc_type, exc, tb):
+        if exc_type is None:
+            marked = len(await all_rows(db, table)) - await unpublished(db, table)
+            seen.append((relay.status()["published_total"], marked))
+        return await real_exit(self, exc_type, exc, tb)
+
+    monkeypatch.setattr(asyncpg.transaction.Transaction, "__aexit__", exit_after_checking)
+    relay = OutboxRelay(db, table, service=f"count-{uuid.uuid4().hex[:6]}", amqp_url=rabbitmq.amqp_url(vhost),
+                        settings=dataclasses.replace(FAST, outbox_batch_size=10))
+    await write(db, table, [PendingEvent("user", f"u{i}", activated(str(i))) for i in range(25)])
+    await relay.start()
+    try:
+        await until_all_marked(db, table, "every row to be marked")
+        await eventually(lambda: relay.status()["published_total"] == 25, "the relay to count all 25")
+    finally:
+        await relay.stop()
+    assert seen and all(counted <= marked for counted, marked in seen), seen
 
 
 class ScriptedPublisher:

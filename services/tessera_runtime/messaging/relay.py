@@ -741,6 +741,7 @@ class OutboxRelay:
             # BEGIN, the lock, the read, the mark and COMMIT, and through SQLAlchemy those cost more than twice the CPU.
             assert self._sql is not None
             incomplete: PublishIncomplete | None = None
+            deferred = 0  # rows the lock's transaction marks: counted once it has committed
             async with self.db.relay_connection() as conn, conn.transaction():
                 if not await conn.fetchval(self._sql.lock.sql, *self._sql.lock.arguments({"key": self.lock_key})):
                     return 0  # another replica is publishing this outbox
@@ -748,27 +749,31 @@ class OutboxRelay:
                 async with contextlib.AsyncExitStack() as stack:
                     marker: AsyncConnection | None = None
 
-                    async def mark(rows: list[Any], confirmed: int, last: bool) -> None:
+                    async def mark(rows: list[Any], confirmed: int, last: bool) -> int:
                         # The lock's transaction reads (each statement sees what was committed before it). Marks are
                         # committed batch by batch on a connection of their own, so that they stand should the pass
                         # fail later and the backlog goes down as the pass goes on; the pass's last batch (often its
                         # only one) is marked in the lock's transaction, which commits as the pass ends.
-                        nonlocal marker
+                        nonlocal marker, deferred
                         if last:
                             await self._mark_direct(conn, rows, confirmed)
-                            return
+                            deferred += confirmed
+                            return 0
                         if marker is None:
                             marker = await stack.enter_async_context(self.db.engine.connect())
                         await self._mark_in_transaction(marker, rows, confirmed)
+                        return confirmed
 
                     try:
-                        return await self._pass(functools.partial(self._fetch_direct, conn), mark)
+                        marked = await self._pass(functools.partial(self._fetch_direct, conn), mark)
                     except PublishIncomplete as exc:
                         # The pass stopped at a gap after marking the confirmed rows before it, the last batch's in
                         # this transaction: it must commit, or those rows would be published again.
                         incomplete = exc
-            assert incomplete is not None
-            raise incomplete
+            self.published_total += deferred
+            if incomplete is not None:
+                raise incomplete
+            return marked
         if not self._hold_file_lock():
             return 0  # another process on this SQLite file is publishing
         self._had_turn = True
@@ -789,7 +794,7 @@ class OutboxRelay:
         return True
 
     async def _pass(self, fetch: Callable[[int | None, int], Awaitable[list[Any]]],
-                    mark: Callable[[list[Any], int, bool], Awaitable[None]]) -> int:
+                    mark: Callable[[list[Any], int, bool], Awaitable[int]]) -> int:
         """Reads batches forward and keeps up to `window_batches` of them in flight; settles them oldest first:
         marks the confirmed prefix of each, and after the first gap marks nothing more and publishes nothing more
         (`PublishStream`), so that the gap and everything behind it is published again, in order.
@@ -851,11 +856,13 @@ class OutboxRelay:
                     item.future.cancel()
                 fetching_ends = (gap is not None or caught_up or batches >= _PASS_BATCHES or self._stopping
                                  or isolated())
-                await mark(item.rows, confirmed, len(window) == 1 and fetching_ends)
+                # `mark` says how many of them it committed now: status()'s count never runs ahead of the
+                # database (on PostgreSQL the pass's last batch is counted once the lock's transaction commits).
+                committed = await mark(item.rows, confirmed, len(window) == 1 and fetching_ends)
                 window.popleft()
                 self._settle(item, statuses, confirmed)
                 marked += confirmed
-                self.published_total += confirmed
+                self.published_total += committed
                 not_marked += len(item.rows) - confirmed
         finally:
             if window:  # the pass failed or was cancelled with these still in flight
@@ -1043,9 +1050,10 @@ class OutboxRelay:
         async with conn.begin():
             await self._mark(conn, rows, confirmed)
 
-    async def _mark_apart(self, rows: list[Any], confirmed: int, _last: bool) -> None:
+    async def _mark_apart(self, rows: list[Any], confirmed: int, _last: bool) -> int:
         async with self.db.engine.begin() as conn:
             await self._mark(conn, rows, confirmed)
+        return confirmed
 
     async def _prune(self) -> None:
         if self.settings.outbox_retention_hours <= 0 or time.monotonic() - self._pruned_at < _PRUNE_INTERVAL:
