@@ -564,6 +564,40 @@ async def test_stop_returns_and_ends_the_connection_while_a_batch_waits_for_conf
     assert await unpublished(db, table) == 5  # the batch stays in the outbox for the next start
 
 
+async def test_a_relay_stopped_while_draining_marks_what_the_broker_took_so_a_restart_publishes_nothing_twice(
+        vhost, either_outbox):
+    """A rolling deploy stops a relay in the middle of a drain: the batches in flight are confirmed within moments,
+    and the stop lets the pass mark them before it ends it; the next relay publishes only the rest."""
+    db, table = either_outbox
+    url = rabbitmq.amqp_url(vhost)
+    tap = rabbitmq.Tap(url, EXCHANGE)
+    events = [PendingEvent("user", f"u{i % 7}", activated(str(i))) for i in range(3000)]
+    await write(db, table, events)
+    settings = dataclasses.replace(FAST, outbox_batch_size=50)
+    relay = OutboxRelay(db, table, service=f"deploy-{uuid.uuid4().hex[:6]}", amqp_url=url, settings=settings)
+    await relay.start()
+    try:
+        await eventually(lambda: relay.status()["published_total"] >= 200 and relay.status()["in_flight"] > 0,
+                         "the drain to be under way with batches in flight", timeout=60)
+    finally:
+        await stop_within(relay)
+    marked = len(events) - await unpublished(db, table)
+    taken = len(await tap.wait_for(marked))
+    await asyncio.sleep(0.3)  # anything the broker took late would show now
+    taken = len(await tap.wait_for(taken))
+    assert 0 < marked < len(events)
+    assert taken == marked, "the broker took events the stopped relay left unmarked: a restart publishes them again"
+    successor = OutboxRelay(db, table, service=relay.service, amqp_url=url, settings=settings)
+    await successor.start()
+    try:
+        await until_all_marked(db, table, "the next relay to publish the rest", timeout=120)
+    finally:
+        await stop_within(successor)
+    delivered = await tap.wait_for(len(events))
+    ids = [user_events_pb2.UserActivated.FromString(body).user_id for _, _, body in delivered]
+    assert ids == [str(i) for i in range(len(events))]  # each once, in order, across the two relays
+
+
 async def test_stop_returns_when_a_commit_wakes_the_relay_as_it_is_stopped(vhost, outbox):
     db, table = outbox
     await write(db, table, [PendingEvent("user", "a", activated("before"))])

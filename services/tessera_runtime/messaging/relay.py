@@ -126,6 +126,10 @@ WINDOW_BATCHES = 4
 # A pass reads forward from its last row; after this many batches it lets its window drain and the next pass starts
 # again from the oldest unpublished row (one committed late, below the pass's position, waits at most this long).
 _PASS_BATCHES = 40
+# On stop, the pass in progress stops reading and has this long (at most the confirm timeout) to have the batches it
+# has in flight confirmed and marked before it is cancelled: a healthy broker confirms within moments, and rows it
+# took but the relay left unmarked would be published again by the next relay (a rolling deploy's duplicates).
+_STOP_GRACE_SECONDS = 2.0
 # Frames of a batch are handed to pika's transport in pieces of about this many bytes (see _coalesced_writes).
 _WRITE_CHUNK = 128 * 1024
 # The reply code with which RabbitMQ closes a channel for a message it will never take, whatever the channel: larger
@@ -559,13 +563,17 @@ class OutboxRelay:
                                                 "batch_size": self.settings.outbox_batch_size})
 
     async def stop(self) -> None:
-        """Stops publishing and closes the broker connection. Always returns, within the confirm timeout for the
-        relay's loop and the close timeout for the connection; a batch still waiting for confirms is abandoned and
-        its rows stay in the outbox."""
+        """Stops publishing and closes the broker connection. The pass in progress publishes nothing more; the
+        batches it has in flight get a moment (_STOP_GRACE_SECONDS) to be confirmed and marked, so that the next
+        relay does not publish them again. Always returns, within the confirm timeout for the relay's loop and the
+        close timeout for the connection; a batch still waiting for confirms then is abandoned and its rows stay in
+        the outbox."""
         self._stopping = True
         if self._remove_listener is not None:
             self._remove_listener()
             self._remove_listener = None
+        if self._wake is not None:
+            self._wake.set()  # a loop waiting for its next poll ends now
         if self._task is not None:
             await self._end_loop(self._task)
         await asyncio.to_thread(self.publisher.stop)
@@ -592,6 +600,9 @@ class OutboxRelay:
         # _stopping, the cancel is repeated while the loop runs, and the wait is bounded.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.outbox_confirm_timeout_seconds
+        # First the loop may end by itself: a pass sees _stopping, reads no more, and settles and marks what it has
+        # in flight.
+        await asyncio.wait({task}, timeout=min(_STOP_GRACE_SECONDS, self.settings.outbox_confirm_timeout_seconds))
         while not task.done():
             remaining = deadline - loop.time()
             if remaining <= 0:
