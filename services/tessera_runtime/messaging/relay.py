@@ -543,6 +543,7 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake: asyncio.Event | None = None
+        self._in_pass = False  # relay_once is running
         self._remove_listener: Callable[[], None] | None = None
         self._stats_at = 0.0
         self._outage_logged_at: float | None = None
@@ -602,7 +603,8 @@ class OutboxRelay:
         deadline = loop.time() + self.settings.outbox_confirm_timeout_seconds
         # First the loop may end by itself: a pass sees _stopping, reads no more, and settles and marks what it has
         # in flight.
-        await asyncio.wait({task}, timeout=min(_STOP_GRACE_SECONDS, self.settings.outbox_confirm_timeout_seconds))
+        if self._in_pass:  # otherwise it waits (a poll, a backoff) and has nothing to settle
+            await asyncio.wait({task}, timeout=min(_STOP_GRACE_SECONDS, self.settings.outbox_confirm_timeout_seconds))
         while not task.done():
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -736,12 +738,16 @@ class OutboxRelay:
         (or after _PASS_BATCHES batches); returns how many rows were confirmed and marked. Rows it found that can
         never be published are parked as it ends, once its own marks are committed (see _pass)."""
         self._parking = []
+        self._in_pass = True
         try:
             return await self._relay_once()
         finally:
-            parking, self._parking = self._parking, []
-            if parking:
-                await self._park(parking)
+            try:
+                parking, self._parking = self._parking, []
+                if parking:
+                    await self._park(parking)
+            finally:
+                self._in_pass = False
 
     async def _relay_once(self) -> int:
         self.caught_up = False
