@@ -62,23 +62,28 @@ run: gen ## Start every service on embedded defaults (SQLite) and print where to
 clean: ## Remove generated code, build output and local data
 	rm -rf gen build data .pytest_cache clients/ts/gen
 
-# Prometheus and promtool for the alerting rules' tests (tests/integration/prometheus/): Debian's package, pinned,
-# unpacked into the venv with dpkg -x, so nothing is installed as a system service and nothing starts.
+# Prometheus, promtool, Alertmanager and amtool for the alerting rules' and routing's tests
+# (tests/integration/prometheus/, tests/integration/test_alertmanager.py): Debian's packages, pinned, unpacked into
+# the venv with dpkg -x, so nothing is installed as a system service and nothing starts.
 .PHONY: prometheus
 PROMETHEUS_DEB   := 2.42.0+ds-5+deb12u1
+ALERTMANAGER_DEB := 0.25.0-1+b4
 PROMETHEUS_DIR   := $(VENV)/prometheus
-PROMETHEUS_STAMP := $(PROMETHEUS_DIR)/.installed-$(PROMETHEUS_DEB)
+PROMETHEUS_STAMP := $(PROMETHEUS_DIR)/.installed-$(PROMETHEUS_DEB)-alertmanager-$(ALERTMANAGER_DEB)
+PROMETHEUS_PKGS  := prometheus=$(PROMETHEUS_DEB) prometheus-alertmanager=$(ALERTMANAGER_DEB)
 
 $(PROMETHEUS_STAMP):
 	rm -rf $(PROMETHEUS_DIR) && mkdir -p $(PROMETHEUS_DIR)/deb
-	cd $(PROMETHEUS_DIR)/deb && { apt-get download -q prometheus=$(PROMETHEUS_DEB) 2>/dev/null || \
-	  { apt-get update -qq && apt-get download -q prometheus=$(PROMETHEUS_DEB); }; }
+	cd $(PROMETHEUS_DIR)/deb && { apt-get download -q $(PROMETHEUS_PKGS) 2>/dev/null || \
+	  { apt-get update -qq && apt-get download -q $(PROMETHEUS_PKGS); }; }
 	dpkg -x $(PROMETHEUS_DIR)/deb/prometheus_*.deb $(PROMETHEUS_DIR)/root
+	dpkg -x $(PROMETHEUS_DIR)/deb/prometheus-alertmanager_*.deb $(PROMETHEUS_DIR)/root
 	rm -rf $(PROMETHEUS_DIR)/deb
 	$(PROMETHEUS_DIR)/root/usr/bin/promtool --version
+	$(PROMETHEUS_DIR)/root/usr/bin/amtool --version
 	@touch $@
 
-prometheus: $(PROMETHEUS_STAMP) ## Unpack Debian's prometheus package (pinned version) into .venv/prometheus: prometheus, promtool
+prometheus: $(PROMETHEUS_STAMP) ## Unpack Debian's prometheus and prometheus-alertmanager (pinned) into .venv/prometheus
 
 .PHONY: k8s-mesh k8s-render k8s-validate k8s-alerts
 k8s-alerts: gen ## Write the PrometheusRule k8s/base/monitoring/prometheus-rule.yaml from k8s/monitoring/tessera.rules.yaml

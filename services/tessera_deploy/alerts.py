@@ -1,8 +1,10 @@
-"""`make k8s-alerts`: the PrometheusRule of the k8s base, written from Tessera's one Prometheus rules file.
+"""`make k8s-alerts`: the PrometheusRule and AlertmanagerConfig of the k8s base, written from their one sources.
 
-k8s/monitoring/tessera.rules.yaml is the source (a plain Prometheus rule file, loaded as it is by a Prometheus
-without the operator); k8s/base/monitoring/prometheus-rule.yaml is the same groups inside a PrometheusRule
-(monitoring.coreos.com/v1) for the Prometheus operator. `make k8s-validate` fails while they differ.
+k8s/monitoring/tessera.rules.yaml is the source of the rules (a plain Prometheus rule file, loaded as it is by a
+Prometheus without the operator); k8s/base/monitoring/prometheus-rule.yaml is the same groups inside a PrometheusRule
+(monitoring.coreos.com/v1) for the Prometheus operator. k8s/monitoring/alertmanager.yml is the source of the
+Alertmanager routing and inhibit rules, rendered into k8s/base/monitoring/alertmanager-config.yaml
+(tessera_deploy.alertmanager). `make k8s-validate` fails while a rendered file differs from its source.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tessera_deploy import K8S_DIR, ROOT
+from tessera_deploy import K8S_DIR, ROOT, alertmanager
 from tessera_deploy.mesh import _IndentedDumper
 
 RULES_FILE = K8S_DIR / "monitoring" / "tessera.rules.yaml"
@@ -66,8 +68,18 @@ _RulesDumper.add_representer(str, _str)
 
 
 def files() -> dict[Path, str]:
+    """Each rendered file and its text: the PrometheusRule and the AlertmanagerConfig."""
     text = yaml.dump(prometheus_rule(load_groups()), Dumper=_RulesDumper, sort_keys=False, width=120)
-    return {PROMETHEUS_RULE_FILE: HEADER + text}
+    try:
+        alertmanager_config = alertmanager.render()
+    except alertmanager.AlertmanagerConfigError as exc:
+        raise RulesError(str(exc)) from exc
+    return {PROMETHEUS_RULE_FILE: HEADER + text, alertmanager.ALERTMANAGER_CONFIG_FILE: alertmanager_config}
+
+
+def source_of(path: Path) -> Path:
+    """The source file a rendered file is written from."""
+    return alertmanager.SOURCE_FILE if path == alertmanager.ALERTMANAGER_CONFIG_FILE else RULES_FILE
 
 
 def stale(generated: dict[Path, str]) -> list[Path]:
@@ -132,15 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     outdated = stale(generated)
     if args.check:
         for path in outdated:
-            print(f"{path.relative_to(ROOT)} differs from {RULES_FILE.relative_to(ROOT)}: run `make k8s-alerts`",
+            print(f"{path.relative_to(ROOT)} differs from {source_of(path).relative_to(ROOT)}: run `make k8s-alerts`",
                   file=sys.stderr)
         return 1 if outdated else 0
     for path in outdated:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(generated[path])
         print(f"wrote {path.relative_to(ROOT)}")
-    if not outdated:
-        print(f"{PROMETHEUS_RULE_FILE.relative_to(ROOT)} is up to date")
+    for path in generated.keys() - set(outdated):
+        print(f"{path.relative_to(ROOT)} is up to date")
     return 0
 
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from tessera_deploy import ROOT, alerts, dashboards
+from tessera_deploy import ROOT, alertmanager, alerts, dashboards
 from tessera_deploy.catalog import (
     GATEWAY,
     GRAPHQL_API,
@@ -564,6 +564,53 @@ def check_prometheus_rules(overlay: Overlay) -> Iterator[Problem]:
                                             *([f"leaves out the monitored {missing}"] if missing else [])]))
 
 
+def check_alertmanager_config(overlay: Overlay) -> Iterator[Problem]:
+    """One AlertmanagerConfig equal to what k8s/monitoring/alertmanager.yml renders, labelled as the PrometheusRule
+    (so the Alertmanager that takes Tessera's alerts selects it by the same label), whose routes send to receivers
+    it defines, and whose route and inhibit rules name only alerts the rules file has (a misspelt name would
+    route or inhibit nothing, silently)."""
+    configs = overlay.of("AlertmanagerConfig")
+    if len(configs) != 1:
+        yield Problem("k8s/base/kustomization.yaml", "AlertmanagerConfig/*", "(resources)",
+                      f"{len(configs)} AlertmanagerConfig objects; one is expected "
+                      f"({alertmanager.ALERTMANAGER_CONFIG_FILE.name})")
+        return
+    [config] = configs
+    source = alertmanager.SOURCE_FILE.relative_to(ROOT)
+    try:
+        expected = alertmanager.alertmanager_config(alertmanager.load())
+    except alertmanager.AlertmanagerConfigError as exc:
+        yield _problem(config, "spec", str(exc))
+        return
+    if config.obj.get("spec") != expected["spec"]:
+        yield _problem(config, "spec", f"differs from {source} (run `make k8s-alerts`; edit the source, not the "
+                                       "rendered AlertmanagerConfig)")
+    for rule in overlay.of("PrometheusRule"):
+        labels = _get(config.obj, "metadata", "labels", default={})
+        for key, value in sorted(_get(rule.obj, "metadata", "labels", default={}).items()):
+            if labels.get(key) != value:
+                yield _problem(config, f"metadata.labels.{key}",
+                               f"the PrometheusRule has {key}: {value}; the AlertmanagerConfig must too, so that "
+                               "one label selects Tessera's rules and its routing")
+    spec = config.obj.get("spec") or {}
+    route = spec.get("route") or {}
+    defined = {r.get("name") for r in spec.get("receivers", [])}
+    for name in sorted(alertmanager.route_receivers(route) - defined):
+        yield _problem(config, "spec.route", f"routes to the receiver {name!r}, which spec.receivers does not define")
+    try:
+        known = {rule["alert"] for rule in alerts.alerting_rules(alerts.load_groups())}
+    except alerts.RulesError:
+        return  # check_prometheus_rules reports the rules file
+    named = {"spec.route": alertmanager.alertnames_matched(alertmanager.route_matchers(route))}
+    for i, inhibit in enumerate(spec.get("inhibitRules", [])):
+        for side in ("sourceMatch", "targetMatch"):
+            named[f"spec.inhibitRules[{i}].{side}"] = alertmanager.alertnames_matched(inhibit.get(side, []))
+    for field, names in named.items():
+        if names - known:
+            yield _problem(config, field, f"names alerts {sorted(names - known)} that "
+                                          f"{alerts.RULES_FILE.relative_to(ROOT)} does not have")
+
+
 def check_dashboards(overlay: Overlay) -> Iterator[Problem]:
     """The ConfigMap of Grafana dashboards: labelled for Grafana's dashboard sidecar and as every Tessera object,
     holding each file of k8s/monitoring/dashboards as it is, each a dashboard without shape problems."""
@@ -836,5 +883,6 @@ def check(manifests: Iterable[Manifest], workloads: Iterable[Workload], namespac
         problems.extend(checker(overlay, workloads))
     problems.extend(check_mtls(overlay, namespace))
     problems.extend(check_prometheus_rules(overlay))
+    problems.extend(check_alertmanager_config(overlay))
     problems.extend(check_dashboards(overlay))
     return problems

@@ -32,9 +32,11 @@ _OBJECT_META = {"$ref": f"{_DEFINITIONS_ID}#/$defs/io.k8s.apimachinery.pkg.apis.
 
 # Kinds of operators this repository has no schema for. They are checked by meaning (checks.py: a ServiceMonitor
 # must select a Service and name one of its ports; the PrometheusRule must hold the rules file's groups, carry the
-# monitors' labels and alert on exactly the monitored jobs), never silently: any other kind without a schema is an
-# error.
-SEMANTIC_ONLY_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+# monitors' labels and alert on exactly the monitored jobs; the AlertmanagerConfig must be what its source renders
+# and name only receivers it defines and alerts the rules have), never silently: any other kind without a schema is
+# an error.
+SEMANTIC_ONLY_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+                       ("monitoring.coreos.com/v1alpha1", "AlertmanagerConfig")}
 
 
 @dataclasses.dataclass(frozen=True)

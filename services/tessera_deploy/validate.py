@@ -2,8 +2,8 @@
 
 Exit status 0 when every overlay renders, every object validates against its schema (Kubernetes objects against
 the pinned Kubernetes version, Istio objects against Istio's CRDs), every semantic check passes and the generated
-files (Istio policies, gateway configuration, the PrometheusRule) match their sources, and the Grafana dashboards'
-ConfigMap holds each dashboard file, labelled for Grafana's sidecar. Each problem is printed as
+files (Istio policies, gateway configuration, the PrometheusRule, the AlertmanagerConfig) match their sources, and
+the Grafana dashboards' ConfigMap holds each dashboard file, labelled for Grafana's sidecar. Each problem is printed as
 `file: Kind/name field: what is wrong`.
 """
 
@@ -50,7 +50,7 @@ def generated_problems() -> list[Problem]:
                 for p in mesh.stale(mesh.files())]
     try:
         problems.extend(Problem(str(p.relative_to(ROOT)), "(generated)", "(file)",
-                                f"differs from {alerts.RULES_FILE.relative_to(ROOT)}: run `make k8s-alerts`")
+                                f"differs from {alerts.source_of(p).relative_to(ROOT)}: run `make k8s-alerts`")
                         for p in alerts.stale(alerts.files()))
     except alerts.RulesError as exc:
         problems.append(Problem(str(alerts.RULES_FILE.relative_to(ROOT)), "(rules)", "groups", str(exc)))
