@@ -89,9 +89,12 @@ def alert(name: str, severity: str, **labels: str) -> dict:
 USER_DNS = "user-service.tessera.svc.cluster.local:50051"
 PAYMENT_DNS = "payment-service.tessera.svc.cluster.local:50053"
 
-# The faults' sources: every user-service target down (so TesseraServiceDown), one order-service target down.
+# The faults' sources: every user-service target down (so TesseraServiceDown), one order-service target down, the
+# gateway's 5xx over its critical level (and so over its warning level too).
 SERVICE_DOWN = alert("TesseraServiceDown", "critical", job="user-service", failing_service="user-service")
 TARGET_DOWN = alert("TesseraTargetDown", "warning", job="order-service", instance="10.0.0.2:9090")
+GATEWAY_CRITICAL = alert("TesseraGatewayErrors", "critical", job="tessera-gateway")
+SOURCES = [SERVICE_DOWN, TARGET_DOWN, GATEWAY_CRITICAL]
 # Alerts the sources inhibit, each alone in its group: they prove the inhibitor holds the sources before the
 # alerts below arrive.
 PROBES = {
@@ -100,6 +103,8 @@ PROBES = {
     "the down target's slow method": (alert("TesseraGrpcServerSlow", "warning", job="order-service",
                                             instance="10.0.0.2:9090", grpc_service="tessera.order.v1.OrderService",
                                             grpc_method="CreateOrder"), TARGET_DOWN),
+    "the gateway's warning level": (alert("TesseraGatewayErrors", "warning", job="tessera-gateway"),
+                                    GATEWAY_CRITICAL),
 }
 # Each group (namespace, alertname, job) holds an inhibited alert and one the same fault does not explain: the
 # group's notification carries the second and not the first.
@@ -150,7 +155,7 @@ def delivered(sink: WebhookSink) -> list[tuple[str, dict]]:
 
 def test_one_fault_pages_once_its_consequences_are_inhibited_and_never_delivered(running):
     server, sink = running
-    server.post_alerts([SERVICE_DOWN, TARGET_DOWN])
+    server.post_alerts(SOURCES)
     server.post_alerts([probe for probe, _ in PROBES.values()])
     # The API reports inhibition as the inhibitor sees it now: once the probes show as inhibited by the sources,
     # the inhibitor holds them, so the alerts posted next are checked against them at their group's first flush.
@@ -164,7 +169,7 @@ def test_one_fault_pages_once_its_consequences_are_inhibited_and_never_delivered
     server.post_alerts([target for target, _ in INHIBITED.values()] + list(DELIVERED_BESIDE.values()))
 
     expected = {(RECEIVER_OF_SEVERITY[a["labels"]["severity"]], tuple(sorted(a["labels"].items())))
-                for a in [SERVICE_DOWN, TARGET_DOWN, *DELIVERED_BESIDE.values()]}
+                for a in [*SOURCES, *DELIVERED_BESIDE.values()]}
     wait_for(lambda: expected <= {(r, tuple(sorted(labels.items()))) for r, labels in delivered(sink)},
              what="the sources and the alerts beside the inhibited ones delivered")
 
@@ -176,11 +181,12 @@ def test_one_fault_pages_once_its_consequences_are_inhibited_and_never_delivered
     inhibited = [a["labels"] for a, _ in [*INHIBITED.values(), *PROBES.values()]]
     assert [(r, labels) for r, labels in delivered(sink) if labels in inhibited] == []
     delivered_labels = [labels for _, labels in delivered(sink)]
-    for alert_ in [SERVICE_DOWN, TARGET_DOWN, *DELIVERED_BESIDE.values()]:
+    for alert_ in [*SOURCES, *DELIVERED_BESIDE.values()]:
         assert held(server, alert_)["status"] == {"state": "active", "inhibitedBy": [], "silencedBy": []}
         assert delivered_labels.count(alert_["labels"]) == 1, alert_["labels"]
-    # One page for the service down, one for the circuit the fault does not explain; the rest are tickets.
+    # One page for the service down, one for the circuit the fault does not explain, one for the gateway's errors
+    # (not a ticket for their warning level too); the rest are tickets.
     pages = [labels["alertname"] for r, labels in delivered(sink) if r == "tessera-page"]
-    assert sorted(pages) == ["TesseraCircuitOpen", "TesseraServiceDown"]
+    assert sorted(pages) == ["TesseraCircuitOpen", "TesseraGatewayErrors", "TesseraServiceDown"]
     groups = {tuple(sorted(body["groupLabels"])) for _, body in sink.received()}
     assert groups == {("alertname", "job", "namespace")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -38,6 +39,8 @@ SERVICES = ("user", "inventory", "payment", "order")
 ON_POSTGRES = "inventory"
 # The gateway's scrape job: the Service its ServiceMonitor selects, scraping Envoy's stats in Prometheus format.
 GATEWAY_JOB = "tessera-gateway"
+# The GraphQL API's scrape job: its own /metrics, on its HTTP port.
+GRAPHQL_JOB = "graphql"
 
 
 def free_port() -> int:
@@ -60,8 +63,9 @@ def shortened_rules(folder) -> object:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """user, inventory, payment and order as real processes (inventory on PostgreSQL, the others on SQLite), each
-    with its /metrics, the gateway's Envoy in front of them (one REST call made through it), and a Prometheus
-    scraping them as the ServiceMonitors' jobs."""
+    with its /metrics, the GraphQL API (its own /metrics; the services it calls are not needed for that, so it is
+    given a closed port for each), the gateway's Envoy in front of them (one REST call made through it), and a
+    Prometheus scraping them as the ServiceMonitors' jobs."""
     folder = tmp_path_factory.mktemp("alerts")
     dead = closed_port()
     database, database_url = asyncio.run(postgres.create_database())
@@ -74,11 +78,15 @@ def stack(tmp_path_factory):
         "TESSERA_DATABASE_URL": urls[name],
         "TESSERA_METRICS_PORT": str(metrics[name]),
     }, folder / f"{name}.log") for name in SERVICES if name != "order"}
+    processes[GRAPHQL_JOB] = ServiceProcess(GRAPHQL_JOB, {
+        "TESSERA_GRAPHQL_PORT": "0",
+        **{f"TESSERA_{name.upper()}_SERVICE_ADDR": f"127.0.0.1:{dead.getsockname()[1]}" for name in GATEWAY_UPSTREAMS},
+    }, folder / "graphql.log", argv=[sys.executable, "-m", "tessera_graphql"])
     started: list[ServiceProcess] = []
     prometheus = gateway = None
     try:
         with ThreadPoolExecutor(len(processes)) as pool:
-            for process in pool.map(lambda p: p.start(), processes.values()):
+            for process in pool.map(lambda p: p.start(timeout=60), processes.values()):
                 started.append(process)
         processes["order"] = ServiceProcess("order", {
             **common,
@@ -91,9 +99,10 @@ def stack(tmp_path_factory):
         started.append(processes["order"].start())
         addresses = {name: f"127.0.0.1:{dead.getsockname()[1]}" for name in GATEWAY_UPSTREAMS}
         addresses.update({name: processes[name].address for name in SERVICES})
-        gateway = Gateway(folder, "edge", addresses, {"graphql": {"address": addresses["analytics"]}}).start(
+        gateway = Gateway(folder, "edge", addresses, {"graphql": {"address": processes[GRAPHQL_JOB].address}}).start(
             list(SERVICES))
         jobs = {f"{name}-service": [f"127.0.0.1:{metrics[name]}"] for name in SERVICES}
+        jobs[GRAPHQL_JOB] = [processes[GRAPHQL_JOB].address]
         jobs[GATEWAY_JOB] = [gateway.envoy.admin_url.removeprefix("http://")]
         prometheus = PrometheusServer(folder, jobs, [shortened_rules(folder)],
                                       metrics_paths={GATEWAY_JOB: "/stats/prometheus"}).start()
@@ -183,10 +192,11 @@ def test_the_dashboard_variables_list_the_services_and_its_panels_show_them(stac
     variables = {v["name"]: v for v in dashboards.variables(DASHBOARD)}
     selector = dashboards.substitute(dashboards.label_values_selector(variables["job"]["query"]["query"]), DASHBOARD)
     jobs = {s["job"] for s in prometheus.api("series", **{"match[]": selector})}
-    assert jobs == {f"{name}-service" for name in SERVICES}
+    assert jobs == {f"{name}-service" for name in SERVICES} | {GRAPHQL_JOB}
     ready = next(p for p in dashboards.query_panels(DASHBOARD) if p["title"] == "Ready instances")
     result = prometheus.api("query", query=dashboards.substitute(ready["targets"][0]["expr"], DASHBOARD))["result"]
-    assert {r["metric"]["job"]: r["value"][1] for r in result} == {f"{name}-service": "1" for name in SERVICES}
+    assert {r["metric"]["job"]: r["value"][1] for r in result} == {
+        **{f"{name}-service": "1" for name in SERVICES}, GRAPHQL_JOB: "1"}
     edge = next(p for p in dashboards.query_panels(DASHBOARD) if p["title"] == "Gateway targets up")
     [up] = prometheus.api("query", query=dashboards.substitute(edge["targets"][0]["expr"], DASHBOARD))["result"]
     assert up["value"][1] == "1"
