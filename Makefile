@@ -86,7 +86,7 @@ $(PROMETHEUS_STAMP):
 prometheus: $(PROMETHEUS_STAMP) ## Unpack Debian's prometheus and prometheus-alertmanager (pinned) into .venv/prometheus
 
 .PHONY: k8s-mesh k8s-render k8s-validate k8s-alerts
-k8s-alerts: gen ## Write the PrometheusRule k8s/base/monitoring/prometheus-rule.yaml from k8s/monitoring/tessera.rules.yaml
+k8s-alerts: gen ## Write the PrometheusRule and AlertmanagerConfig (k8s/base/monitoring) from k8s/monitoring's sources
 	$(PY) -m tessera_deploy.alerts
 
 k8s-mesh: gen ## Regenerate istio/ routes, subsets and policies and the canary components from the contracts

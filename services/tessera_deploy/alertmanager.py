@@ -38,7 +38,9 @@ class AlertmanagerConfigError(Exception):
     """The source cannot be rendered; the message names the file and the field."""
 
 
-def load(path: Path = SOURCE_FILE) -> dict[str, Any]:
+def load(path: Path | None = None) -> dict[str, Any]:
+    """The source (SOURCE_FILE unless `path`) as read by YAML: route, receivers and inhibit rules."""
+    path = path or SOURCE_FILE
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:

@@ -68,13 +68,10 @@ _RulesDumper.add_representer(str, _str)
 
 
 def files() -> dict[Path, str]:
-    """Each rendered file and its text: the PrometheusRule and the AlertmanagerConfig."""
+    """Each rendered file and its text: the PrometheusRule and the AlertmanagerConfig. Raises RulesError or
+    alertmanager.AlertmanagerConfigError for a source it cannot render."""
     text = yaml.dump(prometheus_rule(load_groups()), Dumper=_RulesDumper, sort_keys=False, width=120)
-    try:
-        alertmanager_config = alertmanager.render()
-    except alertmanager.AlertmanagerConfigError as exc:
-        raise RulesError(str(exc)) from exc
-    return {PROMETHEUS_RULE_FILE: HEADER + text, alertmanager.ALERTMANAGER_CONFIG_FILE: alertmanager_config}
+    return {PROMETHEUS_RULE_FILE: HEADER + text, alertmanager.ALERTMANAGER_CONFIG_FILE: alertmanager.render()}
 
 
 def source_of(path: Path) -> Path:
@@ -138,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         generated = files()
-    except RulesError as exc:
+    except (RulesError, alertmanager.AlertmanagerConfigError) as exc:
         print(f"k8s-alerts: {exc}", file=sys.stderr)
         return 2
     outdated = stale(generated)

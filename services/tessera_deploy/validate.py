@@ -14,7 +14,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from tessera_deploy import ROOT, alerts, checks, gateway_config, mesh, render, schemas
+from tessera_deploy import ROOT, alertmanager, alerts, checks, gateway_config, mesh, render, schemas
 from tessera_deploy.catalog import NAMESPACE, workloads
 from tessera_deploy.checks import Problem
 
@@ -54,6 +54,8 @@ def generated_problems() -> list[Problem]:
                         for p in alerts.stale(alerts.files()))
     except alerts.RulesError as exc:
         problems.append(Problem(str(alerts.RULES_FILE.relative_to(ROOT)), "(rules)", "groups", str(exc)))
+    except alertmanager.AlertmanagerConfigError as exc:
+        problems.append(Problem(str(alertmanager.SOURCE_FILE.relative_to(ROOT)), "(alertmanager)", "(file)", str(exc)))
     return problems
 
 

@@ -244,6 +244,7 @@ async def test_a_dead_user_service_fires_its_target_down_the_order_circuit_open_
 
     [circuit] = await asyncio.to_thread(
         wait_for, lambda: firing(prometheus, "TesseraCircuitOpen"), "TesseraCircuitOpen firing", prometheus)
+    # The dependency's address is an IP, which names no service: the alert has no failing_service.
     assert circuit["labels"] == {"alertname": "TesseraCircuitOpen", "severity": "critical", "job": "order-service",
                                  "instance": f"127.0.0.1:{processes['order'].env['TESSERA_METRICS_PORT']}",
                                  "dependency": user_address}
@@ -256,10 +257,14 @@ async def test_a_dead_user_service_fires_its_target_down_the_order_circuit_open_
     [service_down] = await asyncio.to_thread(
         wait_for, lambda: firing(prometheus, "TesseraServiceDown"), "TesseraServiceDown firing", prometheus)
     assert service_down["labels"]["job"] == "user-service"
+    # failing_service names the service at fault on the source alert and on its callers' alerts about it: the label
+    # Alertmanager's inhibit rules match on (k8s/monitoring/alertmanager.yml).
+    assert service_down["labels"]["failing_service"] == "user-service"
     # The order service's readiness check of user fails too; it still serves (DEGRADED).
     [check] = await asyncio.to_thread(
         wait_for, lambda: firing(prometheus, "TesseraHealthCheckFailing"), "TesseraHealthCheckFailing firing",
         prometheus)
     assert (check["labels"]["job"], check["labels"]["check"], check["labels"]["critical"]) == (
         "order-service", "user-service", "false")
+    assert check["labels"]["failing_service"] == "user-service"
     assert firing(prometheus, "TesseraNotReady") == []

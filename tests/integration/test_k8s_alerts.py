@@ -166,3 +166,12 @@ def test_a_source_the_renderer_cannot_render_is_named(tmp_path):
     source.write_text("groups: []\n")
     with pytest.raises(alertmanager.AlertmanagerConfigError, match="route: a routing tree is required"):
         alertmanager.load(source)
+
+
+def test_make_k8s_alerts_names_an_alertmanager_source_it_cannot_render(tmp_path, monkeypatch, capsys):
+    broken = tmp_path / "alertmanager.yml"
+    broken.write_text(yaml.safe_dump({"route": {"receiver": "tessera-page", "matchers": ["severity=critical"]},
+                                      "receivers": [{"name": "tessera-page"}]}))
+    monkeypatch.setattr(alertmanager, "SOURCE_FILE", broken)
+    assert alerts.main(["--check"]) == 2
+    assert "route.matchers[0]: 'severity=critical' is not name=\"value\"" in capsys.readouterr().err
