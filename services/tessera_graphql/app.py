@@ -4,6 +4,10 @@ The gateway authenticates the caller (JWT) and passes the subject and scopes as 
 replacing any a client sent; a request without them is refused (401). Every request gets a request id and a
 correlation id (the gateway's, or new ones), a server span that continues the caller's W3C trace (each gRPC call
 it makes is a child span), a JSON access line and RED metrics.
+
+A request with the header `canary: true` (the one value the mesh routes to a service's canary v2) passes it on to
+every call it makes when the caller's scopes hold the gateway's canary scope or its admin scope; otherwise the
+header is dropped, as the gateway drops it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ tracer = trace.get_tracer("tessera.graphql")
 
 DEFAULT_PORT = 8090
 PRINCIPAL = web.RequestKey("principal", callctx.Principal)
+SCOPES = web.AppKey("scopes", Scopes)
 
 REQUESTS = Counter("tessera_graphql_requests_total", "GraphQL HTTP requests by outcome.", ["outcome"])
 DURATION = Histogram("tessera_graphql_request_duration_seconds", "GraphQL HTTP request latency.", ["outcome"],
@@ -111,8 +116,10 @@ async def _per_request(request: web.Request,
     correlation_id = callctx.clean_id(request.headers.get(callctx.CORRELATION_ID)) or request_id
     principal = callctx.principal_from(request.headers)
     request[PRINCIPAL] = principal
+    canary = (principal is not None and callctx.asks_for_canary(request.headers.getall(callctx.CANARY, []))
+              and request.app[SCOPES].may_choose_canary(principal))
     tokens = (request_id_var.set(request_id), correlation_id_var.set(correlation_id),
-              callctx.principal_var.set(principal))
+              callctx.principal_var.set(principal), callctx.canary_var.set(canary))
     status = 500
     try:
         with tracer.start_as_current_span(f"{request.method} /graphql", kind=trace.SpanKind.SERVER,
@@ -136,6 +143,7 @@ async def _per_request(request: web.Request,
         access.info("%s /graphql %d", request.method, status, extra={
             "http_status": status, "duration_ms": round(elapsed * 1000, 2),
             "subject": principal.subject if principal else None})
+        callctx.canary_var.reset(tokens[3])
         callctx.principal_var.reset(tokens[2])
         correlation_id_var.reset(tokens[1])
         request_id_var.reset(tokens[0])
@@ -151,11 +159,13 @@ async def _metrics(request: web.Request) -> web.Response:
 
 def build_app(settings: GraphQLSettings, scopes: Scopes | None = None) -> web.Application:
     """The aiohttp application; its channels to the services close with it."""
-    upstream = Upstream(settings.addresses, scopes or Scopes.from_gateway(settings.gateway_profile),
-                        settings.default_deadline_seconds, settings.circuit, settings.discovery)
+    scopes = scopes or Scopes.from_gateway(settings.gateway_profile)
+    upstream = Upstream(settings.addresses, scopes, settings.default_deadline_seconds, settings.circuit,
+                        settings.discovery)
     schema = build_schema(max_depth=settings.max_depth, max_aliases=settings.max_aliases,
                           max_tokens=settings.max_tokens)
     app = web.Application(middlewares=[_per_request], client_max_size=1024 * 1024)
+    app[SCOPES] = scopes
     view = _View(upstream, schema=schema, graphql_ide=None)
     app.router.add_route("GET", "/graphql", view)
     app.router.add_route("POST", "/graphql", view)

@@ -4,7 +4,9 @@ only with the scopes the edge would ask of the same RPC over REST.
 Which scope an RPC needs comes from the gateway's own description (gateway-envoy/gateway.yaml and the contracts'
 descriptor set): the convention `<context>:read` / `<context>:write` and its overrides (reservations and payments
 need `admin`). So a GraphQL query can read and change nothing the caller's token could not over REST or native
-gRPC through the gateway, and the services still decide whose data it is (a customer reads only their own).
+gRPC through the gateway, and the services still decide whose data it is (a customer reads only their own). The
+same description names the scopes that may choose a service's canary (`canary_scope`, and `admin_scope`): only for
+a caller holding one does a request's `canary: true` follow its calls (app.py).
 """
 
 from __future__ import annotations
@@ -95,10 +97,12 @@ _NO_ANSWER = {
 
 @dataclasses.dataclass(frozen=True)
 class Scopes:
-    """The scopes each RPC needs (any one grants it), and the scope that grants every RPC."""
+    """The scopes each RPC needs (any one grants it), the scope that grants every RPC, and the scope that lets a
+    caller choose the canary of the services it calls (the gateway's `canary_scope`; the admin scope does too)."""
 
     needed: Mapping[str, tuple[str, ...]]  # "/package.Service/Method" → scopes
     admin: str
+    canary: str
 
     @classmethod
     def from_gateway(cls, profile: str) -> Scopes:
@@ -109,7 +113,12 @@ class Scopes:
         described = gd.load(profile)
         contracts = Contracts.load(DESCRIPTOR_SET)
         return cls({f"/{s.full_name}/{r.name}": described.policy(r, s).scopes
-                    for s in contracts.services for r in s.rpcs}, described.admin_scope)
+                    for s in contracts.services for r in s.rpcs}, described.admin_scope, described.canary_scope)
+
+    def may_choose_canary(self, principal: callctx.Principal) -> bool:
+        """Whether the caller may send its calls to the services' canaries, as the gateway decides it: the canary
+        or the admin scope, as a whole scope of the verified token."""
+        return self.canary in principal.scopes or self.admin in principal.scopes
 
     def check(self, method: str) -> None:
         principal = callctx.current_principal()

@@ -1,4 +1,5 @@
-"""Outgoing gRPC channels: deadlines, propagated ids and identity, and retries only for idempotent methods."""
+"""Outgoing gRPC channels: deadlines, propagated ids, identity and canary flag, and retries only for idempotent
+methods."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def service_config(services: Iterable[ServiceDescriptor], *, max_attempts: int =
 
 
 class _CallContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
-    """Gives every outgoing call the caller's remaining deadline (or a default) and its ids and identity."""
+    """Gives every outgoing call the caller's remaining deadline (or a default), its ids and identity, and
+    `canary: true` when the call being served came with it (context.outgoing_metadata)."""
 
     def __init__(self, default_deadline: float) -> None:
         self.default_deadline = default_deadline

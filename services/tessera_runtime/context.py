@@ -1,4 +1,5 @@
-"""Per-call context shared by interceptors, handlers and outgoing clients: ids, caller identity, deadline."""
+"""Per-call context shared by interceptors, handlers and outgoing clients: ids, caller identity, deadline, and
+whether the call asked for the canary."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ CORRELATION_ID = "x-correlation-id"
 SUBJECT = "x-user-id"
 SCOPES = "x-user-scopes"
 ADMIN_SCOPE = "admin"
+# The header (gRPC metadata key) the mesh routes on to a service's canary v2, and the one value it routes there:
+# Istio's VirtualServices match it exactly (tessera_deploy.mesh.CANARY_HEADER; the gateway's CANARY_HEADER).
+CANARY = "canary"
+CANARY_VALUE = "true"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +71,17 @@ def _canonical_subject(subject: str) -> str:
     return lower if lower != subject and _UUID.fullmatch(lower) else subject
 
 
+def asks_for_canary(values: list[str]) -> bool:
+    """Whether a call whose `canary` header (or metadata key) came with `values` is one the mesh sends to the
+    canary: one value, exactly `true`, as Istio's exact match reads it (Envoy joins repeated values with a comma
+    before matching, so two copies are `true,true`, which matches nothing; `True` and ` true` are no match)."""
+    return len(values) == 1 and values[0] == CANARY_VALUE
+
+
 principal_var: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
 deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+# Set for the work of a call that arrived with `canary: true`: every gRPC call made for it asks for the canary too.
+canary_var: contextvars.ContextVar[bool] = contextvars.ContextVar("canary", default=False)
 
 
 def current_request_id() -> str | None:
@@ -89,7 +103,9 @@ def remaining_seconds() -> float | None:
 
 
 def outgoing_metadata() -> list[tuple[str, str]]:
-    """Metadata that follows the work to the next service: ids and the caller's identity."""
+    """Metadata that follows the work to the next service: ids, the caller's identity, and `canary: true` when the
+    call being served asked for the canary (so the mesh sends the whole chain of calls to the v2 of every service
+    that runs one)."""
     md: list[tuple[str, str]] = []
     if (rid := request_id_var.get()) is not None:
         md.append((REQUEST_ID, rid))
@@ -98,4 +114,6 @@ def outgoing_metadata() -> list[tuple[str, str]]:
     if (p := principal_var.get()) is not None:
         md.append((SUBJECT, p.subject))
         md.append((SCOPES, " ".join(sorted(p.scopes))))
+    if canary_var.get():
+        md.append((CANARY, CANARY_VALUE))
     return md

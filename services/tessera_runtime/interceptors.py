@@ -1,5 +1,5 @@
-"""Server interceptor: the server span, ids, caller identity, deadline, domain errors → rich statuses, one log line
-per RPC, in-flight and RED metrics."""
+"""Server interceptor: the server span, ids, caller identity, deadline, the canary flag, domain errors → rich
+statuses, one log line per RPC, in-flight and RED metrics."""
 
 from __future__ import annotations
 
@@ -119,16 +119,21 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         in_flight = metrics.server_rpcs_in_flight(method)
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+            received = context.invocation_metadata() or ()
+            metadata = {k: v for k, v in received if isinstance(v, str)}
             request_id = callctx.clean_id(metadata.get(callctx.REQUEST_ID)) or uuid.uuid4().hex
             correlation_id = callctx.clean_id(metadata.get(callctx.CORRELATION_ID)) or request_id
             principal = callctx.principal_from(metadata)
             remaining = context.time_remaining()
+            # Every copy of the key counts (the dict above keeps the last): the mesh matches them all joined.
+            canary = callctx.CANARY in metadata and callctx.asks_for_canary(
+                [v for k, v in received if k == callctx.CANARY])
             tokens = (
                 request_id_var.set(request_id),
                 correlation_id_var.set(correlation_id),
                 callctx.principal_var.set(principal),
                 callctx.deadline_var.set(None if remaining is None else time.monotonic() + remaining),
+                callctx.canary_var.set(canary),
             )
             start = time.perf_counter()
             code = grpc.StatusCode.OK
@@ -199,7 +204,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     observe(method, code, duration)
                 if span is not None:
                     spans.finish(span, otel_token, code, request_id, correlation_id)
-                context_vars = (request_id_var, correlation_id_var, callctx.principal_var, callctx.deadline_var)
+                context_vars = (request_id_var, correlation_id_var, callctx.principal_var, callctx.deadline_var,
+                                callctx.canary_var)
                 for var, token in zip(context_vars, tokens, strict=True):
                     var.reset(token)
             # Only a failure caught above gets here (a return or a raise has left already).

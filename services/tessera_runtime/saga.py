@@ -27,6 +27,10 @@ time the saga waited (a lease to expire, a service to restart): the resume span'
 (an order's cancellation) and resumed after a crash continues the starting request's trace too: the store keeps
 one caller, the one that started the saga. A saga stored without a trace context (tracing disabled, or stored
 before the service kept one) resumes in a new trace.
+
+A saga run from the request that started it keeps that request's `canary: true` (tessera_runtime.context), so its
+steps call the canary v2 of the services that run one. A resumed saga does not: the store keeps no canary flag, and
+the rest of its steps go to each service by that service's canary weights.
 """
 
 from __future__ import annotations
@@ -473,9 +477,10 @@ class SagaRunner(Generic[S]):
     def run(self, saga_id: str, *, leased: bool, caller: SagaCaller | None = None, recovery: bool = False,
             state: S | None = None, started: Hashable | None = None) -> Execution:
         """Drives the saga in a task of its own, so that it ends even when the caller gives up. Without `caller`
-        the task keeps the current call's identity, ids and span; with it (a resumed saga) it takes them from the
-        call that started the saga, and runs in the definition's resume span continuing that call's trace (see the
-        module docstring). Either way it does not inherit the current call's deadline.
+        the task keeps the current call's identity, ids, canary flag and span; with it (a resumed saga) it takes
+        them from the call that started the saga, but for the canary flag, which the store does not keep, and runs
+        in the definition's resume span continuing that call's trace (see the module docstring). Either way it does
+        not inherit the current call's deadline.
 
         A caller holding the lease may hand over `state` as it just committed it (the saga then does not read it
         again; the task owns it from now on), and `started`, the step whose attempt that commit counted. With
@@ -817,6 +822,8 @@ def _prepare_context(caller: SagaCaller | None) -> None:
     callctx.deadline_var.set(None)
     if caller is None:
         return
+    # The store keeps no canary flag: a resumed saga's calls go to each service by its canary weights alone.
+    callctx.canary_var.set(False)
     principal = None
     if caller.subject:
         principal = callctx.Principal(subject=caller.subject, scopes=frozenset(caller.scopes))

@@ -3,6 +3,7 @@ inspection helpers, and the order service itself in-process or as a real process
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any
@@ -41,20 +42,26 @@ PAYMENT_TEST_ENV = {
 }
 
 
-async def _start(service: str, env: dict[str, str], **build_kw: Any) -> tuple[TesseraServer, int]:
+async def _start(service: str, env: dict[str, str], interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
+                 **build_kw: Any) -> tuple[TesseraServer, int]:
+    """Builds and starts a service; `interceptors` are added after its own (a recorder of what arrives, say)."""
     from tessera_runtime import app
 
     root = app.composition_root(service)
     settings = app.load_settings(root, {"TESSERA_GRPC_PORT": "0", **env})
     module: ServiceModule = await root.build(settings, **build_kw)
+    if interceptors:
+        module = dataclasses.replace(module, extra_interceptors=(*module.extra_interceptors, *interceptors))
     return await create_server(module, readiness_interval=0.2, grace_seconds=1.0)
 
 
 class Neighbours:
-    """Real user, inventory and payment servers (SQLite files under `folder`) and stubs to seed and inspect them."""
+    """Real user, inventory and payment servers (SQLite files under `folder`) and stubs to seed and inspect them;
+    `interceptors` are added to each server's own."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()) -> None:
         self.folder = folder
+        self.interceptors = interceptors
         self.servers: dict[str, tuple[TesseraServer, int]] = {}
         self.channels: list[grpc.aio.Channel] = []
 
@@ -62,7 +69,7 @@ class Neighbours:
         for service, extra in (("user", {}), ("inventory", {}), ("payment", PAYMENT_TEST_ENV)):
             self.servers[service] = await _start(service, {
                 "TESSERA_DATABASE_URL": f"sqlite+aiosqlite:///{self.folder / (service + '.db')}",
-                "TESSERA_OUTBOX_RELAY": "false", **extra})
+                "TESSERA_OUTBOX_RELAY": "false", **extra}, self.interceptors)
         self.users = user_service_pb2_grpc.UserServiceStub(self._channel("user"))
         self.inventory = inventory_service_pb2_grpc.InventoryServiceStub(self._channel("inventory"))
         self.payments = payment_service_pb2_grpc.PaymentServiceStub(self._channel("payment"))
@@ -137,8 +144,9 @@ class InProcessOrder:
         self.stub = order_service_pb2_grpc.OrderServiceStub(self.channel)
 
     @classmethod
-    async def start(cls, env: dict[str, str], **build_kw: Any) -> InProcessOrder:
-        server, port = await _start("order", env, **build_kw)
+    async def start(cls, env: dict[str, str], interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
+                    **build_kw: Any) -> InProcessOrder:
+        server, port = await _start("order", env, interceptors, **build_kw)
         return cls(server, port)
 
     async def stop(self) -> None:

@@ -15,6 +15,7 @@ from tessera_gateway import DESCRIPTOR_SET, generate, lua, process
 from tessera_gateway.bootstrap import CANARY_HEADER, TRACING_CLUSTER, GatewayConfig, render, to_envoy_dict
 from tessera_gateway.description import load
 from tessera_gateway.descriptors import ContractError, Contracts
+from tessera_runtime import context as callctx
 
 HCM = "envoy.filters.network.http_connection_manager"
 
@@ -174,6 +175,16 @@ def test_the_canary_header_is_removed_unless_the_token_holds_the_canary_or_admin
     assert claims == [_whole_scope("canary"), _whole_scope("admin")]
     # The header the mesh's canary routes match on.
     assert CANARY_HEADER == mesh.CANARY_HEADER == "canary"
+
+
+@pytest.mark.parametrize("profile", ["dev", "prod"])
+def test_browsers_may_send_the_canary_header(profile, dev_config, prod_config):
+    """A tester's browser sends `canary` only if the preflight allows it (the scope check above still applies)."""
+    config = dev_config if profile == "dev" else prod_config
+    cors = hcm_of(config)["routeConfig"]["virtualHosts"][0]["typedPerFilterConfig"]["envoy.filters.http.cors"]
+    assert CANARY_HEADER in [h.strip() for h in cors["allowHeaders"].split(",")]
+    # The key the services pass on to the services they call is the same header.
+    assert callctx.CANARY == CANARY_HEADER and callctx.CANARY_VALUE == "true"
 
 
 def test_rest_requests_lose_grpc_headers_native_grpc_requests_keep_them(dev_config):
