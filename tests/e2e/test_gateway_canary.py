@@ -153,3 +153,15 @@ def test_the_canary_scope_alone_grants_no_route(canary_gateway):
     response = canary_gateway.call("GET", f"/v1/users/{uuid.uuid4()}", token=token, headers={"canary": "true"})
     assert response.status == 403
     assert response.json()["details"][0]["reason"] == "MISSING_SCOPE"
+
+
+def test_a_browser_may_send_the_canary_header(canary_gateway):
+    """A tester's browser asks first (CORS preflight); the gateway allows `canary` from its allowed origins, and
+    the scope check above decides whether it goes on."""
+    response = canary_gateway.call("OPTIONS", f"/v1/users/{uuid.uuid4()}", headers={
+        "origin": "http://localhost:3000", "access-control-request-method": "GET",
+        "access-control-request-headers": "authorization, canary"})
+    assert response.status == 200
+    assert response.header("access-control-allow-origin") == "http://localhost:3000"
+    allowed = {h.strip() for h in response.header("access-control-allow-headers").split(",")}
+    assert {"authorization", "canary"} <= allowed
