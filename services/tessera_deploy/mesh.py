@@ -44,7 +44,8 @@ CANARY_DEPLOYMENT_HEADER = (
     "# canary. Do not edit by hand: change the base Deployment, or patch v2 in this component's kustomization.yaml.\n")
 
 # The edge gateway passes this header on only for a token with the canary or admin scope
-# (tessera_gateway.bootstrap.CANARY_HEADER); the services never pass it on to the services they call.
+# (tessera_gateway.bootstrap.CANARY_HEADER); a service that receives `canary: true` passes it on to the services it
+# calls for that call (tessera_runtime.context.CANARY), so the whole chain reaches the v2 of each that runs one.
 CANARY_HEADER = "canary"
 DEFAULT_CANARY_WEIGHT = 10
 # `reset` is what makes a try cut short by perTryTimeout count as retriable: Envoy resets that try's stream and
