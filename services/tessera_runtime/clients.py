@@ -74,6 +74,14 @@ class _CallContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         for key, value in callctx.outgoing_metadata():
             if key not in present:
                 metadata.add(key, value)
+        for key, value in metadata:
+            if isinstance(value, str) and not callctx.sendable(value) and not key.endswith("-bin"):
+                # gRPC refuses such a value inside the call's task, and through interceptors the call then never
+                # ends, not even at its deadline (grpc/grpc#41371): it fails here, before it is made.
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                    details=f"the call was not made: its metadata {key!r} holds characters other than printable "
+                            "ASCII, which gRPC cannot send")
         details = grpc.aio.ClientCallDetails(
             method=client_call_details.method,
             timeout=timeout,

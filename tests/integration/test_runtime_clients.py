@@ -53,6 +53,29 @@ async def test_ids_and_identity_follow_the_call(sqlite_user):
     await channel.close()
 
 
+@pytest.mark.parametrize("principal", [
+    callctx.Principal("someone", frozenset({"user:read", "x\ty"})),
+    callctx.Principal("caf\u00e9", frozenset({"user:read"})),
+    callctx.Principal("line\nbreak", frozenset({"user:read"})),
+], ids=["tab-in-a-scope", "non-ascii-subject", "newline-in-subject"])
+async def test_a_call_whose_metadata_grpc_cannot_send_fails_at_once_naming_the_key(sqlite_user, principal):
+    """gRPC refuses a metadata value outside printable ASCII inside its call task, and through interceptors the
+    call then never ends (not even at its deadline): it must fail before it is made, saying which key."""
+    _, port, _ = sqlite_user
+    channel = open_channel(f"127.0.0.1:{port}", [USER_SERVICE])
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+    token = callctx.principal_var.set(principal)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            # The bound only keeps a regression from hanging the suite; the call must fail without waiting.
+            await asyncio.wait_for(stub.GetUser(svc.GetUserRequest(id=str(uuid.uuid4())), timeout=2), 30)
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert "x-user-" in err.value.details() and "printable ASCII" in err.value.details()
+    finally:
+        callctx.principal_var.reset(token)
+        await channel.close()
+
+
 async def test_the_callers_remaining_deadline_bounds_the_call(sqlite_user):
     _, port, _ = sqlite_user
     proxy = TcpProxy("127.0.0.1", port, delay=1.0).start()
