@@ -100,10 +100,19 @@ class _View(GraphQLView):
                 "tessera": Context(self.upstream)}
 
 
-def _unauthenticated() -> web.Response:
-    return web.json_response({"errors": [{
-        "message": "the request carries no caller identity; call through the gateway with a token",
-        "extensions": {"code": "UNAUTHENTICATED", "reason": "TOKEN_MISSING"}}]}, status=401)
+def _unauthenticated(principal: callctx.Principal | None) -> web.Response | None:
+    """The 401 for a request without a caller identity, or whose identity headers no gRPC call could pass on (a tab,
+    a character outside printable ASCII: the gateway writes none from a verified token); None when it has one."""
+    if principal is None:
+        message, reason = "the request carries no caller identity; call through the gateway with a token", \
+            "TOKEN_MISSING"
+    elif not (callctx.sendable(principal.subject) and all(callctx.sendable(s) for s in principal.scopes)):
+        message, reason = (f"the caller identity headers ({callctx.SUBJECT}, {callctx.SCOPES}) hold characters "
+                           "other than printable ASCII; call through the gateway with a token"), "IDENTITY_INVALID"
+    else:
+        return None
+    return web.json_response({"errors": [{"message": message,
+                                          "extensions": {"code": "UNAUTHENTICATED", "reason": reason}}]}, status=401)
 
 
 @web.middleware
@@ -126,10 +135,7 @@ async def _per_request(request: web.Request,
                                           context=propagate.extract(request.headers)) as span:
             span.set_attribute("http.request.method", request.method)
             span.set_attribute("tessera.request_id", request_id)
-            if principal is None:
-                response = _unauthenticated()
-            else:
-                response = await handler(request)
+            response = _unauthenticated(principal) or await handler(request)
             status = response.status
             span.set_attribute("http.response.status_code", status)
         response.headers[callctx.REQUEST_ID] = request_id

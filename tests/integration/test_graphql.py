@@ -429,3 +429,19 @@ async def test_one_request_places_at_most_one_order(graphql, neighbours):
     assert status == 200 and body.get("data") is None, body
     assert "at most one" in body["errors"][0]["message"]
     assert client_calls("CreateOrder") == before, "nothing was called"
+
+
+@pytest.mark.parametrize("headers", [
+    {"x-user-id": "c0ffee00-0000-4000-8000-000000000001", "x-user-scopes": "user:read x\ty"},
+    {"x-user-id": "tab\there", "x-user-scopes": "user:read"},
+    {"x-user-id": "c0ffee00-0000-4000-8000-000000000001", "x-user-scopes": "user:read caf\u00e9"},
+], ids=["tab-in-scopes", "tab-in-subject", "non-ascii-scope"])
+async def test_an_identity_no_grpc_metadata_can_carry_is_refused_at_once(graphql, headers):
+    """The gateway names the caller in headers it writes from a verified token; a header value that gRPC metadata
+    cannot carry (a tab, a character outside ASCII) must be refused as the identity it is, not sent on: the call
+    to the service then failed inside gRPC and the HTTP request hung until the client gave up."""
+    async with graphql.session.post(graphql.url, json={"query": "{ me { id } }"}, headers=headers,
+                                    timeout=aiohttp.ClientTimeout(total=30)) as response:
+        status, body = response.status, await response.json()
+    assert status == 401, body
+    assert body["errors"][0]["extensions"] == {"code": "UNAUTHENTICATED", "reason": "IDENTITY_INVALID"}
