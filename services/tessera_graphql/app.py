@@ -3,7 +3,8 @@
 The gateway authenticates the caller (JWT) and passes the subject and scopes as x-user-id and x-user-scopes,
 replacing any a client sent; a request without them is refused (401). Every request gets a request id and a
 correlation id (the gateway's, or new ones), a server span that continues the caller's W3C trace (each gRPC call
-it makes is a child span), a JSON access line and RED metrics.
+it makes is a child span), a JSON access line and RED metrics; each operation is counted by outcome and error
+code too (tessera_graphql.metrics).
 
 A request with the header `canary: true` (the one value the mesh routes to a service's canary v2) passes it on to
 every call it makes when the caller's scopes hold the gateway's canary scope or its admin scope; otherwise the
@@ -24,9 +25,10 @@ from typing import Any
 
 from aiohttp import web
 from opentelemetry import propagate, trace
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from strawberry.aiohttp.views import GraphQLView
 
+from tessera_graphql import metrics as graphql_metrics
 from tessera_graphql.schema import Context, build_schema
 from tessera_graphql.upstream import Scopes, Upstream
 from tessera_runtime import context as callctx
@@ -43,10 +45,6 @@ tracer = trace.get_tracer("tessera.graphql")
 DEFAULT_PORT = 8090
 PRINCIPAL = web.RequestKey("principal", callctx.Principal)
 SCOPES = web.AppKey("scopes", Scopes)
-
-REQUESTS = Counter("tessera_graphql_requests_total", "GraphQL HTTP requests by outcome.", ["outcome"])
-DURATION = Histogram("tessera_graphql_request_duration_seconds", "GraphQL HTTP request latency.", ["outcome"],
-                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +142,8 @@ async def _per_request(request: web.Request,
     finally:
         elapsed = time.perf_counter() - start
         outcome = "ok" if status < 400 else ("client_error" if status < 500 else "server_error")
-        REQUESTS.labels(outcome).inc()
-        DURATION.labels(outcome).observe(elapsed)
+        graphql_metrics.REQUESTS.labels(outcome).inc()
+        graphql_metrics.DURATION.labels(outcome).observe(elapsed)
         access.info("%s /graphql %d", request.method, status, extra={
             "http_status": status, "duration_ms": round(elapsed * 1000, 2),
             "subject": principal.subject if principal else None})

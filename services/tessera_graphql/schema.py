@@ -51,6 +51,7 @@ from tessera.order.v1 import order_service_pb2 as order_api
 from tessera.user.v1 import user_pb2
 from tessera.user.v1 import user_service_pb2 as user_api
 
+from tessera_graphql.metrics import OperationMetrics
 from tessera_graphql.upstream import Upstream, UpstreamError
 
 MAX_BATCH = 100  # BatchGetProducts takes at most 100 ids
@@ -551,7 +552,8 @@ def build_schema(*, max_depth: int = 10, max_aliases: int = 30, max_tokens: int 
     another call), the document's size, and one mutation per request."""
     return strawberry.Schema(
         query=Query, mutation=Mutation,
-        extensions=[lambda: QueryDepthLimiter(max_depth=max_depth),
+        extensions=[OperationMetrics,
+                    lambda: QueryDepthLimiter(max_depth=max_depth),
                     lambda: MaxAliasesLimiter(max_alias_count=max_aliases),
                     lambda: MaxTokensLimiter(max_token_count=max_tokens),
                     lambda: AddValidationRules([_OneMutation]),

@@ -12,6 +12,7 @@ a caller holding one does a request's `canary: true` follow its calls (app.py).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 
 import grpc
@@ -67,11 +68,26 @@ class UpstreamError(Exception):
                    violations=tuple((v.field, v.description) for v in bad.field_violations) if bad else ())
 
     def shown_message(self, argument: Callable[[str], str | None] = _no_argument) -> str:
-        """The message, naming the GraphQL arguments where the service's own text named the contract's fields."""
-        if not self.violations or self.message != violations_text(
-                [FieldViolation(f, d) for f, d in self.violations]):
+        """The message, naming the GraphQL arguments where the service's own text named the contract's fields: its
+        list of violations whole, or cut short with the count of the rest the service gave. A message of the
+        service's own words is shown as it is."""
+        if not self.violations:
             return self.message
-        return violations_text([FieldViolation(argument(f) or f, d) for f, d in self.violations])
+        sent = [FieldViolation(f, d) for f, d in self.violations]
+        shown = self._shown(argument)
+        if self.message == violations_text(sent):
+            return _listing(shown)
+        cut = _CUT_SHORT.fullmatch(self.message)
+        if cut is not None:
+            # The BadRequest may list more than the message (or fewer than the request broke, cut short itself): the
+            # message listed the first `listed`, and its count of the rest is the service's.
+            for listed in range(1, len(sent)):
+                if violations_text(sent[:listed]) == cut.group(1):
+                    return f"{_listing(shown[:listed])}; and {cut.group(2)} more"
+        return self.message
+
+    def _shown(self, argument: Callable[[str], str | None]) -> list[FieldViolation]:
+        return [FieldViolation(argument(f) or f, in_callers_words(d, argument)) for f, d in self.violations]
 
     def extensions(self, argument: Callable[[str], str | None] = _no_argument) -> dict[str, object]:
         """The GraphQL error's extensions; `argument` gives the path of the GraphQL argument (or input field) the
@@ -84,9 +100,34 @@ class UpstreamError(Exception):
         if self.metadata:
             data["metadata"] = self.metadata
         if self.violations:
-            data["fieldViolations"] = [{"field": argument(f), "contractField": f, "description": d}
-                                       for f, d in self.violations]
+            data["fieldViolations"] = [{"field": argument(f), "contractField": f,
+                                        "description": in_callers_words(d, argument)} for f, d in self.violations]
         return data
+
+
+# A contract's field path as a description may name it: snake_case, dotted, with list indexes ("start_date",
+# "items[0].product_id"). Only a name that is more than one plain word is taken for a field: "items" or "status" in
+# a description is as likely an English word.
+_CONTRACT_PATH = re.compile(r"(?<![\w.\[\]])[a-z][a-z0-9]*(?:_[a-z0-9]+)*(?:\[\d+\])?"
+                            r"(?:\.[a-z][a-z0-9]*(?:_[a-z0-9]+)*(?:\[\d+\])?)*(?![\w\[])")
+_CUT_SHORT = re.compile(r"(.*); and (\d+) more", re.DOTALL)
+
+
+def in_callers_words(description: str, argument: Callable[[str], str | None]) -> str:
+    """A violation's description with each contract field it names that the caller sent as a GraphQL argument (or
+    input field) named by that argument's path instead: "must not be before start_date" → "... before startDate"."""
+
+    def rename(match: re.Match[str]) -> str:
+        name = match.group(0)
+        if not any(mark in name for mark in "_.["):
+            return name
+        return argument(name) or name
+
+    return _CONTRACT_PATH.sub(rename, description)
+
+
+def _listing(violations: list[FieldViolation]) -> str:
+    return "invalid request: " + "; ".join(f"{v.field}: {v.description}" for v in violations)
 
 
 _NO_ANSWER = {

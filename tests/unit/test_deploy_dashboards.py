@@ -11,7 +11,7 @@ import pytest
 from tessera_deploy import alerts, dashboards
 
 DASHBOARD = dashboards.load()
-ROWS = ("Edge", "Services", "Readiness", "Dependencies", "Discovery", "Messaging", "Order saga", "Database")
+ROWS = ("Edge", "Services", "GraphQL", "Readiness", "Dependencies", "Discovery", "Messaging", "Order saga", "Database")
 
 
 def test_the_overview_dashboard_has_no_problems():
@@ -45,7 +45,8 @@ def test_every_panel_query_filters_by_namespace_and_reads_tesseras_metrics():
             "tessera_outbox_oldest_unpublished_seconds", "tessera_consumer_dead_lettered_total",
             "tessera_saga_compensation_failures_total", "tessera_db_connections", "tessera_db_connections_max",
             "tessera_discovery_instances", "grpc_server_handling_seconds_bucket", "grpc_client_handled_total",
-            "envoy_http_downstream_rq_xx", "up"} <= referenced
+            "envoy_http_downstream_rq_xx", "tessera_graphql_operations_total", "tessera_graphql_errors_total",
+            "up"} <= referenced
     # The RED panels read the recording rules the alerts read, not a second copy of their expressions.
     recorded = alerts.recorded_names(alerts.load_groups())
     assert {"namespace_job_grpc_service:grpc_server_handled:rate5m",

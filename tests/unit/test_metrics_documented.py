@@ -6,6 +6,7 @@ import re
 
 from prometheus_client.metrics import MetricWrapperBase
 
+from tessera_graphql import metrics as graphql_metrics
 from tessera_runtime import metrics
 from tessera_runtime.config import ROOT
 
@@ -20,11 +21,24 @@ DEFINED = re.compile(
     r"\b(?:Counter|Gauge|Histogram|Summary|GaugeMetricFamily|CounterMetricFamily)\(\s*\"([a-z0-9_]+)\"")
 
 
+def _table(module) -> set[str]:
+    return {line.split("|")[1].strip() for line in module.__doc__.splitlines() if line.startswith("| ")}
+
+
+def _defined(module) -> set[str]:
+    return {value._name + ("_total" if value._type == "counter" else "")
+            for value in vars(module).values() if isinstance(value, MetricWrapperBase)}
+
+
 def test_every_runtime_metric_is_in_the_table_of_metrics_py():
-    table = {line.split("|")[1].strip() for line in metrics.__doc__.splitlines() if line.startswith("| ")}
-    defined = {value._name + ("_total" if value._type == "counter" else "")
-               for value in vars(metrics).values() if isinstance(value, MetricWrapperBase)}
-    assert defined - table == set()
+    assert _defined(metrics) - _table(metrics) == set()
+
+
+def test_every_graphql_api_metric_is_in_its_table_and_in_the_readme():
+    defined = _defined(graphql_metrics)
+    assert {"tessera_graphql_operations_total", "tessera_graphql_errors_total"} <= defined
+    assert defined - _table(graphql_metrics) == set()
+    assert defined - set(NAMED.findall((ROOT / "README.md").read_text())) == set()
 
 
 def test_every_metric_a_readme_names_is_exported():
