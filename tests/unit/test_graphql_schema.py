@@ -169,6 +169,4 @@ async def test_graphqls_own_refusals_and_a_masked_error_are_counted_with_codes_o
         ("tessera_graphql_operations_total", "error", "query"): 1,
         ("tessera_graphql_errors_total", "INTERNAL"): 1}
     # A code outside the closed set (none the API makes today) is never a label value of its own.
-    from tessera_graphql.metrics import error_code
-
     assert metrics.error_code(GraphQLError("x", extensions={"code": "SOMETHING free text"})) == "UNKNOWN"
