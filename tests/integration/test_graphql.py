@@ -70,6 +70,17 @@ def place_input(customer: str, *items: tuple[str, int], method: str = "pm_sandbo
                       "items": [{"productId": p, "quantity": q} for p, q in items]}}
 
 
+def graphql_counts() -> dict[tuple[str, ...], float]:
+    """The GraphQL API's operation and error counters (the API runs in this process), by name and label values."""
+    return {(sample.name, *sample.labels.values()): sample.value for metric in REGISTRY.collect()
+            for sample in metric.samples
+            if sample.name in ("tessera_graphql_operations_total", "tessera_graphql_errors_total")}
+
+
+def moved(before: dict[tuple[str, ...], float]) -> dict[tuple[str, ...], float]:
+    return {k: v - before.get(k, 0) for k, v in graphql_counts().items() if v != before.get(k, 0)}
+
+
 def client_calls(method: str) -> float:
     """Calls of `method` the services (in this process) handled: the servers' own RED metrics."""
     return sum(sample.value for metric in REGISTRY.collect() for sample in metric.samples
@@ -222,6 +233,57 @@ async def test_field_violations_name_the_argument_the_caller_sent(graphql, neigh
         f"{v['field']}: {v['description']}" for v in ext["fieldViolations"])
 
 
+async def test_operations_are_counted_by_outcome_and_their_errors_by_code(graphql, neighbours):
+    """An error a service gives is an entry of `errors` in an HTTP 200: the operation counters see it all the same."""
+    customer, product = await neighbours.customer(), await neighbours.product(5)
+    before = graphql_counts()
+    status, body, _ = await graphql.post("{ me { id } }", subject=customer)
+    assert status == 200 and "errors" not in body
+    assert moved(before) == {("tessera_graphql_operations_total", "query", "ok"): 1}
+
+    before = graphql_counts()  # the account is read, the product refused: data and errors
+    status, body, _ = await graphql.post("query($p: ID!) { me { id } product(id: $p) { name } }", {"p": product},
+                                         subject=customer, scopes="user:read")
+    assert status == 200 and body["data"]["me"] and body["errors"]
+    assert moved(before) == {("tessera_graphql_operations_total", "query", "partial"): 1,
+                             ("tessera_graphql_errors_total", "PERMISSION_DENIED"): 1}
+
+    before = graphql_counts()  # the order service refuses the input: no data
+    status, body, _ = await graphql.post(PLACE, place_input(customer, (product, 0)), subject=customer)
+    assert status == 200 and body["data"] is None
+    assert moved(before) == {("tessera_graphql_operations_total", "mutation", "error"): 1,
+                             ("tessera_graphql_errors_total", "INVALID_ARGUMENT"): 1}
+
+    before = graphql_counts()  # GraphQL's own refusal: nothing is called
+    status, body, _ = await graphql.post("{ me { id password } }", subject=customer)
+    assert moved(before) == {("tessera_graphql_operations_total", "query", "error"): 1,
+                             ("tessera_graphql_errors_total", "GRAPHQL_VALIDATION_FAILED"): 1}
+
+    # Two errors of one code in one answer count the operation once under that code.
+    other = await neighbours.customer()
+    before = graphql_counts()
+    _, body, _ = await graphql.post("query($a: ID!, $b: ID!) { a: user(id: $a) { id } b: user(id: $b) { id } }",
+                                    {"a": other, "b": other}, subject=customer)
+    assert [e["extensions"]["code"] for e in body["errors"]] == ["PERMISSION_DENIED"] * 2
+    assert moved(before) == {("tessera_graphql_operations_total", "query", "error"): 1,
+                             ("tessera_graphql_errors_total", "PERMISSION_DENIED"): 1}
+
+
+async def test_a_violation_list_the_service_cut_short_names_the_arguments_in_its_message(graphql, neighbours):
+    """Forty items each with a malformed product id and a quantity of 0: the order service's message lists the first
+    few and counts the rest, and its BadRequest lists as many as a status carries. The GraphQL message names the
+    inputs the caller sent and keeps the service's count."""
+    customer = await neighbours.customer()
+    _, body, _ = await graphql.post(PLACE, place_input(customer, *[(f"bad-{i}", 0) for i in range(40)]),
+                                    subject=customer)
+    [error] = body["errors"]
+    violations = error["extensions"]["fieldViolations"]
+    assert error["extensions"]["code"] == "INVALID_ARGUMENT" and len(violations) < 80, "the service cut its list"
+    assert "more violations not listed" in violations[-1]["description"]
+    assert error["message"].startswith("invalid request: input.items[0].productId: must be a UUID")
+    assert error["message"].endswith(" more") and "product_id" not in error["message"], error["message"]
+
+
 async def test_a_request_without_identity_is_refused(graphql):
     status, body, headers = await graphql.post("{ me { id } }", subject=None)
     assert status == 401 and body["errors"][0]["extensions"] == {"code": "UNAUTHENTICATED", "reason": "TOKEN_MISSING"}
@@ -314,6 +376,7 @@ async def test_a_service_down_is_unavailable_without_naming_its_address(unused_t
         async with aiohttp.ClientSession() as session:
             client = GraphQL(f"http://127.0.0.1:{runner.addresses[0][1]}/graphql", session)
             reasons = set()
+            before = graphql_counts()
             for _ in range(8):
                 status, body, _ = await client.post("{ me { id } }", subject=str(uuid.uuid4()))
                 assert status == 200 and body["data"] == {"me": None}, body
@@ -322,6 +385,9 @@ async def test_a_service_down_is_unavailable_without_naming_its_address(unused_t
                 assert str(unused_tcp_port) not in repr(error), error
                 reasons.add(error["extensions"].get("reason"))
             assert "CIRCUIT_OPEN" in reasons, "the breaker opened (the case that named the address)"
+            # The answers are 200s: the operation counters, not the HTTP ones, see the service down.
+            assert moved(before) == {("tessera_graphql_operations_total", "query", "error"): 8,
+                                     ("tessera_graphql_errors_total", "UNAVAILABLE"): 8}
     finally:
         await runner.cleanup()
 

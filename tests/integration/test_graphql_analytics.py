@@ -225,6 +225,17 @@ async def test_bad_input_is_refused_naming_the_field(graphql, query, variables, 
     assert error["message"].startswith(f"invalid request: {field}: ")
 
 
+@pytest.mark.parametrize("query", [RANGE, SUMMARY])
+async def test_a_description_naming_a_field_names_the_argument_the_caller_sent(graphql, query):
+    """The analytics service says an end_date before the start_date "must not be before start_date (...)", in the
+    contract's words; the GraphQL answer names the arguments the caller sent, in the violation and in the message."""
+    _, body, _ = await graphql.post(query, {"s": D3, "e": D1}, subject="analyst", scopes=ANALYST)
+    [error] = body["errors"]
+    assert error["extensions"]["fieldViolations"] == [{
+        "field": "endDate", "contractField": "end_date", "description": f"must not be before startDate ({D3})"}]
+    assert error["message"] == f"invalid request: endDate: must not be before startDate ({D3})"
+
+
 async def test_the_analytics_service_down_is_unavailable_without_naming_its_address(unused_tcp_port):
     # Nothing listens at the analytics service's address: each call fails until this process's circuit breaker for
     # it opens, and then fails at once.
