@@ -114,6 +114,11 @@ def stack(tmp_path_factory):
         # (403) to a subject reading another's account.
         reply = gateway.call("GET", f"/v1/users/{uuid.uuid4()}", token=gateway.mint("dashboard", "user:read"))
         assert reply.status == 403 and reply.json()["details"][0]["reason"] == "PERMISSION_DENIED", reply
+        # One GraphQL operation through the gateway: the API's services are all at a closed port, so the caller's
+        # account cannot be read and the answer is a 200 with an UNAVAILABLE error, which its counters see.
+        reply = gateway.call("POST", "/graphql", body={"query": "{ me { id } }"},
+                             token=gateway.mint(str(uuid.uuid4()), "user:read"))
+        assert reply.status == 200 and reply.json()["errors"][0]["extensions"]["code"] == "UNAVAILABLE", reply
         yield processes, prometheus
     finally:
         if prometheus is not None:
@@ -201,13 +206,16 @@ def test_the_dashboard_variables_list_the_services_and_its_panels_show_them(stac
     [up] = prometheus.api("query", query=dashboards.substitute(edge["targets"][0]["expr"], DASHBOARD))["result"]
     assert up["value"][1] == "1"
     # The gateway panels select Envoy's series by the edge listener's prefix and the services' cluster names: the
-    # REST call the stack made (answered 403 by the user service) is the one rate above 0 in them.
-    for title, label, value in (("Responses by status class", "envoy_response_code_class", "4"),
-                                ("Upstream requests by service", "envoy_cluster_name", "user")):
+    # REST call the stack made (answered 403 by the user service) and its GraphQL call (answered 200 by the API) are
+    # the rates above 0 in them. The GraphQL panels show that operation, failed UNAVAILABLE in its 200.
+    for title, label, values in (("Responses by status class", "envoy_response_code_class", {"2", "4"}),
+                                 ("Upstream requests by service", "envoy_cluster_name", {"user", "graphql"}),
+                                 ("GraphQL operations by outcome", "outcome", {"error"}),
+                                 ("GraphQL errors by code", "code", {"UNAVAILABLE"})):
         panel = next(p for p in dashboards.query_panels(DASHBOARD) if p["title"] == title)
         expr = dashboards.substitute(panel["targets"][0]["expr"], DASHBOARD)
-        wait_for(lambda expr=expr, label=label, value=value: rising(prometheus, expr, label) == {value},
-                 f"{title} showing {label}={value}", prometheus)
+        wait_for(lambda expr=expr, label=label, values=values: rising(prometheus, expr, label) == values,
+                 f"{title} showing {label}={values}", prometheus)
 
 
 def test_every_metric_a_dashboard_panel_reads_is_scraped_from_the_services_and_the_gateway(stack):
