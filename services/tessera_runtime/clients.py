@@ -69,19 +69,22 @@ class _CallContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
                 raise DeadlineExceeded("the caller's deadline passed before the call was made",
                                        reason="DEADLINE_EXCEEDED")
             timeout = min(timeout, remaining)
-        metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()))
-        present = {key for key, _ in metadata}
-        for key, value in callctx.outgoing_metadata():
-            if key not in present:
-                metadata.add(key, value)
-        for key, value in metadata:
-            if isinstance(value, str) and not callctx.sendable(value) and not key.endswith("-bin"):
-                # gRPC refuses such a value inside the call's task, and through interceptors the call then never
-                # ends, not even at its deadline (grpc/grpc#41371): it fails here, before it is made.
-                raise grpc.aio.AioRpcError(
-                    grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                    details=f"the call was not made: its metadata {key!r} holds characters other than printable "
-                            "ASCII, which gRPC cannot send")
+        given = tuple(client_call_details.metadata or ())
+        if given:
+            present = {key for key, _ in given}
+            pairs = [*given, *[(key, value) for key, value in callctx.outgoing_metadata() if key not in present]]
+        else:
+            pairs = callctx.outgoing_metadata()
+        text = "".join([value for _, value in pairs if value.__class__ is str])
+        if not (text.isascii() and text.isprintable()):
+            # gRPC refuses such a value inside the call's task, and through interceptors the call then never ends,
+            # not even at its deadline (grpc/grpc#41371): it fails here, before it is made.
+            key = next(key for key, value in pairs if value.__class__ is str and not callctx.sendable(value))
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                details=f"the call was not made: its metadata {key!r} holds characters other than printable ASCII, "
+                        "which gRPC cannot send")
+        metadata = grpc.aio.Metadata(*pairs)
         details = grpc.aio.ClientCallDetails(
             method=client_call_details.method,
             timeout=timeout,

@@ -76,6 +76,22 @@ async def test_a_call_whose_metadata_grpc_cannot_send_fails_at_once_naming_the_k
         await channel.close()
 
 
+async def test_metadata_a_caller_gives_that_grpc_cannot_send_fails_the_call_at_once(sqlite_user):
+    _, port, _ = sqlite_user
+    channel = open_channel(f"127.0.0.1:{port}", [USER_SERVICE])
+    stub = user_service_pb2_grpc.UserServiceStub(channel)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(stub.GetUser(svc.GetUserRequest(id=str(uuid.uuid4())), timeout=2,
+                                                metadata=(("x-note", "fine"), ("x-comment", "caf\u00e9"))), 30)
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "'x-comment'" in err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # printable ASCII metadata of the caller's goes through
+            await stub.GetUser(svc.GetUserRequest(id=str(uuid.uuid4())), metadata=(("x-note", "fine"),))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # the server answered (no such user)
+    finally:
+        await channel.close()
+
+
 async def test_the_callers_remaining_deadline_bounds_the_call(sqlite_user):
     _, port, _ = sqlite_user
     proxy = TcpProxy("127.0.0.1", port, delay=1.0).start()
