@@ -1,7 +1,8 @@
 """`make k8s-alerts`: the PrometheusRule and AlertmanagerConfig of the k8s base, written from their one sources.
 
 k8s/monitoring/tessera.rules.yaml is the source of the rules (a plain Prometheus rule file, loaded as it is by a
-Prometheus without the operator); k8s/base/monitoring/prometheus-rule.yaml is the same groups inside a PrometheusRule
+Prometheus without the operator), written by hand but for its SLO block, which is generated from
+k8s/monitoring/slos.yaml (tessera_deploy.slos); k8s/base/monitoring/prometheus-rule.yaml is the same groups inside a PrometheusRule
 (monitoring.coreos.com/v1) for the Prometheus operator. k8s/monitoring/alertmanager.yml is the source of the
 Alertmanager routing and inhibit rules, rendered into k8s/base/monitoring/alertmanager-config.yaml
 (tessera_deploy.alertmanager). `make k8s-validate` fails while a rendered file differs from its source.
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from tessera_deploy import K8S_DIR, ROOT, alertmanager
+from tessera_deploy import K8S_DIR, ROOT, alertmanager, slos
 from tessera_deploy.mesh import _IndentedDumper
 
 RULES_FILE = K8S_DIR / "monitoring" / "tessera.rules.yaml"
@@ -67,16 +68,38 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _RulesDumper.add_representer(str, _str)
 
 
+def dump_yaml(value: Any) -> str:
+    return yaml.dump(value, Dumper=_RulesDumper, sort_keys=False, width=120)
+
+
+def rules_text() -> str:
+    """The rules file as it should be: as written by hand, with its SLO block generated from k8s/monitoring/slos.yaml."""
+    try:
+        generated = slos.block(dump_yaml(slos.groups(slos.load())))
+        return slos.splice(RULES_FILE.read_text(), generated)
+    except OSError as exc:
+        raise RulesError(f"{RULES_FILE}: {exc}") from exc
+    except slos.SloError as exc:
+        raise RulesError(str(exc)) from exc
+
+
 def files() -> dict[Path, str]:
-    """Each rendered file and its text: the PrometheusRule and the AlertmanagerConfig. Raises RulesError or
-    alertmanager.AlertmanagerConfigError for a source it cannot render."""
-    text = yaml.dump(prometheus_rule(load_groups()), Dumper=_RulesDumper, sort_keys=False, width=120)
-    return {PROMETHEUS_RULE_FILE: HEADER + text, alertmanager.ALERTMANAGER_CONFIG_FILE: alertmanager.render()}
+    """Each generated file and its text: the rules file's SLO block, the PrometheusRule (the rules file's groups,
+    SLO block included) and the AlertmanagerConfig. Raises RulesError or alertmanager.AlertmanagerConfigError for a
+    source it cannot render."""
+    text = rules_text()
+    try:
+        groups = yaml.safe_load(text)["groups"]
+    except (yaml.YAMLError, TypeError, KeyError) as exc:
+        raise RulesError(f"{RULES_FILE}: {exc}") from exc
+    return {RULES_FILE: text, PROMETHEUS_RULE_FILE: HEADER + dump_yaml(prometheus_rule(groups)),
+            alertmanager.ALERTMANAGER_CONFIG_FILE: alertmanager.render()}
 
 
 def source_of(path: Path) -> Path:
-    """The source file a rendered file is written from."""
-    return alertmanager.SOURCE_FILE if path == alertmanager.ALERTMANAGER_CONFIG_FILE else RULES_FILE
+    """The source file a generated file is written from."""
+    return {alertmanager.ALERTMANAGER_CONFIG_FILE: alertmanager.SOURCE_FILE,
+            RULES_FILE: slos.SOURCE_FILE}.get(path, RULES_FILE)
 
 
 def stale(generated: dict[Path, str]) -> list[Path]:
