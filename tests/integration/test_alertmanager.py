@@ -90,11 +90,14 @@ USER_DNS = "user-service.tessera.svc.cluster.local:50051"
 PAYMENT_DNS = "payment-service.tessera.svc.cluster.local:50053"
 
 # The faults' sources: every user-service target down (so TesseraServiceDown), one order-service target down, the
-# gateway's 5xx over its critical level (and so over its warning level too).
+# gateway's 5xx over its critical level (and so over its warning level too), order-service's availability budget
+# burning fast enough to page (and so, over longer windows, for a ticket too).
 SERVICE_DOWN = alert("TesseraServiceDown", "critical", job="user-service", failing_service="user-service")
 TARGET_DOWN = alert("TesseraTargetDown", "warning", job="order-service", instance="10.0.0.2:9090")
 GATEWAY_CRITICAL = alert("TesseraGatewayErrors", "critical", job="tessera-gateway")
-SOURCES = [SERVICE_DOWN, TARGET_DOWN, GATEWAY_CRITICAL]
+SLO_PAGE = alert("TesseraGrpcAvailabilityBudgetBurn", "critical", job="order-service", slo="grpc-availability",
+                 window="1h")
+SOURCES = [SERVICE_DOWN, TARGET_DOWN, GATEWAY_CRITICAL, SLO_PAGE]
 # Alerts the sources inhibit, each alone in its group: they prove the inhibitor holds the sources before the
 # alerts below arrive.
 PROBES = {
@@ -105,6 +108,8 @@ PROBES = {
                                             grpc_method="CreateOrder"), TARGET_DOWN),
     "the gateway's warning level": (alert("TesseraGatewayErrors", "warning", job="tessera-gateway"),
                                     GATEWAY_CRITICAL),
+    "the SLO page's ticket": (alert("TesseraGrpcAvailabilityBudgetBurn", "warning", job="order-service",
+                                    slo="grpc-availability", window="1d"), SLO_PAGE),
 }
 # Each group (namespace, alertname, job) holds an inhibited alert and one the same fault does not explain: the
 # group's notification carries the second and not the first.
@@ -117,6 +122,9 @@ INHIBITED = {
               check="user-service", critical="false", failing_service="user-service"), SERVICE_DOWN),
     "the down target's readiness": (
         alert("TesseraNotReady", "warning", job="order-service", instance="10.0.0.2:9090"), TARGET_DOWN),
+    "the down service's own SLO page": (
+        alert("TesseraGrpcLatencyBudgetBurn", "critical", job="user-service", slo="grpc-latency", window="1h"),
+        SERVICE_DOWN),
 }
 DELIVERED_BESIDE = {
     "order's circuit to payment": alert("TesseraCircuitOpen", "critical", job="order-service",
@@ -126,6 +134,12 @@ DELIVERED_BESIDE = {
                                   instance="10.0.0.1:9090", check="broker", critical="false"),
     "another target's readiness": alert("TesseraNotReady", "warning", job="order-service",
                                         instance="10.0.0.3:9090"),
+    # What the gateway's clients see, whichever service is at fault (as TesseraGatewayErrors).
+    "the edge's SLO page": alert("TesseraEdgeAvailabilityBudgetBurn", "critical", job="tessera-gateway",
+                                 slo="edge-availability", window="1h"),
+    # Another SLO of the service the page is about: the critical-over-warning rule keeps to the same alert.
+    "order's latency ticket": alert("TesseraGrpcLatencyBudgetBurn", "warning", job="order-service",
+                                    slo="grpc-latency", window="3d"),
 }
 
 
@@ -185,8 +199,9 @@ def test_one_fault_pages_once_its_consequences_are_inhibited_and_never_delivered
         assert held(server, alert_)["status"] == {"state": "active", "inhibitedBy": [], "silencedBy": []}
         assert delivered_labels.count(alert_["labels"]) == 1, alert_["labels"]
     # One page for the service down, one for the circuit the fault does not explain, one for the gateway's errors
-    # (not a ticket for their warning level too); the rest are tickets.
+    # and one for each SLO page (not a ticket for their warning level too); the rest are tickets.
     pages = [labels["alertname"] for r, labels in delivered(sink) if r == "tessera-page"]
-    assert sorted(pages) == ["TesseraCircuitOpen", "TesseraGatewayErrors", "TesseraServiceDown"]
+    assert sorted(pages) == ["TesseraCircuitOpen", "TesseraEdgeAvailabilityBudgetBurn", "TesseraGatewayErrors",
+                             "TesseraGrpcAvailabilityBudgetBurn", "TesseraServiceDown"]
     groups = {tuple(sorted(body["groupLabels"])) for _, body in sink.received()}
     assert groups == {("alertname", "job", "namespace")}
