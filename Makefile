@@ -86,7 +86,7 @@ $(PROMETHEUS_STAMP):
 prometheus: $(PROMETHEUS_STAMP) ## Unpack Debian's prometheus and prometheus-alertmanager (pinned) into .venv/prometheus
 
 .PHONY: k8s-mesh k8s-render k8s-validate k8s-alerts
-k8s-alerts: gen ## Write the PrometheusRule and AlertmanagerConfig (k8s/base/monitoring) from k8s/monitoring's sources
+k8s-alerts: gen ## Write the rules' SLO groups (from k8s/monitoring/slos.yaml), the PrometheusRule and AlertmanagerConfig
 	$(PY) -m tessera_deploy.alerts
 
 k8s-mesh: gen ## Regenerate istio/ routes, subsets and policies and the canary components from the contracts
