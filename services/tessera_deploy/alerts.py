@@ -1,9 +1,9 @@
-"""`make k8s-alerts`: the PrometheusRule and AlertmanagerConfig of the k8s base, written from their one sources.
+"""`make k8s-alerts`: the rules' SLO block, the PrometheusRule and the AlertmanagerConfig, written from their sources.
 
 k8s/monitoring/tessera.rules.yaml is the source of the rules (a plain Prometheus rule file, loaded as it is by a
-Prometheus without the operator), written by hand but for its SLO block, which is generated from
-k8s/monitoring/slos.yaml (tessera_deploy.slos); k8s/base/monitoring/prometheus-rule.yaml is the same groups inside a PrometheusRule
-(monitoring.coreos.com/v1) for the Prometheus operator. k8s/monitoring/alertmanager.yml is the source of the
+Prometheus without the operator), written by hand but for its SLO block, which is generated from the service level
+objectives in k8s/monitoring/slos.yaml (tessera_deploy.slos); k8s/base/monitoring/prometheus-rule.yaml is the same
+groups inside a PrometheusRule (monitoring.coreos.com/v1) for the Prometheus operator. k8s/monitoring/alertmanager.yml is the source of the
 Alertmanager routing and inhibit rules, rendered into k8s/base/monitoring/alertmanager-config.yaml
 (tessera_deploy.alertmanager). `make k8s-validate` fails while a rendered file differs from its source.
 """
@@ -73,7 +73,7 @@ def dump_yaml(value: Any) -> str:
 
 
 def rules_text() -> str:
-    """The rules file as it should be: as written by hand, with its SLO block generated from k8s/monitoring/slos.yaml."""
+    """The rules file as it should be: as written by hand, with its SLO block generated from the SLO source."""
     try:
         generated = slos.block(dump_yaml(slos.groups(slos.load())))
         return slos.splice(RULES_FILE.read_text(), generated)
@@ -100,6 +100,11 @@ def source_of(path: Path) -> Path:
     """The source file a generated file is written from."""
     return {alertmanager.ALERTMANAGER_CONFIG_FILE: alertmanager.SOURCE_FILE,
             RULES_FILE: slos.SOURCE_FILE}.get(path, RULES_FILE)
+
+
+def shown(path: Path) -> Path:
+    """`path` as messages name it: relative to the repository when it is inside it."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def stale(generated: dict[Path, str]) -> list[Path]:
@@ -164,15 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     outdated = stale(generated)
     if args.check:
         for path in outdated:
-            print(f"{path.relative_to(ROOT)} differs from {source_of(path).relative_to(ROOT)}: run `make k8s-alerts`",
-                  file=sys.stderr)
+            print(f"{shown(path)} differs from {shown(source_of(path))}: run `make k8s-alerts`", file=sys.stderr)
         return 1 if outdated else 0
     for path in outdated:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(generated[path])
-        print(f"wrote {path.relative_to(ROOT)}")
+        print(f"wrote {shown(path)}")
     for path in generated.keys() - set(outdated):
-        print(f"{path.relative_to(ROOT)} is up to date")
+        print(f"{shown(path)} is up to date")
     return 0
 
 

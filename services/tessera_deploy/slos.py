@@ -92,8 +92,7 @@ def seconds(duration: str) -> int:
 
 def number(value: Decimal) -> str:
     """A decimal as PromQL and people read it: 0.001, 14.4, 6."""
-    text = format(value.normalize(), "f")
-    return text
+    return format(value.normalize(), "f")
 
 
 def _decimal(value: Any, where: str) -> Decimal:
@@ -124,7 +123,9 @@ def parse(doc: Any, origin: str = str(SOURCE_FILE)) -> Objectives:
     if not isinstance(doc, dict):
         raise SloError(f"{origin}: a mapping with period, burn_alerts, min_events and slos is required")
     try:
-        period = _text(doc, "period", origin)
+        period = doc.get("period")
+        if not isinstance(period, str) or not period.strip():
+            raise SloError(f"{origin}: period: a non-empty string is required")
         period_seconds = seconds(period)
         alerts = []
         for i, entry in enumerate(doc.get("burn_alerts") or []):
@@ -180,7 +181,8 @@ def parse(doc: Any, origin: str = str(SOURCE_FILE)) -> Objectives:
     return Objectives(period, tuple(alerts), min_events, tuple(slos))
 
 
-def load(path: Path = SOURCE_FILE) -> Objectives:
+def load(path: Path | None = None) -> Objectives:
+    path = path or SOURCE_FILE
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:

@@ -49,8 +49,8 @@ def generated_problems() -> list[Problem]:
                         "differs from what the contracts give: run `make k8s-mesh`")
                 for p in mesh.stale(mesh.files())]
     try:
-        problems.extend(Problem(str(p.relative_to(ROOT)), "(generated)", "(file)",
-                                f"differs from {alerts.source_of(p).relative_to(ROOT)}: run `make k8s-alerts`")
+        problems.extend(Problem(str(alerts.shown(p)), "(generated)", "(file)",
+                                f"differs from {alerts.shown(alerts.source_of(p))}: run `make k8s-alerts`")
                         for p in alerts.stale(alerts.files()))
     except alerts.RulesError as exc:
         problems.append(Problem(str(alerts.RULES_FILE.relative_to(ROOT)), "(rules)", "groups", str(exc)))

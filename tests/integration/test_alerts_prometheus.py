@@ -25,7 +25,7 @@ import yaml
 from tessera.order.v1 import order_service_pb2 as osvc
 from tessera.order.v1 import order_service_pb2_grpc
 
-from tessera_deploy import alerts, dashboards
+from tessera_deploy import alerts, dashboards, slos
 from tests.support import postgres
 from tests.support.gateway import SERVICES as GATEWAY_UPSTREAMS
 from tests.support.gateway import Gateway, closed_port
@@ -227,6 +227,23 @@ def test_every_metric_a_dashboard_panel_reads_is_scraped_from_the_services_and_t
     assert referenced & recorded, "the RED panels read the rules' recorded series"
     missing = referenced - recorded - present_names(prometheus)
     assert missing == set(), f"dashboard panels read metrics no service or the gateway exports: {sorted(missing)}"
+
+
+def test_every_slo_ratio_is_recorded_from_the_real_scrapes(stack):
+    """The SLO rules (generated from k8s/monitoring/slos.yaml) select what the gateway and the services export: each
+    SLO's 5m error ratio has a series for the jobs that answered the stack's calls. The gateway's REST call (403) and
+    GraphQL call (200) are no 5xx, so the edge's ratio is 0 (no 5xx counted is a ratio of 0, not no ratio)."""
+    _, prometheus = stack
+
+    def ratios() -> dict[tuple[str, str], float]:
+        result = prometheus.api("query", query="namespace_job:slo_errors:ratio_rate5m")["result"]
+        return {(r["metric"]["slo"], r["metric"]["job"]): float(r["value"][1]) for r in result}
+
+    expected = {("edge-availability", GATEWAY_JOB), ("grpc-availability", "user-service"),
+                ("grpc-latency", "user-service")}
+    wait_for(lambda: expected <= ratios().keys() and ratios()[("edge-availability", GATEWAY_JOB)] == 0,
+             "the SLO ratios recorded", prometheus)
+    assert {slo for slo, _ in ratios()} == {s.name for s in slos.load().slos}
 
 
 def firing(prometheus: PrometheusServer, name: str) -> list[dict]:

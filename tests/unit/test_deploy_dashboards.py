@@ -11,7 +11,8 @@ import pytest
 from tessera_deploy import alerts, dashboards
 
 DASHBOARD = dashboards.load()
-ROWS = ("Edge", "Services", "GraphQL", "Readiness", "Dependencies", "Discovery", "Messaging", "Order saga", "Database")
+ROWS = ("SLOs", "Edge", "Services", "GraphQL", "Readiness", "Dependencies", "Discovery", "Messaging", "Order saga",
+        "Database")
 
 
 def test_the_overview_dashboard_has_no_problems():
