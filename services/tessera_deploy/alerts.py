@@ -3,8 +3,8 @@
 k8s/monitoring/tessera.rules.yaml is the source of the rules (a plain Prometheus rule file, loaded as it is by a
 Prometheus without the operator), written by hand but for its SLO block, which is generated from the service level
 objectives in k8s/monitoring/slos.yaml (tessera_deploy.slos); k8s/base/monitoring/prometheus-rule.yaml is the same
-groups inside a PrometheusRule (monitoring.coreos.com/v1) for the Prometheus operator. k8s/monitoring/alertmanager.yml is the source of the
-Alertmanager routing and inhibit rules, rendered into k8s/base/monitoring/alertmanager-config.yaml
+groups inside a PrometheusRule (monitoring.coreos.com/v1) for the Prometheus operator. k8s/monitoring/alertmanager.yml
+is the source of the Alertmanager routing and inhibit rules, rendered into k8s/base/monitoring/alertmanager-config.yaml
 (tessera_deploy.alertmanager). `make k8s-validate` fails while a rendered file differs from its source.
 """
 
