@@ -139,3 +139,15 @@ def test_a_source_that_is_not_a_mapping_or_not_yaml_is_refused_naming_the_file(t
     monkeypatch.setattr(slos, "SOURCE_FILE", path)
     assert alerts.main(["--check"]) == 2
     assert "k8s-alerts:" in capsys.readouterr().err and str(path) in str(validate.generated_problems())
+
+
+def test_a_rules_file_make_k8s_alerts_cannot_read_or_splice_into_is_refused_naming_it(tmp_path, monkeypatch):
+    missing = tmp_path / "missing.rules.yaml"
+    monkeypatch.setattr(alerts, "RULES_FILE", missing)
+    with pytest.raises(alerts.RulesError, match=r"missing\.rules\.yaml"):
+        alerts.files()
+    not_groups = tmp_path / "other.rules.yaml"
+    not_groups.write_text("rules: []\n")
+    monkeypatch.setattr(alerts, "RULES_FILE", not_groups)
+    with pytest.raises(alerts.RulesError, match=r"other\.rules\.yaml"):
+        alerts.files()
