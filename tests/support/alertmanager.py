@@ -8,7 +8,6 @@ import copy
 import json
 import subprocess
 import threading
-import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,7 +17,7 @@ import yaml
 
 from tessera_deploy import alertmanager
 from tests.support.processes import ROOT
-from tests.support.prometheus import _free_port, binary
+from tests.support.prometheus import ServerProcess, binary
 
 # Debian names the server prometheus-alertmanager; amtool keeps its name.
 SERVER = "prometheus-alertmanager"
@@ -86,51 +85,26 @@ class WebhookSink:
         self._thread.join(timeout=10)
 
 
-class AlertmanagerServer:
+class AlertmanagerServer(ServerProcess):
     """`prometheus-alertmanager` with `config`, its API on 127.0.0.1 on a free port, clustering off (an empty
     --cluster.listen-address), its storage, config and log in `folder`."""
 
+    name = "alertmanager"
+
     def __init__(self, folder: Path, config: dict[str, Any]) -> None:
-        self.folder = folder
+        super().__init__(folder)
         self.config = config
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> AlertmanagerServer:
+    def command(self) -> list[str]:
         path = self.folder / "alertmanager.yml"
         path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         checked = amtool("check-config", path)
         assert checked.returncode == 0, checked.stdout + checked.stderr
-        self.port = _free_port()
-        self._log = open(self.folder / "alertmanager.log", "ab")
         server = binary(SERVER)
         share = server.parent.parent / "share"
-        self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _OVERLAY_SHARE, "sh", str(share),
-             str(server), f"--config.file={path}", f"--storage.path={self.folder / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=", "--log.level=warn"],
-            stdout=self._log, stderr=self._log, cwd=self.folder)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"alertmanager exited with {self.proc.returncode}: {self.log_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as reply:
-                    if reply.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"alertmanager was not ready in {timeout}s: {self.log_text()[-3000:]}")
-
-    def log_text(self) -> str:
-        path = self.folder / "alertmanager.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _OVERLAY_SHARE, "sh", str(share),
+                str(server), f"--config.file={path}", f"--storage.path={self.folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=", "--log.level=warn"]
 
     def post_alerts(self, alerts: list[dict[str, Any]]) -> None:
         """POST /api/v2/alerts, as Prometheus sends firing alerts."""
@@ -143,16 +117,3 @@ class AlertmanagerServer:
         """GET /api/v2/alerts: every alert Alertmanager holds, with its status (state, inhibitedBy)."""
         with urllib.request.urlopen(f"{self.url}/api/v2/alerts", timeout=10) as reply:
             return json.loads(reply.read())
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
-        self.proc = None

@@ -40,22 +40,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class PrometheusServer:
-    """`prometheus` scraping the given jobs (name → metrics addresses) every `interval` and evaluating `rule_files`
-    as often; a job scrapes /metrics unless `metrics_paths` names another path; listens on 127.0.0.1 on a free port;
-    its data, config and log live in `folder`."""
+class ServerProcess:
+    """A server binary on 127.0.0.1 (a free port) with its log in `folder`, ready once GET /-/ready answers 200,
+    stopped by its PID. Subclasses give its `name` and its command line."""
 
-    def __init__(self, folder: Path, jobs: dict[str, list[str]], rule_files: list[Path],
-                 interval: str = "1s", metrics_paths: dict[str, str] | None = None) -> None:
-        paths = metrics_paths or {}
+    name = "server"
+
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.config = {
-            "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
-            "rule_files": [str(p) for p in rule_files],
-            "scrape_configs": [{"job_name": job, "metrics_path": paths.get(job, "/metrics"),
-                                "static_configs": [{"targets": targets}]}
-                               for job, targets in jobs.items()],
-        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -63,21 +55,18 @@ class PrometheusServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> PrometheusServer:
-        config = self.folder / "prometheus.yml"
-        config.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        checked = promtool("check", "config", config)
-        assert checked.returncode == 0, checked.stdout + checked.stderr
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 30.0):
         self.port = _free_port()
-        self._log = open(self.folder / "prometheus.log", "ab")
-        self.proc = subprocess.Popen(
-            [str(binary("prometheus")), f"--config.file={config}", f"--storage.tsdb.path={self.folder / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self._log, stderr=self._log, cwd=self.folder)
+        argv = self.command()
+        self._log = open(self.folder / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=self._log, cwd=self.folder)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}: {self.log_text()[-3000:]}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as reply:
                     if reply.status == 200:
@@ -86,18 +75,11 @@ class PrometheusServer:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"prometheus was not ready in {timeout}s: {self.log_text()[-3000:]}")
+        raise RuntimeError(f"{self.name} was not ready in {timeout}s: {self.log_text()[-3000:]}")
 
     def log_text(self) -> str:
-        path = self.folder / "prometheus.log"
+        path = self.folder / f"{self.name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
-
-    def api(self, path: str, **params: str) -> Any:
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10) as reply:
-            body = json.loads(reply.read())
-        assert body["status"] == "success", body
-        return body["data"]
 
     def stop(self) -> None:
         if self.proc is None:
@@ -111,3 +93,38 @@ class PrometheusServer:
                 self.proc.wait(timeout=10)
         self._log.close()
         self.proc = None
+
+
+class PrometheusServer(ServerProcess):
+    """`prometheus` scraping the given jobs (name → metrics addresses) every `interval` and evaluating `rule_files`
+    as often; a job scrapes /metrics unless `metrics_paths` names another path; listens on 127.0.0.1 on a free port;
+    its data, config and log live in `folder`."""
+
+    def __init__(self, folder: Path, jobs: dict[str, list[str]], rule_files: list[Path],
+                 interval: str = "1s", metrics_paths: dict[str, str] | None = None) -> None:
+        super().__init__(folder)
+        paths = metrics_paths or {}
+        self.config = {
+            "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
+            "rule_files": [str(p) for p in rule_files],
+            "scrape_configs": [{"job_name": job, "metrics_path": paths.get(job, "/metrics"),
+                                "static_configs": [{"targets": targets}]}
+                               for job, targets in jobs.items()],
+        }
+
+    name = "prometheus"
+
+    def command(self) -> list[str]:
+        config = self.folder / "prometheus.yml"
+        config.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        checked = promtool("check", "config", config)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        return [str(binary("prometheus")), f"--config.file={config}", f"--storage.tsdb.path={self.folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
+
+    def api(self, path: str, **params: str) -> Any:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10) as reply:
+            body = json.loads(reply.read())
+        assert body["status"] == "success", body
+        return body["data"]
