@@ -420,6 +420,10 @@ BAD_INPUT = [
     (lambda r: setattr(r, "currency_code", "XXZ"), ["currency_code"]),
     (lambda r: setattr(r, "customer_id", "customer-1"), ["customer_id"]),
     (lambda r: setattr(r.items[0], "product_id", "p1"), ["items[0].product_id"]),
+    # A payment method of spaces only, which the payment service refuses: it stored an order, reserved and released
+    # stock, and answered UNAVAILABLE.
+    (lambda r: setattr(r, "payment_method", " "), ["payment_method"]),
+    (lambda r: setattr(r, "payment_method", "\u3000"), ["payment_method"]),
     (lambda r: (setattr(r, "customer_id", ""), setattr(r, "request_id", "")), ["customer_id", "request_id"]),
 ]
 

@@ -417,6 +417,7 @@ async def test_a_resumed_step_that_was_counted_before_a_crash_counts_its_new_att
     ({"currency": "eur"}, ["currency_code"]),
     ({"currency": ""}, ["currency_code"]),
     ({"method": ""}, ["payment_method"]),
+    ({"method": " "}, ["payment_method"]),
     ({"method": "x" * 256}, ["payment_method"]),
     ({"request_id": "r" * 65}, ["request_id"]),
 ])

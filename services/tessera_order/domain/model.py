@@ -18,6 +18,7 @@ from tessera_runtime.errors import (
     Unavailable,
     Violations,
     check_uuid,
+    is_blank,
 )
 from tessera_runtime.money import is_iso_currency
 
@@ -364,7 +365,8 @@ def check_items(items: list[tuple[str, int]], v: Violations) -> None:
 
 
 def check_payment_method(value: str, v: Violations) -> None:
-    if not value:
+    # Checked as the payment service checks it: a method it would refuse must not become an order first.
+    if is_blank(value):
         v.add("payment_method", "is required")
     elif len(value) > MAX_PAYMENT_METHOD or not value.isprintable():
         v.add("payment_method", f"must be 1 to {MAX_PAYMENT_METHOD} printable characters")
