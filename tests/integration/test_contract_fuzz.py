@@ -425,10 +425,10 @@ def _fuzz_settings(test):
 @given(data=st.data())
 async def test_no_request_makes_a_server_error_or_a_change_it_refuses(stack, service, method, data):
     request_type = method.input_type
-    kind = data.draw(st.integers(0, 8), label="kind")
+    kind = data.draw(st.integers(0, 9), label="kind")
     changed = None  # the one field a near-valid request changed
     sent: Message | bytes | None = None  # bytes that are sent instead of the request's
-    if kind == 8:
+    if kind == 9:
         corrupt = data.draw(corruptions(), label="bytes changed")
         sent = corrupt((await VALID[method.name](stack)).SerializeToString())
         try:
@@ -439,6 +439,9 @@ async def test_no_request_makes_a_server_error_or_a_change_it_refuses(stack, ser
         request = data.draw(messages(request_type), label="arbitrary request")
     elif kind == 2:
         request = await VALID[method.name](stack)  # as it is, for callers who may not make it
+    elif kind == 3:
+        first, second = (data.draw(mutations(request_type), label="two fields changed") for _ in range(2))
+        request = second.apply(first.apply(await VALID[method.name](stack)))
     else:
         mutation = data.draw(mutations(request_type), label="one field changed")
         request = mutation.apply(await VALID[method.name](stack))
