@@ -244,6 +244,8 @@ def groups(objectives: Objectives) -> list[dict[str, Any]]:
     for slo in objectives.slos:
         labels = {"slo": slo.name}
         budget_rules.append({"record": BUDGET, "expr": f"vector({number(slo.budget)})", "labels": dict(labels)})
+        if objectives.period in objectives.windows():
+            continue  # a window pair's long window is the period: its SLO's group records that ratio already
         budget_rules.append({"record": ERROR_RATIO.format(window=objectives.period),
                              "expr": error_ratio_expr(slo, objectives.period),
                              "labels": dict(labels)})

@@ -151,3 +151,17 @@ def test_a_rules_file_make_k8s_alerts_cannot_read_or_splice_into_is_refused_nami
     monkeypatch.setattr(alerts, "RULES_FILE", not_groups)
     with pytest.raises(alerts.RulesError, match=r"other\.rules\.yaml"):
         alerts.files()
+
+
+def test_a_window_pair_whose_long_window_is_the_period_records_the_periods_ratio_once():
+    """The budgets' group records each SLO's error ratio over the period: a pair whose long window is the period
+    (allowed: long at most the period) must not have it recorded a second time, or Prometheus gets two rules writing
+    one series (duplicate samples, one of them dropped at each evaluation)."""
+    doc = copy.deepcopy(SOURCE)
+    doc["burn_alerts"].append({"severity": "warning", "long": "30d", "short": "1d", "burn_rate": 1,
+                               "budget_spent": 100})
+    recorded = [(rule["record"], rule["labels"]["slo"])
+                for group in slos.groups(slos.parse(doc, "k8s/monitoring/slos.yaml"))
+                for rule in group["rules"] if "record" in rule]
+    assert len(recorded) == len(set(recorded)), sorted(r for r in recorded if recorded.count(r) > 1)
+    assert ("namespace_job:slo_errors:ratio_rate30d", "edge-availability") in recorded
