@@ -133,7 +133,12 @@ async def _per_request(request: web.Request,
                                           context=propagate.extract(request.headers)) as span:
             span.set_attribute("http.request.method", request.method)
             span.set_attribute("tessera.request_id", request_id)
-            response = _unauthenticated(principal) or await handler(request)
+            try:
+                response = _unauthenticated(principal) or await handler(request)
+            except web.HTTPException as exc:  # aiohttp's answer, raised (405 for a method /graphql has no route for)
+                status = exc.status
+                span.set_attribute("http.response.status_code", status)
+                raise
             status = response.status
             span.set_attribute("http.response.status_code", status)
         response.headers[callctx.REQUEST_ID] = request_id

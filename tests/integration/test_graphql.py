@@ -511,3 +511,30 @@ async def test_an_identity_no_grpc_metadata_can_carry_is_refused_at_once(graphql
         status, body = response.status, await response.json()
     assert status == 401, body
     assert body["errors"][0]["extensions"] == {"code": "UNAUTHENTICATED", "reason": "IDENTITY_INVALID"}
+
+
+def http_counts() -> dict[str, float]:
+    """tessera_graphql_requests_total by outcome (the API runs in this process)."""
+    return {sample.labels["outcome"]: sample.value for metric in REGISTRY.collect() for sample in metric.samples
+            if sample.name == "tessera_graphql_requests_total"}
+
+
+async def test_a_method_graphql_does_not_answer_counts_and_logs_as_the_callers_error(caplog):
+    """PUT /graphql is answered 405 by the router (an exception through the middleware): it is the caller's mistake,
+    counted client_error and logged with its 405, never a server_error that TesseraGraphqlServerErrors pages on."""
+    runner = web.AppRunner(build_app(GraphQLSettings.from_env({"TESSERA_GRAPHQL_PORT": "0"})))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        before = http_counts()
+        caplog.set_level("INFO", logger="tessera.graphql.access")
+        async with aiohttp.ClientSession() as session, session.put(
+                f"http://127.0.0.1:{runner.addresses[0][1]}/graphql", json={"query": "{ me { id } }"},
+                headers={"x-user-id": str(uuid.uuid4()), "x-user-scopes": "user:read"}) as response:
+            assert response.status == 405
+        after = http_counts()
+        assert {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)} == {"client_error": 1}
+        [line] = [r for r in caplog.records if r.getMessage().startswith("PUT /graphql")]
+        assert line.http_status == 405
+    finally:
+        await runner.cleanup()
