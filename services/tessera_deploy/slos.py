@@ -33,7 +33,7 @@ BUDGET = "slo:error_budget:ratio"
 BUDGET_GROUP = "tessera.slo.budget"
 # The period's ratio reads `period` of raw samples: computed every 5 minutes, not at every evaluation.
 BUDGET_GROUP_INTERVAL = "5m"
-_DURATION = re.compile(r"(\d+)([mhd])")
+_DURATION = re.compile(r"([1-9]\d*)([mhd])")  # a range of 0 is no PromQL range: rate(x[0m]) does not parse
 _UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400}
 _SELECTOR = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*(\{.*\})?")
 
@@ -86,7 +86,7 @@ class Objectives:
 def seconds(duration: str) -> int:
     match = _DURATION.fullmatch(duration)
     if match is None:
-        raise SloError(f"{duration!r}: a duration of whole minutes, hours or days (5m, 1h, 3d) is expected")
+        raise SloError(f"{duration!r}: a duration of whole minutes, hours or days (5m, 1h, 3d), not 0, is expected")
     return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 

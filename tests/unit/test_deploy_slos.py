@@ -109,6 +109,7 @@ def broken(edit) -> dict:
     (lambda d: d["burn_alerts"][0].update(severity="info"), r"burn_alerts\[0\]\.severity: one of critical, warning"),
     (lambda d: d["burn_alerts"][1].update(short="6h"), r"burn_alerts\[1\]: short \(6h\) must be shorter than long"),
     (lambda d: d["burn_alerts"][3].update(long="60d"), r"and long at most the period \(30d\)"),
+    (lambda d: d["burn_alerts"][0].update(short="0m"), r"'0m': a duration of whole minutes, hours or days"),
     (lambda d: d["burn_alerts"][0].update(burn_rate=10),
      r"burn_alerts\[0\]\.burn_rate: 10 spends 2 % of 30d's budget in 1h only at 14\.4"),
     (lambda d: d["burn_alerts"][2].update(budget_spent="ten"),
