@@ -157,6 +157,9 @@ def parse(doc: Any, origin: str = str(SOURCE_FILE)) -> Objectives:
             name = _text(entry, "name", where)
             if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
                 raise SloError(f"{where}.name: {name!r}: lower-case words joined by '-' are expected")
+            if f"tessera.slo.{name}" == BUDGET_GROUP:
+                raise SloError(f"{where}.name: {name!r} is the name of the budgets' group ({BUDGET_GROUP}); its "
+                               "group would be named twice")
             alert_name = _text(entry, "alert", where)
             if not re.fullmatch(r"Tessera[A-Za-z]+", alert_name):
                 raise SloError(f"{where}.alert: {alert_name!r}: an alert name starting with Tessera is expected")

@@ -117,6 +117,9 @@ def broken(edit) -> dict:
     (lambda d: d.update(min_events=-1), r"min_events: a whole number of events, 0 or more"),
     (lambda d: d.update(slos=[]), r"slos: at least one SLO is required"),
     (lambda d: d["slos"][0].update(name="Edge"), r"slos\[0\]\.name: 'Edge': lower-case words"),
+    # Its group would be tessera.slo.budget, the name of the budgets' group: Prometheus refuses a file naming a
+    # group twice.
+    (lambda d: d["slos"][1].update(name="budget"), r"slos\[1\]\.name: 'budget' is the name of the budgets' group"),
     (lambda d: d["slos"][1].update(alert="GrpcBurn"), r"slos\[1\]\.alert: 'GrpcBurn': an alert name starting with"),
     (lambda d: d["slos"][0].update(objective=100), r"slos\[0\]\.objective: 100 is not a percentage"),
     (lambda d: d["slos"][0].update(objective=True), r"slos\[0\]\.objective: a number is required"),
