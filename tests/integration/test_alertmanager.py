@@ -97,7 +97,12 @@ TARGET_DOWN = alert("TesseraTargetDown", "warning", job="order-service", instanc
 GATEWAY_CRITICAL = alert("TesseraGatewayErrors", "critical", job="tessera-gateway")
 SLO_PAGE = alert("TesseraGrpcAvailabilityBudgetBurn", "critical", job="order-service", slo="grpc-availability",
                  window="1h")
-SOURCES = [SERVICE_DOWN, TARGET_DOWN, GATEWAY_CRITICAL, SLO_PAGE]
+# No serving instance of an address that names no service (a static:/// list): no failing_service. It must silence
+# nothing of the caller's that lacks the label too (Alertmanager takes two missing labels for equal): its broker
+# check (DELIVERED_BESIDE).
+STATIC_EMPTY = alert("TesseraNoServingInstance", "critical", job="order-service", instance="10.0.0.1:9090",
+                     dependency="static:///10.0.3.5:50053,10.0.3.6:50053", health="serving")
+SOURCES = [SERVICE_DOWN, TARGET_DOWN, GATEWAY_CRITICAL, SLO_PAGE, STATIC_EMPTY]
 # Alerts the sources inhibit, each alone in its group: they prove the inhibitor holds the sources before the
 # alerts below arrive.
 PROBES = {
@@ -198,10 +203,11 @@ def test_one_fault_pages_once_its_consequences_are_inhibited_and_never_delivered
     for alert_ in [*SOURCES, *DELIVERED_BESIDE.values()]:
         assert held(server, alert_)["status"] == {"state": "active", "inhibitedBy": [], "silencedBy": []}
         assert delivered_labels.count(alert_["labels"]) == 1, alert_["labels"]
-    # One page for the service down, one for the circuit the fault does not explain, one for the gateway's errors
-    # and one for each SLO page (not a ticket for their warning level too); the rest are tickets.
+    # One page for the service down, one for the circuit the fault does not explain, one for the discovery of an
+    # address naming no service, one for the gateway's errors and one for each SLO page (not a ticket for their
+    # warning level too); the rest are tickets.
     pages = [labels["alertname"] for r, labels in delivered(sink) if r == "tessera-page"]
     assert sorted(pages) == ["TesseraCircuitOpen", "TesseraEdgeAvailabilityBudgetBurn", "TesseraGatewayErrors",
-                             "TesseraGrpcAvailabilityBudgetBurn", "TesseraServiceDown"]
+                             "TesseraGrpcAvailabilityBudgetBurn", "TesseraNoServingInstance", "TesseraServiceDown"]
     groups = {tuple(sorted(body["groupLabels"])) for _, body in sink.received()}
     assert groups == {("alertname", "job", "namespace")}
