@@ -30,8 +30,9 @@ from prometheus_client import Counter, Histogram
 from strawberry.extensions import SchemaExtension
 
 # The `code` an error's extensions carry: a service's (or this API's) gRPC status name. An error of GraphQL itself
-# has no code; it counts as GRAPHQL_PARSE_FAILED (the document is no GraphQL) or GRAPHQL_VALIDATION_FAILED (it
-# names what the schema lacks, breaks a limit, or its variables do not fit), and an error no resolver meant to
+# has no code; it counts as GRAPHQL_PARSE_FAILED (the document is no GraphQL, or has more tokens than
+# TESSERA_GRAPHQL_MAX_TOKENS: the parser stops there) or GRAPHQL_VALIDATION_FAILED (it names what the schema lacks,
+# breaks the depth, alias or one-mutation limit, or its variables do not fit), and an error no resolver meant to
 # show (answered "Unexpected error.") as INTERNAL.
 PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
 VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
