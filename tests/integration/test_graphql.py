@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 
 from tessera_graphql.app import GraphQLSettings, build_app
-from tests.support.graphql import CUSTOMER, GraphQL
+from tests.support.graphql import CUSTOMER, GraphQL, serving
 from tests.support.order_stack import InProcessOrder, Neighbours
 from tests.support.processes import ServiceProcess
 
@@ -36,14 +36,8 @@ async def graphql(neighbours, tmp_path_factory) -> AsyncIterator[GraphQL]:
         "TESSERA_GRAPHQL_PORT": "0", "TESSERA_USER_SERVICE_ADDR": neighbours.address("user"),
         "TESSERA_INVENTORY_SERVICE_ADDR": neighbours.address("inventory"),
         "TESSERA_ORDER_SERVICE_ADDR": f"127.0.0.1:{order.port}", "TESSERA_GRAPHQL_MAX_DEPTH": "6"})
-    runner = web.AppRunner(build_app(settings))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    async with aiohttp.ClientSession() as session:
-        yield GraphQL(f"http://127.0.0.1:{port}/graphql", session)
-    await runner.cleanup()
+    async with serving(settings) as client:
+        yield client
     await order.stop()
 
 
@@ -459,12 +453,8 @@ async def test_nested_lists_cannot_multiply_one_request_into_thousands_of_calls(
         "TESSERA_GRAPHQL_PORT": "0", "TESSERA_USER_SERVICE_ADDR": neighbours.address("user"),
         "TESSERA_INVENTORY_SERVICE_ADDR": neighbours.address("inventory"),
         "TESSERA_ORDER_SERVICE_ADDR": f"127.0.0.1:{order.port}"})
-    runner = web.AppRunner(build_app(settings))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
-        async with aiohttp.ClientSession() as session:
-            client = GraphQL(f"http://127.0.0.1:{runner.addresses[0][1]}/graphql", session)
+        async with serving(settings) as client:
             customer, product = await neighbours.customer(), await neighbours.product(100, price=10)
             for _ in range(18):
                 _, body, _ = await client.post(PLACE, place_input(customer, (product, 1)), subject=customer)
@@ -478,7 +468,6 @@ async def test_nested_lists_cannot_multiply_one_request_into_thousands_of_calls(
             assert {e["extensions"]["code"] for e in body["errors"]} == {"RESOURCE_EXHAUSTED"}
             assert body["errors"][0]["extensions"]["reason"] == "TOO_MANY_CALLS"
     finally:
-        await runner.cleanup()
         await order.stop()
 
 

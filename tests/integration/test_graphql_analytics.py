@@ -9,10 +9,8 @@ import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pika
 import pytest
-from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import REGISTRY
@@ -23,9 +21,9 @@ from tessera.order.v1 import order_events_pb2, order_pb2
 from tessera.payment.v1 import payment_events_pb2
 from tessera.user.v1 import user_events_pb2, user_pb2
 
-from tessera_graphql.app import GraphQLSettings, build_app
+from tessera_graphql.app import GraphQLSettings
 from tests.support import rabbitmq
-from tests.support.graphql import GraphQL
+from tests.support.graphql import GraphQL, serving
 from tests.support.messaging_stack import environment, running
 
 ANALYST = "analytics:read"
@@ -109,21 +107,15 @@ async def analytics(tmp_path_factory) -> AsyncIterator[tuple[str, apb_grpc.Analy
         rabbitmq.delete_vhost(vhost)
 
 
-async def _graphql_over(analytics_address: str, **env: str) -> tuple[web.AppRunner, str]:
-    settings = GraphQLSettings.from_env({"TESSERA_GRAPHQL_PORT": "0", "TESSERA_ANALYTICS_SERVICE_ADDR":
-                                         analytics_address, **env})
-    runner = web.AppRunner(build_app(settings))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/graphql"
+def _settings(analytics_address: str, **env: str) -> GraphQLSettings:
+    return GraphQLSettings.from_env({"TESSERA_GRAPHQL_PORT": "0", "TESSERA_ANALYTICS_SERVICE_ADDR": analytics_address,
+                                     **env})
 
 
 @pytest.fixture(scope="module")
 async def graphql(analytics) -> AsyncIterator[GraphQL]:
-    runner, url = await _graphql_over(analytics[0])
-    async with aiohttp.ClientSession() as session:
-        yield GraphQL(url, session)
-    await runner.cleanup()
+    async with serving(_settings(analytics[0])) as client:
+        yield client
 
 
 async def test_a_day_reads_what_grpc_returns(graphql, analytics):
@@ -239,22 +231,17 @@ async def test_a_description_naming_a_field_names_the_argument_the_caller_sent(g
 async def test_the_analytics_service_down_is_unavailable_without_naming_its_address(unused_tcp_port):
     # Nothing listens at the analytics service's address: each call fails until this process's circuit breaker for
     # it opens, and then fails at once.
-    runner, url = await _graphql_over(f"127.0.0.1:{unused_tcp_port}", TESSERA_DEFAULT_DEADLINE_SECONDS="2",
-                                      TESSERA_CIRCUIT_FAILURE_THRESHOLD="2")
-    try:
-        async with aiohttp.ClientSession() as session:
-            client = GraphQL(url, session)
-            reasons = []
-            for query, variables in ((DAY, {"d": D1}), (RANGE, {"s": D1, "e": D3}), (SUMMARY, {"s": D1, "e": D3})):
-                status, body, _ = await client.post(query, variables, subject="analyst", scopes=ANALYST)
-                assert status == 200 and list(body["data"].values()) == [None], body
-                [error] = body["errors"]
-                assert error["extensions"]["code"] == "UNAVAILABLE"
-                assert str(unused_tcp_port) not in repr(error), error
-                reasons.append(error["extensions"].get("reason"))
-            assert reasons == [None, None, "CIRCUIT_OPEN"]
-            # The scope is still asked first while the service is away.
-            _, body, _ = await client.post(DAY, {"d": D1}, subject="shopper", scopes="user:read")
-            assert body["errors"][0]["extensions"]["reason"] == "MISSING_SCOPE"
-    finally:
-        await runner.cleanup()
+    async with serving(_settings(f"127.0.0.1:{unused_tcp_port}", TESSERA_DEFAULT_DEADLINE_SECONDS="2",
+                                 TESSERA_CIRCUIT_FAILURE_THRESHOLD="2")) as client:
+        reasons = []
+        for query, variables in ((DAY, {"d": D1}), (RANGE, {"s": D1, "e": D3}), (SUMMARY, {"s": D1, "e": D3})):
+            status, body, _ = await client.post(query, variables, subject="analyst", scopes=ANALYST)
+            assert status == 200 and list(body["data"].values()) == [None], body
+            [error] = body["errors"]
+            assert error["extensions"]["code"] == "UNAVAILABLE"
+            assert str(unused_tcp_port) not in repr(error), error
+            reasons.append(error["extensions"].get("reason"))
+        assert reasons == [None, None, "CIRCUIT_OPEN"]
+        # The scope is still asked first while the service is away.
+        _, body, _ = await client.post(DAY, {"d": D1}, subject="shopper", scopes="user:read")
+        assert body["errors"][0]["extensions"]["reason"] == "MISSING_SCOPE"
