@@ -10,6 +10,7 @@ whose receivers are webhooks reading their URL from the Secret `tessera-alertman
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,20 +129,21 @@ def render() -> str:
     return HEADER + yaml.dump(alertmanager_config(load()), Dumper=_IndentedDumper, sort_keys=False, width=120)
 
 
+def walk_routes(route: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """An AlertmanagerConfig route and each of its sub-routes, at any depth."""
+    yield route
+    for sub in route.get("routes", []):
+        yield from walk_routes(sub)
+
+
 def route_receivers(route: dict[str, Any]) -> set[str]:
     """Every receiver an AlertmanagerConfig route (and its sub-routes) sends to."""
-    names = {route["receiver"]} if "receiver" in route else set()
-    for sub in route.get("routes", []):
-        names |= route_receivers(sub)
-    return names
+    return {r["receiver"] for r in walk_routes(route) if "receiver" in r}
 
 
 def route_matchers(route: dict[str, Any]) -> list[dict[str, str]]:
     """Every matcher of an AlertmanagerConfig route and its sub-routes."""
-    found = list(route.get("matchers", []))
-    for sub in route.get("routes", []):
-        found.extend(route_matchers(sub))
-    return found
+    return [m for r in walk_routes(route) for m in r.get("matchers", [])]
 
 
 def alertnames_matched(matchers: list[dict[str, str]]) -> set[str]:

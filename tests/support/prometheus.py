@@ -3,6 +3,7 @@ Prometheus server on 127.0.0.1 with its own data folder, stopped by its PID."""
 
 from __future__ import annotations
 
+import abc
 import json
 import socket
 import subprocess
@@ -40,7 +41,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+class ServerProcess(abc.ABC):
     """A server binary on 127.0.0.1 (a free port) with its log in `folder`, ready once GET /-/ready answers 200,
     stopped by its PID. Subclasses give its `name` and its command line."""
 
@@ -55,8 +56,9 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The command line, once `port` is chosen."""
 
     def start(self, timeout: float = 30.0):
         self.port = _free_port()
