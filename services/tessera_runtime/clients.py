@@ -75,8 +75,7 @@ class _CallContextInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             pairs = [*given, *[(key, value) for key, value in callctx.outgoing_metadata() if key not in present]]
         else:
             pairs = callctx.outgoing_metadata()
-        text = "".join([value for _, value in pairs if value.__class__ is str])
-        if not (text.isascii() and text.isprintable()):
+        if not callctx.sendable("".join([value for _, value in pairs if value.__class__ is str])):
             # gRPC refuses such a value inside the call's task, and through interceptors the call then never ends,
             # not even at its deadline (grpc/grpc#41371): it fails here, before it is made.
             key = next(key for key, value in pairs if value.__class__ is str and not callctx.sendable(value))

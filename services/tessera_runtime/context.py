@@ -42,18 +42,15 @@ _MAX_ID_LENGTH = 128
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-_SENDABLE = re.compile(r"[\x20-\x7e]*")
-
-
 def sendable(value: str) -> bool:
     """Whether gRPC can send `value` as a (text) metadata value: printable ASCII, spaces included."""
-    return _SENDABLE.fullmatch(value) is not None
+    return value.isascii() and value.isprintable()
 
 
 def clean_id(value: str | None) -> str | None:
     """A caller's request or correlation id as it may be kept: 1 to 128 printable ASCII characters (what gRPC
     metadata can carry back to the caller), else None."""
-    if not value or len(value) > _MAX_ID_LENGTH or not value.isascii() or not value.isprintable():
+    if not value or len(value) > _MAX_ID_LENGTH or not sendable(value):
         return None
     return value
 
